@@ -1,0 +1,39 @@
+/**
+ * Reads process configuration from the environment, with defaults that work for `npm start`.
+ * Every service reads the same names, so one `.env` configures all of them.
+ */
+export interface ServiceConfig {
+  /** NATS servers, comma separated. Env NATS_URL, default nats://127.0.0.1:4222. */
+  natsUrl: string;
+  /** PostgreSQL connection URL. Env DATABASE_URL. */
+  databaseUrl: string | undefined;
+  /** Stream namespace. Env JETSAGA_NS, default jetsaga. */
+  ns: string;
+}
+
+/** Reads {@link ServiceConfig} from `env` (default: process.env). */
+export function readConfig(env: Record<string, string | undefined> = process.env): ServiceConfig {
+  return {
+    natsUrl: env.NATS_URL ?? "nats://127.0.0.1:4222",
+    databaseUrl: env.DATABASE_URL,
+    ns: env.JETSAGA_NS ?? "jetsaga",
+  };
+}
+
+/** Runs `stop` once on SIGINT/SIGTERM, then exits (0, or 1 if stopping failed). */
+export function onShutdown(stop: () => Promise<void>): void {
+  let stopping = false;
+  const handler = (): void => {
+    if (stopping) return;
+    stopping = true;
+    stop().then(
+      () => process.exit(0),
+      (error: unknown) => {
+        console.error(error);
+        process.exit(1);
+      },
+    );
+  };
+  process.once("SIGINT", handler);
+  process.once("SIGTERM", handler);
+}

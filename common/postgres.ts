@@ -1,0 +1,171 @@
+import { readdir, readFile } from "node:fs/promises";
+import { join } from "node:path";
+import { fileURLToPath } from "node:url";
+import postgres from "postgres";
+import { JetsagaError } from "../orchestrator/engine/errors.ts";
+
+/** A postgres.js connection pool (also usable as the tagged-template query function). */
+export type Sql = postgres.Sql;
+/** The query function inside `sql.begin(...)`: the statements of one transaction. */
+export type TransactionSql = postgres.TransactionSql;
+/** A JSON object as postgres.js sends it with `sql.json(...)` (e.g. into a `jsonb` column). */
+export type JsonObject = { [key: string]: postgres.JSONValue };
+
+/** Options for {@link connectPostgres}. */
+export interface PostgresOptions {
+  /** Connections in the pool. Default 10: enough for a worker's concurrency without starving Postgres. */
+  max?: number;
+  /** Close a connection idle this long, seconds. Default 30; 0 keeps idle connections forever. */
+  idleTimeoutS?: number;
+  /** Give up opening a connection after this long, seconds. Default 10. */
+  connectTimeoutS?: number;
+  /** `application_name` shown in `pg_stat_activity`. Default `jetsaga`. */
+  applicationName?: string;
+  /** Check that the server answers before returning (one `select 1`). Default true. */
+  verify?: boolean;
+}
+
+/**
+ * Opens a postgres.js pool on `url` with jetsaga's defaults: notices are not printed, `undefined`
+ * parameters are sent as `null`, and connections open lazily. By default it runs `select 1`
+ * first so a wrong URL or a server that is down fails here, at start-up, and not on the first
+ * message. `bigint` columns come back as strings (postgres.js' default): convert where read.
+ *
+ * @throws JetsagaError `UNAVAILABLE` (retryable) when the server cannot be reached or refuses the
+ *   login; the message names host, port and database but never the password.
+ */
+export async function connectPostgres(url: string, opts: PostgresOptions = {}): Promise<Sql> {
+  const sql = postgres(url, {
+    max: opts.max ?? 10,
+    idle_timeout: opts.idleTimeoutS ?? 30,
+    connect_timeout: opts.connectTimeoutS ?? 10,
+    onnotice: () => {},
+    transform: { undefined: null },
+    connection: { application_name: opts.applicationName ?? "jetsaga" },
+  });
+  if (opts.verify === false) return sql;
+  try {
+    await sql`select 1`;
+  } catch (error) {
+    await sql.end({ timeout: 0 }).catch(() => {});
+    const reason = error instanceof Error ? error.message : String(error);
+    throw new JetsagaError("UNAVAILABLE", `cannot connect to PostgreSQL at ${describeUrl(url)}: ${reason}`, {
+      cause: error,
+    });
+  }
+  return sql;
+}
+
+/** `host:port/database` of a connection URL, without user or password (safe to log). */
+export function describeUrl(url: string): string {
+  try {
+    const u = new URL(url);
+    return `${u.hostname}:${u.port || "5432"}${u.pathname}`;
+  } catch {
+    return "(unparsable DATABASE_URL)";
+  }
+}
+
+/** Options for {@link migrate}. */
+export interface MigrateOptions {
+  /** The service owning the migrations: its rows in `schema_migrations`. Lowercase, e.g. `user`. */
+  name: string;
+  /** Directory holding `NNN_name.sql` files: a path, or a `file:` URL (`new URL("./migrations/", import.meta.url)`). */
+  dir: string | URL;
+}
+
+/** One migration file. */
+export interface Migration {
+  version: number;
+  name: string;
+}
+
+/** What {@link migrate} did. */
+export interface MigrateResult {
+  /** Migrations applied by this call, in order (empty when the schema was up to date). */
+  applied: Migration[];
+  /** The highest version now applied (0 when the directory is empty). */
+  version: number;
+}
+
+const MIGRATION_FILE = /^(\d{3,})_([A-Za-z0-9_-]+)\.sql$/;
+const SERVICE_NAME = /^[a-z][a-z0-9_-]{0,62}$/;
+/** One lock for every service's migrations: also serializes the `create table schema_migrations`. */
+const MIGRATION_LOCK = "jetsaga.schema_migrations";
+
+/**
+ * Applies the numbered SQL files of `dir` that are not applied yet, lowest version first, each in
+ * its own transaction together with its row in `schema_migrations(service, version, name,
+ * applied_at)`. Every transaction first takes a transaction-scoped advisory lock, so processes
+ * starting at the same time apply each file exactly once (the others wait, then see it applied).
+ * Files not matching `NNN_name.sql` are ignored. A file may hold several statements but no
+ * `begin`/`commit` of its own.
+ *
+ * @throws JetsagaError `INVALID_ARGUMENT` for a bad service name or two files with one version,
+ *   `INVALID_DEFINITION` when an applied version now has another file name (a migration was
+ *   renamed or replaced after it ran), and the Postgres error of a failing file (that file's
+ *   transaction is rolled back; earlier files stay applied).
+ */
+export async function migrate(sql: Sql, opts: MigrateOptions): Promise<MigrateResult> {
+  if (!SERVICE_NAME.test(opts.name)) {
+    throw new JetsagaError("INVALID_ARGUMENT", `migration service name must match ${SERVICE_NAME.source}`, {
+      context: { name: opts.name },
+    });
+  }
+  const dir = typeof opts.dir === "string" ? opts.dir : fileURLToPath(opts.dir);
+  const files = await migrationFiles(dir);
+  const applied: Migration[] = [];
+  for (const file of files) {
+    const text = await readFile(join(dir, file.file), "utf8");
+    const ran = await sql.begin(async (tx) => {
+      await tx`select pg_advisory_xact_lock(hashtext(${MIGRATION_LOCK}))`;
+      await tx`
+        create table if not exists schema_migrations (
+          service text not null,
+          version integer not null,
+          name text not null,
+          applied_at timestamptz not null default now(),
+          primary key (service, version)
+        )`;
+      const [row] = await tx<{ name: string }[]>`
+        select name from schema_migrations where service = ${opts.name} and version = ${file.version}`;
+      if (row) {
+        if (row.name !== file.name) {
+          throw new JetsagaError(
+            "INVALID_DEFINITION",
+            `migration ${opts.name} ${file.version} was applied as "${row.name}" but the file is now "${file.name}"`,
+            { context: { service: opts.name, version: file.version } },
+          );
+        }
+        return false;
+      }
+      await tx.unsafe(text).simple();
+      await tx`insert into schema_migrations (service, version, name) values (${opts.name}, ${file.version}, ${file.name})`;
+      return true;
+    });
+    if (ran) applied.push({ version: file.version, name: file.name });
+  }
+  return { applied, version: files.at(-1)?.version ?? 0 };
+}
+
+async function migrationFiles(dir: string): Promise<Array<Migration & { file: string }>> {
+  const found: Array<Migration & { file: string }> = [];
+  for (const file of await readdir(dir)) {
+    const match = MIGRATION_FILE.exec(file);
+    if (!match) continue;
+    found.push({ version: Number.parseInt(match[1] ?? "", 10), name: match[2] ?? "", file });
+  }
+  found.sort((a, b) => a.version - b.version);
+  for (let i = 1; i < found.length; i++) {
+    if (found[i]?.version === found[i - 1]?.version) {
+      throw new JetsagaError(
+        "INVALID_ARGUMENT",
+        `two migrations with version ${found[i]?.version} in ${dir}`,
+        {
+          context: { dir },
+        },
+      );
+    }
+  }
+  return found;
+}

@@ -1,0 +1,287 @@
+import { type AnyMachineSnapshot, initialTransition, transition } from "xstate";
+import type { Effect } from "./effects.ts";
+import { JetsagaError, type JetsagaErrorCode } from "./errors.ts";
+import { timerKey } from "./names.ts";
+import { type InstanceState, isTerminal, type PendingTimer, RECENT_CAUSATIONS } from "./state.ts";
+import { type AnySchema, type AnyWorkflowDefinition, SAGA_ACTION } from "./workflow.ts";
+
+/** An event as the engine applies it: a `type` and any payload fields. */
+export type WorkflowEvent = { type: string } & Record<string, unknown>;
+
+/** What arrives for an instance: its start, or an event (a worker reply, a signal, a fired timer). */
+export type WorkflowMessage =
+  | { kind: "start"; instanceId: string; input: unknown }
+  | { kind: "event"; event: WorkflowEvent; timer?: { key: string; token: string } };
+
+/** Everything outside the chart that a decision may depend on, passed in so the core stays pure. */
+export interface DecideContext {
+  /** Current time, epoch milliseconds (timers are due relative to it). */
+  now: number;
+  /** Id of the message being decided; remembered so a redelivery is recognised. */
+  causationId: string;
+}
+
+/**
+ * The outcome of offering a message to an instance.
+ * - `accepted`: append `event` with `state` to the history, then carry out `effects`.
+ * - `duplicate`: this message was applied before, at `revision`; carry out that entry's effects again.
+ * - `ignored`: valid, but it changes nothing now (stale timer, event not handled in this state,
+ *   instance already ended, second start of the same instance).
+ * - `rejected`: the message can never be applied (schema violation, unknown event, no instance, a
+ *   chart that throws); it belongs in the dead-letter stream with `reason`.
+ */
+export type Decision =
+  | { outcome: "accepted"; state: InstanceState; event: WorkflowEvent; effects: Effect[] }
+  | { outcome: "duplicate"; revision: number }
+  | { outcome: "ignored"; reason: string }
+  | { outcome: "rejected"; code: JetsagaErrorCode; reason: string };
+
+/** Event type recorded for the start of an instance. */
+export const START_EVENT = "xstate.init";
+
+/**
+ * The pure core: given a definition, the instance's current state (undefined before it starts) and
+ * a message, computes the next state and the effects to carry out. No IO, no clock, no randomness.
+ */
+export function decide(
+  definition: AnyWorkflowDefinition,
+  state: InstanceState | undefined,
+  message: WorkflowMessage,
+  context: DecideContext,
+): Decision {
+  const seen = state?.recent.find(([causation]) => causation === context.causationId);
+  if (seen) return { outcome: "duplicate", revision: seen[1] };
+  try {
+    return message.kind === "start"
+      ? decideStart(definition, state, message, context)
+      : decideEvent(definition, state, message, context);
+  } catch (error) {
+    if (error instanceof JetsagaError)
+      return { outcome: "rejected", code: error.code, reason: error.message };
+    // A guard, assign or params function of the chart threw: the chart cannot take this message.
+    const reason = error instanceof Error ? error.message : String(error);
+    return { outcome: "rejected", code: "INVALID_DEFINITION", reason: `the chart threw: ${reason}` };
+  }
+}
+
+function decideStart(
+  definition: AnyWorkflowDefinition,
+  state: InstanceState | undefined,
+  message: Extract<WorkflowMessage, { kind: "start" }>,
+  context: DecideContext,
+): Decision {
+  if (state) return { outcome: "ignored", reason: "instance already started" };
+  const input = parse(definition.input, message.input, "input");
+  const [snapshot, actions] = initialTransition(definition.machine, input);
+  const base: InstanceState = {
+    workflow: definition.name,
+    definitionVersion: definition.version,
+    instanceId: message.instanceId,
+    revision: 0,
+    status: "running",
+    value: snapshot.value,
+    context: snapshot.context,
+    timers: {},
+    recent: [],
+    startedAt: context.now,
+    updatedAt: context.now,
+  };
+  return settle(definition, base, snapshot, actions, { type: START_EVENT, input }, context);
+}
+
+function decideEvent(
+  definition: AnyWorkflowDefinition,
+  state: InstanceState | undefined,
+  message: Extract<WorkflowMessage, { kind: "event" }>,
+  context: DecideContext,
+): Decision {
+  if (!state) {
+    return { outcome: "rejected", code: "INSTANCE_NOT_FOUND", reason: "no such instance" };
+  }
+  if (isTerminal(state)) return { outcome: "ignored", reason: `instance is ${state.status}` };
+
+  let event: WorkflowEvent;
+  if (message.timer) {
+    const pending = state.timers[message.timer.key];
+    if (!pending || pending.token !== message.timer.token) {
+      return { outcome: "ignored", reason: `stale timer ${message.timer.key}` };
+    }
+    event = { type: pending.event };
+  } else {
+    const type = message.event.type;
+    const schema = definition.events[type];
+    if (!schema) {
+      return {
+        outcome: "rejected",
+        code: "UNKNOWN_EVENT",
+        reason: `workflow does not accept event "${type}"`,
+      };
+    }
+    event = parse(schema, message.event, `event ${type}`) as WorkflowEvent;
+  }
+
+  const current = definition.machine.resolveState({ value: state.value, context: state.context });
+  const [snapshot, actions] = transition(definition.machine, current, event);
+  if (snapshot === current && actions.length === 0) {
+    return { outcome: "ignored", reason: `event "${event.type}" is not handled in state ${describe(state)}` };
+  }
+  return settle(definition, state, snapshot, actions, event, context);
+}
+
+/** Shape of the actions xstate's pure transition returns (only the fields the engine reads). */
+interface ExecutableAction {
+  type: string;
+  params?: unknown;
+}
+
+function settle(
+  definition: AnyWorkflowDefinition,
+  previous: InstanceState,
+  snapshot: AnyMachineSnapshot,
+  actions: readonly ExecutableAction[],
+  event: WorkflowEvent,
+  context: DecideContext,
+): Decision {
+  const revision = previous.revision + 1;
+  const prefix = `${previous.workflow}.${previous.instanceId}.${revision}`;
+  const timers: Record<string, PendingTimer> = { ...previous.timers };
+  const effects: Effect[] = [];
+  let failure: InstanceState["failure"];
+
+  actions.forEach((action, index) => {
+    const params = (action.params ?? {}) as Record<string, unknown>;
+    switch (action.type) {
+      case SAGA_ACTION.dispatch: {
+        const command = String(params.command);
+        const schema = definition.commands[command];
+        if (!schema) throw definitionError(definition, `dispatches undeclared command "${command}"`);
+        const input = parse(schema, params.input, `input of command ${command}`, "INVALID_DEFINITION");
+        effects.push({ type: "dispatch", commandId: `${prefix}.${index}`, command, input });
+        break;
+      }
+      case SAGA_ACTION.publish: {
+        const name = String(params.event);
+        const schema = definition.publishes[name];
+        if (!schema) throw definitionError(definition, `publishes undeclared event "${name}"`);
+        const payload = parse(schema, params.payload, `payload of event ${name}`, "INVALID_DEFINITION");
+        effects.push({ type: "publish", eventId: `${prefix}.${index}`, event: name, payload });
+        break;
+      }
+      case SAGA_ACTION.fail:
+        failure = { reason: String(params.reason ?? "failed") };
+        if (params.details !== undefined) failure.details = params.details;
+        break;
+      case "xstate.raise": {
+        // Only delayed raises come out of the pure transition; immediate ones are applied inside it.
+        const delay = Number(params.delay);
+        const raised = params.event as { type?: unknown } | undefined;
+        if (!Number.isFinite(delay) || typeof raised?.type !== "string") break;
+        const key = timerKey(String(params.id ?? raised.type));
+        const timer = { token: `${revision}.${index}`, event: raised.type, dueAt: context.now + delay };
+        timers[key] = timer;
+        effects.push({ type: "schedule", timerKey: key, ...timer });
+        break;
+      }
+      case "xstate.cancel": {
+        const key = timerKey(String(params.sendId));
+        if (timers[key]) {
+          delete timers[key];
+          effects.push({ type: "cancelTimer", timerKey: key });
+        }
+        break;
+      }
+      default:
+        // Other actions (the author's own, logging) have no effect outside the chart.
+        break;
+    }
+  });
+
+  const status =
+    failure || snapshot.status === "error" ? "failed" : snapshot.status === "done" ? "completed" : "running";
+  if (status !== "running") {
+    for (const key of Object.keys(timers)) {
+      effects.push({ type: "cancelTimer", timerKey: key });
+      delete timers[key];
+    }
+  }
+  const next: InstanceState = {
+    workflow: previous.workflow,
+    definitionVersion: previous.definitionVersion,
+    instanceId: previous.instanceId,
+    revision,
+    status,
+    value: snapshot.value,
+    context: snapshot.context,
+    timers,
+    recent: [...previous.recent, [context.causationId, revision] as [string, number]].slice(
+      -RECENT_CAUSATIONS,
+    ),
+    startedAt: previous.startedAt,
+    updatedAt: context.now,
+  };
+  if (status === "completed") {
+    const output = snapshot.output;
+    next.output = definition.output
+      ? parse(definition.output, output, "output", "INVALID_DEFINITION")
+      : output;
+  }
+  if (status === "failed") {
+    next.failure = failure ?? { reason: errorText(snapshot.error) };
+  }
+  return { outcome: "accepted", state: next, event, effects: withoutSupersededCancels(effects) };
+}
+
+/** A cancel followed by a new schedule of the same key is redundant: the schedule replaces it. */
+function withoutSupersededCancels(effects: Effect[]): Effect[] {
+  return effects.filter(
+    (effect, index) =>
+      effect.type !== "cancelTimer" ||
+      !effects.some(
+        (later, j) => j > index && later.type === "schedule" && later.timerKey === effect.timerKey,
+      ),
+  );
+}
+
+function parse(
+  schema: AnySchema,
+  value: unknown,
+  what: string,
+  code: JetsagaErrorCode = "SCHEMA_VIOLATION",
+): unknown {
+  const result = schema.safeParse(value);
+  if (result.success) return result.data;
+  const issues = result.error.issues
+    .slice(0, 5)
+    .map((issue) => `${issue.path.length ? issue.path.join(".") : "(root)"}: ${issue.message}`)
+    .join("; ");
+  throw new JetsagaError(code, `invalid ${what}: ${issues}`);
+}
+
+function definitionError(definition: AnyWorkflowDefinition, message: string): JetsagaError {
+  return new JetsagaError("INVALID_DEFINITION", `workflow ${definition.name} ${message}`, {
+    context: { workflow: definition.name },
+  });
+}
+
+function describe(state: InstanceState): string {
+  return typeof state.value === "string" ? state.value : JSON.stringify(state.value);
+}
+
+function errorText(error: unknown): string {
+  return error instanceof Error ? error.message : error === undefined ? "failed" : String(error);
+}
+
+/**
+ * True when the instance, as it is now, would accept `event` (it is running and its chart handles
+ * the event in the current state, guards included). For fail-fast checks at the API edge; the
+ * decision itself is still made by {@link decide} when the event arrives.
+ */
+export function canAccept(
+  definition: AnyWorkflowDefinition,
+  state: InstanceState,
+  event: WorkflowEvent,
+): boolean {
+  if (isTerminal(state)) return false;
+  const snapshot = definition.machine.resolveState({ value: state.value, context: state.context });
+  return snapshot.can(event);
+}

@@ -1,0 +1,125 @@
+import { describe, expect, it } from "vitest";
+import { setup } from "xstate";
+import { z } from "zod";
+import { decide } from "./decide.ts";
+import { JetsagaError } from "./errors.ts";
+import { defineWorkflow, sagaActions } from "./workflow.ts";
+
+const machine = setup({
+  types: {
+    context: {} as { n: number },
+    input: {} as { n: number },
+    events: {} as { type: "bump" } | { type: "finish" } | { type: "boom" },
+  },
+  actions: sagaActions,
+}).createMachine({
+  id: "counter",
+  context: ({ input }) => ({ n: input.n }),
+  initial: "counting",
+  output: ({ context }) => ({ total: context.n }),
+  states: {
+    counting: {
+      on: {
+        bump: {
+          actions: [
+            { type: "dispatch", params: ({ context }) => ({ command: "svc.note", input: { n: context.n } }) },
+          ],
+        },
+        finish: "done",
+        boom: { actions: { type: "fail", params: { reason: "exploded" } } },
+      },
+    },
+    done: { type: "final" },
+  },
+});
+
+const counter = defineWorkflow({
+  name: "counter",
+  version: 1,
+  machine,
+  input: z.object({ n: z.number() }),
+  events: {
+    bump: z.object({ type: z.literal("bump") }),
+    finish: z.object({ type: z.literal("finish") }),
+    boom: z.object({ type: z.literal("boom") }),
+  },
+  commands: { "svc.note": z.object({ n: z.number() }) },
+});
+
+const ctx = (causationId: string, now = 1000) => ({ now, causationId });
+
+describe("decide", () => {
+  it("starts, counts revisions and derives deterministic command ids", () => {
+    const start = decide(counter, undefined, { kind: "start", instanceId: "c1", input: { n: 1 } }, ctx("m1"));
+    expect(start.outcome).toBe("accepted");
+    if (start.outcome !== "accepted") return;
+    expect(start.state).toMatchObject({
+      revision: 1,
+      status: "running",
+      value: "counting",
+      context: { n: 1 },
+    });
+    const bump = decide(counter, start.state, { kind: "event", event: { type: "bump" } }, ctx("m2"));
+    expect(bump).toMatchObject({
+      outcome: "accepted",
+      effects: [{ type: "dispatch", commandId: "counter.c1.2.0", command: "svc.note", input: { n: 1 } }],
+    });
+    // Same input, same decision: the core is deterministic.
+    expect(decide(counter, start.state, { kind: "event", event: { type: "bump" } }, ctx("m2"))).toEqual(bump);
+  });
+
+  it("recognises a redelivered message by its causation id", () => {
+    const start = decide(counter, undefined, { kind: "start", instanceId: "c1", input: { n: 1 } }, ctx("m1"));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    expect(
+      decide(counter, start.state, { kind: "start", instanceId: "c1", input: { n: 1 } }, ctx("m1")),
+    ).toEqual({
+      outcome: "duplicate",
+      revision: 1,
+    });
+    expect(
+      decide(counter, start.state, { kind: "start", instanceId: "c1", input: { n: 1 } }, ctx("other")),
+    ).toEqual({
+      outcome: "ignored",
+      reason: "instance already started",
+    });
+  });
+
+  it("completes with the machine's output and fails through the fail action", () => {
+    const start = decide(counter, undefined, { kind: "start", instanceId: "c1", input: { n: 7 } }, ctx("m1"));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    expect(
+      decide(counter, start.state, { kind: "event", event: { type: "finish" } }, ctx("m2")),
+    ).toMatchObject({
+      state: { status: "completed", output: { total: 7 } },
+    });
+    expect(decide(counter, start.state, { kind: "event", event: { type: "boom" } }, ctx("m3"))).toMatchObject(
+      {
+        state: { status: "failed", failure: { reason: "exploded" } },
+      },
+    );
+  });
+
+  it("rejects events for an instance that does not exist", () => {
+    expect(decide(counter, undefined, { kind: "event", event: { type: "bump" } }, ctx("m1"))).toMatchObject({
+      outcome: "rejected",
+      code: "INSTANCE_NOT_FOUND",
+    });
+  });
+
+  it("rejects a dispatch of an undeclared command as a definition error", () => {
+    const sloppy = defineWorkflow({ ...counter, signals: [], commands: {}, events: { ...counter.events } });
+    const start = decide(sloppy, undefined, { kind: "start", instanceId: "c1", input: { n: 1 } }, ctx("m1"));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    expect(decide(sloppy, start.state, { kind: "event", event: { type: "bump" } }, ctx("m2"))).toMatchObject({
+      outcome: "rejected",
+      code: "INVALID_DEFINITION",
+    });
+  });
+
+  it("refuses names that would change NATS routing", () => {
+    expect(() => defineWorkflow({ ...counter, signals: [], name: "a.b" })).toThrow(JetsagaError);
+    expect(() => defineWorkflow({ ...counter, signals: [], name: "a*" })).toThrow(/workflow name/);
+    expect(() => defineWorkflow({ ...counter, signals: ["nope"] })).toThrow(/signal/);
+  });
+});

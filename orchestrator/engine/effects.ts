@@ -1,0 +1,39 @@
+/**
+ * Effects are what a decision asks the outside world to do, as data. The orchestrator carries
+ * them out after the new state is stored, each with an id derived from (instance, revision,
+ * index), so carrying them out twice has the effect of once.
+ */
+export type Effect = DispatchEffect | PublishEffect | ScheduleTimerEffect | CancelTimerEffect;
+
+/** Send a command to a worker. The worker replies with an event that names `commandId`. */
+export interface DispatchEffect {
+  type: "dispatch";
+  /** Deterministic: `<workflow>.<instanceId>.<revision>.<index>`. */
+  commandId: string;
+  command: string;
+  input: unknown;
+}
+
+/** Publish a domain event (for projections, notifications and other listeners). */
+export interface PublishEffect {
+  type: "publish";
+  /** Deterministic: `<workflow>.<instanceId>.<revision>.<index>`. */
+  eventId: string;
+  event: string;
+  payload: unknown;
+}
+
+/** Arrange for `event` to reach the instance at `dueAt` (epoch ms). */
+export interface ScheduleTimerEffect {
+  type: "schedule";
+  timerKey: string;
+  token: string;
+  event: string;
+  dueAt: number;
+}
+
+/** The timer is no longer wanted. Firing anyway is harmless (its token no longer matches). */
+export interface CancelTimerEffect {
+  type: "cancelTimer";
+  timerKey: string;
+}

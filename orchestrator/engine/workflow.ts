@@ -1,0 +1,125 @@
+import type { AnyStateMachine } from "xstate";
+import type { z } from "zod";
+import { JetsagaError } from "./errors.ts";
+import { assertName, assertToken } from "./names.ts";
+
+/**
+ * Parameters of the `dispatch` action: send `command` with `input` to the worker that serves it.
+ * The worker answers with an event to this instance.
+ */
+export interface DispatchParams {
+  command: string;
+  input: unknown;
+}
+
+/** Parameters of the `publish` action: a domain event for anyone listening (projections, notifications). */
+export interface PublishParams {
+  event: string;
+  payload: unknown;
+}
+
+/** Parameters of the `fail` action: the instance ends as failed with this reason. */
+export interface FailParams {
+  reason: string;
+  details?: unknown;
+}
+
+/**
+ * Action implementations to register with xstate's `setup({ actions: sagaActions })`. They do
+ * nothing when xstate runs them: the engine reads them from the pure transition as effects and
+ * the orchestrator carries them out after the new state is stored.
+ *
+ * In a machine: `entry: { type: "dispatch", params: ({ context }) => ({ command: "user.verify", input: { … } }) }`.
+ */
+export const sagaActions = {
+  dispatch: (_args: unknown, _params: DispatchParams): void => {},
+  publish: (_args: unknown, _params: PublishParams): void => {},
+  fail: (_args: unknown, _params: FailParams): void => {},
+} as const;
+
+/** The names of the actions in {@link sagaActions}, as they appear in xstate's action list. */
+export const SAGA_ACTION = { dispatch: "dispatch", publish: "publish", fail: "fail" } as const;
+
+/** A zod schema of anything: the engine validates with it and never looks at the static type. */
+export type AnySchema = z.ZodType;
+
+/** What a workflow author writes; see {@link defineWorkflow}. */
+export interface WorkflowConfig<TMachine extends AnyStateMachine, TInput extends AnySchema> {
+  /** Workflow name: lowercase letters, digits and `-`; part of NATS subjects. */
+  name: string;
+  /** Version of the chart. Instances record the version they started with. */
+  version: number;
+  /** The xstate v5 machine. Register {@link sagaActions} in its `setup`. */
+  machine: TMachine;
+  /** Schema of the input given at start; becomes the machine's `input`. */
+  input: TInput;
+  /**
+   * Schema of every event the workflow accepts from outside (worker replies and signals), keyed by
+   * event type. Each schema validates the whole event object, `type` included. Timer events are
+   * internal and need no schema.
+   */
+  events: Record<string, AnySchema>;
+  /** Schema of the input of every command the workflow may dispatch, keyed by command name. */
+  commands?: Record<string, AnySchema>;
+  /** Schema of the payload of every domain event the workflow may publish, keyed by event type. */
+  publishes?: Record<string, AnySchema>;
+  /** Schema of the output; checked when the instance completes. */
+  output?: AnySchema;
+  /** Signals: the subset of `events` that clients may send (others come from workers and timers). */
+  signals?: readonly string[];
+}
+
+/** A validated workflow definition, ready for the engine and the orchestrator. */
+export interface WorkflowDefinition<
+  TMachine extends AnyStateMachine = AnyStateMachine,
+  TInput extends AnySchema = AnySchema,
+> {
+  readonly name: string;
+  readonly version: number;
+  readonly machine: TMachine;
+  readonly input: TInput;
+  readonly events: Readonly<Record<string, AnySchema>>;
+  readonly commands: Readonly<Record<string, AnySchema>>;
+  readonly publishes: Readonly<Record<string, AnySchema>>;
+  readonly output: AnySchema | undefined;
+  readonly signals: ReadonlySet<string>;
+}
+
+/** Any workflow definition, whatever its machine and input types. */
+export type AnyWorkflowDefinition = WorkflowDefinition<AnyStateMachine, AnySchema>;
+
+/**
+ * Declares a workflow. Throws `JetsagaError("INVALID_DEFINITION")` when a name is not usable in
+ * subjects, the version is not a positive integer, or a signal is not among the events.
+ */
+export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends AnySchema>(
+  config: WorkflowConfig<TMachine, TInput>,
+): WorkflowDefinition<TMachine, TInput> {
+  assertName(config.name, "workflow name");
+  if (!Number.isInteger(config.version) || config.version < 1) {
+    throw new JetsagaError("INVALID_DEFINITION", "workflow version must be a positive integer", {
+      context: { workflow: config.name, version: config.version },
+    });
+  }
+  for (const type of Object.keys(config.events)) assertToken(type, "event type");
+  for (const command of Object.keys(config.commands ?? {})) assertToken(command, "command name");
+  for (const event of Object.keys(config.publishes ?? {})) assertToken(event, "published event type");
+  for (const signal of config.signals ?? []) {
+    if (!(signal in config.events)) {
+      throw new JetsagaError("INVALID_DEFINITION", `signal "${signal}" is not one of the workflow's events`, {
+        context: { workflow: config.name, signal },
+      });
+    }
+  }
+  return Object.freeze({
+    name: config.name,
+    version: config.version,
+    machine: config.machine,
+    input: config.input,
+    events: Object.freeze({ ...config.events }),
+    commands: Object.freeze({ ...(config.commands ?? {}) }),
+    publishes: Object.freeze({ ...(config.publishes ?? {}) }),
+    output: config.output,
+    signals: new Set(config.signals ?? []),
+  });
+}

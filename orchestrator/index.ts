@@ -1,0 +1,76 @@
+/**
+ * jetsaga's public API: define workflows, run them, talk to them, and build workers.
+ *
+ * ```ts
+ * const orchestrator = await startOrchestrator({ nc, workflows: [orderSaga] });
+ * const client = await createWorkflowClient({ nc, workflows: [orderSaga] });
+ * await client.start("order", "o-1", input);
+ * const final = await client.awaitCompletion("order", "o-1");
+ * ```
+ */
+
+export {
+  type CommandContext,
+  type CommandHandler,
+  createWorker,
+  type EventContext,
+  type EventHandler,
+  type ReplyEvent,
+  RetryableError,
+  type RetryPolicy,
+  type RunningWorker,
+  readDeadLetters,
+  TerminalError,
+  type WorkerOptions,
+  type WorkerStats,
+} from "../workers/runtime/index.ts";
+export {
+  canAccept,
+  type Decision,
+  decide,
+  START_EVENT,
+  type WorkflowEvent,
+  type WorkflowMessage,
+} from "./engine/decide.ts";
+export type {
+  CancelTimerEffect,
+  DispatchEffect,
+  Effect,
+  PublishEffect,
+  ScheduleTimerEffect,
+} from "./engine/effects.ts";
+export { type ErrorContext, isJetsagaError, JetsagaError, type JetsagaErrorCode } from "./engine/errors.ts";
+export { isValidId } from "./engine/names.ts";
+export { type InstanceState, type InstanceStatus, isTerminal, type PendingTimer } from "./engine/state.ts";
+export {
+  type AnyWorkflowDefinition,
+  type DispatchParams,
+  defineWorkflow,
+  type FailParams,
+  type PublishParams,
+  sagaActions,
+  type WorkflowConfig,
+  type WorkflowDefinition,
+} from "./engine/workflow.ts";
+export {
+  createWorkflowClient,
+  type Sent,
+  type WorkflowClient,
+  type WorkflowClientOptions,
+} from "./runtime/client.ts";
+export type { HistoryEntry } from "./runtime/history-store.ts";
+export {
+  type OrchestratorLogger,
+  type OrchestratorOptions,
+  type OrchestratorStats,
+  type RunningOrchestrator,
+  startOrchestrator,
+} from "./runtime/orchestrator.ts";
+export {
+  DEFAULT_NAMESPACE,
+  ensureTopology,
+  type Topology,
+  type TopologyOptions,
+  topology,
+} from "./runtime/topology.ts";
+export { type WorkflowSpec, workflowSpec } from "./testing/workflow-spec.ts";

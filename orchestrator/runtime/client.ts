@@ -1,0 +1,297 @@
+import {
+  type ConsumerMessages,
+  DeliverPolicy,
+  type JetStreamClient,
+  type JetStreamManager,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
+import type { WorkflowEvent } from "../engine/decide.ts";
+import { JetsagaError } from "../engine/errors.ts";
+import { assertId } from "../engine/names.ts";
+import { type InstanceState, isTerminal } from "../engine/state.ts";
+import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
+import { decodeEntry, type HistoryEntry, HistoryStore } from "./history-store.ts";
+import { type Topology, topology } from "./topology.ts";
+
+/** Options of {@link createWorkflowClient}. */
+export interface WorkflowClientOptions {
+  nc: NatsConnection;
+  /** Stream namespace. Default `jetsaga`. */
+  ns?: string;
+  /** Definitions known to this client: their inputs and signals are validated before sending. */
+  workflows?: readonly AnyWorkflowDefinition[];
+}
+
+/** Where a command to an instance landed: the inbox stream sequence (a position to wait for). */
+export interface Sent {
+  workflow: string;
+  instanceId: string;
+  /** Inbox stream sequence of the message. */
+  seq: number;
+  /** True when the server recognised the message as a duplicate (same idempotency key). */
+  duplicate: boolean;
+}
+
+/** Starts, signals, reads and awaits workflow instances. Cheap to create; one per process is typical. */
+export interface WorkflowClient {
+  readonly topology: Topology;
+  /**
+   * Starts an instance. Starting the same `instanceId` again is harmless: the second start is
+   * ignored, so a client may retry freely. Throws INVALID_ARGUMENT for a bad id and
+   * SCHEMA_VIOLATION for an input the definition refuses.
+   */
+  start(workflow: string, instanceId: string, input: unknown): Promise<Sent>;
+  /**
+   * Sends an event (a signal) to an instance. `idempotencyKey` makes retries safe (default: a
+   * fresh id, so every call is a new signal).
+   */
+  signal(
+    workflow: string,
+    instanceId: string,
+    event: WorkflowEvent,
+    options?: { idempotencyKey?: string },
+  ): Promise<Sent>;
+  /** The instance's current state, or undefined when it has not started (yet). One read. */
+  getState(workflow: string, instanceId: string): Promise<InstanceState | undefined>;
+  /** The instance's full history, oldest first. */
+  getHistory(workflow: string, instanceId: string): Promise<HistoryEntry[]>;
+  /**
+   * Resolves with the instance's state once it is completed or failed. Rejects with TIMEOUT
+   * after `timeoutMs` (default 30 s).
+   */
+  awaitCompletion(
+    workflow: string,
+    instanceId: string,
+    options?: { timeoutMs?: number },
+  ): Promise<InstanceState>;
+  /** Follows the instance's history: yields the latest entry, then each new one, until `signal` aborts. */
+  watch(
+    workflow: string,
+    instanceId: string,
+    options?: { signal?: AbortSignal },
+  ): AsyncIterable<HistoryEntry>;
+  /** Releases the client's watchers. The connection stays open. */
+  close(): Promise<void>;
+}
+
+/** Creates a {@link WorkflowClient}. */
+export async function createWorkflowClient(options: WorkflowClientOptions): Promise<WorkflowClient> {
+  const topo = topology(options.ns);
+  const js = jetstream(options.nc);
+  const jsm = await jetstreamManager(options.nc);
+  return new Client(topo, js, jsm, options.workflows ?? []);
+}
+
+type Waiter = { resolve: (state: InstanceState) => void };
+
+class Client implements WorkflowClient {
+  readonly topology: Topology;
+  readonly #js: JetStreamClient;
+  readonly #store: HistoryStore;
+  readonly #definitions: Map<string, AnyWorkflowDefinition>;
+  /** One watcher per workflow feeds every awaitCompletion of that workflow. */
+  readonly #watchers = new Map<string, Promise<ConsumerMessages>>();
+  readonly #waiters = new Map<string, Set<Waiter>>();
+
+  constructor(
+    topo: Topology,
+    js: JetStreamClient,
+    jsm: JetStreamManager,
+    workflows: readonly AnyWorkflowDefinition[],
+  ) {
+    this.topology = topo;
+    this.#js = js;
+    this.#store = new HistoryStore(js, jsm, topo);
+    this.#definitions = new Map(workflows.map((definition) => [definition.name, definition]));
+  }
+
+  async start(workflow: string, instanceId: string, input: unknown): Promise<Sent> {
+    assertId(instanceId);
+    const definition = this.#definitions.get(workflow);
+    if (definition) {
+      const result = definition.input.safeParse(input);
+      if (!result.success) {
+        throw new JetsagaError(
+          "SCHEMA_VIOLATION",
+          `invalid input: ${result.error.issues[0]?.message ?? "?"}`,
+          {
+            context: { workflow, instanceId, field: result.error.issues[0]?.path.join(".") },
+          },
+        );
+      }
+    }
+    return this.#send({
+      id: `start.${workflow}.${instanceId}`,
+      workflow,
+      instanceId,
+      start: { input },
+      at: Date.now(),
+    });
+  }
+
+  async signal(
+    workflow: string,
+    instanceId: string,
+    event: WorkflowEvent,
+    options: { idempotencyKey?: string } = {},
+  ): Promise<Sent> {
+    assertId(instanceId);
+    const definition = this.#definitions.get(workflow);
+    if (definition) {
+      const schema = definition.events[event.type];
+      if (!schema) {
+        throw new JetsagaError("UNKNOWN_EVENT", `workflow ${workflow} does not accept "${event.type}"`, {
+          context: { workflow, type: event.type },
+        });
+      }
+      const result = schema.safeParse(event);
+      if (!result.success) {
+        throw new JetsagaError(
+          "SCHEMA_VIOLATION",
+          `invalid event: ${result.error.issues[0]?.message ?? "?"}`,
+          {
+            context: { workflow, type: event.type, field: result.error.issues[0]?.path.join(".") },
+          },
+        );
+      }
+    }
+    const key = options.idempotencyKey ?? crypto.randomUUID();
+    return this.#send({ id: `signal.${key}`, workflow, instanceId, event, at: Date.now() });
+  }
+
+  async #send(message: InboxMessage): Promise<Sent> {
+    const checked = inboxMessage.parse(message);
+    const ack = await this.#js.publish(
+      this.topology.inboxSubject(checked.workflow, checked.instanceId),
+      JSON.stringify(checked),
+      { msgID: checked.id },
+    );
+    return {
+      workflow: checked.workflow,
+      instanceId: checked.instanceId,
+      seq: ack.seq,
+      duplicate: ack.duplicate,
+    };
+  }
+
+  async getState(workflow: string, instanceId: string): Promise<InstanceState | undefined> {
+    assertId(instanceId);
+    return (await this.#store.latest(workflow, instanceId))?.entry.state;
+  }
+
+  async getHistory(workflow: string, instanceId: string): Promise<HistoryEntry[]> {
+    assertId(instanceId);
+    return this.#store.all(workflow, instanceId);
+  }
+
+  async awaitCompletion(
+    workflow: string,
+    instanceId: string,
+    options: { timeoutMs?: number } = {},
+  ): Promise<InstanceState> {
+    assertId(instanceId);
+    const key = `${workflow}.${instanceId}`;
+    const timeoutMs = options.timeoutMs ?? 30_000;
+    return new Promise<InstanceState>((resolve, reject) => {
+      let settled = false;
+      const waiter: Waiter = {
+        resolve: (state) => {
+          if (settled) return;
+          settled = true;
+          clearTimeout(timer);
+          this.#waiters.get(key)?.delete(waiter);
+          resolve(state);
+        },
+      };
+      const timer = setTimeout(() => {
+        if (settled) return;
+        settled = true;
+        this.#waiters.get(key)?.delete(waiter);
+        reject(
+          new JetsagaError("TIMEOUT", `instance did not finish within ${timeoutMs} ms`, {
+            context: { workflow, instanceId },
+          }),
+        );
+      }, timeoutMs);
+      let set = this.#waiters.get(key);
+      if (!set) {
+        set = new Set();
+        this.#waiters.set(key, set);
+      }
+      set.add(waiter);
+      // Watch first, then read: an entry appended in between is seen by one or the other.
+      this.#ensureWatcher(workflow)
+        .then(() => this.#store.latest(workflow, instanceId))
+        .then((latest) => {
+          if (latest && isTerminal(latest.entry.state)) waiter.resolve(latest.entry.state);
+        })
+        .catch((error: unknown) => {
+          if (settled) return;
+          settled = true;
+          clearTimeout(timer);
+          set.delete(waiter);
+          reject(error);
+        });
+    });
+  }
+
+  #ensureWatcher(workflow: string): Promise<ConsumerMessages> {
+    let watcher = this.#watchers.get(workflow);
+    if (!watcher) {
+      watcher = this.#startWatcher(workflow);
+      this.#watchers.set(workflow, watcher);
+      watcher.catch(() => this.#watchers.delete(workflow));
+    }
+    return watcher;
+  }
+
+  async #startWatcher(workflow: string): Promise<ConsumerMessages> {
+    const consumer = await this.#js.consumers.get(this.topology.streams.history, {
+      filter_subjects: this.topology.historyFilter(workflow),
+      deliver_policy: DeliverPolicy.New,
+    });
+    const messages = await consumer.consume();
+    void (async () => {
+      for await (const msg of messages) {
+        const entry = decodeEntry(msg);
+        if (!isTerminal(entry.state)) continue;
+        const waiters = this.#waiters.get(`${workflow}.${entry.state.instanceId}`);
+        if (!waiters) continue;
+        for (const waiter of [...waiters]) waiter.resolve(entry.state);
+      }
+    })();
+    return messages;
+  }
+
+  async *watch(
+    workflow: string,
+    instanceId: string,
+    options: { signal?: AbortSignal } = {},
+  ): AsyncIterable<HistoryEntry> {
+    assertId(instanceId);
+    const consumer = await this.#js.consumers.get(this.topology.streams.history, {
+      filter_subjects: this.topology.historySubject(workflow, instanceId),
+      deliver_policy: DeliverPolicy.LastPerSubject,
+    });
+    const messages = await consumer.consume();
+    const abort = (): void => {
+      void messages.close();
+    };
+    options.signal?.addEventListener("abort", abort, { once: true });
+    try {
+      for await (const msg of messages) yield decodeEntry(msg);
+    } finally {
+      options.signal?.removeEventListener("abort", abort);
+      await messages.close();
+    }
+  }
+
+  async close(): Promise<void> {
+    const watchers = [...this.#watchers.values()];
+    this.#watchers.clear();
+    for (const watcher of watchers) await (await watcher).close();
+  }
+}

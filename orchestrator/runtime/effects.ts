@@ -1,0 +1,95 @@
+import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
+import {
+  type CommandMessage,
+  commandMessage,
+  domainEventMessage,
+  inboxMessage,
+} from "../../schemas/envelope.ts";
+import type { Effect } from "../engine/effects.ts";
+import type { HistoryEntry } from "./history-store.ts";
+import type { OrchestratorLogger } from "./orchestrator.ts";
+import type { Topology } from "./topology.ts";
+
+/**
+ * Carries out the effects of a stored history entry. Every publish carries a message id derived
+ * from (instance, revision, effect index), so doing this twice — after a crash, or by two
+ * processes — stores each message once within the streams' duplicate window. Resolves when the
+ * server has acknowledged every publish; rejects if any failed (the caller retries the whole set).
+ */
+export async function executeEffects(target: EffectTarget, entry: HistoryEntry): Promise<void> {
+  if (entry.effects.length === 0) return;
+  await Promise.all(entry.effects.map((effect) => executeEffect(target, entry, effect)));
+}
+
+/** Where effects go: the NATS clients, the names, and a logger for best-effort failures. */
+export interface EffectTarget {
+  js: JetStreamClient;
+  jsm: JetStreamManager;
+  topo: Topology;
+  log: OrchestratorLogger;
+}
+
+async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: Effect): Promise<void> {
+  const { js, jsm, topo, log } = target;
+  const { workflow, instanceId } = entry.state;
+  switch (effect.type) {
+    case "dispatch": {
+      const message: CommandMessage = commandMessage.parse({
+        commandId: effect.commandId,
+        command: effect.command,
+        input: effect.input,
+        replyTo: { workflow, instanceId },
+        at: entry.at,
+      });
+      await js.publish(topo.commandSubject(effect.command), JSON.stringify(message), {
+        msgID: effect.commandId,
+      });
+      return;
+    }
+    case "publish": {
+      const message = domainEventMessage.parse({
+        eventId: effect.eventId,
+        event: effect.event,
+        payload: effect.payload,
+        source: { workflow, instanceId, revision: entry.revision },
+        at: entry.at,
+      });
+      await js.publish(topo.eventSubject(workflow, effect.event), JSON.stringify(message), {
+        msgID: effect.eventId,
+      });
+      return;
+    }
+    case "schedule": {
+      const id = `timer.${workflow}.${instanceId}.${effect.timerKey}.${effect.token}`;
+      const message = inboxMessage.parse({
+        id,
+        workflow,
+        instanceId,
+        event: { type: effect.event },
+        timer: { key: effect.timerKey, token: effect.token },
+        at: entry.at,
+      });
+      // The server publishes the message to the instance's inbox when due; a later schedule on
+      // the same subject replaces this one.
+      await js.publish(topo.timerSubject(workflow, instanceId, effect.timerKey), JSON.stringify(message), {
+        msgID: id,
+        schedule: { specification: new Date(effect.dueAt), target: topo.inboxSubject(workflow, instanceId) },
+      });
+      return;
+    }
+    case "cancelTimer": {
+      // Best effort: a timer that fires anyway carries a token the instance no longer holds.
+      try {
+        await jsm.streams.purge(topo.streams.inbox, {
+          filter: topo.timerSubject(workflow, instanceId, effect.timerKey),
+        });
+      } catch (error) {
+        log.warn(
+          { workflow, instanceId, timer: effect.timerKey, error: String(error) },
+          "timer cancel failed",
+        );
+      }
+      return;
+    }
+  }
+}

@@ -1,0 +1,122 @@
+import {
+  DeliverPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
+  type JetStreamClient,
+  type JetStreamManager,
+  type StoredMsg,
+} from "@nats-io/jetstream";
+import type { WorkflowEvent } from "../engine/decide.ts";
+import type { Effect } from "../engine/effects.ts";
+import { JetsagaError } from "../engine/errors.ts";
+import type { InstanceState } from "../engine/state.ts";
+import type { Topology } from "./topology.ts";
+
+/**
+ * One accepted event of an instance, with the state it led to and the effects it asked for.
+ * Storing the state makes loading an instance one read; storing the effects lets a crash between
+ * append and publish be repaired by publishing them again.
+ */
+export interface HistoryEntry {
+  revision: number;
+  /** Id of the inbox message that caused this entry. */
+  causationId: string;
+  event: WorkflowEvent;
+  state: InstanceState;
+  effects: Effect[];
+  /** Epoch milliseconds when decided. */
+  at: number;
+}
+
+/** A history entry together with its stream sequence (what the next append must expect). */
+export interface StoredEntry {
+  entry: HistoryEntry;
+  seq: number;
+}
+
+const encoder = new TextEncoder();
+
+/**
+ * Reads and appends instance histories: one subject per instance in the history stream, appended
+ * with optimistic concurrency (the last sequence on that subject must be the one we read).
+ */
+export class HistoryStore {
+  readonly #js: JetStreamClient;
+  readonly #jsm: JetStreamManager;
+  readonly #topo: Topology;
+
+  constructor(js: JetStreamClient, jsm: JetStreamManager, topo: Topology) {
+    this.#js = js;
+    this.#jsm = jsm;
+    this.#topo = topo;
+  }
+
+  /** The latest entry of an instance (one direct get), or undefined when it has no history. */
+  async latest(workflow: string, instanceId: string): Promise<StoredEntry | undefined> {
+    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
+      last_by_subj: this.#topo.historySubject(workflow, instanceId),
+    });
+    return msg ? { entry: decodeEntry(msg), seq: msg.seq } : undefined;
+  }
+
+  /**
+   * Appends `entry` if the instance's last stream sequence is still `expectedSeq` (0: no history).
+   * Returns the new sequence. Throws `JetsagaError("CONFLICT")` when someone else appended first.
+   */
+  async append(entry: HistoryEntry, expectedSeq: number): Promise<number> {
+    const { workflow, instanceId } = entry.state;
+    try {
+      const ack = await this.#js.publish(
+        this.#topo.historySubject(workflow, instanceId),
+        encoder.encode(JSON.stringify(entry)),
+        {
+          msgID: `${workflow}.${instanceId}.${entry.revision}`,
+          expect: { lastSubjectSequence: expectedSeq },
+        },
+      );
+      if (ack.duplicate) {
+        throw new JetsagaError("CONFLICT", "revision already appended", {
+          context: { workflow, instanceId, revision: entry.revision },
+        });
+      }
+      return ack.seq;
+    } catch (error) {
+      if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamWrongLastSequence) {
+        throw new JetsagaError("CONFLICT", "instance changed since it was read", {
+          context: { workflow, instanceId, revision: entry.revision, expectedSeq },
+          cause: error,
+        });
+      }
+      throw error;
+    }
+  }
+
+  /** Every entry of an instance, oldest first. Cost grows with history length: for reads, not the hot path. */
+  async all(workflow: string, instanceId: string): Promise<HistoryEntry[]> {
+    const subject = this.#topo.historySubject(workflow, instanceId);
+    const last = await this.latest(workflow, instanceId);
+    if (!last) return [];
+    const entries: HistoryEntry[] = [];
+    const consumer = await this.#js.consumers.get(this.#topo.streams.history, {
+      filter_subjects: subject,
+      deliver_policy: DeliverPolicy.All,
+    });
+    const messages = await consumer.consume();
+    for await (const msg of messages) {
+      entries.push(JSON.parse(msg.string()) as HistoryEntry);
+      if (msg.seq >= last.seq) break;
+    }
+    await messages.close();
+    return entries;
+  }
+
+  /** The entry with the given revision, or undefined. */
+  async revision(workflow: string, instanceId: string, revision: number): Promise<HistoryEntry | undefined> {
+    return (await this.all(workflow, instanceId)).find((entry) => entry.revision === revision);
+  }
+}
+
+/** Parses a stored history message. */
+export function decodeEntry(msg: Pick<StoredMsg, "string">): HistoryEntry {
+  return JSON.parse(msg.string()) as HistoryEntry;
+}

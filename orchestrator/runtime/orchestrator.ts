@@ -1,0 +1,372 @@
+import {
+  AckPolicy,
+  type ConsumerMessages,
+  DeliverPolicy,
+  type JetStreamClient,
+  type JetStreamManager,
+  type JsMsg,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
+import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts";
+import { isJetsagaError } from "../engine/errors.ts";
+import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
+import { deadLetterOf, publishDeadLetter } from "./dead-letters.ts";
+import { type EffectTarget, executeEffects } from "./effects.ts";
+import { type HistoryEntry, HistoryStore, type StoredEntry } from "./history-store.ts";
+import { LruCache } from "./lru.ts";
+import { ensureTopology, type Topology, type TopologyOptions, topology } from "./topology.ts";
+
+/** Structured log sink; pino loggers fit. */
+export interface OrchestratorLogger {
+  debug?(obj: Record<string, unknown>, msg: string): void;
+  info(obj: Record<string, unknown>, msg: string): void;
+  warn(obj: Record<string, unknown>, msg: string): void;
+  error(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** Configuration of {@link startOrchestrator}. */
+export interface OrchestratorOptions {
+  nc: NatsConnection;
+  /** The workflows this process runs. */
+  workflows: readonly AnyWorkflowDefinition[];
+  /** Stream namespace. Default `jetsaga`. */
+  ns?: string;
+  /** Stream settings used when the streams are created. */
+  topology?: TopologyOptions;
+  /** Durable consumer shared by all orchestrator processes of the namespace. Default `orchestrator`. */
+  consumerName?: string;
+  /** Inbox messages handled at once (across instances). Default 256. */
+  concurrency?: number;
+  /** Instances whose latest state is kept in memory. Default 10,000. */
+  cacheSize?: number;
+  /** How often an append is retried after losing an optimistic-concurrency race. Default 8. */
+  maxConflictRetries?: number;
+  /** Larger inbox messages are dead-lettered unread, bytes. Default 256 KiB. */
+  maxMessageBytes?: number;
+  /** Clock, epoch ms. Default `Date.now`. */
+  clock?: () => number;
+  logger?: OrchestratorLogger;
+  /** Called after each accepted entry is stored and its effects are out (metrics, tracing, tests). */
+  onEntry?: (entry: HistoryEntry) => void;
+}
+
+/** Counters of a running orchestrator. */
+export interface OrchestratorStats {
+  /** Inbox messages finished (acked or dead-lettered). */
+  processed: number;
+  /** History entries appended. */
+  appended: number;
+  /** Appends that lost an optimistic-concurrency race (and were retried). */
+  conflicts: number;
+  /** Messages recognised as already applied (redeliveries after a crash). */
+  duplicates: number;
+  /** Messages that changed nothing (stale timers, events not handled in the current state). */
+  ignored: number;
+  /** Messages sent to the dead-letter stream. */
+  deadLettered: number;
+  /** Transient failures that were retried later (nak). */
+  retried: number;
+}
+
+/** A running orchestrator. */
+export interface RunningOrchestrator {
+  readonly stats: Readonly<OrchestratorStats>;
+  readonly topology: Topology;
+  /** Stops consuming, waits (bounded) for messages in progress, and returns. */
+  stop(): Promise<void>;
+}
+
+const noopLogger: OrchestratorLogger = { info() {}, warn() {}, error() {} };
+const decoder = new TextDecoder();
+/** How long an instance's not-yet-started message waits before it is tried again, ms. */
+const NOT_STARTED_RETRY_MS = 250;
+/** Deliveries after which a message for an instance that never started is dead-lettered. */
+const NOT_STARTED_MAX_DELIVERIES = 20;
+
+/**
+ * Starts the orchestrator loop: consume the inbox, decide with the pure engine, append the entry
+ * to the instance's history with optimistic concurrency, then carry out its effects and ack.
+ *
+ * Messages of one instance are handled one after another; different instances proceed at once
+ * up to `concurrency`. Several processes may run on the same streams: they share the consumer,
+ * and the expected-sequence check makes sure only one of two racing decisions is stored.
+ */
+export async function startOrchestrator(options: OrchestratorOptions): Promise<RunningOrchestrator> {
+  const topo = topology(options.ns);
+  const js = jetstream(options.nc);
+  const jsm = await jetstreamManager(options.nc);
+  await ensureTopology(jsm, topo, options.topology);
+  const consumerName = options.consumerName ?? "orchestrator";
+  const concurrency = options.concurrency ?? 256;
+  const consumerConfig = {
+    durable_name: consumerName,
+    ack_policy: AckPolicy.Explicit,
+    deliver_policy: DeliverPolicy.All,
+    filter_subject: topo.inboxFilter,
+    ack_wait: 30_000_000_000,
+    max_ack_pending: Math.max(1024, concurrency * 8),
+  };
+  try {
+    await jsm.consumers.add(topo.streams.inbox, consumerConfig);
+  } catch {
+    const { durable_name: _name, ...update } = consumerConfig;
+    await jsm.consumers.update(topo.streams.inbox, consumerName, update);
+  }
+  const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency);
+  const consumer = await js.consumers.get(topo.streams.inbox, consumerName);
+  const messages = await consumer.consume({ max_messages: Math.min(1000, concurrency * 2) });
+  const done = loop.run(messages);
+  return {
+    stats: loop.stats,
+    topology: topo,
+    async stop() {
+      await messages.close();
+      await done;
+      await loop.drain(10_000);
+    },
+  };
+}
+
+class OrchestratorLoop {
+  readonly stats: OrchestratorStats = {
+    processed: 0,
+    appended: 0,
+    conflicts: 0,
+    duplicates: 0,
+    ignored: 0,
+    deadLettered: 0,
+    retried: 0,
+  };
+  readonly #options: OrchestratorOptions;
+  readonly #topo: Topology;
+  readonly #js: JetStreamClient;
+  readonly #effects: EffectTarget;
+  readonly #store: HistoryStore;
+  readonly #definitions: Map<string, AnyWorkflowDefinition>;
+  readonly #cache: LruCache<string, StoredEntry>;
+  readonly #chains = new Map<string, Promise<void>>();
+  readonly #concurrency: number;
+  readonly #log: OrchestratorLogger;
+  readonly #clock: () => number;
+  #inFlight = 0;
+  #slotFreed: (() => void) | undefined;
+
+  constructor(
+    options: OrchestratorOptions,
+    topo: Topology,
+    js: JetStreamClient,
+    jsm: JetStreamManager,
+    concurrency: number,
+  ) {
+    this.#options = options;
+    this.#topo = topo;
+    this.#js = js;
+    this.#store = new HistoryStore(js, jsm, topo);
+    this.#definitions = new Map(options.workflows.map((definition) => [definition.name, definition]));
+    this.#cache = new LruCache(options.cacheSize ?? 10_000);
+    this.#concurrency = concurrency;
+    this.#log = options.logger ?? noopLogger;
+    this.#clock = options.clock ?? Date.now;
+    this.#effects = { js, jsm, topo, log: this.#log };
+  }
+
+  async run(messages: ConsumerMessages): Promise<void> {
+    for await (const msg of messages) {
+      while (this.#inFlight >= this.#concurrency) {
+        await new Promise<void>((resolve) => {
+          this.#slotFreed = resolve;
+        });
+      }
+      this.#accept(msg);
+    }
+  }
+
+  /** Waits until every message taken has been finished, at most `timeoutMs`. */
+  async drain(timeoutMs: number): Promise<void> {
+    const deadline = Date.now() + timeoutMs;
+    while (this.#chains.size > 0 && Date.now() < deadline) {
+      await Promise.race([...this.#chains.values(), sleep(50)]);
+    }
+  }
+
+  #accept(msg: JsMsg): void {
+    const parsed = this.#parse(msg);
+    if (!parsed.ok) {
+      this.#inFlight++;
+      void this.#deadLetter(msg, parsed.code, parsed.reason).finally(() => this.#release());
+      return;
+    }
+    const key = `${parsed.message.workflow}.${parsed.message.instanceId}`;
+    this.#inFlight++;
+    // Messages of one instance run one after another, in the order the consumer delivered them.
+    const previous = this.#chains.get(key) ?? Promise.resolve();
+    const next = previous
+      .then(() => this.#handle(msg, parsed.message, parsed.definition, key))
+      .catch((error: unknown) => this.#retryLater(msg, error))
+      .finally(() => {
+        this.#release();
+        if (this.#chains.get(key) === next) this.#chains.delete(key);
+      });
+    this.#chains.set(key, next);
+  }
+
+  #release(): void {
+    this.#inFlight--;
+    this.stats.processed++;
+    const wake = this.#slotFreed;
+    this.#slotFreed = undefined;
+    wake?.();
+  }
+
+  #parse(
+    msg: JsMsg,
+  ):
+    | { ok: true; message: InboxMessage; definition: AnyWorkflowDefinition }
+    | { ok: false; code: string; reason: string } {
+    const limit = this.#options.maxMessageBytes ?? 256 * 1024;
+    if (msg.data.length > limit) {
+      return { ok: false, code: "TOO_LARGE", reason: `message of ${msg.data.length} bytes exceeds ${limit}` };
+    }
+    let json: unknown;
+    try {
+      json = JSON.parse(decoder.decode(msg.data));
+    } catch (error) {
+      return { ok: false, code: "MALFORMED_JSON", reason: `not JSON: ${(error as Error).message}` };
+    }
+    const result = inboxMessage.safeParse(json);
+    if (!result.success) {
+      const issue = result.error.issues[0];
+      return {
+        ok: false,
+        code: "SCHEMA_VIOLATION",
+        reason: `not an inbox message: ${issue?.path.join(".") || "(root)"}: ${issue?.message}`,
+      };
+    }
+    const message = result.data;
+    if (msg.subject !== this.#topo.inboxSubject(message.workflow, message.instanceId)) {
+      return { ok: false, code: "SCHEMA_VIOLATION", reason: "subject does not match workflow and instance" };
+    }
+    const definition = this.#definitions.get(message.workflow);
+    if (!definition)
+      return { ok: false, code: "UNKNOWN_TYPE", reason: `unknown workflow ${message.workflow}` };
+    if (!message.start && !message.event) {
+      return { ok: false, code: "SCHEMA_VIOLATION", reason: "inbox message has neither start nor event" };
+    }
+    return { ok: true, message, definition };
+  }
+
+  async #handle(
+    msg: JsMsg,
+    message: InboxMessage,
+    definition: AnyWorkflowDefinition,
+    key: string,
+  ): Promise<void> {
+    const input: WorkflowMessage = message.start
+      ? { kind: "start", instanceId: message.instanceId, input: message.start.input }
+      : {
+          kind: "event",
+          event: message.event as { type: string } & Record<string, unknown>,
+          ...(message.timer ? { timer: message.timer } : {}),
+        };
+    const maxRetries = this.#options.maxConflictRetries ?? 8;
+    for (let attempt = 0; ; attempt++) {
+      const current =
+        this.#cache.get(key) ?? (await this.#store.latest(message.workflow, message.instanceId));
+      const now = this.#clock();
+      const decision: Decision = decide(definition, current?.entry.state, input, {
+        now,
+        causationId: message.id,
+      });
+      switch (decision.outcome) {
+        case "accepted": {
+          const entry: HistoryEntry = {
+            revision: decision.state.revision,
+            causationId: message.id,
+            event: decision.event,
+            state: decision.state,
+            effects: decision.effects,
+            at: now,
+          };
+          let seq: number;
+          try {
+            seq = await this.#store.append(entry, current?.seq ?? 0);
+          } catch (error) {
+            if (isJetsagaError(error, "CONFLICT") && attempt < maxRetries) {
+              this.stats.conflicts++;
+              this.#cache.delete(key);
+              continue;
+            }
+            throw error;
+          }
+          this.stats.appended++;
+          this.#cache.set(key, { entry, seq });
+          await executeEffects(this.#effects, entry);
+          msg.ack();
+          this.#options.onEntry?.(entry);
+          return;
+        }
+        case "duplicate": {
+          // Applied before, but the process may have died before carrying out the effects.
+          this.stats.duplicates++;
+          const entry =
+            current?.entry.revision === decision.revision
+              ? current.entry
+              : await this.#store.revision(message.workflow, message.instanceId, decision.revision);
+          if (entry) await executeEffects(this.#effects, entry);
+          msg.ack();
+          return;
+        }
+        case "ignored":
+          this.stats.ignored++;
+          this.#log.debug?.(
+            { workflow: message.workflow, instanceId: message.instanceId, reason: decision.reason },
+            "ignored",
+          );
+          msg.ack();
+          return;
+        case "rejected":
+          if (decision.code === "INSTANCE_NOT_FOUND" && msg.info.deliveryCount < NOT_STARTED_MAX_DELIVERIES) {
+            // The start may still be on its way (or held by another process): look again shortly.
+            this.#cache.delete(key);
+            this.stats.retried++;
+            msg.nak(NOT_STARTED_RETRY_MS * msg.info.deliveryCount);
+            return;
+          }
+          await this.#deadLetter(msg, decision.code, decision.reason);
+          return;
+      }
+    }
+  }
+
+  async #deadLetter(msg: JsMsg, code: string, reason: string): Promise<void> {
+    try {
+      await publishDeadLetter(this.#js, this.#topo, deadLetterOf(msg, { code, reason }, this.#clock()));
+      this.stats.deadLettered++;
+      this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");
+      msg.term(reason.slice(0, 200));
+    } catch (error) {
+      this.#retryLater(msg, error);
+    }
+  }
+
+  #retryLater(msg: JsMsg, error: unknown): void {
+    this.stats.retried++;
+    const delay = Math.min(5_000, 100 * 2 ** Math.min(6, msg.info.deliveryCount - 1));
+    this.#log.warn(
+      { subject: msg.subject, seq: msg.seq, error: String(error), delayMs: delay },
+      "retrying inbox message",
+    );
+    try {
+      msg.nak(Math.round(delay / 2 + Math.random() * (delay / 2)));
+    } catch {
+      // Connection gone: the server redelivers after ack_wait.
+    }
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}

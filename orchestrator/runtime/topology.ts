@@ -1,0 +1,182 @@
+import {
+  AckPolicy,
+  DeliverPolicy,
+  DiscardPolicy,
+  type JetStreamManager,
+  RetentionPolicy,
+  StorageType,
+  type StreamConfig,
+} from "@nats-io/jetstream";
+import { JetsagaError } from "../engine/errors.ts";
+
+/**
+ * Every stream and subject name of jetsaga comes from here. A namespace (`ns`, default
+ * `jetsaga`) prefixes them all, so several deployments or test runs share one server apart.
+ *
+ * | stream        | subjects                                   | retention  | holds |
+ * |---------------|--------------------------------------------|------------|-------|
+ * | `<NS>_HISTORY`| `<ns>.history.<workflow>.<instanceId>`     | limits     | one subject per instance: accepted events with the state they led to; no delete, no purge |
+ * | `<NS>_INBOX`  | `<ns>.inbox.<workflow>.<instanceId>`, `<ns>.timer.<workflow>.<instanceId>.<key>` | work queue | starts, replies, signals, and the timers' schedules (a schedule's target must be in its own stream) |
+ * | `<NS>_COMMANDS` | `<ns>.cmd.<command>`                     | work queue | commands for workers |
+ * | `<NS>_EVENTS` | `<ns>.events.<workflow>.<event>`           | limits     | domain events for projections and notifications |
+ * | `<NS>_DLQ`    | `<ns>.dlq.<source>`                        | limits     | dead letters with their reason |
+ */
+export interface Topology {
+  readonly ns: string;
+  readonly streams: {
+    readonly history: string;
+    readonly inbox: string;
+    readonly commands: string;
+    readonly events: string;
+    readonly deadLetters: string;
+  };
+  historySubject(workflow: string, instanceId: string): string;
+  inboxSubject(workflow: string, instanceId: string): string;
+  timerSubject(workflow: string, instanceId: string, timerKey: string): string;
+  commandSubject(command: string): string;
+  eventSubject(workflow: string, event: string): string;
+  deadLetterSubject(source: string): string;
+  /** Filter matching every inbox subject (timers excluded). */
+  readonly inboxFilter: string;
+  /** Filter matching every history subject of one workflow, or of all with `*`. */
+  historyFilter(workflow?: string): string;
+  /** Filter matching the commands of one service (`user` → `<ns>.cmd.user.>`). */
+  commandFilter(service: string): string;
+  /** Filter matching the domain events of one workflow, optionally one event type. */
+  eventFilter(workflow: string, event?: string): string;
+}
+
+const NAMESPACE = /^[a-z][a-z0-9]{0,31}$/;
+
+/** The default namespace. */
+export const DEFAULT_NAMESPACE = "jetsaga";
+
+/** Names for namespace `ns` (lowercase letters and digits, ≤ 32). */
+export function topology(ns: string = DEFAULT_NAMESPACE): Topology {
+  if (!NAMESPACE.test(ns)) {
+    throw new JetsagaError("INVALID_ARGUMENT", `namespace must match ${NAMESPACE.source}`, {
+      context: { ns },
+    });
+  }
+  const NS = ns.toUpperCase();
+  return {
+    ns,
+    streams: {
+      history: `${NS}_HISTORY`,
+      inbox: `${NS}_INBOX`,
+      commands: `${NS}_COMMANDS`,
+      events: `${NS}_EVENTS`,
+      deadLetters: `${NS}_DLQ`,
+    },
+    historySubject: (workflow, instanceId) => `${ns}.history.${workflow}.${instanceId}`,
+    inboxSubject: (workflow, instanceId) => `${ns}.inbox.${workflow}.${instanceId}`,
+    timerSubject: (workflow, instanceId, key) => `${ns}.timer.${workflow}.${instanceId}.${key}`,
+    commandSubject: (command) => `${ns}.cmd.${command}`,
+    eventSubject: (workflow, event) => `${ns}.events.${workflow}.${event}`,
+    deadLetterSubject: (source) => `${ns}.dlq.${source}`,
+    inboxFilter: `${ns}.inbox.>`,
+    historyFilter: (workflow = "*") => `${ns}.history.${workflow}.*`,
+    commandFilter: (service) => `${ns}.cmd.${service}.>`,
+    eventFilter: (workflow, event) => `${ns}.events.${workflow}.${event ?? ">"}`,
+  };
+}
+
+/** Options for {@link ensureTopology}. */
+export interface TopologyOptions {
+  /** Replicas of every stream: 1 locally, 3 in a production cluster. Default 1. */
+  replicas?: number;
+  /** Storage of every stream. Default file. */
+  storage?: "file" | "memory";
+  /** How long publishes are remembered for de-duplication, nanoseconds. Default 2 minutes. */
+  duplicateWindowNs?: number;
+  /** How long domain events and dead letters are kept, nanoseconds. Default 7 days. */
+  retentionNs?: number;
+}
+
+const SECOND_NS = 1_000_000_000;
+
+/** The stream configurations for `topo` (exported for docs, tests and deployment manifests). */
+export function streamConfigs(topo: Topology, options: TopologyOptions = {}): StreamConfig[] {
+  const common = {
+    num_replicas: options.replicas ?? 1,
+    storage: options.storage === "memory" ? StorageType.Memory : StorageType.File,
+    duplicate_window: options.duplicateWindowNs ?? 120 * SECOND_NS,
+    allow_direct: true,
+    discard: DiscardPolicy.Old,
+  };
+  const retained = options.retentionNs ?? 7 * 24 * 3600 * SECOND_NS;
+  const { ns, streams } = topo;
+  const configs: Array<Partial<StreamConfig> & { name: string }> = [
+    {
+      ...common,
+      name: streams.history,
+      subjects: [`${ns}.history.>`],
+      retention: RetentionPolicy.Limits,
+      deny_delete: true,
+      deny_purge: true,
+      // Discarding old history would lose instances; refuse writes instead when limits are hit.
+      discard: DiscardPolicy.New,
+    },
+    {
+      ...common,
+      name: streams.inbox,
+      subjects: [`${ns}.inbox.>`, `${ns}.timer.>`],
+      retention: RetentionPolicy.Workqueue,
+      allow_msg_schedules: true,
+      // The server refuses schedules with discard-new; limits are left unset so nothing is dropped.
+    },
+    {
+      ...common,
+      name: streams.commands,
+      subjects: [`${ns}.cmd.>`],
+      retention: RetentionPolicy.Workqueue,
+      discard: DiscardPolicy.New,
+    },
+    {
+      ...common,
+      name: streams.events,
+      subjects: [`${ns}.events.>`],
+      retention: RetentionPolicy.Limits,
+      max_age: retained,
+    },
+    {
+      ...common,
+      name: streams.deadLetters,
+      subjects: [`${ns}.dlq.>`],
+      retention: RetentionPolicy.Limits,
+      max_age: retained,
+    },
+  ];
+  return configs as StreamConfig[];
+}
+
+/**
+ * Creates the streams of `topo` or brings existing ones up to date. Safe to call from every
+ * process at start-up, concurrently.
+ */
+export async function ensureTopology(
+  jsm: JetStreamManager,
+  topo: Topology,
+  options: TopologyOptions = {},
+): Promise<void> {
+  for (const config of streamConfigs(topo, options)) {
+    await ensureStream(jsm, config);
+  }
+}
+
+async function ensureStream(jsm: JetStreamManager, wanted: StreamConfig): Promise<void> {
+  try {
+    await jsm.streams.add(wanted);
+  } catch (error) {
+    // Already there (possibly created by another process a moment ago): update in place.
+    if (!/already in use|already exists/i.test(String((error as Error).message))) throw error;
+    const { name, ...rest } = wanted;
+    await jsm.streams.update(name, rest);
+  }
+}
+
+/** Consumer defaults shared by the orchestrator and workers. */
+export const consumerDefaults = {
+  ack_policy: AckPolicy.Explicit,
+  deliver_policy: DeliverPolicy.All,
+} as const;

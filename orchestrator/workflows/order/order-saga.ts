@@ -1,0 +1,240 @@
+import { assign, setup } from "xstate";
+import {
+  type OrderInput,
+  orderEvents,
+  orderInput,
+  orderOutput,
+  orderPublishedEvents,
+} from "../../../schemas/order.ts";
+import { userCommands } from "../../../schemas/user.ts";
+import { defineWorkflow, sagaActions } from "../../engine/workflow.ts";
+
+/** Default time for the user checks and the credit reservation to answer, ms. */
+export const DEFAULT_CONFIRM_TIMEOUT_MS = 30_000;
+/** Default time for the shipment after confirmation, ms (7 days). */
+export const DEFAULT_SHIP_TIMEOUT_MS = 7 * 24 * 3600 * 1000;
+
+/** The order saga's context: what it remembers between events. */
+export interface OrderContext {
+  orderId: string;
+  userId: string;
+  totalCents: number;
+  confirmMs: number;
+  shipMs: number;
+  /** Set once credit is held: compensation must release it. */
+  creditReserved: boolean;
+  cancelReason?: string;
+  trackingId?: string;
+}
+
+type OrderEvent =
+  | { type: "user.verified"; userId: string; commandId: string }
+  | { type: "user.rejected"; userId: string; reason: string; commandId: string }
+  | {
+      type: "credit.reserved";
+      reservationId: string;
+      amountCents: number;
+      availableCents: number;
+      commandId: string;
+    }
+  | {
+      type: "credit.insufficient";
+      reservationId: string;
+      amountCents: number;
+      availableCents: number;
+      commandId: string;
+    }
+  | { type: "credit.released"; reservationId: string; amountCents: number; commandId: string }
+  | { type: "command.failed"; commandId: string; command: string; reason: string }
+  | { type: "order.cancel"; reason: string }
+  | { type: "order.ship"; trackingId?: string };
+
+/**
+ * The order saga, as a state chart:
+ *
+ * ```
+ * verifyingUser ──user.verified──▶ reservingCredit ──credit.reserved──▶ confirmed ──order.ship──▶ shipped
+ *      │ user.rejected / failed          │ credit.insufficient / failed        │ order.cancel / ship timeout
+ *      │ order.cancel / timeout          │ order.cancel / timeout              ▼
+ *      └──────────────▶ cancelled ◀──── compensating (release credit) ◀───────┘
+ * ```
+ *
+ * Any step that may have held credit goes through `compensating`, which releases it (the release
+ * is idempotent: releasing nothing is fine) before the order ends `cancelled`.
+ */
+export const orderMachine = setup({
+  types: {
+    context: {} as OrderContext,
+    input: {} as OrderInput,
+    events: {} as OrderEvent,
+    output: {} as { orderId: string; outcome: "shipped" | "cancelled"; reason?: string },
+  },
+  actions: sagaActions,
+  delays: {
+    confirmTimeout: ({ context }) => context.confirmMs,
+    shipTimeout: ({ context }) => context.shipMs,
+  },
+}).createMachine({
+  id: "order",
+  context: ({ input }) => ({
+    orderId: input.orderId,
+    userId: input.userId,
+    totalCents: input.items.reduce((sum, item) => sum + item.quantity * item.unitPriceCents, 0),
+    confirmMs: input.timeouts?.confirmMs ?? DEFAULT_CONFIRM_TIMEOUT_MS,
+    shipMs: input.timeouts?.shipMs ?? DEFAULT_SHIP_TIMEOUT_MS,
+    creditReserved: false,
+  }),
+  initial: "pending",
+  output: ({ context }) => ({
+    orderId: context.orderId,
+    outcome: context.cancelReason === undefined ? "shipped" : "cancelled",
+    ...(context.cancelReason === undefined ? {} : { reason: context.cancelReason }),
+  }),
+  states: {
+    pending: {
+      // The whole confirmation (user check and credit) must finish within confirmTimeout.
+      after: {
+        confirmTimeout: {
+          target: "#order.compensating",
+          actions: assign({ cancelReason: "confirmation timed out" }),
+        },
+      },
+      initial: "verifyingUser",
+      states: {
+        verifyingUser: {
+          entry: {
+            type: "dispatch",
+            params: ({ context }) => ({ command: "user.verify", input: { userId: context.userId } }),
+          },
+          on: {
+            "user.verified": "reservingCredit",
+            "user.rejected": {
+              target: "#order.cancelled",
+              actions: assign({ cancelReason: ({ event }) => `user rejected: ${event.reason}` }),
+            },
+            "command.failed": {
+              target: "#order.cancelled",
+              actions: assign({ cancelReason: ({ event }) => `user check failed: ${event.reason}` }),
+            },
+            "order.cancel": {
+              target: "#order.cancelled",
+              actions: assign({ cancelReason: ({ event }) => event.reason || "cancelled by customer" }),
+            },
+          },
+        },
+        reservingCredit: {
+          entry: {
+            type: "dispatch",
+            params: ({ context }) => ({
+              command: "user.reserveCredit",
+              input: {
+                userId: context.userId,
+                reservationId: context.orderId,
+                amountCents: context.totalCents,
+              },
+            }),
+          },
+          on: {
+            "credit.reserved": { target: "#order.confirmed", actions: assign({ creditReserved: true }) },
+            "credit.insufficient": {
+              target: "#order.cancelled",
+              actions: assign({ cancelReason: "insufficient credit" }),
+            },
+            "command.failed": {
+              target: "#order.compensating",
+              actions: assign({ cancelReason: ({ event }) => `credit reservation failed: ${event.reason}` }),
+            },
+            "order.cancel": {
+              target: "#order.compensating",
+              actions: assign({ cancelReason: ({ event }) => event.reason || "cancelled by customer" }),
+            },
+          },
+        },
+      },
+    },
+    confirmed: {
+      entry: {
+        type: "publish",
+        params: ({ context }) => ({
+          event: "order.confirmed",
+          payload: { orderId: context.orderId, userId: context.userId, totalCents: context.totalCents },
+        }),
+      },
+      after: {
+        shipTimeout: { target: "compensating", actions: assign({ cancelReason: "shipment timed out" }) },
+      },
+      on: {
+        "order.ship": {
+          target: "shipped",
+          actions: assign({ trackingId: ({ event }) => event.trackingId }),
+        },
+        "order.cancel": {
+          target: "compensating",
+          actions: assign({ cancelReason: ({ event }) => event.reason || "cancelled by customer" }),
+        },
+      },
+    },
+    compensating: {
+      // Undo in reverse: the only completed step with an effect is the credit reservation.
+      entry: {
+        type: "dispatch",
+        params: ({ context }) => ({
+          command: "user.releaseCredit",
+          input: { userId: context.userId, reservationId: context.orderId },
+        }),
+      },
+      on: {
+        "credit.released": "cancelled",
+        // Late answers of the step being undone change nothing: release covers them.
+        "credit.reserved": {},
+        "command.failed": {
+          target: "cancelled",
+          actions: assign({
+            cancelReason: ({ context, event }) => `${context.cancelReason}; release failed: ${event.reason}`,
+          }),
+        },
+      },
+    },
+    shipped: {
+      type: "final",
+      entry: {
+        type: "publish",
+        params: ({ context }) => ({
+          event: "order.shipped",
+          payload: {
+            orderId: context.orderId,
+            userId: context.userId,
+            ...(context.trackingId === undefined ? {} : { trackingId: context.trackingId }),
+          },
+        }),
+      },
+    },
+    cancelled: {
+      type: "final",
+      entry: {
+        type: "publish",
+        params: ({ context }) => ({
+          event: "order.cancelled",
+          payload: {
+            orderId: context.orderId,
+            userId: context.userId,
+            reason: context.cancelReason ?? "cancelled",
+          },
+        }),
+      },
+    },
+  },
+});
+
+/** The order saga: the reference workflow of jetsaga. */
+export const orderSaga = defineWorkflow({
+  name: "order",
+  version: 1,
+  machine: orderMachine,
+  input: orderInput,
+  events: orderEvents,
+  commands: userCommands,
+  publishes: orderPublishedEvents,
+  output: orderOutput,
+  signals: ["order.cancel", "order.ship"],
+});

@@ -1,0 +1,63 @@
+import { z } from "zod";
+import { commandFailedEvent, subjectToken } from "./envelope.ts";
+import { userReplies } from "./user.ts";
+
+/** The order saga's messaging contract: its input, signals and published events. Amounts are cents. */
+
+const cents = z.number().int().nonnegative().max(Number.MAX_SAFE_INTEGER);
+
+/** One line of an order. */
+export const orderItem = z.object({
+  sku: z.string().min(1).max(64),
+  quantity: z.number().int().positive().max(10_000),
+  unitPriceCents: cents,
+});
+export type OrderItem = z.infer<typeof orderItem>;
+
+/** Input of the order saga. The total is computed by the saga from the items. */
+export const orderInput = z.object({
+  orderId: subjectToken,
+  userId: subjectToken,
+  items: z.array(orderItem).min(1).max(100),
+  /** Overrides of the saga's timeouts, ms (tests and special orders); defaults are in the chart. */
+  timeouts: z
+    .object({
+      confirmMs: z.number().int().positive().optional(),
+      shipMs: z.number().int().positive().optional(),
+    })
+    .optional(),
+});
+export type OrderInput = z.infer<typeof orderInput>;
+
+/** Signal `order.cancel`: the customer (or an operator) cancels before shipment. */
+export const cancelOrderSignal = z.object({ type: z.literal("order.cancel"), reason: z.string().max(500) });
+/** Signal `order.ship`: the warehouse shipped the order. */
+export const shipOrderSignal = z.object({
+  type: z.literal("order.ship"),
+  trackingId: z.string().max(100).optional(),
+});
+
+/** Every event the order saga accepts, keyed by type. */
+export const orderEvents = {
+  ...userReplies,
+  "command.failed": commandFailedEvent,
+  "order.cancel": cancelOrderSignal,
+  "order.ship": shipOrderSignal,
+} as const;
+
+const orderRef = { orderId: z.string(), userId: z.string() };
+
+/** Domain events the order saga publishes, keyed by type. */
+export const orderPublishedEvents = {
+  "order.confirmed": z.object({ ...orderRef, totalCents: cents }),
+  "order.shipped": z.object({ ...orderRef, trackingId: z.string().optional() }),
+  "order.cancelled": z.object({ ...orderRef, reason: z.string() }),
+} as const;
+
+/** Output of a finished order saga. */
+export const orderOutput = z.object({
+  orderId: z.string(),
+  outcome: z.enum(["shipped", "cancelled"]),
+  reason: z.string().optional(),
+});
+export type OrderOutput = z.infer<typeof orderOutput>;
