@@ -9,6 +9,7 @@
  * ```
  */
 
+export { commandHandler, eventHandler } from "../workers/runtime/handlers.ts";
 export {
   type CommandContext,
   type CommandHandler,

@@ -33,7 +33,7 @@ const machine = setup({
   },
 });
 
-const counter = defineWorkflow({
+const counterConfig = {
   name: "counter",
   version: 1,
   machine,
@@ -44,7 +44,8 @@ const counter = defineWorkflow({
     boom: z.object({ type: z.literal("boom") }),
   },
   commands: { "svc.note": z.object({ n: z.number() }) },
-});
+};
+const counter = defineWorkflow(counterConfig);
 
 const ctx = (causationId: string, now = 1000) => ({ now, causationId });
 
@@ -108,7 +109,7 @@ describe("decide", () => {
   });
 
   it("rejects a dispatch of an undeclared command as a definition error", () => {
-    const sloppy = defineWorkflow({ ...counter, signals: [], commands: {}, events: { ...counter.events } });
+    const sloppy = defineWorkflow({ ...counterConfig, commands: {} });
     const start = decide(sloppy, undefined, { kind: "start", instanceId: "c1", input: { n: 1 } }, ctx("m1"));
     if (start.outcome !== "accepted") throw new Error("not started");
     expect(decide(sloppy, start.state, { kind: "event", event: { type: "bump" } }, ctx("m2"))).toMatchObject({
@@ -118,8 +119,8 @@ describe("decide", () => {
   });
 
   it("refuses names that would change NATS routing", () => {
-    expect(() => defineWorkflow({ ...counter, signals: [], name: "a.b" })).toThrow(JetsagaError);
-    expect(() => defineWorkflow({ ...counter, signals: [], name: "a*" })).toThrow(/workflow name/);
-    expect(() => defineWorkflow({ ...counter, signals: ["nope"] })).toThrow(/signal/);
+    expect(() => defineWorkflow({ ...counterConfig, name: "a.b" })).toThrow(JetsagaError);
+    expect(() => defineWorkflow({ ...counterConfig, name: "a*" })).toThrow(/workflow name/);
+    expect(() => defineWorkflow({ ...counterConfig, signals: ["nope"] })).toThrow(/signal/);
   });
 });

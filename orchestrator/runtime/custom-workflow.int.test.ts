@@ -11,9 +11,11 @@ import { z } from "zod";
 import { connectNats } from "../../common/nats.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import {
+  commandHandler,
   createWorker,
   createWorkflowClient,
   defineWorkflow,
+  eventHandler,
   type RunningOrchestrator,
   type RunningWorker,
   readDeadLetters,
@@ -119,22 +121,22 @@ describe("a workflow defined only in a test", () => {
       service: "review",
       retry: { maxAttempts: 2, initialDelayMs: 10 },
       commands: {
-        "review.score": {
+        "review.score": commandHandler({
           input: z.object({ document: z.string() }),
           async handle(input) {
             if (input.document === "unreadable") throw new TerminalError("cannot read document");
             return { type: "review.scored", score: input.document.length };
           },
-        },
+        }),
       },
       events: {
-        "approval.granted": {
+        "approval.granted": eventHandler({
           workflow: "approval",
           payload: z.object({ document: z.string(), by: z.string() }),
           async handle(payload) {
             granted.push(`${payload.document}:${payload.by}`);
           },
-        },
+        }),
       },
     });
     client = await createWorkflowClient({ nc, ns, workflows: [approval] });

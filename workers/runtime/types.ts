@@ -1,0 +1,99 @@
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { z } from "zod";
+import type { InstanceAddress } from "../../schemas/envelope.ts";
+
+/** A reply event sent back to the instance that dispatched the command: a `type` and payload fields. */
+export type ReplyEvent = { type: string } & Record<string, unknown>;
+
+/** What a command handler knows about the command it handles. */
+export interface CommandContext {
+  /** Deterministic command id: the idempotency key for the handler's effects. */
+  commandId: string;
+  command: string;
+  /** Which delivery this is, from 1. */
+  attempt: number;
+  /** The instance that dispatched the command (the reply goes there). */
+  replyTo: InstanceAddress;
+  /** Aborted when the worker is stopping. */
+  signal: AbortSignal;
+}
+
+/** What an event handler knows about the domain event it handles. */
+export interface EventContext {
+  eventId: string;
+  event: string;
+  source: InstanceAddress & { revision: number };
+  attempt: number;
+  signal: AbortSignal;
+}
+
+/**
+ * Handles one command. Returns the reply event for the instance. Throw `RetryableError` (or any
+ * other error) to be retried with backoff; throw `TerminalError` to give up at once (the command
+ * goes to the dead-letter stream and the instance receives `command.failed`). Must be idempotent
+ * by `ctx.commandId`: the same command may arrive more than once.
+ */
+export interface CommandHandler<TInput extends z.ZodType> {
+  input: TInput;
+  handle(input: z.output<TInput>, ctx: CommandContext): Promise<ReplyEvent>;
+}
+
+/** Handles one domain event of a workflow. Must be idempotent by `ctx.eventId`. */
+export interface EventHandler<TPayload extends z.ZodType> {
+  /** The workflow that publishes the event. */
+  workflow: string;
+  payload: TPayload;
+  handle(payload: z.output<TPayload>, ctx: EventContext): Promise<void>;
+}
+
+/** Retry policy: exponential backoff with full jitter, then dead-letter. */
+export interface RetryPolicy {
+  /** Deliveries before giving up. Default 5. */
+  maxAttempts?: number;
+  /** Delay before the second attempt, ms (before jitter). Default 200. */
+  initialDelayMs?: number;
+  /** Upper bound of any delay, ms. Default 10_000. */
+  maxDelayMs?: number;
+}
+
+/** Structured log sink; pino loggers fit. Defaults to a JSON line logger on stderr. */
+export interface WorkerLogger {
+  info(obj: Record<string, unknown>, msg: string): void;
+  warn(obj: Record<string, unknown>, msg: string): void;
+  error(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** Configuration of {@link createWorker}. */
+export interface WorkerOptions {
+  nc: NatsConnection;
+  /** Namespace of the streams (see topology). Default `jetsaga`. */
+  ns?: string;
+  /** Service name: commands `<service>.<name>` are routed to it. Lowercase, one token. */
+  service: string;
+  /** Command handlers keyed by full command name (`user.verify`); each must start with `<service>.`. */
+  commands?: Record<string, CommandHandler<z.ZodType>>;
+  /** Domain event handlers keyed by event type (`order.confirmed`). */
+  events?: Record<string, EventHandler<z.ZodType>>;
+  retry?: RetryPolicy;
+  /** Messages handled at once. Default 64. */
+  concurrency?: number;
+  /** Larger messages are dead-lettered unread. Default 256 KiB. */
+  maxMessageBytes?: number;
+  /** How long a handler may run before the server redelivers, ms. Default 30_000. */
+  ackWaitMs?: number;
+  logger?: WorkerLogger;
+}
+
+/** Counters a running worker keeps (for metrics and tests). */
+export interface WorkerStats {
+  handled: number;
+  retried: number;
+  deadLettered: number;
+}
+
+/** A started worker. */
+export interface RunningWorker {
+  readonly stats: Readonly<WorkerStats>;
+  /** Stops taking messages, waits for handlers in progress (bounded), and returns. */
+  stop(): Promise<void>;
+}
