@@ -1,0 +1,331 @@
+/**
+ * The RPC server against clients we did not write: `buf curl` (gRPC, Connect, gRPC-Web, reflection),
+ * @grpc/grpc-js with @grpc/proto-loader (native gRPC, health), and fetch (Connect over HTTP/1.1).
+ * Needs no NATS or Postgres: the UserService here is a dummy that echoes its input.
+ */
+
+import { execFile } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromDate } from "@bufbuild/protobuf/wkt";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import {
+  AuthenticateResponseSchema,
+  CreateUserResponseSchema,
+  GetUserResponseSchema,
+  UserService,
+} from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { type RpcServer, startRpcServer } from "./index.ts";
+
+const root = fileURLToPath(new URL("../..", import.meta.url));
+const bufBin = `${root}node_modules/.bin/buf`;
+const protoDir = `${root}proto`;
+const READ_MAX = 64 * 1024;
+const USER_SVC = "jetsaga.user.v1.UserService";
+
+/** Starts a server whose UserService echoes its input. */
+function startEchoServer(): Promise<RpcServer> {
+  return startRpcServer({
+    readMaxBytes: READ_MAX,
+    closeGraceMs: 1000,
+    routes(router) {
+      router.service(UserService, {
+        createUser: (req) =>
+          create(CreateUserResponseSchema, {
+            user: {
+              userId: `u-${req.email}`,
+              email: req.email,
+              creditLimitCents: req.creditLimitCents,
+              availableCreditCents: req.creditLimitCents,
+              createdAt: timestampFromDate(new Date(0)),
+            },
+          }),
+        getUser: (req) => create(GetUserResponseSchema, { user: { userId: req.userId } }),
+        authenticate: (req) =>
+          create(AuthenticateResponseSchema, { token: `t-${req.email}`, userId: `u-${req.email}` }),
+      });
+    },
+    fallback(req, res) {
+      if (req.url === "/healthz") {
+        res.writeHead(200, { "content-type": "text/plain" });
+        res.end("ok\n");
+        return;
+      }
+      res.writeHead(404);
+      res.end();
+    },
+  });
+}
+
+interface CmdResult {
+  code: number;
+  stdout: string;
+  stderr: string;
+}
+
+/** Runs `buf curl …`; never rejects, so tests can assert on the exit code (gRPC code << 3). */
+function bufCurl(...args: string[]): Promise<CmdResult> {
+  return new Promise((resolve) => {
+    execFile(
+      bufBin,
+      ["curl", ...args],
+      { cwd: root, timeout: 30_000, maxBuffer: 8 * 1024 * 1024 },
+      (err, stdout, stderr) => {
+        const code = err ? (typeof err.code === "number" ? err.code : -1) : 0;
+        resolve({ code, stdout, stderr });
+      },
+    );
+  });
+}
+
+// --- @grpc/grpc-js clients built from the .proto sources (independent of our generated code) ---
+
+const packageDefinition = protoLoader.loadSync(
+  ["grpc/health/v1/health.proto", "jetsaga/user/v1/user.proto"],
+  { includeDirs: [protoDir], longs: String, enums: String, defaults: true },
+);
+
+type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
+interface HealthStatus {
+  status: string;
+}
+interface HealthClient extends grpc.Client {
+  check(req: { service: string }, cb: Callback<HealthStatus>): grpc.ClientUnaryCall;
+  watch(req: { service: string }): grpc.ClientReadableStream<HealthStatus>;
+}
+interface UserClient extends grpc.Client {
+  createUser(
+    req: { email: string; password: string; creditLimitCents: string },
+    cb: Callback<{ user: { userId: string; email: string; creditLimitCents: string } }>,
+  ): grpc.ClientUnaryCall;
+  getUser(req: { userId: string }, cb: Callback<{ user: { userId: string } }>): grpc.ClientUnaryCall;
+}
+
+function grpcClient<C extends grpc.Client>(service: string, address: string): C {
+  const def = packageDefinition[service] as grpc.ServiceDefinition;
+  const Ctor = grpc.makeClientConstructor(def, service);
+  return new Ctor(address, grpc.credentials.createInsecure()) as unknown as C;
+}
+
+/** Promisifies a grpc-js unary call. */
+function unary<Req, Res>(fn: (req: Req, cb: Callback<Res>) => grpc.ClientUnaryCall, req: Req): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    fn(req, (err, res) => (err ? reject(err) : resolve(res as Res)));
+  });
+}
+
+describe("RPC server", () => {
+  let server: RpcServer;
+  let address: string;
+
+  beforeAll(async () => {
+    server = await startEchoServer();
+    address = `127.0.0.1:${server.port}`;
+  });
+  afterAll(async () => {
+    await server?.close();
+  });
+
+  it("lists services and methods through gRPC reflection (buf curl, v1 and v1alpha)", async () => {
+    const services = await bufCurl(
+      "--protocol",
+      "grpc",
+      "--http2-prior-knowledge",
+      "--list-services",
+      server.url,
+    );
+    expect(services.stderr).toBe("");
+    expect(services.stdout.trim().split("\n")).toEqual([
+      "grpc.health.v1.Health",
+      "grpc.reflection.v1.ServerReflection",
+      "grpc.reflection.v1alpha.ServerReflection",
+      USER_SVC,
+    ]);
+
+    const methods = await bufCurl(
+      "--protocol",
+      "grpc",
+      "--http2-prior-knowledge",
+      "--list-methods",
+      server.url,
+    );
+    expect(methods.code).toBe(0);
+    expect(methods.stdout).toContain(`${USER_SVC}/CreateUser\n`);
+    expect(methods.stdout).toContain(`${USER_SVC}/Authenticate\n`);
+    expect(methods.stdout).toContain("grpc.health.v1.Health/Watch\n");
+
+    // Older tools (grpcurl) speak only v1alpha.
+    const alpha = await bufCurl("--reflect-protocol", "grpc-v1alpha", "--list-methods", server.url);
+    expect(alpha.code).toBe(0);
+    expect(alpha.stdout).toContain(`${USER_SVC}/GetUser\n`);
+  });
+
+  it.each(["grpc", "connect", "grpcweb"])(
+    "calls UserService over %s with buf curl (schema by reflection)",
+    async (protocol) => {
+      const r = await bufCurl(
+        "--protocol",
+        protocol,
+        "--http2-prior-knowledge",
+        "-d",
+        JSON.stringify({ email: "a@example.com", password: "pw", creditLimitCents: "12345678901234" }),
+        `${server.url}/${USER_SVC}/CreateUser`,
+      );
+      expect(r.stderr).toBe("");
+      expect(r.code).toBe(0);
+      expect(JSON.parse(r.stdout)).toEqual({
+        user: {
+          userId: "u-a@example.com",
+          email: "a@example.com",
+          creditLimitCents: "12345678901234",
+          availableCreditCents: "12345678901234",
+          createdAt: "1970-01-01T00:00:00Z",
+        },
+      });
+    },
+  );
+
+  it("serves Connect and gRPC-Web over HTTP/1.1 on the same port, and the fallback for other paths", async () => {
+    // buf curl uses HTTP/1.1 for http:// URLs unless told otherwise (reflection needs HTTP/2, so give the schema).
+    const h1 = await bufCurl(
+      "--schema",
+      protoDir,
+      "--protocol",
+      "grpcweb",
+      "-d",
+      '{"userId":"u1"}',
+      `${server.url}/${USER_SVC}/GetUser`,
+    );
+    expect(h1.stderr).toBe("");
+    expect(JSON.parse(h1.stdout)).toEqual({ user: { userId: "u1" } });
+
+    // Node's fetch speaks HTTP/1.1 only: what a browser or curl without --http2 does.
+    const res = await fetch(`${server.url}/${USER_SVC}/GetUser`, {
+      method: "POST",
+      headers: { "content-type": "application/json", "connect-protocol-version": "1" },
+      body: JSON.stringify({ userId: "u2" }),
+    });
+    expect(res.status).toBe(200);
+    expect(await res.json()).toEqual({ user: { userId: "u2" } });
+
+    const healthz = await fetch(`${server.url}/healthz`);
+    expect(healthz.status).toBe(200);
+    expect(await healthz.text()).toBe("ok\n");
+    expect((await fetch(`${server.url}/nope`)).status).toBe(404);
+  });
+
+  it("answers grpc.health.v1 Check/Watch and UserService calls from @grpc/grpc-js", async () => {
+    const health = grpcClient<HealthClient>("grpc.health.v1.Health", address);
+    const users = grpcClient<UserClient>(USER_SVC, address);
+    try {
+      expect(await unary(health.check.bind(health), { service: "" })).toEqual({ status: "SERVING" });
+      expect(await unary(health.check.bind(health), { service: USER_SVC })).toEqual({ status: "SERVING" });
+      await expect(unary(health.check.bind(health), { service: "no.such.Service" })).rejects.toMatchObject({
+        code: grpc.status.NOT_FOUND,
+      });
+
+      // Watch: the current status first, then every change.
+      const seen: string[] = [];
+      const watch = health.watch({ service: USER_SVC });
+      const twoUpdates = new Promise<void>((resolve, reject) => {
+        watch.on("data", (m: HealthStatus) => {
+          seen.push(m.status);
+          if (seen.length === 1) server.health.setStatus(USER_SVC, "NOT_SERVING");
+          if (seen.length === 2) resolve();
+        });
+        watch.on("error", (e: grpc.ServiceError) => {
+          if (e.code !== grpc.status.CANCELLED) reject(e);
+        });
+      });
+      await twoUpdates;
+      watch.cancel();
+      expect(seen).toEqual(["SERVING", "NOT_SERVING"]);
+      expect(await unary(health.check.bind(health), { service: USER_SVC })).toEqual({
+        status: "NOT_SERVING",
+      });
+      server.health.setStatus(USER_SVC, "SERVING");
+
+      const created = await unary(users.createUser.bind(users), {
+        email: "b@example.com",
+        password: "pw",
+        creditLimitCents: "9007199254740993", // 2^53 + 1: survives only as a real int64
+      });
+      expect(created.user).toMatchObject({
+        userId: "u-b@example.com",
+        email: "b@example.com",
+        creditLimitCents: "9007199254740993",
+      });
+    } finally {
+      health.close();
+      users.close();
+    }
+  });
+
+  it("refuses a request larger than readMaxBytes with RESOURCE_EXHAUSTED and keeps serving", async () => {
+    const big = "x".repeat(READ_MAX + 1);
+
+    // buf curl exits with the gRPC code shifted left by 3: RESOURCE_EXHAUSTED (8) -> 64.
+    for (const protocol of ["grpc", "connect", "grpcweb"]) {
+      const r = await bufCurl(
+        "--protocol",
+        protocol,
+        "--http2-prior-knowledge",
+        "-d",
+        JSON.stringify({ userId: big }),
+        `${server.url}/${USER_SVC}/GetUser`,
+      );
+      expect(r.code, protocol).toBe(grpc.status.RESOURCE_EXHAUSTED << 3);
+      expect(r.stdout + r.stderr).toContain("resource_exhausted");
+    }
+
+    const users = grpcClient<UserClient>(USER_SVC, address);
+    try {
+      await expect(unary(users.getUser.bind(users), { userId: big })).rejects.toMatchObject({
+        code: grpc.status.RESOURCE_EXHAUSTED,
+      });
+      // Same client, same HTTP/2 connection: still usable.
+      expect(await unary(users.getUser.bind(users), { userId: "after" })).toMatchObject({
+        user: { userId: "after" },
+      });
+    } finally {
+      users.close();
+    }
+
+    const health = await bufCurl(
+      "--protocol",
+      "grpc",
+      "-d",
+      "{}",
+      `${server.url}/grpc.health.v1.Health/Check`,
+    );
+    expect(JSON.parse(health.stdout)).toEqual({ status: "SERVING" });
+  });
+});
+
+describe("RPC server shutdown", () => {
+  it("close() reports NOT_SERVING to watchers, ends their streams and stops listening", async () => {
+    const server = await startEchoServer();
+    const health = grpcClient<HealthClient>("grpc.health.v1.Health", `127.0.0.1:${server.port}`);
+    try {
+      const seen: string[] = [];
+      const watch = health.watch({ service: "" });
+      const ended = new Promise<void>((resolve) => {
+        watch.on("data", (m: HealthStatus) => seen.push(m.status));
+        watch.on("error", () => resolve());
+        watch.on("end", () => resolve());
+      });
+      await new Promise<void>((resolve) => watch.once("data", () => resolve()));
+
+      const started = Date.now();
+      await server.close();
+      await ended;
+      expect(Date.now() - started).toBeLessThan(1000);
+      expect(seen).toEqual(["SERVING", "NOT_SERVING"]);
+      await expect(fetch(`${server.url}/healthz`)).rejects.toThrow();
+    } finally {
+      health.close();
+    }
+  });
+});

@@ -1,0 +1,204 @@
+/**
+ * One listening port for every RPC protocol: gRPC (HTTP/2 cleartext, prior knowledge), Connect and
+ * gRPC-Web over HTTP/2 or HTTP/1.1, plus plain HTTP paths through a fallback hook.
+ *
+ * Runs unchanged under Node 24 and Deno 2: it uses only node:net, node:http, node:http2 and
+ * connectNodeAdapter (Deno.serve + createFetchHandler cannot send the trailers native gRPC needs).
+ *
+ * Why a protocol sniffer: node:http2's `allowHTTP1` only works with TLS (ALPN); a cleartext http2
+ * server drops HTTP/1.1 clients. So a net.Server reads the first bytes of each connection and hands
+ * the socket to an http2 server when they are the HTTP/2 connection preface, else to an http server.
+ */
+
+import * as http from "node:http";
+import * as http2 from "node:http2";
+import * as net from "node:net";
+import { setImmediate as nextMacrotask } from "node:timers/promises";
+import type { DescService } from "@bufbuild/protobuf";
+import {
+  Code,
+  ConnectError,
+  type ConnectRouter,
+  type ContextValues,
+  type Interceptor,
+} from "@connectrpc/connect";
+import { type ConnectNodeAdapterOptions, connectNodeAdapter } from "@connectrpc/connect-node";
+import { createHealthService, type HealthControl, type ServingStatus } from "./health.ts";
+import { createReflectionIndex, reflectionServices, registerReflection } from "./reflection.ts";
+
+/** A Node request handler for paths that are not RPCs (/healthz, /metrics, static files). */
+export type FallbackHandler = NonNullable<ConnectNodeAdapterOptions["fallback"]>;
+/** Request as seen by a fallback handler: HTTP/1.1 or HTTP/2. */
+export type NodeServerRequest = Parameters<FallbackHandler>[0];
+
+/** Options of startRpcServer. */
+export interface RpcServerOptions {
+  /** Registers the application's services on the router. Health and reflection are added automatically. */
+  routes: (router: ConnectRouter) => void;
+  /** Interface to bind; default 127.0.0.1 (loopback). Use "0.0.0.0" or "::" to serve other hosts. */
+  host?: string;
+  /** Port to bind; 0 (the default) picks a free ephemeral port, reported in the result. */
+  port?: number;
+  /** Largest accepted request message in bytes, after decompression; default 1 MiB. Larger ones fail with RESOURCE_EXHAUSTED. */
+  readMaxBytes?: number;
+  /**
+   * Largest response message in bytes; default 4 MiB, the default receive limit of gRPC clients, so an
+   * oversized answer fails here with a clear RESOURCE_EXHAUSTED instead of confusing the client.
+   */
+  writeMaxBytes?: number;
+  /**
+   * Service names grpc.health.v1.Health reports, in addition to "" (the whole server). Default: every
+   * service registered by `routes`. All start as `healthInitialStatus`.
+   */
+  healthServices?: readonly string[];
+  /** Initial status of every health entry; default "SERVING". Use "NOT_SERVING" when readiness comes later. */
+  healthInitialStatus?: ServingStatus;
+  /** Interceptors for every RPC (auth, logging, metrics), outermost first. */
+  interceptors?: Interceptor[];
+  /** Extracts context values (e.g. the authenticated user) from the raw request for handlers. */
+  contextValues?: (req: NodeServerRequest) => ContextValues;
+  /** Handles requests whose path is not an RPC; default: 404. */
+  fallback?: FallbackHandler;
+  /** How long close() lets in-flight calls finish before cutting connections; default 5000 ms. */
+  closeGraceMs?: number;
+}
+
+/** A running RPC server. */
+export interface RpcServer {
+  /** Base URL, e.g. "http://127.0.0.1:43121" (IPv6 hosts in brackets). */
+  readonly url: string;
+  /** The bound port (the ephemeral one when port 0 was requested). */
+  readonly port: number;
+  /** Sets what grpc.health.v1.Health reports. */
+  readonly health: HealthControl;
+  /**
+   * Graceful stop: reports NOT_SERVING, stops accepting connections, aborts handler signals (streams
+   * end with UNAVAILABLE), lets unary calls finish for up to closeGraceMs, then cuts what is left.
+   */
+  close(): Promise<void>;
+}
+
+const MiB = 1024 * 1024;
+/** The HTTP/2 client connection preface (RFC 9113 §3.4); HTTP/1.x requests never start with it. */
+const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "latin1");
+/** A connection that sends nothing for this long is dropped before protocol detection. */
+const FIRST_BYTES_TIMEOUT_MS = 10_000;
+/** Request header limit for both protocols: RPC metadata is small; this bounds memory per request. */
+const MAX_HEADER_BYTES = 16 * 1024;
+
+/** Starts the RPC server and resolves once it is listening. */
+export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer> {
+  const host = opts.host ?? "127.0.0.1";
+  const closeGraceMs = opts.closeGraceMs ?? 5000;
+  const shutdown = new AbortController();
+
+  // The health service needs the registered service names, which exist only once routes have run
+  // inside connectNodeAdapter; it is created there and captured here.
+  let health: HealthControl | undefined;
+  const handler = connectNodeAdapter({
+    readMaxBytes: opts.readMaxBytes ?? MiB,
+    writeMaxBytes: opts.writeMaxBytes ?? 4 * MiB,
+    shutdownSignal: shutdown.signal,
+    ...(opts.interceptors ? { interceptors: opts.interceptors } : {}),
+    ...(opts.contextValues ? { contextValues: opts.contextValues } : {}),
+    ...(opts.fallback ? { fallback: opts.fallback } : {}),
+    routes(router) {
+      opts.routes(router);
+      const appServices = uniqueServices(router.handlers.map((h) => h.service));
+      const names = opts.healthServices ?? appServices.map((s) => s.typeName);
+      const status = opts.healthInitialStatus ?? "SERVING";
+      const healthService = createHealthService(Object.fromEntries(["", ...names].map((n) => [n, status])));
+      healthService.register(router);
+      health = healthService.control;
+      registerReflection(
+        router,
+        createReflectionIndex(
+          uniqueServices([...router.handlers.map((h) => h.service), ...reflectionServices]),
+        ),
+      );
+    },
+  });
+  if (!health) throw new Error("connectNodeAdapter did not call routes synchronously");
+  const healthControl: HealthControl = health;
+
+  const h2 = http2.createServer({ settings: { maxHeaderListSize: MAX_HEADER_BYTES } }, handler);
+  const h1 = http.createServer({ maxHeaderSize: MAX_HEADER_BYTES }, handler);
+  const sessions = new Set<http2.ServerHttp2Session>();
+  h2.on("session", (s: http2.ServerHttp2Session) => {
+    sessions.add(s);
+    s.on("close", () => sessions.delete(s));
+  });
+
+  const sockets = new Set<net.Socket>();
+  const tcp = net.createServer((socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+    // Until a protocol server owns the socket, errors (resets) would otherwise be unhandled.
+    socket.on("error", () => socket.destroy());
+    socket.setTimeout(FIRST_BYTES_TIMEOUT_MS, () => socket.destroy());
+    socket.once("data", (first: Buffer) => {
+      socket.setTimeout(0);
+      socket.pause();
+      socket.unshift(first);
+      const n = Math.min(first.length, H2_PREFACE.length);
+      if (first.subarray(0, n).equals(H2_PREFACE.subarray(0, n))) {
+        // Not resumed: Http2Session reads the unshifted bytes itself on the next tick; flowing mode
+        // would drop them before it does.
+        h2.emit("connection", socket);
+      } else {
+        h1.emit("connection", socket);
+        socket.resume();
+      }
+    });
+  });
+
+  await new Promise<void>((resolve, reject) => {
+    tcp.once("error", reject);
+    tcp.listen(opts.port ?? 0, host, () => {
+      tcp.off("error", reject);
+      resolve();
+    });
+  });
+  const address = tcp.address();
+  if (address === null || typeof address === "string") throw new Error("RPC server has no TCP address");
+  const port = address.port;
+  const url = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
+
+  let closing: Promise<void> | undefined;
+  const close = (): Promise<void> => {
+    closing ??= (async () => {
+      healthControl.shutdown();
+      // Let Watch streams send NOT_SERVING (their generators resume in microtasks) before the
+      // shutdown signal ends them.
+      await nextMacrotask();
+      const listenerClosed = new Promise<void>((resolve) => tcp.close(() => resolve()));
+      shutdown.abort(new ConnectError("server is shutting down", Code.Unavailable));
+      for (const s of sessions) s.close();
+      const drained = new Promise<void>((resolve) => {
+        const poll = setInterval(() => {
+          // HTTP/1.1 keep-alive connections close only when idle; calls may still finish on the others.
+          h1.closeIdleConnections();
+          if (sockets.size === 0) {
+            clearInterval(poll);
+            resolve();
+          }
+        }, 20);
+        setTimeout(() => {
+          clearInterval(poll);
+          resolve();
+        }, closeGraceMs).unref();
+      });
+      await drained;
+      for (const s of sockets) s.destroy();
+      await listenerClosed;
+    })();
+    return closing;
+  };
+
+  return { url, port, health: healthControl, close };
+}
+
+/** Services in first-seen order without duplicates (the router lists one handler per method). */
+function uniqueServices(services: readonly DescService[]): DescService[] {
+  return [...new Map(services.map((s) => [s.typeName, s])).values()];
+}
