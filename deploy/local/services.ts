@@ -1,0 +1,21 @@
+/**
+ * The services `npm start` runs (via deploy/local/start.ts), in start order. Entries whose file
+ * does not exist yet are skipped with a note, so the list can name services before they are written.
+ */
+
+/** One service process: `node <entry>` with the supervisor's environment plus `env`. */
+export interface ServiceSpec {
+  /** Short name, used as the output prefix. */
+  name: string;
+  /** Path of the `.ts` entry point, relative to the repository root. */
+  entry: string;
+  /** Extra environment variables for this service (override inherited ones). */
+  env?: Record<string, string>;
+}
+
+/** All services of a local deployment. */
+export const services: readonly ServiceSpec[] = [
+  { name: "orchestrator", entry: "orchestrator/service/main.ts" },
+  { name: "user", entry: "workers/user/main.ts" },
+  { name: "notification", entry: "workers/notification/main.ts" },
+];

@@ -1,0 +1,171 @@
+/**
+ * A small process supervisor for local runs (`npm start` → deploy/local/run.sh → this file).
+ *
+ * Starts every service of ./services.ts whose entry exists, with this same Node binary, prefixes
+ * each output line with the service name, and prints where everything is: NATS_URL, DATABASE_URL
+ * (password removed), pids, and any `JETSAGA_<X>_URL=<url>` line a service prints.
+ *
+ * Nothing is restarted: when a service dies the others are stopped and the exit code is 1.
+ * SIGINT/SIGTERM stop all services (SIGTERM, SIGKILL after 10 s) and exit 0.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { existsSync } from "node:fs";
+import { dirname, join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+import { type ServiceSpec, services } from "./services.ts";
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+/** Grace period between SIGTERM and SIGKILL on shutdown, in milliseconds. */
+const STOP_GRACE_MS = 10_000;
+/** The summary waits this long (ms) so that services have printed their URLs. */
+const SUMMARY_DELAY_MS = 1_500;
+const URL_LINE = /\b(JETSAGA_[A-Z0-9_]+_URL)\s*[=:]\s*(\S+)/;
+
+interface Running {
+  readonly spec: ServiceSpec;
+  readonly child: ChildProcess;
+  readonly pid: number;
+  alive: boolean;
+}
+
+const say = (msg: string): void => {
+  process.stdout.write(`jetsaga: ${msg}\n`);
+};
+
+/** Removes passwords from a URL or a comma-separated URL list; other text is returned as is. */
+function withoutPassword(urls: string): string {
+  return urls
+    .split(",")
+    .map((s) => {
+      try {
+        const u = new URL(s.trim());
+        u.password = "";
+        return u.toString();
+      } catch {
+        return s;
+      }
+    })
+    .join(",");
+}
+
+const running: Running[] = [];
+const urls = new Map<string, { value: string; service: string }>();
+let stopping = false;
+let exitCode = 0;
+let summaryPrinted = false;
+
+function signalService(r: Running, signal: NodeJS.Signals): void {
+  if (!r.alive) return;
+  try {
+    // Each service leads its own process group: signal the group so helpers it spawned stop too.
+    process.kill(-r.pid, signal);
+  } catch {
+    r.child.kill(signal);
+  }
+}
+
+function exitWhenAllStopped(): void {
+  if (stopping && running.every((r) => !r.alive)) process.exit(exitCode);
+}
+
+function shutdown(reason: string): void {
+  if (stopping) return;
+  stopping = true;
+  const alive = running.filter((r) => r.alive);
+  if (alive.length > 0) say(`${reason}: stopping ${alive.map((r) => r.spec.name).join(", ")}`);
+  for (const r of alive) signalService(r, "SIGTERM");
+  setTimeout(() => {
+    for (const r of running.filter((x) => x.alive)) {
+      say(`${r.spec.name} (pid ${r.pid}) did not stop within ${STOP_GRACE_MS / 1000} s: SIGKILL`);
+      signalService(r, "SIGKILL");
+    }
+  }, STOP_GRACE_MS).unref();
+  exitWhenAllStopped();
+}
+
+function pipeLines(stream: NodeJS.ReadableStream | null, prefix: string, service: string): void {
+  if (!stream) return;
+  createInterface({ input: stream, crlfDelay: Number.POSITIVE_INFINITY }).on("line", (line) => {
+    process.stdout.write(`${prefix} ${line}\n`);
+    const m = URL_LINE.exec(line);
+    if (m?.[1] && m[2] && urls.get(m[1])?.value !== m[2]) {
+      urls.set(m[1], { value: m[2], service });
+      if (summaryPrinted) say(`${m[1]}=${m[2]} (${service})`);
+    }
+  });
+}
+
+function startService(spec: ServiceSpec, width: number): void {
+  const child = spawn(process.execPath, [join(ROOT, spec.entry)], {
+    cwd: ROOT,
+    env: { ...process.env, ...spec.env },
+    stdio: ["ignore", "pipe", "pipe"],
+    // Own process group: a terminal Ctrl-C reaches only this supervisor, which stops services in order.
+    detached: true,
+  });
+  if (child.pid === undefined) {
+    say(`${spec.name}: could not start`);
+    exitCode = 1;
+    shutdown("start-up failed");
+    return;
+  }
+  const r: Running = { spec, child, pid: child.pid, alive: true };
+  running.push(r);
+  const prefix = `[${spec.name.padEnd(width)}]`;
+  pipeLines(child.stdout, prefix, spec.name);
+  pipeLines(child.stderr, prefix, spec.name);
+  child.on("exit", (code, signal) => {
+    r.alive = false;
+    const how = signal ? `signal ${signal}` : `code ${code}`;
+    if (stopping) {
+      say(`${spec.name} stopped (${how})`);
+    } else {
+      say(`${spec.name} exited unexpectedly (${how})`);
+      exitCode = 1;
+      shutdown(`${spec.name} died`);
+    }
+    exitWhenAllStopped();
+  });
+}
+
+function printSummary(): void {
+  summaryPrinted = true;
+  const rows: Array<[string, string]> = [
+    ["NATS", withoutPassword(process.env.NATS_URL ?? "(NATS_URL not set)")],
+    ["Postgres", withoutPassword(process.env.DATABASE_URL ?? "(DATABASE_URL not set)")],
+    ...running.map((r): [string, string] => [r.spec.name, r.alive ? `pid ${r.pid}` : "exited"]),
+    ...[...urls].map(([k, v]): [string, string] => [k, `${v.value} (${v.service})`]),
+  ];
+  const width = Math.max(...rows.map(([k]) => k.length));
+  say("running — Ctrl-C stops everything");
+  for (const [k, v] of rows) process.stdout.write(`  ${k.padEnd(width)}  ${v}\n`);
+}
+
+function main(): void {
+  const present = services.filter((s) => {
+    if (existsSync(join(ROOT, s.entry))) return true;
+    say(`skipping ${s.name}: ${s.entry} does not exist yet`);
+    return false;
+  });
+  const width = Math.max(0, ...present.map((s) => s.name.length));
+
+  process.on("SIGINT", () => shutdown("SIGINT"));
+  process.on("SIGTERM", () => shutdown("SIGTERM"));
+  // If this process dies some other way, do not leave services behind.
+  process.on("exit", () => {
+    for (const r of running) signalService(r, "SIGKILL");
+  });
+
+  for (const spec of present) startService(spec, width);
+  if (present.length === 0) {
+    say("no services to run yet; NATS and Postgres stay up until Ctrl-C");
+    // Signal handlers alone do not keep Node running.
+    setInterval(() => {}, 1 << 30);
+  }
+  setTimeout(() => {
+    if (!stopping) printSummary();
+  }, SUMMARY_DELAY_MS);
+}
+
+main();

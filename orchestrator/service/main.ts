@@ -1,0 +1,71 @@
+/**
+ * The orchestrator service: runs the built-in workflows (and any listed in
+ * JETSAGA_WORKFLOW_MODULES) on the inbox of namespace JETSAGA_NS.
+ *
+ * Environment: NATS_URL, JETSAGA_NS, JETSAGA_CONCURRENCY (default 256), PROBE_PORT (health and
+ * metrics; default 9464, 0 = any free port), JETSAGA_WORKFLOW_MODULES (comma-separated module
+ * paths, each exporting `workflows: AnyWorkflowDefinition[]`), LOG_LEVEL.
+ */
+import { pathToFileURL } from "node:url";
+import { onShutdown, readConfig } from "../../common/config.ts";
+import { createLogger } from "../../common/logger.ts";
+import { connectNats } from "../../common/nats.ts";
+import { createMetricsRegistry, startProbeServer } from "../../common/probes.ts";
+import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
+import { type RunningOrchestrator, startOrchestrator } from "../runtime/orchestrator.ts";
+import { builtInWorkflows } from "../workflows/index.ts";
+import { registerOrchestratorMetrics } from "./metrics.ts";
+
+const log = createLogger("orchestrator");
+
+async function loadWorkflows(modules: string | undefined): Promise<AnyWorkflowDefinition[]> {
+  const workflows = [...builtInWorkflows];
+  for (const path of (modules ?? "")
+    .split(",")
+    .map((p) => p.trim())
+    .filter(Boolean)) {
+    const loaded = (await import(pathToFileURL(path).href)) as { workflows?: AnyWorkflowDefinition[] };
+    if (!Array.isArray(loaded.workflows)) throw new Error(`${path} does not export \`workflows\``);
+    workflows.push(...loaded.workflows);
+  }
+  return workflows;
+}
+
+async function main(): Promise<void> {
+  const config = readConfig();
+  const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
+  const nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-orchestrator" });
+  let orchestrator: RunningOrchestrator | undefined;
+  const registry = createMetricsRegistry("orchestrator");
+  registerOrchestratorMetrics(registry, () => orchestrator?.stats);
+  const probes = await startProbeServer(
+    { registry, ready: () => orchestrator !== undefined && !nc.isClosed() },
+    Number(process.env.PROBE_PORT ?? 9464),
+  );
+  orchestrator = await startOrchestrator({
+    nc,
+    ns: config.ns,
+    workflows,
+    concurrency: Number(process.env.JETSAGA_CONCURRENCY ?? 256),
+    logger: log,
+  });
+  log.info(
+    { ns: config.ns, workflows: workflows.map((w) => `${w.name}@${w.version}`), probes: probes.url },
+    "orchestrator ready",
+  );
+  console.log(`JETSAGA_ORCHESTRATOR_PROBES_URL=${probes.url}`);
+  onShutdown(async () => {
+    await orchestrator?.stop();
+    log.info({ stats: orchestrator?.stats }, "orchestrator stopped");
+    await probes.close();
+    await nc.drain();
+  });
+}
+
+main().catch((error: unknown) => {
+  log.fatal(
+    { err: error },
+    `orchestrator failed to start: ${error instanceof Error ? error.message : String(error)}`,
+  );
+  process.exit(1);
+});

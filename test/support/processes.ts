@@ -1,0 +1,95 @@
+/**
+ * Runs a jetsaga service entry point as a real child process (same Node binary), for tests that
+ * kill, restart or run several of them at once.
+ */
+import { type ChildProcess, spawn } from "node:child_process";
+import { dirname, join } from "node:path";
+import { createInterface } from "node:readline";
+import { fileURLToPath } from "node:url";
+
+const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
+
+/** A service process started by {@link spawnService}. */
+export interface ServiceProcess {
+  readonly pid: number;
+  /** Every line the process wrote (stdout and stderr), in order. */
+  readonly lines: readonly string[];
+  /** Resolves with the first line matching `pattern` (rejects after `timeoutMs`, default 30 s, or on exit). */
+  waitForLine(pattern: RegExp, timeoutMs?: number): Promise<string>;
+  /** Sends `signal` (default SIGKILL) and waits for the process to exit. */
+  kill(signal?: NodeJS.Signals): Promise<void>;
+  /** Resolves with the exit code (or signal name) when the process ends. */
+  readonly exited: Promise<number | string>;
+}
+
+/**
+ * Starts `node <entry>` (path relative to the repository root) with `env` added to this process's
+ * environment, and waits until it prints a line matching `readyLine` (if given).
+ */
+export async function spawnService(
+  entry: string,
+  env: Record<string, string>,
+  readyLine?: RegExp,
+): Promise<ServiceProcess> {
+  const child: ChildProcess = spawn(process.execPath, [join(ROOT, entry)], {
+    cwd: ROOT,
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  const lines: string[] = [];
+  const listeners = new Set<(line: string) => void>();
+  for (const stream of [child.stdout, child.stderr]) {
+    if (!stream) continue;
+    createInterface({ input: stream }).on("line", (line) => {
+      lines.push(line);
+      for (const listener of listeners) listener(line);
+    });
+  }
+  const exited = new Promise<number | string>((resolve) => {
+    child.once("exit", (code, signal) => resolve(code ?? signal ?? -1));
+  });
+  const waitForLine = (pattern: RegExp, timeoutMs = 30_000): Promise<string> =>
+    new Promise<string>((resolve, reject) => {
+      const found = lines.find((line) => pattern.test(line));
+      if (found) return resolve(found);
+      const timer = setTimeout(
+        () =>
+          finish(
+            new Error(`no line matching ${pattern} within ${timeoutMs} ms:\n${lines.slice(-20).join("\n")}`),
+          ),
+        timeoutMs,
+      );
+      const listener = (line: string): void => {
+        if (pattern.test(line)) finish(undefined, line);
+      };
+      const finish = (error?: Error, line?: string): void => {
+        clearTimeout(timer);
+        listeners.delete(listener);
+        if (error) reject(error);
+        else resolve(line ?? "");
+      };
+      listeners.add(listener);
+      void exited.then((code) =>
+        finish(new Error(`${entry} exited (${code}) before ${pattern}:\n${lines.slice(-20).join("\n")}`)),
+      );
+    });
+  const handle: ServiceProcess = {
+    pid: child.pid ?? -1,
+    lines,
+    waitForLine,
+    exited,
+    async kill(signal = "SIGKILL") {
+      if (child.exitCode === null && child.signalCode === null) child.kill(signal);
+      await exited;
+    },
+  };
+  if (readyLine) {
+    try {
+      await waitForLine(readyLine);
+    } catch (error) {
+      await handle.kill();
+      throw error;
+    }
+  }
+  return handle;
+}

@@ -1,0 +1,441 @@
+import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { z } from "zod";
+import { type Topology, topology } from "../../orchestrator/runtime/topology.ts";
+import type { CommandMessage, DeadLetter, DomainEventMessage, InboxMessage } from "../../schemas/envelope.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import {
+  type CommandHandler,
+  createWorker,
+  type EventContext,
+  RetryableError,
+  type RunningWorker,
+  readDeadLetters,
+  TerminalError,
+  type WorkerLogger,
+  type WorkerOptions,
+} from "./index.ts";
+import { backoffDelay } from "./worker.ts";
+
+let nc: NatsConnection;
+let js: JetStreamClient;
+let jsm: JetStreamManager;
+const running: RunningWorker[] = [];
+
+beforeAll(async () => {
+  nc = await connect({ servers: natsUrl() });
+  js = jetstream(nc);
+  jsm = await jetstreamManager(nc);
+});
+
+afterEach(async () => {
+  await Promise.all(running.splice(0).map((w) => w.stop()));
+});
+
+afterAll(async () => {
+  await nc?.close();
+});
+
+const quiet: WorkerLogger = { info() {}, warn() {}, error() {} };
+const fast = { maxAttempts: 3, initialDelayMs: 20, maxDelayMs: 100 };
+
+const chargeInput = z.object({ account: z.string(), amount: z.number().int().positive() });
+
+/** A fresh namespace, a worker for service `acct` in it, and a recorder of the instances' inboxes. */
+async function setup(label: string, options: Partial<WorkerOptions>) {
+  const topo = topology(uniqueNamespace(label));
+  const inbox = recordInbox(topo);
+  const worker = await start(topo, options);
+  return { topo, inbox, worker };
+}
+
+async function start(topo: Topology, options: Partial<WorkerOptions>): Promise<RunningWorker> {
+  const worker = await createWorker({
+    nc,
+    ns: topo.ns,
+    service: "acct",
+    retry: fast,
+    logger: quiet,
+    ...options,
+  });
+  running.push(worker);
+  return worker;
+}
+
+let sequence = 0;
+function command(overrides: Partial<CommandMessage> = {}): CommandMessage {
+  sequence++;
+  return {
+    commandId: `cmd-${sequence}`,
+    command: "acct.charge",
+    input: { account: "a1", amount: 5 },
+    replyTo: { workflow: "order", instanceId: `o${sequence}` },
+    at: Date.now(),
+    ...overrides,
+  };
+}
+
+async function send(topo: Topology, cmd: CommandMessage): Promise<void> {
+  await js.publish(topo.commandSubject(cmd.command), JSON.stringify(cmd));
+}
+
+/** Collects every message published to the namespace's inboxes (a core subscription sees them too). */
+function recordInbox(topo: Topology) {
+  const received: InboxMessage[] = [];
+  const sub = nc.subscribe(topo.inboxFilter, {
+    callback: (_err, msg) => {
+      received.push(msg.json<InboxMessage>());
+    },
+  });
+  return {
+    received,
+    async next(predicate: (m: InboxMessage) => boolean): Promise<InboxMessage> {
+      return await waitFor(() => received.find(predicate), "inbox message");
+    },
+    stop: () => sub.unsubscribe(),
+  };
+}
+
+async function waitFor<T>(
+  probe: () => T | undefined | Promise<T | undefined>,
+  what: string,
+  ms = 5_000,
+): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = await probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 15));
+  }
+}
+
+async function deadLetters(topo: Topology, count: number): Promise<DeadLetter[]> {
+  return await waitFor(async () => {
+    const letters = await readDeadLetters(js, topo, { source: "acct" });
+    return letters.length >= count ? letters : undefined;
+  }, `${count} dead letters`);
+}
+
+const charge = (handle: CommandHandler<typeof chargeInput>["handle"]) => ({
+  "acct.charge": { input: chargeInput, handle } satisfies CommandHandler<typeof chargeInput>,
+});
+
+describe("backoffDelay", () => {
+  const policy = { maxAttempts: 10, initialDelayMs: 20, maxDelayMs: 100 };
+  it("doubles the ceiling per attempt up to maxDelayMs (full jitter up to it)", () => {
+    const top = () => 0.999_999;
+    expect([1, 2, 3, 4, 5].map((a) => backoffDelay(a, policy, top))).toEqual([20, 40, 80, 100, 100]);
+  });
+  it("draws from [floor, ceiling] and never goes below the 10 ms floor", () => {
+    expect(backoffDelay(3, policy, () => 0)).toBe(10);
+    expect(backoffDelay(3, policy, () => 0.5)).toBe(40);
+    expect(backoffDelay(1, { ...policy, initialDelayMs: 0 }, () => 0.7)).toBe(0);
+  });
+});
+
+describe("createWorker (real nats-server)", () => {
+  it("replies to the dispatching instance with id reply.<commandId> and acks", async () => {
+    const seen: Array<{ input: unknown; commandId: string; attempt: number }> = [];
+    const { topo, inbox, worker } = await setup("happy", {
+      commands: charge(async (input, ctx) => {
+        seen.push({ input, commandId: ctx.commandId, attempt: ctx.attempt });
+        return { type: "acct.charged", amount: input.amount, commandId: "ignored: the runtime sets it" };
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+
+    const reply = await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+    expect(reply).toMatchObject({
+      workflow: "order",
+      instanceId: cmd.replyTo.instanceId,
+      event: { type: "acct.charged", amount: 5, commandId: cmd.commandId },
+    });
+    expect(seen).toEqual([{ input: { account: "a1", amount: 5 }, commandId: cmd.commandId, attempt: 1 }]);
+    // The reply is in the inbox stream under the instance's subject, and the command is gone
+    // from the work queue (acked).
+    const stored = await jsm.direct.getMessage(topo.streams.inbox, {
+      last_by_subj: topo.inboxSubject("order", cmd.replyTo.instanceId),
+    });
+    expect(stored?.json<InboxMessage>().id).toBe(`reply.${cmd.commandId}`);
+    await waitFor(
+      async () => ((await jsm.streams.info(topo.streams.commands)).state.messages === 0 ? true : undefined),
+      "empty queue",
+    );
+    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
+  });
+
+  it("retries a failing handler with the same commandId until it succeeds", async () => {
+    const attempts: Array<{ attempt: number; commandId: string }> = [];
+    const { topo, inbox, worker } = await setup("retry", {
+      commands: charge(async (_input, ctx) => {
+        attempts.push({ attempt: ctx.attempt, commandId: ctx.commandId });
+        if (ctx.attempt === 1) throw new RetryableError("bank away");
+        if (ctx.attempt === 2) throw new Error("plain errors are retried too");
+        return { type: "acct.charged" };
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+
+    await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+    expect(attempts).toEqual([1, 2, 3].map((attempt) => ({ attempt, commandId: cmd.commandId })));
+    expect(worker.stats).toEqual({ handled: 1, retried: 2, deadLettered: 0 });
+    expect(await readDeadLetters(js, topo)).toEqual([]);
+  });
+
+  it("dead-letters after maxAttempts with MAX_DELIVERIES and tells the instance command.failed", async () => {
+    let calls = 0;
+    const { topo, inbox, worker } = await setup("maxdeliv", {
+      commands: charge(async () => {
+        calls++;
+        throw new Error(`down #${calls}`);
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+
+    const failed = await inbox.next((m) => m.id === `failed.${cmd.commandId}`);
+    expect(failed.event).toMatchObject({
+      type: "command.failed",
+      commandId: cmd.commandId,
+      command: "acct.charge",
+    });
+    expect(String(failed.event?.reason)).toContain("MAX_DELIVERIES");
+    const [letter] = await deadLetters(topo, 1);
+    expect(letter).toMatchObject({
+      code: "MAX_DELIVERIES",
+      stream: topo.streams.commands,
+      consumer: "acct-commands",
+      subject: topo.commandSubject("acct.charge"),
+      deliveries: 3,
+      encoding: "utf8",
+    });
+    expect(letter?.reason).toContain("down #3");
+    expect(JSON.parse(letter?.data ?? "")).toEqual(cmd);
+    expect(calls).toBe(3);
+    expect(worker.stats).toEqual({ handled: 0, retried: 2, deadLettered: 1 });
+    expect(inbox.received.filter((m) => m.id.startsWith("reply."))).toEqual([]);
+  });
+
+  it("dead-letters a TerminalError at once", async () => {
+    let calls = 0;
+    const { topo, inbox } = await setup("terminal", {
+      commands: charge(async () => {
+        calls++;
+        throw new TerminalError("card declined");
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+
+    const failed = await inbox.next((m) => m.id === `failed.${cmd.commandId}`);
+    expect(failed.event?.reason).toBe("HANDLER_FAILED: card declined");
+    const [letter] = await deadLetters(topo, 1);
+    expect(letter).toMatchObject({ code: "HANDLER_FAILED", reason: "card declined", deliveries: 1 });
+    expect(calls).toBe(1);
+  });
+
+  it("dead-letters every kind of poison message and keeps going (one at a time, no stall)", async () => {
+    const handled: string[] = [];
+    const { topo, inbox, worker } = await setup("poison", {
+      concurrency: 1,
+      maxMessageBytes: 1024,
+      commands: charge(async (_input, ctx) => {
+        handled.push(ctx.commandId);
+        return { type: "acct.charged" };
+      }),
+    });
+    const subject = topo.commandSubject("acct.charge");
+    await js.publish(subject, "{not json");
+    const { at: _at, ...noAt } = command({ commandId: "no-at" });
+    await js.publish(subject, JSON.stringify(noAt));
+    await send(topo, command({ commandId: "unknown", command: "acct.refund" }));
+    await send(topo, command({ commandId: "big", input: { account: "x".repeat(2000), amount: 1 } }));
+    await send(topo, command({ commandId: "bad-input", input: { account: "a1", amount: -3 } }));
+    await js.publish(subject, new Uint8Array([0xff, 0xfe, 0x00]));
+    await send(topo, command({ commandId: "x".repeat(300) }));
+    const good = command({ commandId: "good" });
+    await send(topo, good);
+
+    await inbox.next((m) => m.id === "reply.good");
+    const letters = await deadLetters(topo, 7);
+    expect(letters.map((l) => [l.code, l.deliveries])).toEqual([
+      ["MALFORMED_JSON", 1],
+      ["SCHEMA_VIOLATION", 1],
+      ["UNKNOWN_TYPE", 1],
+      ["TOO_LARGE", 1],
+      ["SCHEMA_VIOLATION", 1],
+      ["MALFORMED_JSON", 1],
+      ["SCHEMA_VIOLATION", 1],
+    ]);
+    expect(letters[0]).toMatchObject({ data: "{not json", encoding: "utf8" });
+    expect(letters[1]?.reason).toContain("at");
+    expect(letters[3]?.reason).toContain("exceed");
+    expect(letters[4]?.reason).toContain("amount");
+    expect(letters[5]).toMatchObject({ data: "//4A", encoding: "base64" });
+    // The instances whose address was readable learn about it; the unreadable ones cannot.
+    for (const id of ["no-at", "unknown", "bad-input"]) {
+      const failed = await inbox.next((m) => m.id === `failed.${id}`);
+      expect(failed.event?.type).toBe("command.failed");
+    }
+    expect(inbox.received.some((m) => m.id === "failed.big")).toBe(false);
+    expect(letters[6]?.reason).toContain("commandId");
+    expect(handled).toEqual(["good"]);
+    expect(worker.stats).toMatchObject({ handled: 1, deadLettered: 7 });
+    expect(inbox.received.filter((m) => m.id.startsWith("failed."))).toHaveLength(3);
+    // term() removes a message from a work-queue stream just like ack().
+    await waitFor(
+      async () => ((await jsm.streams.info(topo.streams.commands)).state.messages === 0 ? true : undefined),
+      "empty command queue",
+    );
+  });
+
+  it("redelivers a command whose worker died mid-attempt, and dead-letters the spare delivery", async () => {
+    const topo = topology(uniqueNamespace("crash"));
+    const inbox = recordInbox(topo);
+    const calls: Array<{ commandId: string; attempt: number }> = [];
+    const options = {
+      ackWaitMs: 300,
+      commands: charge(async (_input, ctx) => {
+        calls.push({ commandId: ctx.commandId, attempt: ctx.attempt });
+        return { type: "acct.charged" };
+      }),
+    };
+    // Create the durable consumer, then stand in for a worker that takes a message and dies.
+    await (await start(topo, options)).stop();
+    const consumer = await js.consumers.get(topo.streams.commands, "acct-commands");
+    const first = command();
+    await send(topo, first);
+    const taken = await consumer.next({ expires: 2_000 });
+    expect(taken?.info.deliveryCount).toBe(1);
+
+    await start(topo, options);
+    await inbox.next((m) => m.id === `reply.${first.commandId}`);
+    expect(calls).toEqual([{ commandId: first.commandId, attempt: 2 }]);
+
+    // With maxAttempts 1 the consumer allows 2 deliveries; the second is the spare, which is
+    // dead-lettered without calling the handler.
+    await Promise.all(running.splice(0).map((w) => w.stop()));
+    const strict = { ...options, retry: { ...fast, maxAttempts: 1 } };
+    await (await start(topo, strict)).stop();
+    const second = command();
+    await send(topo, second);
+    const lost = await consumer.next({ expires: 2_000 });
+    expect(lost?.info.deliveryCount).toBe(1);
+    await start(topo, strict);
+    await inbox.next((m) => m.id === `failed.${second.commandId}`);
+    const [letter] = await deadLetters(topo, 1);
+    expect(letter).toMatchObject({ code: "MAX_DELIVERIES", deliveries: 2 });
+    expect(calls.map((c) => c.commandId)).toEqual([first.commandId]);
+    const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
+    expect(info.config.max_deliver).toBe(2);
+  });
+
+  it("runs up to `concurrency` handlers at once, never more", async () => {
+    let active = 0;
+    let peak = 0;
+    const { topo, inbox } = await setup("conc", {
+      concurrency: 3,
+      commands: charge(async () => {
+        active++;
+        peak = Math.max(peak, active);
+        await new Promise((resolve) => setTimeout(resolve, 50));
+        active--;
+        return { type: "acct.charged" };
+      }),
+    });
+    const cmds = Array.from({ length: 9 }, () => command());
+    await Promise.all(cmds.map((cmd) => send(topo, cmd)));
+    await waitFor(() => (inbox.received.length >= 9 ? true : undefined), "9 replies");
+    expect(peak).toBe(3);
+  });
+
+  it("stop() waits for handlers in progress, which still ack", async () => {
+    let release: () => void = () => {};
+    let started: () => void = () => {};
+    const began = new Promise<void>((resolve) => {
+      started = resolve;
+    });
+    const { topo, inbox, worker } = await setup("stop", {
+      commands: charge(async () => {
+        started();
+        await new Promise<void>((resolve) => {
+          release = resolve;
+        });
+        return { type: "acct.charged" };
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+    await began;
+    let stopped = false;
+    const stopping = worker.stop().then(() => {
+      stopped = true;
+    });
+    await new Promise((resolve) => setTimeout(resolve, 50));
+    expect(stopped).toBe(false);
+    release();
+    await stopping;
+    await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+    expect(worker.stats.handled).toBe(1);
+  });
+
+  it("delivers domain events to event handlers and dead-letters bad payloads (no command.failed)", async () => {
+    const got: Array<{ payload: unknown; ctx: Omit<EventContext, "signal"> }> = [];
+    const { topo, inbox, worker } = await setup("events", {
+      events: {
+        "order.confirmed": {
+          workflow: "order",
+          payload: z.object({ orderId: z.string() }),
+          handle: async (payload, { signal: _signal, ...ctx }) => {
+            got.push({ payload, ctx });
+            if (ctx.attempt === 1) throw new Error("retry me");
+          },
+        },
+      },
+    });
+    const event = (eventId: string, payload: unknown): DomainEventMessage => ({
+      eventId,
+      event: "order.confirmed",
+      payload,
+      source: { workflow: "order", instanceId: "o1", revision: 3 },
+      at: Date.now(),
+    });
+    const subject = topo.eventSubject("order", "order.confirmed");
+    await js.publish(subject, JSON.stringify(event("e1", { orderId: "o1" })));
+    await js.publish(subject, JSON.stringify(event("e2", { orderId: 42 })));
+    // Not in the consumer's filter: never delivered.
+    await js.publish(topo.eventSubject("order", "order.cancelled"), JSON.stringify(event("e3", {})));
+
+    await waitFor(() => (got.length >= 2 ? true : undefined), "two deliveries of e1");
+    const letters = await deadLetters(topo, 1);
+    expect(letters.map((l) => [l.code, l.consumer])).toEqual([["SCHEMA_VIOLATION", "acct-events"]]);
+    await waitFor(() => (worker.stats.handled === 1 ? true : undefined), "e1 handled");
+    expect(got.map((g) => [g.ctx.eventId, g.ctx.attempt])).toEqual([
+      ["e1", 1],
+      ["e1", 2],
+    ]);
+    expect(got[0]).toMatchObject({
+      payload: { orderId: "o1" },
+      ctx: { event: "order.confirmed", source: { workflow: "order", instanceId: "o1", revision: 3 } },
+    });
+    expect(inbox.received).toEqual([]);
+    const info = await jsm.consumers.info(topo.streams.events, "acct-events");
+    expect(info.config.filter_subjects).toEqual([subject]);
+  });
+
+  it("rejects handler keys outside the service", async () => {
+    await expect(
+      createWorker({
+        nc,
+        ns: uniqueNamespace("bad"),
+        service: "acct",
+        logger: quiet,
+        commands: { "user.verify": charge(async () => ({ type: "x" }))["acct.charge"] },
+      }),
+    ).rejects.toMatchObject({ code: "INVALID_ARGUMENT" });
+  });
+});

@@ -1,0 +1,657 @@
+import {
+  type ConsumerConfig,
+  type ConsumerMessages,
+  type JetStreamManager,
+  type JsMsg,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import type { z } from "zod";
+import { JetsagaError } from "../../orchestrator/engine/errors.ts";
+import { consumerDefaults, ensureTopology, topology } from "../../orchestrator/runtime/topology.ts";
+import {
+  type CommandMessage,
+  commandFailedEvent,
+  commandMessage,
+  type DomainEventMessage,
+  deadLetter,
+  domainEventMessage,
+  dottedName,
+  type InstanceAddress,
+  inboxMessage,
+  instanceAddress,
+  workflowName,
+} from "../../schemas/envelope.ts";
+import { type DeadLetterCode, encodePayload, headersRecord } from "./dead-letters.ts";
+import { isTerminalError } from "./errors.ts";
+import type {
+  CommandHandler,
+  EventHandler,
+  RetryPolicy,
+  RunningWorker,
+  WorkerLogger,
+  WorkerOptions,
+  WorkerStats,
+} from "./types.ts";
+
+const DEFAULTS = {
+  maxAttempts: 5,
+  initialDelayMs: 200,
+  maxDelayMs: 10_000,
+  concurrency: 64,
+  maxMessageBytes: 256 * 1024,
+  ackWaitMs: 30_000,
+} as const;
+
+/** How long `stop()` waits for handlers in progress, ms. */
+const STOP_TIMEOUT_MS = 10_000;
+/** Smallest retry delay, ms: a zero-ish jitter draw would otherwise redeliver in a tight loop. */
+const MIN_RETRY_DELAY_MS = 10;
+/** Delay before redelivery when our own IO (a publish) failed, ms. */
+const IO_RETRY_DELAY_MS = 1_000;
+/** Pause before consuming again after the consume loop failed, ms. */
+const RESTART_DELAY_MS = 1_000;
+const MS_TO_NS = 1_000_000;
+const SERVICE = /^[a-z][a-z0-9-]{0,63}$/;
+/** Longest commandId we can answer: `failed.<commandId>` must fit the 300 chars of an inbox id. */
+const MAX_COMMAND_ID = 300 - "failed.".length;
+// Ids end up in Nats-Msg-Id headers: control characters would corrupt the header block.
+const hasControlChars = (text: string) =>
+  [...text].some((c) => c.charCodeAt(0) < 0x20 || c.charCodeAt(0) === 0x7f);
+
+const utf8 = new TextDecoder();
+
+/**
+ * Retry delay before attempt `attempt + 1`, ms: exponential backoff with full jitter,
+ * `random(0, min(maxDelayMs, initialDelayMs * 2^(attempt-1)))`, at least 10 ms (unless the
+ * ceiling itself is lower). `random` returns [0, 1); injectable for tests.
+ */
+export function backoffDelay(
+  attempt: number,
+  policy: Required<RetryPolicy>,
+  random: () => number = Math.random,
+): number {
+  const ceiling = Math.min(policy.maxDelayMs, policy.initialDelayMs * 2 ** Math.max(0, attempt - 1));
+  return Math.max(Math.min(MIN_RETRY_DELAY_MS, ceiling), Math.round(random() * ceiling));
+}
+
+/** What to tell the dispatching instance when a command is dead-lettered. */
+interface FailureTarget {
+  commandId: string;
+  command: string;
+  replyTo: InstanceAddress;
+}
+
+type Kind = "command" | "event";
+
+/**
+ * Starts a worker: ensures the jetsaga streams and the worker's durable pull consumers
+ * (`<service>-commands` on the commands stream, `<service>-events` on the events stream, each only
+ * when there are handlers for it), then handles up to `concurrency` messages at once.
+ *
+ * Every message ends in exactly one of: `ack` (handled, reply published), `nak(delay)` (retry
+ * with backoff, or our own publish failed), or `term` after a dead-letter record was published
+ * (and, for a readable command, a `command.failed` event sent to its instance). The consumers
+ * allow `maxAttempts + 1` deliveries: the spare one is dead-lettered without calling the handler,
+ * so a process dying during the last attempt cannot leave the message stuck.
+ *
+ * Fails with `JetsagaError("INVALID_ARGUMENT")` for a bad service name, handler key or option,
+ * and with the nats.js error when the streams or consumers cannot be created.
+ */
+export async function createWorker(options: WorkerOptions): Promise<RunningWorker> {
+  const { nc, service } = options;
+  const log = options.logger ?? jsonLogger(service);
+  const commands = new Map(Object.entries(options.commands ?? {}));
+  const events = new Map(Object.entries(options.events ?? {}));
+  const policy: Required<RetryPolicy> = {
+    maxAttempts: options.retry?.maxAttempts ?? DEFAULTS.maxAttempts,
+    initialDelayMs: options.retry?.initialDelayMs ?? DEFAULTS.initialDelayMs,
+    maxDelayMs: options.retry?.maxDelayMs ?? DEFAULTS.maxDelayMs,
+  };
+  const concurrency = options.concurrency ?? DEFAULTS.concurrency;
+  const maxMessageBytes = options.maxMessageBytes ?? DEFAULTS.maxMessageBytes;
+  const ackWaitMs = options.ackWaitMs ?? DEFAULTS.ackWaitMs;
+  validate(service, commands, events, { ...policy, concurrency, maxMessageBytes, ackWaitMs });
+
+  const topo = topology(options.ns);
+  const jsm = await jetstreamManager(nc);
+  await ensureTopology(jsm, topo);
+  const js = jetstream(nc);
+
+  const consumers: Array<{ kind: Kind; stream: string; name: string }> = [];
+  const common = {
+    ...consumerDefaults,
+    ack_wait: ackWaitMs * MS_TO_NS,
+    max_deliver: policy.maxAttempts + 1,
+  };
+  if (commands.size > 0) {
+    const name = `${service}-commands`;
+    await ensureConsumer(jsm, topo.streams.commands, {
+      ...common,
+      durable_name: name,
+      filter_subject: topo.commandFilter(service),
+    });
+    consumers.push({ kind: "command", stream: topo.streams.commands, name });
+  }
+  if (events.size > 0) {
+    const name = `${service}-events`;
+    const filters = [...events].map(([event, handler]) => topo.eventSubject(handler.workflow, event));
+    await ensureConsumer(jsm, topo.streams.events, {
+      ...common,
+      durable_name: name,
+      filter_subjects: filters,
+    });
+    consumers.push({ kind: "event", stream: topo.streams.events, name });
+  }
+
+  const stats: WorkerStats = { handled: 0, retried: 0, deadLettered: 0 };
+  const abort = new AbortController();
+  const slots = semaphore(concurrency);
+  const inFlight = new Set<Promise<void>>();
+  const open = new Set<ConsumerMessages>();
+  let stopping = false;
+
+  // ---- settling a message ------------------------------------------------------------------
+
+  function settle(msg: JsMsg, action: "ack" | "nak" | "term", arg?: number | string): void {
+    try {
+      if (action === "ack") msg.ack();
+      else if (action === "nak") msg.nak(typeof arg === "number" ? arg : undefined);
+      else msg.term(typeof arg === "string" ? arg : undefined);
+    } catch (error) {
+      // Only a closed connection makes these throw; the server redelivers after ack_wait.
+      log.error(
+        { err: describe(error), subject: msg.subject, seq: msg.seq, action },
+        "cannot settle message",
+      );
+    }
+  }
+
+  async function publishJson(subject: string, value: unknown, msgID: string): Promise<void> {
+    await js.publish(subject, JSON.stringify(value), { msgID });
+  }
+
+  async function sendCommandFailed(target: FailureTarget, reason: string): Promise<void> {
+    const id = `failed.${target.commandId}`;
+    const message = inboxMessage.parse({
+      id,
+      workflow: target.replyTo.workflow,
+      instanceId: target.replyTo.instanceId,
+      event: commandFailedEvent.parse({
+        type: "command.failed",
+        commandId: target.commandId,
+        command: target.command,
+        reason,
+      }),
+      at: Date.now(),
+    });
+    await publishJson(topo.inboxSubject(target.replyTo.workflow, target.replyTo.instanceId), message, id);
+  }
+
+  /** Publishes the dead letter (and `command.failed`), then terms; on publish failure, naks. */
+  async function deadLetterMessage(
+    msg: JsMsg,
+    code: DeadLetterCode,
+    reason: string,
+    target?: FailureTarget,
+  ): Promise<void> {
+    const truncated = msg.data.length > maxMessageBytes;
+    const payload = encodePayload(truncated ? msg.data.subarray(0, maxMessageBytes) : msg.data);
+    const record = deadLetter.parse({
+      reason: truncated ? `${reason} (data truncated to ${maxMessageBytes} bytes)` : reason,
+      code,
+      stream: msg.info.stream,
+      consumer: msg.info.consumer,
+      subject: msg.subject,
+      sequence: msg.seq,
+      deliveries: msg.info.deliveryCount,
+      ...payload,
+      headers: headersRecord(msg.headers),
+      at: Date.now(),
+    });
+    try {
+      await publishJson(topo.deadLetterSubject(service), record, `dlq.${msg.info.stream}.${msg.seq}`);
+      if (target) await sendCommandFailed(target, `${code}: ${reason}`);
+    } catch (error) {
+      // Redelivery retries the whole step; the msgIDs make the repeated publishes no-ops.
+      log.error(
+        { err: describe(error), subject: msg.subject, seq: msg.seq, code },
+        "cannot dead-letter message",
+      );
+      settle(msg, "nak", IO_RETRY_DELAY_MS);
+      return;
+    }
+    stats.deadLettered++;
+    log.warn(
+      {
+        code,
+        reason,
+        subject: msg.subject,
+        stream: msg.info.stream,
+        seq: msg.seq,
+        deliveries: msg.info.deliveryCount,
+        commandId: target?.commandId,
+      },
+      "message dead-lettered",
+    );
+    settle(msg, "term", `${code}: ${reason}`.slice(0, 200));
+  }
+
+  /** A handler threw: retry with backoff, or give up (dead letter). */
+  async function handlerFailed(msg: JsMsg, error: unknown, target?: FailureTarget): Promise<void> {
+    const attempt = msg.info.deliveryCount;
+    const reason = error instanceof Error ? error.message : String(error);
+    if (isTerminalError(error)) {
+      await deadLetterMessage(msg, "HANDLER_FAILED", reason, target);
+      return;
+    }
+    if (abort.signal.aborted) {
+      // Stopping took too long and the handler gave up on our signal: not the message's fault.
+      settle(msg, "nak");
+      return;
+    }
+    if (attempt < policy.maxAttempts) {
+      const delay = backoffDelay(attempt, policy);
+      stats.retried++;
+      log.info(
+        { err: describe(error), subject: msg.subject, seq: msg.seq, attempt, delay },
+        "handler failed, retrying",
+      );
+      settle(msg, "nak", delay);
+      return;
+    }
+    await deadLetterMessage(
+      msg,
+      "MAX_DELIVERIES",
+      `failed on all ${policy.maxAttempts} attempts: ${reason}`,
+      target,
+    );
+  }
+
+  /** Reads the JSON body, or dead-letters the message and returns undefined. */
+  async function readBody(msg: JsMsg): Promise<{ value: unknown } | undefined> {
+    if (msg.data.length > maxMessageBytes) {
+      await deadLetterMessage(
+        msg,
+        "TOO_LARGE",
+        `${msg.data.length} bytes exceed the limit of ${maxMessageBytes}`,
+      );
+      return undefined;
+    }
+    try {
+      return { value: JSON.parse(utf8.decode(msg.data)) };
+    } catch (error) {
+      await deadLetterMessage(msg, "MALFORMED_JSON", `not JSON: ${describe(error).message}`);
+      return undefined;
+    }
+  }
+
+  // ---- commands ------------------------------------------------------------------------------
+
+  async function handleCommand(msg: JsMsg): Promise<void> {
+    const body = await readBody(msg);
+    if (!body) return;
+    const envelope = commandMessage.safeParse(body.value);
+    if (!envelope.success) {
+      await deadLetterMessage(
+        msg,
+        "SCHEMA_VIOLATION",
+        `invalid command envelope: ${issues(envelope.error)}`,
+        salvageTarget(body.value),
+      );
+      return;
+    }
+    const cmd: CommandMessage = envelope.data;
+    if (!answerable(cmd.commandId)) {
+      // Unanswerable: the reply and failure ids derive from it. Dead-letter without command.failed.
+      await deadLetterMessage(
+        msg,
+        "SCHEMA_VIOLATION",
+        `commandId must be at most ${MAX_COMMAND_ID} characters without control characters`,
+      );
+      return;
+    }
+    const target: FailureTarget = { commandId: cmd.commandId, command: cmd.command, replyTo: cmd.replyTo };
+    if (msg.subject !== topo.commandSubject(cmd.command)) {
+      await deadLetterMessage(
+        msg,
+        "SCHEMA_VIOLATION",
+        `command ${cmd.command} arrived on subject ${msg.subject}`,
+        target,
+      );
+      return;
+    }
+    const handler = commands.get(cmd.command);
+    if (!handler) {
+      await deadLetterMessage(msg, "UNKNOWN_TYPE", `no handler for command ${cmd.command}`, target);
+      return;
+    }
+    const attempt = msg.info.deliveryCount;
+    if (attempt > policy.maxAttempts) {
+      await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt), target);
+      return;
+    }
+    const input = await handler.input.safeParseAsync(cmd.input);
+    if (!input.success) {
+      await deadLetterMessage(msg, "SCHEMA_VIOLATION", `invalid input: ${issues(input.error)}`, target);
+      return;
+    }
+    let reply: unknown;
+    try {
+      reply = await handler.handle(input.data, {
+        commandId: cmd.commandId,
+        command: cmd.command,
+        attempt,
+        replyTo: cmd.replyTo,
+        signal: abort.signal,
+      });
+    } catch (error) {
+      await handlerFailed(msg, error, target);
+      return;
+    }
+    const id = `reply.${cmd.commandId}`;
+    const message = inboxMessage.safeParse({
+      id,
+      workflow: cmd.replyTo.workflow,
+      instanceId: cmd.replyTo.instanceId,
+      event: { ...(reply as object), commandId: cmd.commandId },
+      at: Date.now(),
+    });
+    let json: string;
+    try {
+      if (!message.success) throw new Error(issues(message.error));
+      json = JSON.stringify(message.data);
+    } catch (error) {
+      // A handler bug; the same reply would come back on every attempt.
+      await deadLetterMessage(msg, "HANDLER_FAILED", `invalid reply: ${describe(error).message}`, target);
+      return;
+    }
+    try {
+      await js.publish(topo.inboxSubject(cmd.replyTo.workflow, cmd.replyTo.instanceId), json, { msgID: id });
+    } catch (error) {
+      stats.retried++;
+      log.error(
+        { err: describe(error), commandId: cmd.commandId, seq: msg.seq },
+        "cannot publish reply, will retry",
+      );
+      settle(msg, "nak", IO_RETRY_DELAY_MS);
+      return;
+    }
+    stats.handled++;
+    settle(msg, "ack");
+  }
+
+  // ---- domain events ---------------------------------------------------------------------------
+
+  async function handleEvent(msg: JsMsg): Promise<void> {
+    const body = await readBody(msg);
+    if (!body) return;
+    const envelope = domainEventMessage.safeParse(body.value);
+    if (!envelope.success) {
+      await deadLetterMessage(msg, "SCHEMA_VIOLATION", `invalid event envelope: ${issues(envelope.error)}`);
+      return;
+    }
+    const ev: DomainEventMessage = envelope.data;
+    if (msg.subject !== topo.eventSubject(ev.source.workflow, ev.event)) {
+      await deadLetterMessage(msg, "SCHEMA_VIOLATION", `event ${ev.event} arrived on subject ${msg.subject}`);
+      return;
+    }
+    const handler = events.get(ev.event);
+    if (!handler || handler.workflow !== ev.source.workflow) {
+      await deadLetterMessage(
+        msg,
+        "UNKNOWN_TYPE",
+        `no handler for event ${ev.event} of ${ev.source.workflow}`,
+      );
+      return;
+    }
+    const attempt = msg.info.deliveryCount;
+    if (attempt > policy.maxAttempts) {
+      await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt));
+      return;
+    }
+    const payload = await handler.payload.safeParseAsync(ev.payload);
+    if (!payload.success) {
+      await deadLetterMessage(msg, "SCHEMA_VIOLATION", `invalid payload: ${issues(payload.error)}`);
+      return;
+    }
+    try {
+      await handler.handle(payload.data, {
+        eventId: ev.eventId,
+        event: ev.event,
+        source: ev.source,
+        attempt,
+        signal: abort.signal,
+      });
+    } catch (error) {
+      await handlerFailed(msg, error);
+      return;
+    }
+    stats.handled++;
+    settle(msg, "ack");
+  }
+
+  // ---- the consume loops -----------------------------------------------------------------------
+
+  async function processMessage(msg: JsMsg, kind: Kind): Promise<void> {
+    try {
+      if (kind === "command") await handleCommand(msg);
+      else await handleEvent(msg);
+    } catch (error) {
+      // A bug of ours (or a schema that throws): never crash, never leave the message hanging.
+      log.error(
+        { err: describe(error), subject: msg.subject, seq: msg.seq },
+        "unexpected error handling message",
+      );
+      settle(msg, "nak", IO_RETRY_DELAY_MS);
+    }
+  }
+
+  async function pump(kind: Kind, stream: string, name: string): Promise<void> {
+    while (!stopping && !nc.isClosed()) {
+      let messages: ConsumerMessages | undefined;
+      try {
+        const consumer = await js.consumers.get(stream, name);
+        // The client pulls more only as the loop takes messages, and the loop takes one only when
+        // a slot is free: at most `concurrency` run and about as many wait in the client buffer.
+        messages = await consumer.consume({ max_messages: concurrency });
+        open.add(messages);
+        // stop() came while consume() was starting: close, then drain what arrived (below).
+        if (stopping) void messages.close();
+        void watchStatus(messages, name);
+        for await (const msg of messages) {
+          await slots.acquire();
+          if (stopping) {
+            slots.release();
+            // Hand it back at once instead of letting it wait out ack_wait.
+            settle(msg, "nak");
+            continue;
+          }
+          const task = processMessage(msg, kind).finally(() => {
+            slots.release();
+            inFlight.delete(task);
+          });
+          inFlight.add(task);
+        }
+      } catch (error) {
+        log.error({ err: describe(error), consumer: name }, "consume loop failed, restarting");
+      } finally {
+        if (messages) {
+          open.delete(messages);
+          // close() resolves only once the iterator has run to its end; never wait for it here.
+          messages.close().catch(() => undefined);
+        }
+      }
+      // Ended without stop(): consume again, but never in a tight loop.
+      if (!stopping) await sleep(RESTART_DELAY_MS);
+    }
+  }
+
+  async function watchStatus(messages: ConsumerMessages, name: string): Promise<void> {
+    try {
+      for await (const status of messages.status()) {
+        if (
+          status.type === "heartbeats_missed" ||
+          status.type === "consumer_not_found" ||
+          status.type === "stream_not_found" ||
+          status.type === "consumer_deleted" ||
+          status.type === "exceeded_limits"
+        ) {
+          log.warn({ consumer: name, status }, "consumer status");
+        }
+      }
+    } catch {
+      // The status iterator ends with the consumer; nothing to do.
+    }
+  }
+
+  const loops = consumers.map(({ kind, stream, name }) => pump(kind, stream, name));
+  log.info(
+    { service, ns: topo.ns, consumers: consumers.map((c) => c.name), concurrency, ...policy },
+    "worker started",
+  );
+
+  let stopped: Promise<void> | undefined;
+  return {
+    get stats() {
+      return stats;
+    },
+    stop() {
+      stopped ??= (async () => {
+        stopping = true;
+        // Not awaited: close() resolves when the loop reaches the end of the iterator, and the
+        // loop may be waiting for a slot held by a slow handler. The wait below is bounded.
+        for (const messages of open) messages.close().catch(() => undefined);
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const drained = await Promise.race([
+          Promise.allSettled([...inFlight, ...loops]).then(() => true),
+          new Promise<false>((resolve) => {
+            timer = setTimeout(() => resolve(false), STOP_TIMEOUT_MS);
+          }),
+        ]);
+        // A pending timer would keep the process alive for the rest of the 10 s.
+        clearTimeout(timer);
+        if (!drained) {
+          log.warn(
+            { inFlight: inFlight.size },
+            "handlers still running at stop; their messages will be redelivered",
+          );
+        }
+        abort.abort(new JetsagaError("UNAVAILABLE", "worker stopped"));
+        log.info({ service, ...stats }, "worker stopped");
+      })();
+      return stopped;
+    },
+  };
+}
+
+// ---- helpers -------------------------------------------------------------------------------------
+
+function spareDeliveryReason(attempt: number): string {
+  return `delivered ${attempt} times: the last attempt never finished (process died or ack_wait expired)`;
+}
+
+/** From an envelope that failed validation, the reply address if it is intact. */
+function salvageTarget(value: unknown): FailureTarget | undefined {
+  if (typeof value !== "object" || value === null) return undefined;
+  const { commandId, command, replyTo } = value as Record<string, unknown>;
+  const address = instanceAddress.safeParse(replyTo);
+  if (!address.success || typeof commandId !== "string" || !answerable(commandId)) return undefined;
+  return {
+    commandId,
+    command: typeof command === "string" ? command.slice(0, 200) : "",
+    replyTo: address.data,
+  };
+}
+
+function answerable(commandId: string): boolean {
+  return commandId.length > 0 && commandId.length <= MAX_COMMAND_ID && !hasControlChars(commandId);
+}
+
+async function ensureConsumer(jsm: JetStreamManager, stream: string, config: Partial<ConsumerConfig>) {
+  try {
+    await jsm.consumers.add(stream, config);
+  } catch (error) {
+    // Exists with another configuration (an older deployment): bring it up to date.
+    if (!/already (exists|in use)/i.test(describe(error).message)) throw error;
+    const { durable_name, ...rest } = config;
+    await jsm.consumers.update(stream, durable_name ?? "", rest);
+  }
+}
+
+function validate(
+  service: string,
+  commands: Map<string, CommandHandler<z.ZodType>>,
+  events: Map<string, EventHandler<z.ZodType>>,
+  numbers: Record<string, number>,
+): void {
+  const fail = (message: string, context: Record<string, string | number>) => {
+    throw new JetsagaError("INVALID_ARGUMENT", message, { context });
+  };
+  if (!SERVICE.test(service)) fail(`service must match ${SERVICE.source}`, { service });
+  if (commands.size === 0 && events.size === 0) fail("a worker needs at least one handler", { service });
+  for (const command of commands.keys()) {
+    if (!dottedName.safeParse(command).success || !command.startsWith(`${service}.`)) {
+      fail(`command ${command} must be a dotted lowercase name starting with "${service}."`, { command });
+    }
+  }
+  for (const [event, handler] of events) {
+    if (!dottedName.safeParse(event).success)
+      fail(`event ${event} must be a dotted lowercase name`, { event });
+    if (!workflowName.safeParse(handler.workflow).success) {
+      fail(`workflow ${handler.workflow} of event ${event} must be a lowercase name`, { event });
+    }
+  }
+  for (const [key, value] of Object.entries(numbers)) {
+    const min = key === "initialDelayMs" || key === "maxDelayMs" ? 0 : 1;
+    if (!Number.isSafeInteger(value) || value < min)
+      fail(`${key} must be an integer ≥ ${min}`, { [key]: value });
+  }
+}
+
+function issues(error: z.ZodError): string {
+  return error.issues
+    .slice(0, 5)
+    .map((issue) => `${issue.path.join(".") || "(root)"}: ${issue.message}`)
+    .join("; ");
+}
+
+function describe(error: unknown): { name: string; message: string } {
+  if (error instanceof Error) return { name: error.name, message: error.message };
+  return { name: typeof error, message: String(error) };
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** A counting semaphore: `acquire` resolves when one of `size` slots is free. */
+function semaphore(size: number): { acquire(): Promise<void>; release(): void } {
+  let free = size;
+  const waiting: Array<() => void> = [];
+  return {
+    acquire() {
+      if (free > 0) {
+        free--;
+        return Promise.resolve();
+      }
+      return new Promise<void>((resolve) => waiting.push(resolve));
+    },
+    release() {
+      const next = waiting.shift();
+      if (next) next();
+      else free++;
+    },
+  };
+}
+
+/** The default logger: one JSON line per entry on stderr. */
+function jsonLogger(service: string): WorkerLogger {
+  const line = (level: string, obj: Record<string, unknown>, msg: string) =>
+    console.error(JSON.stringify({ level, time: Date.now(), name: `worker:${service}`, msg, ...obj }));
+  return {
+    info: (obj, msg) => line("info", obj, msg),
+    warn: (obj, msg) => line("warn", obj, msg),
+    error: (obj, msg) => line("error", obj, msg),
+  };
+}
