@@ -1,0 +1,77 @@
+/** Poison messages on the orchestrator's inbox are dead-lettered with a reason; work carries on. */
+import { jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { reminderWorkflow } from "../../test/fixtures/workflows.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import {
+  createWorkflowClient,
+  type RunningOrchestrator,
+  readDeadLetters,
+  startOrchestrator,
+  topology,
+} from "../index.ts";
+
+describe("poison messages on the inbox", () => {
+  let nc: NatsConnection;
+  let orchestrator: RunningOrchestrator;
+  const ns = uniqueNamespace("poison");
+  const topo = topology(ns);
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    orchestrator = await startOrchestrator({
+      nc,
+      ns,
+      workflows: [reminderWorkflow],
+      concurrency: 1,
+      maxMessageBytes: 1024,
+    });
+  });
+
+  afterAll(async () => {
+    await orchestrator?.stop();
+    await nc?.close();
+  });
+
+  it("dead-letters each kind with its code and keeps processing", async () => {
+    const js = jetstream(nc);
+    const inbox = topo.inboxSubject("reminder", "p1");
+    const valid = { id: "x1", workflow: "reminder", instanceId: "p1", at: 1 };
+    await js.publish(inbox, "{not json");
+    await js.publish(inbox, JSON.stringify({ hello: "world" }));
+    await js.publish(
+      inbox,
+      JSON.stringify({ ...valid, id: "x2", start: { input: { delayMs: 1 } }, workflow: "nope" }),
+    );
+    await js.publish(inbox, JSON.stringify({ ...valid, id: "x3", start: { input: { delayMs: "soon" } } }));
+    await js.publish(
+      inbox,
+      JSON.stringify({ ...valid, id: "x4", event: { type: "x" }, pad: "y".repeat(2000) }),
+    );
+    await js.publish(inbox, new Uint8Array([0xff, 0xfe, 0x00, 0x01]));
+    await js.publish(topo.inboxSubject("reminder", "p2"), JSON.stringify({ ...valid, id: "x5" }));
+    // Valid work after the poison is still done.
+    const client = await createWorkflowClient({ nc, ns });
+    await client.start("reminder", "ok1", { delayMs: 10 });
+    expect((await client.awaitCompletion("reminder", "ok1")).status).toBe("completed");
+
+    await expect.poll(async () => (await readDeadLetters(js, topo)).length, { timeout: 10_000 }).toBe(7);
+    const letters = await readDeadLetters(js, topo);
+    expect(letters.map((letter) => letter.code)).toEqual([
+      "MALFORMED_JSON",
+      "SCHEMA_VIOLATION",
+      "SCHEMA_VIOLATION",
+      "SCHEMA_VIOLATION",
+      "TOO_LARGE",
+      "MALFORMED_JSON",
+      "SCHEMA_VIOLATION",
+    ]);
+    expect(letters[2]?.reason).toMatch(/subject does not match/);
+    expect(letters[3]?.reason).toMatch(/delayMs/);
+    expect(letters[5]?.encoding).toBe("base64");
+    expect(orchestrator.stats.deadLettered).toBe(7);
+    await client.close();
+  });
+});

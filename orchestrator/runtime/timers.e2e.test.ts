@@ -1,0 +1,69 @@
+/**
+ * Durable timers: a timer scheduled before the orchestrator and nats-server are both killed
+ * fires once after they come back, never early.
+ */
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { uniqueNamespace } from "../../test/support/context.ts";
+import { type ServiceProcess, spawnService } from "../../test/support/processes.ts";
+import { type NatsServerHandle, startNatsServer } from "../../test/support/servers.ts";
+import { createWorkflowClient } from "../index.ts";
+
+describe("a durable timer across restarts", () => {
+  let nats: NatsServerHandle | undefined;
+  let nc: NatsConnection | undefined;
+  const processes: ServiceProcess[] = [];
+
+  afterAll(async () => {
+    for (const p of processes) await p.kill("SIGKILL");
+    await nc?.close();
+    await nats?.stop();
+  });
+
+  it("fires once after the orchestrator and nats-server were killed and restarted", async () => {
+    nats = await startNatsServer();
+    const ns = uniqueNamespace("timer");
+    const env = {
+      NATS_URL: nats.url,
+      JETSAGA_NS: ns,
+      PROBE_PORT: "0",
+      LOG_LEVEL: "warn",
+      JETSAGA_WORKFLOW_MODULES: "test/fixtures/workflows.ts",
+    };
+    const ready = /JETSAGA_ORCHESTRATOR_PROBES_URL=/;
+    processes.push(await spawnService("orchestrator/service/main.ts", env, ready));
+    nc = await connectNats({ servers: nats.url });
+    const client = await createWorkflowClient({ nc, ns });
+
+    await client.start("reminder", "r1", { delayMs: 3_000 });
+    await expect
+      .poll(() => client.getState("reminder", "r1"), { timeout: 10_000 })
+      .toMatchObject({ revision: 1 });
+    const armed = await client.getState("reminder", "r1");
+    const dueAt = Object.values(armed?.timers ?? {})[0]?.dueAt ?? 0;
+    expect(dueAt).toBeGreaterThan(0);
+
+    await processes[0]?.kill("SIGKILL");
+    await nats.kill("SIGKILL");
+    await nats.restart();
+    const second = await spawnService("orchestrator/service/main.ts", env, ready);
+    processes.push(second);
+
+    const final = await client.awaitCompletion("reminder", "r1", { timeoutMs: 30_000 });
+    expect(final.status).toBe("completed");
+    const history = await client.getHistory("reminder", "r1");
+    expect(history.map((entry) => entry.event.type)).toEqual([
+      "xstate.init",
+      "xstate.after.wait.reminder.waiting",
+    ]);
+    expect(history[1]?.at).toBeGreaterThanOrEqual(dueAt);
+
+    // A second firing would reach the finished instance and be counted as ignored.
+    const url = (await second.waitForLine(ready)).split("=")[1];
+    const text = await (await fetch(`${url}/metrics`)).text();
+    const ignored = text.split("\n").find((line) => line.startsWith("jetsaga_orchestrator_ignored_total"));
+    expect(ignored?.split(" ").at(-1)).toBe("0");
+    await client.close();
+  });
+});
