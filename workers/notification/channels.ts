@@ -1,0 +1,108 @@
+import { RetryableError, TerminalError } from "../runtime/errors.ts";
+
+/** The order events a customer is notified about. */
+export type NotificationKind = "order.confirmed" | "order.shipped" | "order.cancelled";
+
+/** One notification to a customer, derived from one domain event. */
+export interface Notification {
+  /** Id of the domain event: the notification's identity and the webhook's idempotency key. */
+  eventId: string;
+  kind: NotificationKind;
+  orderId: string;
+  userId: string;
+  /** Human-readable text. */
+  message: string;
+}
+
+/** Options of one delivery. */
+export interface DeliverOptions {
+  /** Aborts the delivery (the worker is stopping). */
+  signal?: AbortSignal;
+}
+
+/**
+ * Where notifications go. `deliver` resolves once the channel has accepted the notification. It
+ * throws `RetryableError` (or any error) when a later attempt may succeed and `TerminalError`
+ * when none will. It may be called more than once for one notification (at-least-once).
+ */
+export interface NotificationChannel {
+  /** Short name, stored with each notification (`log`, `webhook`). */
+  readonly name: string;
+  deliver(notification: Notification, options?: DeliverOptions): Promise<void>;
+}
+
+/** The part of a logger the log channel needs (pino fits). */
+export interface ChannelLogger {
+  info(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** The default channel: writes each notification as one structured log line. Never fails. */
+export function logChannel(logger: ChannelLogger): NotificationChannel {
+  return {
+    name: "log",
+    async deliver(n) {
+      logger.info({ eventId: n.eventId, kind: n.kind, orderId: n.orderId, userId: n.userId }, n.message);
+    },
+  };
+}
+
+/** Options of {@link webhookChannel}. */
+export interface WebhookChannelOptions {
+  /** Endpoint receiving `POST` with the notification as JSON. */
+  url: string;
+  /** Give up one request after this long, ms. Default 5_000. */
+  timeoutMs?: number;
+  /** The fetch implementation. Default `globalThis.fetch`. */
+  fetch?: typeof globalThis.fetch;
+  /** Extra request headers (e.g. an authorization token; never logged). */
+  headers?: Record<string, string>;
+}
+
+/**
+ * Delivers each notification as `POST <url>` with the JSON body `{ eventId, kind, orderId,
+ * userId, message }` and the header `Idempotency-Key: <eventId>`, so the receiver can drop the
+ * repeats that at-least-once delivery produces. Redirects are not followed.
+ *
+ * Outcomes: 2xx → delivered. 408, 429, 3xx and 5xx, a network error or the timeout →
+ * `RetryableError`. Any other 4xx → `TerminalError` (the request itself is wrong; retrying will
+ * not help).
+ */
+export function webhookChannel(options: WebhookChannelOptions): NotificationChannel {
+  const doFetch = options.fetch ?? globalThis.fetch;
+  const timeoutMs = options.timeoutMs ?? 5_000;
+  const target = new URL(options.url); // fails at start-up on a malformed URL, not per message
+  return {
+    name: "webhook",
+    async deliver(n, deliverOptions) {
+      const signals = [AbortSignal.timeout(timeoutMs)];
+      if (deliverOptions?.signal) signals.push(deliverOptions.signal);
+      let response: Response;
+      try {
+        response = await doFetch(target, {
+          method: "POST",
+          headers: { ...options.headers, "content-type": "application/json", "idempotency-key": n.eventId },
+          body: JSON.stringify({
+            eventId: n.eventId,
+            kind: n.kind,
+            orderId: n.orderId,
+            userId: n.userId,
+            message: n.message,
+          }),
+          redirect: "manual",
+          signal: AbortSignal.any(signals),
+        });
+      } catch (error) {
+        throw new RetryableError(`webhook ${target.host} unreachable: ${(error as Error).message}`, {
+          cause: error,
+        });
+      }
+      // Free the connection; the body is not used.
+      await response.body?.cancel().catch(() => {});
+      const { status } = response;
+      if (status >= 200 && status < 300) return;
+      const message = `webhook ${target.host} answered ${status}`;
+      if (status >= 400 && status < 500 && status !== 408 && status !== 429) throw new TerminalError(message);
+      throw new RetryableError(message);
+    },
+  };
+}

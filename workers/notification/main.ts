@@ -1,0 +1,76 @@
+/**
+ * Process entry of the notification worker: `node workers/notification/main.ts`.
+ *
+ * Environment: `DATABASE_URL` (required), `NATS_URL` (default nats://127.0.0.1:4222, comma
+ * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`, and
+ * `NOTIFY_WEBHOOK_URL`: when set, notifications are POSTed there (see `webhookChannel`);
+ * otherwise they are logged. Applies the service's migrations, starts the worker and logs
+ * `notification worker ready`. SIGINT/SIGTERM stop it gracefully. Start-up failures are logged
+ * as one line with their code and exit with status 1.
+ */
+import type { NatsConnection } from "@nats-io/transport-node";
+import { onShutdown, readConfig } from "../../common/config.ts";
+import { createLogger } from "../../common/logger.ts";
+import { connectNats } from "../../common/nats.ts";
+import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
+import type { RunningWorker } from "../runtime/types.ts";
+import { logChannel, type NotificationChannel, webhookChannel } from "./channels.ts";
+import { notificationMigrationsDir } from "./index.ts";
+import { startNotificationWorker } from "./worker.ts";
+
+const logger = createLogger("notification");
+const config = readConfig();
+const webhookUrl = process.env.NOTIFY_WEBHOOK_URL;
+
+let sql: Sql | undefined;
+let nc: NatsConnection | undefined;
+let worker: RunningWorker | undefined;
+
+async function stop(): Promise<void> {
+  await worker?.stop();
+  await nc?.drain().catch(() => {});
+  await sql?.end({ timeout: 5 });
+}
+
+try {
+  if (!config.databaseUrl) {
+    throw Object.assign(
+      new Error("DATABASE_URL is not set: the notification service needs its PostgreSQL database"),
+      {
+        code: "CONFIG",
+      },
+    );
+  }
+  let channel: NotificationChannel;
+  try {
+    channel = webhookUrl ? webhookChannel({ url: webhookUrl }) : logChannel(logger);
+  } catch (error) {
+    throw Object.assign(new Error(`NOTIFY_WEBHOOK_URL is not a valid URL`), { code: "CONFIG", cause: error });
+  }
+  sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
+  const { applied, version } = await migrate(sql, { name: "notification", dir: notificationMigrationsDir });
+  logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
+  nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-notification" });
+  worker = await startNotificationWorker({ nc, sql, ns: config.ns, logger, channel });
+  onShutdown(stop);
+  logger.info(
+    {
+      nats: config.natsUrl,
+      database: describeUrl(config.databaseUrl),
+      ns: config.ns,
+      channel: channel.name,
+      // Only the host: a webhook URL may carry a token in its path or query.
+      ...(webhookUrl ? { webhook: new URL(webhookUrl).host } : {}),
+    },
+    "notification worker ready",
+  );
+} catch (error) {
+  // One clear line, no stack: these are configuration and environment problems, not bugs.
+  const code = (error as { code?: unknown }).code;
+  logger.fatal(
+    { code },
+    `notification worker cannot start: ${error instanceof Error ? error.message : String(error)}`,
+  );
+  await stop().catch(() => {});
+  process.exit(1);
+}

@@ -1,0 +1,277 @@
+import type { z } from "zod";
+import type { JsonObject, Sql, TransactionSql } from "../../common/postgres.ts";
+import type {
+  releaseCreditInput,
+  reserveCreditInput,
+  userReplies,
+  verifyUserInput,
+} from "../../schemas/user.ts";
+import { UserStoreError } from "./errors.ts";
+
+/** A user as stored. Amounts are integer cents. */
+export interface User {
+  userId: string;
+  /** Lowercased. */
+  email: string;
+  /** PHC-style password hash (never log it; the service logger redacts `passwordHash`). */
+  passwordHash: string;
+  creditLimitCents: number;
+  /** Credit not held by reservations: always within [0, creditLimitCents]. */
+  availableCents: number;
+  createdAt: Date;
+}
+
+/** Input of {@link UserStore.createUser}. A new user starts with all of its credit available. */
+export interface NewUser {
+  userId: string;
+  email: string;
+  passwordHash: string;
+  creditLimitCents: number;
+}
+
+/** A reply without `commandId` (the worker runtime adds it). */
+type Reply<K extends keyof typeof userReplies> = Omit<z.output<(typeof userReplies)[K]>, "commandId">;
+
+/** Reply of `user.verify`. */
+export type VerifyReply = Reply<"user.verified"> | Reply<"user.rejected">;
+/** Reply of `user.reserveCredit`. */
+export type ReserveReply = Reply<"credit.reserved"> | Reply<"credit.insufficient">;
+/** Reply of `user.releaseCredit`. */
+export type ReleaseReply = Reply<"credit.released">;
+
+/**
+ * The user service's data. Command effects (`verify`, `reserveCredit`, `releaseCredit`) are
+ * idempotent by command id: each runs in one transaction with the insert of its reply into
+ * `processed_commands`, under a transaction-scoped advisory lock on the command id, so a
+ * redelivered command (even one delivered twice at the same moment) returns the first reply and
+ * has no second effect. Postgres errors (connection lost, serialization) are thrown as they are:
+ * the transaction rolled back, so retrying the call is safe.
+ */
+export interface UserStore {
+  /**
+   * Creates a user with `availableCents = creditLimitCents`; the email is stored trimmed and
+   * lowercased. Throws `EMAIL_TAKEN`, `USER_EXISTS`, or `INVALID_ARGUMENT` (empty or U+0000 text,
+   * a limit that is not a non-negative safe integer).
+   */
+  createUser(input: NewUser): Promise<User>;
+  /** The user with this id, or undefined. */
+  getUser(userId: string): Promise<User | undefined>;
+  /** The user with this email (compared lowercased), or undefined. */
+  findByEmail(email: string): Promise<User | undefined>;
+  /** `user.verified` when the user exists, else `user.rejected` with reason "unknown user". */
+  verify(commandId: string, input: z.output<typeof verifyUserInput>): Promise<VerifyReply>;
+  /**
+   * Holds `amountCents` for `reservationId`: `credit.reserved` (with the balance after), or
+   * `credit.insufficient` when the balance is too low — nothing is held then, and a later command
+   * with the same reservation id may try again. A reservation id holds credit at most once: if it
+   * is already held, the reply is `credit.reserved` again without a second hold; if it was
+   * already released (or released before it was ever reserved, when the release overtook the
+   * reservation), the reply is `credit.insufficient` and nothing is held, so a late reservation
+   * can never leak credit after the saga compensated.
+   *
+   * Throws `NOT_FOUND` for an unknown user and `RESERVATION_CONFLICT` when the id is held for
+   * another user or amount.
+   */
+  reserveCredit(commandId: string, input: z.output<typeof reserveCreditInput>): Promise<ReserveReply>;
+  /**
+   * Releases what `reservationId` holds for `userId` and returns it to the balance:
+   * `credit.released` with the amount given back, 0 when nothing was held (never reserved, already
+   * released, unknown user, or another user's reservation). Releasing an id that was never
+   * reserved leaves a released marker, so a reservation arriving later holds nothing.
+   */
+  releaseCredit(commandId: string, input: z.output<typeof releaseCreditInput>): Promise<ReleaseReply>;
+}
+
+/** Advisory-lock class of command ids (first key of the two-key form; keeps clear of other locks). */
+const COMMAND_LOCK_CLASS = 0x75736572; // "user"
+
+interface UserRow {
+  user_id: string;
+  email: string;
+  password_hash: string;
+  credit_limit_cents: string;
+  available_cents: string;
+  created_at: Date;
+}
+
+interface ReservationRow {
+  user_id: string;
+  amount_cents: string;
+  status: "held" | "released";
+}
+
+/** Creates the {@link UserStore} over a postgres.js pool on a database migrated with `migrations/`. */
+export function createUserStore(sql: Sql): UserStore {
+  /** Runs `effect` once per command id; later calls get the stored reply. */
+  const once = async <R extends JsonObject>(
+    commandId: string,
+    effect: (tx: TransactionSql) => Promise<R>,
+  ): Promise<R> => {
+    const reply = await sql.begin(async (tx) => {
+      // Two deliveries of one command at the same moment: the second waits here until the first
+      // commits, then finds its reply below. Without the lock both would apply the effect.
+      await tx`select pg_advisory_xact_lock(${COMMAND_LOCK_CLASS}, hashtext(${commandId}))`;
+      const [done] = await tx<
+        { reply: R }[]
+      >`select reply from processed_commands where command_id = ${commandId}`;
+      if (done) return done.reply;
+      const fresh = await effect(tx);
+      await tx`insert into processed_commands (command_id, reply) values (${commandId}, ${tx.json(fresh)})`;
+      return fresh;
+    });
+    return reply as R;
+  };
+
+  const balance = async (tx: TransactionSql, userId: string): Promise<number | undefined> => {
+    const [row] = await tx<{ available_cents: string }[]>`
+      select available_cents from users where user_id = ${userId}`;
+    return row ? cents(row.available_cents) : undefined;
+  };
+
+  return {
+    async createUser(input) {
+      const email = input.email.trim().toLowerCase();
+      checkText("userId", input.userId);
+      checkText("email", email);
+      checkText("passwordHash", input.passwordHash);
+      if (!Number.isSafeInteger(input.creditLimitCents) || input.creditLimitCents < 0) {
+        throw new UserStoreError("INVALID_ARGUMENT", "creditLimitCents must be a non-negative safe integer");
+      }
+      try {
+        const [row] = await sql<UserRow[]>`
+          insert into users (user_id, email, password_hash, credit_limit_cents, available_cents)
+          values (${input.userId}, ${email}, ${input.passwordHash}, ${input.creditLimitCents}, ${input.creditLimitCents})
+          returning *`;
+        return toUser(row!);
+      } catch (error) {
+        const constraint = uniqueViolation(error);
+        if (constraint === "users_email_key") {
+          throw new UserStoreError("EMAIL_TAKEN", "a user with this email exists", { cause: error });
+        }
+        if (constraint === "users_pkey") {
+          throw new UserStoreError("USER_EXISTS", `user ${input.userId} exists`, { cause: error });
+        }
+        throw error;
+      }
+    },
+
+    async getUser(userId) {
+      const [row] = await sql<UserRow[]>`select * from users where user_id = ${userId}`;
+      return row ? toUser(row) : undefined;
+    },
+
+    async findByEmail(email) {
+      const normalized = email.trim().toLowerCase();
+      // U+0000 would make Postgres reject the query; no stored email contains it.
+      if (normalized.includes("\u0000")) return undefined;
+      const [row] = await sql<UserRow[]>`select * from users where email = ${normalized}`;
+      return row ? toUser(row) : undefined;
+    },
+
+    verify(commandId, { userId }) {
+      return once(commandId, async (tx): Promise<VerifyReply> => {
+        const [row] = await tx`select 1 from users where user_id = ${userId}`;
+        return row
+          ? { type: "user.verified", userId }
+          : { type: "user.rejected", userId, reason: "unknown user" };
+      });
+    },
+
+    reserveCredit(commandId, { userId, reservationId, amountCents }) {
+      return once(commandId, async (tx): Promise<ReserveReply> => {
+        // Claim the reservation id first: a concurrent claim (or release marker) of the same id
+        // waits on the primary key until this transaction ends, so an id is held at most once.
+        const claimed = await tx`
+          insert into credit_reservations (reservation_id, user_id, amount_cents, status)
+          select ${reservationId}, ${userId}, ${amountCents}, 'held'
+          where exists (select 1 from users where user_id = ${userId})
+          on conflict (reservation_id) do nothing
+          returning reservation_id`;
+        if (claimed.length === 0) {
+          const [existing] = await tx<ReservationRow[]>`
+            select user_id, amount_cents, status from credit_reservations where reservation_id = ${reservationId}`;
+          if (!existing) throw new UserStoreError("NOT_FOUND", `unknown user ${userId}`);
+          const available = (await balance(tx, userId)) ?? 0;
+          if (
+            existing.user_id !== userId ||
+            (existing.status === "held" && cents(existing.amount_cents) !== amountCents)
+          ) {
+            throw new UserStoreError(
+              "RESERVATION_CONFLICT",
+              `reservation ${reservationId} is already used for another user or amount`,
+            );
+          }
+          const type = existing.status === "held" ? "credit.reserved" : "credit.insufficient";
+          return { type, reservationId, amountCents, availableCents: available };
+        }
+        // Atomic check-and-debit: concurrent debits queue on the row lock and each re-checks the
+        // balance, so it never goes negative (the table's check constraint backs this up).
+        const [debited] = await tx<{ available_cents: string }[]>`
+          update users set available_cents = available_cents - ${amountCents}
+          where user_id = ${userId} and available_cents >= ${amountCents}
+          returning available_cents`;
+        if (debited) {
+          return {
+            type: "credit.reserved",
+            reservationId,
+            amountCents,
+            availableCents: cents(debited.available_cents),
+          };
+        }
+        // Nothing held: drop the claim so the same reservation id may be tried again later.
+        await tx`delete from credit_reservations where reservation_id = ${reservationId}`;
+        const available = (await balance(tx, userId)) ?? 0;
+        return { type: "credit.insufficient", reservationId, amountCents, availableCents: available };
+      });
+    },
+
+    releaseCredit(commandId, { userId, reservationId }) {
+      return once(commandId, async (tx): Promise<ReleaseReply> => {
+        // A release that overtakes its reservation leaves a released marker behind.
+        const marked = await tx`
+          insert into credit_reservations (reservation_id, user_id, amount_cents, status, released_at)
+          select ${reservationId}, ${userId}, 0, 'released', now()
+          where exists (select 1 from users where user_id = ${userId})
+          on conflict (reservation_id) do nothing
+          returning reservation_id`;
+        if (marked.length > 0) return { type: "credit.released", reservationId, amountCents: 0 };
+        const [held] = await tx<{ amount_cents: string }[]>`
+          update credit_reservations set status = 'released', released_at = now()
+          where reservation_id = ${reservationId} and user_id = ${userId} and status = 'held'
+          returning amount_cents`;
+        if (!held) return { type: "credit.released", reservationId, amountCents: 0 };
+        const amount = cents(held.amount_cents);
+        await tx`update users set available_cents = available_cents + ${amount} where user_id = ${userId}`;
+        return { type: "credit.released", reservationId, amountCents: amount };
+      });
+    },
+  };
+}
+
+function toUser(row: UserRow): User {
+  return {
+    userId: row.user_id,
+    email: row.email,
+    passwordHash: row.password_hash,
+    creditLimitCents: cents(row.credit_limit_cents),
+    availableCents: cents(row.available_cents),
+    createdAt: row.created_at,
+  };
+}
+
+/** postgres.js returns `bigint` as a string; amounts are bounded to safe integers on the way in. */
+function cents(value: string): number {
+  return Number(value);
+}
+
+function checkText(field: string, value: string): void {
+  if (value.length === 0 || value.includes("\u0000")) {
+    throw new UserStoreError("INVALID_ARGUMENT", `${field} must be non-empty text without U+0000`);
+  }
+}
+
+/** The violated constraint's name for a unique violation (SQLSTATE 23505), else undefined. */
+function uniqueViolation(error: unknown): string | undefined {
+  const e = error as { code?: unknown; constraint_name?: unknown };
+  return e?.code === "23505" && typeof e.constraint_name === "string" ? e.constraint_name : undefined;
+}

@@ -1,0 +1,78 @@
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { z } from "zod";
+import type { Sql } from "../../common/postgres.ts";
+import { releaseCreditInput, reserveCreditInput, verifyUserInput } from "../../schemas/user.ts";
+import { TerminalError } from "../runtime/errors.ts";
+import { createWorker } from "../runtime/index.ts";
+import type { CommandHandler, RunningWorker, WorkerLogger, WorkerOptions } from "../runtime/types.ts";
+import { isUserStoreError } from "./errors.ts";
+import { createUserStore, type UserStore } from "./store.ts";
+
+/** The service name: the worker serves commands `user.*` from `<ns>.cmd.user.>`. */
+export const USER_SERVICE = "user";
+
+/**
+ * The user service's command handlers, keyed by command name, over `store`. Each handler is
+ * idempotent by `ctx.commandId` (the store records the reply with the effect). Store errors that
+ * cannot go away on a retry (unknown user on `user.reserveCredit`, a reservation id reused for
+ * another amount, data Postgres rejects) become `TerminalError`, so the saga gets
+ * `command.failed` at once; anything else (Postgres away, a deadlock) is retried by the runtime.
+ */
+export function userCommandHandlers(store: UserStore): Record<string, CommandHandler<z.ZodType>> {
+  return {
+    "user.verify": handler(verifyUserInput, (input, ctx) => store.verify(ctx.commandId, input)),
+    "user.reserveCredit": handler(reserveCreditInput, (input, ctx) =>
+      store.reserveCredit(ctx.commandId, input),
+    ),
+    "user.releaseCredit": handler(releaseCreditInput, (input, ctx) =>
+      store.releaseCredit(ctx.commandId, input),
+    ),
+  };
+}
+
+function handler<T extends z.ZodType>(input: T, run: CommandHandler<T>["handle"]): CommandHandler<T> {
+  return {
+    input,
+    async handle(value, ctx) {
+      try {
+        return await run(value, ctx);
+      } catch (error) {
+        if (isUserStoreError(error))
+          throw new TerminalError(`${error.code}: ${error.message}`, { cause: error });
+        // SQLSTATE class 22 (data exception): the same input is rejected on every attempt.
+        const code = (error as { code?: unknown } | undefined)?.code;
+        if (typeof code === "string" && code.startsWith("22")) {
+          throw new TerminalError(`postgres rejected the input (${code})`, { cause: error });
+        }
+        throw error;
+      }
+    },
+  };
+}
+
+/** Options of {@link startUserWorker}. */
+export interface UserWorkerOptions {
+  nc: NatsConnection;
+  /** A pool on the user service's database, migrated with `workers/user/migrations`. */
+  sql: Sql;
+  /** Stream namespace. Default `jetsaga`. */
+  ns?: string;
+  logger?: WorkerLogger;
+  /** Runtime settings passed through (retry policy, concurrency, ack wait…). */
+  worker?: Omit<WorkerOptions, "nc" | "ns" | "service" | "commands" | "events" | "logger">;
+}
+
+/**
+ * Starts the user service's worker: consumes `<ns>.cmd.user.>` and replies to each instance's
+ * inbox. Stop it with `stop()` before closing `nc` and `sql`.
+ */
+export async function startUserWorker(options: UserWorkerOptions): Promise<RunningWorker> {
+  return await createWorker({
+    ...options.worker,
+    nc: options.nc,
+    ...(options.ns === undefined ? {} : { ns: options.ns }),
+    ...(options.logger === undefined ? {} : { logger: options.logger }),
+    service: USER_SERVICE,
+    commands: userCommandHandlers(createUserStore(options.sql)),
+  });
+}
