@@ -1,12 +1,11 @@
 import {
-  type ConsumerMessages,
   DeliverPolicy,
   type JetStreamClient,
   type JetStreamManager,
   jetstream,
   jetstreamManager,
 } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection, Subscription } from "@nats-io/transport-node";
 import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
 import type { WorkflowEvent } from "../engine/decide.ts";
 import { JetsagaError } from "../engine/errors.ts";
@@ -82,7 +81,7 @@ export async function createWorkflowClient(options: WorkflowClientOptions): Prom
   const topo = topology(options.ns);
   const js = jetstream(options.nc);
   const jsm = await jetstreamManager(options.nc);
-  return new Client(topo, js, jsm, options.workflows ?? []);
+  return new Client(options.nc, topo, js, jsm, options.workflows ?? []);
 }
 
 type Waiter = { resolve: (state: InstanceState) => void };
@@ -92,16 +91,20 @@ class Client implements WorkflowClient {
   readonly #js: JetStreamClient;
   readonly #store: HistoryStore;
   readonly #definitions: Map<string, AnyWorkflowDefinition>;
-  /** One watcher per workflow feeds every awaitCompletion of that workflow. */
-  readonly #watchers = new Map<string, Promise<ConsumerMessages>>();
+  readonly #nc: NatsConnection;
+  /** One core subscription per workflow feeds every awaitCompletion of that workflow. */
+  readonly #completions = new Map<string, Promise<void>>();
+  readonly #subscriptions: Subscription[] = [];
   readonly #waiters = new Map<string, Set<Waiter>>();
 
   constructor(
+    nc: NatsConnection,
     topo: Topology,
     js: JetStreamClient,
     jsm: JetStreamManager,
     workflows: readonly AnyWorkflowDefinition[],
   ) {
+    this.#nc = nc;
     this.topology = topo;
     this.#js = js;
     this.#store = new HistoryStore(js, jsm, topo);
@@ -197,73 +200,72 @@ class Client implements WorkflowClient {
     const timeoutMs = options.timeoutMs ?? 30_000;
     return new Promise<InstanceState>((resolve, reject) => {
       let settled = false;
-      const waiter: Waiter = {
-        resolve: (state) => {
-          if (settled) return;
-          settled = true;
-          clearTimeout(timer);
-          this.#waiters.get(key)?.delete(waiter);
-          resolve(state);
-        },
-      };
-      const timer = setTimeout(() => {
+      let recheck: ReturnType<typeof setTimeout> | undefined;
+      const finish = (error: unknown, state?: InstanceState): void => {
         if (settled) return;
         settled = true;
-        this.#waiters.get(key)?.delete(waiter);
-        reject(
-          new JetsagaError("TIMEOUT", `instance did not finish within ${timeoutMs} ms`, {
-            context: { workflow, instanceId },
-          }),
-        );
-      }, timeoutMs);
+        clearTimeout(timer);
+        clearTimeout(recheck);
+        const set = this.#waiters.get(key);
+        set?.delete(waiter);
+        if (set?.size === 0) this.#waiters.delete(key);
+        if (state) resolve(state);
+        else reject(error);
+      };
+      const waiter: Waiter = { resolve: (state) => finish(undefined, state) };
+      const timer = setTimeout(
+        () =>
+          finish(
+            new JetsagaError("TIMEOUT", `instance did not finish within ${timeoutMs} ms`, {
+              context: { workflow, instanceId },
+            }),
+          ),
+        timeoutMs,
+      );
       let set = this.#waiters.get(key);
       if (!set) {
         set = new Set();
         this.#waiters.set(key, set);
       }
       set.add(waiter);
-      // Watch first, then read: an entry appended in between is seen by one or the other.
-      this.#ensureWatcher(workflow)
-        .then(() => this.#store.latest(workflow, instanceId))
-        .then((latest) => {
-          if (latest && isTerminal(latest.entry.state)) waiter.resolve(latest.entry.state);
-        })
-        .catch((error: unknown) => {
-          if (settled) return;
-          settled = true;
-          clearTimeout(timer);
-          set.delete(waiter);
-          reject(error);
-        });
+      // The end is announced on core NATS, which can be missed (reconnects), so the state is also
+      // read: once after subscribing (an end before that is seen by the read), then with backoff.
+      const check = (delayMs: number): void => {
+        this.#store.latest(workflow, instanceId).then(
+          (latest) => {
+            if (latest && isTerminal(latest.entry.state)) waiter.resolve(latest.entry.state);
+            else if (!settled) recheck = setTimeout(() => check(Math.min(delayMs * 2, 5_000)), delayMs);
+          },
+          (error: unknown) => finish(error),
+        );
+      };
+      this.#ensureCompletionSubscription(workflow).then(
+        () => check(1_000),
+        (error: unknown) => finish(error),
+      );
     });
   }
 
-  #ensureWatcher(workflow: string): Promise<ConsumerMessages> {
-    let watcher = this.#watchers.get(workflow);
-    if (!watcher) {
-      watcher = this.#startWatcher(workflow);
-      this.#watchers.set(workflow, watcher);
-      watcher.catch(() => this.#watchers.delete(workflow));
+  #ensureCompletionSubscription(workflow: string): Promise<void> {
+    let ready = this.#completions.get(workflow);
+    if (!ready) {
+      const subscription = this.#nc.subscribe(this.topology.completionSubject(workflow, "*"), {
+        callback: (error, msg) => {
+          if (error) return;
+          const instanceId = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
+          const waiters = this.#waiters.get(`${workflow}.${instanceId}`);
+          if (!waiters) return;
+          const state = JSON.parse(msg.string()) as InstanceState;
+          for (const waiter of [...waiters]) waiter.resolve(state);
+        },
+      });
+      this.#subscriptions.push(subscription);
+      // flush: the server has the subscription before the first state read.
+      ready = this.#nc.flush();
+      this.#completions.set(workflow, ready);
+      ready.catch(() => this.#completions.delete(workflow));
     }
-    return watcher;
-  }
-
-  async #startWatcher(workflow: string): Promise<ConsumerMessages> {
-    const consumer = await this.#js.consumers.get(this.topology.streams.history, {
-      filter_subjects: this.topology.historyFilter(workflow),
-      deliver_policy: DeliverPolicy.New,
-    });
-    const messages = await consumer.consume();
-    void (async () => {
-      for await (const msg of messages) {
-        const entry = decodeEntry(msg);
-        if (!isTerminal(entry.state)) continue;
-        const waiters = this.#waiters.get(`${workflow}.${entry.state.instanceId}`);
-        if (!waiters) continue;
-        for (const waiter of [...waiters]) waiter.resolve(entry.state);
-      }
-    })();
-    return messages;
+    return ready;
   }
 
   async *watch(
@@ -290,8 +292,7 @@ class Client implements WorkflowClient {
   }
 
   async close(): Promise<void> {
-    const watchers = [...this.#watchers.values()];
-    this.#watchers.clear();
-    for (const watcher of watchers) await (await watcher).close();
+    for (const subscription of this.#subscriptions.splice(0)) subscription.unsubscribe();
+    this.#completions.clear();
   }
 }

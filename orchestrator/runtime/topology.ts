@@ -20,6 +20,9 @@ import { JetsagaError } from "../engine/errors.ts";
  * | `<NS>_COMMANDS` | `<ns>.cmd.<command>`                     | work queue | commands for workers |
  * | `<NS>_EVENTS` | `<ns>.events.<workflow>.<event>`           | limits     | domain events for projections and notifications |
  * | `<NS>_DLQ`    | `<ns>.dlq.<source>`                        | limits     | dead letters with their reason |
+ *
+ * `<ns>.done.<workflow>.<instanceId>` is a core NATS subject (no stream): the orchestrator announces
+ * an instance's end there so waiting clients need not follow every history entry.
  */
 export interface Topology {
   readonly ns: string;
@@ -36,6 +39,8 @@ export interface Topology {
   commandSubject(command: string): string;
   eventSubject(workflow: string, event: string): string;
   deadLetterSubject(source: string): string;
+  /** Core NATS subject announcing the end of an instance. */
+  completionSubject(workflow: string, instanceId: string): string;
   /** Filter matching every inbox subject (timers excluded). */
   readonly inboxFilter: string;
   /** Filter matching every history subject of one workflow, or of all with `*`. */
@@ -74,6 +79,7 @@ export function topology(ns: string = DEFAULT_NAMESPACE): Topology {
     commandSubject: (command) => `${ns}.cmd.${command}`,
     eventSubject: (workflow, event) => `${ns}.events.${workflow}.${event}`,
     deadLetterSubject: (source) => `${ns}.dlq.${source}`,
+    completionSubject: (workflow, instanceId) => `${ns}.done.${workflow}.${instanceId}`,
     inboxFilter: `${ns}.inbox.>`,
     historyFilter: (workflow = "*") => `${ns}.history.${workflow}.*`,
     commandFilter: (service) => `${ns}.cmd.${service}.>`,
