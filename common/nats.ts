@@ -15,7 +15,9 @@ export async function connectNats(
 ): Promise<NatsConnection> {
   let nc: NatsConnection;
   try {
-    nc = await connect({ maxReconnectAttempts: -1, reconnectTimeWait: 250, ...options });
+    // noAsyncTraces: nats.js otherwise builds an Error (with a stack) per request to improve
+    // async stack traces; measured at ~17% of the orchestrator's CPU under load.
+    nc = await connect({ maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true, ...options });
   } catch (error) {
     throw new JetsagaError("UNAVAILABLE", `cannot connect to NATS at ${String(options.servers)}`, {
       cause: error,
