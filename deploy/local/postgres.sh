@@ -17,9 +17,10 @@ die() { say "$*"; exit 1; }
 
 is_root() { [ "$(id -u)" -eq 0 ]; }
 
-# Runs a command as the postgres user when we are root; as ourselves otherwise.
+# Runs a command as the postgres user when we are root; as ourselves otherwise. From / because
+# initdb and postgres fail when they cannot read the current directory (e.g. a clone under /root).
 as_pg() {
-  if is_root; then runuser -u postgres -- "$@"; else "$@"; fi
+  if is_root; then (cd / && runuser -u postgres -- "$@"); else "$@"; fi
 }
 
 # A directory with initdb, pg_ctl and postgres, or nothing. An initdb on PATH wins (this machine
@@ -34,7 +35,7 @@ find_bin_dir() {
     if [ -x "$d/pg_ctl" ] && [ -x "$d/postgres" ]; then echo "$d"; return 0; fi
   fi
   # Debian keeps server binaries off PATH; take the newest major version.
-  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k4 -n | tail -n1)
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -t/ -k5 -n | tail -n1)
   if [ -n "$d" ] && [ -x "$d/initdb" ]; then echo "$d"; return 0; fi
   return 1
 }

@@ -53,7 +53,7 @@ export interface TestDatabase {
 }
 
 /**
- * Creates a fresh, empty database on the shared cluster (about 20–60 ms). Call `drop()` in
+ * Creates a fresh, empty database on the shared cluster (about 100–150 ms measured). Call `drop()` in
  * `afterAll`; leftovers are discarded with the cluster at the end of the run anyway.
  */
 export async function createTestDatabase(label = "db"): Promise<TestDatabase> {

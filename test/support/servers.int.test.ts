@@ -1,9 +1,10 @@
+import { existsSync } from "node:fs";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import postgres from "postgres";
 import { afterAll, describe, expect, inject, it } from "vitest";
 import { createTestDatabase, natsUrl, pgAdminUrl, uniqueNamespace } from "./context.ts";
-import { startNatsServer } from "./servers.ts";
+import { startNatsServer, startPostgres } from "./servers.ts";
 
 describe("shared test servers", () => {
   it("nats-server has JetStream and is at least 2.12", async () => {
@@ -103,5 +104,34 @@ describe("startNatsServer", () => {
     } finally {
       await nc.close();
     }
+  });
+});
+
+describe("startPostgres", () => {
+  it("survives kill -9 and restart on the same port and data dir, and cleans up on stop", async () => {
+    const pg = await startPostgres();
+    try {
+      const { port, dataDir } = pg;
+      let sql = postgres(pg.adminUrl, { max: 1, onnotice: () => {} });
+      await sql`create table kept (v text)`;
+      await sql`insert into kept values ('yes')`;
+      await sql.end();
+
+      await pg.kill("SIGKILL");
+      await pg.restart();
+      expect(pg.port).toBe(port);
+      expect(pg.dataDir).toBe(dataDir);
+
+      sql = postgres(pg.adminUrl, { max: 1, onnotice: () => {} });
+      try {
+        const rows = await sql`select v from kept`;
+        expect(rows[0]?.v).toBe("yes");
+      } finally {
+        await sql.end();
+      }
+    } finally {
+      await pg.stop();
+    }
+    expect(existsSync(pg.dataDir)).toBe(false);
   });
 });
