@@ -51,6 +51,10 @@ if [ "$MODE" = test ]; then
   npm run --silent proto:check --if-present
   say "check:deno (if present)"
   npm run --silent check:deno --if-present
+  if [ "${JETSAGA_RUNTIME:-node}" = deno ]; then
+    say "vitest run $* (inside Deno)"
+    exec deno run -A node_modules/vitest/vitest.mjs run "$@"
+  fi
   say "vitest run $*"
   exec vitest run "$@"
 fi
@@ -147,7 +151,12 @@ export NATS_URL DATABASE_URL
 # The app runs in the background so this shell can forward signals and clean up after it.
 # (Background jobs of a non-interactive shell ignore SIGINT, so Ctrl-C arrives via the trap.)
 trap '[ -z "$APP_PID" ] || kill -TERM "$APP_PID" 2>/dev/null || true' INT TERM
-node deploy/local/start.ts &
+if [ "${JETSAGA_RUNTIME:-node}" = deno ]; then
+  say "services run under Deno $(deno --version | head -n1 | cut -d' ' -f2)"
+  deno run -A deploy/local/start.ts &
+else
+  node deploy/local/start.ts &
+fi
 APP_PID=$!
 while :; do
   if wait "$APP_PID"; then rc=0; else rc=$?; fi

@@ -97,7 +97,9 @@ function pipeLines(stream: NodeJS.ReadableStream | null, prefix: string, service
 }
 
 function startService(spec: ServiceSpec, width: number): void {
-  const child = spawn(process.execPath, [join(ROOT, spec.entry)], {
+  // Under Deno, process.execPath is the deno binary, which needs `run -A` before the entry.
+  const args = "Deno" in globalThis ? ["run", "-A", join(ROOT, spec.entry)] : [join(ROOT, spec.entry)];
+  const child = spawn(process.execPath, args, {
     cwd: ROOT,
     env: { ...process.env, ...spec.env },
     stdio: ["ignore", "pipe", "pipe"],

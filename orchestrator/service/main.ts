@@ -35,28 +35,30 @@ async function main(): Promise<void> {
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
   const nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-orchestrator" });
-  let orchestrator: RunningOrchestrator | undefined;
+  // Probes answer (not ready) while the orchestrator starts.
+  const running: { orchestrator?: RunningOrchestrator } = {};
   const registry = createMetricsRegistry("orchestrator");
-  registerOrchestratorMetrics(registry, () => orchestrator?.stats);
+  registerOrchestratorMetrics(registry, () => running.orchestrator?.stats);
   const probes = await startProbeServer(
-    { registry, ready: () => orchestrator !== undefined && !nc.isClosed() },
+    { registry, ready: () => running.orchestrator !== undefined && !nc.isClosed() },
     Number(process.env.PROBE_PORT ?? 9464),
   );
-  orchestrator = await startOrchestrator({
+  const orchestrator = await startOrchestrator({
     nc,
     ns: config.ns,
     workflows,
     concurrency: Number(process.env.JETSAGA_CONCURRENCY ?? 256),
     logger: log,
   });
+  running.orchestrator = orchestrator;
   log.info(
     { ns: config.ns, workflows: workflows.map((w) => `${w.name}@${w.version}`), probes: probes.url },
     "orchestrator ready",
   );
   console.log(`JETSAGA_ORCHESTRATOR_PROBES_URL=${probes.url}`);
   onShutdown(async () => {
-    await orchestrator?.stop();
-    log.info({ stats: orchestrator?.stats }, "orchestrator stopped");
+    await orchestrator.stop();
+    log.info({ stats: orchestrator.stats }, "orchestrator stopped");
     await probes.close();
     await nc.drain();
   });

@@ -22,16 +22,28 @@ export interface ServiceProcess {
   readonly exited: Promise<number | string>;
 }
 
+/** Which runtime runs a service: Node 24 (this process's binary) or Deno 2 (from the npm package). */
+export type Runtime = "node" | "deno";
+
+/** The command line that runs `entry` under `runtime`. */
+export function runtimeCommand(runtime: Runtime, entry: string): [string, string[]] {
+  return runtime === "deno"
+    ? [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", join(ROOT, entry)]]
+    : [process.execPath, [join(ROOT, entry)]];
+}
+
 /**
- * Starts `node <entry>` (path relative to the repository root) with `env` added to this process's
- * environment, and waits until it prints a line matching `readyLine` (if given).
+ * Starts `entry` (path relative to the repository root) under `runtime` (default node) with `env`
+ * added to this process's environment, and waits until it prints a line matching `readyLine`.
  */
 export async function spawnService(
   entry: string,
   env: Record<string, string>,
   readyLine?: RegExp,
+  runtime: Runtime = "node",
 ): Promise<ServiceProcess> {
-  const child: ChildProcess = spawn(process.execPath, [join(ROOT, entry)], {
+  const [command, args] = runtimeCommand(runtime, entry);
+  const child: ChildProcess = spawn(command, args, {
     cwd: ROOT,
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],
