@@ -1,8 +1,17 @@
 /** The user service: its data (users, credit reservations) and its command worker. */
 export { isUserStoreError, UserStoreError, type UserStoreErrorCode } from "./errors.ts";
 export {
+  type OutboxRelay,
+  type OutboxRelayOptions,
+  type RelayLogger,
+  startOutboxRelay,
+} from "./outbox-relay.ts";
+export {
+  type CreateUserOptions,
   createUserStore,
   type NewUser,
+  OUTBOX_CHANNEL,
+  type OutboxMessage,
   type ReleaseReply,
   type ReserveReply,
   type User,

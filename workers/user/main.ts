@@ -1,20 +1,37 @@
 /**
- * Process entry of the user service's worker: `node workers/user/main.ts`.
+ * Process entry of the user service: `node workers/user/main.ts`. Runs, in one process, the saga
+ * worker (commands `user.*`), the UserService gRPC/Connect/gRPC-Web API with health and
+ * reflection, and the outbox relay that publishes `user.created`.
  *
  * Environment: `DATABASE_URL` (required), `NATS_URL` (default nats://127.0.0.1:4222, comma
- * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`. Applies the
- * service's migrations, starts the worker and logs `user worker ready`. SIGINT/SIGTERM stop it
- * gracefully. Start-up failures (no DATABASE_URL, a server unreachable or too old) are logged as
- * one line with their code and exit with status 1.
+ * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`, and the user
+ * service's own (see `api/user/config.ts`): `JETSAGA_TOKEN_SECRET` (required, ≥ 32 bytes),
+ * `JETSAGA_TOKEN_TTL_SECONDS` (default 3600), `USER_GRPC_HOST` (default 127.0.0.1),
+ * `USER_GRPC_PORT` (default 50061, 0 = any free port), `JETSAGA_OUTBOX_RELAY` (`on` | `off`,
+ * default on).
+ *
+ * Applies the service's migrations, starts worker, relay and API, logs `user worker ready` and
+ * then prints `JETSAGA_USER_SERVICE_URL=http://<host>:<port>` on a line of its own (stdout) for
+ * supervisors and tests. SIGINT/SIGTERM stop it gracefully (API first, so no call is cut by a
+ * closing pool). Start-up failures (missing or malformed settings, a server unreachable or too
+ * old, the port taken) are logged as one line with their code and exit with status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
+import { type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
+import { readUserServiceConfig } from "../../api/user/config.ts";
+import { createUserService } from "../../api/user/service.ts";
 import { onShutdown, readConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
+import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { userMigrationsDir } from "./index.ts";
+import { type OutboxRelay, startOutboxRelay } from "./outbox-relay.ts";
 import { startUserWorker } from "./worker.ts";
+
+/** Requests of UserService are a few hundred bytes; 64 KiB leaves room and bounds memory per call. */
+const READ_MAX_BYTES = 64 * 1024;
 
 const logger = createLogger("user");
 const config = readConfig();
@@ -22,38 +39,67 @@ const config = readConfig();
 let sql: Sql | undefined;
 let nc: NatsConnection | undefined;
 let worker: RunningWorker | undefined;
+let relay: OutboxRelay | undefined;
+let server: RpcServer | undefined;
 
 async function stop(): Promise<void> {
+  await server?.close();
+  await relay?.stop();
   await worker?.stop();
   await nc?.drain().catch(() => {});
   await sql?.end({ timeout: 5 });
 }
 
 try {
+  const userConfig = readUserServiceConfig();
   if (!config.databaseUrl) {
     throw Object.assign(
       new Error("DATABASE_URL is not set: the user service needs its PostgreSQL database"),
-      {
-        code: "CONFIG",
-      },
+      { code: "CONFIG" },
     );
   }
   sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-user" });
   const { applied, version } = await migrate(sql, { name: "user", dir: userMigrationsDir });
   logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
   nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-user" });
+  // The worker ensures the streams (the relay publishes into the events stream).
   worker = await startUserWorker({ nc, sql, ns: config.ns, logger });
+  if (userConfig.outboxRelay) {
+    relay = await startOutboxRelay({ sql, nc, ns: config.ns, logger });
+  } else {
+    logger.warn("outbox relay is off (JETSAGA_OUTBOX_RELAY=off): user.created stays in the outbox");
+  }
+  const service = createUserService({
+    sql,
+    ns: config.ns,
+    tokenSecret: userConfig.tokenSecret,
+    tokenTtlSeconds: userConfig.tokenTtlSeconds,
+    logger,
+  });
+  server = await startRpcServer({
+    host: userConfig.grpcHost,
+    port: userConfig.grpcPort,
+    readMaxBytes: READ_MAX_BYTES,
+    routes: (router) => router.service(UserService, service),
+  });
   onShutdown(stop);
   logger.info(
-    { nats: config.natsUrl, database: describeUrl(config.databaseUrl), ns: config.ns },
+    {
+      nats: config.natsUrl,
+      database: describeUrl(config.databaseUrl),
+      ns: config.ns,
+      url: server.url,
+      outboxRelay: userConfig.outboxRelay,
+    },
     "user worker ready",
   );
+  process.stdout.write(`JETSAGA_USER_SERVICE_URL=${server.url}\n`);
 } catch (error) {
   // One clear line, no stack: these are configuration and environment problems, not bugs.
   const code = (error as { code?: unknown }).code;
   logger.fatal(
     { code },
-    `user worker cannot start: ${error instanceof Error ? error.message : String(error)}`,
+    `user service cannot start: ${error instanceof Error ? error.message : String(error)}`,
   );
   await stop().catch(() => {});
   process.exit(1);

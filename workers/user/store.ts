@@ -29,6 +29,28 @@ export interface NewUser {
   creditLimitCents: number;
 }
 
+/**
+ * A message for the transactional outbox: written in the same transaction as the change it
+ * announces and published to JetStream later by the outbox relay (`outbox-relay.ts`).
+ */
+export interface OutboxMessage {
+  /** NATS subject to publish on (from the topology module, never built from raw user input). */
+  subject: string;
+  /** JetStream `Nats-Msg-Id`: unique per message, so a re-publish after a crash is deduplicated. */
+  msgId: string;
+  /** The message body (published as JSON). */
+  payload: JsonObject;
+}
+
+/** Options of {@link UserStore.createUser}. */
+export interface CreateUserOptions {
+  /**
+   * Outbox messages announcing the new user, computed from the stored row (e.g. `user.created`).
+   * They are inserted in the user's transaction: both are written or neither is.
+   */
+  outbox?: (user: User) => OutboxMessage[];
+}
+
 /** A reply without `commandId` (the worker runtime adds it). */
 type Reply<K extends keyof typeof userReplies> = Omit<z.output<(typeof userReplies)[K]>, "commandId">;
 
@@ -51,9 +73,11 @@ export interface UserStore {
   /**
    * Creates a user with `availableCents = creditLimitCents`; the email is stored trimmed and
    * lowercased. Throws `EMAIL_TAKEN`, `USER_EXISTS`, or `INVALID_ARGUMENT` (empty or U+0000 text,
-   * a limit that is not a non-negative safe integer).
+   * a limit that is not a non-negative safe integer). With `options.outbox`, its messages are
+   * inserted into `outbox` in the same transaction as the user row (a duplicate `msgId` fails the
+   * whole transaction with Postgres' unique violation).
    */
-  createUser(input: NewUser): Promise<User>;
+  createUser(input: NewUser, options?: CreateUserOptions): Promise<User>;
   /** The user with this id, or undefined. */
   getUser(userId: string): Promise<User | undefined>;
   /** The user with this email (compared lowercased), or undefined. */
@@ -81,6 +105,12 @@ export interface UserStore {
    */
   releaseCredit(commandId: string, input: z.output<typeof releaseCreditInput>): Promise<ReleaseReply>;
 }
+
+/**
+ * The channel notified when a transaction that wrote outbox rows commits; the outbox relay
+ * LISTENs on it (and polls as a backstop, so writers that do not notify are only slower).
+ */
+export const OUTBOX_CHANNEL = "jetsaga_user_outbox";
 
 /** Advisory-lock class of command ids (first key of the two-key form; keeps clear of other locks). */
 const COMMAND_LOCK_CLASS = 0x75736572; // "user"
@@ -129,7 +159,7 @@ export function createUserStore(sql: Sql): UserStore {
   };
 
   return {
-    async createUser(input) {
+    async createUser(input, options = {}) {
       const email = input.email.trim().toLowerCase();
       checkText("userId", input.userId);
       checkText("email", email);
@@ -138,11 +168,22 @@ export function createUserStore(sql: Sql): UserStore {
         throw new UserStoreError("INVALID_ARGUMENT", "creditLimitCents must be a non-negative safe integer");
       }
       try {
-        const [row] = await sql<UserRow[]>`
-          insert into users (user_id, email, password_hash, credit_limit_cents, available_cents)
-          values (${input.userId}, ${email}, ${input.passwordHash}, ${input.creditLimitCents}, ${input.creditLimitCents})
-          returning *`;
-        return toUser(row!);
+        return await sql.begin(async (tx) => {
+          const [row] = await tx<UserRow[]>`
+            insert into users (user_id, email, password_hash, credit_limit_cents, available_cents)
+            values (${input.userId}, ${email}, ${input.passwordHash}, ${input.creditLimitCents}, ${input.creditLimitCents})
+            returning *`;
+          const user = toUser(row!);
+          const messages = options.outbox?.(user) ?? [];
+          for (const message of messages) {
+            await tx`
+              insert into outbox (subject, msg_id, payload)
+              values (${message.subject}, ${message.msgId}, ${tx.json(message.payload)})`;
+          }
+          // Wakes the outbox relay at commit (NOTIFY is never delivered for a rolled-back transaction).
+          if (messages.length > 0) await tx`select pg_notify(${OUTBOX_CHANNEL}, '')`;
+          return user;
+        });
       } catch (error) {
         const constraint = uniqueViolation(error);
         if (constraint === "users_email_key") {

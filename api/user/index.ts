@@ -1,0 +1,30 @@
+/**
+ * The user API: the `jetsaga.user.v1.UserService` handlers (accounts, sign-in with rate limit,
+ * bearer tokens), password hashing, and the user service's environment settings.
+ */
+export { DEFAULT_USER_GRPC_PORT, readUserServiceConfig, type UserServiceConfig } from "./config.ts";
+export {
+  createPasswordHasher,
+  DEFAULT_SCRYPT_COST,
+  hashPassword,
+  type PasswordHasher,
+  PasswordHasherBusyError,
+  type PasswordHasherOptions,
+  phcCost,
+  type ScryptCost,
+  verifyPassword,
+} from "./password.ts";
+export {
+  createRateLimiter,
+  type RateDecision,
+  type RateLimiter,
+  type RateLimiterOptions,
+} from "./rate-limit.ts";
+export {
+  AUTH_FAILED_MESSAGE,
+  createUserService,
+  DEFAULT_TOKEN_TTL_SECONDS,
+  USER_LIMITS,
+  type UserServiceLogger,
+  type UserServiceOptions,
+} from "./service.ts";

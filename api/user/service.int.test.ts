@@ -1,0 +1,722 @@
+/**
+ * UserService against real Postgres, over real sockets: a Connect client (HTTP/1.1), raw Connect
+ * JSON through fetch (for wrong types and malformed Unicode), and @grpc/grpc-js built from the
+ * .proto sources (native gRPC). Hashing uses a small scrypt cost through the injectable
+ * parameter; one test hashes once at the default (OWASP) cost and inspects the PHC string.
+ */
+import { fileURLToPath } from "node:url";
+import { toJsonString } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import { issueToken, verifyToken } from "../../common/auth-token.ts";
+import { connectPostgres, migrate, type Sql } from "../../common/postgres.ts";
+import { topology } from "../../orchestrator/runtime/topology.ts";
+import {
+  AuthenticateResponseSchema,
+  CreateUserResponseSchema,
+  GetUserResponseSchema,
+  UserService,
+} from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { domainEventMessage } from "../../schemas/envelope.ts";
+import { userCreatedEvent } from "../../schemas/user.ts";
+import { createTestDatabase, type TestDatabase, uniqueNamespace } from "../../test/support/context.ts";
+import { userMigrationsDir } from "../../workers/user/index.ts";
+import { createUserStore } from "../../workers/user/store.ts";
+import { type RpcServer, startRpcServer } from "../rpc/index.ts";
+import {
+  createPasswordHasher,
+  DEFAULT_SCRYPT_COST,
+  hashPassword,
+  phcCost,
+  type ScryptCost,
+  verifyPassword,
+} from "./password.ts";
+import { AUTH_FAILED_MESSAGE, createUserService } from "./service.ts";
+
+const SECRET = "int-test-secret-that-is-long-enough-0123456789";
+/** N=2^10: ~1 ms per hash instead of ~0.45 s. */
+const TEST_COST: ScryptCost = { ln: 10, r: 8, p: 1 };
+const READ_MAX = 64 * 1024;
+const TTL = 900;
+const SVC = "jetsaga.user.v1.UserService";
+const PASSWORD = "correct horse battery";
+
+const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
+const grpcDefinition = protoLoader.loadSync(["jetsaga/user/v1/user.proto"], {
+  includeDirs: [protoDir],
+  longs: String,
+  defaults: true,
+});
+
+type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
+interface GrpcUser {
+  userId: string;
+  email: string;
+  creditLimitCents: string;
+  availableCreditCents: string;
+}
+interface GrpcUserClient extends grpc.Client {
+  createUser(
+    req: { email: string; password: string; creditLimitCents: string },
+    metadata: grpc.Metadata,
+    cb: Callback<{ user: GrpcUser }>,
+  ): grpc.ClientUnaryCall;
+  getUser(
+    req: { userId: string },
+    metadata: grpc.Metadata,
+    cb: Callback<{ user: GrpcUser }>,
+  ): grpc.ClientUnaryCall;
+  authenticate(
+    req: { email: string; password: string },
+    metadata: grpc.Metadata,
+    cb: Callback<{ token: string; userId: string; expiresAt: { seconds: string } }>,
+  ): grpc.ClientUnaryCall;
+}
+
+/** Promisifies a grpc-js unary call; `token` goes into the `authorization` metadata. */
+function unary<Req, Res>(
+  client: GrpcUserClient,
+  fn: (req: Req, metadata: grpc.Metadata, cb: Callback<Res>) => grpc.ClientUnaryCall,
+  req: Req,
+  token?: string,
+): Promise<Res> {
+  const metadata = new grpc.Metadata();
+  if (token) metadata.set("authorization", `Bearer ${token}`);
+  return new Promise((resolve, reject) => {
+    fn.call(client, req, metadata, (err, res) => (err ? reject(err) : resolve(res as Res)));
+  });
+}
+
+/** Connect call options carrying a bearer token. */
+const bearer = (token: string) => ({ headers: { authorization: `Bearer ${token}` } });
+
+/** The Connect code a promise rejects with (fails the test if it resolves). */
+async function codeOf(call: Promise<unknown>): Promise<{ code: Code; message: string }> {
+  try {
+    await call;
+  } catch (error) {
+    const e = ConnectError.from(error);
+    return { code: e.code, message: e.rawMessage };
+  }
+  throw new Error("call succeeded, expected an error");
+}
+
+describe("UserService", () => {
+  let db: TestDatabase;
+  let sql: Sql;
+  let server: RpcServer;
+  let grpcClient: GrpcUserClient;
+  const ns = uniqueNamespace("user");
+  const subject = topology(ns).eventSubject("user", "user.created");
+  // Fake clock for the rate limiter and token expiry: tests move it forward instead of sleeping.
+  let clock = Date.now();
+
+  beforeAll(async () => {
+    db = await createTestDatabase("userapi");
+    sql = await connectPostgres(db.url, { max: 4 });
+    await migrate(sql, { name: "user", dir: userMigrationsDir });
+    const impl = createUserService({
+      sql,
+      ns,
+      tokenSecret: SECRET,
+      tokenTtlSeconds: TTL,
+      scryptCost: TEST_COST,
+      now: () => clock,
+    });
+    server = await startRpcServer({
+      readMaxBytes: READ_MAX,
+      closeGraceMs: 500,
+      routes: (router) => router.service(UserService, impl),
+    });
+    const Ctor = grpc.makeClientConstructor(grpcDefinition[SVC] as grpc.ServiceDefinition, SVC);
+    grpcClient = new Ctor(
+      `127.0.0.1:${server.port}`,
+      grpc.credentials.createInsecure(),
+    ) as unknown as GrpcUserClient;
+  });
+  afterAll(async () => {
+    grpcClient?.close();
+    await server?.close();
+    await sql?.end({ timeout: 5 });
+    await db?.drop();
+  });
+
+  const connect = () =>
+    createClient(UserService, createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" }));
+  /** A Connect call with a hand-written JSON body: types and escapes the typed client cannot send. */
+  const rawJson = (method: string, body: string, token?: string) =>
+    fetch(`${server.url}/${SVC}/${method}`, {
+      method: "POST",
+      headers: {
+        "content-type": "application/json",
+        ...(token ? { authorization: `Bearer ${token}` } : {}),
+      },
+      body,
+    });
+  const counts = async () => {
+    const [row] = await sql<{ users: string; outbox: string }[]>`
+      select (select count(*) from users) as users, (select count(*) from outbox) as outbox`;
+    return { users: Number(row?.users), outbox: Number(row?.outbox) };
+  };
+  let emailSeq = 0;
+  const freshEmail = () => `user${++emailSeq}-${ns}@example.com`;
+
+  describe("happy path", () => {
+    it("creates, gets and authenticates over Connect; writes the user.created outbox row; never returns the hash", async () => {
+      const client = connect();
+      const email = freshEmail();
+      const created = await client.createUser({
+        email: `  ${email.toUpperCase()} `,
+        password: PASSWORD,
+        creditLimitCents: 12_345n,
+      });
+      const user = created.user;
+      expect(user?.userId).toMatch(/^u[0-9a-f]{24}$/);
+      expect(user).toMatchObject({ email, creditLimitCents: 12_345n, availableCreditCents: 12_345n });
+      const userId = user?.userId ?? "";
+
+      const [stored] = await sql<
+        { password_hash: string }[]
+      >`select password_hash from users where user_id = ${userId}`;
+      expect(phcCost(stored?.password_hash ?? "")).toEqual(TEST_COST);
+
+      const [outbox] = await sql<{ subject: string; payload: unknown; published_at: Date | null }[]>`
+        select subject, payload, published_at from outbox where msg_id = ${`user.created.${userId}`}`;
+      expect(outbox).toMatchObject({ subject, published_at: null });
+      const envelope = domainEventMessage.parse(outbox?.payload);
+      expect(envelope).toMatchObject({
+        eventId: `user.created.${userId}`,
+        event: "user.created",
+        source: { workflow: "user", instanceId: userId, revision: 1 },
+      });
+      expect(userCreatedEvent.parse(envelope.payload)).toMatchObject({
+        userId,
+        email,
+        creditLimitCents: 12_345,
+      });
+
+      const auth = await client.authenticate({ email: email.toUpperCase(), password: PASSWORD });
+      expect(auth.userId).toBe(userId);
+      expect(verifyToken(SECRET, auth.token, clock)).toEqual({
+        userId,
+        expiresAt: Math.floor(clock / 1000) + TTL,
+      });
+      expect(auth.expiresAt?.seconds).toBe(BigInt(Math.floor(clock / 1000) + TTL));
+
+      const got = await client.getUser({ userId }, bearer(auth.token));
+      expect(got.user).toMatchObject({ userId, email, creditLimitCents: 12_345n });
+
+      // Neither the hash nor the password appears in any response, in any encoding.
+      const responses = [
+        toJsonString(CreateUserResponseSchema, created),
+        toJsonString(GetUserResponseSchema, got),
+        toJsonString(AuthenticateResponseSchema, auth),
+        await (await rawJson("GetUser", JSON.stringify({ userId }), auth.token)).text(),
+      ].join("\n");
+      expect(responses).not.toContain("scrypt");
+      expect(responses).not.toContain(stored?.password_hash.split("$").at(-1));
+      expect(responses).not.toContain(PASSWORD);
+    });
+
+    it("creates, gets and authenticates over native gRPC (@grpc/grpc-js)", async () => {
+      const email = freshEmail();
+      const { user } = await unary(grpcClient, grpcClient.createUser, {
+        email,
+        password: PASSWORD,
+        creditLimitCents: "1000000000000",
+      });
+      expect(user).toMatchObject({
+        email,
+        creditLimitCents: "1000000000000",
+        availableCreditCents: "1000000000000",
+      });
+      const auth = await unary(grpcClient, grpcClient.authenticate, { email, password: PASSWORD });
+      expect(auth.userId).toBe(user.userId);
+      expect(verifyToken(SECRET, auth.token, clock).userId).toBe(user.userId);
+      const got = await unary(grpcClient, grpcClient.getUser, { userId: user.userId }, auth.token);
+      expect(got.user.userId).toBe(user.userId);
+      expect(JSON.stringify(got)).not.toContain("scrypt");
+
+      const duplicate = await unary(grpcClient, grpcClient.createUser, {
+        email,
+        password: PASSWORD,
+        creditLimitCents: "0",
+      }).catch((e: grpc.ServiceError) => e);
+      expect((duplicate as grpc.ServiceError).code).toBe(grpc.status.ALREADY_EXISTS);
+      const unknown = await unary(grpcClient, grpcClient.getUser, { userId: "unobody" }, auth.token).catch(
+        (e: grpc.ServiceError) => e,
+      );
+      expect((unknown as grpc.ServiceError).code).toBe(grpc.status.NOT_FOUND);
+      const anonymous = await unary(grpcClient, grpcClient.getUser, { userId: user.userId }).catch(
+        (e: grpc.ServiceError) => e,
+      );
+      expect((anonymous as grpc.ServiceError).code).toBe(grpc.status.UNAUTHENTICATED);
+    });
+
+    it("accepts an SQL-looking email and password verbatim (parameterized queries), and the boundaries", async () => {
+      const client = connect();
+      const email = `o'reilly'--;select${emailSeq++}@x.io`;
+      const password = "'); drop table users; --";
+      const { user } = await client.createUser({ email, password, creditLimitCents: 1_000_000_000_000n });
+      expect(user?.email).toBe(email);
+      expect((await client.authenticate({ email, password })).userId).toBe(user?.userId);
+      // 8 code points of 2 UTF-16 units each: the minimum counts characters, not units.
+      const emoji = "😀".repeat(8);
+      const other = await client.createUser({ email: freshEmail(), password: emoji, creditLimitCents: 0n });
+      expect(other.user?.creditLimitCents).toBe(0n);
+      expect((await counts()).users).toBeGreaterThanOrEqual(2);
+    });
+  });
+
+  it("ignores unknown JSON fields (protobuf forward compatibility): they grant nothing", async () => {
+    const email = freshEmail();
+    const response = await rawJson(
+      "CreateUser",
+      JSON.stringify({
+        email,
+        password: PASSWORD,
+        creditLimitCents: "7",
+        isAdmin: true,
+        availableCreditCents: "999",
+      }),
+    );
+    expect(response.ok).toBe(true);
+    const [row] = await sql`select * from users where email = ${email}`;
+    expect(row).toMatchObject({ credit_limit_cents: "7", available_cents: "7" });
+    expect(Object.keys(row ?? {})).not.toContain("is_admin");
+  });
+
+  describe("conflicts and atomicity", () => {
+    it("refuses a taken email (any case, surrounding spaces) with ALREADY_EXISTS and adds no outbox row", async () => {
+      const client = connect();
+      const email = freshEmail();
+      await client.createUser({ email, password: PASSWORD, creditLimitCents: 1n });
+      const before = await counts();
+      const again = await codeOf(
+        client.createUser({
+          email: ` ${email.toUpperCase()}\t`,
+          password: "another password",
+          creditLimitCents: 2n,
+        }),
+      );
+      expect(again.code).toBe(Code.AlreadyExists);
+      expect(await counts()).toEqual(before);
+    });
+
+    it("lets exactly one of two concurrent creates with one email win, with one outbox row", async () => {
+      const client = connect();
+      const email = freshEmail();
+      const before = await counts();
+      const results = await Promise.allSettled([
+        client.createUser({ email, password: PASSWORD, creditLimitCents: 1n }),
+        client.createUser({ email, password: PASSWORD, creditLimitCents: 1n }),
+      ]);
+      expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
+      const rejected = results.find((r) => r.status === "rejected");
+      expect(ConnectError.from(rejected?.status === "rejected" ? rejected.reason : undefined).code).toBe(
+        Code.AlreadyExists,
+      );
+      expect(await counts()).toEqual({ users: before.users + 1, outbox: before.outbox + 1 });
+    });
+
+    it("writes the user row and its outbox row in one transaction: a failing outbox insert leaves no user", async () => {
+      const store = createUserStore(sql);
+      const before = await counts();
+      const taken = (await sql<{ msg_id: string }[]>`select msg_id from outbox limit 1`)[0]?.msg_id ?? "";
+      expect(taken).not.toBe("");
+      await expect(
+        store.createUser(
+          { userId: "uatomic", email: freshEmail(), passwordHash: "x", creditLimitCents: 1 },
+          { outbox: () => [{ subject, msgId: taken, payload: {} }] },
+        ),
+      ).rejects.toMatchObject({ code: "23505" });
+      expect(await counts()).toEqual(before);
+      expect(await store.getUser("uatomic")).toBeUndefined();
+    });
+  });
+
+  describe("authentication", () => {
+    let email: string;
+    let userId: string;
+    beforeAll(async () => {
+      email = freshEmail();
+      const { user } = await connect().createUser({ email, password: PASSWORD, creditLimitCents: 0n });
+      userId = user?.userId ?? "";
+    });
+    beforeEach(() => {
+      // Each test starts with full buckets for every email.
+      clock += 10 * 60_000;
+    });
+
+    it("gives the same UNAUTHENTICATED answer for a wrong password and an unknown email", async () => {
+      const client = connect();
+      const wrong = await codeOf(client.authenticate({ email, password: "not the password" }));
+      const unknown = await codeOf(
+        client.authenticate({ email: freshEmail(), password: "not the password" }),
+      );
+      expect(wrong).toEqual({ code: Code.Unauthenticated, message: AUTH_FAILED_MESSAGE });
+      expect(unknown).toEqual(wrong);
+    });
+
+    it("allows 5 attempts per minute per email, then RESOURCE_EXHAUSTED even with the right password", async () => {
+      const client = connect();
+      for (let i = 0; i < 5; i++) {
+        expect((await codeOf(client.authenticate({ email, password: `wrong ${i}` }))).code).toBe(
+          Code.Unauthenticated,
+        );
+      }
+      const limited = await codeOf(
+        client.authenticate({ email: ` ${email.toUpperCase()}`, password: PASSWORD }),
+      );
+      expect(limited.code).toBe(Code.ResourceExhausted);
+      // Another email has its own budget, unknown emails are limited as well.
+      const stranger = freshEmail();
+      for (let i = 0; i < 5; i++) {
+        expect((await codeOf(client.authenticate({ email: stranger, password: PASSWORD }))).code).toBe(
+          Code.Unauthenticated,
+        );
+      }
+      expect((await codeOf(client.authenticate({ email: stranger, password: PASSWORD }))).code).toBe(
+        Code.ResourceExhausted,
+      );
+      // One token refills every 12 s.
+      clock += 12_000;
+      expect((await client.authenticate({ email, password: PASSWORD })).userId).toBe(userId);
+      expect((await codeOf(client.authenticate({ email, password: PASSWORD }))).code).toBe(
+        Code.ResourceExhausted,
+      );
+    });
+
+    it("rate-limits over native gRPC too", async () => {
+      const statuses: number[] = [];
+      for (let i = 0; i < 6; i++) {
+        const r = await unary(grpcClient, grpcClient.authenticate, {
+          email,
+          password: "wrong password",
+        }).catch((e: grpc.ServiceError) => e);
+        statuses.push((r as grpc.ServiceError).code);
+      }
+      expect(statuses).toEqual([16, 16, 16, 16, 16, 8].map((c) => c as grpc.status));
+    });
+  });
+
+  describe("GetUser access", () => {
+    it("needs a valid bearer token of the requested user: missing, forged, expired → UNAUTHENTICATED; another user's id → NOT_FOUND", async () => {
+      const client = connect();
+      const [a, b] = [freshEmail(), freshEmail()];
+      const alice = (await client.createUser({ email: a, password: PASSWORD })).user?.userId ?? "";
+      const bob = (await client.createUser({ email: b, password: PASSWORD })).user?.userId ?? "";
+      const token = (await client.authenticate({ email: a, password: PASSWORD })).token;
+      expect((await client.getUser({ userId: alice }, bearer(token))).user?.userId).toBe(alice);
+
+      const missing = await codeOf(client.getUser({ userId: alice }));
+      expect(missing.code).toBe(Code.Unauthenticated);
+      const forged = issueToken("another-secret-that-is-long-enough-0123456789", alice, TTL, clock).token;
+      expect((await codeOf(client.getUser({ userId: alice }, bearer(forged)))).code).toBe(
+        Code.Unauthenticated,
+      );
+      const [prefix, , signature] = token.split(".");
+      const claims = Buffer.from(JSON.stringify({ sub: bob, exp: Math.floor(clock / 1000) + TTL })).toString(
+        "base64url",
+      );
+      const swapped = `${prefix}.${claims}.${signature}`;
+      expect((await codeOf(client.getUser({ userId: bob }, bearer(swapped)))).code).toBe(
+        Code.Unauthenticated,
+      );
+      expect((await codeOf(client.getUser({ userId: alice }, bearer("garbage")))).code).toBe(
+        Code.Unauthenticated,
+      );
+
+      // Another user's id and an unknown id look the same.
+      const other = await codeOf(client.getUser({ userId: bob }, bearer(token)));
+      const unknown = await codeOf(client.getUser({ userId: "u000000000000000000000000" }, bearer(token)));
+      expect(other.code).toBe(Code.NotFound);
+      expect(unknown.code).toBe(Code.NotFound);
+
+      clock += (TTL + 1) * 1000;
+      expect((await codeOf(client.getUser({ userId: alice }, bearer(token)))).code).toBe(
+        Code.Unauthenticated,
+      );
+    });
+  });
+
+  describe("a table of bad inputs: the right code, and no trace", () => {
+    // GetUser needs a token; every row sends one (of a user created here), so only the input is wrong.
+    let token = "";
+    beforeAll(async () => {
+      const email = freshEmail();
+      const { user } = await connect().createUser({ email, password: PASSWORD });
+      token = issueToken(SECRET, user?.userId ?? "", TTL, clock).token;
+    });
+    const user = (over: Record<string, unknown>) =>
+      JSON.stringify({ email: "bad@example.com", password: PASSWORD, creditLimitCents: "1", ...over });
+    const longLocal = "a".repeat(250);
+    // [name, method, JSON body, expected code, field named in the message]
+    const table: Array<[string, string, string, Code, string?]> = [
+      ["empty email", "CreateUser", user({ email: "" }), Code.InvalidArgument, "email"],
+      ["blank email", "CreateUser", user({ email: "   " }), Code.InvalidArgument, "email"],
+      ["oversized email", "CreateUser", user({ email: `${longLocal}@x.io` }), Code.InvalidArgument, "email"],
+      [
+        "email over 254 bytes in UTF-8",
+        "CreateUser",
+        user({ email: `${"é".repeat(130)}@x.io` }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      ["email without @", "CreateUser", user({ email: "nobody.example.com" }), Code.InvalidArgument, "email"],
+      ["email with two @", "CreateUser", user({ email: "a@b@example.com" }), Code.InvalidArgument, "email"],
+      [
+        "email without local part",
+        "CreateUser",
+        user({ email: "@example.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "email with NUL",
+        "CreateUser",
+        user({ email: "a\u0000b@example.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      ["email with a space", "CreateUser", user({ email: "a b@example.com" }), Code.InvalidArgument, "email"],
+      [
+        "email with a newline",
+        "CreateUser",
+        user({ email: "a\nb@example.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "email with RTL override",
+        "CreateUser",
+        user({ email: "a\u202Eb@example.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "email with zero-width space",
+        "CreateUser",
+        user({ email: "a\u200Bb@example.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "email with a lone surrogate",
+        "CreateUser",
+        user({ email: "a\uD800b@example.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "SQL in email",
+        "CreateUser",
+        user({ email: "x' or '1'='1@example.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "NATS wildcards in email",
+        "CreateUser",
+        user({ email: "a.*.>@exam ple.com" }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      ["empty password", "CreateUser", user({ password: "" }), Code.InvalidArgument, "password"],
+      ["7-character password", "CreateUser", user({ password: "1234567" }), Code.InvalidArgument, "password"],
+      [
+        "oversized password",
+        "CreateUser",
+        user({ password: "p".repeat(1025) }),
+        Code.InvalidArgument,
+        "password",
+      ],
+      [
+        "password with NUL",
+        "CreateUser",
+        user({ password: "pass\u0000word" }),
+        Code.InvalidArgument,
+        "password",
+      ],
+      [
+        "password with a lone surrogate",
+        "CreateUser",
+        user({ password: "password\uDC00" }),
+        Code.InvalidArgument,
+        "password",
+      ],
+      [
+        "negative credit",
+        "CreateUser",
+        user({ creditLimitCents: "-1" }),
+        Code.InvalidArgument,
+        "credit_limit_cents",
+      ],
+      [
+        "credit over 10^12",
+        "CreateUser",
+        user({ creditLimitCents: "1000000000001" }),
+        Code.InvalidArgument,
+        "credit_limit_cents",
+      ],
+      ["credit as a word", "CreateUser", user({ creditLimitCents: "lots" }), Code.InvalidArgument],
+      ["credit as a fraction", "CreateUser", user({ creditLimitCents: 1.5 }), Code.InvalidArgument],
+      [
+        "credit beyond int64",
+        "CreateUser",
+        user({ creditLimitCents: "99999999999999999999" }),
+        Code.InvalidArgument,
+      ],
+      ["email as a number", "CreateUser", user({ email: 5 }), Code.InvalidArgument],
+      ["password as an array", "CreateUser", user({ password: ["x"] }), Code.InvalidArgument],
+      ["not JSON at all", "CreateUser", "{'email':", Code.InvalidArgument],
+      [
+        "a body over readMaxBytes",
+        "CreateUser",
+        user({ password: "p".repeat(READ_MAX) }),
+        Code.ResourceExhausted,
+      ],
+      ["empty user id", "GetUser", JSON.stringify({ userId: "" }), Code.InvalidArgument, "user_id"],
+      ["user id with a dot", "GetUser", JSON.stringify({ userId: "a.b" }), Code.InvalidArgument, "user_id"],
+      ["user id *", "GetUser", JSON.stringify({ userId: "*" }), Code.InvalidArgument, "user_id"],
+      ["user id >", "GetUser", JSON.stringify({ userId: ">" }), Code.InvalidArgument, "user_id"],
+      ["user id with a space", "GetUser", JSON.stringify({ userId: "a b" }), Code.InvalidArgument, "user_id"],
+      ["user id with NUL", "GetUser", JSON.stringify({ userId: "u\u0000" }), Code.InvalidArgument, "user_id"],
+      [
+        "user id in SQL",
+        "GetUser",
+        JSON.stringify({ userId: "' or 1=1 --" }),
+        Code.InvalidArgument,
+        "user_id",
+      ],
+      [
+        "user id with odd unicode",
+        "GetUser",
+        JSON.stringify({ userId: "üser\u202E" }),
+        Code.InvalidArgument,
+        "user_id",
+      ],
+      [
+        "oversized user id",
+        "GetUser",
+        JSON.stringify({ userId: "u".repeat(129) }),
+        Code.InvalidArgument,
+        "user_id",
+      ],
+      ["user id as an object", "GetUser", JSON.stringify({ userId: { $ne: null } }), Code.InvalidArgument],
+      [
+        "unknown well-formed user id",
+        "GetUser",
+        JSON.stringify({ userId: "u000000000000000000000000" }),
+        Code.NotFound,
+      ],
+      [
+        "sign-in with an empty email",
+        "Authenticate",
+        JSON.stringify({ email: "", password: PASSWORD }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "sign-in with a NUL email",
+        "Authenticate",
+        JSON.stringify({ email: "\u0000@x.io", password: PASSWORD }),
+        Code.InvalidArgument,
+        "email",
+      ],
+      [
+        "sign-in with an empty password",
+        "Authenticate",
+        JSON.stringify({ email: "a@x.io", password: "" }),
+        Code.InvalidArgument,
+        "password",
+      ],
+      [
+        "sign-in with a NUL password",
+        "Authenticate",
+        JSON.stringify({ email: "a@x.io", password: "a\u0000" }),
+        Code.InvalidArgument,
+        "password",
+      ],
+      [
+        "sign-in with an oversized password",
+        "Authenticate",
+        JSON.stringify({ email: "a@x.io", password: "p".repeat(1025) }),
+        Code.InvalidArgument,
+        "password",
+      ],
+    ];
+
+    it.each(table)("%s (%s) → %s", async (_name, method, body, expected, field) => {
+      const before = await counts();
+      const response = await rawJson(method, body, token);
+      const text = await response.text();
+      const error = JSON.parse(text) as { code?: string; message?: string };
+      expect(response.ok).toBe(false);
+      expect(error.code).toBe(
+        Code[expected].replace(/[A-Z]/g, (c, i: number) => `${i ? "_" : ""}${c.toLowerCase()}`),
+      );
+      // Our checks say "invalid <field>: …"; the protobuf JSON decoder names the field its own way.
+      if (field) expect(error.message).toMatch(new RegExp(`^invalid ${field}:|Request\\.${field} from JSON`));
+      expect(text).not.toContain("scrypt");
+      expect(await counts()).toEqual(before);
+    });
+
+    it("the typed Connect client gets the same codes for the values it can send", async () => {
+      const client = connect();
+      const before = await counts();
+      expect((await codeOf(client.createUser({ email: "a\u0000@x.io", password: PASSWORD }))).code).toBe(
+        Code.InvalidArgument,
+      );
+      expect(
+        (await codeOf(client.createUser({ email: "ok@x.io", password: PASSWORD, creditLimitCents: -5n })))
+          .code,
+      ).toBe(Code.InvalidArgument);
+      for (const userId of ["a.b", "*", ">", "a b", "u\u0000"]) {
+        expect((await codeOf(client.getUser({ userId }, bearer(token)))).code).toBe(Code.InvalidArgument);
+      }
+      expect(await counts()).toEqual(before);
+    });
+  });
+
+  describe("password hashing", () => {
+    it("hashes with N=2^17, r=8, p=1 by default (one full-cost hash), in a PHC string", async () => {
+      expect(DEFAULT_SCRYPT_COST).toEqual({ ln: 17, r: 8, p: 1 });
+      expect(createPasswordHasher().cost).toEqual(DEFAULT_SCRYPT_COST);
+      const phc = await hashPassword("the only full-cost hash");
+      // 16-byte salt and 32-byte hash in unpadded base64.
+      expect(phc).toMatch(/^\$scrypt\$ln=17,r=8,p=1\$[A-Za-z0-9+/]{22}\$[A-Za-z0-9+/]{43}$/);
+      expect(phcCost(phc)).toEqual({ ln: 17, r: 8, p: 1 });
+    });
+
+    it("verifies with the cost recorded in the string, salts every hash, and refuses malformed strings", async () => {
+      const a = await hashPassword(PASSWORD, TEST_COST);
+      const b = await hashPassword(PASSWORD, TEST_COST);
+      expect(a).not.toBe(b);
+      expect(await verifyPassword(PASSWORD, a)).toBe(true);
+      expect(await verifyPassword(`${PASSWORD} `, a)).toBe(false);
+      // NFC: the composed and decomposed forms of one text are one password.
+      expect(
+        await verifyPassword("cafe\u0301 au lait", await hashPassword("caf\u00e9 au lait", TEST_COST)),
+      ).toBe(true);
+      for (const bad of [
+        "",
+        "plain",
+        "$scrypt$ln=30,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        a.slice(0, -10),
+      ]) {
+        expect(await verifyPassword(PASSWORD, bad)).toBe(false);
+      }
+    });
+
+    it("bounds concurrent hashes: calls beyond the queue fail fast as busy", async () => {
+      const hasher = createPasswordHasher({ cost: TEST_COST, maxConcurrent: 1, maxQueued: 1 });
+      const results = await Promise.allSettled([hasher.hash("p1"), hasher.hash("p2"), hasher.hash("p3")]);
+      expect(results.map((r) => r.status)).toEqual(["fulfilled", "fulfilled", "rejected"]);
+      expect(await hasher.verify("p1", (results[0] as PromiseFulfilledResult<string>).value)).toBe(true);
+    });
+  });
+});

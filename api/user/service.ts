@@ -1,0 +1,319 @@
+/**
+ * The `jetsaga.user.v1.UserService` implementation over the user service's store (Connect
+ * ServiceImpl): every field is checked here, at the edge, before anything is hashed or written;
+ * store and Postgres errors are mapped to Connect codes here and nowhere else.
+ */
+import { randomBytes } from "node:crypto";
+import { timestampFromDate, timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
+import {
+  bearerToken,
+  issueToken,
+  MIN_SECRET_BYTES,
+  TokenError,
+  verifyToken,
+} from "../../common/auth-token.ts";
+import type { JsonObject, Sql } from "../../common/postgres.ts";
+import { topology } from "../../orchestrator/runtime/topology.ts";
+import type { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { domainEventMessage, subjectToken } from "../../schemas/envelope.ts";
+import { userCreatedEvent } from "../../schemas/user.ts";
+import { isUserStoreError } from "../../workers/user/errors.ts";
+import { createUserStore, type OutboxMessage, type User } from "../../workers/user/store.ts";
+import {
+  createPasswordHasher,
+  type PasswordHasher,
+  PasswordHasherBusyError,
+  type ScryptCost,
+} from "./password.ts";
+import { createRateLimiter, type RateLimiterOptions } from "./rate-limit.ts";
+
+/** Input limits enforced by the service (exported for docs and tests). */
+export const USER_LIMITS = Object.freeze({
+  /** Longest email after trimming, UTF-8 bytes (RFC 5321 path limit minus the brackets). */
+  emailMaxBytes: 254,
+  /** Shortest password accepted by CreateUser, Unicode code points. */
+  passwordMinChars: 8,
+  /** Longest password, Unicode code points (bounds the work of one hash). */
+  passwordMaxChars: 1024,
+  /** Largest credit limit, cents (10^12 = 10 billion in the currency's major unit). */
+  creditLimitMaxCents: 1_000_000_000_000n,
+});
+
+/** Default lifetime of issued tokens, seconds. */
+export const DEFAULT_TOKEN_TTL_SECONDS = 3600;
+
+/** The one message for a wrong email and a wrong password, so callers cannot tell them apart. */
+export const AUTH_FAILED_MESSAGE = "wrong email or password";
+
+/** The logging the service does (a pino logger fits). */
+export interface UserServiceLogger {
+  info(obj: Record<string, unknown>, msg: string): void;
+  warn(obj: Record<string, unknown>, msg: string): void;
+  error(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** Options of {@link createUserService}. */
+export interface UserServiceOptions {
+  /** Pool on the user service's database, migrated with `workers/user/migrations`. */
+  sql: Sql;
+  /** HMAC secret for bearer tokens, at least 32 bytes; shared with the gateways that verify them. */
+  tokenSecret: string;
+  /** Lifetime of issued tokens, seconds; default {@link DEFAULT_TOKEN_TTL_SECONDS}. */
+  tokenTtlSeconds?: number;
+  /** Stream namespace of the `user.created` subject; default `jetsaga`. */
+  ns?: string;
+  /**
+   * scrypt cost of new hashes; default N=2^17, r=8, p=1 (OWASP). Lower only in tests. Ignored
+   * when `hasher` is given.
+   */
+  scryptCost?: ScryptCost;
+  /** The password hasher (bounded concurrency); default `createPasswordHasher({ cost: scryptCost })`. */
+  hasher?: PasswordHasher;
+  /** Authenticate's per-email budget; default 5 attempts per minute, 100 000 emails remembered. */
+  authRateLimit?: Omit<RateLimiterOptions, "now">;
+  /** Clock, epoch ms (token expiry, rate limit); default Date.now. */
+  now?: () => number;
+  /** Logs user ids and failures; never passwords, hashes, tokens or emails. Default: silent. */
+  logger?: UserServiceLogger;
+}
+
+/**
+ * Creates the UserService handlers. Register with `router.service(UserService, impl)`.
+ *
+ * - CreateUser: INVALID_ARGUMENT naming the field (email, password, credit_limit_cents),
+ *   ALREADY_EXISTS for a taken email, RESOURCE_EXHAUSTED when too many hashes are queued. Writes
+ *   the user and its `user.created` outbox row in one transaction.
+ * - GetUser: needs `authorization: Bearer <token>` issued to the requested user (the gateway
+ *   forwards the caller's header): UNAUTHENTICATED when missing, forged or expired;
+ *   INVALID_ARGUMENT for an id that is not one subject token; NOT_FOUND when unknown or another
+ *   user's (not distinguished).
+ * - Authenticate: UNAUTHENTICATED with {@link AUTH_FAILED_MESSAGE} for a wrong email or password
+ *   (an unknown email still costs one hash, so timing tells little), RESOURCE_EXHAUSTED after the
+ *   per-email budget is spent or when too many hashes are queued.
+ * - Postgres unreachable: UNAVAILABLE; anything unexpected: INTERNAL with a generic message (the
+ *   cause is logged without query parameters).
+ *
+ * Throws at creation for a secret shorter than 32 bytes or a TTL that is not a positive integer.
+ */
+export function createUserService(options: UserServiceOptions): ServiceImpl<typeof UserService> {
+  if (new TextEncoder().encode(options.tokenSecret).length < MIN_SECRET_BYTES) {
+    throw new RangeError(`tokenSecret must be at least ${MIN_SECRET_BYTES} bytes`);
+  }
+  const ttl = options.tokenTtlSeconds ?? DEFAULT_TOKEN_TTL_SECONDS;
+  if (!Number.isSafeInteger(ttl) || ttl < 1)
+    throw new RangeError("tokenTtlSeconds must be a positive integer");
+  const now = options.now ?? Date.now;
+  const store = createUserStore(options.sql);
+  const hasher =
+    options.hasher ?? createPasswordHasher(options.scryptCost ? { cost: options.scryptCost } : {});
+  const limiter = createRateLimiter({ ...options.authRateLimit, now });
+  const createdSubject = topology(options.ns).eventSubject("user", "user.created");
+  const log = options.logger;
+  const edge = <T>(work: () => Promise<T>): Promise<T> => mapErrors(work, log);
+  /** The user id of a valid bearer token in `authorization`; UNAUTHENTICATED otherwise. */
+  const requireCaller = (authorization: string | null): string => {
+    try {
+      return verifyToken(options.tokenSecret, bearerToken(authorization), now()).userId;
+    } catch (error) {
+      const reason = error instanceof TokenError ? error.message : "invalid token";
+      throw new ConnectError(`a valid bearer token is required: ${reason}`, Code.Unauthenticated);
+    }
+  };
+
+  const userCreatedOutbox = (user: User): OutboxMessage[] => {
+    const msgId = `user.created.${user.userId}`;
+    const event = domainEventMessage.parse({
+      eventId: msgId,
+      event: "user.created",
+      payload: userCreatedEvent.parse({
+        userId: user.userId,
+        email: user.email,
+        creditLimitCents: user.creditLimitCents,
+        createdAt: user.createdAt.getTime(),
+      }),
+      source: { workflow: "user", instanceId: user.userId, revision: 1 },
+      at: user.createdAt.getTime(),
+    });
+    return [{ subject: createdSubject, msgId, payload: event as JsonObject }];
+  };
+
+  return {
+    createUser: (req) =>
+      edge(async () => {
+        const email = checkEmail(req.email);
+        const password = checkPassword(req.password, USER_LIMITS.passwordMinChars);
+        const credit = req.creditLimitCents;
+        if (credit < 0n || credit > USER_LIMITS.creditLimitMaxCents) {
+          throw invalid("credit_limit_cents", `must be between 0 and ${USER_LIMITS.creditLimitMaxCents}`);
+        }
+        const passwordHash = await hasher.hash(password);
+        // 96 random bits: a collision is not expected, but a retry costs nothing if one happens.
+        for (let attempt = 1; ; attempt++) {
+          try {
+            const user = await store.createUser(
+              { userId: newUserId(), email, passwordHash, creditLimitCents: Number(credit) },
+              { outbox: userCreatedOutbox },
+            );
+            log?.info({ userId: user.userId }, "user created");
+            return { user: toApiUser(user) };
+          } catch (error) {
+            if (!(isUserStoreError(error) && error.code === "USER_EXISTS" && attempt < 3)) throw error;
+          }
+        }
+      }),
+
+    getUser: (req, ctx) =>
+      edge(async () => {
+        // The gateway forwards GetUser from public clients with their token: without this check,
+        // anyone could read any account's email and credit by id.
+        const caller = requireCaller(ctx.requestHeader.get("authorization"));
+        const userId = checkUserId(req.userId);
+        // Another user's id gets the same answer as an unknown one: existence is not revealed.
+        if (userId !== caller) throw new ConnectError(`user ${userId} not found`, Code.NotFound);
+        const user = await store.getUser(userId);
+        if (!user) throw new ConnectError(`user ${userId} not found`, Code.NotFound);
+        return { user: toApiUser(user) };
+      }),
+
+    authenticate: (req) =>
+      edge(async () => {
+        const email = checkEmail(req.email);
+        // No minimum length here: the policy may change, and a short guess is simply wrong.
+        const password = checkPassword(req.password, 1);
+        const decision = limiter.take(email);
+        if (!decision.allowed) {
+          throw new ConnectError(
+            `too many sign-in attempts for this email; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,
+            Code.ResourceExhausted,
+          );
+        }
+        const user = await store.findByEmail(email);
+        if (!user) {
+          // Spend the same work as a real check, so response time does not reveal unknown emails.
+          await hasher.hash(password);
+          log?.info({}, "authentication failed");
+          throw new ConnectError(AUTH_FAILED_MESSAGE, Code.Unauthenticated);
+        }
+        if (!(await hasher.verify(password, user.passwordHash))) {
+          log?.info({ userId: user.userId }, "authentication failed");
+          throw new ConnectError(AUTH_FAILED_MESSAGE, Code.Unauthenticated);
+        }
+        const { token, expiresAt } = issueToken(options.tokenSecret, user.userId, ttl, now());
+        log?.info({ userId: user.userId }, "authenticated");
+        return { token, expiresAt: timestampFromMs(expiresAt * 1000), userId: user.userId };
+      }),
+  };
+}
+
+/** A fresh user id: `u` + 24 hex digits, one NATS subject token. */
+function newUserId(): string {
+  return `u${randomBytes(12).toString("hex")}`;
+}
+
+function toApiUser(user: User): {
+  userId: string;
+  email: string;
+  creditLimitCents: bigint;
+  availableCreditCents: bigint;
+  createdAt: ReturnType<typeof timestampFromDate>;
+} {
+  // Field by field, so the password hash can never ride along.
+  return {
+    userId: user.userId,
+    email: user.email,
+    creditLimitCents: BigInt(user.creditLimitCents),
+    availableCreditCents: BigInt(user.availableCents),
+    createdAt: timestampFromDate(user.createdAt),
+  };
+}
+
+function invalid(field: string, reason: string): ConnectError {
+  return new ConnectError(`invalid ${field}: ${reason}`, Code.InvalidArgument);
+}
+
+/** Control (Cc), format (Cf: zero-width, bidi overrides), separator and other whitespace characters. */
+const FORBIDDEN_IN_EMAIL = /[\p{Cc}\p{Cf}\p{Z}\s]/u;
+
+/** Trims, checks and normalizes an email (NFC, lowercased); throws INVALID_ARGUMENT naming `email`. */
+function checkEmail(raw: string): string {
+  const trimmed = raw.trim();
+  if (trimmed.length === 0) throw invalid("email", "must not be empty");
+  // UTF-16 units never outnumber UTF-8 bytes: a cheap early bound before any regex runs.
+  if (trimmed.length > USER_LIMITS.emailMaxBytes) {
+    throw invalid("email", `must be at most ${USER_LIMITS.emailMaxBytes} bytes`);
+  }
+  if (!trimmed.isWellFormed()) throw invalid("email", "must be valid Unicode");
+  if (FORBIDDEN_IN_EMAIL.test(trimmed)) {
+    throw invalid("email", "must not contain spaces, control or invisible formatting characters");
+  }
+  const email = trimmed.normalize("NFC").toLowerCase();
+  if (new TextEncoder().encode(email).length > USER_LIMITS.emailMaxBytes) {
+    throw invalid("email", `must be at most ${USER_LIMITS.emailMaxBytes} bytes`);
+  }
+  const parts = email.split("@");
+  if (parts.length !== 2 || !parts[0] || !parts[1]) {
+    throw invalid("email", "must be one local part and one domain joined by a single @");
+  }
+  return email;
+}
+
+/** Checks a password; throws INVALID_ARGUMENT naming `password`. Never echoes the value. */
+function checkPassword(password: string, minChars: number): string {
+  if (password.length === 0) throw invalid("password", "must not be empty");
+  // Code points ≤ UTF-16 units ≤ 4 × code points: bound the raw length before counting.
+  if (password.length > USER_LIMITS.passwordMaxChars * 2) {
+    throw invalid("password", `must be at most ${USER_LIMITS.passwordMaxChars} characters`);
+  }
+  if (password.includes("\u0000")) throw invalid("password", "must not contain NUL characters");
+  // A lone surrogate would be hashed as U+FFFD, so two different inputs would share one hash.
+  if (!password.isWellFormed()) throw invalid("password", "must be valid Unicode");
+  let chars = 0;
+  for (const _ of password) chars++;
+  if (chars < minChars) throw invalid("password", `must be at least ${minChars} characters`);
+  if (chars > USER_LIMITS.passwordMaxChars) {
+    throw invalid("password", `must be at most ${USER_LIMITS.passwordMaxChars} characters`);
+  }
+  return password;
+}
+
+/** Checks a user id: one NATS subject token (ids end up in subjects; `.`, `*`, `>` would reroute). */
+function checkUserId(userId: string): string {
+  if (userId.length === 0) throw invalid("user_id", "must not be empty");
+  if (!subjectToken.safeParse(userId).success) throw invalid("user_id", "must be 1–128 of [A-Za-z0-9_-]");
+  return userId;
+}
+
+/** Maps store, hasher and Postgres errors to Connect codes; ConnectErrors pass through. */
+async function mapErrors<T>(work: () => Promise<T>, log: UserServiceOptions["logger"]): Promise<T> {
+  try {
+    return await work();
+  } catch (error) {
+    if (error instanceof ConnectError) throw error;
+    if (error instanceof PasswordHasherBusyError) {
+      throw new ConnectError("too many requests in progress; retry later", Code.ResourceExhausted);
+    }
+    if (isUserStoreError(error)) {
+      if (error.code === "EMAIL_TAKEN")
+        throw new ConnectError("a user with this email exists", Code.AlreadyExists);
+      if (error.code === "INVALID_ARGUMENT") throw new ConnectError(error.message, Code.InvalidArgument);
+    }
+    const pgCode = (error as { code?: unknown } | undefined)?.code;
+    // Log code and message only: postgres.js errors carry the query parameters (the hash among them).
+    const detail = { code: pgCode, err: error instanceof Error ? error.message : String(error) };
+    if (typeof pgCode === "string") {
+      // 22xxx: data Postgres refuses (encoding, range); 23514: a check constraint, e.g. an email
+      // whose lowercase form differs between JavaScript and the database's collation.
+      if (pgCode.startsWith("22") || pgCode === "23514") {
+        log?.warn(detail, "input rejected by the database");
+        throw new ConnectError("invalid input", Code.InvalidArgument);
+      }
+      if (/^(08|57P0|53)/.test(pgCode) || /^(ECONN|ETIMEDOUT|CONNECT_TIMEOUT|CONNECTION_)/.test(pgCode)) {
+        log?.warn(detail, "database unavailable");
+        throw new ConnectError("user database unavailable", Code.Unavailable);
+      }
+    }
+    log?.error(detail, "user service call failed");
+    throw new ConnectError("internal error", Code.Internal);
+  }
+}

@@ -1,0 +1,115 @@
+/**
+ * The outbox relay in process, against real Postgres and NATS: two relays share the rows without
+ * publishing one twice, a missing stream is retried until it exists, and rows of another
+ * namespace are left alone.
+ */
+import { jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { connectPostgres, migrate, type Sql } from "../../common/postgres.ts";
+import { ensureTopology, topology } from "../../orchestrator/runtime/topology.ts";
+import {
+  createTestDatabase,
+  natsUrl,
+  type TestDatabase,
+  uniqueNamespace,
+} from "../../test/support/context.ts";
+import { userMigrationsDir } from "./index.ts";
+import { type OutboxRelay, startOutboxRelay } from "./outbox-relay.ts";
+import { createUserStore } from "./store.ts";
+
+describe("outbox relay", () => {
+  let db: TestDatabase;
+  let sql: Sql;
+  let nc: NatsConnection;
+  const relays: OutboxRelay[] = [];
+
+  beforeAll(async () => {
+    db = await createTestDatabase("relay");
+    sql = await connectPostgres(db.url, { max: 6 });
+    await migrate(sql, { name: "user", dir: userMigrationsDir });
+    nc = await connectNats({ servers: natsUrl() });
+  });
+  afterAll(async () => {
+    for (const relay of relays) await relay.stop();
+    await nc?.close();
+    await sql?.end({ timeout: 5 });
+    await db?.drop();
+  });
+
+  const insert = async (subject: string, ids: readonly string[]): Promise<void> => {
+    const rows = ids.map((id) => ({ subject, msg_id: id, payload: sql.json({ id }) }));
+    await sql`insert into outbox ${sql(rows, "subject", "msg_id", "payload")}`;
+  };
+  const unpublished = async (subject: string): Promise<number> => {
+    const [row] = await sql<{ n: string }[]>`
+      select count(*) as n from outbox where subject = ${subject} and published_at is null`;
+    return Number(row?.n);
+  };
+  const stored = async (stream: string, subject: string): Promise<number> => {
+    const jsm = await jetstreamManager(nc);
+    const info = await jsm.streams.info(stream, { subjects_filter: subject });
+    return info.state.subjects?.[subject] ?? 0;
+  };
+
+  it("two relays publish 250 rows, each exactly once, and mark them all", async () => {
+    const topo = topology(uniqueNamespace("relay"));
+    await ensureTopology(await jetstreamManager(nc), topo, { storage: "memory" });
+    const subject = topo.eventSubject("user", "user.created");
+    const ids = Array.from({ length: 250 }, (_, i) => `user.created.${topo.ns}-${i}`);
+    for (let i = 0; i < ids.length; i += 50) await insert(subject, ids.slice(i, i + 50));
+    relays.push(
+      await startOutboxRelay({ sql, nc, ns: topo.ns, batchSize: 20 }),
+      await startOutboxRelay({ sql, nc, ns: topo.ns, batchSize: 20, listen: false }),
+    );
+    await expect.poll(() => unpublished(subject), { timeout: 30_000 }).toBe(0);
+    expect(await stored(topo.streams.events, subject)).toBe(250);
+    // Same ids again (as after a lost mark): deduplicated by msg id, still 250.
+    await sql`update outbox set published_at = null where subject = ${subject}`;
+    await expect.poll(() => unpublished(subject), { timeout: 30_000 }).toBe(0);
+    expect(await stored(topo.streams.events, subject)).toBe(250);
+  });
+
+  it("is woken by the NOTIFY of createUser's transaction (polling set to an hour)", async () => {
+    const topo = topology(uniqueNamespace("notify"));
+    await ensureTopology(await jetstreamManager(nc), topo, { storage: "memory" });
+    const subject = topo.eventSubject("user", "user.created");
+    relays.push(await startOutboxRelay({ sql, nc, ns: topo.ns, pollIntervalMs: 3_600_000 }));
+    // Let the relay's first pass (at start) find nothing, so only a notification can wake it.
+    await expect.poll(() => unpublished(subject)).toBe(0);
+    const user = await createUserStore(sql).createUser(
+      { userId: `u${topo.ns}`, email: `${topo.ns}@example.com`, passwordHash: "x", creditLimitCents: 0 },
+      { outbox: (u) => [{ subject, msgId: `user.created.${u.userId}`, payload: { userId: u.userId } }] },
+    );
+    await expect.poll(() => stored(topo.streams.events, subject), { timeout: 30_000 }).toBe(1);
+    await expect.poll(() => unpublished(subject), { timeout: 30_000 }).toBe(0);
+    expect(user.userId).toBe(`u${topo.ns}`);
+  });
+
+  it("keeps retrying while the stream is missing, publishes once it exists, and ignores other namespaces", async () => {
+    const topo = topology(uniqueNamespace("late"));
+    const foreign = topology(uniqueNamespace("foreign"));
+    const subject = topo.eventSubject("user", "user.created");
+    const foreignSubject = foreign.eventSubject("user", "user.created");
+    await insert(foreignSubject, [`user.created.${foreign.ns}`]);
+    const warnings: string[] = [];
+    const logger = {
+      debug: () => {},
+      warn: (_: Record<string, unknown>, msg: string) => {
+        warnings.push(msg);
+      },
+    };
+    relays.push(
+      await startOutboxRelay({ sql, nc, ns: topo.ns, retryDelayMs: 50, publishTimeoutMs: 500, logger }),
+    );
+    await insert(subject, [`user.created.${topo.ns}`]);
+    await expect.poll(() => warnings.length, { timeout: 30_000 }).toBeGreaterThan(0);
+    expect(await unpublished(subject)).toBe(1);
+
+    await ensureTopology(await jetstreamManager(nc), topo, { storage: "memory" });
+    await expect.poll(() => unpublished(subject), { timeout: 30_000 }).toBe(0);
+    expect(await stored(topo.streams.events, subject)).toBe(1);
+    expect(await unpublished(foreignSubject)).toBe(1);
+  });
+});

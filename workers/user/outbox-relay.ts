@@ -1,0 +1,191 @@
+/**
+ * The outbox relay: publishes the rows of the user service's `outbox` table to JetStream.
+ *
+ * Delivery is at least once into JetStream and, in practice, exactly once in the stream:
+ * 1. In one transaction, lock up to `batchSize` unpublished rows (`for update skip locked`, so
+ *    several relays share the work without publishing a row twice at the same time).
+ * 2. Publish each with `Nats-Msg-Id = msg_id` and wait for the PubAcks.
+ * 3. Mark the acknowledged rows `published_at = now()` and commit.
+ *
+ * If the process dies between 2 and 3, the rows stay unpublished and are published again after a
+ * restart; JetStream drops the copy because it has seen the msg id — **provided the restart is
+ * within the stream's duplicate window** (2 minutes by default, see `ensureTopology`). After a
+ * longer outage the event can appear twice in the stream, so consumers must still be idempotent
+ * on the envelope's `eventId` (which equals the msg id). The window is kept in server memory and
+ * rebuilt from stored messages after a server restart, so a server restart does not open a gap.
+ *
+ * Rows are picked up as soon as a writer commits (the store's `createUser` NOTIFYs
+ * `OUTBOX_CHANNEL` in its transaction) and by polling every `pollIntervalMs` as a backstop for
+ * missed notifications and for writers that do not notify.
+ */
+import { jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { Sql } from "../../common/postgres.ts";
+import { DEFAULT_NAMESPACE } from "../../orchestrator/runtime/topology.ts";
+import { OUTBOX_CHANNEL } from "./store.ts";
+
+/** The logging the relay does (a pino logger fits). Failures at warn, each batch at debug. */
+export interface RelayLogger {
+  debug(obj: Record<string, unknown>, msg: string): void;
+  warn(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** Options of {@link startOutboxRelay}. */
+export interface OutboxRelayOptions {
+  /** Pool on the user service's database (migrated with `workers/user/migrations`). */
+  sql: Sql;
+  nc: NatsConnection;
+  /**
+   * Stream namespace; default `jetsaga`. Only rows whose subject starts with `<ns>.` are relayed,
+   * so a relay never publishes into another deployment's subjects.
+   */
+  ns?: string;
+  /** Where failures are reported (warn) and batches traced (debug). Default: silent. */
+  logger?: RelayLogger;
+  /** Rows per transaction; default 100. */
+  batchSize?: number;
+  /** Polling interval when no notification arrives, ms; default 200. */
+  pollIntervalMs?: number;
+  /** Pause after a failed pass (NATS or Postgres unavailable, stream missing), ms; default 1000. */
+  retryDelayMs?: number;
+  /** How long to wait for each PubAck, ms; default 5000. */
+  publishTimeoutMs?: number;
+  /** LISTEN on `OUTBOX_CHANNEL` for writers' notifications; default true. Without it the relay only polls. */
+  listen?: boolean;
+}
+
+/** A running relay. */
+export interface OutboxRelay {
+  /**
+   * Stops the loop after the pass in progress (its transaction commits or rolls back) and
+   * releases the LISTEN connection. Idempotent.
+   */
+  stop(): Promise<void>;
+}
+
+interface OutboxRow {
+  id: string;
+  subject: string;
+  msg_id: string;
+  payload: unknown;
+}
+
+/**
+ * Starts relaying unpublished outbox rows to JetStream (see the module comment for the
+ * guarantees). Resolves once the LISTEN is registered (when enabled); it never fails for NATS or
+ * Postgres being unavailable later — failed passes are logged and retried after `retryDelayMs`.
+ * Rejects only when the LISTEN cannot be set up (Postgres unreachable at start).
+ */
+export async function startOutboxRelay(options: OutboxRelayOptions): Promise<OutboxRelay> {
+  const { sql } = options;
+  const ns = options.ns ?? DEFAULT_NAMESPACE;
+  const batchSize = options.batchSize ?? 100;
+  const pollIntervalMs = options.pollIntervalMs ?? 200;
+  const retryDelayMs = options.retryDelayMs ?? 1000;
+  const publishTimeoutMs = options.publishTimeoutMs ?? 5000;
+  const log = options.logger;
+  for (const [name, value] of Object.entries({ batchSize, pollIntervalMs, retryDelayMs, publishTimeoutMs })) {
+    if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer`);
+  }
+  const js = jetstream(options.nc);
+  // `like` pattern for the namespace: ns is [a-z0-9] only (topology enforces it), no escaping needed.
+  const subjectPattern = `${ns}.%`;
+
+  let stopped = false;
+  let wake: (() => void) | undefined;
+  let pending = false;
+  let wakeOnNotify = true;
+  const poke = (): void => {
+    pending = true;
+    if (wakeOnNotify) wake?.();
+  };
+  /** Waits `ms`, or less when stopped or (if `interruptible`) when a notification arrives. */
+  const pause = (ms: number, interruptible: boolean): Promise<void> =>
+    new Promise<void>((resolve) => {
+      wakeOnNotify = interruptible;
+      if (stopped || (interruptible && pending)) return resolve();
+      const timer = setTimeout(done, ms);
+      function done(): void {
+        clearTimeout(timer);
+        wake = undefined;
+        resolve();
+      }
+      wake = done;
+    });
+
+  const listener = options.listen === false ? undefined : await sql.listen(OUTBOX_CHANNEL, poke);
+
+  /** One transaction: publishes up to batchSize rows. Returns rows published and whether any failed. */
+  const pass = async (): Promise<{ published: number; failed: number }> =>
+    await sql.begin(async (tx) => {
+      const rows = await tx<OutboxRow[]>`
+        select id, subject, msg_id, payload from outbox
+        where published_at is null and subject like ${subjectPattern}
+        order by id
+        limit ${batchSize}
+        for update skip locked`;
+      if (rows.length === 0) return { published: 0, failed: 0 };
+      // All publishes of the batch in flight at once (one connection keeps their order), then
+      // one update for the acknowledged ones.
+      const results = await Promise.allSettled(
+        rows.map((row) =>
+          js.publish(row.subject, JSON.stringify(row.payload), {
+            msgID: row.msg_id,
+            timeout: publishTimeoutMs,
+          }),
+        ),
+      );
+      const acked: string[] = [];
+      let duplicates = 0;
+      results.forEach((result, i) => {
+        const row = rows[i];
+        if (!row) return;
+        if (result.status === "fulfilled") {
+          acked.push(row.id);
+          if (result.value.duplicate) duplicates++;
+        } else {
+          log?.warn(
+            { msgId: row.msg_id, subject: row.subject, err: String(result.reason) },
+            "outbox publish failed; will retry",
+          );
+        }
+      });
+      if (acked.length > 0) await tx`update outbox set published_at = now() where id in ${tx(acked)}`;
+      log?.debug({ published: acked.length, duplicates, failed: rows.length - acked.length }, "outbox batch");
+      return { published: acked.length, failed: rows.length - acked.length };
+    });
+
+  const loop = (async (): Promise<void> => {
+    while (!stopped) {
+      pending = false;
+      let failing = false;
+      try {
+        const { published, failed } = await pass();
+        failing = failed > 0;
+        // A full batch means more rows are probably waiting: go again at once.
+        if (!failing && published === batchSize) continue;
+      } catch (error) {
+        log?.warn(
+          { err: error instanceof Error ? error.message : String(error) },
+          "outbox pass failed; will retry",
+        );
+        failing = true;
+      }
+      // After a failure, new rows must not turn the back-off into a hot loop.
+      await pause(failing ? retryDelayMs : pollIntervalMs, !failing);
+    }
+  })();
+
+  let stopping: Promise<void> | undefined;
+  return {
+    stop() {
+      stopping ??= (async () => {
+        stopped = true;
+        wake?.();
+        await loop;
+        await listener?.unlisten().catch(() => {});
+      })();
+      return stopping;
+    },
+  };
+}
