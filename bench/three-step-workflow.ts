@@ -20,7 +20,10 @@ export const threeStepSaga = defineWorkflow({
     "benchsvc.reserve": z.object({ userId: z.string(), amount: z.number() }),
   },
   machine: setup({
-    types: { context: {} as { userId: string; amount: number }, input: {} as { userId: string; amount: number } },
+    types: {
+      context: {} as { userId: string; amount: number },
+      input: {} as { userId: string; amount: number },
+    },
     actions: sagaActions,
   }).createMachine({
     id: "bench",
@@ -28,13 +31,19 @@ export const threeStepSaga = defineWorkflow({
     initial: "verifying",
     states: {
       verifying: {
-        entry: { type: "dispatch", params: ({ context }) => ({ command: "benchsvc.verify", input: { userId: context.userId } }) },
+        entry: {
+          type: "dispatch",
+          params: ({ context }) => ({ command: "benchsvc.verify", input: { userId: context.userId } }),
+        },
         on: { "bench.verified": "reserving" },
       },
       reserving: {
         entry: {
           type: "dispatch",
-          params: ({ context }) => ({ command: "benchsvc.reserve", input: { userId: context.userId, amount: context.amount } }),
+          params: ({ context }) => ({
+            command: "benchsvc.reserve",
+            input: { userId: context.userId, amount: context.amount },
+          }),
         },
         on: { "bench.reserved": "confirmed" },
       },
@@ -54,3 +63,6 @@ export const benchHandlers: Record<string, CommandHandler<z.ZodType>> = {
     handle: async () => ({ type: "bench.reserved" }),
   }),
 };
+
+/** Loaded by the orchestrator service through JETSAGA_WORKFLOW_MODULES. */
+export const workflows = [threeStepSaga];

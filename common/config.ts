@@ -1,3 +1,5 @@
+import { flushTraces } from "./tracing.ts";
+
 /**
  * Reads process configuration from the environment, with defaults that work for `npm start`.
  * Every service reads the same names, so one `.env` configures all of them.
@@ -9,6 +11,13 @@ export interface ServiceConfig {
   databaseUrl: string | undefined;
   /** Stream namespace. Env JETSAGA_NS, default jetsaga. */
   ns: string;
+  /**
+   * Replicas of the streams this process creates, and applies to existing ones. Env
+   * JETSAGA_STREAM_REPLICAS (1–5); unset: new streams get 1 and existing ones keep theirs.
+   */
+  streamReplicas: number | undefined;
+  /** Address the health/metrics probes listen on. Env PROBE_HOST, default 127.0.0.1 (0.0.0.0 in Kubernetes). */
+  probeHost: string;
 }
 
 /** Reads {@link ServiceConfig} from `env` (default: process.env). */
@@ -17,7 +26,17 @@ export function readConfig(env: Record<string, string | undefined> = process.env
     natsUrl: env.NATS_URL ?? "nats://127.0.0.1:4222",
     databaseUrl: env.DATABASE_URL,
     ns: env.JETSAGA_NS ?? "jetsaga",
+    streamReplicas: replicas(env.JETSAGA_STREAM_REPLICAS),
+    probeHost: env.PROBE_HOST ?? "127.0.0.1",
   };
+}
+
+function replicas(value: string | undefined): number | undefined {
+  if (value === undefined || value === "") return undefined;
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < 1 || n > 5)
+    throw new Error(`JETSAGA_STREAM_REPLICAS must be 1–5, got "${value}"`);
+  return n;
 }
 
 /** Runs `stop` once on SIGINT/SIGTERM, then exits (0, or 1 if stopping failed). */
@@ -26,13 +45,15 @@ export function onShutdown(stop: () => Promise<void>): void {
   const handler = (): void => {
     if (stopping) return;
     stopping = true;
-    stop().then(
-      () => process.exit(0),
-      (error: unknown) => {
-        console.error(error);
-        process.exit(1);
-      },
-    );
+    stop()
+      .then(flushTraces)
+      .then(
+        () => process.exit(0),
+        (error: unknown) => {
+          console.error(error);
+          process.exit(1);
+        },
+      );
   };
   process.once("SIGINT", handler);
   process.once("SIGTERM", handler);

@@ -1,4 +1,5 @@
 import { pino } from "pino";
+import { activeTraceFields } from "./tracing.ts";
 
 /** A structured logger; pino's, with secrets redacted. */
 export type Logger = pino.Logger;
@@ -11,6 +12,8 @@ export function createLogger(service: string, level = process.env.LOG_LEVEL ?? "
   return pino({
     name: service,
     level,
+    // Trace and span ids in every line logged inside a span (nothing without a tracing SDK).
+    mixin: () => activeTraceFields(),
     redact: {
       paths: [
         "password",

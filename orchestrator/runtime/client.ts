@@ -6,6 +6,7 @@ import {
   jetstreamManager,
 } from "@nats-io/jetstream";
 import type { NatsConnection, Subscription } from "@nats-io/transport-node";
+import { traceHeadersIfActive } from "../../common/tracing.ts";
 import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
 import type { WorkflowEvent } from "../engine/decide.ts";
 import { JetsagaError } from "../engine/errors.ts";
@@ -167,10 +168,11 @@ class Client implements WorkflowClient {
 
   async #send(message: InboxMessage): Promise<Sent> {
     const checked = inboxMessage.parse(message);
+    const headers = traceHeadersIfActive();
     const ack = await this.#js.publish(
       this.topology.inboxSubject(checked.workflow, checked.instanceId),
       JSON.stringify(checked),
-      { msgID: checked.id },
+      headers ? { msgID: checked.id, headers } : { msgID: checked.id },
     );
     return {
       workflow: checked.workflow,

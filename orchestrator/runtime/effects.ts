@@ -1,4 +1,5 @@
 import type { JetStreamClient, JetStreamManager } from "@nats-io/jetstream";
+import { traceHeadersIfActive } from "../../common/tracing.ts";
 import {
   type CommandMessage,
   commandMessage,
@@ -32,6 +33,9 @@ export interface EffectTarget {
 async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: Effect): Promise<void> {
   const { js, jsm, topo, log } = target;
   const { workflow, instanceId } = entry.state;
+  // Carries the inbox message's trace on to workers and timers (nothing when tracing is off).
+  const headers = traceHeadersIfActive();
+  const withHeaders = <T extends object>(options: T): T => (headers ? { ...options, headers } : options);
   switch (effect.type) {
     case "dispatch": {
       const message: CommandMessage = commandMessage.parse({
@@ -71,10 +75,17 @@ async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: 
       });
       // The server publishes the message to the instance's inbox when due; a later schedule on
       // the same subject replaces this one.
-      await js.publish(topo.timerSubject(workflow, instanceId, effect.timerKey), JSON.stringify(message), {
-        msgID: id,
-        schedule: { specification: new Date(effect.dueAt), target: topo.inboxSubject(workflow, instanceId) },
-      });
+      await js.publish(
+        topo.timerSubject(workflow, instanceId, effect.timerKey),
+        JSON.stringify(message),
+        withHeaders({
+          msgID: id,
+          schedule: {
+            specification: new Date(effect.dueAt),
+            target: topo.inboxSubject(workflow, instanceId),
+          },
+        }),
+      );
       return;
     }
     case "cancelTimer": {

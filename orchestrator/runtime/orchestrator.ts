@@ -9,6 +9,8 @@ import {
   jetstreamManager,
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { SpanKind } from "@opentelemetry/api";
+import { extractTraceContext, withSpan } from "../../common/tracing.ts";
 import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
 import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts";
 import { isJetsagaError } from "../engine/errors.ts";
@@ -204,7 +206,19 @@ class OrchestratorLoop {
     // Messages of one instance run one after another, in the order the consumer delivered them.
     const previous = this.#chains.get(key) ?? Promise.resolve();
     const next = previous
-      .then(() => this.#handle(msg, parsed.message, parsed.definition, key))
+      .then(() =>
+        withSpan(
+          `jetsaga.inbox ${parsed.message.workflow}`,
+          {
+            "messaging.system": "nats",
+            "jetsaga.workflow": parsed.message.workflow,
+            "jetsaga.instance_id": parsed.message.instanceId,
+            "jetsaga.message_id": parsed.message.id,
+          },
+          () => this.#handle(msg, parsed.message, parsed.definition, key),
+          { kind: SpanKind.CONSUMER, parent: extractTraceContext(msg.headers) },
+        ),
+      )
       .catch((error: unknown) => this.#retryLater(msg, error))
       .finally(() => {
         this.#release();

@@ -157,8 +157,10 @@ export function streamConfigs(topo: Topology, options: TopologyOptions = {}): St
 }
 
 /**
- * Creates the streams of `topo` or brings existing ones up to date. Safe to call from every
- * process at start-up, concurrently.
+ * Creates the streams of `topo` that do not exist yet. Existing streams are left as they are,
+ * unless `options` names a setting explicitly (e.g. `replicas`), which is then applied: a process
+ * starting with defaults never scales an R3 stream back to R1 or undoes an operator's change.
+ * Safe to call from every process at start-up, concurrently.
  */
 export async function ensureTopology(
   jsm: JetStreamManager,
@@ -166,18 +168,28 @@ export async function ensureTopology(
   options: TopologyOptions = {},
 ): Promise<void> {
   for (const config of streamConfigs(topo, options)) {
-    await ensureStream(jsm, config);
+    await ensureStream(jsm, config, options);
   }
 }
 
-async function ensureStream(jsm: JetStreamManager, wanted: StreamConfig): Promise<void> {
+async function ensureStream(
+  jsm: JetStreamManager,
+  wanted: StreamConfig,
+  options: TopologyOptions,
+): Promise<void> {
   try {
     await jsm.streams.add(wanted);
   } catch (error) {
-    // Already there (possibly created by another process a moment ago): update in place.
+    // Already there (possibly created by another process a moment ago).
     if (!/already in use|already exists/i.test(String((error as Error).message))) throw error;
-    const { name, ...rest } = wanted;
-    await jsm.streams.update(name, rest);
+    const explicit: Partial<StreamConfig> = {};
+    if (options.replicas !== undefined) explicit.num_replicas = options.replicas;
+    if (options.duplicateWindowNs !== undefined) explicit.duplicate_window = options.duplicateWindowNs;
+    if (options.retentionNs !== undefined && wanted.max_age) explicit.max_age = options.retentionNs;
+    if (Object.keys(explicit).length === 0) return;
+    const { config } = await jsm.streams.info(wanted.name);
+    const { name, ...current } = config;
+    await jsm.streams.update(name, { ...current, ...explicit });
   }
 }
 

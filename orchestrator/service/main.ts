@@ -42,12 +42,14 @@ async function main(): Promise<void> {
   const probes = await startProbeServer(
     { registry, ready: () => running.orchestrator !== undefined && !nc.isClosed() },
     Number(process.env.PROBE_PORT ?? 9464),
+    config.probeHost,
   );
   const orchestrator = await startOrchestrator({
     nc,
     ns: config.ns,
     workflows,
     concurrency: Number(process.env.JETSAGA_CONCURRENCY ?? 256),
+    ...(config.streamReplicas === undefined ? {} : { topology: { replicas: config.streamReplicas } }),
     logger: log,
   });
   running.orchestrator = orchestrator;

@@ -6,7 +6,9 @@ import {
   jetstream,
   jetstreamManager,
 } from "@nats-io/jetstream";
+import { SpanKind } from "@opentelemetry/api";
 import type { z } from "zod";
+import { extractTraceContext, traceHeadersIfActive, withSpan } from "../../common/tracing.ts";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
 import { consumerDefaults, ensureTopology, topology } from "../../orchestrator/runtime/topology.ts";
 import {
@@ -168,7 +170,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   }
 
   async function publishJson(subject: string, value: unknown, msgID: string): Promise<void> {
-    await js.publish(subject, JSON.stringify(value), { msgID });
+    const headers = traceHeadersIfActive();
+    await js.publish(subject, JSON.stringify(value), headers ? { msgID, headers } : { msgID });
   }
 
   async function sendCommandFailed(target: FailureTarget, reason: string): Promise<void> {
@@ -367,7 +370,12 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       return;
     }
     try {
-      await js.publish(topo.inboxSubject(cmd.replyTo.workflow, cmd.replyTo.instanceId), json, { msgID: id });
+      const headers = traceHeadersIfActive();
+      await js.publish(
+        topo.inboxSubject(cmd.replyTo.workflow, cmd.replyTo.instanceId),
+        json,
+        headers ? { msgID: id, headers } : { msgID: id },
+      );
     } catch (error) {
       stats.retried++;
       log.error(
@@ -435,8 +443,12 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
   async function processMessage(msg: JsMsg, kind: Kind): Promise<void> {
     try {
-      if (kind === "command") await handleCommand(msg);
-      else await handleEvent(msg);
+      await withSpan(
+        `jetsaga.${kind} ${msg.subject}`,
+        { "messaging.system": "nats", "messaging.destination.name": msg.subject, "jetsaga.service": service },
+        () => (kind === "command" ? handleCommand(msg) : handleEvent(msg)),
+        { kind: SpanKind.CONSUMER, parent: extractTraceContext(msg.headers) },
+      );
     } catch (error) {
       // A bug of ours (or a schema that throws): never crash, never leave the message hanging.
       log.error(

@@ -18,6 +18,7 @@
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
+import { createTracingInterceptor } from "../../api/rpc/tracing-interceptor.ts";
 import { readUserServiceConfig } from "../../api/user/config.ts";
 import { createUserService } from "../../api/user/service.ts";
 import { onShutdown, readConfig } from "../../common/config.ts";
@@ -80,6 +81,7 @@ try {
     host: userConfig.grpcHost,
     port: userConfig.grpcPort,
     readMaxBytes: READ_MAX_BYTES,
+    interceptors: [createTracingInterceptor()],
     routes: (router) => router.service(UserService, service),
   });
   onShutdown(stop);

@@ -94,9 +94,7 @@ describe("kill -9 of the orchestrator with 200 sagas in flight", () => {
     );
     // Signals while the orchestrator runs and while it is dead: they wait in the inbox.
     const driver = (async () => {
-      const pending = new Set(
-        Array.from({ length: SAGAS }, (_, i) => `o${i}`).filter((_, i) => i % 3 !== 1),
-      );
+      const pending = new Set(Array.from({ length: SAGAS }, (_, i) => `o${i}`).filter((_, i) => i % 3 !== 1));
       while (pending.size > 0) {
         for (const orderId of [...pending]) {
           const state = await client.getState("order", orderId);

@@ -1,0 +1,261 @@
+/**
+ * The public API gateway, as a function (api/main.ts is its process entry; tests start it in
+ * process): one port serving OrderService and a UserService proxy over gRPC, Connect and gRPC-Web,
+ * plus /healthz, /readyz and /metrics, with the order read-model projector running alongside.
+ */
+import type { ConnectError, ServiceImpl, Transport } from "@connectrpc/connect";
+import { jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { Gauge, type Registry } from "prom-client";
+import { migrate, type Sql } from "../common/postgres.ts";
+import { createMetricsRegistry } from "../common/probes.ts";
+import { JetsagaError, topology } from "../orchestrator/index.ts";
+import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
+import {
+  type OrderProjector,
+  orderReadModelMigrations,
+  type ProjectorLogger,
+  startOrderProjector,
+} from "./order/read-model/index.ts";
+import {
+  createErrorInterceptor,
+  createOrderService,
+  type OrderServiceHandle,
+  type OrderServiceOptions,
+} from "./order/service.ts";
+import {
+  createResilientUserClient,
+  type ResilientUserClient,
+  type ResilientUserClientOptions,
+} from "./order/user-client.ts";
+import { type RpcServer, startRpcServer } from "./rpc/index.ts";
+
+/** Options of {@link startGateway}. */
+export interface GatewayOptions {
+  nc: NatsConnection;
+  /** The order read model's database (migrated at start). */
+  sql: Sql;
+  /** Stream namespace. Default `jetsaga`. */
+  ns?: string;
+  /** HMAC secret shared with the user service, which issues the tokens (≥ 32 bytes). */
+  tokenSecret: string;
+  /** The user service: its URL (gRPC) or a ready transport, and breaker settings. */
+  userService: ResilientUserClientOptions & ({ baseUrl: string } | { transport: Transport });
+  /** Port; 0 (default) picks a free one. */
+  port?: number;
+  /** Interface; default 127.0.0.1. */
+  host?: string;
+  /** Largest request message, bytes. Default 64 KiB (an order of 100 items is ~5 KiB). */
+  readMaxBytes?: number;
+  /** Forwarded to the OrderService (command/read waits, saga timeouts). */
+  order?: Pick<OrderServiceOptions, "commandTimeoutMs" | "maxReadWaitMs" | "sagaTimeouts">;
+  logger?: ProjectorLogger;
+  clock?: () => number;
+  /** How long close() lets calls in flight finish, ms. Default 5000. */
+  closeGraceMs?: number;
+  /** How long to wait at start for the orchestrator to create the history stream, ms. Default 30 s. */
+  streamWaitMs?: number;
+}
+
+/** A running gateway. */
+export interface Gateway {
+  readonly url: string;
+  readonly port: number;
+  readonly server: RpcServer;
+  readonly projector: OrderProjector;
+  readonly users: ResilientUserClient;
+  readonly registry: Registry;
+  /** Stops serving (graceful), the projector and the history follower. Connections stay open. */
+  close(): Promise<void>;
+}
+
+/**
+ * The UserService as the gateway serves it: every call forwarded to the user service with the
+ * caller's `authorization` header. GetUser (a read) is retried; CreateUser and Authenticate are
+ * not (a retry after a lost answer could create twice or count twice against the rate limit);
+ * all go through the breaker, so a dead user service gives UNAVAILABLE fast.
+ */
+export function createUserServiceProxy(users: ResilientUserClient): ServiceImpl<typeof UserService> {
+  const forward = (authorization: string | null): Record<string, string> =>
+    authorization ? { authorization } : {};
+  return {
+    createUser: (req, ctx) =>
+      users.once((call) =>
+        users.client.createUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
+      ),
+    getUser: (req, ctx) =>
+      users.idempotent((call) =>
+        users.client.getUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
+      ),
+    authenticate: (req, ctx) =>
+      users.once((call) =>
+        users.client.authenticate(req, {
+          ...call,
+          headers: forward(ctx.requestHeader.get("authorization")),
+        }),
+      ),
+  };
+}
+
+/** Migrates the read model, starts the projector, the OrderService and the server. */
+export async function startGateway(options: GatewayOptions): Promise<Gateway> {
+  const { nc, sql, logger } = options;
+  await migrate(sql, { name: "order", dir: orderReadModelMigrations });
+  await waitForHistoryStream(nc, options.ns, options.streamWaitMs ?? 30_000, logger);
+  const projector = await startOrderProjector({
+    nc,
+    sql,
+    ...(options.ns ? { ns: options.ns } : {}),
+    ...(logger ? { logger } : {}),
+  });
+  const users = createResilientUserClient(options.userService);
+  let orders: OrderServiceHandle | undefined;
+  try {
+    orders = await createOrderService({
+      nc,
+      sql,
+      readModel: projector,
+      users,
+      ...(options.ns ? { ns: options.ns } : {}),
+      ...options.order,
+    });
+  } catch (error) {
+    await projector.stop();
+    throw error;
+  }
+  const orderService = orders;
+  const registry = createMetricsRegistry("api");
+  registerMetrics(registry, projector, users);
+  const onInternal = (error: ConnectError, procedure: string): void =>
+    logger?.error({ procedure, err: error.cause ?? error }, "internal error");
+
+  let server: RpcServer;
+  try {
+    server = await startRpcServer({
+      ...(options.port === undefined ? {} : { port: options.port }),
+      ...(options.host ? { host: options.host } : {}),
+      readMaxBytes: options.readMaxBytes ?? 64 * 1024,
+      ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
+      routes(router) {
+        orderService.register(router, {
+          tokenSecret: options.tokenSecret,
+          onInternal,
+          ...(options.clock ? { clock: options.clock } : {}),
+        });
+        router.service(UserService, createUserServiceProxy(users), {
+          interceptors: [createErrorInterceptor(onInternal)],
+        });
+      },
+      fallback(req, res) {
+        const path = (req.url ?? "/").split("?")[0];
+        const reply = (status: number, body: string, type = "text/plain; charset=utf-8"): void => {
+          res.writeHead(status, { "content-type": type });
+          res.end(body);
+        };
+        if (path === "/healthz") {
+          reply(200, "ok\n");
+        } else if (path === "/readyz") {
+          ready(nc, sql).then(
+            (ok) => reply(ok ? 200 : 503, ok ? "ready\n" : "not ready\n"),
+            () => reply(503, "not ready\n"),
+          );
+        } else if (path === "/metrics") {
+          registry.metrics().then(
+            (text) => reply(200, text, registry.contentType),
+            () => reply(500, "metrics unavailable\n"),
+          );
+        } else {
+          reply(404, "not found\n");
+        }
+      },
+    });
+  } catch (error) {
+    await orderService.close();
+    await projector.stop();
+    throw error;
+  }
+  return {
+    url: server.url,
+    port: server.port,
+    server,
+    projector,
+    users,
+    registry,
+    async close() {
+      await server.close();
+      await orderService.close();
+      await projector.stop();
+    },
+  };
+}
+
+/**
+ * Waits until the history stream exists. The gateway only reads it; creating it here with default
+ * settings would be wrong when the orchestrator runs with others (ensureTopology updates existing
+ * streams to the caller's options, e.g. replicas), so the orchestrator stays its only creator.
+ */
+async function waitForHistoryStream(
+  nc: NatsConnection,
+  ns: string | undefined,
+  timeoutMs: number,
+  logger: ProjectorLogger | undefined,
+): Promise<void> {
+  const jsm = await jetstreamManager(nc);
+  const stream = topology(ns).streams.history;
+  const deadline = Date.now() + timeoutMs;
+  let logged = false;
+  for (;;) {
+    try {
+      await jsm.streams.info(stream);
+      return;
+    } catch (error) {
+      if (!/stream not found/i.test(String(error))) throw error;
+      if (Date.now() >= deadline) {
+        throw new JetsagaError(
+          "UNAVAILABLE",
+          `stream ${stream} does not exist: start the orchestrator (same JETSAGA_NS) first`,
+          { context: { stream } },
+        );
+      }
+      if (!logged) logger?.info({ stream }, "waiting for the orchestrator to create the history stream");
+      logged = true;
+      await new Promise((resolve) => setTimeout(resolve, 250));
+    }
+  }
+}
+
+async function ready(nc: NatsConnection, sql: Sql): Promise<boolean> {
+  if (nc.isClosed()) return false;
+  await Promise.race([
+    sql`select 1`,
+    new Promise((_, reject) => setTimeout(() => reject(new Error("postgres timeout")), 1000).unref()),
+  ]);
+  return true;
+}
+
+function registerMetrics(registry: Registry, projector: OrderProjector, users: ResilientUserClient): void {
+  new Gauge({
+    name: "jetsaga_order_projection_position",
+    help: "History stream sequence the order read model has reached",
+    registers: [registry],
+    collect() {
+      this.set(projector.position());
+    },
+  });
+  new Gauge({
+    name: "jetsaga_order_projection_entries",
+    help: "History entries applied by this process's order projector",
+    registers: [registry],
+    collect() {
+      this.set(projector.stats.entries);
+    },
+  });
+  new Gauge({
+    name: "jetsaga_user_service_circuit_open",
+    help: "1 while the circuit breaker to the user service is open",
+    registers: [registry],
+    collect() {
+      this.set(users.open ? 1 : 0);
+    },
+  });
+}

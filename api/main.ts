@@ -1,0 +1,125 @@
+/**
+ * Process entry of the public API gateway: `node api/main.ts`.
+ *
+ * Serves OrderService and UserService (forwarded to the user service) over gRPC, Connect and
+ * gRPC-Web on one port, with /healthz, /readyz and /metrics, and runs the order read-model
+ * projector. Prints `JETSAGA_API_URL=http://host:port` once it serves.
+ *
+ * Environment:
+ * - `DATABASE_URL` (required): PostgreSQL of the order read model.
+ * - `USER_SERVICE_URL` (required): the user service's gRPC base URL, e.g. `http://127.0.0.1:8081`.
+ * - `JETSAGA_TOKEN_SECRET`: HMAC secret shared with the user service (≥ 32 bytes). When unset and
+ *   `NODE_ENV` is not `production`, a random one is generated with a warning (tokens issued by a
+ *   user service with another secret will then be refused).
+ * - `API_PORT` (default 8080; 0 = any free port), `API_HOST` (default 127.0.0.1).
+ * - `NATS_URL` (default nats://127.0.0.1:4222), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`.
+ *
+ * Bad configuration or an unreachable server: one clear log line, exit status 1.
+ */
+import { randomBytes } from "node:crypto";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { MIN_SECRET_BYTES } from "../common/auth-token.ts";
+import { onShutdown, readConfig } from "../common/config.ts";
+import { createLogger } from "../common/logger.ts";
+import { connectNats } from "../common/nats.ts";
+import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
+import { type Gateway, startGateway } from "./gateway.ts";
+
+const logger = createLogger("api");
+
+class ConfigError extends Error {
+  readonly code = "CONFIG";
+}
+
+/** The gateway's own settings, checked. */
+interface ApiConfig {
+  port: number;
+  host: string;
+  userServiceUrl: string;
+  tokenSecret: string;
+}
+
+function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
+  const portText = env.API_PORT ?? "8080";
+  const port = Number(portText);
+  if (!/^\d{1,5}$/.test(portText) || port > 65535) {
+    throw new ConfigError(`API_PORT must be a port number 0-65535 (0 = any free port), got "${portText}"`);
+  }
+  const userServiceUrl = env.USER_SERVICE_URL;
+  if (!userServiceUrl) {
+    throw new ConfigError(
+      "USER_SERVICE_URL is not set: the gRPC base URL of the user service, e.g. http://127.0.0.1:8081",
+    );
+  }
+  try {
+    const url = new URL(userServiceUrl);
+    if (url.protocol !== "http:" && url.protocol !== "https:") throw new Error("not http(s)");
+  } catch {
+    throw new ConfigError(`USER_SERVICE_URL must be an http:// or https:// URL, got "${userServiceUrl}"`);
+  }
+  let tokenSecret = env.JETSAGA_TOKEN_SECRET;
+  if (tokenSecret === undefined || tokenSecret === "") {
+    if (env.NODE_ENV === "production") {
+      throw new ConfigError(
+        "JETSAGA_TOKEN_SECRET is not set (required in production; share it with the user service)",
+      );
+    }
+    tokenSecret = randomBytes(32).toString("base64url");
+    logger.warn(
+      "JETSAGA_TOKEN_SECRET is not set: using a random secret for this run; tokens issued by the user service will not verify unless both share one",
+    );
+  } else if (Buffer.byteLength(tokenSecret) < MIN_SECRET_BYTES) {
+    throw new ConfigError(`JETSAGA_TOKEN_SECRET must be at least ${MIN_SECRET_BYTES} bytes`);
+  }
+  return { port, host: env.API_HOST || "127.0.0.1", userServiceUrl, tokenSecret };
+}
+
+let sql: Sql | undefined;
+let nc: NatsConnection | undefined;
+let gateway: Gateway | undefined;
+
+async function stop(): Promise<void> {
+  await gateway?.close();
+  await nc?.drain().catch(() => {});
+  await sql?.end({ timeout: 5 });
+}
+
+try {
+  const config = readConfig();
+  const api = readApiConfig(process.env);
+  if (!config.databaseUrl) {
+    throw new ConfigError(
+      "DATABASE_URL is not set: the API needs the order read model's PostgreSQL database",
+    );
+  }
+  sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-api" });
+  nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-api" });
+  gateway = await startGateway({
+    nc,
+    sql,
+    ns: config.ns,
+    tokenSecret: api.tokenSecret,
+    userService: { baseUrl: api.userServiceUrl },
+    port: api.port,
+    host: api.host,
+    logger,
+  });
+  onShutdown(stop);
+  logger.info(
+    {
+      url: gateway.url,
+      nats: config.natsUrl,
+      database: describeUrl(config.databaseUrl),
+      ns: config.ns,
+      userService: api.userServiceUrl,
+    },
+    "api ready",
+  );
+  // The machine-readable line supervisors and tests wait for.
+  console.log(`JETSAGA_API_URL=${gateway.url}`);
+} catch (error) {
+  const code = (error as { code?: unknown }).code;
+  logger.fatal({ code }, `api cannot start: ${error instanceof Error ? error.message : String(error)}`);
+  await stop().catch(() => {});
+  process.exit(1);
+}

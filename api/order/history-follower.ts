@@ -1,0 +1,145 @@
+import {
+  type ConsumerMessages,
+  DeliverPolicy,
+  type JetStreamManager,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { HistoryEntry, Topology } from "../../orchestrator/index.ts";
+
+/** A history entry with its stream sequence (the position a command returns). */
+export interface SequencedEntry {
+  seq: number;
+  entry: HistoryEntry;
+}
+
+/** A registered wait for an entry of one instance. */
+export interface EntryWait {
+  /** Resolves with the first matching entry, or undefined after the timeout or `cancel()`. */
+  readonly done: Promise<SequencedEntry | undefined>;
+  /** Offers an entry read some other way (a direct get): resolves `done` if it matches. */
+  offer(found: SequencedEntry | undefined): void;
+  cancel(): void;
+}
+
+type Waiter = {
+  match: (entry: HistoryEntry) => boolean;
+  onEntry?: (found: SequencedEntry) => void;
+  resolve: (found: SequencedEntry | undefined) => void;
+};
+
+/**
+ * Follows every order history subject with ONE ordered consumer (deliver new) and hands entries to
+ * the commands waiting for them: a command's position is the stream sequence of the entry it
+ * caused, known only once the orchestrator has appended it. One shared subscription instead of a
+ * consumer per call keeps a command at a couple of JetStream round trips.
+ *
+ * A wait must be registered BEFORE the message that causes the entry is sent; entries appended
+ * before the follower started are found with {@link latest} / {@link first} and `offer`.
+ */
+export class HistoryFollower {
+  readonly #jsm: JetStreamManager;
+  readonly #topo: Topology;
+  readonly #workflow: string;
+  readonly #messages: ConsumerMessages;
+  readonly #waiters = new Map<string, Set<Waiter>>();
+
+  private constructor(jsm: JetStreamManager, topo: Topology, workflow: string, messages: ConsumerMessages) {
+    this.#jsm = jsm;
+    this.#topo = topo;
+    this.#workflow = workflow;
+    this.#messages = messages;
+  }
+
+  /** Starts following the histories of `workflow`. */
+  static async start(nc: NatsConnection, topo: Topology, workflow: string): Promise<HistoryFollower> {
+    const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
+      filter_subjects: topo.historyFilter(workflow),
+      deliver_policy: DeliverPolicy.New,
+    });
+    const messages = await consumer.consume();
+    const follower = new HistoryFollower(await jetstreamManager(nc), topo, workflow, messages);
+    void follower.#run();
+    return follower;
+  }
+
+  async #run(): Promise<void> {
+    for await (const msg of this.#messages) {
+      let entry: HistoryEntry;
+      try {
+        entry = JSON.parse(msg.string()) as HistoryEntry;
+      } catch {
+        continue;
+      }
+      const waiters = this.#waiters.get(entry.state?.instanceId ?? "");
+      if (!waiters) continue;
+      for (const waiter of [...waiters]) {
+        waiter.onEntry?.({ seq: msg.seq, entry });
+        if (waiter.match(entry)) waiter.resolve({ seq: msg.seq, entry });
+      }
+    }
+  }
+
+  /**
+   * Registers a wait for the first entry of `instanceId` that `match`es. `onEntry` sees every new
+   * entry of the instance meanwhile (to give up early when the instance moved elsewhere).
+   */
+  expect(
+    instanceId: string,
+    match: (entry: HistoryEntry) => boolean,
+    timeoutMs: number,
+    onEntry?: (found: SequencedEntry) => void,
+  ): EntryWait {
+    let resolveDone: (found: SequencedEntry | undefined) => void = () => {};
+    const done = new Promise<SequencedEntry | undefined>((resolve) => {
+      resolveDone = resolve;
+    });
+    let set = this.#waiters.get(instanceId);
+    if (!set) {
+      set = new Set();
+      this.#waiters.set(instanceId, set);
+    }
+    const waiters = set;
+    const finish = (found: SequencedEntry | undefined): void => {
+      clearTimeout(timer);
+      waiters.delete(waiter);
+      if (waiters.size === 0 && this.#waiters.get(instanceId) === waiters) this.#waiters.delete(instanceId);
+      resolveDone(found);
+    };
+    const waiter: Waiter = { match, resolve: finish, ...(onEntry ? { onEntry } : {}) };
+    const timer = setTimeout(() => finish(undefined), timeoutMs);
+    waiters.add(waiter);
+    return {
+      done,
+      offer: (found) => {
+        if (found && match(found.entry)) finish(found);
+      },
+      cancel: () => finish(undefined),
+    };
+  }
+
+  /** The latest entry of an instance (one direct get), or undefined. */
+  async latest(instanceId: string): Promise<SequencedEntry | undefined> {
+    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
+      last_by_subj: this.#topo.historySubject(this.#workflow, instanceId),
+    });
+    return msg ? { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry } : undefined;
+  }
+
+  /** The first entry of an instance (its start, with the input), or undefined. */
+  async first(instanceId: string): Promise<SequencedEntry | undefined> {
+    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
+      seq: 1,
+      next_by_subj: this.#topo.historySubject(this.#workflow, instanceId),
+    });
+    return msg ? { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry } : undefined;
+  }
+
+  /** Stops following; pending waits resolve undefined. */
+  async close(): Promise<void> {
+    for (const waiters of this.#waiters.values())
+      for (const waiter of [...waiters]) waiter.resolve(undefined);
+    await this.#messages.close();
+  }
+}

@@ -1,0 +1,40 @@
+/**
+ * The order read model (CQRS read side): PostgreSQL tables projected from the order sagas'
+ * histories, the projector that keeps them current, queries for the API, and a rebuild.
+ */
+export {
+  applyBatch,
+  type BatchRows,
+  CHECKPOINT_CHANNEL,
+  cancelReasonOf,
+  itemsOf,
+  type OrderFacts,
+  type OrderStatusName,
+  orderFactsOf,
+  orderStatusOf,
+  type PositionedEntry,
+  readCheckpoint,
+  rowsOf,
+  sagaStateString,
+} from "./projection.ts";
+export {
+  type OrderProjector,
+  type OrderProjectorOptions,
+  type OrderProjectorStats,
+  type ProjectionPosition,
+  type ProjectorLogger,
+  startOrderProjector,
+} from "./projector.ts";
+export {
+  getOrder,
+  type ListOrdersQuery,
+  listOrders,
+  type OrderView,
+  type PageCursor,
+} from "./queries.ts";
+export {
+  orderReadModelMigrations,
+  type RebuildOptions,
+  type RebuildResult,
+  rebuildOrderReadModel,
+} from "./rebuild.ts";

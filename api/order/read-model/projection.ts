@@ -1,0 +1,297 @@
+import type { StateValue } from "xstate";
+import { z } from "zod";
+import type { Sql, TransactionSql } from "../../../common/postgres.ts";
+import type { HistoryEntry, InstanceState } from "../../../orchestrator/index.ts";
+
+/** Business status of an order as the API shows it (the proto's OrderStatus without the prefix). */
+export type OrderStatusName = "PENDING" | "CONFIRMED" | "SHIPPED" | "CANCELLED";
+
+/** A history entry together with its stream sequence: the unit the projection consumes. */
+export interface PositionedEntry {
+  /** History stream sequence of the entry. */
+  seq: number;
+  entry: HistoryEntry;
+}
+
+/** The fields of the order saga's context the read model uses (the rest is ignored). */
+const orderContext = z.looseObject({
+  orderId: z.string(),
+  userId: z.string(),
+  totalCents: z.number().int().nonnegative(),
+  creditReserved: z.boolean().optional(),
+  cancelReason: z.string().optional(),
+  trackingId: z.string().optional(),
+});
+
+/** What the read side needs from an order saga's context. */
+export interface OrderFacts {
+  orderId: string;
+  userId: string;
+  totalCents: number;
+  cancelReason?: string | undefined;
+  trackingId?: string | undefined;
+}
+
+/** The order facts of a saga state, or undefined when the context is not an order's. */
+export function orderFactsOf(state: Pick<InstanceState, "context">): OrderFacts | undefined {
+  const parsed = orderContext.safeParse(state.context);
+  return parsed.success ? parsed.data : undefined;
+}
+
+/** The start event carries the saga's input; only the items are needed here. */
+const startEvent = z.looseObject({
+  type: z.literal("xstate.init"),
+  input: z.looseObject({
+    items: z.array(
+      z.object({ sku: z.string(), quantity: z.number().int(), unitPriceCents: z.number().int() }),
+    ),
+  }),
+});
+
+/**
+ * Maps the saga's state to the business status.
+ *
+ * `compensating` is not a status of its own (the proto has none): it shows the last status the
+ * customer saw before compensation began. The chart sets `creditReserved` exactly when it enters
+ * `confirmed`, so compensating with credit reserved came from CONFIRMED, without it from PENDING.
+ * An instance that failed (the engine gave up) is CANCELLED.
+ */
+export function orderStatusOf(state: Pick<InstanceState, "status" | "value" | "context">): OrderStatusName {
+  if (state.status === "failed") return "CANCELLED";
+  const top = topState(state.value);
+  switch (top) {
+    case "pending":
+      return "PENDING";
+    case "confirmed":
+      return "CONFIRMED";
+    case "shipped":
+      return "SHIPPED";
+    case "cancelled":
+      return "CANCELLED";
+    case "compensating": {
+      const parsed = orderContext.safeParse(state.context);
+      return parsed.success && parsed.data.creditReserved === true ? "CONFIRMED" : "PENDING";
+    }
+    default:
+      // A state a later chart version adds: say nothing final about it.
+      return "PENDING";
+  }
+}
+
+/** The top-level state name of a state value (`{ pending: "verifyingUser" }` → `pending`). */
+function topState(value: StateValue): string {
+  return typeof value === "string" ? value : (Object.keys(value)[0] ?? "");
+}
+
+/**
+ * The saga's state as one string: the name for a simple state (`"confirmed"`), JSON for a nested
+ * one (`{"pending":"reservingCredit"}`), as the proto's `state` fields describe.
+ */
+export function sagaStateString(value: StateValue): string {
+  return typeof value === "string" ? value : JSON.stringify(value);
+}
+
+/** Items of an order, from its start entry (revision 1); undefined for any other entry. */
+export function itemsOf(
+  entry: HistoryEntry,
+): Array<{ sku: string; quantity: number; unitPriceCents: number }> | undefined {
+  if (entry.revision !== 1) return undefined;
+  const parsed = startEvent.safeParse(entry.event);
+  return parsed.success ? parsed.data.input.items : undefined;
+}
+
+/** Reason shown for a cancelled order; undefined for any other status. */
+export function cancelReasonOf(state: InstanceState, status: OrderStatusName): string | undefined {
+  if (status !== "CANCELLED") return undefined;
+  const parsed = orderContext.safeParse(state.context);
+  return (parsed.success ? parsed.data.cancelReason : undefined) ?? state.failure?.reason ?? "cancelled";
+}
+
+interface OrderRow {
+  order_id: string;
+  user_id: string;
+  status: OrderStatusName;
+  saga_state: string;
+  total_cents: number;
+  cancel_reason: string | null;
+  tracking_id: string | null;
+  created_at: string;
+  updated_at: string;
+  revision: number;
+  history_seq: number;
+}
+
+interface ItemRow {
+  order_id: string;
+  line_no: number;
+  sku: string;
+  quantity: number;
+  unit_price_cents: number;
+}
+
+interface StatusRow {
+  order_id: string;
+  revision: number;
+  status: OrderStatusName;
+  saga_state: string;
+  event_type: string;
+  at: string;
+  history_seq: number;
+}
+
+/** Rows of one batch: at most one order row per order (its newest entry), every item and status row. */
+export interface BatchRows {
+  orders: OrderRow[];
+  items: ItemRow[];
+  statuses: StatusRow[];
+  /** Entries that are not order-saga entries (wrong shape): skipped, reported by the caller. */
+  skipped: PositionedEntry[];
+}
+
+const iso = (ms: number): string => new Date(ms).toISOString();
+
+/**
+ * JSON for a rows parameter. Postgres text cannot hold U+0000 and its JSON parser refuses lone
+ * surrogates; the edge refuses both, but one bad entry must not stall the projection forever, so
+ * they are replaced (deterministically: a rebuild writes the same replacement).
+ */
+function rowsJson(rows: readonly object[]): string {
+  return JSON.stringify(rows, (_key, value: unknown) =>
+    typeof value === "string" ? value.toWellFormed().replaceAll("\u0000", "\uFFFD") : value,
+  );
+}
+
+/** Turns entries into rows. Pure: the same entries always give the same rows. */
+export function rowsOf(entries: readonly PositionedEntry[]): BatchRows {
+  const orders = new Map<string, OrderRow>();
+  const items: ItemRow[] = [];
+  const statuses: StatusRow[] = [];
+  const skipped: PositionedEntry[] = [];
+  for (const positioned of entries) {
+    const { entry, seq } = positioned;
+    if (!isEntryShaped(entry)) {
+      skipped.push(positioned);
+      continue;
+    }
+    const { state } = entry;
+    const context = orderContext.safeParse(state.context);
+    if (!context.success || state.workflow !== "order" || state.instanceId !== context.data.orderId) {
+      skipped.push(positioned);
+      continue;
+    }
+    const orderId = state.instanceId;
+    const status = orderStatusOf(state);
+    const sagaState = sagaStateString(state.value);
+    const row: OrderRow = {
+      order_id: orderId,
+      user_id: context.data.userId,
+      status,
+      saga_state: sagaState,
+      total_cents: context.data.totalCents,
+      cancel_reason: cancelReasonOf(state, status) ?? null,
+      tracking_id: context.data.trackingId ?? null,
+      created_at: iso(state.startedAt),
+      updated_at: iso(state.updatedAt),
+      revision: entry.revision,
+      history_seq: seq,
+    };
+    const previous = orders.get(orderId);
+    if (!previous || previous.revision < row.revision) orders.set(orderId, row);
+    const lines = itemsOf(entry);
+    lines?.forEach((line, index) => {
+      items.push({
+        order_id: orderId,
+        line_no: index,
+        sku: line.sku,
+        quantity: line.quantity,
+        unit_price_cents: line.unitPriceCents,
+      });
+    });
+    statuses.push({
+      order_id: orderId,
+      revision: entry.revision,
+      status,
+      saga_state: sagaState,
+      event_type: entry.event.type,
+      at: iso(entry.at),
+      history_seq: seq,
+    });
+  }
+  return { orders: [...orders.values()], items, statuses, skipped };
+}
+
+/** Guards against JSON that parsed but is not a history entry at all. */
+function isEntryShaped(entry: unknown): entry is HistoryEntry {
+  if (typeof entry !== "object" || entry === null) return false;
+  const { state, event, revision, at } = entry as Partial<HistoryEntry>;
+  return (
+    typeof state === "object" &&
+    state !== null &&
+    typeof event?.type === "string" &&
+    Number.isInteger(revision) &&
+    typeof at === "number" &&
+    typeof state.startedAt === "number" &&
+    typeof state.updatedAt === "number"
+  );
+}
+
+/** Notification channel on which a checkpoint advance is announced (payload `<name>:<position>`). */
+export const CHECKPOINT_CHANNEL = "jetsaga_projection";
+
+/**
+ * Applies a batch of entries and moves the checkpoint `name` to `position`, all in the caller's
+ * transaction. Idempotent: an order row changes only for a newer revision, item and status rows
+ * are inserted once, and the checkpoint never moves back. One statement per table whatever the
+ * batch size (rows travel as one JSON parameter), so a batch costs a handful of round trips.
+ */
+export async function applyBatch(
+  tx: TransactionSql | Sql,
+  rows: BatchRows,
+  checkpoint: { name: string; position: number },
+): Promise<void> {
+  if (rows.orders.length > 0) {
+    await tx`
+      insert into orders (order_id, user_id, status, saga_state, total_cents, cancel_reason, tracking_id,
+                          created_at, updated_at, revision, history_seq)
+      select order_id, user_id, status, saga_state, total_cents, cancel_reason, tracking_id,
+             created_at, updated_at, revision, history_seq
+      from json_to_recordset(${rowsJson(rows.orders)}::text::json) as r(
+        order_id text, user_id text, status text, saga_state text, total_cents bigint, cancel_reason text,
+        tracking_id text, created_at timestamptz, updated_at timestamptz, revision integer, history_seq bigint)
+      on conflict (order_id) do update set
+        status = excluded.status, saga_state = excluded.saga_state, total_cents = excluded.total_cents,
+        cancel_reason = excluded.cancel_reason, tracking_id = excluded.tracking_id,
+        updated_at = excluded.updated_at, revision = excluded.revision, history_seq = excluded.history_seq
+      where orders.revision < excluded.revision`;
+  }
+  if (rows.items.length > 0) {
+    await tx`
+      insert into order_items (order_id, line_no, sku, quantity, unit_price_cents)
+      select order_id, line_no, sku, quantity, unit_price_cents
+      from json_to_recordset(${rowsJson(rows.items)}::text::json) as r(
+        order_id text, line_no integer, sku text, quantity integer, unit_price_cents bigint)
+      on conflict do nothing`;
+  }
+  if (rows.statuses.length > 0) {
+    await tx`
+      insert into order_status_history (order_id, revision, status, saga_state, event_type, at, history_seq)
+      select order_id, revision, status, saga_state, event_type, at, history_seq
+      from json_to_recordset(${rowsJson(rows.statuses)}::text::json) as r(
+        order_id text, revision integer, status text, saga_state text, event_type text, at timestamptz,
+        history_seq bigint)
+      on conflict do nothing`;
+  }
+  await tx`
+    insert into projection_checkpoints (name, position) values (${checkpoint.name}, ${checkpoint.position})
+    on conflict (name) do update set position = excluded.position
+    where projection_checkpoints.position < excluded.position`;
+  // Delivered at commit, so a listener never sees a position whose rows are not visible yet.
+  await tx`select pg_notify(${CHECKPOINT_CHANNEL}, ${`${checkpoint.name}:${checkpoint.position}`})`;
+}
+
+/** The checkpoint of projection `name` (0 when it has never run). */
+export async function readCheckpoint(sql: Sql | TransactionSql, name: string): Promise<number> {
+  const [row] = await sql<{ position: string }[]>`
+    select position from projection_checkpoints where name = ${name}`;
+  return row ? Number(row.position) : 0;
+}

@@ -1,0 +1,261 @@
+/**
+ * The order projector against real order sagas on a real nats-server and PostgreSQL: rows appear,
+ * re-projecting the same entries changes nothing, and a rebuild from the stream equals the
+ * incrementally built read model row for row.
+ */
+import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../../common/nats.ts";
+import { connectPostgres, migrate, type Sql } from "../../../common/postgres.ts";
+import {
+  commandHandler,
+  createWorker,
+  createWorkflowClient,
+  type HistoryEntry,
+  type RunningOrchestrator,
+  type RunningWorker,
+  startOrchestrator,
+  type WorkflowClient,
+} from "../../../orchestrator/index.ts";
+import { orderSaga } from "../../../orchestrator/workflows/order/order-saga.ts";
+import { releaseCreditInput, reserveCreditInput, verifyUserInput } from "../../../schemas/user.ts";
+import {
+  createTestDatabase,
+  natsUrl,
+  type TestDatabase,
+  uniqueNamespace,
+} from "../../../test/support/context.ts";
+import {
+  applyBatch,
+  type OrderProjector,
+  orderReadModelMigrations,
+  type PositionedEntry,
+  rebuildOrderReadModel,
+  rowsOf,
+  startOrderProjector,
+} from "./index.ts";
+
+/** Credit per user in the in-test user worker; orders above it are refused (credit.insufficient). */
+const CREDIT_CENTS = 10_000;
+
+/** Every row of the read model, in key order: what "identical" means. */
+async function dump(sql: Sql): Promise<unknown> {
+  return {
+    orders: await sql`select * from orders order by order_id`,
+    items: await sql`select * from order_items order by order_id, line_no`,
+    statuses: await sql`select * from order_status_history order by order_id, revision`,
+    checkpoints: await sql`select * from projection_checkpoints order by name`,
+  };
+}
+
+/** The last history stream sequence of the order workflow (what the projector must reach). */
+async function lastOrderSeq(nc: NatsConnection, client: WorkflowClient): Promise<number> {
+  const info = await (await jetstream(nc).jetstreamManager()).streams.info(client.topology.streams.history, {
+    subjects_filter: client.topology.historyFilter("order"),
+  });
+  return info.state.last_seq;
+}
+
+/** Every order entry of the stream with its sequence, oldest first. */
+async function allEntries(nc: NatsConnection, client: WorkflowClient): Promise<PositionedEntry[]> {
+  const last = await lastOrderSeq(nc, client);
+  const consumer = await jetstream(nc).consumers.get(client.topology.streams.history, {
+    filter_subjects: client.topology.historyFilter("order"),
+    deliver_policy: DeliverPolicy.All,
+  });
+  const messages = await consumer.consume();
+  const entries: PositionedEntry[] = [];
+  for await (const msg of messages) {
+    entries.push({ seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry });
+    if (msg.seq >= last) break;
+  }
+  await messages.close();
+  return entries;
+}
+
+describe("order read model projector", () => {
+  let db: TestDatabase;
+  let sql: Sql;
+  let nc: NatsConnection;
+  let ns: string;
+  let orchestrator: RunningOrchestrator;
+  let worker: RunningWorker;
+  let client: WorkflowClient;
+  let projector: OrderProjector;
+
+  beforeAll(async () => {
+    db = await createTestDatabase("orderrm");
+    sql = await connectPostgres(db.url);
+    await migrate(sql, { name: "order", dir: orderReadModelMigrations });
+    ns = uniqueNamespace("orderrm");
+    nc = await connectNats({ servers: natsUrl() });
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [orderSaga] });
+    const reserved = new Map<string, number>();
+    worker = await createWorker({
+      nc,
+      ns,
+      service: "user",
+      commands: {
+        "user.verify": commandHandler({
+          input: verifyUserInput,
+          handle: async (input) => ({ type: "user.verified", userId: input.userId }),
+        }),
+        "user.reserveCredit": commandHandler({
+          input: reserveCreditInput,
+          async handle(input) {
+            const fits = input.amountCents <= CREDIT_CENTS;
+            if (fits) reserved.set(input.reservationId, input.amountCents);
+            return {
+              type: fits ? "credit.reserved" : "credit.insufficient",
+              reservationId: input.reservationId,
+              amountCents: input.amountCents,
+              availableCents: CREDIT_CENTS,
+            };
+          },
+        }),
+        "user.releaseCredit": commandHandler({
+          input: releaseCreditInput,
+          async handle(input) {
+            const amountCents = reserved.get(input.reservationId) ?? 0;
+            reserved.delete(input.reservationId);
+            return { type: "credit.released", reservationId: input.reservationId, amountCents };
+          },
+        }),
+      },
+    });
+    client = await createWorkflowClient({ nc, ns, workflows: [orderSaga] });
+    projector = await startOrderProjector({ nc, sql, ns, maxBatch: 50 });
+  });
+
+  afterAll(async () => {
+    await projector?.stop();
+    await client?.close();
+    await worker?.stop();
+    await orchestrator?.stop();
+    await nc?.close();
+    await sql?.end({ timeout: 5 });
+    await db?.drop();
+  });
+
+  /** Drives 30 orders to every kind of end: shipped, cancelled by the customer, refused credit. */
+  async function driveOrders(): Promise<void> {
+    const ids = Array.from({ length: 30 }, (_, i) => `o-${i}`);
+    await Promise.all(
+      ids.map((orderId, i) =>
+        client.start("order", orderId, {
+          orderId,
+          userId: `u-${i % 4}`,
+          items: [
+            { sku: `sku-${i}`, quantity: 1 + (i % 3), unitPriceCents: i % 10 === 9 ? 999_999 : 250 },
+            { sku: "gift-wrap", quantity: 1, unitPriceCents: 0 },
+          ],
+        }),
+      ),
+    );
+    // Wait until each has settled (confirmed or cancelled), then ship or cancel the confirmed ones.
+    await Promise.all(
+      ids.map(async (orderId, i) => {
+        for await (const entry of client.watch("order", orderId, { signal: AbortSignal.timeout(20_000) })) {
+          if (entry.state.value === "confirmed") {
+            await client.signal(
+              "order",
+              orderId,
+              i % 2 === 0
+                ? { type: "order.ship", trackingId: `t-${i}` }
+                : { type: "order.cancel", reason: "changed mind" },
+            );
+          }
+          if (entry.state.status !== "running") break;
+        }
+      }),
+    );
+  }
+
+  it("projects every order saga into orders, items and status history", async () => {
+    await driveOrders();
+    const last = await lastOrderSeq(nc, client);
+    expect(await projector.waitFor(last, 20_000)).toBe(true);
+
+    const counts = await sql<{ status: string; n: string }[]>`
+      select status, count(*) as n from orders group by status order by status`;
+    expect(Object.fromEntries(counts.map((row) => [row.status, Number(row.n)]))).toEqual({
+      CANCELLED: 3 + 12, // o-9, o-19, o-29 over the credit limit; the other 12 odd ones by the customer
+      SHIPPED: 15, // the even ones
+    });
+    const [shipped] = await sql`select * from orders where order_id = 'o-4'`;
+    expect(shipped).toMatchObject({
+      user_id: "u-0",
+      status: "SHIPPED",
+      saga_state: "shipped",
+      total_cents: String(2 * 250), // quantity 1 + 4 % 3
+      tracking_id: "t-4",
+      cancel_reason: null,
+    });
+    const [refused] = await sql`select * from orders where order_id = 'o-9'`;
+    expect(refused).toMatchObject({ status: "CANCELLED", cancel_reason: "insufficient credit" });
+    const items =
+      await sql`select sku, quantity, unit_price_cents from order_items where order_id = 'o-4' order by line_no`;
+    expect(items).toEqual([
+      { sku: "sku-4", quantity: 2, unit_price_cents: "250" },
+      { sku: "gift-wrap", quantity: 1, unit_price_cents: "0" },
+    ]);
+    // Customer cancellation after confirmation: compensating shows CONFIRMED until the release.
+    const history = await sql<{ status: string; saga_state: string; event_type: string }[]>`
+      select status, saga_state, event_type from order_status_history where order_id = 'o-1' order by revision`;
+    expect(history).toEqual([
+      { status: "PENDING", saga_state: '{"pending":"verifyingUser"}', event_type: "xstate.init" },
+      { status: "PENDING", saga_state: '{"pending":"reservingCredit"}', event_type: "user.verified" },
+      { status: "CONFIRMED", saga_state: "confirmed", event_type: "credit.reserved" },
+      { status: "CONFIRMED", saga_state: "compensating", event_type: "order.cancel" },
+      { status: "CANCELLED", saga_state: "cancelled", event_type: "credit.released" },
+    ]);
+    expect(projector.position()).toBe(last);
+    const [checkpoint] = await sql`select position from projection_checkpoints where name = 'orders'`;
+    expect(checkpoint).toEqual({ position: String(last) });
+    expect(projector.stats.batches).toBeGreaterThan(0);
+  });
+
+  it("re-projecting the same entries changes nothing", async () => {
+    const before = await dump(sql);
+    const entries = await allEntries(nc, client);
+    const last = entries.at(-1)?.seq ?? 0;
+    // All at once, one by one, and in overlapping halves: every way a redelivery could come.
+    await sql.begin((tx) => applyBatch(tx, rowsOf(entries), { name: "orders", position: last }));
+    for (const entry of entries.slice(0, 20)) {
+      await sql.begin((tx) => applyBatch(tx, rowsOf([entry]), { name: "orders", position: entry.seq }));
+    }
+    const half = Math.floor(entries.length / 2);
+    await sql.begin((tx) =>
+      applyBatch(tx, rowsOf(entries.slice(half - 5)), { name: "orders", position: last }),
+    );
+    expect(await dump(sql)).toEqual(before);
+
+    // A projector restarted from scratch (checkpoint reset) converges on the same rows.
+    await projector.stop();
+    await sql`update projection_checkpoints set position = 0 where name = 'orders'`;
+    projector = await startOrderProjector({ nc, sql, ns, maxBatch: 7 });
+    await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(last);
+    expect(await dump(sql)).toEqual(before);
+  });
+
+  it("a rebuild equals the incrementally built read model, row for row", async () => {
+    const incremental = await dump(sql);
+    const result = await rebuildOrderReadModel({ nc, sql, ns, batchSize: 13 });
+    expect(result.orders).toBe(30);
+    expect(result.position).toBe(await lastOrderSeq(nc, client));
+    expect(await dump(sql)).toEqual(incremental);
+
+    // And the live projector carries on after the rebuild: a new order appears.
+    await client.start("order", "o-after", {
+      orderId: "o-after",
+      userId: "u-9",
+      items: [{ sku: "late", quantity: 1, unitPriceCents: 1 }],
+    });
+    await expect
+      .poll(async () => (await sql`select status from orders where order_id = 'o-after'`)[0]?.status, {
+        timeout: 20_000,
+      })
+      .toBe("CONFIRMED");
+  });
+});

@@ -1,0 +1,228 @@
+import { type ConsumerMessages, DeliverPolicy, type JsMsg, jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import type { Sql } from "../../../common/postgres.ts";
+import { type HistoryEntry, topology } from "../../../orchestrator/index.ts";
+import {
+  applyBatch,
+  CHECKPOINT_CHANNEL,
+  type PositionedEntry,
+  readCheckpoint,
+  rowsOf,
+} from "./projection.ts";
+
+/** Structured log sink; pino loggers fit. */
+export interface ProjectorLogger {
+  info(obj: Record<string, unknown>, msg: string): void;
+  warn(obj: Record<string, unknown>, msg: string): void;
+  error(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** Options of {@link startOrderProjector}. */
+export interface OrderProjectorOptions {
+  nc: NatsConnection;
+  sql: Sql;
+  /** Stream namespace. Default `jetsaga`. */
+  ns?: string;
+  /** Checkpoint name in `projection_checkpoints`. Default `orders`. */
+  name?: string;
+  /** Most entries written in one transaction. Default 1000. */
+  maxBatch?: number;
+  /** Delay before a failed batch is tried again, ms (doubles up to 5 s). Default 100. */
+  retryDelayMs?: number;
+  logger?: ProjectorLogger;
+}
+
+/** Counters of a running projector. */
+export interface OrderProjectorStats {
+  /** Entries applied (including re-applied ones, which change nothing). */
+  entries: number;
+  /** Transactions committed. */
+  batches: number;
+  /** Entries that are not order-saga entries, skipped with an error log. */
+  skipped: number;
+  /** Batches that failed and were retried. */
+  retries: number;
+}
+
+/** Something that can tell how far the read model is and wait for it to get further. */
+export interface ProjectionPosition {
+  /** History stream sequence of the last entry whose rows are committed (0: nothing yet). */
+  position(): number;
+  /**
+   * Resolves true once the read model includes `position`, false when `timeoutMs` passes first
+   * (never rejects).
+   */
+  waitFor(position: number, timeoutMs: number): Promise<boolean>;
+}
+
+/** A running order projector. */
+export interface OrderProjector extends ProjectionPosition {
+  readonly stats: Readonly<OrderProjectorStats>;
+  /** Stops consuming after the batch in progress, and releases its LISTEN connection. */
+  stop(): Promise<void>;
+}
+
+/**
+ * Projects the order sagas' histories into the read model tables (see migrations/001_orders.sql).
+ *
+ * Consumption: an ordered consumer (ephemeral, server-side flow control, restarted by the client
+ * on gaps) from the checkpoint + 1. Postgres, not the NATS server, holds the position: the
+ * checkpoint is committed in the same transaction as the rows, so a crash anywhere either keeps
+ * both or neither, and there is no second source of truth (a durable consumer's ack floor) to
+ * reconcile. Rebuilding is just starting from sequence 1.
+ *
+ * Batching: entries are collected while the consumer reports more pending and written in one
+ * transaction (a few statements whatever the size) when it has caught up or `maxBatch` is reached.
+ * Under load batches grow; when idle every entry is written at once.
+ *
+ * Several projectors (e.g. one per API replica) may run on the same tables: rows are guarded by
+ * revision and the checkpoint only moves forward, so the result is the same, only the work is
+ * repeated.
+ */
+export async function startOrderProjector(options: OrderProjectorOptions): Promise<OrderProjector> {
+  const projector = new Projector(options);
+  await projector.start();
+  return projector;
+}
+
+type Waiter = { position: number; resolve: (reached: boolean) => void; timer: ReturnType<typeof setTimeout> };
+
+const MAX_RETRY_DELAY_MS = 5000;
+
+class Projector implements OrderProjector {
+  readonly stats: OrderProjectorStats = { entries: 0, batches: 0, skipped: 0, retries: 0 };
+  readonly #options: OrderProjectorOptions;
+  readonly #name: string;
+  readonly #maxBatch: number;
+  #position = 0;
+  #waiters = new Set<Waiter>();
+  #messages: ConsumerMessages | undefined;
+  #loop: Promise<void> | undefined;
+  #stopping = false;
+  #unlisten: (() => Promise<void>) | undefined;
+
+  constructor(options: OrderProjectorOptions) {
+    this.#options = options;
+    this.#name = options.name ?? "orders";
+    this.#maxBatch = options.maxBatch ?? 1000;
+  }
+
+  position(): number {
+    return this.#position;
+  }
+
+  async start(): Promise<void> {
+    const { sql, nc } = this.#options;
+    this.#advance(await readCheckpoint(sql, this.#name));
+    // Another projector on the same tables (another replica, a rebuild) announces its commits:
+    // read-your-writes then also holds for positions this process did not write itself.
+    const listener = await sql.listen(CHECKPOINT_CHANNEL, (payload) => {
+      const [name, position] = payload.split(":");
+      if (name === this.#name) this.#advance(Number(position));
+    });
+    this.#unlisten = () => listener.unlisten();
+    const topo = topology(this.#options.ns);
+    const start = this.#position + 1;
+    const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
+      filter_subjects: topo.historyFilter("order"),
+      ...(start === 1
+        ? { deliver_policy: DeliverPolicy.All }
+        : { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start }),
+    });
+    this.#messages = await consumer.consume({ max_messages: this.#maxBatch });
+    this.#loop = this.#run(this.#messages);
+  }
+
+  async #run(messages: ConsumerMessages): Promise<void> {
+    let batch: PositionedEntry[] = [];
+    for await (const msg of messages) {
+      const positioned = decode(msg, this.#options.logger);
+      if (positioned) batch.push(positioned);
+      // Write when caught up or full; while more is pending, keep collecting.
+      if (msg.info.pending === 0 || batch.length >= this.#maxBatch) {
+        await this.#flush(batch, msg.seq);
+        batch = [];
+        if (this.#stopping) break;
+      }
+    }
+  }
+
+  async #flush(batch: PositionedEntry[], lastSeq: number): Promise<void> {
+    const rows = rowsOf(batch);
+    for (const { seq, entry } of rows.skipped) {
+      this.#options.logger?.error(
+        { seq, workflow: entry.state?.workflow, instanceId: entry.state?.instanceId },
+        "history entry is not an order saga entry: skipped",
+      );
+    }
+    let delay = this.#options.retryDelayMs ?? 100;
+    for (;;) {
+      try {
+        await this.#options.sql.begin((tx) => applyBatch(tx, rows, { name: this.#name, position: lastSeq }));
+        break;
+      } catch (error) {
+        if (this.#stopping) return;
+        this.stats.retries++;
+        this.#options.logger?.warn(
+          { err: error, entries: batch.length, lastSeq },
+          "projection batch failed; retrying",
+        );
+        await new Promise((resolve) => setTimeout(resolve, delay));
+        delay = Math.min(delay * 2, MAX_RETRY_DELAY_MS);
+      }
+    }
+    this.stats.entries += batch.length;
+    this.stats.skipped += rows.skipped.length;
+    this.stats.batches++;
+    this.#advance(lastSeq);
+  }
+
+  #advance(position: number): void {
+    if (!(position > this.#position)) return;
+    this.#position = position;
+    for (const waiter of this.#waiters) {
+      if (waiter.position <= position) {
+        clearTimeout(waiter.timer);
+        this.#waiters.delete(waiter);
+        waiter.resolve(true);
+      }
+    }
+  }
+
+  waitFor(position: number, timeoutMs: number): Promise<boolean> {
+    if (position <= this.#position) return Promise.resolve(true);
+    return new Promise<boolean>((resolve) => {
+      const waiter: Waiter = {
+        position,
+        resolve,
+        timer: setTimeout(() => {
+          this.#waiters.delete(waiter);
+          resolve(false);
+        }, timeoutMs),
+      };
+      this.#waiters.add(waiter);
+    });
+  }
+
+  async stop(): Promise<void> {
+    if (this.#stopping) return;
+    this.#stopping = true;
+    await this.#messages?.close();
+    await this.#loop?.catch(() => {});
+    await this.#unlisten?.().catch(() => {});
+    for (const waiter of this.#waiters) {
+      clearTimeout(waiter.timer);
+      waiter.resolve(false);
+    }
+    this.#waiters.clear();
+  }
+}
+
+function decode(msg: JsMsg, logger: ProjectorLogger | undefined): PositionedEntry | undefined {
+  try {
+    return { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry };
+  } catch (error) {
+    logger?.error({ seq: msg.seq, subject: msg.subject, err: error }, "history entry is not JSON: skipped");
+    return undefined;
+  }
+}

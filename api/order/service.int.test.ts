@@ -1,0 +1,702 @@
+/**
+ * OrderService in process (the gateway: OrderService + UserService proxy on one port) against a
+ * real nats-server, PostgreSQL, orchestrator and user worker, with a fake UserService (a real
+ * Connect server) behind it. Clients: @grpc/grpc-js + @grpc/proto-loader (native gRPC, a client we
+ * did not write), connect-node's Connect and gRPC-Web transports, and raw fetch for wrong types.
+ */
+import { randomUUID } from "node:crypto";
+import { fileURLToPath } from "node:url";
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
+import { jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { issueToken } from "../../common/auth-token.ts";
+import { connectNats } from "../../common/nats.ts";
+import { connectPostgres, type Sql } from "../../common/postgres.ts";
+import {
+  commandHandler,
+  createWorker,
+  createWorkflowClient,
+  type RunningOrchestrator,
+  type RunningWorker,
+  startOrchestrator,
+  type WorkflowClient,
+} from "../../orchestrator/index.ts";
+import { orderSaga } from "../../orchestrator/workflows/order/order-saga.ts";
+import {
+  OrderService,
+  OrderStatus,
+  type PlaceOrderResponse,
+} from "../../proto/gen/jetsaga/order/v1/order_pb.ts";
+import {
+  AuthenticateResponseSchema,
+  CreateUserResponseSchema,
+  GetUserResponseSchema,
+  UserService,
+} from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { releaseCreditInput, reserveCreditInput, verifyUserInput } from "../../schemas/user.ts";
+import {
+  createTestDatabase,
+  natsUrl,
+  type TestDatabase,
+  uniqueNamespace,
+} from "../../test/support/context.ts";
+import { type Gateway, startGateway } from "../gateway.ts";
+import { type RpcServer, startRpcServer } from "../rpc/index.ts";
+
+const SECRET = "test-secret-that-is-at-least-32-bytes-long";
+const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
+
+// ---------------------------------------------------------------------------------------------
+// A fake user service: real Connect server, in-memory accounts, tokens signed with SECRET.
+
+interface FakeUsers {
+  server: RpcServer;
+  port: number;
+  getUserCalls: number;
+}
+
+const accounts = new Map<string, { userId: string; password: string }>();
+
+async function startFakeUserService(port = 0): Promise<RpcServer> {
+  return startRpcServer({
+    port,
+    closeGraceMs: 200,
+    routes(router) {
+      router.service(UserService, {
+        createUser(req) {
+          if (accounts.has(req.email)) throw new ConnectError("email taken", Code.AlreadyExists);
+          const userId = `u-${randomUUID()}`;
+          accounts.set(req.email, { userId, password: req.password });
+          return create(CreateUserResponseSchema, {
+            user: { userId, email: req.email, creditLimitCents: req.creditLimitCents },
+          });
+        },
+        getUser(req) {
+          fake.getUserCalls++;
+          const found = [...accounts.values()].find((a) => a.userId === req.userId);
+          if (!found) throw new ConnectError("no such user", Code.NotFound);
+          return create(GetUserResponseSchema, { user: { userId: found.userId } });
+        },
+        authenticate(req) {
+          const account = accounts.get(req.email);
+          if (!account || account.password !== req.password)
+            throw new ConnectError("wrong email or password", Code.Unauthenticated);
+          const { token, expiresAt } = issueToken(SECRET, account.userId, 3600, Date.now());
+          return create(AuthenticateResponseSchema, {
+            token,
+            userId: account.userId,
+            expiresAt: timestampFromMs(expiresAt * 1000),
+          });
+        },
+      });
+    },
+  });
+}
+
+const fake: FakeUsers = { server: undefined as unknown as RpcServer, port: 0, getUserCalls: 0 };
+
+// ---------------------------------------------------------------------------------------------
+// @grpc/grpc-js clients from the .proto sources.
+
+const packageDefinition = protoLoader.loadSync(
+  ["jetsaga/user/v1/user.proto", "jetsaga/order/v1/order.proto"],
+  {
+    includeDirs: [protoDir],
+    longs: String,
+    enums: String,
+    defaults: true,
+  },
+);
+type Callback<Res> = (err: grpc.ServiceError | null, res?: Res) => void;
+interface GrpcUserClient extends grpc.Client {
+  createUser(
+    req: { email: string; password: string; creditLimitCents: string },
+    cb: Callback<{ user: { userId: string } }>,
+  ): grpc.ClientUnaryCall;
+  authenticate(
+    req: { email: string; password: string },
+    cb: Callback<{ token: string; userId: string }>,
+  ): grpc.ClientUnaryCall;
+}
+interface GrpcOrderClient extends grpc.Client {
+  placeOrder(
+    req: { idempotencyKey: string; items: Array<{ sku: string; quantity: number; unitPriceCents: string }> },
+    md: grpc.Metadata,
+    cb: Callback<{ order: { orderId: string; status: string }; position: string }>,
+  ): grpc.ClientUnaryCall;
+  watchOrder(
+    req: { orderId: string },
+    md: grpc.Metadata,
+  ): grpc.ClientReadableStream<{ order: { status: string }; state: string }>;
+}
+
+function grpcClient<C extends grpc.Client>(service: string, address: string): C {
+  const Ctor = grpc.makeClientConstructor(packageDefinition[service] as grpc.ServiceDefinition, service);
+  return new Ctor(address, grpc.credentials.createInsecure()) as unknown as C;
+}
+
+function unary<Res>(call: (cb: Callback<Res>) => grpc.ClientUnaryCall): Promise<Res> {
+  return new Promise((resolve, reject) => {
+    call((err, res) => (err ? reject(err) : resolve(res as Res)));
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+
+const auth = (token: string) => ({ headers: { authorization: `Bearer ${token}` } });
+const item = (sku = "book", quantity = 1, unitPriceCents = 1500n) => ({ sku, quantity, unitPriceCents });
+
+async function codeOf(promise: Promise<unknown>): Promise<Code | "ok"> {
+  try {
+    await promise;
+    return "ok";
+  } catch (error) {
+    return ConnectError.from(error).code;
+  }
+}
+
+describe("OrderService", () => {
+  let db: TestDatabase;
+  let sql: Sql;
+  let nc: NatsConnection;
+  let ns: string;
+  let orchestrator: RunningOrchestrator;
+  let worker: RunningWorker;
+  let workflows: WorkflowClient;
+  let gateway: Gateway;
+  let orders: Client<typeof OrderService>;
+  let users: Client<typeof UserService>;
+  /** Users whose user.verify is held back (their orders stay PENDING until released). */
+  const held = new Set<string>();
+
+  async function signUp(label: string): Promise<{ userId: string; token: string }> {
+    const email = `${label}-${randomUUID()}@example.com`;
+    await users.createUser({ email, password: "correct horse", creditLimitCents: 1_000_000n });
+    const { token, userId } = await users.authenticate({ email, password: "correct horse" });
+    return { userId, token };
+  }
+
+  beforeAll(async () => {
+    db = await createTestDatabase("ordersvc");
+    sql = await connectPostgres(db.url);
+    ns = uniqueNamespace("ordersvc");
+    nc = await connectNats({ servers: natsUrl() });
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [orderSaga] });
+    worker = await createWorker({
+      nc,
+      ns,
+      service: "user",
+      commands: {
+        "user.verify": commandHandler({
+          input: verifyUserInput,
+          async handle(input, ctx) {
+            while (held.has(input.userId) && !ctx.signal.aborted) await new Promise((r) => setTimeout(r, 20));
+            return { type: "user.verified", userId: input.userId };
+          },
+        }),
+        "user.reserveCredit": commandHandler({
+          input: reserveCreditInput,
+          handle: async (input) => ({
+            type: "credit.reserved",
+            reservationId: input.reservationId,
+            amountCents: input.amountCents,
+            availableCents: 1_000_000,
+          }),
+        }),
+        "user.releaseCredit": commandHandler({
+          input: releaseCreditInput,
+          handle: async (input) => ({
+            type: "credit.released",
+            reservationId: input.reservationId,
+            amountCents: 0,
+          }),
+        }),
+      },
+    });
+    workflows = await createWorkflowClient({ nc, ns, workflows: [orderSaga] });
+    fake.server = await startFakeUserService();
+    fake.port = fake.server.port;
+    gateway = await startGateway({
+      nc,
+      sql,
+      ns,
+      tokenSecret: SECRET,
+      closeGraceMs: 200,
+      userService: {
+        baseUrl: fake.server.url,
+        attemptTimeoutMs: 1000,
+        retries: 1,
+        initialBackoffMs: 10,
+        failureThreshold: 2,
+        halfOpenAfterMs: 200,
+      },
+    });
+    const transport = createConnectTransport({ baseUrl: gateway.url, httpVersion: "2" });
+    orders = createClient(OrderService, transport);
+    users = createClient(UserService, transport);
+  });
+
+  afterAll(async () => {
+    held.clear();
+    await gateway?.close();
+    await fake.server?.close();
+    await workflows?.close();
+    await worker?.stop();
+    await orchestrator?.stop();
+    await nc?.close();
+    await sql?.end({ timeout: 5 });
+    await db?.drop();
+  });
+
+  /** Everything a request could have left behind: stream sequences and read-model rows. */
+  async function traces(): Promise<unknown> {
+    const jsm = await jetstreamManager(nc);
+    const history = await jsm.streams.info(workflows.topology.streams.history);
+    const inbox = await jsm.streams.info(workflows.topology.streams.inbox);
+    const [rows] = await sql<{ n: string }[]>`select count(*) as n from orders`;
+    return { history: history.state.last_seq, inbox: inbox.state.last_seq, rows: rows?.n };
+  }
+
+  it("refuses a table of bad inputs with the right code, leaving no trace", async () => {
+    const { token } = await signUp("bad");
+    const a = auth(token);
+    const before = await traces();
+    expect(before).toEqual({ history: 0, inbox: 0, rows: "0" });
+    const okId = `o${"0".repeat(32)}`;
+    const place = (idempotencyKey: string, items = [item()]) =>
+      orders.placeOrder({ idempotencyKey, items }, a);
+    const cases: Array<[string, () => Promise<unknown>, Code]> = [
+      ["empty key", () => place(""), Code.InvalidArgument],
+      ["oversized key", () => place("k".repeat(129)), Code.InvalidArgument],
+      ["key with .", () => place("a.b"), Code.InvalidArgument],
+      ["key with *", () => place("a*"), Code.InvalidArgument],
+      ["key with >", () => place("a>"), Code.InvalidArgument],
+      ["key with space", () => place("a b"), Code.InvalidArgument],
+      ["key with NUL", () => place("a\u0000b"), Code.InvalidArgument],
+      ["key with odd unicode", () => place("ключ\u200Bkey"), Code.InvalidArgument],
+      ["SQL-looking key", () => place("x'; drop table orders; --"), Code.InvalidArgument],
+      ["no items", () => place("k1", []), Code.InvalidArgument],
+      [
+        "too many items",
+        () =>
+          place(
+            "k1",
+            Array.from({ length: 101 }, () => item()),
+          ),
+        Code.InvalidArgument,
+      ],
+      ["empty sku", () => place("k1", [item("")]), Code.InvalidArgument],
+      ["sku with NUL", () => place("k1", [item("a\u0000")]), Code.InvalidArgument],
+      ["oversized sku", () => place("k1", [item("s".repeat(65))]), Code.InvalidArgument],
+      ["sku with bidi override", () => place("k1", [item("\u202Eabc")]), Code.InvalidArgument],
+      ["sku with wildcard and space", () => place("k1", [item("a >")]), Code.InvalidArgument],
+      ["SQL-looking sku", () => place("k1", [item("x' or '1'='1")]), Code.InvalidArgument],
+      ["zero quantity", () => place("k1", [item("a", 0)]), Code.InvalidArgument],
+      ["negative quantity", () => place("k1", [item("a", -1)]), Code.InvalidArgument],
+      ["huge quantity", () => place("k1", [item("a", 10_001)]), Code.InvalidArgument],
+      ["negative price", () => place("k1", [item("a", 1, -1n)]), Code.InvalidArgument],
+      ["price beyond 2^53", () => place("k1", [item("a", 1, 2n ** 53n)]), Code.InvalidArgument],
+      ["total beyond 2^53", () => place("k1", [item("a", 10_000, 2n ** 50n)]), Code.InvalidArgument],
+      ["request beyond readMaxBytes", () => place("k1", [item("s".repeat(70_000))]), Code.ResourceExhausted],
+      ["empty order id", () => orders.cancelOrder({ orderId: "", reason: "" }, a), Code.InvalidArgument],
+      ["order id *", () => orders.cancelOrder({ orderId: "*", reason: "" }, a), Code.InvalidArgument],
+      ["order id >", () => orders.shipOrder({ orderId: ">" }, a), Code.InvalidArgument],
+      ["order id with .", () => orders.shipOrder({ orderId: `${okId}.x` }, a), Code.InvalidArgument],
+      ["order id with space", () => orders.getOrder({ orderId: `${okId} ` }, a), Code.InvalidArgument],
+      ["SQL-looking order id", () => orders.getOrder({ orderId: "' or 1=1 --" }, a), Code.InvalidArgument],
+      [
+        "reason with NUL",
+        () => orders.cancelOrder({ orderId: okId, reason: "a\u0000" }, a),
+        Code.InvalidArgument,
+      ],
+      [
+        "oversized reason",
+        () => orders.cancelOrder({ orderId: okId, reason: "r".repeat(501) }, a),
+        Code.InvalidArgument,
+      ],
+      [
+        "reason with bidi",
+        () => orders.cancelOrder({ orderId: okId, reason: "\u202Egnp.exe" }, a),
+        Code.InvalidArgument,
+      ],
+      [
+        "bad min_position",
+        () => orders.getOrder({ orderId: okId, minPosition: "abc" }, a),
+        Code.InvalidArgument,
+      ],
+      [
+        "negative min_position",
+        () => orders.getOrder({ orderId: okId, minPosition: "-1" }, a),
+        Code.InvalidArgument,
+      ],
+      ["negative page size", () => orders.listOrders({ pageSize: -1 }, a), Code.InvalidArgument],
+      ["oversized page size", () => orders.listOrders({ pageSize: 501 }, a), Code.InvalidArgument],
+      [
+        "unspecified status",
+        () => orders.listOrders({ statuses: [OrderStatus.UNSPECIFIED] }, a),
+        Code.InvalidArgument,
+      ],
+      ["unknown status", () => orders.listOrders({ statuses: [99 as OrderStatus] }, a), Code.InvalidArgument],
+      ["garbage page token", () => orders.listOrders({ pageToken: "!!" }, a), Code.InvalidArgument],
+      [
+        "forged page token",
+        () => orders.listOrders({ pageToken: Buffer.from('[1,0,"x","y"]').toString("base64url") }, a),
+        Code.InvalidArgument,
+      ],
+      [
+        "watch with wildcard id",
+        () => collect(orders.watchOrder({ orderId: "o.*" }, a)),
+        Code.InvalidArgument,
+      ],
+      ["history with wildcard id", () => orders.getOrderHistory({ orderId: ">" }, a), Code.InvalidArgument],
+    ];
+    const results = [];
+    for (const [name, call, code] of cases) results.push([name, await codeOf(call()), code]);
+    expect(results.filter(([, got, want]) => got !== want)).toEqual([]);
+
+    // Wrong JSON types and lone surrogates only reach the server over Connect JSON.
+    const post = (method: string, body: string) =>
+      fetch(`${gateway.url}/jetsaga.order.v1.OrderService/${method}`, {
+        method: "POST",
+        headers: { "content-type": "application/json", authorization: `Bearer ${token}` },
+        body,
+      }).then(async (res) => ({ status: res.status, code: ((await res.json()) as { code?: string }).code }));
+    for (const [method, body] of [
+      ["PlaceOrder", '{"idempotencyKey": 5, "items": [{"sku": "a", "quantity": 1}]}'],
+      ["PlaceOrder", '{"idempotencyKey": "k", "items": "x"}'],
+      ["PlaceOrder", '{"idempotencyKey": "k", "items": [{"sku": "a", "quantity": "many"}]}'],
+      ["PlaceOrder", '{"idempotencyKey": "k", "items": [{"sku": "a", "quantity": 1.5}]}'],
+      ["CancelOrder", `{"orderId": "${okId}", "reason": "\\ud800"}`],
+      ["ListOrders", '{"statuses": ["ORDER_STATUS_NOPE"]}'],
+      ["GetOrder", "not json"],
+    ] as const) {
+      expect(await post(method, body), `${method} ${body}`).toEqual({
+        status: 400,
+        code: "invalid_argument",
+      });
+    }
+
+    expect(await traces()).toEqual(before);
+    // The control: a good request does leave a trace, so the comparison above can see one.
+    await place("good-key");
+    expect(await traces()).not.toEqual(before);
+  });
+
+  it("creates a user, authenticates, places an order and watches it reach CONFIRMED over native gRPC (@grpc/grpc-js)", async () => {
+    const address = `127.0.0.1:${gateway.port}`;
+    const grpcUsers = grpcClient<GrpcUserClient>("jetsaga.user.v1.UserService", address);
+    const grpcOrders = grpcClient<GrpcOrderClient>("jetsaga.order.v1.OrderService", address);
+    try {
+      const email = `grpc-${randomUUID()}@example.com`;
+      await unary((cb) =>
+        grpcUsers.createUser({ email, password: "pw-grpc", creditLimitCents: "100000" }, cb),
+      );
+      const { token } = await unary<{ token: string; userId: string }>((cb) =>
+        grpcUsers.authenticate({ email, password: "pw-grpc" }, cb),
+      );
+      const md = new grpc.Metadata();
+      md.set("authorization", `Bearer ${token}`);
+      const placed = await unary<{ order: { orderId: string; status: string }; position: string }>((cb) =>
+        grpcOrders.placeOrder(
+          {
+            idempotencyKey: randomUUID(),
+            items: [{ sku: "grpc-book", quantity: 2, unitPriceCents: "9007199254740" }],
+          },
+          md,
+          cb,
+        ),
+      );
+      expect(placed.order.status).toBe("ORDER_STATUS_PENDING");
+      expect(placed.position).toMatch(/^\d+$/);
+      const statuses = await new Promise<string[]>((resolve, reject) => {
+        const seen: string[] = [];
+        const stream = grpcOrders.watchOrder({ orderId: placed.order.orderId }, md);
+        stream.on("data", (m: { order: { status: string } }) => {
+          seen.push(m.order.status);
+          if (m.order.status === "ORDER_STATUS_CONFIRMED") {
+            stream.cancel();
+            resolve(seen);
+          }
+        });
+        stream.on("error", (e: grpc.ServiceError) => {
+          if (e.code !== grpc.status.CANCELLED) reject(e);
+        });
+      });
+      expect(statuses.at(-1)).toBe("ORDER_STATUS_CONFIRMED");
+      expect(statuses.every((s) => s === "ORDER_STATUS_PENDING" || s === "ORDER_STATUS_CONFIRMED")).toBe(
+        true,
+      );
+    } finally {
+      grpcUsers.close();
+      grpcOrders.close();
+    }
+  });
+
+  it.each([
+    ["Connect", () => createConnectTransport({ baseUrl: gateway.url, httpVersion: "1.1" })],
+    ["gRPC-Web", () => createGrpcWebTransport({ baseUrl: gateway.url, httpVersion: "1.1" })],
+  ])("runs the same flow over %s (HTTP/1.1)", async (_name, transport) => {
+    const t = transport();
+    const u = createClient(UserService, t);
+    const o = createClient(OrderService, t);
+    const email = `web-${randomUUID()}@example.com`;
+    await u.createUser({ email, password: "pw-web", creditLimitCents: 5000n });
+    const { token } = await u.authenticate({ email, password: "pw-web" });
+    const { order } = await o.placeOrder(
+      { idempotencyKey: randomUUID(), items: [item("web", 1, 10n)] },
+      auth(token),
+    );
+    const seen: OrderStatus[] = [];
+    for await (const update of o.watchOrder({ orderId: order?.orderId ?? "" }, auth(token))) {
+      seen.push(update.order?.status ?? OrderStatus.UNSPECIFIED);
+      if (update.order?.status === OrderStatus.CONFIRMED) break;
+    }
+    expect(seen.at(-1)).toBe(OrderStatus.CONFIRMED);
+  });
+
+  it("places an order once per idempotency key and reads its own write", async () => {
+    const { token, userId } = await signUp("idem");
+    const key = randomUUID();
+    const items = [item("pen", 3, 250n), item("ink", 1, 99n)];
+    const first = await orders.placeOrder({ idempotencyKey: key, items }, auth(token));
+    // Read-your-writes: the read model waits for the placement's position.
+    const read = await orders.getOrder(
+      { orderId: first.order?.orderId ?? "", minPosition: first.position },
+      auth(token),
+    );
+    expect(read.order).toMatchObject({ orderId: first.order?.orderId, userId, totalCents: 849n });
+    expect(read.order?.items.map((i) => [i.sku, i.quantity, i.unitPriceCents])).toEqual([
+      ["pen", 3, 250n],
+      ["ink", 1, 99n],
+    ]);
+
+    const again = await Promise.all(
+      Array.from({ length: 4 }, () => orders.placeOrder({ idempotencyKey: key, items }, auth(token))),
+    );
+    for (const response of again) {
+      expect(response.order?.orderId).toBe(first.order?.orderId);
+      expect(response.position).toBe(first.position);
+    }
+    const history = await orders.getOrderHistory({ orderId: first.order?.orderId ?? "" }, auth(token));
+    expect(history.entries.filter((e) => e.eventType === "xstate.init")).toHaveLength(1);
+    expect(JSON.parse(history.entries[0]?.eventJson ?? "{}")).toMatchObject({ type: "xstate.init" });
+
+    // The same key with other items is another request, not a retry.
+    expect(
+      await codeOf(orders.placeOrder({ idempotencyKey: key, items: [item("pen", 4, 250n)] }, auth(token))),
+    ).toBe(Code.AlreadyExists);
+    // Another user's same key is another order.
+    const other = await signUp("idem2");
+    const theirs = await orders.placeOrder({ idempotencyKey: key, items }, auth(other.token));
+    expect(theirs.order?.orderId).not.toBe(first.order?.orderId);
+  });
+
+  it("streams an order's changes until it is final, and refuses commands its state does not allow", async () => {
+    const { token, userId } = await signUp("flow");
+    held.add(userId);
+    const placed = await orders.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token));
+    const orderId = placed.order?.orderId ?? "";
+    // Ship before confirmation: the saga is still verifying the user.
+    expect(await codeOf(orders.shipOrder({ orderId }, auth(token)))).toBe(Code.FailedPrecondition);
+
+    const updates: Array<[OrderStatus, string]> = [];
+    let firstUpdate: () => void = () => {};
+    const watchingStarted = new Promise<void>((resolve) => {
+      firstUpdate = resolve;
+    });
+    const watching = (async () => {
+      for await (const update of orders.watchOrder({ orderId }, auth(token))) {
+        updates.push([update.order?.status ?? OrderStatus.UNSPECIFIED, update.state]);
+        firstUpdate();
+        if (update.order?.status === OrderStatus.CONFIRMED) {
+          const shipped = await orders.shipOrder({ orderId }, auth(token));
+          expect(shipped.order?.status).toBe(OrderStatus.SHIPPED);
+        }
+      }
+    })();
+    await watchingStarted; // the current state first; only then let the saga move on
+    held.delete(userId);
+    await watching; // ends by itself once SHIPPED (final)
+    expect(updates.map(([, state]) => state)).toEqual([
+      '{"pending":"verifyingUser"}',
+      '{"pending":"reservingCredit"}',
+      "confirmed",
+      "shipped",
+    ]);
+    expect(updates.at(-1)?.[0]).toBe(OrderStatus.SHIPPED);
+
+    // Final: cancel after shipping and shipping twice are refused.
+    expect(await codeOf(orders.cancelOrder({ orderId, reason: "too late" }, auth(token)))).toBe(
+      Code.FailedPrecondition,
+    );
+    expect(await codeOf(orders.shipOrder({ orderId }, auth(token)))).toBe(Code.FailedPrecondition);
+
+    // Cancel a confirmed order: CONFIRMED while compensating, then CANCELLED with the reason.
+    const second = await orders.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token));
+    const secondId = second.order?.orderId ?? "";
+    for await (const update of orders.watchOrder({ orderId: secondId }, auth(token))) {
+      if (update.order?.status === OrderStatus.CONFIRMED) break;
+    }
+    const cancelled = await orders.cancelOrder({ orderId: secondId, reason: "changed my mind" }, auth(token));
+    const final = await workflows.awaitCompletion("order", secondId, { timeoutMs: 20_000 });
+    expect(final.output).toMatchObject({ outcome: "cancelled", reason: "changed my mind" });
+    const [last] = await collect(orders.watchOrder({ orderId: secondId }, auth(token)));
+    expect(last?.order).toMatchObject({ status: OrderStatus.CANCELLED, cancelReason: "changed my mind" });
+    // Cancelling again is a no-op, not an error.
+    expect(await codeOf(orders.cancelOrder({ orderId: secondId, reason: "again" }, auth(token)))).toBe("ok");
+    const read = await orders.getOrder({ orderId: secondId, minPosition: cancelled.position }, auth(token));
+    expect(read.order?.status).not.toBe(OrderStatus.PENDING);
+  });
+
+  it("lists the caller's orders newest first, page by page, filtered by status and time", async () => {
+    const { token } = await signUp("list");
+    const placed: PlaceOrderResponse[] = [];
+    for (let i = 0; i < 5; i++) {
+      placed.push(
+        await orders.placeOrder({ idempotencyKey: `list-${i}`, items: [item(`sku-${i}`)] }, auth(token)),
+      );
+    }
+    const ids = placed.map((p) => p.order?.orderId ?? "");
+    const minPosition = placed.at(-1)?.position ?? "";
+    const all = await orders.listOrders({ pageSize: 500, minPosition }, auth(token));
+    expect(new Set(all.orders.map((o) => o.orderId))).toEqual(new Set(ids));
+    const keys = all.orders.map(
+      (o) => [Number(o.createdAt?.seconds) * 1e3 + (o.createdAt?.nanos ?? 0) / 1e6, o.orderId] as const,
+    );
+    const sorted = [...keys].sort((x, y) => y[0] - x[0] || (y[1] < x[1] ? -1 : y[1] > x[1] ? 1 : 0));
+    expect(keys).toEqual(sorted);
+
+    const pages: string[][] = [];
+    let pageToken = "";
+    do {
+      const page = await orders.listOrders({ pageSize: 2, pageToken }, auth(token));
+      pages.push(page.orders.map((o) => o.orderId));
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
+    expect(pages.map((p) => p.length)).toEqual([2, 2, 1]);
+    expect(pages.flat()).toEqual(all.orders.map((o) => o.orderId));
+
+    // Filters: ship one, then ask for SHIPPED only; a token is only valid with its filters.
+    for await (const update of orders.watchOrder({ orderId: ids[2] ?? "" }, auth(token))) {
+      if (update.order?.status === OrderStatus.CONFIRMED) break;
+    }
+    const shipped = await orders.shipOrder({ orderId: ids[2] ?? "" }, auth(token));
+    const onlyShipped = await orders.listOrders(
+      { statuses: [OrderStatus.SHIPPED], minPosition: shipped.position },
+      auth(token),
+    );
+    expect(onlyShipped.orders.map((o) => o.orderId)).toEqual([ids[2]]);
+    const future = timestampFromMs(Date.now() + 3600_000);
+    expect((await orders.listOrders({ createdAfter: future }, auth(token))).orders).toEqual([]);
+    expect((await orders.listOrders({ createdBefore: future }, auth(token))).orders).toHaveLength(5);
+    const firstPage = await orders.listOrders({ pageSize: 2 }, auth(token));
+    expect(
+      await codeOf(
+        orders.listOrders(
+          { pageSize: 2, pageToken: firstPage.nextPageToken, statuses: [OrderStatus.SHIPPED] },
+          auth(token),
+        ),
+      ),
+    ).toBe(Code.InvalidArgument);
+  });
+
+  it("never shows or touches another user's order: NOT_FOUND", async () => {
+    const alice = await signUp("alice");
+    const bob = await signUp("bob");
+    const placed = await orders.placeOrder({ idempotencyKey: "mine", items: [item()] }, auth(alice.token));
+    const orderId = placed.order?.orderId ?? "";
+    const b = auth(bob.token);
+    expect(await codeOf(orders.getOrder({ orderId, minPosition: placed.position }, b))).toBe(Code.NotFound);
+    expect(await codeOf(orders.cancelOrder({ orderId, reason: "" }, b))).toBe(Code.NotFound);
+    expect(await codeOf(orders.shipOrder({ orderId }, b))).toBe(Code.NotFound);
+    expect(await codeOf(collect(orders.watchOrder({ orderId }, b)))).toBe(Code.NotFound);
+    expect(await codeOf(orders.getOrderHistory({ orderId }, b))).toBe(Code.NotFound);
+    expect((await orders.listOrders({ minPosition: placed.position }, b)).orders).toEqual([]);
+    // An id that exists nowhere looks the same.
+    expect(await codeOf(orders.getOrder({ orderId: `o${"f".repeat(32)}` }, b))).toBe(Code.NotFound);
+    // Alice still sees it.
+    expect((await orders.getOrder({ orderId }, auth(alice.token))).order?.orderId).toBe(orderId);
+  });
+
+  it("refuses missing, malformed, expired and forged tokens with UNAUTHENTICATED", async () => {
+    const { userId } = await signUp("tokens");
+    const now = Date.now();
+    const headers: Array<[string, Record<string, string>]> = [
+      ["missing", {}],
+      ["not bearer", { authorization: `Basic ${Buffer.from("a:b").toString("base64")}` }],
+      ["malformed", { authorization: "Bearer not-a-token" }],
+      ["expired", { authorization: `Bearer ${issueToken(SECRET, userId, 60, now - 3600_000).token}` }],
+      [
+        "forged",
+        {
+          authorization: `Bearer ${issueToken("another-secret-of-at-least-32-bytes!!", userId, 60, now).token}`,
+        },
+      ],
+      ["tampered", { authorization: `Bearer ${tamper(issueToken(SECRET, userId, 60, now).token)}` }],
+    ];
+    for (const [name, h] of headers) {
+      expect(await codeOf(orders.listOrders({}, { headers: h })), name).toBe(Code.Unauthenticated);
+      expect(
+        await codeOf(orders.placeOrder({ idempotencyKey: "k", items: [item()] }, { headers: h })),
+        name,
+      ).toBe(Code.Unauthenticated);
+      expect(
+        await codeOf(collect(orders.watchOrder({ orderId: `o${"0".repeat(32)}` }, { headers: h }))),
+        name,
+      ).toBe(Code.Unauthenticated);
+    }
+  });
+
+  it("fails fast with UNAVAILABLE while the user service is down, and recovers when it returns", async () => {
+    const { token } = await signUp("outage");
+    await fake.server.close();
+    const key = (i: number) => `outage-${i}`;
+    for (let i = 0; i < 4; i++) {
+      expect(await codeOf(orders.placeOrder({ idempotencyKey: key(i), items: [item()] }, auth(token)))).toBe(
+        Code.Unavailable,
+      );
+    }
+    expect(gateway.users.open).toBe(true);
+    const callsWhileOpen = fake.getUserCalls;
+    // Nothing was started for the refused orders.
+    const order0 = (await orders.listOrders({}, auth(token))).orders;
+    expect(order0).toEqual([]);
+
+    fake.server = await startFakeUserService(fake.port);
+    let placed: PlaceOrderResponse | undefined;
+    await expect
+      .poll(
+        async () => {
+          placed = await orders
+            .placeOrder({ idempotencyKey: key(0), items: [item()] }, auth(token))
+            .catch(() => undefined);
+          return placed?.order?.orderId;
+        },
+        { timeout: 15_000, interval: 100 },
+      )
+      .toMatch(/^o[0-9a-f]{32}$/);
+    expect(fake.getUserCalls).toBeGreaterThan(callsWhileOpen);
+    expect(gateway.users.open).toBe(false);
+    const history = await workflows.getHistory("order", placed?.order?.orderId ?? "");
+    expect(history.filter((e) => e.event.type === "xstate.init")).toHaveLength(1);
+  });
+});
+
+async function collect<T>(stream: AsyncIterable<T>): Promise<T[]> {
+  const out: T[] = [];
+  for await (const m of stream) out.push(m);
+  return out;
+}
+
+function tamper(token: string): string {
+  const [prefix, payload = "", signature] = token.split(".");
+  const claims = JSON.parse(Buffer.from(payload, "base64url").toString()) as { sub: string; exp: number };
+  const forged = Buffer.from(JSON.stringify({ ...claims, sub: "u-someone-else" })).toString("base64url");
+  return `${prefix}.${forged}.${signature}`;
+}

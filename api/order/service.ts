@@ -1,0 +1,488 @@
+/**
+ * OrderService: the order saga's public API. Commands (PlaceOrder, CancelOrder, ShipOrder) go to
+ * the saga through the workflow client and return the history position they produced; queries
+ * (GetOrder, ListOrders) read only the Postgres read model and can wait for a position; WatchOrder
+ * and GetOrderHistory read the order's history subject. The caller's user id comes only from the
+ * bearer token, and an order of another user is indistinguishable from one that does not exist.
+ */
+import { create } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import {
+  Code,
+  ConnectError,
+  type ConnectRouter,
+  createContextKey,
+  type HandlerContext,
+  type Interceptor,
+  type ServiceImpl,
+} from "@connectrpc/connect";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { bearerToken, TokenError, verifyToken } from "../../common/auth-token.ts";
+import type { Sql } from "../../common/postgres.ts";
+import {
+  type AnyWorkflowDefinition,
+  canAccept,
+  createWorkflowClient,
+  type HistoryEntry,
+  type InstanceState,
+  isTerminal,
+  isValidId,
+  type WorkflowClient,
+  type WorkflowEvent,
+} from "../../orchestrator/index.ts";
+import { orderSaga } from "../../orchestrator/workflows/order/order-saga.ts";
+import {
+  type GetOrderHistoryResponse,
+  GetOrderHistoryResponseSchema,
+  type Order,
+  OrderSchema,
+  OrderService,
+  type WatchOrderResponse,
+  WatchOrderResponseSchema,
+} from "../../proto/gen/jetsaga/order/v1/order_pb.ts";
+import { toConnectError } from "../errors.ts";
+import { HistoryFollower, type SequencedEntry } from "./history-follower.ts";
+import {
+  cancelReasonOf,
+  getOrder,
+  itemsOf,
+  listOrders,
+  type OrderView,
+  orderFactsOf,
+  orderStatusOf,
+  type ProjectionPosition,
+  sagaStateString,
+} from "./read-model/index.ts";
+import type { ResilientUserClient } from "./user-client.ts";
+import {
+  type CheckedItem,
+  checkIdempotencyKey,
+  checkItems,
+  checkOrderId,
+  checkPageSize,
+  checkPageToken,
+  checkPosition,
+  checkStatuses,
+  checkText,
+  checkTimestamp,
+  deriveOrderId,
+  encodePageToken,
+  encodePosition,
+  filterFingerprint,
+  MAX_REASON,
+  statusValue,
+} from "./validation.ts";
+
+/** The authenticated caller, set by {@link createAuthInterceptor}. */
+export interface Caller {
+  userId: string;
+  /** The raw `authorization` header, forwarded to the user service. */
+  authorization: string;
+}
+
+/** Context key under which the auth interceptor leaves the caller. */
+export const callerKey = createContextKey<Caller | undefined>(undefined, {
+  description: "authenticated caller",
+});
+
+/**
+ * Verifies `authorization: Bearer <token>` and stores the caller for the handlers. Missing,
+ * malformed, forged and expired tokens all get UNAUTHENTICATED (the reason stays server-side).
+ */
+export function createAuthInterceptor(secret: string, clock: () => number = Date.now): Interceptor {
+  return (next) => async (req) => {
+    const header = req.header.get("authorization") ?? "";
+    let userId: string;
+    try {
+      userId = verifyToken(secret, bearerToken(header), clock()).userId;
+    } catch (error) {
+      if (error instanceof TokenError) {
+        const message = error.code === "MISSING" ? "missing bearer token" : "invalid or expired bearer token";
+        throw new ConnectError(message, Code.Unauthenticated);
+      }
+      throw error;
+    }
+    // A signed token with an id that could not name a user here is a bug upstream, not a caller.
+    if (!isValidId(userId)) throw new ConnectError("invalid bearer token", Code.Unauthenticated);
+    req.contextValues.set(callerKey, { userId, authorization: header });
+    return next(req);
+  };
+}
+
+/** Maps every error leaving a handler (unary, or in the middle of a stream) with toConnectError. */
+export function createErrorInterceptor(
+  onInternal?: (error: ConnectError, procedure: string) => void,
+): Interceptor {
+  const map = (error: unknown, procedure: string): ConnectError => {
+    const mapped = toConnectError(error);
+    if (mapped.code === Code.Internal || mapped.code === Code.Unknown) onInternal?.(mapped, procedure);
+    return mapped;
+  };
+  return (next) => async (req) => {
+    const procedure = `${req.service.typeName}/${req.method.name}`;
+    try {
+      const res = await next(req);
+      if (!res.stream) return res;
+      const source = res.message;
+      return {
+        ...res,
+        message: (async function* () {
+          try {
+            yield* source;
+          } catch (error) {
+            throw map(error, procedure);
+          }
+        })(),
+      };
+    } catch (error) {
+      throw map(error, procedure);
+    }
+  };
+}
+
+/** Dependencies of {@link createOrderService}. */
+export interface OrderServiceOptions {
+  nc: NatsConnection;
+  /** The read model's database. */
+  sql: Sql;
+  /** How far the read model is (the projector, in process or not). */
+  readModel: ProjectionPosition;
+  /** The user service, behind its breaker. */
+  users: ResilientUserClient;
+  /** Stream namespace. Default `jetsaga`. */
+  ns?: string;
+  /** How long a command waits for the orchestrator to append its entry, ms. Default 5000. */
+  commandTimeoutMs?: number;
+  /** Longest wait of a query for `min_position` when the call has no shorter deadline, ms. Default 5000. */
+  maxReadWaitMs?: number;
+  /** Overrides of the saga's timeouts for new orders (tests, demos). */
+  sagaTimeouts?: { confirmMs?: number; shipMs?: number };
+}
+
+/** A created OrderService. */
+export interface OrderServiceHandle {
+  /** The implementation, for `router.service(OrderService, impl)`. */
+  readonly impl: ServiceImpl<typeof OrderService>;
+  /** Registers the service on `router` with its auth and error interceptors and strict JSON decoding. */
+  register(
+    router: ConnectRouter,
+    options: {
+      tokenSecret: string;
+      clock?: () => number;
+      onInternal?: (error: ConnectError, procedure: string) => void;
+    },
+  ): void;
+  /** Stops following histories and releases the workflow client. */
+  close(): Promise<void>;
+}
+
+const saga: AnyWorkflowDefinition = orderSaga;
+
+function notFound(): ConnectError {
+  return new ConnectError("order not found", Code.NotFound);
+}
+
+function callerOf(ctx: HandlerContext): Caller {
+  const caller = ctx.values.get(callerKey);
+  // The interceptor runs before every method; reaching here without it is a wiring bug.
+  if (!caller) throw new ConnectError("missing bearer token", Code.Unauthenticated);
+  return caller;
+}
+
+/** Creates the OrderService on the given connections (it starts following order histories). */
+export async function createOrderService(options: OrderServiceOptions): Promise<OrderServiceHandle> {
+  const client: WorkflowClient = await createWorkflowClient({
+    nc: options.nc,
+    workflows: [saga],
+    ...(options.ns ? { ns: options.ns } : {}),
+  });
+  const follower = await HistoryFollower.start(options.nc, client.topology, saga.name);
+  const commandTimeoutMs = options.commandTimeoutMs ?? 5000;
+  const maxReadWaitMs = options.maxReadWaitMs ?? 5000;
+  const { sql, users, readModel } = options;
+
+  /** The latest entry of the caller's order, or NOT_FOUND (also for another user's order). */
+  async function owned(orderId: string, userId: string): Promise<SequencedEntry> {
+    const latest = await follower.latest(orderId);
+    if (!latest || orderFactsOf(latest.entry.state)?.userId !== userId) throw notFound();
+    return latest;
+  }
+
+  async function itemsOfOrder(orderId: string): Promise<CheckedItem[]> {
+    const first = await follower.first(orderId);
+    return (first && itemsOf(first.entry)) ?? [];
+  }
+
+  /** Waits (bounded by the call's deadline) until the read model includes `min_position`. */
+  async function awaitReadModel(ctx: HandlerContext, minPosition: string | undefined): Promise<void> {
+    const position = checkPosition(minPosition);
+    if (position === undefined) return;
+    const waitMs = Math.max(0, Math.min(ctx.timeoutMs() ?? maxReadWaitMs, maxReadWaitMs));
+    if (!(await readModel.waitFor(position, waitMs))) {
+      throw new ConnectError("the read model has not reached min_position yet; retry", Code.DeadlineExceeded);
+    }
+  }
+
+  /**
+   * Sends a signal to the caller's order and waits for the entry it causes. The idempotency key is
+   * (kind, order, revision the decision was made on): a retry of the same call on the same state is
+   * the same message, de-duplicated by JetStream.
+   */
+  async function signalOrder(
+    ctx: HandlerContext,
+    orderId: string,
+    kind: "cancel" | "ship",
+    event: WorkflowEvent,
+  ): Promise<{ order: Order; position: string }> {
+    const { userId } = callerOf(ctx);
+    const current = await owned(orderId, userId);
+    const respond = async (found: SequencedEntry) => ({
+      order: orderFromState(found.entry.state, await itemsOfOrder(orderId)),
+      position: encodePosition(found.seq),
+    });
+    // Cancelling an order that is already being cancelled (or is) changes nothing: not an error.
+    if (kind === "cancel" && isCancelling(current.entry.state)) return respond(current);
+    if (!canAccept(saga, current.entry.state, event)) throw refused(kind, current.entry.state);
+
+    const key = `${kind}-${orderId}-r${current.entry.state.revision}`;
+    const causation = `signal.${key}`;
+    let overtaken: SequencedEntry | undefined;
+    const wait = follower.expect(
+      orderId,
+      (entry) => entry.causationId === causation,
+      commandTimeoutMs,
+      (found) => {
+        // Another event got there first and left the order in a state that ignores ours.
+        if (found.entry.causationId !== causation && !canAccept(saga, found.entry.state, event)) {
+          overtaken = found;
+          wait.cancel();
+        }
+      },
+    );
+    try {
+      await client.signal("order", orderId, event, { idempotencyKey: key });
+      const latest = await follower.latest(orderId);
+      wait.offer(latest);
+      const found = await wait.done;
+      if (found) return respond(found);
+      if (overtaken) {
+        if (kind === "cancel" && isCancelling(overtaken.entry.state)) return respond(overtaken);
+        throw refused(kind, overtaken.entry.state);
+      }
+      throw new ConnectError(
+        "the order has not applied the command yet (it will); retry to get its position",
+        Code.DeadlineExceeded,
+      );
+    } finally {
+      wait.cancel();
+    }
+  }
+
+  const impl: ServiceImpl<typeof OrderService> = {
+    async placeOrder(req, ctx) {
+      const caller = callerOf(ctx);
+      const key = checkIdempotencyKey(req.idempotencyKey);
+      const items = checkItems(req.items);
+      const orderId = deriveOrderId(caller.userId, key);
+
+      // A retry of a placement that got through: answer from the history, no user call needed.
+      const existing = await follower.first(orderId);
+      if (existing) return placed(existing, items);
+
+      try {
+        await users.idempotent((call) =>
+          users.client.getUser(
+            { userId: caller.userId },
+            {
+              signal: call.signal,
+              timeoutMs: call.timeoutMs,
+              headers: { authorization: caller.authorization },
+            },
+          ),
+        );
+      } catch (error) {
+        if (error instanceof ConnectError && error.code === Code.NotFound) {
+          throw new ConnectError("the account of this token does not exist", Code.FailedPrecondition);
+        }
+        throw error;
+      }
+
+      const wait = follower.expect(orderId, (entry) => entry.revision === 1, commandTimeoutMs);
+      try {
+        await client.start("order", orderId, {
+          orderId,
+          userId: caller.userId,
+          items,
+          ...(options.sagaTimeouts ? { timeouts: options.sagaTimeouts } : {}),
+        });
+        wait.offer(await follower.first(orderId));
+        const found = await wait.done;
+        if (!found) {
+          throw new ConnectError(
+            "the order was accepted but has not started yet; retry with the same idempotency_key",
+            Code.DeadlineExceeded,
+          );
+        }
+        return placed(found, items);
+      } finally {
+        wait.cancel();
+      }
+    },
+
+    async cancelOrder(req, ctx) {
+      const orderId = checkOrderId(req.orderId);
+      const reason = checkText(req.reason, "reason", MAX_REASON);
+      return signalOrder(ctx, orderId, "cancel", { type: "order.cancel", reason });
+    },
+
+    async shipOrder(req, ctx) {
+      const orderId = checkOrderId(req.orderId);
+      return signalOrder(ctx, orderId, "ship", { type: "order.ship" });
+    },
+
+    async getOrder(req, ctx) {
+      const { userId } = callerOf(ctx);
+      const orderId = checkOrderId(req.orderId);
+      await awaitReadModel(ctx, req.minPosition);
+      const view = await getOrder(sql, userId, orderId);
+      if (!view) throw notFound();
+      return { order: orderFromView(view) };
+    },
+
+    async listOrders(req, ctx) {
+      const { userId } = callerOf(ctx);
+      const statuses = checkStatuses(req.statuses);
+      const createdAfter = checkTimestamp(req.createdAfter, "created_after");
+      const createdBefore = checkTimestamp(req.createdBefore, "created_before");
+      const limit = checkPageSize(req.pageSize);
+      const fingerprint = filterFingerprint({ statuses, createdAfter, createdBefore });
+      const after = checkPageToken(req.pageToken, fingerprint);
+      await awaitReadModel(ctx, req.minPosition);
+      const page = await listOrders(sql, {
+        userId,
+        statuses,
+        limit,
+        ...(createdAfter ? { createdAfter } : {}),
+        ...(createdBefore ? { createdBefore } : {}),
+        ...(after ? { after } : {}),
+      });
+      return {
+        orders: page.orders.map(orderFromView),
+        nextPageToken: page.next ? encodePageToken({ ...page.next, filters: fingerprint }) : "",
+      };
+    },
+
+    async *watchOrder(req, ctx) {
+      const { userId } = callerOf(ctx);
+      const orderId = checkOrderId(req.orderId);
+      await owned(orderId, userId);
+      const items = await itemsOfOrder(orderId);
+      // Starts with the latest entry, then each new one; ends with the stream when terminal.
+      for await (const entry of client.watch("order", orderId, { signal: ctx.signal })) {
+        yield watchMessage(entry, items);
+        if (isTerminal(entry.state)) return;
+      }
+    },
+
+    async getOrderHistory(req, ctx) {
+      const { userId } = callerOf(ctx);
+      const orderId = checkOrderId(req.orderId);
+      await owned(orderId, userId);
+      const entries = await client.getHistory("order", orderId);
+      return historyMessage(entries);
+    },
+  };
+
+  return {
+    impl,
+    register(router, auth) {
+      router.service(OrderService, impl, {
+        // Strict JSON at the edge: a misspelt field or an unknown enum name is INVALID_ARGUMENT,
+        // not silently dropped (dropping `statuses: ["SHIPED"]` would list every order).
+        jsonOptions: { ignoreUnknownFields: false },
+        interceptors: [
+          createErrorInterceptor(auth.onInternal),
+          createAuthInterceptor(auth.tokenSecret, auth.clock),
+        ],
+      });
+    },
+    async close() {
+      await follower.close();
+      await client.close();
+    },
+  };
+}
+
+/** The PlaceOrder answer for the order's start entry; refuses a key reused for other items. */
+function placed(found: SequencedEntry, items: CheckedItem[]): { order: Order; position: string } {
+  const stored = itemsOf(found.entry) ?? [];
+  if (JSON.stringify(stored) !== JSON.stringify(items)) {
+    throw new ConnectError("idempotency_key was already used for a different order", Code.AlreadyExists);
+  }
+  return { order: orderFromState(found.entry.state, stored), position: encodePosition(found.seq) };
+}
+
+function isCancelling(state: InstanceState): boolean {
+  return state.value === "compensating" || orderStatusOf(state) === "CANCELLED";
+}
+
+function refused(kind: "cancel" | "ship", state: InstanceState): ConnectError {
+  const status = orderStatusOf(state);
+  return new ConnectError(`cannot ${kind} an order that is ${status.toLowerCase()}`, Code.FailedPrecondition);
+}
+
+/** An Order message from a saga state (commands and WatchOrder, which read the history). */
+export function orderFromState(state: InstanceState, items: readonly CheckedItem[]): Order {
+  const facts = orderFactsOf(state);
+  const status = orderStatusOf(state);
+  return create(OrderSchema, {
+    orderId: state.instanceId,
+    userId: facts?.userId ?? "",
+    status: statusValue(status),
+    items: items.map((item) => ({
+      sku: item.sku,
+      quantity: item.quantity,
+      unitPriceCents: BigInt(item.unitPriceCents),
+    })),
+    totalCents: BigInt(facts?.totalCents ?? 0),
+    cancelReason: cancelReasonOf(state, status) ?? "",
+    createdAt: timestampFromMs(state.startedAt),
+    updatedAt: timestampFromMs(state.updatedAt),
+    version: BigInt(state.revision),
+  });
+}
+
+/** An Order message from a read-model row (GetOrder, ListOrders). */
+export function orderFromView(view: OrderView): Order {
+  return create(OrderSchema, {
+    orderId: view.orderId,
+    userId: view.userId,
+    status: statusValue(view.status),
+    items: view.items,
+    totalCents: view.totalCents,
+    cancelReason: view.status === "CANCELLED" ? (view.cancelReason ?? "") : "",
+    createdAt: timestampFromMs(view.createdAt.getTime()),
+    updatedAt: timestampFromMs(view.updatedAt.getTime()),
+    version: BigInt(view.revision),
+  });
+}
+
+function watchMessage(entry: HistoryEntry, items: readonly CheckedItem[]): WatchOrderResponse {
+  return create(WatchOrderResponseSchema, {
+    order: orderFromState(entry.state, items),
+    state: sagaStateString(entry.state.value),
+    at: timestampFromMs(entry.at),
+  });
+}
+
+function historyMessage(entries: readonly HistoryEntry[]): GetOrderHistoryResponse {
+  return create(GetOrderHistoryResponseSchema, {
+    entries: entries.map((entry) => ({
+      version: BigInt(entry.revision),
+      eventType: entry.event.type,
+      eventJson: JSON.stringify(entry.event),
+      state: sagaStateString(entry.state.value),
+      at: timestampFromMs(entry.at),
+    })),
+  });
+}

@@ -1,0 +1,124 @@
+import { setTimeout as sleep } from "node:timers/promises";
+import { headers } from "@nats-io/transport-node";
+import { context, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api";
+import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
+import { afterAll, beforeAll, beforeEach, describe, expect, it } from "vitest";
+import {
+  activeTraceFields,
+  extractTraceContext,
+  flushTraces,
+  injectTraceHeaders,
+  tracer,
+  withSpan,
+} from "./tracing.ts";
+import { serviceNameOf, startTracing, type TracingHandle, tracingRequested } from "./tracing-sdk.ts";
+
+const exporter = new InMemorySpanExporter();
+let sdk: TracingHandle;
+
+beforeAll(() => {
+  sdk = startTracing({ serviceName: "jetsaga-test", exporter, processor: "simple", env: {} });
+});
+afterAll(() => sdk.shutdown());
+beforeEach(() => exporter.reset());
+
+async function finished() {
+  await sdk.provider.forceFlush();
+  return exporter.getFinishedSpans();
+}
+
+describe("trace context over NATS headers", () => {
+  it("inject then extract yields the same trace id, and the consumer span is a child of the producer", async () => {
+    const h = headers();
+    const producer = await withSpan(
+      "publish cmd",
+      { "messaging.system": "nats" },
+      (span) => {
+        injectTraceHeaders(h);
+        return span.spanContext();
+      },
+      { kind: SpanKind.PRODUCER },
+    );
+    expect(h.get("traceparent")).toMatch(/^00-[0-9a-f]{32}-[0-9a-f]{16}-01$/);
+
+    // The consumer side starts from an empty context, as a different process would.
+    const remote = extractTraceContext(h, context.active());
+    expect(trace.getSpanContext(remote)?.traceId).toBe(producer.traceId);
+    expect(trace.getSpanContext(remote)?.isRemote).toBe(true);
+
+    await withSpan("handle cmd", {}, () => undefined, { kind: SpanKind.CONSUMER, parent: remote });
+    const spans = await finished();
+    const consumer = spans.find((s) => s.name === "handle cmd");
+    expect(consumer?.spanContext().traceId).toBe(producer.traceId);
+    expect(consumer?.parentSpanContext?.spanId).toBe(producer.spanId);
+    expect(consumer?.resource.attributes["service.name"]).toBe("jetsaga-test");
+  });
+
+  it("reads a traceparent header whatever its case", () => {
+    const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
+    const h = headers();
+    h.set("Traceparent", `00-${traceId}-00f067aa0ba902b7-01`);
+    expect(trace.getSpanContext(extractTraceContext(h))?.traceId).toBe(traceId);
+  });
+
+  it("keeps the parent context when there are no headers or no valid traceparent", () => {
+    const parent = context.active();
+    expect(extractTraceContext(undefined, parent)).toBe(parent);
+    const h = headers();
+    h.set("traceparent", "not-a-traceparent");
+    expect(trace.getSpanContext(extractTraceContext(h, parent))).toBeUndefined();
+  });
+
+  it("injects nothing outside a span", () => {
+    const h = headers();
+    injectTraceHeaders(h);
+    expect(h.has("traceparent")).toBe(false);
+  });
+});
+
+describe("withSpan", () => {
+  it("keeps the active span across awaits (AsyncLocalStorage context manager)", async () => {
+    await withSpan("outer", {}, async (outer) => {
+      await sleep(1);
+      await withSpan("inner", {}, async () => {
+        await sleep(1);
+        expect(activeTraceFields().trace_id).toBe(outer.spanContext().traceId);
+      });
+    });
+    const spans = await finished();
+    const outer = spans.find((s) => s.name === "outer");
+    const inner = spans.find((s) => s.name === "inner");
+    expect(inner?.parentSpanContext?.spanId).toBe(outer?.spanContext().spanId);
+  });
+
+  it("records an error, sets status ERROR and rethrows it unchanged", async () => {
+    const boom = new Error("boom");
+    await expect(withSpan("failing", { a: 1 }, () => Promise.reject(boom))).rejects.toBe(boom);
+    const [span] = await finished();
+    expect(span?.status.code).toBe(SpanStatusCode.ERROR);
+    expect(span?.attributes.a).toBe(1);
+    expect(span?.events.some((e) => e.name === "exception")).toBe(true);
+  });
+
+  it("flushTraces reaches the SDK provider behind the API proxy", async () => {
+    tracer().startSpan("flushed").end();
+    await flushTraces();
+    expect(exporter.getFinishedSpans().map((s) => s.name)).toContain("flushed");
+  });
+});
+
+describe("SDK bootstrap settings", () => {
+  it("starts only when asked to", () => {
+    expect(tracingRequested({})).toBe(false);
+    expect(tracingRequested({ JETSAGA_TRACING: "on" })).toBe(true);
+    expect(tracingRequested({ JETSAGA_TRACING: "off" })).toBe(false);
+    expect(tracingRequested({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://collector:4318" })).toBe(true);
+  });
+
+  it("names services after their entry file", () => {
+    expect(serviceNameOf("/app/orchestrator/service/main.ts")).toBe("jetsaga-orchestrator");
+    expect(serviceNameOf("workers/user/main.ts")).toBe("jetsaga-user");
+    expect(serviceNameOf("/app/api/main.ts")).toBe("jetsaga-api");
+    expect(serviceNameOf(undefined)).toBe("jetsaga");
+  });
+});

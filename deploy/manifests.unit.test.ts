@@ -1,0 +1,792 @@
+/**
+ * Checks the deployment artifacts against the code, without Docker or a cluster:
+ *
+ * - every YAML file under deploy/k8s and deploy/compose parses;
+ * - every Kubernetes object validates against its kubernetes-models schema, and the kustomization
+ *   lists every manifest (and only manifests);
+ * - every service command (k8s args, compose command, Dockerfile CMD) names an entry file that
+ *   exists, and the entry's whole import closure is copied into the image and not dockerignored;
+ * - every environment variable the entry's code reads is set (env, envFrom, secret files, image
+ *   ENV) unless listed as optional below, and every variable a deployment sets is read by its code;
+ * - secret/config references resolve; probes, Services and health checks point at declared ports
+ *   that the service is told to listen on; selectors of Services and PDBs match Deployments;
+ * - security and sizing rules (non-root, read-only root fs, memory limits), and NATS >= 2.12.
+ */
+import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
+import { dirname, join, relative, resolve } from "node:path";
+import { fileURLToPath } from "node:url";
+import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
+import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
+import { ConfigMap, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
+import { describe, expect, it } from "vitest";
+import { parseAllDocuments } from "yaml";
+
+const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
+const K8S = join(ROOT, "deploy/k8s");
+const COMPOSE = join(ROOT, "deploy/compose");
+const DOCKERFILE = join(ROOT, "deploy/docker/Dockerfile");
+
+/** Variables the code reads that a deployment may leave unset, with the reason ("*": any entry). */
+const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> = {
+  "*": {
+    JETSAGA_WORKFLOW_MODULES: "extra workflow modules; the image ships the built-in workflows only",
+    NOTIFY_WEBHOOK_URL: "unset = notifications are logged; a webhook URL may hold a token (use a Secret)",
+    PROBE_HOST: "readConfig() reads it for every service; only services with a probe port need it",
+    JETSAGA_STREAM_REPLICAS: "unset = streams keep their replicas; set where the cluster is R3",
+  },
+  "orchestrator/service/main.ts": {
+    DATABASE_URL: "readConfig() reads it for every service; the orchestrator keeps no database",
+  },
+};
+
+function isOptional(entry: string, name: string): boolean {
+  return name in (OPTIONAL_ENV["*"] ?? {}) || name in (OPTIONAL_ENV[entry] ?? {});
+}
+/** Variables read by the runtime or the tracing SDK preload rather than by the service's own code. */
+const RUNTIME_ENV = /^(NODE_OPTIONS|OTEL_[A-Z0-9_]+)$/;
+/** Upper bound on any container's memory limit, in MiB (the user service's scrypt needs the most). */
+const MAX_MEMORY_LIMIT_MIB = 512;
+const MIN_NATS: readonly [number, number] = [2, 12];
+
+type Doc = Record<string, unknown>;
+
+// ---------------------------------------------------------------------------------- small helpers
+
+function isDoc(value: unknown): value is Doc {
+  return typeof value === "object" && value !== null && !Array.isArray(value);
+}
+function docOf(value: unknown): Doc {
+  return isDoc(value) ? value : {};
+}
+function listOf(value: unknown): unknown[] {
+  return Array.isArray(value) ? value : [];
+}
+function rel(path: string): string {
+  return relative(ROOT, path);
+}
+
+function yamlFiles(dir: string): string[] {
+  const out: string[] = [];
+  for (const name of readdirSync(dir)) {
+    const path = join(dir, name);
+    if (statSync(path).isDirectory()) out.push(...yamlFiles(path));
+    else if (/\.ya?ml$/.test(name)) out.push(path);
+  }
+  return out.sort();
+}
+
+/** All documents of a YAML file; throws with the file name on a syntax error. */
+function parseYaml(path: string): unknown[] {
+  return parseAllDocuments(readFileSync(path, "utf8"), { merge: true }).map((doc) => {
+    if (doc.errors.length > 0)
+      throw new Error(`${rel(path)}: ${doc.errors.map((e) => e.message).join("; ")}`);
+    return doc.toJS({ maxAliasCount: 100 }) as unknown;
+  });
+}
+
+/** "128Mi" → 128; "1Gi" → 1024; plain bytes too. */
+function mebibytes(quantity: string | number | undefined): number {
+  if (quantity === undefined) return Number.NaN;
+  const match = /^(\d+(?:\.\d+)?)(Ki|Mi|Gi|K|M|G)?$/.exec(String(quantity));
+  if (!match) return Number.NaN;
+  const factor: Record<string, number> = {
+    Ki: 1 / 1024,
+    Mi: 1,
+    Gi: 1024,
+    K: 1e3 / 2 ** 20,
+    M: 1e6 / 2 ** 20,
+    G: 1e9 / 2 ** 20,
+  };
+  return Number(match[1]) * (match[2] ? (factor[match[2]] ?? Number.NaN) : 1 / 2 ** 20);
+}
+
+function versionAtLeast(tag: string, [major, minor]: readonly [number, number]): boolean {
+  const match = /^(\d+)\.(\d+)/.exec(tag);
+  if (!match) return false;
+  const [maj, min] = [Number(match[1]), Number(match[2])];
+  return maj > major || (maj === major && min >= minor);
+}
+
+// ------------------------------------------------------------------------- code: imports and env
+
+const closureCache = new Map<string, string[]>();
+
+/** Source without comments, so doc comments naming variables do not count as reads. */
+function codeOf(file: string): string {
+  return readFileSync(file, "utf8")
+    .replace(/\/\*[\s\S]*?\*\//g, "")
+    .split("\n")
+    .filter((line) => !line.trimStart().startsWith("//"))
+    .join("\n");
+}
+
+/**
+ * The files an entry loads at run time: relative static and dynamic imports, transitively
+ * (type-only imports are erased, so they do not count). Throws for an import of a missing file.
+ */
+function importClosure(entry: string): string[] {
+  const cached = closureCache.get(entry);
+  if (cached) return cached;
+  const seen = new Set<string>();
+  const queue = [resolve(ROOT, entry)];
+  while (queue.length > 0) {
+    const file = queue.pop()!;
+    if (seen.has(file)) continue;
+    if (!existsSync(file)) throw new Error(`${rel(file)} is imported but does not exist`);
+    seen.add(file);
+    const code = codeOf(file);
+    const specifiers = [
+      ...code.matchAll(/\b(?:import|export)\s+(?!type\b)[^;]*?\bfrom\s*["'](\.{1,2}\/[^"']+)["']/g),
+      ...code.matchAll(/\bimport\s*\(?\s*["'](\.{1,2}\/[^"']+)["']/g),
+    ].map((m) => m[1]!);
+    for (const spec of specifiers) queue.push(resolve(dirname(file), spec));
+  }
+  const files = [...seen].sort();
+  closureCache.set(entry, files);
+  return files;
+}
+
+/** Environment variables read by the files: `env.X`, `process.env.X`, `env["X"]`, `(env, "X"`, `env.get("X")`. */
+function envReads(files: readonly string[]): Set<string> {
+  const names = new Set<string>();
+  const patterns = [
+    /\benv\.([A-Z][A-Z0-9_]*)\b/g,
+    /\benv\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\]/g,
+    /\(\s*env\s*,\s*["']([A-Z][A-Z0-9_]*)["']/g,
+    /\benv\.get\(\s*["']([A-Z][A-Z0-9_]*)["']/g,
+  ];
+  for (const file of files) {
+    const code = codeOf(file);
+    for (const pattern of patterns) for (const m of code.matchAll(pattern)) names.add(m[1]!);
+  }
+  return names;
+}
+
+/** The `.ts` entry among node's arguments (flags such as --env-file come first). */
+function entryOf(args: readonly unknown[]): string | undefined {
+  const entry = args.find((a) => typeof a === "string" && !a.startsWith("-") && a.endsWith(".ts"));
+  return typeof entry === "string" ? entry : undefined;
+}
+
+/** Checks one service's environment against its code; returns problems as sentences. */
+function envProblems(
+  where: string,
+  entry: string,
+  set: ReadonlySet<string>,
+  explicit: readonly string[],
+): string[] {
+  const reads = envReads(importClosure(entry));
+  const problems: string[] = [];
+  for (const name of reads) {
+    if (!set.has(name) && !isOptional(entry, name)) {
+      problems.push(`${where}: ${entry} reads ${name}, which is not set (set it, or add it to OPTIONAL_ENV)`);
+    }
+  }
+  for (const name of explicit) {
+    if (!reads.has(name) && !RUNTIME_ENV.test(name)) {
+      problems.push(
+        `${where}: sets ${name}, but nothing ${entry} loads reads it (typo, or code not wired yet)`,
+      );
+    }
+  }
+  return problems;
+}
+
+/** Ports (as strings) that a URL-ish value or a list of env values names. */
+function urlPort(value: string): string | undefined {
+  try {
+    return new URL(value).port || undefined;
+  } catch {
+    return undefined;
+  }
+}
+
+// ------------------------------------------------------------------------------------ Dockerfile
+
+interface DockerfileInfo {
+  baseImages: string[];
+  copied: string[];
+  env: Map<string, string>;
+  user: string | undefined;
+  entrypoint: unknown;
+  cmd: unknown;
+  healthcheck: boolean;
+}
+
+function readDockerfile(): DockerfileInfo {
+  // Join continuation lines, drop comments.
+  const lines = readFileSync(DOCKERFILE, "utf8")
+    .replace(/\\\n/g, " ")
+    .split("\n")
+    .map((l) => l.trim())
+    .filter((l) => l && !l.startsWith("#"));
+  const args = new Map<string, string>();
+  const info: DockerfileInfo = {
+    baseImages: [],
+    copied: [],
+    env: new Map(),
+    user: undefined,
+    entrypoint: undefined,
+    cmd: undefined,
+    healthcheck: false,
+  };
+  for (const line of lines) {
+    const [instr = "", ...rest] = line.split(/\s+/);
+    const text = line.slice(instr.length).trim();
+    switch (instr.toUpperCase()) {
+      case "ARG": {
+        const [name, value] = text.split("=");
+        if (name && value !== undefined) args.set(name, value);
+        break;
+      }
+      case "FROM":
+        info.baseImages.push((rest[0] ?? "").replace(/\$\{(\w+)\}/g, (_, n: string) => args.get(n) ?? ""));
+        break;
+      case "COPY":
+        if (!rest.some((r) => r.startsWith("--from"))) {
+          const paths = rest.filter((r) => !r.startsWith("--"));
+          info.copied.push(...paths.slice(0, -1));
+        }
+        break;
+      case "ENV":
+        for (const m of text.matchAll(/(\w+)=("[^"]*"|\S+)/g)) info.env.set(m[1]!, m[2]!.replace(/"/g, ""));
+        break;
+      case "USER":
+        info.user = text;
+        break;
+      case "ENTRYPOINT":
+        info.entrypoint = JSON.parse(text);
+        break;
+      case "CMD":
+        info.cmd = JSON.parse(text);
+        break;
+      case "HEALTHCHECK":
+        info.healthcheck = true;
+        break;
+    }
+  }
+  return info;
+}
+
+/** A .dockerignore as a predicate on repository-relative paths (last matching pattern wins). */
+function dockerignore(): (path: string) => boolean {
+  const rules = readFileSync(join(ROOT, ".dockerignore"), "utf8")
+    .split("\n")
+    .map((l) => l.trim())
+    .filter((l) => l && !l.startsWith("#"))
+    .map((pattern) => {
+      const negate = pattern.startsWith("!");
+      const body = (negate ? pattern.slice(1) : pattern).replace(/^\/+|\/+$/g, "");
+      const source = body
+        .split("/")
+        .map((part) =>
+          part === "**"
+            ? "(?:.*)"
+            : part
+                .replace(/[.+^${}()|[\]\\]/g, "\\$&")
+                .replace(/\*/g, "[^/]*")
+                .replace(/\?/g, "[^/]"),
+        )
+        .join("/")
+        .replace(/\(\?:\.\*\)\//g, "(?:.*/)?");
+      // A pattern matching a directory excludes everything below it.
+      return { negate, regex: new RegExp(`^${source}(?:/.*)?$`) };
+    });
+  return (path) => {
+    let ignored = false;
+    for (const rule of rules) if (rule.regex.test(path)) ignored = !rule.negate;
+    return ignored;
+  };
+}
+
+// ------------------------------------------------------------------------------------ Kubernetes
+
+type Validatable = { validate(): void };
+const MODELS: Readonly<Record<string, (doc: Doc) => Validatable>> = {
+  "v1/Namespace": (d) => new Namespace(d as ConstructorParameters<typeof Namespace>[0]),
+  "v1/ServiceAccount": (d) => new ServiceAccount(d as ConstructorParameters<typeof ServiceAccount>[0]),
+  "v1/ConfigMap": (d) => new ConfigMap(d as ConstructorParameters<typeof ConfigMap>[0]),
+  "v1/Secret": (d) => new Secret(d as ConstructorParameters<typeof Secret>[0]),
+  "v1/Service": (d) => new Service(d as ConstructorParameters<typeof Service>[0]),
+  "apps/v1/Deployment": (d) => new Deployment(d as ConstructorParameters<typeof Deployment>[0]),
+  "apps/v1/StatefulSet": (d) => new StatefulSet(d as ConstructorParameters<typeof StatefulSet>[0]),
+  "policy/v1/PodDisruptionBudget": (d) =>
+    new PodDisruptionBudget(d as ConstructorParameters<typeof PodDisruptionBudget>[0]),
+};
+
+/** Keys a container may have (a misspelt `readinesProbe` passes schema validation silently). */
+const CONTAINER_KEYS = new Set([
+  "name",
+  "image",
+  "imagePullPolicy",
+  "command",
+  "args",
+  "workingDir",
+  "ports",
+  "env",
+  "envFrom",
+  "resources",
+  "resizePolicy",
+  "restartPolicy",
+  "volumeMounts",
+  "volumeDevices",
+  "livenessProbe",
+  "readinessProbe",
+  "startupProbe",
+  "lifecycle",
+  "terminationMessagePath",
+  "terminationMessagePolicy",
+  "securityContext",
+  "stdin",
+  "stdinOnce",
+  "tty",
+]);
+
+interface K8sObject {
+  file: string;
+  doc: Doc;
+  kind: string;
+  name: string;
+}
+
+function loadKustomization(): { resources: string[]; images: Doc[] } {
+  const [doc] = parseYaml(join(K8S, "kustomization.yaml"));
+  const k = docOf(doc);
+  return { resources: listOf(k.resources).map(String), images: listOf(k.images).map(docOf) };
+}
+
+function loadK8sObjects(): K8sObject[] {
+  const objects: K8sObject[] = [];
+  for (const resource of loadKustomization().resources) {
+    const file = join(K8S, resource);
+    for (const raw of parseYaml(file)) {
+      if (raw === null || raw === undefined) continue;
+      const doc = docOf(raw);
+      objects.push({
+        file: rel(file),
+        doc,
+        kind: String(doc.kind),
+        name: String(docOf(doc.metadata).name),
+      });
+    }
+  }
+  return objects;
+}
+
+const deployments = (objects: readonly K8sObject[]) =>
+  objects
+    .filter((o) => o.kind === "Deployment")
+    .map((o) => ({ o, d: new Deployment(o.doc as ConstructorParameters<typeof Deployment>[0]) }));
+
+function labelsMatch(
+  selector: Record<string, string> | undefined,
+  labels: Record<string, string> | undefined,
+) {
+  if (!selector || Object.keys(selector).length === 0) return false;
+  return Object.entries(selector).every(([k, v]) => labels?.[k] === v);
+}
+
+// ------------------------------------------------------------------------------------------ tests
+
+describe("YAML files", () => {
+  it("parse, everywhere under deploy/k8s and deploy/compose", () => {
+    const files = [...yamlFiles(K8S), ...yamlFiles(COMPOSE)];
+    expect(files.length).toBeGreaterThan(5);
+    for (const file of files) expect(() => parseYaml(file), rel(file)).not.toThrow();
+  });
+});
+
+describe("Dockerfile and .dockerignore", () => {
+  const info = readDockerfile();
+  const ignored = dockerignore();
+
+  it("builds on node:24-slim, runs `node <entry>` as a numeric non-root user", () => {
+    expect(info.baseImages.length).toBeGreaterThan(0);
+    for (const image of info.baseImages) expect(image).toBe("node:24-slim");
+    expect(info.user).toMatch(/^[1-9]\d*(:\d+)?$/);
+    expect(info.entrypoint).toEqual(["node"]);
+    const entry = entryOf(listOf(info.cmd));
+    expect(entry && existsSync(join(ROOT, entry)), `CMD ${JSON.stringify(info.cmd)}`).toBe(true);
+    expect(info.healthcheck).toBe(true);
+    expect(existsSync(join(ROOT, "deploy/docker/healthcheck.ts"))).toBe(true);
+  });
+
+  it("copies every file each service entry loads, and .dockerignore keeps none of them out", () => {
+    const entries = new Set<string>([
+      entryOf(listOf(info.cmd)) ?? "",
+      ...deployments(loadK8sObjects()).flatMap(({ d }) =>
+        (d.spec?.template.spec?.containers ?? []).map((c) => entryOf(c.args ?? []) ?? ""),
+      ),
+    ]);
+    const problems: string[] = [];
+    for (const entry of entries) {
+      if (!entry) continue;
+      for (const file of importClosure(entry)) {
+        const path = rel(file);
+        if (!info.copied.some((src) => path === src || path.startsWith(`${src.replace(/\/$/, "")}/`))) {
+          problems.push(`${path} (loaded by ${entry}) is not COPYed into the image`);
+        }
+        if (ignored(path)) problems.push(`${path} (loaded by ${entry}) is excluded by .dockerignore`);
+      }
+    }
+    expect(problems).toEqual([]);
+  });
+
+  it(".dockerignore keeps secrets, dependencies and local data out of the build context", () => {
+    for (const path of [
+      ".git/HEAD",
+      "node_modules/x",
+      ".data/x",
+      "deploy/compose/secrets/token.env",
+      "a/b.test.ts",
+    ]) {
+      expect(ignored(path), path).toBe(true);
+    }
+  });
+});
+
+describe("Kubernetes manifests", () => {
+  const objects = loadK8sObjects();
+  const imageEnv = readDockerfile().env;
+  const configMaps = new Map(
+    objects.filter((o) => o.kind === "ConfigMap").map((o) => [o.name, docOf(o.doc.data)] as const),
+  );
+  const secrets = new Map(
+    objects
+      .filter((o) => o.kind === "Secret")
+      .map((o) => [o.name, { ...docOf(o.doc.data), ...docOf(o.doc.stringData) }] as const),
+  );
+
+  it("lists every manifest in kustomization.yaml, and only manifests", () => {
+    const listed = new Set(loadKustomization().resources.map((r) => join(K8S, r)));
+    for (const file of listed) expect(existsSync(file), rel(file)).toBe(true);
+    for (const file of yamlFiles(K8S)) {
+      if (file.endsWith("kustomization.yaml")) continue;
+      const isManifest = parseYaml(file).some((d) => isDoc(d) && "apiVersion" in d && "kind" in d);
+      expect(
+        listed.has(file),
+        `${rel(file)} ${isManifest ? "is a manifest not listed" : "is listed but not a manifest"}`,
+      ).toBe(isManifest);
+    }
+  });
+
+  it("validates each object with its kubernetes-models class", () => {
+    expect(objects.length).toBeGreaterThan(10);
+    for (const o of objects) {
+      const model = MODELS[`${String(o.doc.apiVersion)}/${o.kind}`];
+      expect(
+        model,
+        `${o.file}: no model for ${String(o.doc.apiVersion)} ${o.kind} (add it to MODELS)`,
+      ).toBeDefined();
+      expect(() => model!(o.doc).validate(), `${o.file}: ${o.kind} ${o.name}`).not.toThrow();
+    }
+  });
+
+  it("runs an existing entry file from the jetsaga image in every Deployment", () => {
+    const images = new Set(loadKustomization().images.map((i) => String(i.name)));
+    const ds = deployments(objects);
+    expect(ds.map(({ o }) => o.name).sort()).toEqual(["api", "notification", "orchestrator", "user"]);
+    for (const { o, d } of ds) {
+      for (const c of d.spec?.template.spec?.containers ?? []) {
+        expect(images.has(c.image ?? ""), `${o.name}: image ${c.image} is not in kustomization images`).toBe(
+          true,
+        );
+        expect(c.command, `${o.name}: the image's ENTRYPOINT is node; set args only`).toBeUndefined();
+        const entry = entryOf(c.args ?? []);
+        expect(entry, `${o.name}: args ${JSON.stringify(c.args)} name no .ts entry`).toBeDefined();
+        expect(existsSync(join(ROOT, entry!)), `${o.name}: entry ${entry} does not exist`).toBe(true);
+        expect(() => importClosure(entry!)).not.toThrow();
+        const unknown = Object.keys(c).filter((k) => !CONTAINER_KEYS.has(k));
+        expect(unknown, `${o.name}: unknown container keys`).toEqual([]);
+      }
+    }
+  });
+
+  it("sets every variable the code reads, reads every variable it sets, and resolves references", () => {
+    const problems: string[] = [];
+    const configKeysRead = new Map<string, Set<string>>();
+    for (const { o, d } of deployments(objects)) {
+      for (const c of d.spec?.template.spec?.containers ?? []) {
+        const set = new Set<string>(imageEnv.keys());
+        for (const from of c.envFrom ?? []) {
+          const cm = from.configMapRef?.name;
+          const sec = from.secretRef?.name;
+          const source =
+            cm !== undefined ? configMaps.get(cm) : sec !== undefined ? secrets.get(sec) : undefined;
+          if (!source) {
+            problems.push(`${o.name}: envFrom ${cm ?? sec} does not exist`);
+            continue;
+          }
+          for (const key of Object.keys(source)) set.add(key);
+        }
+        for (const e of c.env ?? []) {
+          set.add(e.name);
+          const ref = e.valueFrom?.secretKeyRef ?? e.valueFrom?.configMapKeyRef;
+          const store = e.valueFrom?.secretKeyRef ? secrets : configMaps;
+          if (ref && !(ref.key in (store.get(ref.name ?? "") ?? {}))) {
+            problems.push(`${o.name}: ${e.name} refers to ${ref.name}/${ref.key}, which does not exist`);
+          }
+        }
+        const entry = entryOf(c.args ?? []) ?? "";
+        problems.push(
+          ...envProblems(
+            `Deployment ${o.name}`,
+            entry,
+            set,
+            (c.env ?? []).map((e) => e.name),
+          ),
+        );
+        const reads = envReads(importClosure(entry));
+        for (const from of c.envFrom ?? []) {
+          const name = from.configMapRef?.name;
+          if (name === undefined) continue;
+          const read = configKeysRead.get(name) ?? new Set<string>();
+          for (const key of reads) read.add(key);
+          configKeysRead.set(name, read);
+        }
+      }
+    }
+    for (const [name, data] of configMaps) {
+      for (const key of Object.keys(data)) {
+        if (!configKeysRead.get(name)?.has(key) && !RUNTIME_ENV.test(key)) {
+          problems.push(`ConfigMap ${name}: ${key} is read by none of the services using it`);
+        }
+      }
+    }
+    expect(problems).toEqual([]);
+  });
+
+  it("probes and Services point at declared ports that the service is told to listen on", () => {
+    const problems: string[] = [];
+    const ds = deployments(objects);
+    for (const { o, d } of ds) {
+      for (const c of d.spec?.template.spec?.containers ?? []) {
+        const ports = c.ports ?? [];
+        const envValues = new Set((c.env ?? []).map((e) => e.value));
+        for (const p of ports) {
+          if (!envValues.has(String(p.containerPort))) {
+            problems.push(
+              `${o.name}: port ${p.containerPort} is declared, but no env var tells the service to use it`,
+            );
+          }
+        }
+        const probes = {
+          startupProbe: c.startupProbe,
+          readinessProbe: c.readinessProbe,
+          livenessProbe: c.livenessProbe,
+        };
+        for (const [kind, probe] of Object.entries(probes)) {
+          if (!probe) continue;
+          const port = probe.httpGet?.port ?? probe.tcpSocket?.port ?? probe.grpc?.port;
+          const ok =
+            typeof port === "string"
+              ? ports.some((p) => p.name === port)
+              : ports.some((p) => p.containerPort === port);
+          if (!ok)
+            problems.push(
+              `${o.name}: ${kind} uses port ${String(port)}, which the container does not declare`,
+            );
+        }
+        const noProbes = d.metadata?.annotations?.["jetsaga.dev/no-probes"];
+        if ((!c.readinessProbe || !c.livenessProbe) && !noProbes) {
+          problems.push(
+            `${o.name}: readiness and liveness probes missing (or annotate jetsaga.dev/no-probes with why)`,
+          );
+        }
+        if (ports.length > 0 && (!c.readinessProbe || !c.livenessProbe)) {
+          problems.push(`${o.name}: has a port, so it must have readiness and liveness probes`);
+        }
+      }
+    }
+    const services = objects.filter((o) => o.kind === "Service").map((o) => new Service(o.doc as never));
+    for (const s of services) {
+      if (s.spec?.type === "ExternalName") continue;
+      const target = ds.find(({ d }) => labelsMatch(s.spec?.selector, d.spec?.template.metadata?.labels));
+      if (!target) {
+        problems.push(`Service ${s.metadata?.name}: selector matches no Deployment`);
+        continue;
+      }
+      const containerPorts = (target.d.spec?.template.spec?.containers ?? []).flatMap((c) => c.ports ?? []);
+      for (const p of s.spec?.ports ?? []) {
+        const t = p.targetPort ?? p.port;
+        const ok =
+          typeof t === "string"
+            ? containerPorts.some((cp) => cp.name === t)
+            : containerPorts.some((cp) => cp.containerPort === t);
+        if (!ok)
+          problems.push(
+            `Service ${s.metadata?.name}: targetPort ${String(t)} is not a port of ${target.o.name}`,
+          );
+      }
+    }
+    // URLs in env that name an in-cluster Service must use one of its ports.
+    for (const { o, d } of ds) {
+      for (const e of (d.spec?.template.spec?.containers ?? []).flatMap((c) => c.env ?? [])) {
+        if (!e.value?.includes("://")) continue;
+        const url = new URL(e.value);
+        const svc = services.find((s) => s.metadata?.name === url.hostname);
+        if (svc && !(svc.spec?.ports ?? []).some((p) => String(p.port) === urlPort(e.value!))) {
+          problems.push(
+            `${o.name}: ${e.name}=${e.value} uses a port Service ${url.hostname} does not expose`,
+          );
+        }
+      }
+    }
+    expect(problems).toEqual([]);
+  });
+
+  it("matches selectors: Deployment to its pods, every PodDisruptionBudget to a Deployment it can spare", () => {
+    const ds = deployments(objects);
+    for (const { o, d } of ds) {
+      expect(labelsMatch(d.spec?.selector.matchLabels, d.spec?.template.metadata?.labels), o.name).toBe(true);
+    }
+    const pdbs = objects.filter((o) => o.kind === "PodDisruptionBudget");
+    for (const o of pdbs) {
+      const pdb = new PodDisruptionBudget(o.doc as never);
+      const target = ds.find(({ d }) =>
+        labelsMatch(pdb.spec?.selector?.matchLabels, d.spec?.template.metadata?.labels),
+      );
+      expect(target, `PDB ${o.name} matches no Deployment`).toBeDefined();
+      const min = pdb.spec?.minAvailable;
+      // minAvailable equal to replicas blocks every node drain.
+      if (typeof min === "number") expect(min, `PDB ${o.name}`).toBeLessThan(target?.d.spec?.replicas ?? 1);
+    }
+    expect(pdbs.length).toBe(ds.length);
+    expect(ds.find(({ o }) => o.name === "orchestrator")?.d.spec?.replicas).toBeGreaterThanOrEqual(2);
+  });
+
+  it("runs non-root with a read-only root file system and bounded memory", () => {
+    for (const { o, d } of deployments(objects)) {
+      const pod = d.spec?.template.spec;
+      expect(pod?.securityContext?.runAsNonRoot, o.name).toBe(true);
+      expect(pod?.automountServiceAccountToken, o.name).toBe(false);
+      for (const c of pod?.containers ?? []) {
+        expect(c.securityContext?.readOnlyRootFilesystem, o.name).toBe(true);
+        expect(c.securityContext?.allowPrivilegeEscalation, o.name).toBe(false);
+        const limit = mebibytes(c.resources?.limits?.memory);
+        const request = mebibytes(c.resources?.requests?.memory);
+        expect(limit, `${o.name}: memory limit`).toBeLessThanOrEqual(MAX_MEMORY_LIMIT_MIB);
+        expect(request, `${o.name}: memory request`).toBeLessThanOrEqual(limit);
+        expect(c.resources?.requests?.cpu, `${o.name}: cpu request`).toBeDefined();
+      }
+    }
+  });
+
+  it("documents a NATS >= 2.12 cluster of 3 with JetStream (Helm values)", () => {
+    const [values] = parseYaml(join(K8S, "nats/values.yaml"));
+    const v = docOf(values);
+    const config = docOf(v.config);
+    expect(docOf(config.cluster).enabled).toBe(true);
+    expect(Number(docOf(config.cluster).replicas)).toBeGreaterThanOrEqual(3);
+    expect(docOf(config.jetstream).enabled).toBe(true);
+    const tag = String(docOf(docOf(v.container).image).tag);
+    expect(versionAtLeast(tag, MIN_NATS), `nats image tag ${tag}`).toBe(true);
+    const replicas = Number(configMaps.get("jetsaga-config")?.JETSAGA_STREAM_REPLICAS);
+    expect(replicas).toBeLessThanOrEqual(Number(docOf(config.cluster).replicas));
+  });
+});
+
+describe("docker compose", () => {
+  const [composeDoc] = parseYaml(join(COMPOSE, "compose.yaml"));
+  const compose = docOf(composeDoc);
+  const services = docOf(compose.services);
+  const topSecrets = docOf(compose.secrets);
+  const imageEnv = readDockerfile().env;
+  const jetsaga = Object.entries(services).filter(([, s]) => "build" in docOf(s));
+
+  /** Keys of a secret env file, read from its committed `.example` twin. */
+  function secretEnvKeys(secret: string): string[] {
+    const file = String(docOf(topSecrets[secret]).file);
+    const example = join(COMPOSE, `${file}.example`);
+    if (!existsSync(example)) throw new Error(`secret ${secret}: ${rel(example)} is missing`);
+    return readFileSync(example, "utf8")
+      .split("\n")
+      .map((l) => /^([A-Z][A-Z0-9_]*)=/.exec(l.trim())?.[1])
+      .filter((k): k is string => k !== undefined);
+  }
+
+  it("runs the four services from the one image, each with an existing entry", () => {
+    expect(jetsaga.map(([name]) => name).sort()).toEqual(["api", "notification", "orchestrator", "user"]);
+    for (const [name, raw] of jetsaga) {
+      const s = docOf(raw);
+      expect(docOf(s.build).dockerfile).toBe("deploy/docker/Dockerfile");
+      expect(existsSync(resolve(COMPOSE, String(docOf(s.build).context), "deploy/docker/Dockerfile"))).toBe(
+        true,
+      );
+      const entry = entryOf(listOf(s.command));
+      expect(entry, `${name}: command ${JSON.stringify(s.command)}`).toBeDefined();
+      expect(existsSync(join(ROOT, entry!)), `${name}: entry ${entry} does not exist`).toBe(true);
+      expect(s.read_only, name).toBe(true);
+    }
+  });
+
+  it("sets every variable each service reads, from environment, secret env files or the image", () => {
+    const problems: string[] = [];
+    for (const [name, raw] of jetsaga) {
+      const s = docOf(raw);
+      const command = listOf(s.command).map(String);
+      const set = new Set<string>([...imageEnv.keys(), ...Object.keys(docOf(s.environment))]);
+      const mounted = listOf(s.secrets).map((x) => (isDoc(x) ? String(x.source) : String(x)));
+      for (const flag of command.filter((a) => a.startsWith("--env-file="))) {
+        const secret = flag.slice("--env-file=/run/secrets/".length);
+        if (
+          !flag.startsWith("--env-file=/run/secrets/") ||
+          !(secret in topSecrets) ||
+          !mounted.includes(secret)
+        ) {
+          problems.push(`${name}: ${flag} is not a secret mounted into the service`);
+          continue;
+        }
+        for (const key of secretEnvKeys(secret)) set.add(key);
+      }
+      problems.push(
+        ...envProblems(`compose ${name}`, entryOf(command) ?? "", set, Object.keys(docOf(s.environment))),
+      );
+    }
+    expect(problems).toEqual([]);
+  });
+
+  it("orders start-up on health: depends_on targets exist and have health checks", () => {
+    for (const [name, raw] of Object.entries(services)) {
+      for (const [dep, cond] of Object.entries(docOf(docOf(raw).depends_on))) {
+        expect(dep in services, `${name} depends on unknown ${dep}`).toBe(true);
+        if (docOf(cond).condition === "service_healthy") {
+          expect(docOf(services[dep]).healthcheck, `${name} waits for ${dep} to be healthy`).toBeDefined();
+        }
+      }
+      for (const secret of listOf(docOf(raw).secrets)) {
+        expect(
+          String(isDoc(secret) ? secret.source : secret) in topSecrets,
+          `${name}: secret ${String(secret)}`,
+        ).toBe(true);
+      }
+    }
+  });
+
+  it("health checks of jetsaga services ask a port the service is told to listen on", () => {
+    for (const [name, raw] of jetsaga) {
+      const s = docOf(raw);
+      const test = listOf(docOf(s.healthcheck).test).map(String);
+      if (test.length === 0) continue;
+      expect(test.slice(0, 3), name).toEqual(["CMD", "node", "deploy/docker/healthcheck.ts"]);
+      const port = urlPort(test[3] ?? "");
+      const envValues = Object.values(docOf(s.environment)).map(String);
+      expect(port !== undefined && envValues.includes(port), `${name}: health check port ${port}`).toBe(true);
+    }
+  });
+
+  it("runs NATS >= 2.12 with JetStream and a config that documents sync_interval", () => {
+    const nats = docOf(services.nats);
+    const tag = String(nats.image).split(":")[1] ?? "";
+    expect(String(nats.image)).toMatch(/^nats:/);
+    expect(versionAtLeast(tag, MIN_NATS), `nats image ${String(nats.image)}`).toBe(true);
+    expect(listOf(nats.command)).toContain("-js");
+    const mount = listOf(nats.volumes)
+      .map(String)
+      .find((v) => v.includes("nats.conf"));
+    const conf = resolve(COMPOSE, (mount ?? "").split(":")[0] ?? "");
+    expect(existsSync(conf), "nats.conf mounted from the repository").toBe(true);
+    expect(readFileSync(conf, "utf8")).toMatch(/^\s*#\s*sync_interval:/m);
+    expect(String(docOf(services.postgres).image)).toBe("postgres:15");
+  });
+});
