@@ -14,8 +14,12 @@ export interface ServiceSpec {
 }
 
 /** All services of a local deployment. */
+const userPort = process.env.USER_GRPC_PORT ?? "50061";
+
 export const services: readonly ServiceSpec[] = [
   { name: "orchestrator", entry: "orchestrator/service/main.ts" },
-  { name: "user", entry: "workers/user/main.ts" },
+  { name: "user", entry: "workers/user/main.ts", env: { USER_GRPC_PORT: userPort } },
   { name: "notification", entry: "workers/notification/main.ts" },
+  { name: "api", entry: "api/main.ts", env: { USER_SERVICE_URL: `http://127.0.0.1:${userPort}` } },
+  { name: "visualiser", entry: "visualiser/main.ts" },
 ];

@@ -9,7 +9,8 @@
  * SIGINT/SIGTERM stop all services (SIGTERM, SIGKILL after 10 s) and exit 0.
  */
 import { type ChildProcess, spawn } from "node:child_process";
-import { existsSync } from "node:fs";
+import { randomBytes } from "node:crypto";
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
@@ -96,6 +97,20 @@ function pipeLines(stream: NodeJS.ReadableStream | null, prefix: string, service
   });
 }
 
+/**
+ * The user service signs tokens and the API verifies them: both need the same secret. Locally it
+ * is made once and kept in .data (git-ignored); deployments pass JETSAGA_TOKEN_SECRET.
+ */
+function ensureTokenSecret(): void {
+  if (process.env.JETSAGA_TOKEN_SECRET) return;
+  const file = join(process.env.JETSAGA_DATA_DIR ?? join(ROOT, ".data"), "token-secret");
+  if (!existsSync(file)) {
+    mkdirSync(dirname(file), { recursive: true });
+    writeFileSync(file, randomBytes(48).toString("base64url"), { mode: 0o600 });
+  }
+  process.env.JETSAGA_TOKEN_SECRET = readFileSync(file, "utf8").trim();
+}
+
 function startService(spec: ServiceSpec, width: number): void {
   // Under Deno, process.execPath is the deno binary, which needs `run -A` before the entry.
   const args = "Deno" in globalThis ? ["run", "-A", join(ROOT, spec.entry)] : [join(ROOT, spec.entry)];
@@ -159,6 +174,7 @@ function main(): void {
     for (const r of running) signalService(r, "SIGKILL");
   });
 
+  ensureTokenSecret();
   for (const spec of present) startService(spec, width);
   if (present.length === 0) {
     say("no services to run yet; NATS and Postgres stay up until Ctrl-C");
