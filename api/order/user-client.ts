@@ -25,8 +25,13 @@ export interface ResilientUserClientOptions {
   baseUrl?: string;
   /** A ready transport (tests: an in-memory router transport). */
   transport?: Transport;
-  /** Deadline of one attempt, ms. Default 2000. */
+  /** Deadline of one attempt of an idempotent call (GetUser), ms. Default 2000. */
   attemptTimeoutMs?: number;
+  /**
+   * Deadline of a call that hashes a password (CreateUser, Authenticate), ms. Default 15000: scrypt
+   * at OWASP cost takes 0.5–1.5 s on a busy 2-core machine and the service runs two at a time.
+   */
+  hashingTimeoutMs?: number;
   /** Retries after the first attempt, for idempotent calls. Default 2. */
   retries?: number;
   /** First backoff delay, ms (doubles, with jitter). Default 50. */
@@ -91,9 +96,14 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
     maxAttempts: options.retries ?? 2,
     backoff: new ExponentialBackoff({ initialDelay: options.initialBackoffMs ?? 50, maxDelay: 1000 }),
   });
-  const run = async <T>(policy: IPolicy, fn: (o: CallOptions) => Promise<T>): Promise<T> => {
+  const hashingTimeoutMs = options.hashingTimeoutMs ?? 15_000;
+  const run = async <T>(
+    policy: IPolicy,
+    fn: (o: CallOptions) => Promise<T>,
+    deadlineMs: number,
+  ): Promise<T> => {
     try {
-      return await policy.execute(({ signal }) => fn({ signal, timeoutMs }));
+      return await policy.execute(({ signal }) => fn({ signal, timeoutMs: deadlineMs }));
     } catch (error) {
       throw asUnavailable(error);
     }
@@ -101,8 +111,8 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
   const withRetry = wrap(retrying, breaker);
   return {
     client,
-    idempotent: (fn) => run(withRetry, fn),
-    once: (fn) => run(breaker, fn),
+    idempotent: (fn) => run(withRetry, fn, timeoutMs),
+    once: (fn) => run(breaker, fn, hashingTimeoutMs),
     get open() {
       return breaker.state === CircuitState.Open || breaker.state === CircuitState.Isolated;
     },
