@@ -17,6 +17,8 @@ export default defineConfig({
       { extends: true, test: { name: "unit", include: ["**/*.unit.test.ts"], testTimeout: 10_000 } },
       { extends: true, test: { name: "int", include: ["**/*.int.test.ts"], ...serverTimeouts } },
       { extends: true, test: { name: "e2e", include: ["**/*.e2e.test.ts"], ...serverTimeouts } },
+      // Needs Debian's chromium at /usr/bin/chromium: `npm run test:browser`, not part of `npm test`.
+      { extends: true, test: { name: "browser", include: ["**/*.browser.test.ts"], ...serverTimeouts } },
     ],
   },
 });

@@ -51,6 +51,11 @@ if [ "$MODE" = test ]; then
   npm run --silent proto:check --if-present
   say "check:deno (if present)"
   npm run --silent check:deno --if-present
+  # The suite's tiers; the browser tier (needs chromium) runs with `npm run test:browser`.
+  case " $* " in
+    *" --project"*) ;;
+    *) set -- --project unit --project int --project e2e "$@" ;;
+  esac
   if [ "${JETSAGA_RUNTIME:-node}" = deno ]; then
     say "vitest run $* (inside Deno)"
     exec deno run -A node_modules/vitest/vitest.mjs run "$@"

@@ -276,20 +276,26 @@ class Client implements WorkflowClient {
     options: { signal?: AbortSignal } = {},
   ): AsyncIterable<HistoryEntry> {
     assertId(instanceId);
+    if (options.signal?.aborted) return;
     const consumer = await this.#js.consumers.get(this.topology.streams.history, {
       filter_subjects: this.topology.historySubject(workflow, instanceId),
       deliver_policy: DeliverPolicy.LastPerSubject,
+      // Server-side clean-up if this process vanishes without deleting it (nats.js default: 5 min).
+      inactive_threshold: 10_000,
     });
     const messages = await consumer.consume();
     const abort = (): void => {
       void messages.close();
     };
     options.signal?.addEventListener("abort", abort, { once: true });
+    // An abort while the consumer was being created would otherwise be missed.
+    if (options.signal?.aborted) abort();
     try {
       for await (const msg of messages) yield decodeEntry(msg);
     } finally {
       options.signal?.removeEventListener("abort", abort);
-      await messages.close();
+      void messages.close();
+      await consumer.delete().catch(() => false);
     }
   }
 

@@ -5,12 +5,14 @@
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { benchHandlers } from "../../bench/three-step-workflow.ts";
 import { connectNats } from "../../common/nats.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import { type ServiceProcess, spawnService } from "../../test/support/processes.ts";
-import { createWorkflowClient, type WorkflowClient } from "../index.ts";
+import { createWorker, createWorkflowClient, type RunningWorker, type WorkflowClient } from "../index.ts";
 
 const INSTANCES = 20;
+const quiet = { info() {}, warn() {}, error() {} };
 const BUMPS = 30;
 
 async function metric(process: ServiceProcess, name: string): Promise<number> {
@@ -24,6 +26,7 @@ async function metric(process: ServiceProcess, name: string): Promise<number> {
 describe("two orchestrator processes on the same streams", () => {
   let nc: NatsConnection;
   let client: WorkflowClient;
+  let worker: RunningWorker | undefined;
   const processes: ServiceProcess[] = [];
   const ns = uniqueNamespace("twoorch");
 
@@ -34,7 +37,7 @@ describe("two orchestrator processes on the same streams", () => {
       JETSAGA_NS: ns,
       PROBE_PORT: "0",
       LOG_LEVEL: "warn",
-      JETSAGA_WORKFLOW_MODULES: "test/fixtures/workflows.ts",
+      JETSAGA_WORKFLOW_MODULES: "test/fixtures/workflows.ts,bench/three-step-workflow.ts",
     };
     for (let i = 0; i < 2; i++) {
       processes.push(
@@ -45,6 +48,7 @@ describe("two orchestrator processes on the same streams", () => {
   });
 
   afterAll(async () => {
+    await worker?.stop();
     await client?.close();
     await Promise.all(processes.map((p) => p.kill("SIGTERM")));
     await nc?.close();
@@ -84,5 +88,17 @@ describe("two orchestrator processes on the same streams", () => {
     expect(appended.reduce((a, b) => a + b, 0)).toBe(INSTANCES * (BUMPS + 1));
     expect(conflicts.reduce((a, b) => a + b, 0)).toBeGreaterThan(0);
     console.log(`appended per process: ${appended.join(", ")}; conflicts: ${conflicts.join(", ")}`);
+  });
+
+  it("never drop a worker's reply because one process's cached state is behind the other's", async () => {
+    // Each step's reply usually reaches the process that did not append the step: its cache is
+    // stale, and a reply it judged against that cache would be dropped as "not handled here".
+    worker = await createWorker({ nc, ns, service: "benchsvc", commands: benchHandlers, logger: quiet });
+    const ids = Array.from({ length: 150 }, (_, i) => `b${i}`);
+    await Promise.all(ids.map((id) => client.start("bench", id, { userId: "u", amount: 1 })));
+    for (const id of ids) {
+      const final = await client.awaitCompletion("bench", id, { timeoutMs: 60_000 });
+      expect(final.value).toBe("confirmed");
+    }
   });
 });

@@ -51,11 +51,28 @@ export class HistoryStore {
     this.#topo = topo;
   }
 
-  /** The latest entry of an instance (one direct get), or undefined when it has no history. */
-  async latest(workflow: string, instanceId: string): Promise<StoredEntry | undefined> {
-    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
-      last_by_subj: this.#topo.historySubject(workflow, instanceId),
-    });
+  /**
+   * The latest entry of an instance, or undefined when it has no history. One direct get, which
+   * any replica may answer; `fromLeader` asks the stream leader instead, which has every
+   * acknowledged append (used to confirm a decision that a stale replica could have caused).
+   */
+  async latest(
+    workflow: string,
+    instanceId: string,
+    options: { fromLeader?: boolean } = {},
+  ): Promise<StoredEntry | undefined> {
+    const subject = this.#topo.historySubject(workflow, instanceId);
+    if (options.fromLeader) {
+      try {
+        const msg = await this.#jsm.streams.getMessage(this.#topo.streams.history, { last_by_subj: subject });
+        return msg ? { entry: decodeEntry(msg), seq: msg.seq } : undefined;
+      } catch (error) {
+        if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.NoMessageFound)
+          return undefined;
+        throw error;
+      }
+    }
+    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, { last_by_subj: subject });
     return msg ? { entry: decodeEntry(msg), seq: msg.seq } : undefined;
   }
 
@@ -100,13 +117,19 @@ export class HistoryStore {
     const consumer = await this.#js.consumers.get(this.#topo.streams.history, {
       filter_subjects: subject,
       deliver_policy: DeliverPolicy.All,
+      inactive_threshold: 10_000,
     });
     const messages = await consumer.consume();
-    for await (const msg of messages) {
-      entries.push(JSON.parse(msg.string()) as HistoryEntry);
-      if (msg.seq >= last.seq) break;
+    try {
+      for await (const msg of messages) {
+        entries.push(JSON.parse(msg.string()) as HistoryEntry);
+        if (msg.seq >= last.seq) break;
+      }
+    } finally {
+      // Not awaited: nats.js settles close() only once the iterator has drained.
+      void messages.close();
+      await consumer.delete().catch(() => false);
     }
-    await messages.close();
     return entries;
   }
 

@@ -286,9 +286,12 @@ class OrchestratorLoop {
           ...(message.timer ? { timer: message.timer } : {}),
         };
     const maxRetries = this.#options.maxConflictRetries ?? 8;
+    // Set once the state was read from the stream's leader: an "ignored" decision then stands.
+    let fresh = false;
     for (let attempt = 0; ; attempt++) {
+      const cached = fresh ? undefined : this.#cache.get(key);
       const current =
-        this.#cache.get(key) ?? (await this.#store.latest(message.workflow, message.instanceId));
+        cached ?? (await this.#store.latest(message.workflow, message.instanceId, { fromLeader: fresh }));
       const now = this.#clock();
       const decision: Decision = decide(definition, current?.entry.state, input, {
         now,
@@ -336,6 +339,14 @@ class OrchestratorLoop {
           return;
         }
         case "ignored":
+          if (!fresh) {
+            // The state may be stale (a cached copy, another orchestrator appended since, or a
+            // replica that lags): a reply to a command dispatched by a newer state would be
+            // dropped. Decide again on the leader's latest before giving up on the message.
+            fresh = true;
+            this.#cache.delete(key);
+            continue;
+          }
           this.stats.ignored++;
           this.#log.debug?.(
             { workflow: message.workflow, instanceId: message.instanceId, reason: decision.reason },

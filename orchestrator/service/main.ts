@@ -1,35 +1,12 @@
-/**
- * The orchestrator service: runs the built-in workflows (and any listed in
- * JETSAGA_WORKFLOW_MODULES) on the inbox of namespace JETSAGA_NS.
- *
- * Environment: NATS_URL, JETSAGA_NS, JETSAGA_CONCURRENCY (default 256), PROBE_PORT (health and
- * metrics; default 9464, 0 = any free port), JETSAGA_WORKFLOW_MODULES (comma-separated module
- * paths, each exporting `workflows: AnyWorkflowDefinition[]`), LOG_LEVEL.
- */
-import { pathToFileURL } from "node:url";
 import { onShutdown, readConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats } from "../../common/nats.ts";
 import { createMetricsRegistry, startProbeServer } from "../../common/probes.ts";
-import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
 import { type RunningOrchestrator, startOrchestrator } from "../runtime/orchestrator.ts";
-import { builtInWorkflows } from "../workflows/index.ts";
+import { loadWorkflows } from "../workflows/load.ts";
 import { registerOrchestratorMetrics } from "./metrics.ts";
 
 const log = createLogger("orchestrator");
-
-async function loadWorkflows(modules: string | undefined): Promise<AnyWorkflowDefinition[]> {
-  const workflows = [...builtInWorkflows];
-  for (const path of (modules ?? "")
-    .split(",")
-    .map((p) => p.trim())
-    .filter(Boolean)) {
-    const loaded = (await import(pathToFileURL(path).href)) as { workflows?: AnyWorkflowDefinition[] };
-    if (!Array.isArray(loaded.workflows)) throw new Error(`${path} does not export \`workflows\``);
-    workflows.push(...loaded.workflows);
-  }
-  return workflows;
-}
 
 async function main(): Promise<void> {
   const config = readConfig();

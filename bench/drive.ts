@@ -1,0 +1,306 @@
+/**
+ * The load generators: drive the 3-step saga through the engine, or the same JetStream writes
+ * directly (the floor), at a fixed number in flight, and measure throughput, latency and the CPU
+ * and memory of every process involved. Used in-process by the smoke test and from a child
+ * process (bench/load.ts) by `npm run bench`, so that the load generator's own CPU is its own.
+ */
+import { DiscardPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { connectNats } from "../common/nats.ts";
+import { createWorkflowClient, type HistoryEntry } from "../orchestrator/index.ts";
+import { cpuDelta, cpuSnapshot, peakRssMiB, resetPeakRss } from "./procfs.ts";
+import { type LatencySummary, summarize } from "./stats.ts";
+import { threeStepSaga } from "./three-step-workflow.ts";
+
+/** What one load run measured. Every number is finite unless a process vanished mid-run. */
+export interface LoadReport {
+  kind: "engine" | "floor" | "full";
+  concurrency: number;
+  /** Items (sagas, or groups of 3 writes for the floor) in the measured window. */
+  count: number;
+  /** Items that finished successfully. */
+  completed: number;
+  /** Items that failed or timed out. Must be 0. */
+  errors: number;
+  wallMs: number;
+  /** Completed items per second. */
+  perSecond: number;
+  /** End to end per item: start → completion observed by the client. */
+  latencyMs: LatencySummary;
+  /**
+   * CPU ms per completed item, per process: each named pid, `client` (the load generator) and
+   * `other` (everything else on the machine during the window: noise).
+   */
+  cpuMsPerItem: Record<string, number>;
+  /** Average cores busy per process during the window (1 = one core fully used). */
+  coresBusy: Record<string, number>;
+  /** Peak RSS during the window per named process, MiB (`client`: over the generator's life). */
+  peakRssMiB: Record<string, number>;
+  /** The first failure's message, when there were errors. */
+  firstError?: string;
+  /** Engine only: per-step latency from a sample of histories (`at` of each entry), ms. */
+  steps?: StepLatencies;
+}
+
+/**
+ * Where a saga's time goes, from the history entries' `at` (orchestrator clock, ms resolution)
+ * and the client's clock (same machine): `inbox` = client start → start entry decided;
+ * `verify` = start entry → verified entry; `reserve` = verified → reserved (final) entry;
+ * `notify` = final entry decided → client saw completion.
+ */
+export interface StepLatencies {
+  sampled: number;
+  inbox: LatencySummary;
+  verify: LatencySummary;
+  reserve: LatencySummary;
+  notify: LatencySummary;
+}
+
+/** Options shared by both generators. */
+export interface LoadOptions {
+  natsUrl: string;
+  /** Namespace of the streams (the engine's `JETSAGA_NS`). */
+  ns: string;
+  /** Items in flight at once. */
+  concurrency: number;
+  /** Items in the measured window. */
+  count: number;
+  /** Items run first and not measured (JIT, connections, consumers). Default 2× concurrency, ≥ 20. */
+  warmup?: number;
+  /** Prefix of instance ids / subjects, unique per run within the namespace. */
+  idPrefix: string;
+  /** Processes to measure, by name (e.g. `{ orchestrator: 1234, worker: 1235, nats: 1200 }`). */
+  pids: Record<string, number>;
+  /** Per-item timeout, ms. Default 60 s. */
+  timeoutMs?: number;
+}
+
+/** Options of {@link driveSagas}. */
+export interface SagaLoadOptions extends LoadOptions {
+  /** How many completed sagas' histories to read for per-step latency. Default 200. */
+  historySample?: number;
+}
+
+/** Runs `count` items with `concurrency` lanes; returns per-item latency and the failures. */
+export async function lanes(
+  count: number,
+  concurrency: number,
+  item: (index: number) => Promise<boolean>,
+): Promise<{ latencies: number[]; errors: number; firstError: unknown }> {
+  let next = 0;
+  let errors = 0;
+  let firstError: unknown;
+  const latencies: number[] = [];
+  const lane = async (): Promise<void> => {
+    while (next < count) {
+      const index = next++;
+      const started = performance.now();
+      try {
+        if (await item(index)) latencies.push(performance.now() - started);
+        else errors++;
+      } catch (error) {
+        errors++;
+        firstError ??= error;
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: Math.min(concurrency, count) }, lane));
+  return { latencies, errors, firstError };
+}
+
+/**
+ * Measures a window: snapshots CPU and resets peak RSS of the pids before, and reads both after.
+ * `trees` are multi-process servers (Postgres) measured for CPU only, children included.
+ */
+export async function measured<T>(
+  pids: Record<string, number>,
+  run: () => Promise<T>,
+  trees: Record<string, number> = {},
+): Promise<{ result: T; cpu: ReturnType<typeof cpuDelta>; peak: Record<string, number> }> {
+  for (const pid of Object.values(pids)) resetPeakRss(pid);
+  const before = cpuSnapshot(pids, trees);
+  const result = await run();
+  const after = cpuSnapshot(pids, trees);
+  const peak: Record<string, number> = {};
+  for (const [name, pid] of Object.entries(pids)) peak[name] = peakRssMiB(pid);
+  peak.client = process.resourceUsage().maxRSS / 1024;
+  return { result, cpu: cpuDelta(before, after), peak };
+}
+
+/** Builds a {@link LoadReport} from a measured window. */
+export function report(
+  kind: LoadReport["kind"],
+  options: LoadOptions,
+  outcome: { latencies: number[]; errors: number; firstError?: unknown },
+  cpu: ReturnType<typeof cpuDelta>,
+  peak: Record<string, number>,
+): LoadReport {
+  const completed = outcome.latencies.length;
+  const per = (ms: number): number => (completed ? ms / completed : Number.NaN);
+  const cpuMsPerItem: Record<string, number> = {};
+  const coresBusy: Record<string, number> = {};
+  for (const [name, ms] of Object.entries({ ...cpu.processes, client: cpu.self, other: cpu.other })) {
+    cpuMsPerItem[name] = per(ms);
+    coresBusy[name] = ms / cpu.wallMs;
+  }
+  return {
+    kind,
+    concurrency: options.concurrency,
+    count: options.count,
+    completed,
+    errors: outcome.errors,
+    wallMs: cpu.wallMs,
+    perSecond: (completed * 1000) / cpu.wallMs,
+    latencyMs: summarize(outcome.latencies),
+    cpuMsPerItem,
+    coresBusy,
+    peakRssMiB: peak,
+    ...(outcome.errors > 0
+      ? {
+          firstError:
+            outcome.firstError instanceof Error
+              ? outcome.firstError.message
+              : String(outcome.firstError ?? "not completed"),
+        }
+      : {}),
+  };
+}
+
+/**
+ * Drives the 3-step bench saga (bench/three-step-workflow.ts) through a running orchestrator and
+ * bench worker: `client.start` then `client.awaitCompletion`, `concurrency` at a time. The
+ * orchestrator and worker must already run on `ns` (as processes, or in this one).
+ */
+export async function driveSagas(options: SagaLoadOptions): Promise<LoadReport> {
+  const nc = await connectNats({ servers: options.natsUrl, name: "jetsaga-bench-load" });
+  try {
+    const client = await createWorkflowClient({ nc, ns: options.ns, workflows: [threeStepSaga] });
+    const timeoutMs = options.timeoutMs ?? 60_000;
+    const input = { userId: "bench-user", amount: 1 };
+    const startedAt = new Float64Array(options.count);
+    const doneAt = new Float64Array(options.count);
+    const saga = async (id: string, index = -1): Promise<boolean> => {
+      if (index >= 0) startedAt[index] = Date.now();
+      await client.start("bench", id, input);
+      const state = await client.awaitCompletion("bench", id, { timeoutMs });
+      if (index >= 0) doneAt[index] = Date.now();
+      return state.status === "completed";
+    };
+    const warmup = options.warmup ?? Math.max(20, options.concurrency * 2);
+    const warm = await lanes(warmup, options.concurrency, (i) => saga(`${options.idPrefix}w${i}`));
+    const { result, cpu, peak } = await measured(options.pids, () =>
+      lanes(options.count, options.concurrency, (i) => saga(`${options.idPrefix}m${i}`, i)),
+    );
+    const out = report("engine", options, result, cpu, peak);
+    // Warm-up failures are failures too: the figures count them, they do not abort the run.
+    if (warm.errors > 0) {
+      out.errors += warm.errors;
+      out.firstError ??= `warm-up: ${warm.firstError instanceof Error ? warm.firstError.message : "saga did not complete"}`;
+    }
+    out.steps = await sampleSteps(options, (i) => client.getHistory("bench", `${options.idPrefix}m${i}`), {
+      startedAt,
+      doneAt,
+    });
+    await client.close();
+    return out;
+  } finally {
+    await nc.close();
+  }
+}
+
+/** Reads a sample of the measured sagas' histories (after the window, so it costs the figures nothing). */
+async function sampleSteps(
+  options: SagaLoadOptions,
+  history: (index: number) => Promise<HistoryEntry[]>,
+  clock: { startedAt: Float64Array; doneAt: Float64Array },
+): Promise<StepLatencies> {
+  const want = Math.min(options.count, options.historySample ?? 200);
+  const stride = options.count / Math.max(1, want);
+  const indexes = Array.from({ length: want }, (_, k) => Math.floor(k * stride));
+  const inbox: number[] = [];
+  const verify: number[] = [];
+  const reserve: number[] = [];
+  const notify: number[] = [];
+  let cursor = 0;
+  // Histories are read with a consumer each (not the hot path): a few at a time is plenty.
+  const reader = async (): Promise<void> => {
+    while (cursor < indexes.length) {
+      const index = indexes[cursor++] ?? 0;
+      const entries = await history(index);
+      const [start, verified, reserved] = entries;
+      if (!start || !verified || !reserved) continue;
+      inbox.push(start.at - (clock.startedAt[index] ?? 0));
+      verify.push(verified.at - start.at);
+      reserve.push(reserved.at - verified.at);
+      notify.push((clock.doneAt[index] ?? 0) - reserved.at);
+    }
+  };
+  await Promise.all(Array.from({ length: 4 }, reader));
+  return {
+    sampled: verify.length,
+    inbox: summarize(inbox),
+    verify: summarize(verify),
+    reserve: summarize(reserve),
+    notify: summarize(notify),
+  };
+}
+
+/** Name of the floor's stream for namespace `ns`. */
+export function floorStream(ns: string): string {
+  return `${ns.toUpperCase()}_FLOOR`;
+}
+
+/** Creates the floor's stream: configured like the engine's history stream (file, direct get, dedupe). */
+async function ensureFloorStream(nc: NatsConnection, ns: string): Promise<void> {
+  const jsm = await jetstreamManager(nc);
+  const config = {
+    name: floorStream(ns),
+    subjects: [`${ns}.floor.>`],
+    storage: StorageType.File,
+    retention: RetentionPolicy.Limits,
+    discard: DiscardPolicy.New,
+    num_replicas: 1,
+    allow_direct: true,
+    duplicate_window: 120_000_000_000,
+  };
+  try {
+    await jsm.streams.add(config);
+  } catch (error) {
+    if (!/already in use|already exists/i.test(String((error as Error).message))) throw error;
+  }
+}
+
+/**
+ * The JetStream floor: per "saga", 3 sequential publishes to a subject of its own, each with
+ * `expect.lastSubjectSequence` and a `msgID` — exactly the history appends a saga makes, without
+ * the engine, the worker and the commands. `concurrency` sagas at once.
+ */
+export async function driveFloor(options: LoadOptions): Promise<LoadReport> {
+  const nc = await connectNats({ servers: options.natsUrl, name: "jetsaga-bench-floor" });
+  try {
+    await ensureFloorStream(nc, options.ns);
+    const js = jetstream(nc);
+    // About the size of a bench saga's history entry (~520 bytes), so the server does the same I/O.
+    const payload = new TextEncoder().encode(JSON.stringify({ pad: "x".repeat(510) }));
+    const saga = async (id: string): Promise<boolean> => {
+      const subject = `${options.ns}.floor.${id}`;
+      let seq = 0;
+      for (let revision = 1; revision <= 3; revision++) {
+        const ack = await js.publish(subject, payload, {
+          msgID: `${id}.${revision}`,
+          expect: { lastSubjectSequence: seq },
+        });
+        seq = ack.seq;
+      }
+      return true;
+    };
+    const warmup = options.warmup ?? Math.max(20, options.concurrency * 2);
+    await lanes(warmup, options.concurrency, (i) => saga(`${options.idPrefix}w${i}`));
+    const { result, cpu, peak } = await measured(options.pids, () =>
+      lanes(options.count, options.concurrency, (i) => saga(`${options.idPrefix}m${i}`)),
+    );
+    return report("floor", options, result, cpu, peak);
+  } finally {
+    await nc.close();
+  }
+}

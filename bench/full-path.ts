@@ -1,0 +1,194 @@
+/**
+ * The full path: gRPC PlaceOrder into the API gateway → order saga in the orchestrator → user
+ * service reserves credit → CONFIRMED, visible in the Postgres read model. Every service is a
+ * process of its own (Postgres, user service, API gateway, orchestrator, nats-server, load).
+ */
+import { randomBytes } from "node:crypto";
+import { existsSync } from "node:fs";
+import { join } from "node:path";
+import { createClient } from "@connectrpc/connect";
+import { createGrpcTransport } from "@connectrpc/connect-node";
+import postgres from "postgres";
+import { OrderService, OrderStatus } from "../proto/gen/jetsaga/order/v1/order_pb.ts";
+import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
+import { startPostgres } from "../test/support/servers.ts";
+import { type LoadOptions, type LoadReport, lanes, measured, report } from "./drive.ts";
+import { type Level, type Progress, ROOT, runLoadProcess, startEngine } from "./engine.ts";
+
+/** The full path at each level, or why it was not measured. */
+export type FullPathResult =
+  | {
+      levels: LoadReport[];
+      /** Process names in the CPU columns, in order. */
+      processNames: string[];
+      /** GetOrder calls per order (1 waits on min_position, the rest poll until CONFIRMED), p50. */
+      readsPerOrder: number;
+    }
+  | { skipped: string };
+
+/** Options of {@link driveOrders}. */
+export interface OrderLoadOptions extends LoadOptions {
+  /** The API gateway's base URL (`http://127.0.0.1:<port>`). */
+  apiUrl: string;
+  /** Bearer token of the user placing the orders. */
+  token: string;
+  /** Multi-process servers measured with their children (Postgres). */
+  trees?: Record<string, number>;
+}
+
+const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
+
+/**
+ * Places orders over gRPC, `concurrency` at a time, each followed by GetOrder until the read
+ * model shows it CONFIRMED: first with `min_position` (waits for the placement to be projected),
+ * then polling with a short backoff (2 ms ×1.5, at most 20 ms), since the confirmation's position
+ * is not known to the client.
+ */
+export async function driveOrders(
+  options: OrderLoadOptions,
+): Promise<LoadReport & { readsPerOrder: number }> {
+  const transport = createGrpcTransport({ baseUrl: options.apiUrl });
+  const orders = createClient(OrderService, transport);
+  const headers = { authorization: `Bearer ${options.token}` };
+  const timeoutMs = options.timeoutMs ?? 60_000;
+  const reads: number[] = [];
+  const order = async (key: string): Promise<boolean> => {
+    const placed = await orders.placeOrder(
+      { idempotencyKey: key, items: [{ sku: "bench-sku", quantity: 1, unitPriceCents: 1n }] },
+      { headers, timeoutMs },
+    );
+    const orderId = placed.order?.orderId ?? "";
+    let got = await orders.getOrder({ orderId, minPosition: placed.position }, { headers, timeoutMs });
+    let calls = 1;
+    let wait = 2;
+    const deadline = performance.now() + timeoutMs;
+    while (got.order?.status === OrderStatus.PENDING && performance.now() < deadline) {
+      await sleep(wait);
+      wait = Math.min(20, wait * 1.5);
+      got = await orders.getOrder({ orderId }, { headers, timeoutMs });
+      calls++;
+    }
+    reads.push(calls);
+    return got.order?.status === OrderStatus.CONFIRMED;
+  };
+  const warmup = options.warmup ?? Math.max(20, options.concurrency * 2);
+  await lanes(warmup, options.concurrency, (i) => order(`${options.idPrefix}w${i}`));
+  reads.length = 0;
+  const { result, cpu, peak } = await measured(
+    options.pids,
+    () => lanes(options.count, options.concurrency, (i) => order(`${options.idPrefix}m${i}`)),
+    options.trees ?? {},
+  );
+  reads.sort((a, b) => a - b);
+  return {
+    ...report("full", options, result, cpu, peak),
+    readsPerOrder: reads[Math.floor(reads.length / 2)] ?? 0,
+  };
+}
+
+/** Options of {@link measureFullPath}. */
+export interface FullPathOptions {
+  natsUrl: string;
+  natsPid?: number;
+  ns: string;
+  levels: readonly Level[];
+  progress?: Progress;
+}
+
+/** Entry files the full path needs; missing ones mean the pieces have not landed yet. */
+const ENTRIES = ["api/main.ts", "workers/user/main.ts"];
+
+/**
+ * Starts Postgres, the orchestrator, the user service and the API gateway, creates and
+ * authenticates a user over gRPC, and measures orders at each level. Returns `{ skipped }` when an
+ * entry file is missing.
+ */
+export async function measureFullPath(options: FullPathOptions): Promise<FullPathResult> {
+  const missing = ENTRIES.filter((entry) => !existsSync(join(ROOT, entry)));
+  if (missing.length) return { skipped: `${missing.join(", ")} missing` };
+  const progress = options.progress ?? (() => {});
+  const pg = await startPostgres();
+  const started: ServiceProcess[] = [];
+  let engine: Awaited<ReturnType<typeof startEngine>> | undefined;
+  try {
+    const admin = postgres(pg.adminUrl, { max: 1, onnotice: () => {} });
+    try {
+      await admin.unsafe("create database bench_users");
+      await admin.unsafe("create database bench_orders");
+    } finally {
+      await admin.end({ timeout: 5 });
+    }
+    const dbUrl = (name: string): string => {
+      const url = new URL(pg.adminUrl);
+      url.pathname = `/${name}`;
+      return url.toString();
+    };
+    const secret = randomBytes(32).toString("base64url");
+    const common = {
+      NATS_URL: options.natsUrl,
+      JETSAGA_NS: options.ns,
+      LOG_LEVEL: "warn",
+      JETSAGA_TOKEN_SECRET: secret,
+    };
+    engine = await startEngine({ natsUrl: options.natsUrl, ns: options.ns, worker: false });
+    const user = await spawnService(
+      "workers/user/main.ts",
+      { ...common, DATABASE_URL: dbUrl("bench_users"), USER_GRPC_PORT: "0" },
+      /JETSAGA_USER_SERVICE_URL=/,
+    );
+    started.push(user);
+    const userUrl =
+      (user.lines.find((l) => l.startsWith("JETSAGA_USER_SERVICE_URL=")) ?? "").split("=")[1] ?? "";
+    const api = await spawnService(
+      "api/main.ts",
+      { ...common, DATABASE_URL: dbUrl("bench_orders"), USER_SERVICE_URL: userUrl, API_PORT: "0" },
+      /JETSAGA_API_URL=/,
+    );
+    started.push(api);
+    const apiUrl = (api.lines.find((l) => l.startsWith("JETSAGA_API_URL=")) ?? "").split("=")[1] ?? "";
+    const users = createClient(UserService, createGrpcTransport({ baseUrl: apiUrl }));
+    const email = `bench-${options.ns}@example.com`;
+    const password = randomBytes(12).toString("base64url");
+    await users.createUser({ email, password, creditLimitCents: 10n ** 12n });
+    const { token } = await users.authenticate({ email, password });
+    progress(`full path: services up (api ${apiUrl}), user created and authenticated`);
+    const levels: LoadReport[] = [];
+    const reads: number[] = [];
+    const pids = {
+      orchestrator: engine.pids.orchestrator ?? -1,
+      user: user.pid,
+      api: api.pid,
+      ...(options.natsPid ? { nats: options.natsPid } : {}),
+    };
+    for (const level of options.levels) {
+      const result = (await runLoadProcess({
+        mode: "full",
+        natsUrl: options.natsUrl,
+        ns: options.ns,
+        concurrency: level.concurrency,
+        count: level.count,
+        ...(level.warmup !== undefined ? { warmup: level.warmup } : {}),
+        idPrefix: `c${level.concurrency}-`,
+        pids,
+        apiUrl,
+        token,
+        trees: { postgres: pg.pid },
+      })) as LoadReport & { readsPerOrder?: number };
+      progress(
+        `full path c=${level.concurrency}: ${result.perSecond.toFixed(0)} orders/s, p50 ${result.latencyMs.p50.toFixed(1)} ms, p99 ${result.latencyMs.p99.toFixed(1)} ms, errors ${result.errors}${result.firstError ? ` (first: ${result.firstError})` : ""}`,
+      );
+      reads.push(result.readsPerOrder ?? Number.NaN);
+      levels.push(result);
+    }
+    return {
+      levels,
+      processNames: ["orchestrator", "user", "api", "nats", "postgres", "client"],
+      readsPerOrder: reads.sort((a, b) => a - b)[Math.floor(reads.length / 2)] ?? Number.NaN,
+    };
+  } finally {
+    await Promise.all(started.map((proc) => proc.kill("SIGTERM")));
+    await engine?.stop();
+    await pg.stop();
+  }
+}

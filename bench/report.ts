@@ -1,0 +1,383 @@
+/**
+ * The benchmark's results: their JSON shape, the machine they were measured on, and the markdown
+ * tables written into docs/BENCHMARKS.md between the results markers.
+ */
+import { readFileSync, writeFileSync } from "node:fs";
+import { cpus, loadavg, release, totalmem } from "node:os";
+import type { LoadReport } from "./drive.ts";
+import type { EngineResult, IdleResult, RecoveryPoint } from "./engine.ts";
+import type { FullPathResult } from "./full-path.ts";
+import { fmt } from "./stats.ts";
+
+/** One series: every part measured on one nats-server configuration. */
+export interface SeriesResult {
+  /** `default` (periodic sync) or `sync_interval: always`. */
+  name: string;
+  floor?: LoadReport[];
+  engine?: EngineResult;
+  /** 64 in flight with 1 and with 2 orchestrator processes. */
+  scale?: EngineResult[];
+  tracing?: { off: LoadReport; on: LoadReport; exportBytesPerSaga: number } | { notMeasured: string };
+  recovery?: RecoveryPoint[];
+  idle?: IdleResult;
+  fullPath?: FullPathResult;
+  /** Parts that failed in some run, with the error. */
+  failures?: string[];
+}
+
+/** The machine and software the figures come from. */
+export interface MachineInfo {
+  date: string;
+  cores: number;
+  cpuModel: string;
+  ramGiB: number;
+  kernel: string;
+  loadAverageAtStart: number[];
+  versions: Record<string, string>;
+}
+
+/** Everything a `npm run bench` produced (written as JSON to bench/results/). */
+export interface BenchResults {
+  machine: MachineInfo;
+  options: { runs: number; quick: boolean; idle: number; sync: boolean };
+  durationS: number;
+  series: SeriesResult[];
+}
+
+/** Cores, CPU model, RAM and kernel of this machine, plus the given software versions. */
+export function machineInfo(versions: Record<string, string>): MachineInfo {
+  let model = cpus()[0]?.model ?? "?";
+  try {
+    const line = readFileSync("/proc/cpuinfo", "utf8")
+      .split("\n")
+      .find((l) => l.startsWith("model name"));
+    if (line) model = line.slice(line.indexOf(":") + 1).trim();
+  } catch {
+    // not Linux: os.cpus() is good enough
+  }
+  return {
+    date: new Date().toISOString(),
+    cores: cpus().length,
+    cpuModel: model,
+    ramGiB: Math.round((totalmem() / 2 ** 30) * 10) / 10,
+    kernel: release(),
+    loadAverageAtStart: loadavg().map((v) => Math.round(v * 100) / 100),
+    versions,
+  };
+}
+
+const PROCS = ["orchestrator", "worker", "nats", "client"] as const;
+
+function perProc(values: Record<string, number>, digits = 2): string {
+  return PROCS.map((p) => fmt(values[p], digits)).join(" / ");
+}
+
+function row(cells: Array<string | number>): string {
+  return `| ${cells.join(" | ")} |`;
+}
+
+/** The results as markdown: one table per part, every series in each. */
+export function renderMarkdown(results: BenchResults): string {
+  const m = results.machine;
+  const out: string[] = [];
+  out.push(
+    `Measured ${m.date.slice(0, 16).replace("T", " ")} UTC on ${m.cores} cores (${m.cpuModel}), ${m.ramGiB} GiB RAM, Linux ${m.kernel}; ` +
+      `${Object.entries(m.versions)
+        .map(([k, v]) => `${k} ${v}`)
+        .join(", ")}. ` +
+      `${results.options.quick ? "`--quick`: 1 run, small counts" : `Median of ${results.options.runs} runs`}; total ${Math.round(results.durationS)} s.`,
+  );
+  out.push("");
+  out.push(
+    `On the machine: the benchmark's own nats-server, orchestrator process(es), bench worker and load generator, each a separate process on the same ${m.cores} cores` +
+      `${results.series.some((s) => s.fullPath && !("skipped" in s.fullPath)) ? " (plus Postgres, the user service and the API gateway for the full path)" : ""}; ` +
+      `load average at start ${m.loadAverageAtStart.join(" / ")}. ` +
+      'Other processes (other sessions\' builds and tests) were not stopped: the "other" column is the CPU they used during each measured window, in cores.',
+  );
+  const series = results.series;
+
+  const engineRows = series.filter((s) => s.engine);
+  if (engineRows.length) {
+    out.push(
+      "",
+      "**Engine alone** (3-step saga: start → verify → reserve → confirmed; programmatic client):",
+      "",
+    );
+    out.push(
+      row([
+        "store",
+        "in flight",
+        "sagas/s",
+        "floor sagas/s",
+        "ours / floor",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        "CPU ms/saga: orch / worker / nats / client",
+        "peak RSS MiB: orch / worker / nats / client",
+        "other (cores)",
+        "errors",
+      ]),
+    );
+    out.push(row(Array(13).fill("---")));
+    for (const s of engineRows) {
+      for (const level of s.engine?.levels ?? []) {
+        const floor = s.floor?.find((f) => f.concurrency === level.concurrency);
+        out.push(
+          row([
+            s.name,
+            level.concurrency,
+            fmt(level.perSecond),
+            fmt(floor?.perSecond),
+            floor ? `${fmt((level.perSecond / floor.perSecond) * 100, 2)} %` : "–",
+            fmt(level.latencyMs.p50),
+            fmt(level.latencyMs.p90),
+            fmt(level.latencyMs.p99),
+            fmt(level.latencyMs.max),
+            perProc(level.cpuMsPerItem),
+            perProc(level.peakRssMiB),
+            fmt(level.coresBusy.other, 2),
+            level.errors,
+          ]),
+        );
+      }
+    }
+    out.push(
+      "",
+      "**Per step** (p50 / p99 ms, from the history entries' `at`, ms resolution; sample of 200 sagas per level):",
+      "",
+    );
+    out.push(
+      row([
+        "store",
+        "in flight",
+        "client start → started",
+        "started → verified",
+        "verified → reserved",
+        "reserved → client sees completion",
+      ]),
+    );
+    out.push(row(Array(6).fill("---")));
+    for (const s of engineRows) {
+      for (const level of s.engine?.levels ?? []) {
+        const st = level.steps;
+        const cell = (x: { p50: number; p99: number } | undefined): string =>
+          x ? `${fmt(x.p50)} / ${fmt(x.p99)}` : "–";
+        out.push(
+          row([
+            s.name,
+            level.concurrency,
+            cell(st?.inbox),
+            cell(st?.verify),
+            cell(st?.reserve),
+            cell(st?.notify),
+          ]),
+        );
+      }
+    }
+  }
+
+  const floorRows = series.filter((s) => s.floor);
+  if (floorRows.length) {
+    out.push(
+      "",
+      "**JetStream floor** (per saga 3 sequential publishes with expected last subject sequence and msgID, nats.js, one client process):",
+      "",
+    );
+    out.push(
+      row([
+        "store",
+        "in flight",
+        "sagas/s",
+        "writes/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/saga: nats / client",
+        "other (cores)",
+        "errors",
+      ]),
+    );
+    out.push(row(Array(9).fill("---")));
+    for (const s of floorRows) {
+      for (const f of s.floor ?? []) {
+        out.push(
+          row([
+            s.name,
+            f.concurrency,
+            fmt(f.perSecond),
+            fmt(f.perSecond * 3),
+            fmt(f.latencyMs.p50),
+            fmt(f.latencyMs.p99),
+            `${fmt(f.cpuMsPerItem.nats, 2)} / ${fmt(f.cpuMsPerItem.client, 2)}`,
+            fmt(f.coresBusy.other, 2),
+            f.errors,
+          ]),
+        );
+      }
+    }
+  }
+
+  const scaleRows = series.filter((s) => s.scale?.length);
+  if (scaleRows.length) {
+    out.push("", "**Scale** (64 in flight, orchestrator processes sharing the inbox consumer):", "");
+    out.push(
+      row([
+        "store",
+        "orchestrators",
+        "sagas/s",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/saga, all orchestrators",
+        "conflicts",
+        "ignored msgs",
+        "errors",
+      ]),
+    );
+    out.push(row(Array(9).fill("---")));
+    for (const s of scaleRows) {
+      for (const r of s.scale ?? []) {
+        const level = r.levels[0];
+        if (!level) continue;
+        const orchCpu = Object.entries(level.cpuMsPerItem)
+          .filter(([k]) => k.startsWith("orchestrator"))
+          .reduce((sum, [, v]) => sum + v, 0);
+        out.push(
+          row([
+            s.name,
+            r.orchestrators,
+            fmt(level.perSecond),
+            fmt(level.latencyMs.p50),
+            fmt(level.latencyMs.p99),
+            fmt(orchCpu, 2),
+            fmt(r.counters.conflicts ?? Number.NaN),
+            fmt(r.counters.ignored ?? Number.NaN),
+            level.errors,
+          ]),
+        );
+      }
+    }
+  }
+
+  for (const s of series) {
+    if (!s.tracing) continue;
+    out.push("");
+    if ("notMeasured" in s.tracing) {
+      out.push(`**OpenTelemetry** (${s.name}): not measured: ${s.tracing.notMeasured}.`);
+    } else {
+      const { off, on, exportBytesPerSaga } = s.tracing;
+      out.push(
+        `**OpenTelemetry** (${s.name}, 64 in flight): off ${fmt(off.perSecond)} sagas/s, p50 ${fmt(off.latencyMs.p50)} ms, orchestrator ${fmt(off.cpuMsPerItem.orchestrator, 2)} ms CPU/saga; ` +
+          `on (\`JETSAGA_TRACING=on\`, OTLP/HTTP to a local sink, ${fmt(exportBytesPerSaga)} OTLP bytes/saga) ${fmt(on.perSecond)} sagas/s, p50 ${fmt(on.latencyMs.p50)} ms, orchestrator ${fmt(on.cpuMsPerItem.orchestrator, 2)} ms CPU/saga, worker ${fmt(on.cpuMsPerItem.worker, 2)} (off ${fmt(off.cpuMsPerItem.worker, 2)}).`,
+      );
+    }
+  }
+
+  const recoveryRows = series.filter((s) => s.recovery?.length);
+  if (recoveryRows.length) {
+    out.push(
+      "",
+      "**Recovery vs history length** (signal workflow; fresh client's `getState` = one direct get; event on an instance not in the orchestrator's cache = fresh orchestrator process; ms):",
+      "",
+    );
+    out.push(
+      row([
+        "store",
+        "history entries",
+        "getState p50",
+        "event, not cached (median)",
+        "event, cached (median)",
+      ]),
+    );
+    out.push(row(Array(5).fill("---")));
+    for (const s of recoveryRows) {
+      for (const p of s.recovery ?? []) {
+        out.push(
+          row([s.name, fmt(p.entries), fmt(p.coldGetStateMs), fmt(p.uncachedEventMs), fmt(p.cachedEventMs)]),
+        );
+      }
+    }
+  }
+
+  for (const s of series) {
+    if (!s.idle) continue;
+    const i = s.idle;
+    // About ten points of the curve, evenly spaced in instances started, are enough to see a trend.
+    const points: Array<[number, number, number]> = [];
+    for (const point of i.curve) {
+      const last = points.at(-1);
+      if (!last || point[0] - last[0] >= i.instances / 10 || point === i.curve.at(-1)) points.push(point);
+    }
+    out.push(
+      "",
+      `**Idle instances** (${s.name}): ${fmt(i.instances)} instances waiting on a signal, started at ${fmt(i.startsPerSecond)} starts/s (errors ${i.errors}). ` +
+        `Orchestrator RSS ${fmt(i.rssBeforeMiB)} MiB before → ${fmt(i.rssAfterMiB)} MiB after (peak ${fmt(i.peakRssMiB)} MiB), V8 heap in use after ${fmt(i.heapUsedAfterMiB)} MiB; nats-server RSS after ${fmt(i.natsRssAfterMiB)} MiB.`,
+      "",
+      row(["instances handled", ...points.map((p) => fmt(p[0]))]),
+      row(Array(points.length + 1).fill("---")),
+      row(["orchestrator RSS MiB", ...points.map((p) => fmt(p[1]))]),
+      row(["orchestrator heap used MiB", ...points.map((p) => fmt(p[2]))]),
+    );
+  }
+
+  for (const s of series) {
+    if (!s.fullPath) continue;
+    const f = s.fullPath;
+    out.push("");
+    if ("skipped" in f) {
+      out.push(`**Full path** (${s.name}): not measured: ${f.skipped}.`);
+      continue;
+    }
+    out.push(
+      `**Full path** (${s.name}: gRPC PlaceOrder → order saga → user service → CONFIRMED visible in the read model via GetOrder with min_position):`,
+      "",
+    );
+    out.push(
+      row([
+        "in flight",
+        "orders/s",
+        "p50 ms",
+        "p90 ms",
+        "p99 ms",
+        "max ms",
+        `CPU ms/order: ${f.processNames.join(" / ")}`,
+        "other (cores)",
+        "errors",
+      ]),
+    );
+    out.push(row(Array(9).fill("---")));
+    for (const level of f.levels) {
+      out.push(
+        row([
+          level.concurrency,
+          fmt(level.perSecond),
+          fmt(level.latencyMs.p50),
+          fmt(level.latencyMs.p90),
+          fmt(level.latencyMs.p99),
+          fmt(level.latencyMs.max),
+          f.processNames.map((p) => fmt(level.cpuMsPerItem[p], 2)).join(" / "),
+          fmt(level.coresBusy.other, 2),
+          level.errors,
+        ]),
+      );
+    }
+  }
+  for (const s of series) {
+    if (!s.failures?.length) continue;
+    out.push("", `**Failed parts** (${s.name}):`, "", ...s.failures.map((f) => `- ${f}`));
+  }
+  return out.join("\n");
+}
+
+/** Start and end markers of the generated part of docs/BENCHMARKS.md. */
+export const MARKERS = ["<!-- bench:results:start -->", "<!-- bench:results:end -->"] as const;
+
+/** Replaces the text between the results markers of `path` with `markdown`. Returns false when a marker is missing. */
+export function rewriteResults(path: string, markdown: string): boolean {
+  const doc = readFileSync(path, "utf8");
+  const start = doc.indexOf(MARKERS[0]);
+  const end = doc.indexOf(MARKERS[1]);
+  if (start < 0 || end < start) return false;
+  writeFileSync(path, `${doc.slice(0, start + MARKERS[0].length)}\n${markdown}\n${doc.slice(end)}`);
+  return true;
+}

@@ -1,0 +1,342 @@
+/**
+ * `npm run bench` — the benchmark of issue 5, every part as separate processes on this machine.
+ *
+ *   npm run bench                      # 3 runs per figure, median; default store settings
+ *   npm run bench -- --sync always     # plus a second series with `sync_interval: always`
+ *   npm run bench -- --quick           # 1 run, small counts (a few minutes)
+ *   npm run bench -- --idle 100000     # idle instances for the memory part
+ *   npm run bench -- --only engine,floor  # parts: floor, engine, scale, tracing, recovery, idle, full
+ *   npm run bench -- --no-doc          # do not rewrite docs/BENCHMARKS.md
+ *
+ * Progress goes to stderr (`bench: …`); the results table to stdout, to
+ * bench/results/<timestamp>.json and between the markers of docs/BENCHMARKS.md.
+ */
+import { execFileSync } from "node:child_process";
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { createServer } from "node:http";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { parseArgs } from "node:util";
+import { natsServerBinary, postgresBinDir, startNatsServer } from "../test/support/servers.ts";
+import type { LoadReport } from "./drive.ts";
+import {
+  type EngineResult,
+  type Level,
+  measureEngine,
+  measureFloor,
+  measureIdle,
+  measureRecovery,
+  ROOT,
+  tracingWired,
+} from "./engine.ts";
+import { type FullPathResult, measureFullPath } from "./full-path.ts";
+import {
+  type BenchResults,
+  machineInfo,
+  renderMarkdown,
+  rewriteResults,
+  type SeriesResult,
+} from "./report.ts";
+import { median, medianOf } from "./stats.ts";
+
+const PARTS = ["floor", "engine", "scale", "tracing", "recovery", "idle", "full"] as const;
+type Part = (typeof PARTS)[number];
+
+const { values: args } = parseArgs({
+  options: {
+    quick: { type: "boolean", default: false },
+    runs: { type: "string" },
+    sync: { type: "string" },
+    idle: { type: "string" },
+    only: { type: "string" },
+    "no-doc": { type: "boolean", default: false },
+  },
+});
+
+const quick = args.quick === true;
+const runs = Number(args.runs ?? (quick ? 1 : 3));
+const idleInstances = Number(args.idle ?? (quick ? 20_000 : 100_000));
+const parts = new Set<Part>(args.only ? (args.only.split(",").map((p) => p.trim()) as Part[]) : [...PARTS]);
+if (args.sync !== undefined && args.sync !== "always") {
+  throw new Error(`--sync takes "always" (got "${args.sync}")`);
+}
+for (const part of parts) {
+  if (!PARTS.includes(part)) throw new Error(`unknown part "${part}"; parts: ${PARTS.join(", ")}`);
+}
+
+const began = performance.now();
+const progress = (message: string): void => {
+  process.stderr.write(`bench: [${((performance.now() - began) / 1000).toFixed(0)}s] ${message}\n`);
+};
+
+const levels = (counts: Record<number, number>): Level[] =>
+  Object.entries(counts).map(([concurrency, count]) => ({ concurrency: Number(concurrency), count }));
+const ENGINE_LEVELS = levels(
+  quick ? { 1: 100, 16: 400, 64: 1000, 256: 1500 } : { 1: 400, 16: 2000, 64: 5000, 256: 6000 },
+);
+const FLOOR_LEVELS = levels(
+  quick ? { 1: 300, 16: 2000, 64: 4000, 256: 6000 } : { 1: 2000, 16: 10_000, 64: 20_000, 256: 20_000 },
+);
+const FULL_LEVELS = levels(quick ? { 1: 30, 16: 200, 64: 500 } : { 1: 100, 16: 1000, 64: 3000 });
+const at64 = (list: readonly Level[]): Level[] => list.filter((l) => l.concurrency === 64);
+
+/** A namespace unique to this part of this run (streams of earlier runs stay on the server). */
+let nsCounter = 0;
+const freshNs = (part: string): string =>
+  `b${part}${(nsCounter++).toString(36)}${Date.now().toString(36).slice(-4)}`;
+
+function medianEngine(list: readonly EngineResult[]): EngineResult {
+  const first = list[0];
+  if (!first) throw new Error("no engine runs");
+  return {
+    orchestrators: first.orchestrators,
+    levels: first.levels.map((_, i) => medianOf(list.map((r) => r.levels[i] as LoadReport))),
+    counters: medianOf(list.map((r) => r.counters)),
+  };
+}
+
+const medianLevels = (list: readonly LoadReport[][]): LoadReport[] =>
+  (list[0] ?? []).map((_, i) => medianOf(list.map((r) => r[i] as LoadReport)));
+
+/** A local OTLP/HTTP sink: accepts span exports and counts their bytes (no collector here). */
+async function startOtlpSink(): Promise<{ url: string; bytes: () => number; close: () => Promise<void> }> {
+  let bytes = 0;
+  const server = createServer((req, res) => {
+    req.on("data", (chunk: Buffer) => {
+      bytes += chunk.length;
+    });
+    req.on("end", () => {
+      res.writeHead(200, { "content-type": "application/json" });
+      res.end("{}");
+    });
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const address = server.address();
+  const port = typeof address === "object" && address ? address.port : 0;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    bytes: () => bytes,
+    close: () => new Promise<void>((resolve) => server.close(() => resolve())),
+  };
+}
+
+/**
+ * Runs the parts on a fresh nats-server. `once` adds the parts measured on the default store only
+ * (tracing, recovery, idle memory): they compare processes, not store settings.
+ */
+async function runSeries(name: string, natsArgs: string[], once: boolean): Promise<SeriesResult> {
+  progress(`series "${name}": starting nats-server ${natsArgs.join(" ")}`);
+  const nats = await startNatsServer({ args: natsArgs });
+  const base = { natsUrl: nats.url, natsPid: nats.pid, progress };
+  const series: SeriesResult = { name };
+  // A part that fails is recorded and the others still run: one broken piece (the engine is being
+  // changed while it is measured) must not cost the whole run's figures.
+  const attempt = async <T>(part: string, fn: () => Promise<T>): Promise<T | undefined> => {
+    try {
+      return await fn();
+    } catch (error) {
+      const message = error instanceof Error ? error.message : String(error);
+      progress(`${part} FAILED: ${message}`);
+      series.failures = [...(series.failures ?? []), `${part}: ${message.slice(0, 300)}`];
+      return undefined;
+    }
+  };
+  const push = <T>(list: T[], value: T | undefined): void => {
+    if (value !== undefined) list.push(value);
+  };
+  try {
+    const floorRuns: LoadReport[][] = [];
+    const engineRuns: EngineResult[] = [];
+    const scaleRuns: EngineResult[] = [];
+    const tracingRuns: Array<{ on: LoadReport; bytesPerSaga: number }> = [];
+    const fullRuns: FullPathResult[] = [];
+    const wired = tracingWired();
+    for (let run = 1; run <= runs; run++) {
+      progress(`series "${name}": run ${run}/${runs}`);
+      if (parts.has("floor")) {
+        push(
+          floorRuns,
+          await attempt("floor", () => measureFloor({ ...base, ns: freshNs("f"), levels: FLOOR_LEVELS })),
+        );
+      }
+      if (parts.has("engine") || parts.has("scale")) {
+        const engineLevels = parts.has("engine") ? ENGINE_LEVELS : at64(ENGINE_LEVELS);
+        push(
+          engineRuns,
+          await attempt("engine", () => measureEngine({ ...base, ns: freshNs("e"), levels: engineLevels })),
+        );
+      }
+      if (parts.has("scale")) {
+        // A short saga timeout: a saga lost between two processes counts as an error, not a stalled run.
+        const two = () =>
+          measureEngine({
+            ...base,
+            ns: freshNs("s"),
+            levels: at64(ENGINE_LEVELS),
+            orchestrators: 2,
+            timeoutMs: 10_000,
+          });
+        push(scaleRuns, await attempt("scale", two));
+      }
+      if (once && parts.has("tracing") && wired) {
+        const sink = await startOtlpSink();
+        try {
+          const level = at64(ENGINE_LEVELS);
+          const on = await attempt("tracing", () =>
+            measureEngine({
+              ...base,
+              ns: freshNs("t"),
+              levels: level,
+              env: {
+                NODE_OPTIONS: `--import=${join(ROOT, "common", "tracing-sdk.ts")}`,
+                JETSAGA_TRACING: "on",
+                OTEL_EXPORTER_OTLP_ENDPOINT: sink.url,
+              },
+            }),
+          );
+          const measuredSagas = (level[0]?.count ?? 0) + Math.max(20, (level[0]?.concurrency ?? 0) * 2);
+          const onLevel = on?.levels[0];
+          if (onLevel) tracingRuns.push({ on: onLevel, bytesPerSaga: sink.bytes() / measuredSagas });
+        } finally {
+          await sink.close();
+        }
+      }
+      if (parts.has("full")) {
+        push(
+          fullRuns,
+          await attempt("full path", () =>
+            measureFullPath({ ...base, ns: freshNs("p"), levels: FULL_LEVELS }),
+          ),
+        );
+      }
+    }
+    if (floorRuns.length) series.floor = medianLevels(floorRuns);
+    const engine = engineRuns.length ? medianEngine(engineRuns) : undefined;
+    if (engine && parts.has("engine")) series.engine = engine;
+    if (scaleRuns.length && engine) {
+      const one = engine.levels.find((l) => l.concurrency === 64);
+      series.scale = [
+        ...(one ? [{ orchestrators: 1, levels: [one], counters: engine.counters }] : []),
+        medianEngine(scaleRuns),
+      ];
+    }
+    if (once && parts.has("tracing")) {
+      const off = engine?.levels.find((l) => l.concurrency === 64);
+      if (!wired) {
+        series.tracing = { notMeasured: "tracing not wired (the engine's runtime creates no spans yet)" };
+        progress("tracing: not measured: tracing not wired");
+      } else if (off && tracingRuns.length) {
+        series.tracing = {
+          off,
+          on: medianOf(tracingRuns.map((t) => t.on)),
+          exportBytesPerSaga: median(tracingRuns.map((t) => t.bytesPerSaga)),
+        };
+      }
+    }
+    if (once && parts.has("recovery")) {
+      const recovery = await attempt("recovery", () =>
+        measureRecovery({
+          natsUrl: nats.url,
+          ns: freshNs("r"),
+          instances: quick ? 3 : 5,
+          reads: quick ? 5 : 10,
+          progress,
+        }),
+      );
+      if (recovery) series.recovery = recovery;
+    }
+    if (once && parts.has("idle")) {
+      const idle = await attempt("idle", () =>
+        measureIdle({ ...base, ns: freshNs("i"), instances: idleInstances }),
+      );
+      if (idle) series.idle = idle;
+    }
+    if (fullRuns.length) {
+      const measuredRuns = fullRuns.filter((r) => !("skipped" in r));
+      const first = fullRuns[0];
+      if (measuredRuns.length === 0 && first) {
+        series.fullPath = first;
+        progress(`full path: not measured: ${"skipped" in first ? first.skipped : ""}`);
+      } else {
+        const levelsOf = measuredRuns.map((r) => ("levels" in r ? r.levels : []));
+        const one = measuredRuns[0];
+        series.fullPath = {
+          levels: medianLevels(levelsOf),
+          processNames: one && "processNames" in one ? one.processNames : [],
+          readsPerOrder: median(
+            measuredRuns.map((r) => ("readsPerOrder" in r ? r.readsPerOrder : Number.NaN)),
+          ),
+        };
+      }
+    }
+    return series;
+  } finally {
+    await nats.stop();
+  }
+}
+
+function versionOf(cmd: string, versionArgs: string[]): string {
+  try {
+    const out = execFileSync(cmd, versionArgs, { encoding: "utf8" }).trim();
+    return /(\d+\.\d+(?:\.\d+)?)/.exec(out)?.[1] ?? out;
+  } catch {
+    return "?";
+  }
+}
+
+const versions: Record<string, string> = {
+  node: process.versions.node,
+  "nats-server": versionOf(await natsServerBinary(), ["--version"]),
+};
+if (parts.has("full")) {
+  try {
+    versions.postgres = versionOf(join(await postgresBinDir(), "postgres"), ["--version"]);
+  } catch {
+    versions.postgres = "?";
+  }
+}
+const machine = machineInfo(versions);
+progress(
+  `${machine.cores} cores (${machine.cpuModel}), ${machine.ramGiB} GiB; load ${machine.loadAverageAtStart.join(" ")}; ${runs} run(s)${quick ? ", quick" : ""}; parts: ${[...parts].join(", ")}`,
+);
+
+const series: SeriesResult[] = [await runSeries("default", [], true)];
+if (args.sync === "always") {
+  const dir = mkdtempSync(join(tmpdir(), "jetsaga-bench-"));
+  try {
+    const config = join(dir, "sync-always.conf");
+    // Every write is fsynced before the ack, like the peers (Restate, DBOS) do.
+    writeFileSync(config, "jetstream {\n  sync_interval: always\n}\n");
+    series.push(await runSeries("sync_interval: always", ["-c", config], false));
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+const results: BenchResults = {
+  machine,
+  options: { runs, quick, idle: idleInstances, sync: args.sync === "always" },
+  durationS: (performance.now() - began) / 1000,
+  series,
+};
+const markdown = renderMarkdown(results);
+const resultsDir = join(ROOT, "bench", "results");
+mkdirSync(resultsDir, { recursive: true });
+const file = join(resultsDir, `${machine.date.replace(/[:.]/g, "-")}.json`);
+writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
+progress(`results written to ${file}`);
+if (!args["no-doc"]) {
+  const doc = join(ROOT, "docs", "BENCHMARKS.md");
+  if (rewriteResults(doc, markdown)) {
+    // biome formats markdown (it pads table columns): keep the rewritten doc passing `biome ci`.
+    try {
+      execFileSync(join(ROOT, "node_modules", ".bin", "biome"), ["format", "--write", doc], {
+        stdio: "ignore",
+      });
+    } catch {
+      progress("biome format of the doc failed: run `biome format --write docs/BENCHMARKS.md`");
+    }
+    progress(`results table rewritten in ${doc}`);
+  } else progress(`${doc} has no results markers: not rewritten`);
+}
+process.stdout.write(`${markdown}\n`);

@@ -1,0 +1,71 @@
+/**
+ * A smoke of `npm run bench`: the engine-alone measurement and the JetStream floor with a handful
+ * of sagas against the suite's nats-server. It checks behaviour only (every saga completes, no
+ * errors, the report is complete and finite), never timings: the machine is shared.
+ */
+import { describe, expect, it } from "vitest";
+import { natsUrl, uniqueNamespace } from "../test/support/context.ts";
+import type { LoadReport } from "./drive.ts";
+import { measureEngine, measureFloor } from "./engine.ts";
+
+function expectFiniteReport(report: LoadReport, processes: readonly string[]): void {
+  expect(report.errors).toBe(0);
+  expect(report.completed).toBe(report.count);
+  for (const value of [report.wallMs, report.perSecond, ...Object.values(report.latencyMs)]) {
+    expect(Number.isFinite(value)).toBe(true);
+  }
+  expect(report.latencyMs.p50).toBeLessThanOrEqual(report.latencyMs.max);
+  for (const name of [...processes, "client", "other"]) {
+    expect(Number.isFinite(report.cpuMsPerItem[name])).toBe(true);
+    expect(report.cpuMsPerItem[name]).toBeGreaterThanOrEqual(0);
+  }
+  for (const name of [...processes, "client"]) {
+    expect(report.peakRssMiB[name]).toBeGreaterThan(0);
+  }
+}
+
+describe("benchmark smoke", () => {
+  it("runs the engine-alone benchmark: every saga completes and the report is complete", async () => {
+    const result = await measureEngine({
+      natsUrl: natsUrl(),
+      ns: uniqueNamespace("bench"),
+      levels: [
+        { concurrency: 1, count: 5, warmup: 2 },
+        { concurrency: 4, count: 12, warmup: 4 },
+      ],
+      inProcess: true,
+      historySample: 5,
+    });
+    expect(result.orchestrators).toBe(1);
+    expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
+    for (const level of result.levels) {
+      expect(level.kind).toBe("engine");
+      expectFiniteReport(level, ["orchestrator", "worker"]);
+      const steps = level.steps;
+      expect(steps?.sampled).toBe(5);
+      for (const step of [steps?.inbox, steps?.verify, steps?.reserve, steps?.notify]) {
+        expect(Number.isFinite(step?.p50)).toBe(true);
+      }
+    }
+    // 2 warm-up + 5 and 4 + 12 sagas, 3 entries each; nothing dead-lettered or retried.
+    expect(result.counters.appended).toBe(3 * (2 + 5 + 4 + 12));
+    expect(result.counters.deadLettered).toBe(0);
+  });
+
+  it("runs the JetStream floor: every group of 3 writes succeeds", async () => {
+    const levels = await measureFloor({
+      natsUrl: natsUrl(),
+      ns: uniqueNamespace("floor"),
+      levels: [
+        { concurrency: 1, count: 5, warmup: 2 },
+        { concurrency: 4, count: 12, warmup: 4 },
+      ],
+      inProcess: true,
+    });
+    expect(levels).toHaveLength(2);
+    for (const level of levels) {
+      expect(level.kind).toBe("floor");
+      expectFiniteReport(level, []);
+    }
+  });
+});

@@ -1,0 +1,62 @@
+/**
+ * The visualiser service: serves the saga visualiser page and its API for the built-in workflows
+ * (and any listed in JETSAGA_WORKFLOW_MODULES) of namespace JETSAGA_NS. Runs under Node and Deno.
+ *
+ * Environment: NATS_URL, JETSAGA_NS, VISUALISER_PORT (default 8090, 0 = any free port),
+ * VISUALISER_HOST (default 127.0.0.1: the page shows instance data without authentication),
+ * JETSAGA_WORKFLOW_MODULES (comma-separated module paths, each exporting
+ * `workflows: AnyWorkflowDefinition[]`), LOG_LEVEL.
+ *
+ * Prints `JETSAGA_VISUALISER_URL=http://127.0.0.1:PORT` when ready.
+ */
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import { onShutdown, readConfig } from "../common/config.ts";
+import { createLogger } from "../common/logger.ts";
+import { connectNats } from "../common/nats.ts";
+import { createWorkflowClient } from "../orchestrator/index.ts";
+import { loadWorkflows } from "../orchestrator/workflows/load.ts";
+import { createChartLayouts } from "./layout.ts";
+import { createVisualiserHandler, serveVisualiser } from "./server.ts";
+
+const log = createLogger("visualiser");
+
+async function main(): Promise<void> {
+  const config = readConfig();
+  const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
+  const port = Number(process.env.VISUALISER_PORT ?? 8090);
+  if (!Number.isInteger(port) || port < 0 || port > 65_535)
+    throw new Error("VISUALISER_PORT must be 0–65535");
+  const nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-visualiser" });
+  const client = await createWorkflowClient({ nc, ns: config.ns, workflows });
+  const layouts = createChartLayouts();
+  // Lay the charts out now: the first page load should not wait for elkjs to warm up.
+  await Promise.all(workflows.map((w) => layouts.get(w)));
+  const handler = await createVisualiserHandler({
+    client,
+    workflows,
+    layouts,
+    publicDir: join(dirname(fileURLToPath(import.meta.url)), "public"),
+    healthy: () => !nc.isClosed(),
+    logger: log,
+  });
+  const server = await serveVisualiser(handler, port, process.env.VISUALISER_HOST ?? "127.0.0.1");
+  log.info(
+    { ns: config.ns, workflows: workflows.map((w) => `${w.name}@${w.version}`), url: server.url },
+    "visualiser ready",
+  );
+  console.log(`JETSAGA_VISUALISER_URL=${server.url}`);
+  onShutdown(async () => {
+    await server.close();
+    await client.close();
+    await nc.drain();
+  });
+}
+
+main().catch((error: unknown) => {
+  log.fatal(
+    { err: error },
+    `visualiser failed to start: ${error instanceof Error ? error.message : String(error)}`,
+  );
+  process.exit(1);
+});

@@ -1,0 +1,195 @@
+/**
+ * The visualiser page in a real browser (Debian chromium driven by playwright-core) against a real
+ * orchestrator and nats-server: the current state is lit, time travel relights the chart, and the
+ * page follows the instance live. Saves `.data/visualiser.png` (and `-rev1.png`) for a human look.
+ *
+ * Not in the default suite: run with `npm run test:browser` (vitest project `browser`).
+ */
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { type BrowserContext, chromium, type Page } from "playwright-core";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { z } from "zod";
+import { connectNats } from "../common/nats.ts";
+import {
+  commandHandler,
+  createWorker,
+  createWorkflowClient,
+  type RunningOrchestrator,
+  type RunningWorker,
+  startOrchestrator,
+  type WorkflowClient,
+} from "../orchestrator/index.ts";
+import { orderSaga } from "../orchestrator/workflows/index.ts";
+import { natsUrl, uniqueNamespace } from "../test/support/context.ts";
+import { createChartLayouts } from "./layout.ts";
+import { createVisualiserHandler, serveVisualiser, type VisualiserServer } from "./server.ts";
+
+const here = dirname(fileURLToPath(import.meta.url));
+const dataDir = join(here, "..", ".data");
+const CHROMIUM = "/usr/bin/chromium";
+const ARGS = [
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+  "--no-first-run",
+  "--disable-quic",
+];
+
+describe("visualiser page in chromium", () => {
+  let nc: NatsConnection;
+  let orchestrator: RunningOrchestrator;
+  let worker: RunningWorker;
+  let client: WorkflowClient;
+  let server: VisualiserServer;
+  let context: BrowserContext;
+  let page: Page;
+  let profile: string;
+  const ns = uniqueNamespace("visbrowser");
+  const orderId = "o-vis-1";
+  const consoleErrors: string[] = [];
+
+  /** The ids of the states marked current on the page. */
+  const currentStates = (): Promise<string[]> =>
+    page.$$eval("[data-state][aria-current='true']", (nodes) =>
+      nodes.map((n) => n.getAttribute("data-state") ?? ""),
+    );
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [orderSaga] });
+    // A stand-in user service that approves everything, so the order reaches `confirmed` and waits there.
+    worker = await createWorker({
+      nc,
+      ns,
+      service: "user",
+      commands: {
+        "user.verify": commandHandler({
+          input: z.object({ userId: z.string() }),
+          handle: async (input, ctx) => ({
+            type: "user.verified",
+            userId: input.userId,
+            commandId: ctx.commandId,
+          }),
+        }),
+        "user.reserveCredit": commandHandler({
+          input: z.object({ userId: z.string(), reservationId: z.string(), amountCents: z.number() }),
+          handle: async (input, ctx) => ({
+            type: "credit.reserved",
+            reservationId: input.reservationId,
+            amountCents: input.amountCents,
+            availableCents: 100_000 - input.amountCents,
+            commandId: ctx.commandId,
+          }),
+        }),
+      },
+    });
+    client = await createWorkflowClient({ nc, ns, workflows: [orderSaga] });
+    const handler = await createVisualiserHandler({
+      client,
+      workflows: [orderSaga],
+      layouts: createChartLayouts(),
+      publicDir: join(here, "public"),
+    });
+    server = await serveVisualiser(handler, 0);
+
+    await client.start("order", orderId, {
+      orderId,
+      userId: "u-1",
+      items: [{ sku: "book", quantity: 2, unitPriceCents: 1_250 }],
+    });
+    const deadline = Date.now() + 15_000;
+    while ((await client.getState("order", orderId))?.value !== "confirmed") {
+      if (Date.now() > deadline) throw new Error("order did not reach confirmed");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+
+    profile = mkdtempSync(join(tmpdir(), "jetsaga-chromium-"));
+    context = await chromium.launchPersistentContext(profile, {
+      executablePath: CHROMIUM,
+      headless: true,
+      args: ARGS,
+      viewport: { width: 1680, height: 1000 },
+    });
+    page = context.pages()[0] ?? (await context.newPage());
+    page.on("console", (message) => {
+      if (message.type() === "error") consoleErrors.push(message.text());
+    });
+    page.on("pageerror", (error) => consoleErrors.push(error.message));
+  });
+
+  afterAll(async () => {
+    await context?.close();
+    if (profile) rmSync(profile, { recursive: true, force: true });
+    await server?.close();
+    await client?.close();
+    await worker?.stop();
+    await orchestrator?.stop();
+    await nc?.drain();
+  });
+
+  it("lights the current state of a running instance", async () => {
+    await page.goto(`${server.url}/?workflow=order&id=${orderId}`);
+    await page.waitForSelector("[data-state='confirmed'][aria-current='true']");
+    expect(await currentStates()).toEqual(["confirmed"]);
+    const confirmed = page.locator("[data-state='confirmed']");
+    expect(await confirmed.getAttribute("class")).toContain("current");
+    expect(await confirmed.getAttribute("aria-label")).toBe("state confirmed (current)");
+    expect(await confirmed.locator(".tag").textContent()).toBe("▶ current");
+    expect(await page.locator("#history > li").count()).toBe(3);
+    expect(await page.locator("#revision").getAttribute("max")).toBe("3");
+    // The transition that led here is marked.
+    expect(await page.locator("g.edge.taken").getAttribute("data-event")).toBe("credit.reserved");
+    // Final states are double-bordered; compound states are containers holding their children.
+    expect(await page.locator("[data-state='shipped'] rect").count()).toBe(2);
+    expect(await page.locator("[data-state='pending']").getAttribute("class")).toContain("state-compound");
+    expect(await page.locator("#following").textContent()).toContain("live");
+  });
+
+  it("time travels: revision 1 lights the first state and its container, and shows that context", async () => {
+    await page.locator("#revision").fill("1");
+    await page.waitForSelector("[data-state='pending.verifyingUser'][aria-current='true']");
+    expect(await currentStates()).toEqual(["pending.verifyingUser"]);
+    expect(await page.locator("[data-state='pending']").getAttribute("class")).toContain("lit");
+    expect(await page.locator("[data-state='confirmed']").getAttribute("class")).not.toContain("lit");
+    expect(await page.locator("#revision-out").textContent()).toBe("1 / 3");
+    expect(JSON.parse((await page.locator("#context").textContent()) ?? "")).toMatchObject({
+      orderId,
+      totalCents: 2_500,
+      creditReserved: false,
+    });
+    expect(await page.locator("#following").textContent()).toContain("Time travelling");
+    mkdirSync(dataDir, { recursive: true });
+    await page.screenshot({ path: join(dataDir, "visualiser-rev1.png"), fullPage: true });
+
+    // Clicking an entry in the history does the same.
+    await page.locator("#history > li").nth(1).locator(".entry-pick").click();
+    await page.waitForSelector("[data-state='pending.reservingCredit'][aria-current='true']");
+  });
+
+  it("follows the instance live once back at the latest revision", async () => {
+    await page.locator("#latest").click();
+    await page.waitForSelector("[data-state='confirmed'][aria-current='true']");
+    await client.signal("order", orderId, { type: "order.ship", trackingId: "TRACK-42" });
+    await page.waitForSelector("[data-state='shipped'][aria-current='true']", { timeout: 10_000 });
+    expect(await currentStates()).toEqual(["shipped"]);
+    expect(await page.locator("#history > li").count()).toBe(4);
+    expect(await page.locator("#revision-out").textContent()).toBe("4 / 4");
+    expect(await page.locator("g.edge.taken").getAttribute("data-event")).toBe("order.ship");
+    await page.waitForFunction(() =>
+      document.querySelector("#following")?.textContent?.includes("completed"),
+    );
+    // The entry's JSON toggle shows the event that arrived live.
+    await page.locator("#history > li").nth(3).locator("summary").click();
+    expect(await page.locator("#history > li").nth(3).locator("pre").first().textContent()).toContain(
+      "TRACK-42",
+    );
+    await page.screenshot({ path: join(dataDir, "visualiser.png"), fullPage: true });
+    expect(consoleErrors).toEqual([]);
+  });
+});

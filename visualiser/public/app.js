@@ -1,0 +1,522 @@
+// jetsaga visualiser page: draws the laid-out chart (from /api/workflows) as SVG, lights the state of
+// the selected revision, lists the history, and follows the instance live over Server-Sent Events.
+// Plain ES module, no build step. Everything from the server is inserted as text, never as HTML.
+
+const SVG = "http://www.w3.org/2000/svg";
+const ID_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
+
+// The page's state: the loaded charts, the instance's entries and which one is shown.
+const view = {
+  workflows: new Map(),
+  chart: undefined,
+  entries: [],
+  selected: -1,
+  following: true,
+  source: undefined,
+  workflow: "",
+  id: "",
+};
+
+const $ = (id) => document.getElementById(id);
+const el = {
+  status: $("status"),
+  workflow: $("workflow"),
+  instance: $("instance"),
+  chart: $("chart"),
+  slider: $("revision"),
+  sliderOut: $("revision-out"),
+  latest: $("latest"),
+  following: $("following"),
+  snapshot: $("snapshot"),
+  context: $("context"),
+  history: $("history"),
+};
+
+function setStatus(text) {
+  el.status.textContent = text;
+}
+
+async function getJson(url) {
+  const response = await fetch(url, { headers: { accept: "application/json" } });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const error = new Error(body?.error?.message ?? `${response.status} ${response.statusText}`);
+    error.status = response.status;
+    throw error;
+  }
+  return body;
+}
+
+// ---------------------------------------------------------------------------------------------
+// State values → lit state ids (the same rule as activeStateIds in chart.ts).
+
+/** Every active state id of an xstate state value, ancestors included. */
+function activeIds(value, prefix = "", out = new Set()) {
+  if (typeof value === "string") {
+    out.add(prefix + value);
+  } else if (value && typeof value === "object") {
+    for (const [key, child] of Object.entries(value)) {
+      out.add(prefix + key);
+      activeIds(child, `${prefix}${key}.`, out);
+    }
+  }
+  return out;
+}
+
+/** The innermost active ids: the states the instance is "in". */
+function leafIds(value, prefix = "", out = new Set()) {
+  if (typeof value === "string") {
+    out.add(prefix + value);
+  } else if (value && typeof value === "object") {
+    for (const [key, child] of Object.entries(value)) leafIds(child, `${prefix}${key}.`, out);
+  }
+  return out;
+}
+
+function describeValue(value) {
+  return [...leafIds(value)].join(", ");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chart drawing.
+
+function svg(name, attributes = {}, parent) {
+  const node = document.createElementNS(SVG, name);
+  for (const [key, value] of Object.entries(attributes)) node.setAttribute(key, String(value));
+  parent?.appendChild(node);
+  return node;
+}
+
+function pathOf(points) {
+  return points.map((p, i) => `${i === 0 ? "M" : "L"}${p.x} ${p.y}`).join(" ");
+}
+
+function drawChart(chart) {
+  const width = chart.width + 8;
+  const height = chart.height + 8;
+  const root = svg("svg", {
+    viewBox: `-4 -4 ${width} ${height}`,
+    width,
+    height,
+    role: "group",
+    "aria-label": `State chart of workflow ${chart.workflow} version ${chart.version}`,
+    class: "chart",
+  });
+  const defs = svg("defs", {}, root);
+  const marker = svg(
+    "marker",
+    {
+      id: "arrow",
+      viewBox: "0 0 10 10",
+      refX: 9,
+      refY: 5,
+      markerWidth: 7,
+      markerHeight: 7,
+      orient: "auto-start-reverse",
+    },
+    defs,
+  );
+  svg("path", { d: "M0 0 L10 5 L0 10 z", class: "arrowhead" }, marker);
+
+  // Containers first so their children and the edges are drawn on top of them.
+  const nodes = [...chart.nodes].sort((a, b) => depth(a) - depth(b));
+  const states = svg("g", { class: "states" }, root);
+  for (const node of nodes) {
+    const compound = node.type === "compound" || node.type === "parallel";
+    const g = svg(
+      "g",
+      {
+        class: `state state-${node.type}${node.pseudo ? " state-pseudo" : ""}`,
+        "data-state": node.id,
+        role: "img",
+        "aria-label": stateLabel(node, ""),
+      },
+      states,
+    );
+    svg(
+      "rect",
+      { x: node.x, y: node.y, width: node.width, height: node.height, rx: compound ? 10 : 8, class: "box" },
+      g,
+    );
+    if (node.type === "final") {
+      svg(
+        "rect",
+        {
+          x: node.x + 4,
+          y: node.y + 4,
+          width: node.width - 8,
+          height: node.height - 8,
+          rx: 5,
+          class: "inner",
+        },
+        g,
+      );
+    }
+    const label = svg(
+      "text",
+      compound
+        ? { x: node.x + 12, y: node.y + 20, class: "label label-compound" }
+        : {
+            x: node.x + node.width / 2,
+            y: node.y + node.height / 2 + 4.5,
+            class: "label",
+            "text-anchor": "middle",
+          },
+      g,
+    );
+    label.textContent = node.label;
+    // The "current" tag: being lit must not depend on colour alone.
+    const tag = svg(
+      "text",
+      compound
+        ? { x: node.x + node.width - 10, y: node.y + 20, class: "tag", "text-anchor": "end" }
+        : { x: node.x + node.width / 2, y: node.y + node.height - 9, class: "tag", "text-anchor": "middle" },
+      g,
+    );
+    tag.textContent = "";
+    const title = svg("title", {}, g);
+    title.textContent = `${node.id} (${node.type})`;
+  }
+
+  const initials = svg("g", { class: "initials", "aria-hidden": "true" }, root);
+  for (const marker of chart.initials) {
+    svg(
+      "circle",
+      {
+        cx: marker.dot.x + marker.dot.width / 2,
+        cy: marker.dot.y + marker.dot.height / 2,
+        r: 5,
+        class: "initial-dot",
+      },
+      initials,
+    );
+    if (marker.points.length > 1)
+      svg("path", { d: pathOf(marker.points), class: "edge-line", "marker-end": "url(#arrow)" }, initials);
+  }
+
+  const edges = svg("g", { class: "edges" }, root);
+  for (const edge of chart.edges) {
+    const g = svg(
+      "g",
+      { class: `edge edge-${edge.kind}`, "data-edge": edge.id, "data-event": edge.event },
+      edges,
+    );
+    const title = svg("title", {}, g);
+    title.textContent = `${edge.from} → ${edge.to}: ${edge.label}${edge.targetless ? " (no state change)" : ""}`;
+    if (edge.points.length > 1)
+      svg("path", { d: pathOf(edge.points), class: "edge-line", "marker-end": "url(#arrow)" }, g);
+    if (edge.labelBox) {
+      const b = edge.labelBox;
+      svg(
+        "rect",
+        { x: b.x - 1, y: b.y, width: b.width + 2, height: b.height, rx: 3, class: "edge-label-bg" },
+        g,
+      );
+      const text = svg("text", { x: b.x + 3, y: b.y + b.height - 5, class: "edge-label" }, g);
+      text.textContent = edge.label;
+    }
+  }
+  el.chart.replaceChildren(root);
+}
+
+function depth(node) {
+  return node.id.split(".").length;
+}
+
+function stateLabel(node, mark) {
+  const kind = node.type === "final" ? "final state" : node.pseudo ? "any state" : "state";
+  return `${kind} ${node.id}${mark ? ` (${mark})` : ""}`;
+}
+
+/** Lights the states of `entry` (and the transition that led there from `previous`). */
+function lightChart(entry, previous) {
+  const chart = view.chart;
+  if (!chart) return;
+  const active = entry ? activeIds(entry.state.value) : new Set();
+  const leaves = entry ? leafIds(entry.state.value) : new Set();
+  for (const g of el.chart.querySelectorAll("[data-state]")) {
+    const id = g.getAttribute("data-state");
+    const node = chart.nodes.find((n) => n.id === id);
+    const isLeaf = leaves.has(id);
+    const isActive = active.has(id);
+    g.classList.toggle("lit", isActive);
+    g.classList.toggle("current", isLeaf);
+    if (isLeaf) g.setAttribute("aria-current", "true");
+    else g.removeAttribute("aria-current");
+    const mark = isLeaf ? "current" : isActive ? "active" : "";
+    g.setAttribute("aria-label", stateLabel(node, mark));
+    const tag = g.querySelector(".tag");
+    if (tag) tag.textContent = isLeaf ? "▶ current" : isActive && node?.type !== "atomic" ? "active" : "";
+  }
+  // The transition taken: declared on a state active before, for this event, landing in a state active now.
+  const before = previous ? activeIds(previous.state.value) : new Set();
+  const eventType = entry?.event?.type;
+  for (const g of el.chart.querySelectorAll("[data-edge]")) {
+    const edge = chart.edges.find((e) => e.id === g.getAttribute("data-edge"));
+    // Timer firings carry the delayed transition's xstate event type, so one comparison covers all kinds.
+    const taken =
+      Boolean(previous && edge) && before.has(edge.from) && edge.event === eventType && active.has(edge.to);
+    g.classList.toggle("taken", taken);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// History list, snapshot and time travel.
+
+function formatTime(at) {
+  const d = new Date(at);
+  const pad = (n, w = 2) => String(n).padStart(w, "0");
+  return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
+}
+
+function eventName(entry) {
+  return entry.event?.type ?? "?";
+}
+
+function historyItem(entry, index) {
+  const li = document.createElement("li");
+  li.className = "entry";
+  li.dataset.revision = String(entry.revision);
+  const row = document.createElement("div");
+  row.className = "entry-row";
+  const pick = document.createElement("button");
+  pick.type = "button";
+  pick.className = "entry-pick";
+  pick.setAttribute("aria-label", `Show revision ${entry.revision}: ${eventName(entry)}`);
+  const rev = document.createElement("span");
+  rev.className = "rev";
+  rev.textContent = `#${entry.revision}`;
+  const type = document.createElement("span");
+  type.className = "etype";
+  type.textContent = eventName(entry);
+  const time = document.createElement("time");
+  time.dateTime = new Date(entry.at).toISOString();
+  time.title = new Date(entry.at).toISOString();
+  time.textContent = formatTime(entry.at);
+  pick.append(rev, type, time);
+  pick.addEventListener("click", () => select(index, false));
+  row.append(pick);
+
+  const details = document.createElement("details");
+  const summary = document.createElement("summary");
+  summary.textContent = "JSON";
+  summary.setAttribute("aria-label", `Event and state JSON of revision ${entry.revision}`);
+  const body = document.createElement("div");
+  body.append(
+    jsonBlock("Event", entry.event),
+    jsonBlock("State", { value: entry.state.value, status: entry.state.status }),
+    jsonBlock("Context", entry.state.context),
+  );
+  if (entry.effects?.length) body.append(jsonBlock("Effects", entry.effects));
+  details.append(summary, body);
+  li.append(row, details);
+  return li;
+}
+
+function jsonBlock(title, value) {
+  const wrap = document.createElement("div");
+  const h = document.createElement("h3");
+  h.textContent = title;
+  const pre = document.createElement("pre");
+  pre.className = "json";
+  pre.tabIndex = 0;
+  pre.textContent = JSON.stringify(value, null, 2);
+  wrap.append(h, pre);
+  return wrap;
+}
+
+function fact(term, value) {
+  const dt = document.createElement("dt");
+  dt.textContent = term;
+  const dd = document.createElement("dd");
+  dd.textContent = value;
+  el.snapshot.append(dt, dd);
+}
+
+/** Shows revision `index` (into view.entries). `follow`: stay on the latest as entries arrive. */
+function select(index, follow) {
+  const entries = view.entries;
+  if (entries.length === 0) return;
+  const i = Math.max(0, Math.min(index, entries.length - 1));
+  view.selected = i;
+  view.following = follow ?? i === entries.length - 1;
+  const entry = entries[i];
+  lightChart(entry, entries[i - 1]);
+
+  el.slider.max = String(entries.length);
+  el.slider.value = String(i + 1);
+  el.slider.disabled = false;
+  el.slider.setAttribute(
+    "aria-valuetext",
+    `revision ${entry.revision} of ${entries.at(-1).revision}: ${eventName(entry)}`,
+  );
+  el.sliderOut.textContent = `${entry.revision} / ${entries.at(-1).revision}`;
+  el.latest.disabled = i === entries.length - 1;
+
+  el.snapshot.replaceChildren();
+  const state = entry.state;
+  fact("Revision", String(entry.revision));
+  fact("Event", eventName(entry));
+  fact("At", new Date(entry.at).toISOString());
+  fact("In", describeValue(state.value));
+  fact("Status", state.status);
+  if (state.failure) fact("Failure", state.failure.reason);
+  if (state.output !== undefined) fact("Output", JSON.stringify(state.output));
+  const timers = Object.values(state.timers ?? {});
+  if (timers.length)
+    fact("Timers", timers.map((t) => `${t.event} at ${new Date(t.dueAt).toISOString()}`).join("; "));
+  if (view.chart && state.definitionVersion !== view.chart.version) {
+    fact(
+      "Note",
+      `instance started on version ${state.definitionVersion}; chart is version ${view.chart.version}`,
+    );
+  }
+  el.context.textContent = JSON.stringify(state.context, null, 2);
+
+  for (const li of el.history.children) {
+    const on = li.dataset.revision === String(entry.revision);
+    li.classList.toggle("selected", on);
+    const button = li.querySelector(".entry-pick");
+    if (on) button?.setAttribute("aria-current", "step");
+    else button?.removeAttribute("aria-current");
+  }
+  renderFollowing();
+}
+
+function renderFollowing() {
+  const last = view.entries.at(-1);
+  const finished = last && last.state.status !== "running";
+  const live = view.source && view.source.readyState !== EventSource.CLOSED;
+  const where = view.following ? "Showing the latest revision" : "Time travelling";
+  const how = finished
+    ? `instance ${last.state.status}`
+    : live
+      ? "live: new events appear as they happen"
+      : "not live";
+  el.following.textContent = `${where} — ${how}.`;
+  el.following.dataset.following = String(view.following);
+}
+
+function addEntry(entry) {
+  const last = view.entries.at(-1);
+  if (last && entry.revision <= last.revision) return; // already shown (reconnect overlap)
+  view.entries.push(entry);
+  el.history.append(historyItem(entry, view.entries.length - 1));
+  if (view.following) select(view.entries.length - 1, true);
+  else select(view.selected, false);
+  setStatus(
+    `${view.workflow}/${view.id}: ${describeValue(entry.state.value)} (${entry.state.status}), revision ${entry.revision}.`,
+  );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Loading and live updates.
+
+function follow(workflow, id, after) {
+  view.source?.close();
+  const url = `/api/instances/${encodeURIComponent(workflow)}/${encodeURIComponent(id)}/live?after=${after}`;
+  const source = new EventSource(url);
+  view.source = source;
+  source.addEventListener("entry", (event) => addEntry(JSON.parse(event.data)));
+  source.addEventListener("end", () => {
+    source.close();
+    renderFollowing();
+  });
+  source.addEventListener("open", renderFollowing);
+  source.addEventListener("error", renderFollowing);
+}
+
+async function loadInstance(workflow, id) {
+  view.source?.close();
+  view.source = undefined;
+  view.entries = [];
+  view.selected = -1;
+  view.following = true;
+  el.history.replaceChildren();
+  el.snapshot.replaceChildren();
+  el.context.textContent = "";
+  el.slider.disabled = true;
+  lightChart(undefined, undefined);
+  if (!id) {
+    setStatus(`Chart of ${workflow}. Enter an instance id to see its state.`);
+    renderFollowing();
+    return;
+  }
+  if (!ID_PATTERN.test(id)) {
+    setStatus("Instance ids are 1–128 letters, digits, _ or -.");
+    return;
+  }
+  setStatus(`Loading ${workflow}/${id}…`);
+  try {
+    const body = await getJson(
+      `/api/instances/${encodeURIComponent(workflow)}/${encodeURIComponent(id)}/history`,
+    );
+    view.entries = body.entries;
+    body.entries.forEach((entry, index) => {
+      el.history.append(historyItem(entry, index));
+    });
+    select(view.entries.length - 1, true);
+    const last = view.entries.at(-1);
+    setStatus(
+      `${workflow}/${id}: ${describeValue(last.state.value)} (${last.state.status}), revision ${last.revision}.`,
+    );
+    if (last.state.status === "running") follow(workflow, id, last.revision);
+    renderFollowing();
+  } catch (error) {
+    setStatus(
+      error.status === 404
+        ? `No instance ${workflow}/${id} (yet).`
+        : `Could not load ${workflow}/${id}: ${error.message}`,
+    );
+  }
+}
+
+function showWorkflow(name) {
+  const workflow = view.workflows.get(name);
+  if (!workflow) return false;
+  view.chart = workflow.chart;
+  drawChart(workflow.chart);
+  return true;
+}
+
+async function start() {
+  const params = new URLSearchParams(location.search);
+  try {
+    const { workflows } = await getJson("/api/workflows");
+    for (const w of workflows) {
+      view.workflows.set(w.name, w);
+      const option = document.createElement("option");
+      option.value = w.name;
+      option.textContent = `${w.name} (v${w.version})`;
+      el.workflow.append(option);
+    }
+  } catch (error) {
+    setStatus(`Could not load workflows: ${error.message}`);
+    return;
+  }
+  const workflow = params.get("workflow") ?? el.workflow.value;
+  const id = params.get("id") ?? "";
+  if (!showWorkflow(workflow)) {
+    setStatus(`Unknown workflow "${workflow}".`);
+    return;
+  }
+  el.workflow.value = workflow;
+  el.instance.value = id;
+  view.workflow = workflow;
+  view.id = id;
+  await loadInstance(workflow, id);
+}
+
+el.slider.addEventListener("input", () => select(Number(el.slider.value) - 1));
+el.latest.addEventListener("click", () => select(view.entries.length - 1, true));
+document.addEventListener("keydown", (event) => {
+  // Arrow keys step through revisions while the history list has focus.
+  if (!el.history.contains(document.activeElement)) return;
+  if (event.key === "ArrowUp" || event.key === "ArrowDown") {
+    event.preventDefault();
+    select(view.selected + (event.key === "ArrowUp" ? -1 : 1));
+    el.history.children[view.selected]?.querySelector(".entry-pick")?.focus();
+  }
+});
+
+start();

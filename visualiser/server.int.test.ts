@@ -1,0 +1,320 @@
+/**
+ * The visualiser's HTTP API on a real nats-server with a real orchestrator: the page and its
+ * assets are served, charts and histories come back as JSON, the live stream delivers new entries
+ * as they are appended, and bad path parameters never reach NATS. The service entry point starts
+ * under Node and Deno.
+ */
+import { dirname, join } from "node:path";
+import { fileURLToPath } from "node:url";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../common/nats.ts";
+import {
+  createWorkflowClient,
+  type HistoryEntry,
+  type RunningOrchestrator,
+  startOrchestrator,
+  type WorkflowClient,
+} from "../orchestrator/index.ts";
+import { orderSaga } from "../orchestrator/workflows/index.ts";
+import { counterWorkflow } from "../test/fixtures/workflows.ts";
+import { natsUrl, uniqueNamespace } from "../test/support/context.ts";
+import { type Runtime, spawnService } from "../test/support/processes.ts";
+import { createChartLayouts } from "./layout.ts";
+import {
+  createVisualiserHandler,
+  serveVisualiser,
+  type VisualiserHandler,
+  type VisualiserServer,
+  type WorkflowSummary,
+} from "./server.ts";
+
+const publicDir = join(dirname(fileURLToPath(import.meta.url)), "public");
+const workflows = [orderSaga, counterWorkflow];
+
+/** A parsed Server-Sent Event. */
+interface SseEvent {
+  id?: string;
+  event: string;
+  data: string;
+}
+
+/** Reads SSE events from a fetch response, one at a time. */
+function sseReader(response: Response): { next(timeoutMs?: number): Promise<SseEvent | undefined> } {
+  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "";
+  const parse = (block: string): SseEvent | undefined => {
+    const event: SseEvent = { event: "message", data: "" };
+    let hasData = false;
+    for (const line of block.split("\n")) {
+      if (line.startsWith(":") || line === "") continue;
+      const [field = "", ...rest] = line.split(":");
+      const value = rest.join(":").replace(/^ /, "");
+      if (field === "id") event.id = value;
+      if (field === "event") event.event = value;
+      if (field === "data") {
+        event.data += (hasData ? "\n" : "") + value;
+        hasData = true;
+      }
+    }
+    return hasData ? event : undefined;
+  };
+  return {
+    async next(timeoutMs = 10_000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const cut = buffer.indexOf("\n\n");
+        if (cut >= 0) {
+          const block = buffer.slice(0, cut);
+          buffer = buffer.slice(cut + 2);
+          const event = parse(block);
+          if (event) return event;
+          continue;
+        }
+        const left = deadline - Date.now();
+        if (left <= 0) throw new Error(`no SSE event within ${timeoutMs} ms`);
+        let timer: ReturnType<typeof setTimeout> | undefined;
+        const chunk = await Promise.race([
+          reader.read(),
+          new Promise<never>((_, reject) => {
+            timer = setTimeout(() => reject(new Error(`no SSE event within ${timeoutMs} ms`)), left);
+          }),
+        ]).finally(() => clearTimeout(timer));
+        if (chunk.done) return undefined;
+        buffer += chunk.value;
+      }
+    },
+  };
+}
+
+describe("visualiser HTTP API", () => {
+  let nc: NatsConnection;
+  let orchestrator: RunningOrchestrator;
+  let client: WorkflowClient;
+  let server: VisualiserServer;
+  let handler: VisualiserHandler;
+  const ns = uniqueNamespace("vis");
+
+  const get = (path: string, init?: RequestInit): Promise<Response> => fetch(`${server.url}${path}`, init);
+  const history = async (id: string): Promise<HistoryEntry[]> =>
+    ((await (await get(`/api/instances/counter/${id}/history`)).json()) as { entries: HistoryEntry[] })
+      .entries;
+  const waitForRevision = async (id: string, revision: number): Promise<void> => {
+    const deadline = Date.now() + 10_000;
+    while (Date.now() < deadline) {
+      if (((await client.getState("counter", id))?.revision ?? 0) >= revision) return;
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+    throw new Error(`counter/${id} did not reach revision ${revision}`);
+  };
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    orchestrator = await startOrchestrator({ nc, ns, workflows });
+    client = await createWorkflowClient({ nc, ns, workflows });
+    handler = await createVisualiserHandler({
+      client,
+      workflows,
+      layouts: createChartLayouts(),
+      publicDir,
+      healthy: () => !nc.isClosed(),
+    });
+    server = await serveVisualiser(handler, 0);
+    await client.start("counter", "c-1", { expected: 3 });
+    await client.signal("counter", "c-1", { type: "bump", by: 5 });
+    await waitForRevision("c-1", 2);
+  });
+
+  afterAll(async () => {
+    await server?.close();
+    await client?.close();
+    await orchestrator?.stop();
+    await nc?.drain();
+  });
+
+  it("serves the page, which loads app.js, and its assets", async () => {
+    const page = await get("/");
+    expect(page.status).toBe(200);
+    expect(page.headers.get("content-type")).toMatch(/^text\/html/);
+    expect(page.headers.get("content-security-policy")).toContain("default-src 'self'");
+    const html = await page.text();
+    expect(html).toContain('<script type="module" src="/app.js"></script>');
+    expect(html).toContain('id="revision"');
+    const js = await get("/app.js");
+    expect(js.headers.get("content-type")).toMatch(/^text\/javascript/);
+    expect(await js.text()).toContain("new EventSource(");
+    expect((await get("/app.css")).status).toBe(200);
+    for (const path of ["/server.ts", "/..%2fserver.ts", "/%2e%2e/main.ts", "/public/app.js", "/nope.js"]) {
+      expect((await get(path)).status, path).toBe(404);
+    }
+    expect((await get("/healthz")).status).toBe(200);
+    expect((await get("/", { method: "POST" })).status).toBe(405);
+  });
+
+  it("lists workflows with laid-out charts", async () => {
+    const response = await get("/api/workflows");
+    expect(response.status).toBe(200);
+    const { workflows: list } = (await response.json()) as { workflows: WorkflowSummary[] };
+    expect(list.map((w) => `${w.name}@${w.version}`)).toEqual(["order@1", "counter@1"]);
+    const order = list[0]!;
+    expect(order.signals).toEqual(["order.cancel", "order.ship"]);
+    expect(order.chart.width).toBeGreaterThan(100);
+    const verifying = order.chart.nodes.find((n) => n.id === "pending.verifyingUser")!;
+    const pending = order.chart.nodes.find((n) => n.id === "pending")!;
+    // Nested states lie inside their container.
+    expect(verifying.x).toBeGreaterThanOrEqual(pending.x);
+    expect(verifying.x + verifying.width).toBeLessThanOrEqual(pending.x + pending.width);
+    expect(verifying.y + verifying.height).toBeLessThanOrEqual(pending.y + pending.height);
+    for (const edge of order.chart.edges) {
+      expect(edge.points.length, edge.label).toBeGreaterThanOrEqual(2);
+      expect(edge.labelBox?.width, edge.label).toBeGreaterThan(0);
+    }
+    expect(order.chart.edges.filter((e) => e.kind === "after").map((e) => e.label)).toEqual([
+      "after confirmTimeout",
+      "after shipTimeout",
+    ]);
+  });
+
+  it("returns an instance's history, oldest first", async () => {
+    const response = await get("/api/instances/counter/c-1/history");
+    expect(response.status).toBe(200);
+    const body = (await response.json()) as { workflow: string; instanceId: string; entries: HistoryEntry[] };
+    expect(body.workflow).toBe("counter");
+    expect(body.instanceId).toBe("c-1");
+    expect(body.entries.map((e) => [e.revision, e.event.type, e.state.value])).toEqual([
+      [1, "xstate.init", "counting"],
+      [2, "bump", "counting"],
+    ]);
+    expect(body.entries[1]?.state.context).toEqual({ expected: 3, seen: 1, total: 5 });
+  });
+
+  it("rejects bad ids and workflow names with 400 before touching NATS; unknown ones are 404", async () => {
+    const cases: Array<[string, number]> = [
+      ["/api/instances/counter/a.b/history", 400],
+      ["/api/instances/counter/a*/history", 400],
+      ["/api/instances/counter/%3E/live", 400],
+      ["/api/instances/counter/a%20b/history", 400],
+      ["/api/instances/counter/a%2Eb/history", 400],
+      ["/api/instances/counter/%E0%A4%A/history", 400],
+      [`/api/instances/counter/${"x".repeat(129)}/history`, 400],
+      ["/api/instances/Counter/c-1/history", 400],
+      ["/api/instances/counter.x/c-1/history", 400],
+      ["/api/instances/nope/c-1/history", 404],
+      ["/api/instances/counter/missing-1/history", 404],
+      ["/api/instances/counter/missing-1/live", 404],
+      ["/api/instances/counter/c-1/other", 404],
+      ["/api/instances/counter/c-1", 404],
+      ["/api/instances/counter/c-1/live?after=-1", 400],
+      ["/api/instances/counter/c-1/live?after=x", 400],
+    ];
+    for (const [path, status] of cases) {
+      const response = await get(path);
+      expect(response.status, path).toBe(status);
+      expect(((await response.json()) as { error: { code: string } }).error.code, path).toBeTypeOf("string");
+    }
+    expect((await get(`/api/instances/counter/${"x".repeat(128)}/history`)).status).toBe(404);
+  });
+
+  it("streams each new entry live, then `end` when the instance finishes", async () => {
+    await client.start("counter", "c-live", { expected: 2 });
+    await waitForRevision("c-live", 1);
+    const abort = new AbortController();
+    const response = await get("/api/instances/counter/c-live/live?after=1", { signal: abort.signal });
+    expect(response.status).toBe(200);
+    expect(response.headers.get("content-type")).toMatch(/^text\/event-stream/);
+    const events = sseReader(response);
+
+    await client.signal("counter", "c-live", { type: "bump", by: 2 });
+    const second = await events.next();
+    expect(second?.event).toBe("entry");
+    expect(second?.id).toBe("2");
+    const entry = JSON.parse(second!.data) as HistoryEntry;
+    expect([entry.revision, entry.event.type, entry.state.context]).toEqual([
+      2,
+      "bump",
+      { expected: 2, seen: 1, total: 2 },
+    ]);
+
+    await client.signal("counter", "c-live", { type: "bump", by: 3 });
+    const third = await events.next();
+    expect(third?.id).toBe("3");
+    expect((JSON.parse(third!.data) as HistoryEntry).state).toMatchObject({
+      value: "done",
+      status: "completed",
+    });
+    expect((await events.next())?.event).toBe("end");
+    expect(await events.next()).toBeUndefined();
+    abort.abort();
+  });
+
+  it("fills the gap when entries were appended after the page's read (after / Last-Event-ID)", async () => {
+    const all = await history("c-1");
+    // after=0: everything; Last-Event-ID (a reconnect) wins over the URL's after.
+    const abort = new AbortController();
+    const fromStart = sseReader(
+      await get("/api/instances/counter/c-1/live?after=0", { signal: abort.signal }),
+    );
+    expect((await fromStart.next())?.id).toBe("1");
+    expect((await fromStart.next())?.id).toBe(String(all.length));
+    const resumed = sseReader(
+      await get("/api/instances/counter/c-1/live?after=0", {
+        headers: { "last-event-id": "1" },
+        signal: abort.signal,
+      }),
+    );
+    expect((await resumed.next())?.id).toBe("2");
+    abort.abort();
+  });
+
+  it("without `after`, starts with the latest entry; a client going away ends the server's watch", async () => {
+    await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
+    const abort = new AbortController();
+    const events = sseReader(await get("/api/instances/counter/c-1/live", { signal: abort.signal }));
+    const first = await events.next();
+    expect(JSON.parse(first!.data)).toMatchObject({ revision: 2, state: { status: "running" } });
+    expect(handler.openStreams()).toBe(1);
+    abort.abort();
+    await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
+  });
+
+  it.each<Runtime>(["node", "deno"])(
+    "the service starts under %s, serves workflows from JETSAGA_WORKFLOW_MODULES and streams live",
+    async (runtime) => {
+      const service = await spawnService(
+        "visualiser/main.ts",
+        {
+          NATS_URL: natsUrl(),
+          JETSAGA_NS: ns,
+          VISUALISER_PORT: "0",
+          JETSAGA_WORKFLOW_MODULES: "test/fixtures/workflows.ts",
+          LOG_LEVEL: "warn",
+        },
+        /JETSAGA_VISUALISER_URL=/,
+        runtime,
+      );
+      try {
+        const line = await service.waitForLine(/JETSAGA_VISUALISER_URL=/);
+        const url = line.slice(line.indexOf("=") + 1).trim();
+        expect(url).toMatch(/^http:\/\/127\.0\.0\.1:\d+$/);
+        expect(await (await fetch(`${url}/healthz`)).text()).toBe("ok\n");
+        const { workflows: list } = (await (await fetch(`${url}/api/workflows`)).json()) as {
+          workflows: WorkflowSummary[];
+        };
+        expect(list.map((w) => w.name)).toEqual(["order", "counter", "reminder"]);
+        expect(await (await fetch(`${url}/`)).text()).toContain("/app.js");
+        expect((await fetch(`${url}/api/instances/counter/a.b/history`)).status).toBe(400);
+        const abort = new AbortController();
+        const events = sseReader(
+          await fetch(`${url}/api/instances/counter/c-1/live?after=0`, { signal: abort.signal }),
+        );
+        expect((await events.next())?.id).toBe("1");
+        expect((await events.next())?.id).toBe("2");
+        abort.abort();
+      } finally {
+        await service.kill("SIGTERM");
+      }
+      // SIGTERM is a clean stop even with a live stream open a moment ago.
+      expect(await service.exited).toBe(0);
+    },
+  );
+});

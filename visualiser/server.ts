@@ -1,0 +1,357 @@
+/**
+ * The visualiser's HTTP surface: a fetch-style handler (web-standard `Request` → `Response`) with
+ * the routes, and a thin `node:http` adapter that serves it (works under Node and Deno alike).
+ *
+ * Routes (GET only):
+ * - `/` and static files from `public/` — the page.
+ * - `/healthz` — 200 while connected to NATS.
+ * - `/api/workflows` — names, versions, signals and laid-out charts.
+ * - `/api/instances/:workflow/:id/history` — every history entry, oldest first.
+ * - `/api/instances/:workflow/:id/live` — Server-Sent Events: one `entry` event per history entry
+ *   after `?after=<revision>` (or the `Last-Event-ID` header on reconnect; without either, the latest
+ *   entry first), then `end` once the instance is completed or failed.
+ */
+import { readdir, readFile } from "node:fs/promises";
+import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
+import type { AddressInfo } from "node:net";
+import { extname, join } from "node:path";
+import type { Logger } from "../common/logger.ts";
+import {
+  type AnyWorkflowDefinition,
+  type HistoryEntry,
+  isTerminal,
+  isValidId,
+  type WorkflowClient,
+} from "../orchestrator/index.ts";
+import type { ChartLayout, ChartLayouts } from "./layout.ts";
+
+/** What the visualiser needs to answer requests. */
+export interface VisualiserOptions {
+  /** Reads histories and follows instances. */
+  client: Pick<WorkflowClient, "getHistory" | "getState" | "watch">;
+  /** The workflows whose charts and instances can be shown. */
+  workflows: readonly AnyWorkflowDefinition[];
+  layouts: ChartLayouts;
+  /** Folder with `index.html` and its assets. */
+  publicDir: string;
+  /** Health of the NATS connection, for `/healthz`. Default: always healthy. */
+  healthy?: () => boolean;
+  /** Seconds between SSE keep-alive comments. Default 15. */
+  keepAliveSeconds?: number;
+  logger?: Pick<Logger, "warn" | "error">;
+}
+
+/** A web-standard request handler; `close()` ends every open live stream. */
+export interface VisualiserHandler {
+  (request: Request): Promise<Response>;
+  /** Live streams currently open (each holds one watch on NATS). */
+  openStreams(): number;
+  close(): void;
+}
+
+/** One workflow as `/api/workflows` lists it. */
+export interface WorkflowSummary {
+  name: string;
+  version: number;
+  /** Events clients may send (shown as hints). */
+  signals: string[];
+  chart: ChartLayout;
+}
+
+const WORKFLOW_NAME = /^[a-z][a-z0-9-]{0,63}$/;
+const STATIC_NAME = /^[A-Za-z0-9_-]+\.(html|js|css|svg|ico|png)$/;
+const CONTENT_TYPES: Record<string, string> = {
+  ".html": "text/html; charset=utf-8",
+  ".js": "text/javascript; charset=utf-8",
+  ".css": "text/css; charset=utf-8",
+  ".svg": "image/svg+xml",
+  ".ico": "image/x-icon",
+  ".png": "image/png",
+};
+/** Served with every response: the page loads only its own files and is never framed. */
+const SECURITY_HEADERS: Record<string, string> = {
+  "x-content-type-options": "nosniff",
+  "referrer-policy": "no-referrer",
+  "content-security-policy":
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+};
+const encoder = new TextEncoder();
+
+/** Creates the visualiser's request handler. Static files are listed once, at creation. */
+export async function createVisualiserHandler(options: VisualiserOptions): Promise<VisualiserHandler> {
+  const { client, layouts } = options;
+  const definitions = new Map(options.workflows.map((w) => [w.name, w]));
+  // An allowlist of file names (no paths): nothing outside publicDir can be asked for.
+  const statics = new Set((await readdir(options.publicDir)).filter((name) => STATIC_NAME.test(name)));
+  const streams = new Set<AbortController>();
+  const keepAliveMs = (options.keepAliveSeconds ?? 15) * 1_000;
+
+  const serveStatic = async (name: string): Promise<Response> => {
+    if (!statics.has(name)) return problem(404, "NOT_FOUND", "no such page");
+    const body = await readFile(join(options.publicDir, name));
+    return new Response(body, {
+      headers: {
+        "content-type": CONTENT_TYPES[extname(name)] ?? "application/octet-stream",
+        "cache-control": "no-cache",
+      },
+    });
+  };
+
+  const workflows = async (): Promise<Response> => {
+    const list: WorkflowSummary[] = await Promise.all(
+      options.workflows.map(async (w) => ({
+        name: w.name,
+        version: w.version,
+        signals: [...w.signals],
+        chart: await layouts.get(w),
+      })),
+    );
+    return json(200, { workflows: list });
+  };
+
+  const history = async (workflow: string, id: string): Promise<Response> => {
+    const entries = await client.getHistory(workflow, id);
+    if (entries.length === 0) return problem(404, "NOT_FOUND", `no instance ${workflow}/${id}`);
+    return json(200, { workflow, instanceId: id, entries });
+  };
+
+  const live = async (request: Request, workflow: string, id: string): Promise<Response> => {
+    // On reconnect EventSource repeats the original URL but sends Last-Event-ID: that one is newer.
+    const afterText = request.headers.get("last-event-id") ?? new URL(request.url).searchParams.get("after");
+    let after: number | undefined;
+    if (afterText !== null && afterText !== "") {
+      after = Number(afterText);
+      if (!Number.isSafeInteger(after) || after < 0) {
+        return problem(400, "INVALID_ARGUMENT", "after must be a non-negative integer revision");
+      }
+    }
+    if (!(await client.getState(workflow, id)))
+      return problem(404, "NOT_FOUND", `no instance ${workflow}/${id}`);
+    const abort = new AbortController();
+    streams.add(abort);
+    request.signal.addEventListener("abort", () => abort.abort(), { once: true });
+    const body = new ReadableStream<Uint8Array>({
+      start(controller) {
+        const write = (text: string): void => {
+          if (!abort.signal.aborted) controller.enqueue(encoder.encode(text));
+        };
+        const send = (entry: HistoryEntry): void =>
+          write(`id: ${entry.revision}\nevent: entry\ndata: ${JSON.stringify(entry)}\n\n`);
+        // retry: how long EventSource waits before reconnecting (it then sends Last-Event-ID).
+        write("retry: 2000\n: connected\n\n");
+        const keepAlive = setInterval(() => write(": keep-alive\n\n"), keepAliveMs);
+        const pump = async (): Promise<void> => {
+          let last = after ?? 0;
+          let first = true;
+          for await (const entry of client.watch(workflow, id, { signal: abort.signal })) {
+            if (abort.signal.aborted) break;
+            // watch starts at the latest entry: entries appended between the page's history read
+            // and this stream would be skipped, so fill the gap from the full history once.
+            if (first && after !== undefined && entry.revision > after + 1) {
+              for (const missed of await client.getHistory(workflow, id)) {
+                if (missed.revision > last && missed.revision < entry.revision) {
+                  send(missed);
+                  last = missed.revision;
+                }
+              }
+            }
+            first = false;
+            if (entry.revision > last) {
+              send(entry);
+              last = entry.revision;
+            }
+            if (isTerminal(entry.state)) {
+              // Tells the page to close: a closed stream alone would make EventSource reconnect.
+              write("event: end\ndata: {}\n\n");
+              break;
+            }
+          }
+        };
+        pump()
+          .catch((error: unknown) => {
+            if (!abort.signal.aborted)
+              options.logger?.warn({ err: error, workflow, id }, "live stream failed");
+          })
+          .finally(() => {
+            clearInterval(keepAlive);
+            streams.delete(abort);
+            abort.abort();
+            try {
+              controller.close();
+            } catch {
+              // Already cancelled by the reader.
+            }
+          });
+      },
+      cancel() {
+        abort.abort();
+      },
+    });
+    return new Response(body, {
+      headers: {
+        "content-type": "text/event-stream; charset=utf-8",
+        "cache-control": "no-cache",
+        // Proxies such as nginx buffer responses by default, which would hold events back.
+        "x-accel-buffering": "no",
+      },
+    });
+  };
+
+  const route = async (request: Request): Promise<Response> => {
+    if (request.method !== "GET" && request.method !== "HEAD") {
+      return problem(405, "METHOD_NOT_ALLOWED", "only GET", { allow: "GET, HEAD" });
+    }
+    const path = new URL(request.url).pathname;
+    if (path === "/") return serveStatic("index.html");
+    if (path === "/healthz") {
+      const ok = options.healthy?.() ?? true;
+      return new Response(ok ? "ok\n" : "not connected\n", {
+        status: ok ? 200 : 503,
+        headers: { "content-type": "text/plain; charset=utf-8" },
+      });
+    }
+    if (path === "/api/workflows") return workflows();
+    const parts = path.split("/").slice(1);
+    if (parts[0] === "api") {
+      if (parts[1] !== "instances" || parts.length !== 5) return problem(404, "NOT_FOUND", "no such route");
+      const [, , rawWorkflow = "", rawId = "", action] = parts;
+      const workflow = decode(rawWorkflow);
+      const id = decode(rawId);
+      if (workflow === undefined || !WORKFLOW_NAME.test(workflow)) {
+        return problem(400, "INVALID_ARGUMENT", `workflow must match ${WORKFLOW_NAME.source}`);
+      }
+      if (id === undefined || !isValidId(id)) {
+        return problem(400, "INVALID_ARGUMENT", "instance id must match ^[A-Za-z0-9_-]{1,128}$");
+      }
+      if (!definitions.has(workflow)) return problem(404, "NOT_FOUND", `unknown workflow ${workflow}`);
+      if (action === "history") return history(workflow, id);
+      if (action === "live") return live(request, workflow, id);
+      return problem(404, "NOT_FOUND", "no such route");
+    }
+    if (parts.length === 1 && parts[0] !== undefined) return serveStatic(parts[0]);
+    return problem(404, "NOT_FOUND", "no such page");
+  };
+
+  const handler = async (request: Request): Promise<Response> => {
+    let response: Response;
+    try {
+      response = await route(request);
+    } catch (error) {
+      options.logger?.error({ err: error, url: request.url }, "request failed");
+      response = problem(500, "INTERNAL", "internal error");
+    }
+    for (const [name, value] of Object.entries(SECURITY_HEADERS)) response.headers.set(name, value);
+    return response;
+  };
+  return Object.assign(handler, {
+    openStreams: () => streams.size,
+    close(): void {
+      for (const stream of streams) stream.abort();
+    },
+  });
+}
+
+/** A running visualiser HTTP server. */
+export interface VisualiserServer {
+  /** `http://host:port`. */
+  url: string;
+  /** Ends live streams, stops listening and closes open connections. */
+  close(): Promise<void>;
+}
+
+/**
+ * Serves `handler` with `node:http` on `host:port` (port 0: any free port; default host
+ * 127.0.0.1, as the visualiser shows instance data without authentication).
+ */
+export async function serveVisualiser(
+  handler: VisualiserHandler,
+  port: number,
+  host = "127.0.0.1",
+): Promise<VisualiserServer> {
+  const server = createServer((req, res) => {
+    void respond(handler, req, res);
+  });
+  await new Promise<void>((resolve, reject) => {
+    server.once("error", reject);
+    server.listen(port, host, () => resolve());
+  });
+  const address = server.address() as AddressInfo;
+  const shownHost = host === "0.0.0.0" || host === "::" ? "127.0.0.1" : host;
+  return {
+    url: `http://${shownHost}:${address.port}`,
+    close: async () => {
+      handler.close();
+      const closed = new Promise<void>((resolve) => server.close(() => resolve()));
+      // Keep-alive and SSE connections would hold close() open; not every runtime has this method.
+      (server as { closeAllConnections?: () => void }).closeAllConnections?.();
+      await closed;
+    },
+  };
+}
+
+/** Adapts one node:http exchange to the fetch-style handler, streaming the body and stopping on disconnect. */
+async function respond(handler: VisualiserHandler, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const gone = new AbortController();
+  res.once("close", () => gone.abort());
+  const headers = new Headers();
+  for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) {
+    headers.append(req.rawHeaders[i] as string, req.rawHeaders[i + 1] as string);
+  }
+  // Only path and query matter; a fixed origin keeps a forged Host header out of the URL.
+  const url = new URL(req.url ?? "/", "http://visualiser.local");
+  const request = new Request(url, { method: req.method ?? "GET", headers, signal: gone.signal });
+  const response = await handler(request);
+  const outHeaders: Record<string, string> = {};
+  response.headers.forEach((value, name) => {
+    outHeaders[name] = value;
+  });
+  res.writeHead(response.status, outHeaders);
+  if (!response.body || req.method === "HEAD") {
+    res.end();
+    await response.body?.cancel();
+    return;
+  }
+  const reader = response.body.getReader();
+  gone.signal.addEventListener("abort", () => void reader.cancel().catch(() => {}), { once: true });
+  try {
+    for (;;) {
+      const { done, value } = await reader.read();
+      if (done) break;
+      if (!res.write(value)) {
+        await new Promise<void>((resolve) => {
+          res.once("drain", resolve);
+          gone.signal.addEventListener("abort", () => resolve(), { once: true });
+        });
+      }
+    }
+  } catch {
+    // The client went away mid-body; nothing left to tell it.
+  } finally {
+    res.end();
+  }
+}
+
+function decode(segment: string): string | undefined {
+  try {
+    return decodeURIComponent(segment);
+  } catch {
+    return undefined;
+  }
+}
+
+function json(status: number, body: unknown, headers: Record<string, string> = {}): Response {
+  return new Response(JSON.stringify(body), {
+    status,
+    headers: { "content-type": "application/json; charset=utf-8", "cache-control": "no-cache", ...headers },
+  });
+}
+
+/** Error responses share one shape: `{ error: { code, message } }`. */
+function problem(
+  status: number,
+  code: string,
+  message: string,
+  headers: Record<string, string> = {},
+): Response {
+  return json(status, { error: { code, message } }, headers);
+}
