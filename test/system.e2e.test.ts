@@ -57,8 +57,15 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
   });
 
   it("places an order over gRPC and follows it to shipped", async () => {
-    await users.createUser({ email: `ann-${runtime}@example.com`, password: "correct horse battery", creditLimitCents: 50_000n });
-    const { token } = await users.authenticate({ email: `ann-${runtime}@example.com`, password: "correct horse battery" });
+    await users.createUser({
+      email: `ann-${runtime}@example.com`,
+      password: "correct horse battery",
+      creditLimitCents: 50_000n,
+    });
+    const { token } = await users.authenticate({
+      email: `ann-${runtime}@example.com`,
+      password: "correct horse battery",
+    });
     const headers = { authorization: `Bearer ${token}` };
     const placed = await orders.placeOrder(
       { idempotencyKey: "first-order", items: [{ sku: "kettle", quantity: 1, unitPriceCents: 4_500n }] },
@@ -68,7 +75,10 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
     expect(orderId).not.toBe("");
 
     const seen: OrderStatus[] = [];
-    for await (const update of orders.watchOrder({ orderId }, { headers, signal: AbortSignal.timeout(30_000) })) {
+    for await (const update of orders.watchOrder(
+      { orderId },
+      { headers, signal: AbortSignal.timeout(30_000) },
+    )) {
       seen.push(update.order?.status ?? OrderStatus.UNSPECIFIED);
       if (update.order?.status === OrderStatus.CONFIRMED) break;
     }
