@@ -1,7 +1,8 @@
 #!/bin/sh
 # The one entry behind `npm test` and `npm start`; works on a fresh clone.
 #
-#   run.sh test [vitest args…]   biome ci → tsc → proto:check → check:deno → vitest run (fail fast)
+#   run.sh test [vitest args…]   biome ci → tsc → proto:check → schemas:check → check:deno → vitest run
+#                                (fail fast)
 #   run.sh start                 local nats-server + Postgres under .data/ (unless NATS_URL /
 #                                DATABASE_URL are set), then deploy/local/start.ts; Ctrl-C stops all
 #
@@ -49,6 +50,8 @@ if [ "$MODE" = test ]; then
   tsc --noEmit -p tsconfig.json
   say "proto:check (if present)"
   npm run --silent proto:check --if-present
+  say "schemas:check"
+  npm run --silent schemas:check
   say "check:deno (if present)"
   npm run --silent check:deno --if-present
   # The suite's tiers; the browser tier (needs chromium) runs with `npm run test:browser`.

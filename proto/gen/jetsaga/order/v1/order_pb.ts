@@ -23,21 +23,22 @@ export const file_jetsaga_order_v1_order: GenFile = /*@__PURE__*/
  */
 export type OrderItem = Message<"jetsaga.order.v1.OrderItem"> & {
   /**
-   * Stock keeping unit: the product's identifier.
+   * Stock keeping unit: the product's identifier. 1-64 characters of A-Z a-z 0-9 . _ : / -,
+   * starting with a letter or digit.
    *
    * @generated from field: string sku = 1;
    */
   sku: string;
 
   /**
-   * Number of units; at least 1.
+   * Number of units; 1-10000.
    *
    * @generated from field: int32 quantity = 2;
    */
   quantity: number;
 
   /**
-   * Price of one unit in cents; not negative.
+   * Price of one unit in cents; 0 to 2^53-1. The order's total must also stay below 2^53.
    *
    * @generated from field: int64 unit_price_cents = 3;
    */
@@ -136,15 +137,16 @@ export const OrderSchema: GenMessage<Order> = /*@__PURE__*/
  */
 export type PlaceOrderRequest = Message<"jetsaga.order.v1.PlaceOrderRequest"> & {
   /**
-   * Client-chosen key (1-128 printable ASCII characters) that makes retries safe: a second call
-   * with the same key by the same user returns the first call's order.
+   * Client-chosen key that makes retries safe: a second call with the same key by the same user
+   * returns the first call's order. 1-128 characters, each one of A-Z a-z 0-9 _ - (a UUID or ULID
+   * fits); anything else, including an empty key, fails with INVALID_ARGUMENT.
    *
    * @generated from field: string idempotency_key = 1;
    */
   idempotencyKey: string;
 
   /**
-   * Order lines; at least one.
+   * Order lines; 1-100.
    *
    * @generated from field: repeated jetsaga.order.v1.OrderItem items = 2;
    */
@@ -165,7 +167,8 @@ export const PlaceOrderRequestSchema: GenMessage<PlaceOrderRequest> = /*@__PURE_
  */
 export type PlaceOrderResponse = Message<"jetsaga.order.v1.PlaceOrderResponse"> & {
   /**
-   * The order as accepted (normally ORDER_STATUS_PENDING).
+   * The order as placed: ORDER_STATUS_PENDING and version 1, also when a retry finds an order that
+   * has moved on since (read its current state with GetOrder).
    *
    * @generated from field: jetsaga.order.v1.Order order = 1;
    */
@@ -200,7 +203,8 @@ export type CancelOrderRequest = Message<"jetsaga.order.v1.CancelOrderRequest"> 
   orderId: string;
 
   /**
-   * Human-readable reason, stored as the order's cancel_reason.
+   * Human-readable reason, stored as the order's cancel_reason ("cancelled by customer" when
+   * empty). At most 500 characters, without control or bidi formatting characters.
    *
    * @generated from field: string reason = 2;
    */
@@ -221,7 +225,8 @@ export const CancelOrderRequestSchema: GenMessage<CancelOrderRequest> = /*@__PUR
  */
 export type CancelOrderResponse = Message<"jetsaga.order.v1.CancelOrderResponse"> & {
   /**
-   * The order after the cancellation was accepted.
+   * The order once the saga accepted the cancellation; its status may not be
+   * ORDER_STATUS_CANCELLED yet (see CancelOrder).
    *
    * @generated from field: jetsaga.order.v1.Order order = 1;
    */
@@ -305,8 +310,9 @@ export type GetOrderRequest = Message<"jetsaga.order.v1.GetOrderRequest"> & {
   orderId: string;
 
   /**
-   * When set, wait (bounded by the call's deadline) until the read model includes this position,
-   * as returned by a command. Fails with DEADLINE_EXCEEDED when it does not catch up in time.
+   * When set, wait until the read model includes this position, as returned by a command. The
+   * wait is bounded by the call's deadline and by a server maximum (5 s by default); fails with
+   * DEADLINE_EXCEEDED when the read model does not catch up within it.
    *
    * @generated from field: optional string min_position = 2;
    */
@@ -461,8 +467,9 @@ export type WatchOrderResponse = Message<"jetsaga.order.v1.WatchOrderResponse"> 
   order?: Order | undefined;
 
   /**
-   * The saga's state-chart state after the change, e.g. "reservingCredit" or a JSON-encoded
-   * state value for nested states.
+   * The saga's state-chart state after the change: the state's name for a top-level state, e.g.
+   * "confirmed" or "compensating", or the JSON-encoded state value for a nested one, e.g.
+   * {"pending":"reservingCredit"}.
    *
    * @generated from field: string state = 2;
    */
@@ -539,7 +546,10 @@ export type HistoryEntry = Message<"jetsaga.order.v1.HistoryEntry"> & {
   version: bigint;
 
   /**
-   * Type of the event, e.g. "OrderPlaced" or "CreditReserved".
+   * Type of the event: "xstate.init" for the start (the first entry), a worker's reply such as
+   * "user.verified" or "credit.reserved", a signal ("order.cancel", "order.ship"),
+   * "command.failed", or a fired timer "xstate.after.<delay>.<state id>", e.g.
+   * "xstate.after.confirmTimeout.order.pending".
    *
    * @generated from field: string event_type = 2;
    */
@@ -588,14 +598,16 @@ export const OrderStatus = {
   UNSPECIFIED: 0,
 
   /**
-   * Placed; the saga is still reserving credit.
+   * Placed; the saga is still verifying the user or reserving credit, or (when cancelled before
+   * confirmation) releasing a possible reservation.
    *
    * @generated from enum value: ORDER_STATUS_PENDING = 1;
    */
   PENDING: 1,
 
   /**
-   * Credit reserved; the order can be shipped.
+   * Credit reserved; the order can be shipped. A confirmed order being cancelled stays here until
+   * its credit is released.
    *
    * @generated from enum value: ORDER_STATUS_CONFIRMED = 2;
    */
@@ -609,7 +621,8 @@ export const OrderStatus = {
   SHIPPED: 3,
 
   /**
-   * Cancelled by the user or by the saga (e.g. insufficient credit); final. See cancel_reason.
+   * Cancelled by the user or by the saga (e.g. user rejected, insufficient credit, a timeout); final.
+   * See cancel_reason.
    *
    * @generated from enum value: ORDER_STATUS_CANCELLED = 4;
    */
@@ -641,8 +654,11 @@ export const OrderStatusSchema: GenEnum<OrderStatus> = /*@__PURE__*/
  */
 export const OrderService: GenService<{
   /**
-   * PlaceOrder starts a new order saga (reserve credit, then confirm or cancel). Retrying with the
-   * same idempotency_key returns the order created by the first call instead of creating another.
+   * PlaceOrder starts a new order saga (verify the user, reserve credit, then confirm or cancel).
+   * Retrying with the same idempotency_key and items returns the order created by the first call
+   * instead of creating another; the same key with different items fails with ALREADY_EXISTS. Fails
+   * with FAILED_PRECONDITION when the caller's account does not exist, and with DEADLINE_EXCEEDED
+   * when the saga has not started in time (it will: retry with the same idempotency_key).
    *
    * @generated from rpc jetsaga.order.v1.OrderService.PlaceOrder
    */
@@ -652,8 +668,12 @@ export const OrderService: GenService<{
     output: typeof PlaceOrderResponseSchema;
   },
   /**
-   * CancelOrder cancels a pending or confirmed order and releases its credit. Fails with
-   * FAILED_PRECONDITION when the order is already shipped; cancelling a cancelled order is a no-op.
+   * CancelOrder cancels a pending or confirmed order. When the order may hold credit (it is
+   * reserving credit or confirmed), the saga releases that first: the returned order then still
+   * shows its previous status (ORDER_STATUS_PENDING or ORDER_STATUS_CONFIRMED) and becomes
+   * ORDER_STATUS_CANCELLED once the release is done (watch it with WatchOrder). Fails with
+   * FAILED_PRECONDITION when the order is already shipped; cancelling an order that is cancelled or
+   * being cancelled is a no-op.
    *
    * @generated from rpc jetsaga.order.v1.OrderService.CancelOrder
    */
@@ -663,7 +683,8 @@ export const OrderService: GenService<{
     output: typeof CancelOrderResponseSchema;
   },
   /**
-   * ShipOrder marks a confirmed order as shipped. Fails with FAILED_PRECONDITION in any other status.
+   * ShipOrder marks a confirmed order as shipped. Fails with FAILED_PRECONDITION in any other status
+   * and for a confirmed order that is being cancelled.
    *
    * @generated from rpc jetsaga.order.v1.OrderService.ShipOrder
    */

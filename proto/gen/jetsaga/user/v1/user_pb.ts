@@ -30,7 +30,8 @@ export type User = Message<"jetsaga.user.v1.User"> & {
   userId: string;
 
   /**
-   * Email address the user signs in with, as given at creation (compared case-insensitively).
+   * Email address the user signs in with, as stored: the one given at creation trimmed,
+   * NFC-normalized and lowercased.
    *
    * @generated from field: string email = 2;
    */
@@ -72,21 +73,24 @@ export const UserSchema: GenMessage<User> = /*@__PURE__*/
  */
 export type CreateUserRequest = Message<"jetsaga.user.v1.CreateUserRequest"> & {
   /**
-   * Email address to sign in with; must be unique.
+   * Email address to sign in with: one local part and one domain joined by a single @, without
+   * spaces, control or invisible formatting characters, at most 254 UTF-8 bytes. Stored trimmed,
+   * NFC-normalized and lowercased, and unique in that form.
    *
    * @generated from field: string email = 1;
    */
   email: string;
 
   /**
-   * Plain-text password; only its scrypt hash is stored.
+   * Plain-text password of 8-1024 characters (Unicode code points), without NUL; only its scrypt
+   * hash is stored.
    *
    * @generated from field: string password = 2;
    */
   password: string;
 
   /**
-   * Credit limit of the new account in cents; must not be negative.
+   * Credit limit of the new account in cents; 0 to 10^12.
    *
    * @generated from field: int64 credit_limit_cents = 3;
    */
@@ -170,7 +174,7 @@ export const GetUserResponseSchema: GenMessage<GetUserResponse> = /*@__PURE__*/
  */
 export type AuthenticateRequest = Message<"jetsaga.user.v1.AuthenticateRequest"> & {
   /**
-   * Email address of the account.
+   * Email address of the account; matched after trimming, NFC normalization and lowercasing.
    *
    * @generated from field: string email = 1;
    */
@@ -233,8 +237,9 @@ export const AuthenticateResponseSchema: GenMessage<AuthenticateResponse> = /*@_
  */
 export const UserService: GenService<{
   /**
-   * CreateUser registers a new account. Fails with ALREADY_EXISTS when the email is taken and
-   * INVALID_ARGUMENT when the email, password or credit limit is not acceptable.
+   * CreateUser registers a new account. Fails with ALREADY_EXISTS when the email is taken,
+   * INVALID_ARGUMENT when the email, password or credit limit is not acceptable, and
+   * RESOURCE_EXHAUSTED when too many password hashes are in progress (retry later).
    *
    * @generated from rpc jetsaga.user.v1.UserService.CreateUser
    */
@@ -244,7 +249,9 @@ export const UserService: GenService<{
     output: typeof CreateUserResponseSchema;
   },
   /**
-   * GetUser returns one account. Fails with NOT_FOUND when it does not exist or the caller may not see it.
+   * GetUser returns the caller's own account: it needs "Authorization: Bearer <token>" issued to
+   * user_id. Fails with UNAUTHENTICATED without a valid token, and with NOT_FOUND when the account
+   * does not exist or is another user's (the two are not distinguished).
    *
    * @generated from rpc jetsaga.user.v1.UserService.GetUser
    */
@@ -256,7 +263,8 @@ export const UserService: GenService<{
   /**
    * Authenticate exchanges an email and password for a bearer token. Fails with UNAUTHENTICATED
    * on a wrong email or password (the two cases are not distinguished) and with RESOURCE_EXHAUSTED
-   * when too many attempts were made.
+   * when too many attempts were made for the email (5 per minute by default) or too many password
+   * hashes are in progress.
    *
    * @generated from rpc jetsaga.user.v1.UserService.Authenticate
    */
