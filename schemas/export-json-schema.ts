@@ -81,7 +81,7 @@ export function messageSpecs(): MessageSpec[] {
       schema: inboxMessage,
       subjects: (t, slot) => [
         t.inboxSubject(slot("workflow"), slot("instanceId")),
-        t.timerSubject(slot("workflow"), slot("instanceId"), slot("timerKey")),
+        t.timerSubject(slot("workflow"), slot("instanceId"), slot("timerKey"), slot("token")),
       ],
       stream: inboxStream,
     },

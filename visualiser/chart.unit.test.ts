@@ -27,6 +27,7 @@ describe("chartOf(order saga)", () => {
       { id: "pending.reservingCredit", label: "reservingCredit", parent: "pending", type: "atomic" },
       { id: "confirmed", label: "confirmed", type: "atomic" },
       { id: "compensating", label: "compensating", type: "atomic" },
+      { id: "awaitingReleaseRetry", label: "awaitingReleaseRetry", type: "atomic" },
       { id: "shipped", label: "shipped", type: "final" },
       { id: "cancelled", label: "cancelled", type: "final" },
     ]);
@@ -49,7 +50,8 @@ describe("chartOf(order saga)", () => {
       "confirmed --after shipTimeout--> compensating",
       "compensating --credit.released--> cancelled",
       "compensating --credit.reserved--> compensating",
-      "compensating --command.failed--> cancelled",
+      "compensating --command.failed--> awaitingReleaseRetry",
+      "awaitingReleaseRetry --after releaseRetry--> compensating",
     ]);
     expect(new Set(chart.edges.map((e) => e.id)).size).toBe(chart.edges.length);
   });
@@ -69,6 +71,7 @@ describe("chartOf(order saga)", () => {
     expect(delayed.map((e) => [e.from, e.label, e.to])).toEqual([
       ["pending", "after confirmTimeout", "compensating"],
       ["confirmed", "after shipTimeout", "compensating"],
+      ["awaitingReleaseRetry", "after releaseRetry", "compensating"],
     ]);
     expect(delayed[0]?.event).toBe("xstate.after.confirmTimeout.order.pending");
   });

@@ -240,8 +240,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       order: orderFromState(found.entry.state, await itemsOfOrder(orderId)),
       position: encodePosition(found.seq),
     });
-    // Cancelling an order that is already being cancelled (or is) changes nothing: not an error.
-    if (kind === "cancel" && isCancelling(current.entry.state)) return respond(current);
+    // Cancelling an order that is already being cancelled (or is), or shipping a shipped one,
+    // changes nothing: not an error, so a client may retry either call safely.
+    if (alreadyDone(kind, current.entry.state)) return respond(current);
     if (!canAccept(saga, current.entry.state, event)) throw refused(kind, current.entry.state);
 
     const key = `${kind}-${orderId}-r${current.entry.state.revision}`;
@@ -266,7 +267,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       const found = await wait.done;
       if (found) return respond(found);
       if (overtaken) {
-        if (kind === "cancel" && isCancelling(overtaken.entry.state)) return respond(overtaken);
+        if (alreadyDone(kind, overtaken.entry.state)) return respond(overtaken);
         throw refused(kind, overtaken.entry.state);
       }
       throw new ConnectError(
@@ -420,6 +421,10 @@ function placed(found: SequencedEntry, items: CheckedItem[]): { order: Order; po
     throw new ConnectError("idempotency_key was already used for a different order", Code.AlreadyExists);
   }
   return { order: orderFromState(found.entry.state, stored), position: encodePosition(found.seq) };
+}
+
+function alreadyDone(kind: "cancel" | "ship", state: InstanceState): boolean {
+  return kind === "cancel" ? isCancelling(state) : orderStatusOf(state) === "SHIPPED";
 }
 
 function isCancelling(state: InstanceState): boolean {

@@ -177,16 +177,21 @@ function settle(
         const raised = params.event as { type?: unknown } | undefined;
         if (!Number.isFinite(delay) || typeof raised?.type !== "string") break;
         const key = timerKey(String(params.id ?? raised.type));
-        const timer = { token: `${revision}.${index}`, event: raised.type, dueAt: context.now + delay };
+        // A timer re-armed under the same key gets a new token (and a schedule subject of its own), so
+        // a late firing, or a re-run cancel, of the previous arming never touches this one.
+        const replaced = timers[key];
+        if (replaced) effects.push({ type: "cancelTimer", timerKey: key, token: replaced.token });
+        const timer = { token: `${revision}-${index}`, event: raised.type, dueAt: context.now + delay };
         timers[key] = timer;
         effects.push({ type: "schedule", timerKey: key, ...timer });
         break;
       }
       case "xstate.cancel": {
         const key = timerKey(String(params.sendId));
-        if (timers[key]) {
+        const cancelled = timers[key];
+        if (cancelled) {
           delete timers[key];
-          effects.push({ type: "cancelTimer", timerKey: key });
+          effects.push({ type: "cancelTimer", timerKey: key, token: cancelled.token });
         }
         break;
       }
@@ -199,8 +204,8 @@ function settle(
   const status =
     failure || snapshot.status === "error" ? "failed" : snapshot.status === "done" ? "completed" : "running";
   if (status !== "running") {
-    for (const key of Object.keys(timers)) {
-      effects.push({ type: "cancelTimer", timerKey: key });
+    for (const [key, timer] of Object.entries(timers)) {
+      effects.push({ type: "cancelTimer", timerKey: key, token: timer.token });
       delete timers[key];
     }
   }
@@ -228,18 +233,7 @@ function settle(
   if (status === "failed") {
     next.failure = failure ?? { reason: errorText(snapshot.error) };
   }
-  return { outcome: "accepted", state: next, event, effects: withoutSupersededCancels(effects) };
-}
-
-/** A cancel followed by a new schedule of the same key is redundant: the schedule replaces it. */
-function withoutSupersededCancels(effects: Effect[]): Effect[] {
-  return effects.filter(
-    (effect, index) =>
-      effect.type !== "cancelTimer" ||
-      !effects.some(
-        (later, j) => j > index && later.type === "schedule" && later.timerKey === effect.timerKey,
-      ),
-  );
+  return { outcome: "accepted", state: next, event, effects };
 }
 
 function parse(

@@ -124,3 +124,57 @@ describe("decide", () => {
     expect(() => defineWorkflow({ ...counterConfig, signals: ["nope"] })).toThrow(/signal/);
   });
 });
+
+describe("timers", () => {
+  const pausing = defineWorkflow({
+    name: "pausing",
+    version: 1,
+    input: z.object({}),
+    events: {
+      pause: z.object({ type: z.literal("pause") }),
+      resume: z.object({ type: z.literal("resume") }),
+    },
+    machine: setup({
+      types: { events: {} as { type: "pause" } | { type: "resume" } },
+      actions: sagaActions,
+    }).createMachine({
+      id: "pausing",
+      initial: "waiting",
+      states: {
+        waiting: { after: { 1500: "done" }, on: { pause: "paused" } },
+        paused: { on: { resume: "waiting" } },
+        done: { type: "final" },
+      },
+    }),
+  });
+
+  it("gives every arming its own token, and cancels only the arming it names", () => {
+    const start = decide(pausing, undefined, { kind: "start", instanceId: "p", input: {} }, ctx("m1", 0));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    const [scheduled] = start.effects;
+    expect(scheduled).toMatchObject({ type: "schedule", dueAt: 1500 });
+    const pause = decide(pausing, start.state, { kind: "event", event: { type: "pause" } }, ctx("m2", 100));
+    if (pause.outcome !== "accepted" || scheduled?.type !== "schedule") throw new Error("not paused");
+    expect(pause.effects).toEqual([
+      { type: "cancelTimer", timerKey: scheduled.timerKey, token: scheduled.token },
+    ]);
+    const resume = decide(pausing, pause.state, { kind: "event", event: { type: "resume" } }, ctx("m3", 200));
+    if (resume.outcome !== "accepted") throw new Error("not resumed");
+    const [rearmed] = resume.effects;
+    // Same key, new token: carrying out the old cancel again (a redelivery) cannot touch it.
+    expect(rearmed).toMatchObject({ type: "schedule", timerKey: scheduled.timerKey, dueAt: 1700 });
+    expect(rearmed?.type === "schedule" && rearmed.token).not.toBe(scheduled.token);
+    // The first arming firing late is stale.
+    const late = decide(
+      pausing,
+      resume.state,
+      {
+        kind: "event",
+        event: { type: scheduled.event },
+        timer: { key: scheduled.timerKey, token: scheduled.token },
+      },
+      ctx("m4", 1500),
+    );
+    expect(late).toMatchObject({ outcome: "ignored" });
+  });
+});

@@ -32,8 +32,12 @@ export interface ScheduleTimerEffect {
   dueAt: number;
 }
 
-/** The timer is no longer wanted. Firing anyway is harmless (its token no longer matches). */
+/**
+ * The arming `token` of timer `timerKey` is no longer wanted. Firing anyway is harmless (the
+ * instance no longer holds that token); cancelling removes only that arming's schedule.
+ */
 export interface CancelTimerEffect {
   type: "cancelTimer";
   timerKey: string;
+  token: string;
 }

@@ -233,12 +233,16 @@ class Client implements WorkflowClient {
       // The end is announced on core NATS, which can be missed (reconnects), so the state is also
       // read: once after subscribing (an end before that is seen by the read), then with backoff.
       const check = (delayMs: number): void => {
+        const again = (): void => {
+          if (!settled) recheck = setTimeout(() => check(Math.min(delayMs * 2, 5_000)), delayMs);
+        };
         this.#store.latest(workflow, instanceId).then(
           (latest) => {
             if (latest && isTerminal(latest.entry.state)) waiter.resolve(latest.entry.state);
-            else if (!settled) recheck = setTimeout(() => check(Math.min(delayMs * 2, 5_000)), delayMs);
+            else again();
           },
-          (error: unknown) => finish(error),
+          // A failed read (a reconnect, a timeout) is not the end of the wait: the deadline is.
+          again,
         );
       };
       this.#ensureCompletionSubscription(workflow).then(
@@ -253,12 +257,27 @@ class Client implements WorkflowClient {
     if (!ready) {
       const subscription = this.#nc.subscribe(this.topology.completionSubject(workflow, "*"), {
         callback: (error, msg) => {
-          if (error) return;
-          const instanceId = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
-          const waiters = this.#waiters.get(`${workflow}.${instanceId}`);
-          if (!waiters) return;
-          const state = JSON.parse(msg.string()) as InstanceState;
-          for (const waiter of [...waiters]) waiter.resolve(state);
+          // nats.js calls this from its socket reader: a throw here would stop the connection.
+          try {
+            if (error) return;
+            const instanceId = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
+            const waiters = this.#waiters.get(`${workflow}.${instanceId}`);
+            if (!waiters) return;
+            const state = JSON.parse(msg.string()) as Partial<InstanceState> | null;
+            // Anyone may publish here: only a finished state of this very instance ends a wait.
+            if (
+              state === null ||
+              typeof state !== "object" ||
+              state.instanceId !== instanceId ||
+              state.workflow !== workflow ||
+              (state.status !== "completed" && state.status !== "failed")
+            ) {
+              return;
+            }
+            for (const waiter of [...waiters]) waiter.resolve(state as InstanceState);
+          } catch {
+            // Not JSON: not ours. The state is re-read with backoff anyway.
+          }
         },
       });
       this.#subscriptions.push(subscription);

@@ -1,8 +1,9 @@
 import type { JetStreamClient, JsMsg } from "@nats-io/jetstream";
+import type { MsgHdrs } from "@nats-io/transport-node";
 import { type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 import type { Topology } from "./topology.ts";
 
-const utf8 = new TextDecoder("utf-8", { fatal: true });
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
 
 /** Why a message was dead-lettered: a stable code and a human-readable reason. */
 export interface DeadLetterReason {
@@ -11,45 +12,66 @@ export interface DeadLetterReason {
 }
 
 /**
- * Builds the dead-letter record of a consumed message: the reason, where it came from, and the
- * original bytes (as text when they are UTF-8, else base64).
+ * A payload as dead-letter text: UTF-8 when it decodes, else base64 (built in chunks: spreading a
+ * large array into `String.fromCharCode` overflows the call stack above ~130 KB).
  */
-export function deadLetterOf(msg: JsMsg, why: DeadLetterReason, at: number): DeadLetter {
-  let data: string;
-  let encoding: DeadLetter["encoding"] = "utf8";
+export function encodePayload(data: Uint8Array): { data: string; encoding: "utf8" | "base64" } {
   try {
-    data = utf8.decode(msg.data);
+    return { data: strictUtf8.decode(data), encoding: "utf8" };
   } catch {
-    data = btoa(String.fromCharCode(...msg.data));
-    encoding = "base64";
+    let binary = "";
+    const chunk = 0x8000;
+    for (let i = 0; i < data.length; i += chunk) {
+      binary += String.fromCharCode(...data.subarray(i, i + chunk));
+    }
+    return { data: btoa(binary), encoding: "base64" };
   }
-  const headers: Record<string, string[]> = {};
-  for (const key of msg.headers?.keys() ?? []) headers[key] = msg.headers?.values(key) ?? [];
+}
+
+/** Copies message headers into the plain record shape of a dead letter. */
+export function headersRecord(headers: MsgHdrs | undefined): Record<string, string[]> {
+  const record: Record<string, string[]> = {};
+  for (const key of headers?.keys() ?? []) record[key] = headers?.values(key) ?? [];
+  return record;
+}
+
+/**
+ * Builds the dead-letter record of a consumed message: the reason, where it came from, and the
+ * original bytes, cut to `maxDataBytes` (the record itself must fit the server's max payload; the
+ * reason then says so).
+ */
+export function deadLetterOf(
+  msg: JsMsg,
+  why: DeadLetterReason,
+  at: number,
+  maxDataBytes: number,
+): DeadLetter {
+  const truncated = msg.data.length > maxDataBytes;
   return deadLetter.parse({
     code: why.code,
-    reason: why.reason,
+    reason: truncated ? `${why.reason} (data truncated to ${maxDataBytes} bytes)` : why.reason,
     stream: msg.info.stream,
     consumer: msg.info.consumer,
     subject: msg.subject,
     sequence: msg.seq,
     deliveries: msg.info.deliveryCount,
-    data,
-    encoding,
-    headers,
+    ...encodePayload(truncated ? msg.data.subarray(0, maxDataBytes) : msg.data),
+    headers: headersRecord(msg.headers),
     at,
   });
 }
 
 /**
- * Publishes `record` to the dead-letter stream (subject `<ns>.dlq.<source stream>`), de-duplicated
- * by the original stream and sequence so a retried dead-lettering stores one record.
+ * Publishes `record` to the dead-letter stream (subject `<ns>.dlq.<source>`), de-duplicated by the
+ * original stream and sequence so a retried dead-lettering stores one record.
  */
 export async function publishDeadLetter(
   js: JetStreamClient,
   topo: Topology,
   record: DeadLetter,
+  source: string = record.stream,
 ): Promise<void> {
-  await js.publish(topo.deadLetterSubject(record.stream), JSON.stringify(record), {
+  await js.publish(topo.deadLetterSubject(source), JSON.stringify(record), {
     msgID: `dlq.${record.stream}.${record.sequence}`,
   });
 }

@@ -73,10 +73,9 @@ async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: 
         timer: { key: effect.timerKey, token: effect.token },
         at: entry.at,
       });
-      // The server publishes the message to the instance's inbox when due; a later schedule on
-      // the same subject replaces this one.
+      // The server publishes the message to the instance's inbox when due.
       await js.publish(
-        topo.timerSubject(workflow, instanceId, effect.timerKey),
+        topo.timerSubject(workflow, instanceId, effect.timerKey, effect.token),
         JSON.stringify(message),
         withHeaders({
           msgID: id,
@@ -92,7 +91,7 @@ async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: 
       // Best effort: a timer that fires anyway carries a token the instance no longer holds.
       try {
         await jsm.streams.purge(topo.streams.inbox, {
-          filter: topo.timerSubject(workflow, instanceId, effect.timerKey),
+          filter: topo.timerSubject(workflow, instanceId, effect.timerKey, effect.token),
         });
       } catch (error) {
         log.warn(

@@ -111,7 +111,8 @@ export class HistoryStore {
   /** Every entry of an instance, oldest first. Cost grows with history length: for reads, not the hot path. */
   async all(workflow: string, instanceId: string): Promise<HistoryEntry[]> {
     const subject = this.#topo.historySubject(workflow, instanceId);
-    const last = await this.latest(workflow, instanceId);
+    // From the leader: the scan stops at this entry, so it must be the true last one.
+    const last = await this.latest(workflow, instanceId, { fromLeader: true });
     if (!last) return [];
     const entries: HistoryEntry[] = [];
     const consumer = await this.#js.consumers.get(this.#topo.streams.history, {
@@ -131,6 +132,15 @@ export class HistoryStore {
       await consumer.delete().catch(() => false);
     }
     return entries;
+  }
+
+  /** The entry caused by inbox message `causationId`, or undefined. Reads the whole history. */
+  async byCausation(
+    workflow: string,
+    instanceId: string,
+    causationId: string,
+  ): Promise<HistoryEntry | undefined> {
+    return (await this.all(workflow, instanceId)).find((entry) => entry.causationId === causationId);
   }
 
   /** The entry with the given revision, or undefined. */

@@ -288,6 +288,7 @@ class OrchestratorLoop {
     const maxRetries = this.#options.maxConflictRetries ?? 8;
     // Set once the state was read from the stream's leader: an "ignored" decision then stands.
     let fresh = false;
+    let searched = false;
     for (let attempt = 0; ; attempt++) {
       const cached = fresh ? undefined : this.#cache.get(key);
       const current =
@@ -299,6 +300,19 @@ class OrchestratorLoop {
       });
       switch (decision.outcome) {
         case "accepted": {
+          if (msg.info.deliveryCount > 1 && !searched) {
+            // A redelivery the instance's short memory of causations did not recognise: it may
+            // have been applied long ago (more than RECENT_CAUSATIONS entries back). Rare, so the
+            // whole history is read to be sure before applying it again.
+            searched = true;
+            const earlier = await this.#store.byCausation(message.workflow, message.instanceId, message.id);
+            if (earlier) {
+              this.stats.duplicates++;
+              await executeEffects(this.#effects, earlier);
+              msg.ack();
+              return;
+            }
+          }
           const entry: HistoryEntry = {
             revision: decision.state.revision,
             causationId: message.id,
@@ -314,6 +328,8 @@ class OrchestratorLoop {
             if (isJetsagaError(error, "CONFLICT") && attempt < maxRetries) {
               this.stats.conflicts++;
               this.#cache.delete(key);
+              // Reload from the leader: a lagging replica would only lose the race again.
+              fresh = true;
               continue;
             }
             throw error;
@@ -383,7 +399,11 @@ class OrchestratorLoop {
 
   async #deadLetter(msg: JsMsg, code: string, reason: string): Promise<void> {
     try {
-      await publishDeadLetter(this.#js, this.#topo, deadLetterOf(msg, { code, reason }, this.#clock()));
+      await publishDeadLetter(
+        this.#js,
+        this.#topo,
+        deadLetterOf(msg, { code, reason }, this.#clock(), this.#options.maxMessageBytes ?? 256 * 1024),
+      );
       this.stats.deadLettered++;
       this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");
       msg.term(reason.slice(0, 200));

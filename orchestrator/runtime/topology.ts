@@ -16,7 +16,7 @@ import { JetsagaError } from "../engine/errors.ts";
  * | stream        | subjects                                   | retention  | holds |
  * |---------------|--------------------------------------------|------------|-------|
  * | `<NS>_HISTORY`| `<ns>.history.<workflow>.<instanceId>`     | limits     | one subject per instance: accepted events with the state they led to; no delete, no purge |
- * | `<NS>_INBOX`  | `<ns>.inbox.<workflow>.<instanceId>`, `<ns>.timer.<workflow>.<instanceId>.<key>` | work queue | starts, replies, signals, and the timers' schedules (a schedule's target must be in its own stream) |
+ * | `<NS>_INBOX`  | `<ns>.inbox.<workflow>.<instanceId>`, `<ns>.timer.<workflow>.<instanceId>.<key>.<token>` | work queue | starts, replies, signals, and the timers' schedules (a schedule's target must be in its own stream) |
  * | `<NS>_COMMANDS` | `<ns>.cmd.<command>`                     | work queue | commands for workers |
  * | `<NS>_EVENTS` | `<ns>.events.<workflow>.<event>`           | limits     | domain events for projections and notifications |
  * | `<NS>_DLQ`    | `<ns>.dlq.<source>`                        | limits     | dead letters with their reason |
@@ -35,7 +35,8 @@ export interface Topology {
   };
   historySubject(workflow: string, instanceId: string): string;
   inboxSubject(workflow: string, instanceId: string): string;
-  timerSubject(workflow: string, instanceId: string, timerKey: string): string;
+  /** Schedule subject of one arming (`token`) of a timer: re-arming never replaces or purges another. */
+  timerSubject(workflow: string, instanceId: string, timerKey: string, token: string): string;
   commandSubject(command: string): string;
   eventSubject(workflow: string, event: string): string;
   deadLetterSubject(source: string): string;
@@ -75,7 +76,8 @@ export function topology(ns: string = DEFAULT_NAMESPACE): Topology {
     },
     historySubject: (workflow, instanceId) => `${ns}.history.${workflow}.${instanceId}`,
     inboxSubject: (workflow, instanceId) => `${ns}.inbox.${workflow}.${instanceId}`,
-    timerSubject: (workflow, instanceId, key) => `${ns}.timer.${workflow}.${instanceId}.${key}`,
+    timerSubject: (workflow, instanceId, key, token) =>
+      `${ns}.timer.${workflow}.${instanceId}.${key}.${token}`,
     commandSubject: (command) => `${ns}.cmd.${command}`,
     eventSubject: (workflow, event) => `${ns}.events.${workflow}.${event}`,
     deadLetterSubject: (source) => `${ns}.dlq.${source}`,

@@ -3,6 +3,8 @@ import type { MsgHdrs } from "@nats-io/transport-node";
 import type { Topology } from "../../orchestrator/runtime/topology.ts";
 import { type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 
+export { encodePayload, headersRecord } from "../../orchestrator/runtime/dead-letters.ts";
+
 /**
  * Why a message was dead-lettered (the `code` of a {@link DeadLetter} written by a worker):
  * - `TOO_LARGE`: larger than the worker's `maxMessageBytes`; not read.
@@ -73,28 +75,3 @@ function safeJson(data: Uint8Array): unknown {
 }
 
 const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
-
-/**
- * Encodes a payload for a dead-letter record: UTF-8 text when it decodes, else base64. Web APIs
- * only (no Buffer), so it runs under Node and Deno alike.
- */
-export function encodePayload(data: Uint8Array): { data: string; encoding: "utf8" | "base64" } {
-  try {
-    return { data: strictUtf8.decode(data), encoding: "utf8" };
-  } catch {
-    let binary = "";
-    const chunk = 0x8000;
-    for (let i = 0; i < data.length; i += chunk) {
-      binary += String.fromCharCode(...data.subarray(i, i + chunk));
-    }
-    return { data: btoa(binary), encoding: "base64" };
-  }
-}
-
-/** Copies message headers into the plain record shape of a dead letter. */
-export function headersRecord(headers: MsgHdrs | undefined): Record<string, string[]> {
-  const record: Record<string, string[]> = {};
-  if (!headers) return record;
-  for (const [key, values] of headers) record[key] = [...values];
-  return record;
-}

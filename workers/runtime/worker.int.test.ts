@@ -2,7 +2,7 @@ import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManage
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
-import { type Topology, topology } from "../../orchestrator/runtime/topology.ts";
+import { ensureTopology, type Topology, topology } from "../../orchestrator/runtime/topology.ts";
 import type { CommandMessage, DeadLetter, DomainEventMessage, InboxMessage } from "../../schemas/envelope.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import {
@@ -220,6 +220,32 @@ describe("createWorker (real nats-server)", () => {
     expect(inbox.received.filter((m) => m.id.startsWith("reply."))).toEqual([]);
   });
 
+  it("keeps a command whose dead-lettering failed until it succeeds (never stuck in the queue)", async () => {
+    let calls = 0;
+    const { topo, inbox } = await setup("dlqdown", {
+      retry: { ...fast, maxAttempts: 1 },
+      commands: charge(async () => {
+        calls++;
+        throw new Error("always down");
+      }),
+    });
+    // The dead-letter stream is gone while the attempts run out: dead-lettering fails, repeatedly.
+    await jsm.streams.delete(topo.streams.deadLetters);
+    const cmd = command();
+    await send(topo, cmd);
+    await waitFor(async () => {
+      const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
+      return info.delivered.consumer_seq >= 3 ? true : undefined;
+    }, "three deliveries");
+    await ensureTopology(jsm, topo);
+    await inbox.next((m) => m.id === `failed.${cmd.commandId}`);
+    const [letter] = await deadLetters(topo, 1);
+    expect(letter).toMatchObject({ code: "MAX_DELIVERIES" });
+    expect(calls).toBe(1);
+    const left = await jsm.streams.info(topo.streams.commands);
+    expect(left.state.messages).toBe(0);
+  });
+
   it("dead-letters a TerminalError at once", async () => {
     let calls = 0;
     const { topo, inbox } = await setup("terminal", {
@@ -330,8 +356,10 @@ describe("createWorker (real nats-server)", () => {
     const [letter] = await deadLetters(topo, 1);
     expect(letter).toMatchObject({ code: "MAX_DELIVERIES", deliveries: 2 });
     expect(calls.map((c) => c.commandId)).toEqual([first.commandId]);
+    // The server's own limit is off: the runtime counts attempts, so a failed dead-lettering is
+    // redelivered instead of leaving the message in the work queue for ever.
     const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
-    expect(info.config.max_deliver).toBe(2);
+    expect(info.config.max_deliver).toBe(-1);
   });
 
   it("runs up to `concurrency` handlers at once, never more", async () => {

@@ -10,6 +10,7 @@ import { SpanKind } from "@opentelemetry/api";
 import type { z } from "zod";
 import { extractTraceContext, traceHeadersIfActive, withSpan } from "../../common/tracing.ts";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
+import { deadLetterOf } from "../../orchestrator/runtime/dead-letters.ts";
 import { consumerDefaults, ensureTopology, topology } from "../../orchestrator/runtime/topology.ts";
 import {
   type CommandMessage,
@@ -24,7 +25,7 @@ import {
   instanceAddress,
   workflowName,
 } from "../../schemas/envelope.ts";
-import { type DeadLetterCode, encodePayload, headersRecord } from "./dead-letters.ts";
+import type { DeadLetterCode } from "./dead-letters.ts";
 import { isTerminalError } from "./errors.ts";
 import type {
   CommandHandler,
@@ -93,9 +94,10 @@ type Kind = "command" | "event";
  *
  * Every message ends in exactly one of: `ack` (handled, reply published), `nak(delay)` (retry
  * with backoff, or our own publish failed), or `term` after a dead-letter record was published
- * (and, for a readable command, a `command.failed` event sent to its instance). The consumers
- * allow `maxAttempts + 1` deliveries: the spare one is dead-lettered without calling the handler,
- * so a process dying during the last attempt cannot leave the message stuck.
+ * (and, for a readable command, a `command.failed` event sent to its instance). The server
+ * redelivers without limit; the runtime counts the attempts: a delivery past `maxAttempts` (the
+ * last attempt's process died, or ack_wait expired) is dead-lettered without calling the handler,
+ * and a dead-lettering that fails is simply redelivered — a message is never left stuck.
  *
  * Fails with `JetsagaError("INVALID_ARGUMENT")` for a bad service name, handler key or option,
  * and with the nats.js error when the streams or consumers cannot be created.
@@ -124,7 +126,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   const common = {
     ...consumerDefaults,
     ack_wait: ackWaitMs * MS_TO_NS,
-    max_deliver: policy.maxAttempts + 1,
+    // Unlimited: with a server-side limit, a dead-lettering that failed on the last allowed delivery
+    // would leave the message in the work queue for ever. The runtime enforces maxAttempts itself.
+    max_deliver: -1,
   };
   if (commands.size > 0) {
     const name = `${service}-commands`;
@@ -198,20 +202,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     reason: string,
     target?: FailureTarget,
   ): Promise<void> {
-    const truncated = msg.data.length > maxMessageBytes;
-    const payload = encodePayload(truncated ? msg.data.subarray(0, maxMessageBytes) : msg.data);
-    const record = deadLetter.parse({
-      reason: truncated ? `${reason} (data truncated to ${maxMessageBytes} bytes)` : reason,
-      code,
-      stream: msg.info.stream,
-      consumer: msg.info.consumer,
-      subject: msg.subject,
-      sequence: msg.seq,
-      deliveries: msg.info.deliveryCount,
-      ...payload,
-      headers: headersRecord(msg.headers),
-      at: Date.now(),
-    });
+    const record = deadLetterOf(msg, { code, reason }, Date.now(), maxMessageBytes);
     try {
       await publishJson(topo.deadLetterSubject(service), record, `dlq.${msg.info.stream}.${msg.seq}`);
       if (target) await sendCommandFailed(target, `${code}: ${reason}`);

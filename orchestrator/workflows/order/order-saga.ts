@@ -23,6 +23,8 @@ export interface OrderContext {
   shipMs: number;
   /** Set once credit is held: compensation must release it. */
   creditReserved: boolean;
+  /** Failed release attempts so far (compensation retries with backoff). */
+  releaseAttempts: number;
   cancelReason?: string;
   trackingId?: string;
 }
@@ -73,6 +75,8 @@ export const orderMachine = setup({
   delays: {
     confirmTimeout: ({ context }) => context.confirmMs,
     shipTimeout: ({ context }) => context.shipMs,
+    /** 1 s, 2 s, 4 s … capped at 5 minutes. */
+    releaseRetry: ({ context }) => Math.min(300_000, 1_000 * 2 ** Math.max(0, context.releaseAttempts - 1)),
   },
 }).createMachine({
   id: "order",
@@ -83,6 +87,7 @@ export const orderMachine = setup({
     confirmMs: input.timeouts?.confirmMs ?? DEFAULT_CONFIRM_TIMEOUT_MS,
     shipMs: input.timeouts?.shipMs ?? DEFAULT_SHIP_TIMEOUT_MS,
     creditReserved: false,
+    releaseAttempts: 0,
   }),
   initial: "pending",
   output: ({ context }) => ({
@@ -187,13 +192,16 @@ export const orderMachine = setup({
         "credit.released": "cancelled",
         // Late answers of the step being undone change nothing: release covers them.
         "credit.reserved": {},
+        // A compensation never gives up: held credit would stay held for ever. The release is
+        // idempotent (by reservation id), so it is simply sent again after a growing pause.
         "command.failed": {
-          target: "cancelled",
-          actions: assign({
-            cancelReason: ({ context, event }) => `${context.cancelReason}; release failed: ${event.reason}`,
-          }),
+          target: "awaitingReleaseRetry",
+          actions: assign({ releaseAttempts: ({ context }) => context.releaseAttempts + 1 }),
         },
       },
+    },
+    awaitingReleaseRetry: {
+      after: { releaseRetry: "compensating" },
     },
     shipped: {
       type: "final",

@@ -142,7 +142,7 @@ describe("order saga", () => {
     expect(spec.state.context).toMatchObject({ cancelReason: "shipment timed out" });
   });
 
-  it("a failed reservation command compensates; a failed release still ends the order", () => {
+  it("a failed reservation command compensates; a failed release is retried with backoff until it works", () => {
     const spec = verified();
     const reserve = spec.lastCommand("user.reserveCredit");
     spec.send({
@@ -152,15 +152,28 @@ describe("order saga", () => {
       reason: "db down",
     });
     expect(spec.state.value).toBe("compensating");
-    const release = spec.lastCommand("user.releaseCredit");
-    spec.send({
-      type: "command.failed",
-      commandId: release.commandId,
-      command: release.command,
-      reason: "db down",
-    });
+    for (const pauseMs of [1_000, 2_000, 4_000]) {
+      const release = spec.lastCommand("user.releaseCredit");
+      spec.send({
+        type: "command.failed",
+        commandId: release.commandId,
+        command: release.command,
+        reason: "db down",
+      });
+      expect(spec.state.value).toBe("awaitingReleaseRetry");
+      spec.advance(pauseMs - 1);
+      expect(spec.state.value).toBe("awaitingReleaseRetry");
+      spec.advance(1);
+      expect(spec.state.value).toBe("compensating");
+    }
+    expect(spec.commands().filter((c) => c === "user.releaseCredit")).toHaveLength(4);
+    const { commandId } = spec.lastCommand("user.releaseCredit");
+    spec.send({ type: "credit.released", reservationId: "o-1", amountCents: 3250, commandId });
     expect(spec.state.status).toBe("completed");
-    expect(spec.state.output).toMatchObject({ outcome: "cancelled" });
+    expect(spec.state.output).toMatchObject({
+      outcome: "cancelled",
+      reason: "credit reservation failed: db down",
+    });
   });
 
   it("ship before confirmation is not accepted", () => {

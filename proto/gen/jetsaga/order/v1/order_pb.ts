@@ -683,8 +683,9 @@ export const OrderService: GenService<{
     output: typeof CancelOrderResponseSchema;
   },
   /**
-   * ShipOrder marks a confirmed order as shipped. Fails with FAILED_PRECONDITION in any other status
-   * and for a confirmed order that is being cancelled.
+   * ShipOrder marks a confirmed order as shipped. Shipping a shipped order is a no-op (safe to
+   * retry). Fails with FAILED_PRECONDITION in any other status and for a confirmed order that is
+   * being cancelled.
    *
    * @generated from rpc jetsaga.order.v1.OrderService.ShipOrder
    */
