@@ -14,6 +14,7 @@ import { assertId } from "../engine/names.ts";
 import { type InstanceState, isTerminal } from "../engine/state.ts";
 import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
 import { decodeEntry, type HistoryEntry, HistoryStore } from "./history-store.ts";
+import { LruCache } from "./lru.ts";
 import { type Topology, topology } from "./topology.ts";
 
 /** Options of {@link createWorkflowClient}. */
@@ -97,6 +98,10 @@ class Client implements WorkflowClient {
   readonly #completions = new Map<string, Promise<void>>();
   readonly #subscriptions: Subscription[] = [];
   readonly #waiters = new Map<string, Set<Waiter>>();
+  /** Instances this client started after it was listening for their end. */
+  readonly #startedHere = new LruCache<string, true>(100_000);
+  /** Ends announced for such instances before anyone awaited them. */
+  readonly #endedHere = new LruCache<string, InstanceState>(10_000);
 
   constructor(
     nc: NatsConnection,
@@ -127,13 +132,18 @@ class Client implements WorkflowClient {
         );
       }
     }
-    return this.#send({
+    // Listening for ends before the start exists means the end of this instance cannot be missed,
+    // so awaitCompletion can skip its first state read (one request per instance saved).
+    await this.#ensureCompletionSubscription(workflow);
+    const sent = await this.#send({
       id: `start.${workflow}.${instanceId}`,
       workflow,
       instanceId,
       start: { input },
       at: Date.now(),
     });
+    if (!sent.duplicate) this.#startedHere.set(`${workflow}.${instanceId}`, true);
+    return sent;
   }
 
   async signal(
@@ -200,12 +210,19 @@ class Client implements WorkflowClient {
     assertId(instanceId);
     const key = `${workflow}.${instanceId}`;
     const timeoutMs = options.timeoutMs ?? 30_000;
+    const ended = this.#endedHere.get(key);
+    if (ended) {
+      this.#endedHere.delete(key);
+      this.#startedHere.delete(key);
+      return ended;
+    }
     return new Promise<InstanceState>((resolve, reject) => {
       let settled = false;
       let recheck: ReturnType<typeof setTimeout> | undefined;
       const finish = (error: unknown, state?: InstanceState): void => {
         if (settled) return;
         settled = true;
+        this.#startedHere.delete(key);
         clearTimeout(timer);
         clearTimeout(recheck);
         const set = this.#waiters.get(key);
@@ -245,8 +262,12 @@ class Client implements WorkflowClient {
           again,
         );
       };
+      const startedHere = this.#startedHere.get(key) === true;
       this.#ensureCompletionSubscription(workflow).then(
-        () => check(1_000),
+        () => {
+          if (!startedHere) check(1_000);
+          else if (!settled) recheck = setTimeout(() => check(2_000), 1_000);
+        },
         (error: unknown) => finish(error),
       );
     });
@@ -261,8 +282,10 @@ class Client implements WorkflowClient {
           try {
             if (error) return;
             const instanceId = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
-            const waiters = this.#waiters.get(`${workflow}.${instanceId}`);
-            if (!waiters) return;
+            const key = `${workflow}.${instanceId}`;
+            const waiters = this.#waiters.get(key);
+            const ownStart = this.#startedHere.get(key) === true;
+            if (!waiters && !ownStart) return;
             const state = JSON.parse(msg.string()) as Partial<InstanceState> | null;
             // Anyone may publish here: only a finished state of this very instance ends a wait.
             if (
@@ -274,7 +297,9 @@ class Client implements WorkflowClient {
             ) {
               return;
             }
-            for (const waiter of [...waiters]) waiter.resolve(state as InstanceState);
+            // Ended before anyone waited: kept, so a later awaitCompletion needs no read.
+            if (!waiters) this.#endedHere.set(key, state as InstanceState);
+            else for (const waiter of [...waiters]) waiter.resolve(state as InstanceState);
           } catch {
             // Not JSON: not ours. The state is re-read with backoff anyway.
           }

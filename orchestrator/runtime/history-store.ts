@@ -86,10 +86,10 @@ export class HistoryStore {
       const ack = await this.#js.publish(
         this.#topo.historySubject(workflow, instanceId),
         encoder.encode(JSON.stringify(entry)),
-        {
-          msgID: `${workflow}.${instanceId}.${entry.revision}`,
-          expect: { lastSubjectSequence: expectedSeq },
-        },
+        // No msg id: the expected sequence already makes a second append of a revision fail, and
+        // the server checks it before de-duplication anyway; a msg id would only cost the server
+        // a de-duplication entry per append.
+        { expect: { lastSubjectSequence: expectedSeq } },
       );
       if (ack.duplicate) {
         throw new JetsagaError("CONFLICT", "revision already appended", {
