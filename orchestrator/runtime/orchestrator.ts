@@ -14,10 +14,11 @@ import { extractTraceContext, withSpan } from "../../common/tracing.ts";
 import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
 import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts";
 import { isJetsagaError } from "../engine/errors.ts";
+import type { InstanceState } from "../engine/state.ts";
 import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
 import { deadLetterOf, publishDeadLetter } from "./dead-letters.ts";
 import { type EffectTarget, executeEffects } from "./effects.ts";
-import { type HistoryEntry, HistoryStore, type StoredEntry } from "./history-store.ts";
+import { type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
 import { ensureTopology, type Topology, type TopologyOptions, topology } from "./topology.ts";
 
@@ -79,6 +80,13 @@ export interface RunningOrchestrator {
   readonly topology: Topology;
   /** Stops consuming, waits (bounded) for messages in progress, and returns. */
   stop(): Promise<void>;
+}
+
+/** What the orchestrator keeps in memory per running instance. */
+interface CachedState {
+  state: InstanceState;
+  /** Stream sequence of the entry holding `state`: what the next append expects. */
+  seq: number;
 }
 
 const noopLogger: OrchestratorLogger = { info() {}, warn() {}, error() {} };
@@ -148,7 +156,11 @@ class OrchestratorLoop {
   readonly #effects: EffectTarget;
   readonly #store: HistoryStore;
   readonly #definitions: Map<string, AnyWorkflowDefinition>;
-  readonly #cache: LruCache<string, StoredEntry>;
+  /**
+   * Latest state and its stream sequence of running instances. Only what the next decision needs
+   * (not the entry's event and effects), and ended instances are dropped: they accept nothing more.
+   */
+  readonly #cache: LruCache<string, CachedState>;
   readonly #chains = new Map<string, Promise<void>>();
   readonly #concurrency: number;
   readonly #log: OrchestratorLogger;
@@ -291,10 +303,13 @@ class OrchestratorLoop {
     let searched = false;
     for (let attempt = 0; ; attempt++) {
       const cached = fresh ? undefined : this.#cache.get(key);
-      const current =
-        cached ?? (await this.#store.latest(message.workflow, message.instanceId, { fromLeader: fresh }));
+      const stored = cached
+        ? undefined
+        : await this.#store.latest(message.workflow, message.instanceId, { fromLeader: fresh });
+      const current: CachedState | undefined =
+        cached ?? (stored && { state: stored.entry.state, seq: stored.seq });
       const now = this.#clock();
-      const decision: Decision = decide(definition, current?.entry.state, input, {
+      const decision: Decision = decide(definition, current?.state, input, {
         now,
         causationId: message.id,
       });
@@ -335,7 +350,8 @@ class OrchestratorLoop {
             throw error;
           }
           this.stats.appended++;
-          this.#cache.set(key, { entry, seq });
+          if (entry.state.status === "running") this.#cache.set(key, { state: entry.state, seq });
+          else this.#cache.delete(key);
           await executeEffects(this.#effects, entry);
           msg.ack();
           if (entry.state.status !== "running") this.#announceEnd(entry);
@@ -346,8 +362,8 @@ class OrchestratorLoop {
           // Applied before, but the process may have died before carrying out the effects.
           this.stats.duplicates++;
           const entry =
-            current?.entry.revision === decision.revision
-              ? current.entry
+            stored?.entry.revision === decision.revision
+              ? stored.entry
               : await this.#store.revision(message.workflow, message.instanceId, decision.revision);
           if (entry) await executeEffects(this.#effects, entry);
           msg.ack();
