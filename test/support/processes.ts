@@ -27,9 +27,12 @@ export type Runtime = "node" | "deno";
 
 /** The command line that runs `entry` under `runtime`. */
 export function runtimeCommand(runtime: Runtime, entry: string): [string, string[]] {
-  return runtime === "deno"
-    ? [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", join(ROOT, entry)]]
-    : [process.execPath, [join(ROOT, entry)]];
+  if (runtime === "deno") return [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", join(ROOT, entry)]];
+  // JETSAGA_CPU_PROF_DIR: profile every Node service a test or benchmark starts (Node refuses
+  // --cpu-prof in NODE_OPTIONS).
+  const profile = process.env.JETSAGA_CPU_PROF_DIR;
+  const flags = profile ? ["--cpu-prof", `--cpu-prof-dir=${profile}`] : [];
+  return [process.execPath, [...flags, join(ROOT, entry)]];
 }
 
 /**
