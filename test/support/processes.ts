@@ -27,7 +27,8 @@ export type Runtime = "node" | "deno";
 
 /** The command line that runs `entry` under `runtime`. */
 export function runtimeCommand(runtime: Runtime, entry: string): [string, string[]] {
-  if (runtime === "deno") return [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", join(ROOT, entry)]];
+  if (runtime === "deno")
+    return [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", join(ROOT, entry)]];
   // JETSAGA_CPU_PROF_DIR: profile every Node service a test or benchmark starts (Node refuses
   // --cpu-prof in NODE_OPTIONS).
   const profile = process.env.JETSAGA_CPU_PROF_DIR;

@@ -1,5 +1,4 @@
 import type { JetStreamClient } from "@nats-io/jetstream";
-import type { MsgHdrs } from "@nats-io/transport-node";
 import type { Topology } from "../../orchestrator/runtime/topology.ts";
 import { type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 
@@ -74,4 +73,3 @@ function safeJson(data: Uint8Array): unknown {
   }
 }
 
-const strictUtf8 = new TextDecoder("utf-8", { fatal: true });

@@ -17,7 +17,6 @@ import {
   commandFailedEvent,
   commandMessage,
   type DomainEventMessage,
-  deadLetter,
   domainEventMessage,
   dottedName,
   type InstanceAddress,
