@@ -72,4 +72,3 @@ function safeJson(data: Uint8Array): unknown {
     return undefined;
   }
 }
-
