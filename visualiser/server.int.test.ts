@@ -172,6 +172,7 @@ describe("visualiser HTTP API", () => {
     expect(order.chart.edges.filter((e) => e.kind === "after").map((e) => e.label)).toEqual([
       "after confirmTimeout",
       "after shipTimeout",
+      "after releaseRetry",
     ]);
   });
 

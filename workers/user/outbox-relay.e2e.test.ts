@@ -85,7 +85,9 @@ describe.each(runtimes)(
       const first = await start({ JETSAGA_OUTBOX_RELAY: "off" });
       const client = createClient(
         UserService,
-        createConnectTransport({ baseUrl: first.url, httpVersion: "1.1" }),
+        // HTTP/2: Connect over HTTP/1.1 to a service under Deno was seen to answer 400 now and then
+        // (the one-port protocol sniffing; see the closing notes). This test is about the outbox.
+        createConnectTransport({ baseUrl: first.url, httpVersion: "2" }),
       );
       const { user } = await client.createUser({
         email: "crash@example.com",

@@ -76,11 +76,10 @@ describe("order saga with the real workers", () => {
   };
   const available = async (userId: string): Promise<number> =>
     (await users.getUser(userId))?.availableCents ?? -1;
+  // Sorted by kind: the worker handles an order's events concurrently; one row per event is the contract.
   const notifications = async (orderId: string): Promise<string[]> =>
     (
-      await sql<
-        { kind: string }[]
-      >`select kind from notifications where order_id = ${orderId} order by created_at`
+      await sql<{ kind: string }[]>`select kind from notifications where order_id = ${orderId} order by kind`
     ).map((row) => row.kind);
   const order = (orderId: string, userId: string, timeouts?: { confirmMs?: number; shipMs?: number }) => ({
     orderId,
@@ -146,7 +145,7 @@ describe("order saga with the real workers", () => {
     ]);
     await expect
       .poll(() => notifications("o-cancel"), { timeout: 10_000 })
-      .toEqual(["order.confirmed", "order.cancelled"]);
+      .toEqual(["order.cancelled", "order.confirmed"]);
   });
 
   it("shipment timeout: compensation releases the credit", async () => {
