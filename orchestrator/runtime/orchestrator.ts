@@ -119,21 +119,60 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
     ack_wait: 30_000_000_000,
     max_ack_pending: Math.max(1024, concurrency * 8),
   };
-  try {
-    await jsm.consumers.add(topo.streams.inbox, consumerConfig);
-  } catch {
-    const { durable_name: _name, ...update } = consumerConfig;
-    await jsm.consumers.update(topo.streams.inbox, consumerName, update);
-  }
+  const ensureConsumer = async (): Promise<void> => {
+    try {
+      await jsm.consumers.add(topo.streams.inbox, consumerConfig);
+    } catch {
+      const { durable_name: _name, ...update } = consumerConfig;
+      await jsm.consumers.update(topo.streams.inbox, consumerName, update);
+    }
+  };
+  await ensureConsumer();
+  const log = options.logger ?? noopLogger;
   const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency);
-  const consumer = await js.consumers.get(topo.streams.inbox, consumerName);
-  const messages = await consumer.consume({ max_messages: Math.min(1000, concurrency * 2) });
-  const done = loop.run(messages);
+  let stopping = false;
+  let messages: ConsumerMessages | undefined;
+  // The consume loop is supervised: if it ends or fails while the orchestrator should run (the
+  // durable consumer was deleted, the stream re-created), the consumer is made again and consumed.
+  const supervise = async (): Promise<void> => {
+    for (let restarts = 0; !stopping; restarts++) {
+      try {
+        if (restarts > 0) await ensureConsumer();
+        const consumer = await js.consumers.get(topo.streams.inbox, consumerName);
+        messages = await consumer.consume({ max_messages: Math.min(1000, concurrency * 2) });
+        if (stopping) {
+          void messages.close();
+          break;
+        }
+        const current = messages;
+        // nats.js keeps a consume alive when its consumer disappears (it waits for it to come
+        // back); end it instead, so the loop below re-creates the consumer.
+        void (async () => {
+          for await (const status of current.status()) {
+            if (status.type === "consumer_deleted" || status.type === "consumer_not_found") {
+              log.warn({ status: status.type }, "inbox consumer gone");
+              void current.close();
+              return;
+            }
+          }
+        })().catch(() => {});
+        await loop.run(current);
+      } catch (error) {
+        log.error({ err: String(error), restarts }, "inbox consume loop failed");
+      }
+      if (stopping) break;
+      log.warn({ restarts: restarts + 1 }, "inbox consume loop ended; consuming again");
+      await sleep(Math.min(5_000, 250 * 2 ** Math.min(restarts, 5)));
+    }
+  };
+  const done = supervise();
   return {
     stats: loop.stats,
     topology: topo,
     async stop() {
-      await messages.close();
+      stopping = true;
+      // Not awaited: nats.js settles close() once the iterator has ended, which run() does next.
+      void messages?.close();
       await done;
       await loop.drain(10_000);
     },
