@@ -258,4 +258,37 @@ describe("order read model projector", () => {
       })
       .toBe("CONFIRMED");
   });
+  it("skips a malformed history entry and keeps projecting", async () => {
+    const js = jetstream(nc);
+    const subject = client.topology.historySubject("order", "o-bad");
+    // Written by something that is not the orchestrator: a null state value, a time Postgres refuses.
+    const bad = await js.publish(
+      subject,
+      JSON.stringify({
+        revision: 1,
+        causationId: "x",
+        event: { type: "x" },
+        state: { value: null },
+        effects: [],
+        at: 9e15,
+      }),
+    );
+    await client.start("order", "o-after-bad", {
+      orderId: "o-after-bad",
+      userId: "u-1",
+      items: [{ sku: "sku", quantity: 1, unitPriceCents: 5 }],
+    });
+    await expect
+      .poll(async () => (await sql`select 1 from orders where order_id = 'o-after-bad'`).length, {
+        timeout: 20_000,
+      })
+      .toBe(1);
+    expect(projector.position()).toBeGreaterThan(bad.seq);
+    expect(await sql`select 1 from orders where order_id = 'o-bad'`).toHaveLength(0);
+    // The rebuild skips it the same way and still arrives at the same rows.
+    await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(await lastOrderSeq(nc, client));
+    const incremental = await dump(sql);
+    await rebuildOrderReadModel({ nc, sql, ns, batchSize: 13 });
+    expect(await dump(sql)).toEqual(incremental);
+  });
 });

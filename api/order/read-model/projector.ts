@@ -136,7 +136,7 @@ class Projector implements OrderProjector {
   async #run(messages: ConsumerMessages): Promise<void> {
     let batch: PositionedEntry[] = [];
     for await (const msg of messages) {
-      const positioned = decode(msg, this.#options.logger);
+      const positioned = decodeHistoryMessage(msg, this.#options.logger);
       if (positioned) batch.push(positioned);
       // Write when caught up or full; while more is pending, keep collecting.
       if (msg.info.pending === 0 || batch.length >= this.#maxBatch) {
@@ -218,11 +218,47 @@ class Projector implements OrderProjector {
   }
 }
 
-function decode(msg: JsMsg, logger: ProjectorLogger | undefined): PositionedEntry | undefined {
+/** Latest time a history entry may carry (year 9999): beyond it Postgres refuses the timestamp. */
+const MAX_AT_MS = 253_402_300_799_000;
+
+/**
+ * Parses one history message for projection; undefined (logged) when it is not JSON or not shaped
+ * like a history entry. The projector and the rebuild skip the same messages, so their rows match.
+ */
+export function decodeHistoryMessage(
+  msg: Pick<JsMsg, "seq" | "subject" | "string">,
+  logger?: ProjectorLogger,
+): PositionedEntry | undefined {
+  let entry: HistoryEntry;
   try {
-    return { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry };
+    entry = JSON.parse(msg.string()) as HistoryEntry;
   } catch (error) {
     logger?.error({ seq: msg.seq, subject: msg.subject, err: error }, "history entry is not JSON: skipped");
     return undefined;
   }
+  // Only the orchestrator writes history, but a malformed entry must not stop the projection (a
+  // throw would crash the loop, a value Postgres refuses would retry the batch for ever).
+  const state = entry?.state as Partial<HistoryEntry["state"]> | undefined;
+  const wellFormed =
+    typeof entry === "object" &&
+    entry !== null &&
+    Number.isInteger(entry.revision) &&
+    Number.isFinite(entry.at) &&
+    entry.at >= 0 &&
+    entry.at <= MAX_AT_MS &&
+    typeof entry.event?.type === "string" &&
+    typeof state === "object" &&
+    state !== null &&
+    typeof state.workflow === "string" &&
+    typeof state.instanceId === "string" &&
+    typeof state.status === "string" &&
+    state.value !== null &&
+    state.value !== undefined &&
+    typeof state.context === "object" &&
+    state.context !== null;
+  if (!wellFormed) {
+    logger?.error({ seq: msg.seq, subject: msg.subject }, "history entry is malformed: skipped");
+    return undefined;
+  }
+  return { seq: msg.seq, entry };
 }

@@ -7,8 +7,9 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { readConfig } from "../../../common/config.ts";
 import { connectNats } from "../../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../../common/postgres.ts";
-import { type HistoryEntry, JetsagaError, topology } from "../../../orchestrator/index.ts";
+import { JetsagaError, topology } from "../../../orchestrator/index.ts";
 import { applyBatch, type PositionedEntry, rowsOf } from "./projection.ts";
+import { decodeHistoryMessage } from "./projector.ts";
 
 /** Options of {@link rebuildOrderReadModel}. */
 export interface RebuildOptions {
@@ -85,11 +86,9 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
       let batch: PositionedEntry[] = [];
       try {
         for await (const msg of messages) {
-          try {
-            batch.push({ seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry });
-          } catch {
-            // Not JSON: the projector skips it too (and logs it); the rows must match.
-          }
+          // What the projector skips (not JSON, malformed) is skipped here too: the rows must match.
+          const positioned = decodeHistoryMessage(msg);
+          if (positioned) batch.push(positioned);
           const done = msg.info.pending === 0;
           if (done || batch.length >= batchSize) {
             await applyBatch(tx, rowsOf(batch), { name, position: msg.seq });
