@@ -79,6 +79,8 @@ export interface RpcServer {
 }
 
 const MiB = 1024 * 1024;
+const IS_DENO = "Deno" in globalThis;
+
 /** The HTTP/2 client connection preface (RFC 9113 §3.4); HTTP/1.x requests never start with it. */
 const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "latin1");
 /** A connection that sends nothing for this long is dropped before protocol detection. */
@@ -122,7 +124,17 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
   const healthControl: HealthControl = health;
 
   const h2 = http2.createServer({ settings: { maxHeaderListSize: MAX_HEADER_BYTES } }, handler);
-  const h1 = http.createServer({ maxHeaderSize: MAX_HEADER_BYTES }, handler);
+  const h1 = http.createServer(
+    { maxHeaderSize: MAX_HEADER_BYTES },
+    IS_DENO
+      ? (req, res) => {
+          // Under Deno a socket handed over by "connection" is not kept alive properly: a client
+          // reusing it gets EPIPE. One request per HTTP/1.1 connection there (HTTP/2 is unaffected).
+          res.setHeader("connection", "close");
+          handler(req, res);
+        }
+      : handler,
+  );
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (s: http2.ServerHttp2Session) => {
     sessions.add(s);
@@ -145,6 +157,14 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
         // Not resumed: Http2Session reads the unshifted bytes itself on the next tick; flowing mode
         // would drop them before it does.
         h2.emit("connection", socket);
+      } else if (IS_DENO) {
+        // Deno's node:http does not read bytes put back with unshift() on a socket handed over
+        // by "connection" (Connect over HTTP/1.1 answered 400 or EPIPE): hand it the first
+        // chunk as a data event instead, once the server has attached its listeners.
+        socket.read(first.length);
+        h1.emit("connection", socket);
+        socket.emit("data", first);
+        socket.resume();
       } else {
         h1.emit("connection", socket);
         socket.resume();
