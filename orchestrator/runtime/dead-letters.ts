@@ -35,6 +35,26 @@ export function headersRecord(headers: MsgHdrs | undefined): Record<string, stri
   return record;
 }
 
+const utf8 = new TextDecoder();
+
+/**
+ * Reads a consumed message's body as JSON, or says why it cannot be: `TOO_LARGE` (over `maxBytes`,
+ * not even decoded) or `MALFORMED_JSON`. The first checks every consumer makes on a message.
+ */
+export function readJsonBody(
+  data: Uint8Array,
+  maxBytes: number,
+): { ok: true; value: unknown } | ({ ok: false } & DeadLetterReason) {
+  if (data.length > maxBytes) {
+    return { ok: false, code: "TOO_LARGE", reason: `${data.length} bytes exceed the limit of ${maxBytes}` };
+  }
+  try {
+    return { ok: true, value: JSON.parse(utf8.decode(data)) };
+  } catch (error) {
+    return { ok: false, code: "MALFORMED_JSON", reason: `not JSON: ${(error as Error).message}` };
+  }
+}
+
 /**
  * Builds the dead-letter record of a consumed message: the reason, where it came from, and the
  * original bytes, cut to `maxDataBytes` (the record itself must fit the server's max payload; the

@@ -16,7 +16,7 @@ import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts
 import { isJetsagaError } from "../engine/errors.ts";
 import type { InstanceState } from "../engine/state.ts";
 import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
-import { deadLetterOf, publishDeadLetter } from "./dead-letters.ts";
+import { deadLetterOf, publishDeadLetter, readJsonBody } from "./dead-letters.ts";
 import { type EffectTarget, executeEffects } from "./effects.ts";
 import { type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
@@ -90,7 +90,6 @@ interface CachedState {
 }
 
 const noopLogger: OrchestratorLogger = { info() {}, warn() {}, error() {} };
-const decoder = new TextDecoder();
 /** How long an instance's not-yet-started message waits before it is tried again, ms. */
 const NOT_STARTED_RETRY_MS = 250;
 /** Deliveries after which a message for an instance that never started is dead-lettered. */
@@ -204,6 +203,7 @@ class OrchestratorLoop {
   readonly #concurrency: number;
   readonly #log: OrchestratorLogger;
   readonly #clock: () => number;
+  readonly #maxMessageBytes: number;
   #inFlight = 0;
   #slotFreed: (() => void) | undefined;
 
@@ -223,6 +223,7 @@ class OrchestratorLoop {
     this.#concurrency = concurrency;
     this.#log = options.logger ?? noopLogger;
     this.#clock = options.clock ?? Date.now;
+    this.#maxMessageBytes = options.maxMessageBytes ?? 256 * 1024;
     this.#effects = { js, jsm, topo, log: this.#log };
   }
 
@@ -291,17 +292,9 @@ class OrchestratorLoop {
   ):
     | { ok: true; message: InboxMessage; definition: AnyWorkflowDefinition }
     | { ok: false; code: string; reason: string } {
-    const limit = this.#options.maxMessageBytes ?? 256 * 1024;
-    if (msg.data.length > limit) {
-      return { ok: false, code: "TOO_LARGE", reason: `message of ${msg.data.length} bytes exceeds ${limit}` };
-    }
-    let json: unknown;
-    try {
-      json = JSON.parse(decoder.decode(msg.data));
-    } catch (error) {
-      return { ok: false, code: "MALFORMED_JSON", reason: `not JSON: ${(error as Error).message}` };
-    }
-    const result = inboxMessage.safeParse(json);
+    const body = readJsonBody(msg.data, this.#maxMessageBytes);
+    if (!body.ok) return body;
+    const result = inboxMessage.safeParse(body.value);
     if (!result.success) {
       const issue = result.error.issues[0];
       return {
@@ -457,7 +450,7 @@ class OrchestratorLoop {
       await publishDeadLetter(
         this.#js,
         this.#topo,
-        deadLetterOf(msg, { code, reason }, this.#clock(), this.#options.maxMessageBytes ?? 256 * 1024),
+        deadLetterOf(msg, { code, reason }, this.#clock(), this.#maxMessageBytes),
       );
       this.stats.deadLettered++;
       this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");

@@ -10,7 +10,7 @@ import { SpanKind } from "@opentelemetry/api";
 import type { z } from "zod";
 import { extractTraceContext, traceHeadersIfActive, withSpan } from "../../common/tracing.ts";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
-import { deadLetterOf } from "../../orchestrator/runtime/dead-letters.ts";
+import { deadLetterOf, readJsonBody } from "../../orchestrator/runtime/dead-letters.ts";
 import { consumerDefaults, ensureTopology, topology } from "../../orchestrator/runtime/topology.ts";
 import {
   type CommandMessage,
@@ -60,8 +60,6 @@ const MAX_COMMAND_ID = 300 - "failed.".length;
 // Ids end up in Nats-Msg-Id headers: control characters would corrupt the header block.
 const hasControlChars = (text: string) =>
   [...text].some((c) => c.charCodeAt(0) < 0x20 || c.charCodeAt(0) === 0x7f);
-
-const utf8 = new TextDecoder();
 
 /**
  * Retry delay before attempt `attempt + 1`, ms: exponential backoff with full jitter,
@@ -263,20 +261,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
   /** Reads the JSON body, or dead-letters the message and returns undefined. */
   async function readBody(msg: JsMsg): Promise<{ value: unknown } | undefined> {
-    if (msg.data.length > maxMessageBytes) {
-      await deadLetterMessage(
-        msg,
-        "TOO_LARGE",
-        `${msg.data.length} bytes exceed the limit of ${maxMessageBytes}`,
-      );
-      return undefined;
-    }
-    try {
-      return { value: JSON.parse(utf8.decode(msg.data)) };
-    } catch (error) {
-      await deadLetterMessage(msg, "MALFORMED_JSON", `not JSON: ${describe(error).message}`);
-      return undefined;
-    }
+    const body = readJsonBody(msg.data, maxMessageBytes);
+    if (body.ok) return { value: body.value };
+    await deadLetterMessage(msg, body.code as DeadLetterCode, body.reason);
+    return undefined;
   }
 
   // ---- commands ------------------------------------------------------------------------------
