@@ -8,20 +8,12 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { benchHandlers } from "../../bench/three-step-workflow.ts";
 import { connectNats } from "../../common/nats.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
-import { type ServiceProcess, spawnService } from "../../test/support/processes.ts";
+import { orchestratorMetric, type ServiceProcess, spawnService } from "../../test/support/processes.ts";
 import { createWorker, createWorkflowClient, type RunningWorker, type WorkflowClient } from "../index.ts";
 
 const INSTANCES = 20;
 const quiet = { info() {}, warn() {}, error() {} };
 const BUMPS = 30;
-
-async function metric(process: ServiceProcess, name: string): Promise<number> {
-  const line = await process.waitForLine(/JETSAGA_ORCHESTRATOR_PROBES_URL=/);
-  const url = line.split("=")[1] ?? "";
-  const text = await (await fetch(`${url}/metrics`)).text();
-  const found = text.split("\n").find((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `));
-  return Number(found?.split(" ").at(-1) ?? Number.NaN);
-}
 
 describe("two orchestrator processes on the same streams", () => {
   let nc: NatsConnection;
@@ -78,10 +70,10 @@ describe("two orchestrator processes on the same streams", () => {
       expect(new Set(history.map((entry) => entry.causationId)).size).toBe(BUMPS + 1);
     }
     const conflicts = await Promise.all(
-      processes.map((p) => metric(p, "jetsaga_orchestrator_conflicts_total")),
+      processes.map((p) => orchestratorMetric(p, "jetsaga_orchestrator_conflicts_total")),
     );
     const appended = await Promise.all(
-      processes.map((p) => metric(p, "jetsaga_orchestrator_appended_total")),
+      processes.map((p) => orchestratorMetric(p, "jetsaga_orchestrator_appended_total")),
     );
     // Both processes did work, and they did collide.
     expect(appended.every((n) => n > 0)).toBe(true);

@@ -6,7 +6,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../common/nats.ts";
 import { uniqueNamespace } from "../../test/support/context.ts";
-import { type ServiceProcess, spawnService } from "../../test/support/processes.ts";
+import { orchestratorMetric, type ServiceProcess, spawnService } from "../../test/support/processes.ts";
 import { type NatsServerHandle, startNatsServer } from "../../test/support/servers.ts";
 import { createWorkflowClient } from "../index.ts";
 
@@ -60,10 +60,7 @@ describe("a durable timer across restarts", () => {
     expect(history[1]?.at).toBeGreaterThanOrEqual(dueAt);
 
     // A second firing would reach the finished instance and be counted as ignored.
-    const url = (await second.waitForLine(ready)).split("=")[1];
-    const text = await (await fetch(`${url}/metrics`)).text();
-    const ignored = text.split("\n").find((line) => line.startsWith("jetsaga_orchestrator_ignored_total"));
-    expect(ignored?.split(" ").at(-1)).toBe("0");
+    expect(await orchestratorMetric(second, "jetsaga_orchestrator_ignored_total")).toBe(0);
     await client.close();
   });
 });

@@ -109,3 +109,14 @@ export async function spawnService(
   }
   return handle;
 }
+
+/**
+ * The value of a Prometheus counter or gauge served at `/metrics` by an orchestrator process
+ * (found through the `JETSAGA_ORCHESTRATOR_PROBES_URL=` line it prints); NaN when absent.
+ */
+export async function orchestratorMetric(orchestrator: ServiceProcess, name: string): Promise<number> {
+  const url = (await orchestrator.waitForLine(/JETSAGA_ORCHESTRATOR_PROBES_URL=/)).split("=")[1] ?? "";
+  const text = await (await fetch(`${url}/metrics`)).text();
+  const line = text.split("\n").find((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `));
+  return Number(line?.split(" ").at(-1) ?? Number.NaN);
+}

@@ -13,7 +13,7 @@ import {
   type TestDatabase,
   uniqueNamespace,
 } from "../../../test/support/context.ts";
-import { type ServiceProcess, spawnService } from "../../../test/support/processes.ts";
+import { orchestratorMetric, type ServiceProcess, spawnService } from "../../../test/support/processes.ts";
 import { notificationMigrationsDir, startNotificationWorker } from "../../../workers/notification/index.ts";
 import type { RunningWorker } from "../../../workers/runtime/index.ts";
 import { createUserStore, startUserWorker, userMigrationsDir } from "../../../workers/user/index.ts";
@@ -23,13 +23,6 @@ const SAGAS = 200;
 const USERS = 20;
 const LIMIT = 10_000;
 const quiet = { info() {}, warn() {}, error() {} };
-
-async function appendedSoFar(orchestrator: ServiceProcess): Promise<number> {
-  const url = (await orchestrator.waitForLine(/JETSAGA_ORCHESTRATOR_PROBES_URL=/)).split("=")[1];
-  const text = await (await fetch(`${url}/metrics`)).text();
-  const line = text.split("\n").find((l) => l.startsWith("jetsaga_orchestrator_appended_total"));
-  return Number(line?.split(" ").at(-1) ?? 0);
-}
 
 describe("kill -9 of the orchestrator with 200 sagas in flight", () => {
   let db: TestDatabase;
@@ -121,7 +114,10 @@ describe("kill -9 of the orchestrator with 200 sagas in flight", () => {
 
     // Kill the orchestrator mid-flight: some sagas done, most not.
     await expect
-      .poll(() => appendedSoFar(orchestrators[0] as ServiceProcess), { timeout: 30_000, interval: 20 })
+      .poll(
+        () => orchestratorMetric(orchestrators[0] as ServiceProcess, "jetsaga_orchestrator_appended_total"),
+        { timeout: 30_000, interval: 20 },
+      )
       .toBeGreaterThan(150);
     await orchestrators[0]?.kill("SIGKILL");
     const beforeRestart = await Promise.all(
