@@ -45,9 +45,11 @@ async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: 
         replyTo: { workflow, instanceId },
         at: entry.at,
       });
-      await js.publish(topo.commandSubject(effect.command), JSON.stringify(message), {
-        msgID: effect.commandId,
-      });
+      await js.publish(
+        topo.commandSubject(effect.command),
+        JSON.stringify(message),
+        withHeaders({ msgID: effect.commandId }),
+      );
       return;
     }
     case "publish": {
@@ -58,9 +60,11 @@ async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: 
         source: { workflow, instanceId, revision: entry.revision },
         at: entry.at,
       });
-      await js.publish(topo.eventSubject(workflow, effect.event), JSON.stringify(message), {
-        msgID: effect.eventId,
-      });
+      await js.publish(
+        topo.eventSubject(workflow, effect.event),
+        JSON.stringify(message),
+        withHeaders({ msgID: effect.eventId }),
+      );
       return;
     }
     case "schedule": {
