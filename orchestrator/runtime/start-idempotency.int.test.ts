@@ -1,0 +1,67 @@
+/**
+ * The orchestrator appends a first-delivered start without reading the instance's history first
+ * (it lets the append's expected sequence check that the instance is new). A start for an
+ * instance that already exists and is not in the process's cache — sent again after the inbox's
+ * duplicate window, say — must then leave that instance exactly as it was.
+ */
+import { jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { counterWorkflow } from "../../test/fixtures/workflows.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import {
+  createWorkflowClient,
+  type RunningOrchestrator,
+  startOrchestrator,
+  type WorkflowClient,
+} from "../index.ts";
+
+describe("a start for an instance that already exists", () => {
+  let nc: NatsConnection;
+  let orchestrator: RunningOrchestrator;
+  let client: WorkflowClient;
+
+  beforeAll(async () => {
+    const ns = uniqueNamespace("restart");
+    nc = await connectNats({ servers: natsUrl() });
+    // A cache of one instance: starting a second evicts the first.
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [counterWorkflow], cacheSize: 1 });
+    client = await createWorkflowClient({ nc, ns, workflows: [counterWorkflow] });
+  });
+
+  afterAll(async () => {
+    await client?.close();
+    await orchestrator?.stop();
+    await nc?.close();
+  });
+
+  it("is ignored: one start entry, the first input kept, no conflict counted", async () => {
+    await client.start("counter", "c1", { expected: 2 });
+    await client.start("counter", "c2", { expected: 1 });
+    await expect.poll(() => orchestrator.stats.appended, { timeout: 10_000 }).toBe(2);
+    const ignoredBefore = orchestrator.stats.ignored;
+
+    // Another message id than the client's: JetStream's duplicate window does not catch it.
+    await jetstream(nc).publish(
+      client.topology.inboxSubject("counter", "c1"),
+      JSON.stringify({
+        id: "start.counter.c1.late",
+        workflow: "counter",
+        instanceId: "c1",
+        start: { input: { expected: 1 } },
+        at: Date.now(),
+      }),
+      { msgID: "start.counter.c1.late" },
+    );
+    await expect.poll(() => orchestrator.stats.ignored, { timeout: 10_000 }).toBe(ignoredBefore + 1);
+
+    await client.signal("counter", "c1", { type: "bump", by: 5 }, { idempotencyKey: "b1" });
+    await client.signal("counter", "c1", { type: "bump", by: 7 }, { idempotencyKey: "b2" });
+    const final = await client.awaitCompletion("counter", "c1", { timeoutMs: 10_000 });
+    expect(final.output).toEqual({ seen: 2, total: 12 });
+    const history = await client.getHistory("counter", "c1");
+    expect(history.map((entry) => entry.event.type)).toEqual(["xstate.init", "bump", "bump"]);
+    expect(orchestrator.stats.conflicts).toBe(0);
+  });
+});
