@@ -29,6 +29,18 @@ type Waiter = {
   resolve: (found: SequencedEntry | undefined) => void;
 };
 
+type Watcher = {
+  push: (found: SequencedEntry) => void;
+  end: () => void;
+};
+
+/**
+ * Entries a watch holds for a consumer that does not keep up. An order's whole history is a handful
+ * of entries, so this is only reached by a stalled reader; it then skips the oldest entries but
+ * still gets the latest ones (and so the final state).
+ */
+const MAX_WATCH_BACKLOG = 100;
+
 /**
  * Follows every order history subject with ONE ordered consumer (deliver new) and hands entries to
  * the commands waiting for them: a command's position is the stream sequence of the entry it
@@ -36,7 +48,8 @@ type Waiter = {
  * consumer per call keeps a command at a couple of JetStream round trips.
  *
  * A wait must be registered BEFORE the message that causes the entry is sent; entries appended
- * before the follower started are found with {@link latest} / {@link first} and `offer`.
+ * before the follower started are found with {@link latest} / {@link first} and `offer`. WatchOrder
+ * follows an instance through {@link watch}, sparing nats-server a consumer per watch.
  */
 export class HistoryFollower {
   readonly #jsm: JetStreamManager;
@@ -44,6 +57,8 @@ export class HistoryFollower {
   readonly #workflow: string;
   readonly #messages: ConsumerMessages;
   readonly #waiters = new Map<string, Set<Waiter>>();
+  readonly #watchers = new Map<string, Set<Watcher>>();
+  #closed = false;
 
   private constructor(jsm: JetStreamManager, topo: Topology, workflow: string, messages: ConsumerMessages) {
     this.#jsm = jsm;
@@ -65,20 +80,30 @@ export class HistoryFollower {
   }
 
   async #run(): Promise<void> {
-    for await (const msg of this.#messages) {
-      let entry: HistoryEntry;
-      try {
-        entry = JSON.parse(msg.string()) as HistoryEntry;
-      } catch {
-        continue;
+    try {
+      for await (const msg of this.#messages) {
+        let entry: HistoryEntry;
+        try {
+          entry = JSON.parse(msg.string()) as HistoryEntry;
+        } catch {
+          continue;
+        }
+        const found = { seq: msg.seq, entry };
+        const instanceId = entry.state?.instanceId ?? "";
+        for (const waiter of [...(this.#waiters.get(instanceId) ?? [])]) {
+          waiter.onEntry?.(found);
+          if (waiter.match(entry)) waiter.resolve(found);
+        }
+        for (const watcher of this.#watchers.get(instanceId) ?? []) watcher.push(found);
       }
-      const waiters = this.#waiters.get(entry.state?.instanceId ?? "");
-      if (!waiters) continue;
-      for (const waiter of [...waiters]) {
-        waiter.onEntry?.({ seq: msg.seq, entry });
-        if (waiter.match(entry)) waiter.resolve({ seq: msg.seq, entry });
-      }
+    } finally {
+      // Without the consumer a watch would never see another entry: end them rather than hang.
+      this.#endWatches();
     }
+  }
+
+  #endWatches(): void {
+    for (const watchers of this.#watchers.values()) for (const watcher of [...watchers]) watcher.end();
   }
 
   /**
@@ -136,10 +161,68 @@ export class HistoryFollower {
     return msg ? { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry } : undefined;
   }
 
-  /** Stops following; pending waits resolve undefined. */
+  /**
+   * Follows one instance: yields its latest entry, then every later one in stream order, until
+   * `signal` aborts or the follower stops. Yields nothing until the instance has an entry.
+   */
+  async *watch(instanceId: string, signal?: AbortSignal): AsyncIterable<SequencedEntry> {
+    const backlog: SequencedEntry[] = [];
+    let ended = this.#closed;
+    let wake = (): void => {};
+    const watcher: Watcher = {
+      push: (found) => {
+        if (backlog.push(found) > MAX_WATCH_BACKLOG) backlog.shift();
+        wake();
+      },
+      end: () => {
+        ended = true;
+        wake();
+      },
+    };
+    // Registered before the latest entry is read, so an entry appended meanwhile is not missed;
+    // one that both the read and the consumer return is skipped by its sequence.
+    let watchers = this.#watchers.get(instanceId);
+    if (!watchers) {
+      watchers = new Set();
+      this.#watchers.set(instanceId, watchers);
+    }
+    const registered = watchers;
+    registered.add(watcher);
+    signal?.addEventListener("abort", watcher.end, { once: true });
+    if (signal?.aborted) watcher.end();
+    try {
+      let last = 0;
+      const latest = await this.latest(instanceId);
+      if (latest && !ended) {
+        last = latest.seq;
+        yield latest;
+      }
+      while (!ended) {
+        const next = backlog.shift();
+        if (!next) {
+          await new Promise<void>((resolve) => {
+            wake = resolve;
+          });
+        } else if (next.seq > last) {
+          last = next.seq;
+          yield next;
+        }
+      }
+    } finally {
+      signal?.removeEventListener("abort", watcher.end);
+      registered.delete(watcher);
+      if (registered.size === 0 && this.#watchers.get(instanceId) === registered) {
+        this.#watchers.delete(instanceId);
+      }
+    }
+  }
+
+  /** Stops following; pending waits resolve undefined and open watches end. */
   async close(): Promise<void> {
+    this.#closed = true;
     for (const waiters of this.#waiters.values())
       for (const waiter of [...waiters]) waiter.resolve(undefined);
+    this.#endWatches();
     await this.#messages.close();
   }
 }

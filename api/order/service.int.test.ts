@@ -32,6 +32,7 @@ import {
   OrderService,
   OrderStatus,
   type PlaceOrderResponse,
+  type WatchOrderResponse,
 } from "../../proto/gen/jetsaga/order/v1/order_pb.ts";
 import {
   AuthenticateResponseSchema,
@@ -48,6 +49,7 @@ import {
 } from "../../test/support/context.ts";
 import { type Gateway, startGateway } from "../gateway.ts";
 import { type RpcServer, startRpcServer } from "../rpc/index.ts";
+import { createOrderService } from "./service.ts";
 
 const SECRET = "test-secret-that-is-at-least-32-bytes-long";
 const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
@@ -553,6 +555,73 @@ describe("OrderService", () => {
     expect(await codeOf(orders.cancelOrder({ orderId: secondId, reason: "again" }, auth(token)))).toBe("ok");
     const read = await orders.getOrder({ orderId: secondId, minPosition: cancelled.position }, auth(token));
     expect(read.order?.status).not.toBe(OrderStatus.PENDING);
+  });
+
+  it("gives each watched update its history position, which reads the same status from the read model", async () => {
+    const { token } = await signUp("watchpos");
+    const placed = await orders.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token));
+    const orderId = placed.order?.orderId ?? "";
+    const positions: bigint[] = [];
+    let confirmed: WatchOrderResponse | undefined;
+    for await (const update of orders.watchOrder({ orderId }, auth(token))) {
+      positions.push(BigInt(update.position));
+      if (update.order?.status === OrderStatus.CONFIRMED) {
+        confirmed = update;
+        break;
+      }
+    }
+    expect(positions[0]).toBeGreaterThanOrEqual(BigInt(placed.position));
+    expect(positions).toEqual([...new Set(positions)].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)));
+    const position = confirmed?.position ?? "";
+    expect(position).toMatch(/^\d+$/);
+    // No polling: the update's position is enough for the read model to show the confirmation.
+    const read = await orders.getOrder({ orderId, minPosition: position }, auth(token));
+    expect(read.order?.status).toBe(OrderStatus.CONFIRMED);
+    expect(read.order?.version).toBe(confirmed?.order?.version);
+  });
+
+  it("asks the user service once per user within userExistsTtlMs, and never remembers a missing user", async () => {
+    const { token } = await signUp("known");
+    const place = (client: Client<typeof OrderService>, bearer = token) =>
+      client.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(bearer));
+    const before = fake.getUserCalls;
+    await place(orders);
+    await place(orders);
+    expect(fake.getUserCalls - before).toBe(1);
+
+    const ghost = issueToken(SECRET, `u-${randomUUID()}`, 60, Date.now()).token;
+    const beforeGhost = fake.getUserCalls;
+    expect(await codeOf(place(orders, ghost))).toBe(Code.FailedPrecondition);
+    expect(await codeOf(place(orders, ghost))).toBe(Code.FailedPrecondition);
+    expect(fake.getUserCalls - beforeGhost).toBe(2);
+
+    // The same service with a TTL that has passed by the next order asks again.
+    const forgetful = await createOrderService({
+      nc,
+      sql,
+      ns,
+      readModel: gateway.projector,
+      users: gateway.users,
+      userExistsTtlMs: 1,
+    });
+    const server = await startRpcServer({
+      closeGraceMs: 200,
+      routes: (router) => forgetful.register(router, { tokenSecret: SECRET }),
+    });
+    try {
+      const client = createClient(
+        OrderService,
+        createConnectTransport({ baseUrl: server.url, httpVersion: "2" }),
+      );
+      const beforeForgetful = fake.getUserCalls;
+      await place(client);
+      await new Promise((resolve) => setTimeout(resolve, 5));
+      await place(client);
+      expect(fake.getUserCalls - beforeForgetful).toBe(2);
+    } finally {
+      await server.close();
+      await forgetful.close();
+    }
   });
 
   it("lists the caller's orders newest first, page by page, filtered by status and time", async () => {

@@ -30,6 +30,7 @@ import {
   type WorkflowClient,
   type WorkflowEvent,
 } from "../../orchestrator/index.ts";
+import { LruCache } from "../../orchestrator/runtime/lru.ts";
 import { orderSaga } from "../../orchestrator/workflows/order/order-saga.ts";
 import {
   type GetOrderHistoryResponse,
@@ -157,6 +158,8 @@ export interface OrderServiceOptions {
   maxReadWaitMs?: number;
   /** Overrides of the saga's timeouts for new orders (tests, demos). */
   sagaTimeouts?: { confirmMs?: number; shipMs?: number };
+  /** How long PlaceOrder trusts that a user it has seen exists, ms. Default 30_000; 0 asks every time. */
+  userExistsTtlMs?: number;
 }
 
 /** A created OrderService. */
@@ -177,6 +180,9 @@ export interface OrderServiceHandle {
 }
 
 const saga: AnyWorkflowDefinition = orderSaga;
+
+/** Users PlaceOrder remembers as existing; beyond this the least recently seen are asked again. */
+const MAX_KNOWN_USERS = 10_000;
 
 function notFound(): ConnectError {
   return new ConnectError("order not found", Code.NotFound);
@@ -199,6 +205,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   const follower = await HistoryFollower.start(options.nc, client.topology, saga.name);
   const commandTimeoutMs = options.commandTimeoutMs ?? 5000;
   const maxReadWaitMs = options.maxReadWaitMs ?? 5000;
+  const userExistsTtlMs = options.userExistsTtlMs ?? 30_000;
+  // User id → when the knowledge that it exists expires (performance.now() ms).
+  const knownUsers = new LruCache<string, number>(userExistsTtlMs > 0 ? MAX_KNOWN_USERS : 0);
   const { sql, users, readModel } = options;
 
   /** The latest entry of the caller's order, or NOT_FOUND (also for another user's order). */
@@ -206,6 +215,37 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     const latest = await follower.latest(orderId);
     if (!latest || orderFactsOf(latest.entry.state)?.userId !== userId) throw notFound();
     return latest;
+  }
+
+  /**
+   * Fails with FAILED_PRECONDITION when the caller's account no longer exists. Only a cheap early
+   * answer: the saga verifies the user authoritatively (user.verify), so a user deleted within the
+   * TTL only gets the order cancelled by the saga instead of refused here. Remembering positive
+   * answers spares a gRPC hop to the user service on almost every order; a NOT_FOUND or a failure
+   * is never remembered, so a new account or a recovered user service is seen at once.
+   */
+  async function ensureUserExists(caller: Caller): Promise<void> {
+    const knownUntil = knownUsers.get(caller.userId);
+    if (knownUntil !== undefined && knownUntil > performance.now()) return;
+    try {
+      await users.idempotent((call) =>
+        users.client.getUser(
+          { userId: caller.userId },
+          {
+            signal: call.signal,
+            timeoutMs: call.timeoutMs,
+            headers: { authorization: caller.authorization },
+          },
+        ),
+      );
+    } catch (error) {
+      knownUsers.delete(caller.userId);
+      if (error instanceof ConnectError && error.code === Code.NotFound) {
+        throw new ConnectError("the account of this token does not exist", Code.FailedPrecondition);
+      }
+      throw error;
+    }
+    knownUsers.set(caller.userId, performance.now() + userExistsTtlMs);
   }
 
   async function itemsOfOrder(orderId: string): Promise<CheckedItem[]> {
@@ -290,23 +330,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       const existing = await follower.first(orderId);
       if (existing) return placed(existing, items);
 
-      try {
-        await users.idempotent((call) =>
-          users.client.getUser(
-            { userId: caller.userId },
-            {
-              signal: call.signal,
-              timeoutMs: call.timeoutMs,
-              headers: { authorization: caller.authorization },
-            },
-          ),
-        );
-      } catch (error) {
-        if (error instanceof ConnectError && error.code === Code.NotFound) {
-          throw new ConnectError("the account of this token does not exist", Code.FailedPrecondition);
-        }
-        throw error;
-      }
+      await ensureUserExists(caller);
 
       const wait = follower.expect(orderId, (entry) => entry.revision === 1, commandTimeoutMs);
       try {
@@ -378,10 +402,16 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       const orderId = checkOrderId(req.orderId);
       await owned(orderId, userId);
       const items = await itemsOfOrder(orderId);
-      // Starts with the latest entry, then each new one; ends with the stream when terminal.
-      for await (const entry of client.watch("order", orderId, { signal: ctx.signal })) {
-        yield watchMessage(entry, items);
-        if (isTerminal(entry.state)) return;
+      // Starts with the latest entry, then each new one; ends when terminal. The shared follower
+      // rather than client.watch: no consumer to create and delete on nats-server per watch.
+      for await (const found of follower.watch(orderId, ctx.signal)) {
+        yield watchMessage(found, items);
+        if (isTerminal(found.entry.state)) return;
+      }
+      // The follower stopped (the gateway is shutting down): ending normally would claim the
+      // order is final.
+      if (!ctx.signal.aborted) {
+        throw new ConnectError("the watch was interrupted; watch again", Code.Unavailable);
       }
     },
 
@@ -472,11 +502,12 @@ export function orderFromView(view: OrderView): Order {
   });
 }
 
-function watchMessage(entry: HistoryEntry, items: readonly CheckedItem[]): WatchOrderResponse {
+function watchMessage({ seq, entry }: SequencedEntry, items: readonly CheckedItem[]): WatchOrderResponse {
   return create(WatchOrderResponseSchema, {
     order: orderFromState(entry.state, items),
     state: sagaStateString(entry.state.value),
     at: timestampFromMs(entry.at),
+    position: encodePosition(seq),
   });
 }
 

@@ -1,0 +1,110 @@
+/**
+ * HistoryFollower.watch against a real nats-server: the latest entry first, later ones in stream
+ * order and each once (also the one that both the direct get and the shared consumer return), and
+ * the watch ends when its signal aborts or the follower closes. Entries are published directly to
+ * the history subjects; the follower only reads their instance id.
+ */
+import { randomUUID } from "node:crypto";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { ensureTopology, type Topology, topology } from "../../orchestrator/index.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { HistoryFollower, type SequencedEntry } from "./history-follower.ts";
+
+const WORKFLOW = "order";
+
+describe("HistoryFollower.watch", () => {
+  let nc: NatsConnection;
+  let topo: Topology;
+  let follower: HistoryFollower;
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    topo = topology(uniqueNamespace("follower"));
+    await ensureTopology(await jetstreamManager(nc), topo, { storage: "memory" });
+    follower = await HistoryFollower.start(nc, topo, WORKFLOW);
+  });
+  afterAll(async () => {
+    await follower?.close();
+    await nc?.close();
+  });
+
+  /** Appends an entry of `instanceId` and returns its stream sequence. */
+  const append = async (instanceId: string, revision: number): Promise<number> => {
+    const ack = await jetstream(nc).publish(
+      topo.historySubject(WORKFLOW, instanceId),
+      JSON.stringify({ revision, state: { instanceId } }),
+    );
+    return ack.seq;
+  };
+  const seqsOf = (found: readonly SequencedEntry[]) => found.map((f) => [f.seq, f.entry.revision]);
+
+  it("yields the latest entry first, then later ones in order, never the first one twice", async () => {
+    const id = `i-${randomUUID()}`;
+    await append(id, 1);
+    // Make the consumer's copy of the second entry land in the watch's backlog before the direct
+    // get returns that same entry as the latest.
+    const latest = follower.latest.bind(follower);
+    let second = 0;
+    const spy = vi.spyOn(follower, "latest").mockImplementationOnce(async (instanceId) => {
+      const delivered = follower.expect(id, (entry) => entry.revision === 2, 5000);
+      second = await append(id, 2);
+      expect(await delivered.done).toMatchObject({ seq: second });
+      return latest(instanceId);
+    });
+    const abort = new AbortController();
+    const watch = follower.watch(id, abort.signal)[Symbol.asyncIterator]();
+    const seen: SequencedEntry[] = [];
+    const first = await watch.next();
+    spy.mockRestore();
+    if (!first.done) seen.push(first.value);
+    const third = await append(id, 3);
+    const fourth = await append(id, 4);
+    for (let i = 0; i < 2; i++) {
+      const next = await watch.next();
+      if (!next.done) seen.push(next.value);
+    }
+    expect(seqsOf(seen)).toEqual([
+      [second, 2],
+      [third, 3],
+      [fourth, 4],
+    ]);
+
+    const pending = watch.next();
+    abort.abort();
+    expect(await pending).toEqual({ done: true, value: undefined });
+  });
+
+  it("follows an instance that has no entry yet from its first one, and only that instance", async () => {
+    const id = `i-${randomUUID()}`;
+    const watch = follower.watch(id)[Symbol.asyncIterator]();
+    const pending = watch.next();
+    await append(`i-${randomUUID()}`, 1);
+    const seq = await append(id, 1);
+    expect(await pending).toMatchObject({ done: false, value: { seq, entry: { revision: 1 } } });
+    await watch.return?.();
+  });
+
+  it("yields nothing to a watch whose signal is already aborted", async () => {
+    const id = `i-${randomUUID()}`;
+    await append(id, 1);
+    const seen: SequencedEntry[] = [];
+    for await (const found of follower.watch(id, AbortSignal.abort())) seen.push(found);
+    expect(seen).toEqual([]);
+  });
+
+  it("ends open watches when the follower closes", async () => {
+    const own = await HistoryFollower.start(nc, topo, WORKFLOW);
+    const id = `i-${randomUUID()}`;
+    const seq = await append(id, 1);
+    const watch = own.watch(id)[Symbol.asyncIterator]();
+    expect(await watch.next()).toMatchObject({ done: false, value: { seq } });
+    const pending = watch.next();
+    await own.close();
+    expect(await pending).toEqual({ done: true, value: undefined });
+    // A watch started after close ends at once too.
+    expect(await own.watch(id)[Symbol.asyncIterator]().next()).toEqual({ done: true, value: undefined });
+  });
+});
