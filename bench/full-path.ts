@@ -9,7 +9,11 @@ import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import postgres from "postgres";
-import { OrderService, OrderStatus } from "../proto/gen/jetsaga/order/v1/order_pb.ts";
+import {
+  OrderService,
+  OrderStatus,
+  type WatchOrderResponse,
+} from "../proto/gen/jetsaga/order/v1/order_pb.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
 import { startPostgres } from "../test/support/servers.ts";
@@ -22,7 +26,7 @@ export type FullPathResult =
       levels: LoadReport[];
       /** Process names in the CPU columns, in order. */
       processNames: string[];
-      /** GetOrder calls per order (1 waits on min_position, the rest poll until CONFIRMED), p50. */
+      /** GetOrder calls per order, p50: 1 (the watched confirmation's position; no polling). */
       readsPerOrder: number;
     }
   | { skipped: string };
@@ -37,13 +41,11 @@ export interface OrderLoadOptions extends LoadOptions {
   trees?: Record<string, number>;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((resolve) => setTimeout(resolve, ms));
-
 /**
- * Places orders over gRPC, `concurrency` at a time, each followed by GetOrder until the read
- * model shows it CONFIRMED: first with `min_position` (waits for the placement to be projected),
- * then polling with a short backoff (2 ms ×1.5, at most 20 ms), since the confirmation's position
- * is not known to the client.
+ * Places orders over gRPC, `concurrency` at a time, each followed by WatchOrder until it leaves
+ * PENDING and then ONE GetOrder with `min_position` = the position of that update, so the read
+ * model is asked only once it can show the outcome. An order counts when the read model says
+ * CONFIRMED.
  */
 export async function driveOrders(
   options: OrderLoadOptions,
@@ -59,17 +61,19 @@ export async function driveOrders(
       { headers, timeoutMs },
     );
     const orderId = placed.order?.orderId ?? "";
-    let got = await orders.getOrder({ orderId, minPosition: placed.position }, { headers, timeoutMs });
-    let calls = 1;
-    let wait = 2;
-    const deadline = performance.now() + timeoutMs;
-    while (got.order?.status === OrderStatus.PENDING && performance.now() < deadline) {
-      await sleep(wait);
-      wait = Math.min(20, wait * 1.5);
-      got = await orders.getOrder({ orderId }, { headers, timeoutMs });
-      calls++;
+    let settled: WatchOrderResponse | undefined;
+    for await (const update of orders.watchOrder({ orderId }, { headers, timeoutMs })) {
+      if (update.order?.status !== OrderStatus.PENDING) {
+        settled = update;
+        break;
+      }
     }
-    reads.push(calls);
+    if (settled?.order?.status !== OrderStatus.CONFIRMED) {
+      reads.push(0);
+      return false;
+    }
+    const got = await orders.getOrder({ orderId, minPosition: settled.position }, { headers, timeoutMs });
+    reads.push(1);
     return got.order?.status === OrderStatus.CONFIRMED;
   };
   const warmup = options.warmup ?? Math.max(20, options.concurrency * 2);

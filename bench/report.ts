@@ -329,7 +329,7 @@ export function renderMarkdown(results: BenchResults): string {
       continue;
     }
     out.push(
-      `**Full path** (${s.name}: gRPC PlaceOrder → order saga → user service → CONFIRMED visible in the read model via GetOrder with min_position):`,
+      `**Full path** (${s.name}: gRPC PlaceOrder → order saga → user service → CONFIRMED seen by WatchOrder, then visible in the read model via one GetOrder with its position as min_position):`,
       "",
     );
     out.push(
