@@ -239,18 +239,22 @@ function isEntryShaped(entry: unknown): entry is HistoryEntry {
 export const CHECKPOINT_CHANNEL = "jetsaga_projection";
 
 /**
- * Applies a batch of entries and moves the checkpoint `name` to `position`, all in the caller's
- * transaction. Idempotent: an order row changes only for a newer revision, item and status rows
- * are inserted once, and the checkpoint never moves back. One statement per table whatever the
- * batch size (rows travel as one JSON parameter), so a batch costs a handful of round trips.
+ * Applies a batch of entries and moves the checkpoint `name` to `position` in ONE statement: the
+ * inserts are data-modifying CTEs (all or nothing, like a transaction) and the checkpoint
+ * announcement is delivered at its commit. Idempotent: an order row changes only for a newer
+ * revision, item and status rows are inserted once, and the checkpoint never moves back. Rows
+ * travel as JSON parameters, so a batch of any size is one round trip: on this kind of machine
+ * each statement's socket write and wake-up of the Postgres backend cost more than the SQL itself.
+ * Run it on the pool (its own implicit transaction) or inside a caller's transaction.
  */
 export async function applyBatch(
-  tx: TransactionSql | Sql,
+  sql: TransactionSql | Sql,
   rows: BatchRows,
   checkpoint: { name: string; position: number },
 ): Promise<void> {
-  if (rows.orders.length > 0) {
-    await tx`
+  await sql`
+    with
+    upserted_orders as (
       insert into orders (order_id, user_id, status, saga_state, total_cents, cancel_reason, tracking_id,
                           created_at, updated_at, revision, history_seq)
       select order_id, user_id, status, saga_state, total_cents, cancel_reason, tracking_id,
@@ -262,31 +266,25 @@ export async function applyBatch(
         status = excluded.status, saga_state = excluded.saga_state, total_cents = excluded.total_cents,
         cancel_reason = excluded.cancel_reason, tracking_id = excluded.tracking_id,
         updated_at = excluded.updated_at, revision = excluded.revision, history_seq = excluded.history_seq
-      where orders.revision < excluded.revision`;
-  }
-  if (rows.items.length > 0) {
-    await tx`
+      where orders.revision < excluded.revision),
+    inserted_items as (
       insert into order_items (order_id, line_no, sku, quantity, unit_price_cents)
       select order_id, line_no, sku, quantity, unit_price_cents
       from json_to_recordset(${rowsJson(rows.items)}::text::json) as r(
         order_id text, line_no integer, sku text, quantity integer, unit_price_cents bigint)
-      on conflict do nothing`;
-  }
-  if (rows.statuses.length > 0) {
-    await tx`
+      on conflict do nothing),
+    inserted_statuses as (
       insert into order_status_history (order_id, revision, status, saga_state, event_type, at, history_seq)
       select order_id, revision, status, saga_state, event_type, at, history_seq
       from json_to_recordset(${rowsJson(rows.statuses)}::text::json) as r(
         order_id text, revision integer, status text, saga_state text, event_type text, at timestamptz,
         history_seq bigint)
-      on conflict do nothing`;
-  }
-  await tx`
-    insert into projection_checkpoints (name, position) values (${checkpoint.name}, ${checkpoint.position})
-    on conflict (name) do update set position = excluded.position
-    where projection_checkpoints.position < excluded.position`;
-  // Delivered at commit, so a listener never sees a position whose rows are not visible yet.
-  await tx`select pg_notify(${CHECKPOINT_CHANNEL}, ${`${checkpoint.name}:${checkpoint.position}`})`;
+      on conflict do nothing),
+    moved_checkpoint as (
+      insert into projection_checkpoints (name, position) values (${checkpoint.name}, ${checkpoint.position})
+      on conflict (name) do update set position = excluded.position
+      where projection_checkpoints.position < excluded.position)
+    select pg_notify(${CHECKPOINT_CHANNEL}, ${`${checkpoint.name}:${checkpoint.position}`})`;
 }
 
 /** The checkpoint of projection `name` (0 when it has never run). */

@@ -72,7 +72,7 @@ export interface OrderProjector extends ProjectionPosition {
  * reconcile. Rebuilding is just starting from sequence 1.
  *
  * Batching: entries are collected while the consumer reports more pending and written in one
- * transaction (a few statements whatever the size) when it has caught up or `maxBatch` is reached.
+ * statement (one round trip whatever the size) when it has caught up or `maxBatch` is reached.
  * Under load batches grow; when idle every entry is written at once.
  *
  * Several projectors (e.g. one per API replica) may run on the same tables: rows are guarded by
@@ -158,7 +158,7 @@ class Projector implements OrderProjector {
     let delay = this.#options.retryDelayMs ?? 100;
     for (;;) {
       try {
-        await this.#options.sql.begin((tx) => applyBatch(tx, rows, { name: this.#name, position: lastSeq }));
+        await applyBatch(this.#options.sql, rows, { name: this.#name, position: lastSeq });
         break;
       } catch (error) {
         if (this.#stopping) return;
