@@ -87,6 +87,22 @@ describe("HistoryFollower.watch", () => {
     await watch.return?.();
   });
 
+  it("with onlyExisting, ends at once for an instance without entries and follows one that has them", async () => {
+    const empty: SequencedEntry[] = [];
+    for await (const found of follower.watch(`i-${randomUUID()}`, undefined, { onlyExisting: true })) {
+      empty.push(found);
+    }
+    expect(empty).toEqual([]);
+
+    const id = `i-${randomUUID()}`;
+    const seq = await append(id, 1);
+    const watch = follower.watch(id, undefined, { onlyExisting: true })[Symbol.asyncIterator]();
+    expect(await watch.next()).toMatchObject({ done: false, value: { seq, entry: { revision: 1 } } });
+    const later = await append(id, 2);
+    expect(await watch.next()).toMatchObject({ done: false, value: { seq: later, entry: { revision: 2 } } });
+    await watch.return?.();
+  });
+
   it("yields nothing to a watch whose signal is already aborted", async () => {
     const id = `i-${randomUUID()}`;
     await append(id, 1);

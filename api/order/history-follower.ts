@@ -161,11 +161,21 @@ export class HistoryFollower {
     return msg ? { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry } : undefined;
   }
 
+  /** True once {@link close} was called: watches end and waits resolve undefined. */
+  get closed(): boolean {
+    return this.#closed;
+  }
+
   /**
    * Follows one instance: yields its latest entry, then every later one in stream order, until
-   * `signal` aborts or the follower stops. Yields nothing until the instance has an entry.
+   * `signal` aborts or the follower stops. Without entries yet, it waits for the first one, or
+   * with `onlyExisting` ends at once (the caller tells "no such instance" from an empty watch).
    */
-  async *watch(instanceId: string, signal?: AbortSignal): AsyncIterable<SequencedEntry> {
+  async *watch(
+    instanceId: string,
+    signal?: AbortSignal,
+    options: { onlyExisting?: boolean } = {},
+  ): AsyncIterable<SequencedEntry> {
     const backlog: SequencedEntry[] = [];
     let ended = this.#closed;
     let wake = (): void => {};
@@ -193,6 +203,7 @@ export class HistoryFollower {
     try {
       let last = 0;
       const latest = await this.latest(instanceId);
+      if (!latest && options.onlyExisting) return;
       if (latest && !ended) {
         last = latest.seq;
         yield latest;

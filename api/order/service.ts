@@ -334,13 +334,15 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
 
       const wait = follower.expect(orderId, (entry) => entry.revision === 1, commandTimeoutMs);
       try {
-        await client.start("order", orderId, {
+        const sent = await client.start("order", orderId, {
           orderId,
           userId: caller.userId,
           items,
           ...(options.sagaTimeouts ? { timeouts: options.sagaTimeouts } : {}),
         });
-        wait.offer(await follower.first(orderId));
+        // A new start's entry comes through the follower (the wait was registered before it was
+        // sent); a duplicate's may have been appended before, so it is read.
+        if (sent.duplicate) wait.offer(await follower.first(orderId));
         const found = await wait.done;
         if (!found) {
           throw new ConnectError(
@@ -400,14 +402,19 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     async *watchOrder(req, ctx) {
       const { userId } = callerOf(ctx);
       const orderId = checkOrderId(req.orderId);
-      await owned(orderId, userId);
-      const items = await itemsOfOrder(orderId);
+      let items: CheckedItem[] | undefined;
       // Starts with the latest entry, then each new one; ends when terminal. The shared follower
-      // rather than client.watch: no consumer to create and delete on nats-server per watch.
-      for await (const found of follower.watch(orderId, ctx.signal)) {
+      // rather than client.watch: no consumer to create and delete on nats-server per watch. The
+      // watch's first entry is also the ownership check (one read of the latest entry, not two).
+      for await (const found of follower.watch(orderId, ctx.signal, { onlyExisting: true })) {
+        if (!items) {
+          if (orderFactsOf(found.entry.state)?.userId !== userId) throw notFound();
+          items = await itemsOfOrder(orderId);
+        }
         yield watchMessage(found, items);
         if (isTerminal(found.entry.state)) return;
       }
+      if (!items && !ctx.signal.aborted && !follower.closed) throw notFound();
       // The follower stopped (the gateway is shutting down): ending normally would claim the
       // order is final.
       if (!ctx.signal.aborted) {
