@@ -47,8 +47,12 @@ describe("migrate", () => {
       [1, 2, 3].map(() => migrate(sql, { name: "user", dir: userMigrationsDir })),
     );
     expect(again.map((r) => r.applied)).toEqual([[], [], []]);
-    const rows = await sql`select service, version, name from schema_migrations where service = 'user'`;
-    expect(rows).toEqual([{ service: "user", version: 1, name: "users" }]);
+    const rows =
+      await sql`select service, version, name from schema_migrations where service = 'user' order by version`;
+    expect(rows).toEqual([
+      { service: "user", version: 1, name: "users" },
+      { service: "user", version: 2, name: "command_functions" },
+    ]);
   });
 
   it("serializes concurrent first runs on a fresh database", async () => {
@@ -58,8 +62,11 @@ describe("migrate", () => {
       const results = await Promise.all(
         pools.map((p) => migrate(p, { name: "user", dir: userMigrationsDir })),
       );
-      expect(results.flatMap((r) => r.applied)).toEqual([{ version: 1, name: "users" }]);
-      expect(results.every((r) => r.version === 1)).toBe(true);
+      expect(results.flatMap((r) => r.applied)).toEqual([
+        { version: 1, name: "users" },
+        { version: 2, name: "command_functions" },
+      ]);
+      expect(results.every((r) => r.version === 2)).toBe(true);
     } finally {
       await Promise.all(pools.map((p) => p.end({ timeout: 5 })));
       await fresh.drop();

@@ -1,5 +1,5 @@
 import type { z } from "zod";
-import type { JsonObject, Sql, TransactionSql } from "../../common/postgres.ts";
+import type { JsonObject, Sql } from "../../common/postgres.ts";
 import type {
   releaseCreditInput,
   reserveCreditInput,
@@ -63,11 +63,12 @@ export type ReleaseReply = Reply<"credit.released">;
 
 /**
  * The user service's data. Command effects (`verify`, `reserveCredit`, `releaseCredit`) are
- * idempotent by command id: each runs in one transaction with the insert of its reply into
- * `processed_commands`, under a transaction-scoped advisory lock on the command id, so a
- * redelivered command (even one delivered twice at the same moment) returns the first reply and
- * has no second effect. Postgres errors (connection lost, serialization) are thrown as they are:
- * the transaction rolled back, so retrying the call is safe.
+ * idempotent by command id: each is one call of a database function (one statement, one round
+ * trip; see `migrations/002_command_functions.sql`) that stores its reply in `processed_commands`
+ * with the effect, under a transaction-scoped advisory lock on the command id, so a redelivered
+ * command (even one delivered twice at the same moment) returns the first reply and has no second
+ * effect. Postgres errors (connection lost, serialization) are thrown as they are: the statement
+ * rolled back, so retrying the call is safe.
  */
 export interface UserStore {
   /**
@@ -112,9 +113,6 @@ export interface UserStore {
  */
 export const OUTBOX_CHANNEL = "jetsaga_user_outbox";
 
-/** Advisory-lock class of command ids (first key of the two-key form; keeps clear of other locks). */
-const COMMAND_LOCK_CLASS = 0x75736572; // "user"
-
 interface UserRow {
   user_id: string;
   email: string;
@@ -124,40 +122,8 @@ interface UserRow {
   created_at: Date;
 }
 
-interface ReservationRow {
-  user_id: string;
-  amount_cents: string;
-  status: "held" | "released";
-}
-
 /** Creates the {@link UserStore} over a postgres.js pool on a database migrated with `migrations/`. */
 export function createUserStore(sql: Sql): UserStore {
-  /** Runs `effect` once per command id; later calls get the stored reply. */
-  const once = async <R extends JsonObject>(
-    commandId: string,
-    effect: (tx: TransactionSql) => Promise<R>,
-  ): Promise<R> => {
-    const reply = await sql.begin(async (tx) => {
-      // Two deliveries of one command at the same moment: the second waits here until the first
-      // commits, then finds its reply below. Without the lock both would apply the effect.
-      await tx`select pg_advisory_xact_lock(${COMMAND_LOCK_CLASS}, hashtext(${commandId}))`;
-      const [done] = await tx<
-        { reply: R }[]
-      >`select reply from processed_commands where command_id = ${commandId}`;
-      if (done) return done.reply;
-      const fresh = await effect(tx);
-      await tx`insert into processed_commands (command_id, reply) values (${commandId}, ${tx.json(fresh)})`;
-      return fresh;
-    });
-    return reply as R;
-  };
-
-  const balance = async (tx: TransactionSql, userId: string): Promise<number | undefined> => {
-    const [row] = await tx<{ available_cents: string }[]>`
-      select available_cents from users where user_id = ${userId}`;
-    return row ? cents(row.available_cents) : undefined;
-  };
-
   return {
     async createUser(input, options = {}) {
       const email = input.email.trim().toLowerCase();
@@ -210,83 +176,36 @@ export function createUserStore(sql: Sql): UserStore {
     },
 
     verify(commandId, { userId }) {
-      return once(commandId, async (tx): Promise<VerifyReply> => {
-        const [row] = await tx`select 1 from users where user_id = ${userId}`;
-        return row
-          ? { type: "user.verified", userId }
-          : { type: "user.rejected", userId, reason: "unknown user" };
-      });
+      return command<VerifyReply>(sql`select user_verify(${commandId}, ${userId}) as reply`);
     },
 
     reserveCredit(commandId, { userId, reservationId, amountCents }) {
-      return once(commandId, async (tx): Promise<ReserveReply> => {
-        // Claim the reservation id first: a concurrent claim (or release marker) of the same id
-        // waits on the primary key until this transaction ends, so an id is held at most once.
-        const claimed = await tx`
-          insert into credit_reservations (reservation_id, user_id, amount_cents, status)
-          select ${reservationId}, ${userId}, ${amountCents}, 'held'
-          where exists (select 1 from users where user_id = ${userId})
-          on conflict (reservation_id) do nothing
-          returning reservation_id`;
-        if (claimed.length === 0) {
-          const [existing] = await tx<ReservationRow[]>`
-            select user_id, amount_cents, status from credit_reservations where reservation_id = ${reservationId}`;
-          if (!existing) throw new UserStoreError("NOT_FOUND", `unknown user ${userId}`);
-          const available = (await balance(tx, userId)) ?? 0;
-          if (
-            existing.user_id !== userId ||
-            (existing.status === "held" && cents(existing.amount_cents) !== amountCents)
-          ) {
-            throw new UserStoreError(
-              "RESERVATION_CONFLICT",
-              `reservation ${reservationId} is already used for another user or amount`,
-            );
-          }
-          const type = existing.status === "held" ? "credit.reserved" : "credit.insufficient";
-          return { type, reservationId, amountCents, availableCents: available };
-        }
-        // Atomic check-and-debit: concurrent debits queue on the row lock and each re-checks the
-        // balance, so it never goes negative (the table's check constraint backs this up).
-        const [debited] = await tx<{ available_cents: string }[]>`
-          update users set available_cents = available_cents - ${amountCents}
-          where user_id = ${userId} and available_cents >= ${amountCents}
-          returning available_cents`;
-        if (debited) {
-          return {
-            type: "credit.reserved",
-            reservationId,
-            amountCents,
-            availableCents: cents(debited.available_cents),
-          };
-        }
-        // Nothing held: drop the claim so the same reservation id may be tried again later.
-        await tx`delete from credit_reservations where reservation_id = ${reservationId}`;
-        const available = (await balance(tx, userId)) ?? 0;
-        return { type: "credit.insufficient", reservationId, amountCents, availableCents: available };
-      });
+      return command<ReserveReply>(
+        sql`select user_reserve_credit(${commandId}, ${userId}, ${reservationId}, ${amountCents}) as reply`,
+      );
     },
 
     releaseCredit(commandId, { userId, reservationId }) {
-      return once(commandId, async (tx): Promise<ReleaseReply> => {
-        // A release that overtakes its reservation leaves a released marker behind.
-        const marked = await tx`
-          insert into credit_reservations (reservation_id, user_id, amount_cents, status, released_at)
-          select ${reservationId}, ${userId}, 0, 'released', now()
-          where exists (select 1 from users where user_id = ${userId})
-          on conflict (reservation_id) do nothing
-          returning reservation_id`;
-        if (marked.length > 0) return { type: "credit.released", reservationId, amountCents: 0 };
-        const [held] = await tx<{ amount_cents: string }[]>`
-          update credit_reservations set status = 'released', released_at = now()
-          where reservation_id = ${reservationId} and user_id = ${userId} and status = 'held'
-          returning amount_cents`;
-        if (!held) return { type: "credit.released", reservationId, amountCents: 0 };
-        const amount = cents(held.amount_cents);
-        await tx`update users set available_cents = available_cents + ${amount} where user_id = ${userId}`;
-        return { type: "credit.released", reservationId, amountCents: amount };
-      });
+      return command<ReleaseReply>(
+        sql`select user_release_credit(${commandId}, ${userId}, ${reservationId}) as reply`,
+      );
     },
   };
+}
+
+/** What the command functions return for a refusal that wrote nothing. */
+interface CommandRefusal {
+  error: "NOT_FOUND" | "RESERVATION_CONFLICT";
+  message: string;
+}
+
+/** Runs one command function (migrations/002_command_functions.sql) and maps its refusals. */
+async function command<R>(query: PromiseLike<{ reply: R | CommandRefusal }[]>): Promise<R> {
+  const [row] = await query;
+  const reply = row?.reply;
+  if (reply === undefined || reply === null) throw new Error("command function returned no reply");
+  if (typeof reply === "object" && "error" in reply) throw new UserStoreError(reply.error, reply.message);
+  return reply;
 }
 
 function toUser(row: UserRow): User {
