@@ -46,20 +46,22 @@ interface OrderRow {
   updated_at: Date;
   revision: number;
   history_seq: string;
+  /** The order's lines in line order, aggregated by the same query (see {@link withItems}). */
+  items: ItemJson[];
 }
 
-interface ItemRow {
-  order_id: string;
+interface ItemJson {
   sku: string;
   quantity: number;
+  /** As text: JSON numbers would lose bigint precision. */
   unit_price_cents: string;
 }
 
 /** One of the caller's orders, or undefined (also when it belongs to someone else). */
 export async function getOrder(sql: Sql, userId: string, orderId: string): Promise<OrderView | undefined> {
   const rows = await sql<OrderRow[]>`
-    select * from orders where order_id = ${orderId} and user_id = ${userId}`;
-  return (await withItems(sql, userId, rows))[0];
+    select o.*, ${withItems(sql)} from orders o where o.order_id = ${orderId} and o.user_id = ${userId}`;
+  return rows[0] && viewOf(rows[0]);
 }
 
 /**
@@ -71,7 +73,7 @@ export async function listOrders(
   query: ListOrdersQuery,
 ): Promise<{ orders: OrderView[]; next: PageCursor | undefined }> {
   const rows = await sql<OrderRow[]>`
-    select * from orders
+    select o.*, ${withItems(sql)} from orders o
     where user_id = ${query.userId}
       ${query.statuses.length > 0 ? sql`and status in ${sql(query.statuses)}` : sql``}
       ${query.createdAfter ? sql`and created_at >= ${query.createdAfter}` : sql``}
@@ -83,27 +85,22 @@ export async function listOrders(
   const last = page.at(-1);
   const next =
     rows.length > query.limit && last ? { createdAt: last.created_at, orderId: last.order_id } : undefined;
-  return { orders: await withItems(sql, query.userId, page), next };
+  return { orders: page.map(viewOf), next };
 }
 
-async function withItems(sql: Sql, userId: string, rows: readonly OrderRow[]): Promise<OrderView[]> {
-  if (rows.length === 0) return [];
-  const ids = rows.map((row) => row.order_id);
-  const items = await sql<ItemRow[]>`
-    select i.order_id, i.sku, i.quantity, i.unit_price_cents
-    from order_items i join orders o on o.order_id = i.order_id
-    where o.user_id = ${userId} and i.order_id in ${sql(ids)}
-    order by i.order_id, i.line_no`;
-  const byOrder = new Map<string, OrderView["items"]>();
-  for (const item of items) {
-    let list = byOrder.get(item.order_id);
-    if (!list) {
-      list = [];
-      byOrder.set(item.order_id, list);
-    }
-    list.push({ sku: item.sku, quantity: item.quantity, unitPriceCents: BigInt(item.unit_price_cents) });
-  }
-  return rows.map((row) => ({
+/**
+ * The `items` column: an order's lines aggregated in the order's own query, so a read is one
+ * round trip (each statement's write and backend wake-up costs more than this subquery).
+ */
+function withItems(sql: Sql) {
+  return sql`coalesce((
+      select json_agg(json_build_object(
+        'sku', i.sku, 'quantity', i.quantity, 'unit_price_cents', i.unit_price_cents::text) order by i.line_no)
+      from order_items i where i.order_id = o.order_id), '[]'::json) as items`;
+}
+
+function viewOf(row: OrderRow): OrderView {
+  return {
     orderId: row.order_id,
     userId: row.user_id,
     status: row.status,
@@ -115,6 +112,10 @@ async function withItems(sql: Sql, userId: string, rows: readonly OrderRow[]): P
     updatedAt: row.updated_at,
     revision: row.revision,
     historySeq: Number(row.history_seq),
-    items: byOrder.get(row.order_id) ?? [],
-  }));
+    items: row.items.map((item) => ({
+      sku: item.sku,
+      quantity: item.quantity,
+      unitPriceCents: BigInt(item.unit_price_cents),
+    })),
+  };
 }
