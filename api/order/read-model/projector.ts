@@ -98,6 +98,11 @@ class Projector implements OrderProjector {
   #waiters = new Set<Waiter>();
   #messages: ConsumerMessages | undefined;
   #loop: Promise<void> | undefined;
+  /** Entries read and not yet handed to a statement, and the sequence of the last message read. */
+  #unwritten: PositionedEntry[] = [];
+  #readSeq = 0;
+  /** The statement loop while it runs (at most one at a time). */
+  #writer: Promise<void> | undefined;
   #stopping = false;
   #unlisten: (() => Promise<void>) | undefined;
 
@@ -134,16 +139,33 @@ class Projector implements OrderProjector {
   }
 
   async #run(messages: ConsumerMessages): Promise<void> {
-    let batch: PositionedEntry[] = [];
     for await (const msg of messages) {
       const positioned = decodeHistoryMessage(msg, this.#options.logger);
-      if (positioned) batch.push(positioned);
-      // Write when caught up or full; while more is pending, keep collecting.
-      if (msg.info.pending === 0 || batch.length >= this.#maxBatch) {
-        await this.#flush(batch, msg.seq);
-        batch = [];
-        if (this.#stopping) break;
+      if (positioned) this.#unwritten.push(positioned);
+      this.#readSeq = msg.seq;
+      // Written when caught up or full, one statement at a time: what arrives while a statement
+      // runs goes into the next one (group commit), so under load a statement carries many
+      // entries instead of each entry costing one.
+      if (msg.info.pending === 0 || this.#unwritten.length >= this.#maxBatch) {
+        this.#writer ??= this.#writeUnwritten();
+        // Back-pressure: a full batch waits for the writer rather than growing without bound.
+        if (this.#unwritten.length >= this.#maxBatch) await this.#writer;
       }
+      if (this.#stopping) break;
+    }
+    await this.#writer;
+  }
+
+  async #writeUnwritten(): Promise<void> {
+    try {
+      while (!this.#stopping && (this.#unwritten.length > 0 || this.#readSeq > this.#position)) {
+        const all = this.#unwritten.length <= this.#maxBatch;
+        const batch = this.#unwritten.splice(0, this.#maxBatch);
+        // The checkpoint covers every message read, also the skipped ones, once all are written.
+        await this.#flush(batch, all ? this.#readSeq : (batch.at(-1)?.seq ?? this.#readSeq));
+      }
+    } finally {
+      this.#writer = undefined;
     }
   }
 
