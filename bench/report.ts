@@ -18,6 +18,8 @@ export interface SeriesResult {
   /** 64 in flight with 1 and with 2 orchestrator processes. */
   scale?: EngineResult[];
   tracing?: { off: LoadReport; on: LoadReport; exportBytesPerSaga: number } | { notMeasured: string };
+  /** 64 in flight with V8's default heap sizing and with the capped heap `flags` (NODE_OPTIONS of the services). */
+  memory?: { flags: string; defaults: LoadReport; capped: LoadReport };
   recovery?: RecoveryPoint[];
   idle?: IdleResult;
   fullPath?: FullPathResult;
@@ -271,6 +273,19 @@ export function renderMarkdown(results: BenchResults): string {
           `on (\`JETSAGA_TRACING=on\`, OTLP/HTTP to a local sink, ${fmt(exportBytesPerSaga)} OTLP bytes/saga) ${fmt(on.perSecond)} sagas/s, p50 ${fmt(on.latencyMs.p50)} ms, orchestrator ${fmt(on.cpuMsPerItem.orchestrator, 2)} ms CPU/saga, worker ${fmt(on.cpuMsPerItem.worker, 2)} (off ${fmt(off.cpuMsPerItem.worker, 2)}).`,
       );
     }
+  }
+
+  for (const s of series) {
+    if (!s.memory) continue;
+    const { flags, defaults, capped } = s.memory;
+    const rss = (r: LoadReport) => `${fmt(r.peakRssMiB.orchestrator)} / ${fmt(r.peakRssMiB.worker)}`;
+    const cpu = (r: LoadReport) =>
+      `${fmt(r.cpuMsPerItem.orchestrator, 2)} / ${fmt(r.cpuMsPerItem.worker, 2)}`;
+    out.push(
+      "",
+      `**V8 heap sizing** (${s.name}, 64 in flight; peak RSS MiB and CPU ms/saga of orchestrator / worker): V8 defaults ${fmt(defaults.perSecond)} sagas/s, RSS ${rss(defaults)}, CPU ${cpu(defaults)}; ` +
+        `with \`NODE_OPTIONS=${flags}\` ${fmt(capped.perSecond)} sagas/s, RSS ${rss(capped)}, CPU ${cpu(capped)}.`,
+    );
   }
 
   const recoveryRows = series.filter((s) => s.recovery?.length);

@@ -5,7 +5,7 @@
  *   npm run bench -- --sync always     # plus a second series with `sync_interval: always`
  *   npm run bench -- --quick           # 1 run, small counts (a few minutes)
  *   npm run bench -- --idle 100000     # idle instances for the memory part
- *   npm run bench -- --only engine,floor  # parts: floor, engine, scale, tracing, recovery, idle, full
+ *   npm run bench -- --only engine,floor  # parts: floor, engine, scale, tracing, memory, recovery, idle, full
  *   npm run bench -- --no-doc          # do not rewrite docs/BENCHMARKS.md
  *
  * Progress goes to stderr (`bench: …`); the results table to stdout, to
@@ -39,7 +39,13 @@ import {
 } from "./report.ts";
 import { median, medianOf } from "./stats.ts";
 
-const PARTS = ["floor", "engine", "scale", "tracing", "recovery", "idle", "full"] as const;
+const PARTS = ["floor", "engine", "scale", "tracing", "memory", "recovery", "idle", "full"] as const;
+
+/**
+ * The capped heap of the memory part: a small young generation and an old-generation cap. With
+ * V8's defaults most of a service's RSS under load is collector headroom, not live data.
+ */
+const MEMORY_NODE_OPTIONS = "--max-semi-space-size=4 --max-old-space-size=128";
 type Part = (typeof PARTS)[number];
 
 const { values: args } = parseArgs({
@@ -149,6 +155,7 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
     const engineRuns: EngineResult[] = [];
     const scaleRuns: EngineResult[] = [];
     const tracingRuns: Array<{ on: LoadReport; bytesPerSaga: number }> = [];
+    const memoryRuns: LoadReport[] = [];
     const fullRuns: FullPathResult[] = [];
     const wired = tracingWired();
     for (let run = 1; run <= runs; run++) {
@@ -159,7 +166,7 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
           await attempt("floor", () => measureFloor({ ...base, ns: freshNs("f"), levels: FLOOR_LEVELS })),
         );
       }
-      if (parts.has("engine") || parts.has("scale")) {
+      if (parts.has("engine") || parts.has("scale") || parts.has("memory")) {
         const engineLevels = parts.has("engine") ? ENGINE_LEVELS : at64(ENGINE_LEVELS);
         push(
           engineRuns,
@@ -201,6 +208,18 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
           await sink.close();
         }
       }
+      if (parts.has("memory")) {
+        const capped = await attempt("memory", () =>
+          measureEngine({
+            ...base,
+            ns: freshNs("m"),
+            levels: at64(ENGINE_LEVELS),
+            env: { NODE_OPTIONS: MEMORY_NODE_OPTIONS },
+          }),
+        );
+        const level = capped?.levels[0];
+        if (level) memoryRuns.push(level);
+      }
       if (parts.has("full")) {
         push(
           fullRuns,
@@ -232,6 +251,10 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
           exportBytesPerSaga: median(tracingRuns.map((t) => t.bytesPerSaga)),
         };
       }
+    }
+    if (parts.has("memory") && memoryRuns.length) {
+      const defaults = engine?.levels.find((l) => l.concurrency === 64);
+      if (defaults) series.memory = { flags: MEMORY_NODE_OPTIONS, defaults, capped: medianOf(memoryRuns) };
     }
     if (once && parts.has("recovery")) {
       const recovery = await attempt("recovery", () =>
