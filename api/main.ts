@@ -93,7 +93,11 @@ try {
     );
   }
   sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-api" });
-  nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-api" });
+  nc = await connectNats({
+    servers: config.natsUrl.split(","),
+    name: "jetsaga-api",
+    auth: config.natsAuth,
+  });
   gateway = await startGateway({
     nc,
     sql,

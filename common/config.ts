@@ -1,3 +1,4 @@
+import type { NatsAuth } from "./nats.ts";
 import { flushTraces } from "./tracing.ts";
 
 /**
@@ -18,6 +19,11 @@ export interface ServiceConfig {
   streamReplicas: number | undefined;
   /** Address the health/metrics probes listen on. Env PROBE_HOST, default 127.0.0.1 (0.0.0.0 in Kubernetes). */
   probeHost: string;
+  /**
+   * NATS credentials: env NATS_CREDS (path of a `.creds` file), or NATS_USER with NATS_PASSWORD,
+   * or NATS_TOKEN — at most one of the three. Unset: none (or the URL's `user:password@`).
+   */
+  natsAuth: NatsAuth | undefined;
 }
 
 /** Reads {@link ServiceConfig} from `env` (default: process.env). */
@@ -28,14 +34,34 @@ export function readConfig(env: Record<string, string | undefined> = process.env
     ns: env.JETSAGA_NS ?? "jetsaga",
     streamReplicas: replicas(env.JETSAGA_STREAM_REPLICAS),
     probeHost: env.PROBE_HOST ?? "127.0.0.1",
+    natsAuth: natsAuth(env),
   };
+}
+
+function natsAuth(env: Record<string, string | undefined>): NatsAuth | undefined {
+  const given = (value: string | undefined): string | undefined => (value === "" ? undefined : value);
+  const creds = given(env.NATS_CREDS);
+  const user = given(env.NATS_USER);
+  const password = given(env.NATS_PASSWORD);
+  const token = given(env.NATS_TOKEN);
+  const kinds = [creds, user ?? password, token].filter((v) => v !== undefined).length;
+  if (kinds > 1) throw configError("set only one of NATS_CREDS, NATS_USER/NATS_PASSWORD and NATS_TOKEN");
+  if (creds) return { kind: "creds", file: creds };
+  if (token) return { kind: "token", token };
+  if (user === undefined && password === undefined) return undefined;
+  if (!user || !password) throw configError("NATS_USER and NATS_PASSWORD go together: set both");
+  return { kind: "userPassword", user, password };
+}
+
+function configError(message: string): Error {
+  return Object.assign(new Error(message), { code: "CONFIG" });
 }
 
 function replicas(value: string | undefined): number | undefined {
   if (value === undefined || value === "") return undefined;
   const n = Number(value);
   if (!Number.isInteger(n) || n < 1 || n > 5)
-    throw new Error(`JETSAGA_STREAM_REPLICAS must be 1–5, got "${value}"`);
+    throw configError(`JETSAGA_STREAM_REPLICAS must be 1–5, got "${value}"`);
   return n;
 }
 

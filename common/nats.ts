@@ -1,5 +1,21 @@
-import { type ConnectionOptions, connect, type NatsConnection } from "@nats-io/transport-node";
+import { readFileSync } from "node:fs";
+import {
+  type ConnectionOptions,
+  connect,
+  credsAuthenticator,
+  type NatsConnection,
+} from "@nats-io/transport-node";
 import { JetsagaError } from "../orchestrator/engine/errors.ts";
+
+/**
+ * How a service proves who it is to NATS: a `.creds` file (JWT + nkey seed, the operator mode of
+ * production accounts), a user and password, or a token. Read from the environment by
+ * `readConfig()` (common/config.ts); a URL's `user:password@` works too.
+ */
+export type NatsAuth =
+  | { kind: "creds"; file: string }
+  | { kind: "userPassword"; user: string; password: string }
+  | { kind: "token"; token: string };
 
 /** The oldest nats-server jetsaga runs on: 2.12 brought message schedules and atomic batches. */
 export const MIN_SERVER_VERSION = [2, 12] as const;
@@ -11,13 +27,21 @@ export const MIN_SERVER_VERSION = [2, 12] as const;
  * Throws `JetsagaError("SERVER_TOO_OLD")` for an old server and `UNAVAILABLE` when none answers.
  */
 export async function connectNats(
-  options: ConnectionOptions & { servers: string | string[] },
+  options: ConnectionOptions & { servers: string | string[]; auth?: NatsAuth | undefined },
 ): Promise<NatsConnection> {
+  const { auth, ...connection } = options;
+  const credentials = authOptions(auth);
   let nc: NatsConnection;
   try {
     // noAsyncTraces: nats.js otherwise builds an Error (with a stack) per request to improve
     // async stack traces; measured at ~17% of the orchestrator's CPU under load.
-    nc = await connect({ maxReconnectAttempts: -1, reconnectTimeWait: 250, noAsyncTraces: true, ...options });
+    nc = await connect({
+      maxReconnectAttempts: -1,
+      reconnectTimeWait: 250,
+      noAsyncTraces: true,
+      ...credentials,
+      ...connection,
+    });
   } catch (error) {
     throw new JetsagaError("UNAVAILABLE", `cannot connect to NATS at ${String(options.servers)}`, {
       cause: error,
@@ -25,6 +49,30 @@ export async function connectNats(
   }
   assertServerVersion(nc.info?.version ?? "0.0.0", String(options.servers));
   return nc;
+}
+
+/** The nats.js options for `auth`; a creds file is read now (a rotated file is picked up on restart). */
+function authOptions(auth: NatsAuth | undefined): Partial<ConnectionOptions> {
+  switch (auth?.kind) {
+    case undefined:
+      return {};
+    case "creds": {
+      let creds: Uint8Array;
+      try {
+        creds = readFileSync(auth.file);
+      } catch (error) {
+        throw new JetsagaError("INVALID_ARGUMENT", `cannot read the NATS credentials file ${auth.file}`, {
+          context: { file: auth.file },
+          cause: error,
+        });
+      }
+      return { authenticator: credsAuthenticator(creds) };
+    }
+    case "userPassword":
+      return { user: auth.user, pass: auth.password };
+    case "token":
+      return { token: auth.token };
+  }
 }
 
 /** Throws SERVER_TOO_OLD unless `version` (e.g. "2.12.1") is at least {@link MIN_SERVER_VERSION}. */

@@ -27,7 +27,11 @@ async function main(): Promise<void> {
   const port = Number(process.env.VISUALISER_PORT ?? 8090);
   if (!Number.isInteger(port) || port < 0 || port > 65_535)
     throw new Error("VISUALISER_PORT must be 0–65535");
-  const nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-visualiser" });
+  const nc = await connectNats({
+    servers: config.natsUrl.split(","),
+    name: "jetsaga-visualiser",
+    auth: config.natsAuth,
+  });
   const client = await createWorkflowClient({ nc, ns: config.ns, workflows });
   const layouts = createChartLayouts();
   // Lay the charts out now: the first page load should not wait for elkjs to warm up.

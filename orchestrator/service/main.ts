@@ -11,7 +11,11 @@ const log = createLogger("orchestrator");
 async function main(): Promise<void> {
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
-  const nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-orchestrator" });
+  const nc = await connectNats({
+    servers: config.natsUrl.split(","),
+    name: "jetsaga-orchestrator",
+    auth: config.natsAuth,
+  });
   // Probes answer (not ready) while the orchestrator starts.
   const running: { orchestrator?: RunningOrchestrator } = {};
   const registry = createMetricsRegistry("orchestrator");

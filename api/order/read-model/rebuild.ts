@@ -120,7 +120,11 @@ async function main(): Promise<void> {
   try {
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-read-model-rebuild" });
     await migrate(sql, { name: "order", dir: orderReadModelMigrations });
-    nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-read-model-rebuild" });
+    nc = await connectNats({
+      servers: config.natsUrl.split(","),
+      name: "jetsaga-read-model-rebuild",
+      auth: config.natsAuth,
+    });
     const result = await rebuildOrderReadModel({ nc, sql, ns: config.ns });
     console.log(
       `read model rebuilt in ${describeUrl(config.databaseUrl)}: ${result.entries} entries, ${result.orders} orders, checkpoint ${result.position}`,

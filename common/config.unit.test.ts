@@ -1,0 +1,47 @@
+import { describe, expect, it } from "vitest";
+import { readConfig } from "./config.ts";
+
+describe("readConfig", () => {
+  it("reads NATS credentials from one of three forms", () => {
+    expect(readConfig({}).natsAuth).toBeUndefined();
+    expect(readConfig({ NATS_CREDS: "/run/secrets/nats.creds" }).natsAuth).toEqual({
+      kind: "creds",
+      file: "/run/secrets/nats.creds",
+    });
+    expect(readConfig({ NATS_USER: "u", NATS_PASSWORD: "p" }).natsAuth).toEqual({
+      kind: "userPassword",
+      user: "u",
+      password: "p",
+    });
+    expect(readConfig({ NATS_TOKEN: "t" }).natsAuth).toEqual({ kind: "token", token: "t" });
+    // Empty values count as unset (compose passes `${VAR:-}` through as "").
+    expect(readConfig({ NATS_TOKEN: "", NATS_USER: "" }).natsAuth).toBeUndefined();
+  });
+
+  it("refuses half a user/password pair and more than one form, naming the variables", () => {
+    for (const env of [{ NATS_USER: "u" }, { NATS_PASSWORD: "p" }]) {
+      expect(() => readConfig(env)).toThrow(/NATS_USER and NATS_PASSWORD/);
+    }
+    for (const env of [
+      { NATS_CREDS: "/c", NATS_TOKEN: "t" },
+      { NATS_USER: "u", NATS_PASSWORD: "p", NATS_TOKEN: "t" },
+      { NATS_CREDS: "/c", NATS_PASSWORD: "p" },
+    ]) {
+      expect(() => readConfig(env)).toThrow(/only one of NATS_CREDS/);
+    }
+    // The message names the variables, never their values.
+    let message = "";
+    try {
+      readConfig({ NATS_TOKEN: "secret-value", NATS_CREDS: "/c" });
+    } catch (error) {
+      message = (error as Error).message;
+    }
+    expect(message).toMatch(/only one of/);
+    expect(message).not.toContain("secret-value");
+  });
+
+  it("refuses a replica count outside 1–5", () => {
+    expect(readConfig({ JETSAGA_STREAM_REPLICAS: "3" }).streamReplicas).toBe(3);
+    expect(() => readConfig({ JETSAGA_STREAM_REPLICAS: "9" })).toThrow(/JETSAGA_STREAM_REPLICAS/);
+  });
+});
