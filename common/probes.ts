@@ -1,6 +1,6 @@
 import { createServer, type Server } from "node:http";
 import type { AddressInfo } from "node:net";
-import { collectDefaultMetrics, Registry } from "prom-client";
+import { Counter, collectDefaultMetrics, Gauge, Registry } from "prom-client";
 
 /** What a service reports about itself to the probes. */
 export interface ProbeSources {
@@ -71,4 +71,51 @@ export async function startProbeServer(
     url: `http://${host}:${address.port}`,
     close: () => new Promise<void>((resolve) => server.close(() => resolve())),
   };
+}
+
+/** Options of {@link registerStatsMetrics}. */
+export interface StatsMetricsOptions<K extends string> {
+  /** Metric name prefix, e.g. `jetsaga_orchestrator`. */
+  prefix: string;
+  /** Help text of each counter, by stats key (`deadLettered` → `<prefix>_dead_lettered_total`). */
+  counters: Record<K, string>;
+  /** Help text of the `<prefix>_up` gauge (1 while `stats()` returns something). */
+  up: string;
+  /** Labels on every series (e.g. `{ worker: "notification" }`). */
+  labels?: Record<string, string>;
+  /** The running component's counters, or undefined while it is not running. */
+  stats: () => Readonly<Record<K, number>> | undefined;
+}
+
+/**
+ * Registers counters read from a component's own stats when Prometheus scrapes, so the hot path
+ * pays nothing for metrics.
+ */
+export function registerStatsMetrics<K extends string>(
+  registry: Registry,
+  options: StatsMetricsOptions<K>,
+): void {
+  const labels = options.labels ?? {};
+  const labelNames = Object.keys(labels);
+  for (const [key, help] of Object.entries(options.counters) as Array<[K, string]>) {
+    new Counter({
+      name: `${options.prefix}_${key.replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`)}_total`,
+      help,
+      labelNames,
+      registers: [registry],
+      collect() {
+        this.reset();
+        this.inc(labels, options.stats()?.[key] ?? 0);
+      },
+    });
+  }
+  new Gauge({
+    name: `${options.prefix}_up`,
+    help: options.up,
+    labelNames,
+    registers: [registry],
+    collect() {
+      this.set(labels, options.stats() ? 1 : 0);
+    },
+  });
 }

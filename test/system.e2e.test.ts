@@ -19,6 +19,7 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
   let users: Client<typeof UserService>;
   let orders: Client<typeof OrderService>;
   let visualiserUrl = "";
+  let notificationProbesUrl = "";
 
   beforeAll(async () => {
     db = await createTestDatabase(`sys${runtime}`);
@@ -33,13 +34,15 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
       USER_SERVICE_URL: `http://127.0.0.1:${userPort}`,
       API_PORT: "0",
       VISUALISER_PORT: "0",
-      // info: the notification service has no URL to print; its "ready" line is a log line.
-      LOG_LEVEL: "info",
+      LOG_LEVEL: "warn",
     };
     const start = (entry: string, ready: RegExp) => spawnService(entry, env, ready, runtime);
     processes.push(await start("orchestrator/service/main.ts", /JETSAGA_ORCHESTRATOR_PROBES_URL=/));
     processes.push(await start("workers/user/main.ts", /JETSAGA_USER_SERVICE_URL=/));
-    processes.push(await start("workers/notification/main.ts", /notification worker ready|worker started/));
+    const notification = await start("workers/notification/main.ts", /JETSAGA_NOTIFICATION_PROBES_URL=/);
+    processes.push(notification);
+    notificationProbesUrl =
+      (await notification.waitForLine(/JETSAGA_NOTIFICATION_PROBES_URL=/)).split("=")[1] ?? "";
     const api = await start("api/main.ts", /JETSAGA_API_URL=/);
     processes.push(api);
     const visualiser = await start("visualiser/main.ts", /JETSAGA_VISUALISER_URL=/);
@@ -102,5 +105,20 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
     expect(await page.text()).toMatch(/<html/i);
     const entries = await fetch(`${visualiserUrl}/api/instances/order/${orderId}/history`);
     expect(entries.status).toBe(200);
+
+    // The notification worker is ready and counts the order's events it handled.
+    expect((await fetch(`${notificationProbesUrl}/readyz`)).status).toBe(200);
+    await expect
+      .poll(
+        async () => {
+          const metrics = await (await fetch(`${notificationProbesUrl}/metrics`)).text();
+          const handled = /^jetsaga_worker_handled_total\{[^}]*worker="notification"[^}]*\} (\d+)$/m.exec(
+            metrics,
+          );
+          return Number(handled?.[1] ?? 0);
+        },
+        { timeout: 15_000 },
+      )
+      .toBeGreaterThan(0);
   });
 });

@@ -19,7 +19,8 @@ const userPort = process.env.USER_GRPC_PORT ?? "50061";
 export const services: readonly ServiceSpec[] = [
   { name: "orchestrator", entry: "orchestrator/service/main.ts" },
   { name: "user", entry: "workers/user/main.ts", env: { USER_GRPC_PORT: userPort } },
-  { name: "notification", entry: "workers/notification/main.ts" },
+  // Its probes next to the orchestrator's (both default to 9464).
+  { name: "notification", entry: "workers/notification/main.ts", env: { PROBE_PORT: "9465" } },
   { name: "api", entry: "api/main.ts", env: { USER_SERVICE_URL: `http://127.0.0.1:${userPort}` } },
   { name: "visualiser", entry: "visualiser/main.ts" },
 ];

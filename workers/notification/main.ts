@@ -4,15 +4,19 @@
  * Environment: `DATABASE_URL` (required), `NATS_URL` (default nats://127.0.0.1:4222, comma
  * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`, and
  * `NOTIFY_WEBHOOK_URL`: when set, notifications are POSTed there (see `webhookChannel`);
- * otherwise they are logged. Applies the service's migrations, starts the worker and logs
- * `notification worker ready`. SIGINT/SIGTERM stop it gracefully. Start-up failures are logged
- * as one line with their code and exit with status 1.
+ * otherwise they are logged; `PROBE_PORT` (default 9464, 0 = any free port) and `PROBE_HOST`
+ * (default 127.0.0.1) for `/healthz`, `/readyz` and `/metrics`. Applies the service's migrations,
+ * starts the worker, logs `notification worker ready` and prints
+ * `JETSAGA_NOTIFICATION_PROBES_URL=<url>` (stdout). SIGINT/SIGTERM stop it gracefully. Start-up
+ * failures are logged as one line with their code and exit with status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { onShutdown, readConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
+import { createMetricsRegistry, type ProbeServer, startProbeServer } from "../../common/probes.ts";
+import { registerWorkerMetrics } from "../runtime/metrics.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { logChannel, type NotificationChannel, webhookChannel } from "./channels.ts";
 import { notificationMigrationsDir } from "./index.ts";
@@ -25,9 +29,11 @@ const webhookUrl = process.env.NOTIFY_WEBHOOK_URL;
 let sql: Sql | undefined;
 let nc: NatsConnection | undefined;
 let worker: RunningWorker | undefined;
+let probes: ProbeServer | undefined;
 
 async function stop(): Promise<void> {
   await worker?.stop();
+  await probes?.close();
   await nc?.drain().catch(() => {});
   await sql?.end({ timeout: 5 });
 }
@@ -47,10 +53,22 @@ try {
   } catch (error) {
     throw Object.assign(new Error(`NOTIFY_WEBHOOK_URL is not a valid URL`), { code: "CONFIG", cause: error });
   }
+  const registry = createMetricsRegistry("notification");
+  registerWorkerMetrics(registry, "notification", () => worker?.stats);
+  // Probes answer (not ready) while the worker starts.
+  probes = await startProbeServer(
+    { registry, ready: () => worker !== undefined && nc !== undefined && !nc.isClosed() },
+    Number(process.env.PROBE_PORT ?? 9464),
+    config.probeHost,
+  );
   sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
   const { applied, version } = await migrate(sql, { name: "notification", dir: notificationMigrationsDir });
   logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
-  nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-notification" });
+  nc = await connectNats({
+    servers: config.natsUrl.split(","),
+    name: "jetsaga-notification",
+    auth: config.natsAuth,
+  });
   worker = await startNotificationWorker({ nc, sql, ns: config.ns, logger, channel });
   onShutdown(stop);
   logger.info(
@@ -61,9 +79,11 @@ try {
       channel: channel.name,
       // Only the host: a webhook URL may carry a token in its path or query.
       ...(webhookUrl ? { webhook: new URL(webhookUrl).host } : {}),
+      probes: probes.url,
     },
     "notification worker ready",
   );
+  process.stdout.write(`JETSAGA_NOTIFICATION_PROBES_URL=${probes.url}\n`);
 } catch (error) {
   // One clear line, no stack: these are configuration and environment problems, not bugs.
   const code = (error as { code?: unknown }).code;
