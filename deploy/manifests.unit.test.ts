@@ -33,9 +33,16 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
     NOTIFY_WEBHOOK_URL: "unset = notifications are logged; a webhook URL may hold a token (use a Secret)",
     PROBE_HOST: "readConfig() reads it for every service; only services with a probe port need it",
     JETSAGA_STREAM_REPLICAS: "unset = streams keep their replicas; set where the cluster is R3",
+    NATS_CREDS: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
+    NATS_USER: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
+    NATS_PASSWORD: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
+    NATS_TOKEN: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
   },
   "orchestrator/service/main.ts": {
     DATABASE_URL: "readConfig() reads it for every service; the orchestrator keeps no database",
+  },
+  "workers/user/main.ts": {
+    JETSAGA_RETENTION_DAYS: "default 14 days of processed-command replies and published outbox rows",
   },
 };
 

@@ -7,6 +7,14 @@ export {
   startOutboxRelay,
 } from "./outbox-relay.ts";
 export {
+  DEFAULT_RETENTION_MS,
+  type PruneResult,
+  type Pruner,
+  type PrunerLogger,
+  type PrunerOptions,
+  startPruner,
+} from "./pruner.ts";
+export {
   type CreateUserOptions,
   createUserStore,
   type NewUser,

@@ -8,7 +8,8 @@
  * service's own (see `api/user/config.ts`): `JETSAGA_TOKEN_SECRET` (required, ≥ 32 bytes),
  * `JETSAGA_TOKEN_TTL_SECONDS` (default 3600), `USER_GRPC_HOST` (default 127.0.0.1),
  * `USER_GRPC_PORT` (default 50061, 0 = any free port), `JETSAGA_OUTBOX_RELAY` (`on` | `off`,
- * default on).
+ * default on), `JETSAGA_RETENTION_DAYS` (default 14: age at which processed-command replies and
+ * published outbox rows are pruned).
  *
  * Applies the service's migrations, starts worker, relay and API, logs `user worker ready` and
  * then prints `JETSAGA_USER_SERVICE_URL=http://<host>:<port>` on a line of its own (stdout) for
@@ -29,6 +30,7 @@ import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { userMigrationsDir } from "./index.ts";
 import { type OutboxRelay, startOutboxRelay } from "./outbox-relay.ts";
+import { type Pruner, startPruner } from "./pruner.ts";
 import { startUserWorker } from "./worker.ts";
 
 /** Requests of UserService are a few hundred bytes; 64 KiB leaves room and bounds memory per call. */
@@ -41,11 +43,13 @@ let sql: Sql | undefined;
 let nc: NatsConnection | undefined;
 let worker: RunningWorker | undefined;
 let relay: OutboxRelay | undefined;
+let pruner: Pruner | undefined;
 let server: RpcServer | undefined;
 
 async function stop(): Promise<void> {
   await server?.close();
   await relay?.stop();
+  await pruner?.stop();
   await worker?.stop();
   await nc?.drain().catch(() => {});
   await sql?.end({ timeout: 5 });
@@ -62,7 +66,11 @@ try {
   sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-user" });
   const { applied, version } = await migrate(sql, { name: "user", dir: userMigrationsDir });
   logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
-  nc = await connectNats({ servers: config.natsUrl.split(","), name: "jetsaga-user" });
+  nc = await connectNats({
+    servers: config.natsUrl.split(","),
+    name: "jetsaga-user",
+    auth: config.natsAuth,
+  });
   // The worker ensures the streams (the relay publishes into the events stream).
   worker = await startUserWorker({ nc, sql, ns: config.ns, logger });
   if (userConfig.outboxRelay) {
@@ -70,6 +78,7 @@ try {
   } else {
     logger.warn("outbox relay is off (JETSAGA_OUTBOX_RELAY=off): user.created stays in the outbox");
   }
+  pruner = startPruner({ sql, retentionMs: userConfig.retentionDays * 24 * 3600 * 1000, logger });
   const service = createUserService({
     sql,
     ns: config.ns,

@@ -1,0 +1,71 @@
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectPostgres, migrate, type Sql } from "../../common/postgres.ts";
+import { createTestDatabase, type TestDatabase } from "../../test/support/context.ts";
+import { userMigrationsDir } from "./index.ts";
+import { startPruner } from "./pruner.ts";
+import { createUserStore } from "./store.ts";
+
+const DAY_MS = 24 * 3600 * 1000;
+
+let db: TestDatabase;
+let sql: Sql;
+
+beforeAll(async () => {
+  db = await createTestDatabase("userprune");
+  sql = await connectPostgres(db.url);
+  await migrate(sql, { name: "user", dir: userMigrationsDir });
+});
+
+afterAll(async () => {
+  await sql?.end({ timeout: 5 });
+  await db?.drop();
+});
+
+const ids = async (table: "processed_commands" | "outbox"): Promise<string[]> => {
+  const rows =
+    table === "processed_commands"
+      ? await sql<{ id: string }[]>`select command_id as id from processed_commands order by 1`
+      : await sql<{ id: string }[]>`select msg_id as id from outbox order by 1`;
+  return rows.map((row) => row.id);
+};
+
+describe("pruner", () => {
+  it("deletes processed commands and published outbox rows past the retention, in batches, and nothing else", async () => {
+    const store = createUserStore(sql);
+    await store.createUser({
+      userId: "u1",
+      email: "u1@example.com",
+      passwordHash: "x",
+      creditLimitCents: 100,
+    });
+    for (const id of ["old-1", "old-2", "old-3", "recent"]) await store.verify(id, { userId: "u1" });
+    await sql`update processed_commands set processed_at = now() - interval '20 days' where command_id like 'old-%'`;
+    await sql`
+      insert into outbox (subject, msg_id, payload, created_at, published_at) values
+        ('x.events.user.user.created', 'published-old', '{}', now() - interval '20 days', now() - interval '20 days'),
+        ('x.events.user.user.created', 'published-recent', '{}', now(), now()),
+        ('x.events.user.user.created', 'unpublished-old', '{}', now() - interval '20 days', null)`;
+
+    const pruner = startPruner({ sql, retentionMs: 14 * DAY_MS, batchSize: 2, intervalMs: 3_600_000 });
+    try {
+      // The first pass runs at start; batches of 2 take two statements for the three old replies.
+      await expect.poll(() => ids("processed_commands"), { timeout: 10_000 }).toEqual(["recent"]);
+      await expect
+        .poll(() => ids("outbox"), { timeout: 10_000 })
+        .toEqual(["published-recent", "unpublished-old"]);
+      expect(await pruner.runOnce()).toEqual({ processedCommands: 0, outbox: 0 });
+    } finally {
+      await pruner.stop();
+    }
+
+    // A command whose reply was pruned is a new command to the store: that is why the retention
+    // must outlast redeliveries.
+    expect(await store.verify("old-1", { userId: "u1" })).toEqual({ type: "user.verified", userId: "u1" });
+  });
+
+  it("refuses a retention, interval or batch size that is not a positive integer", () => {
+    expect(() => startPruner({ sql, retentionMs: 0 })).toThrow(RangeError);
+    expect(() => startPruner({ sql, intervalMs: 1.5 })).toThrow(RangeError);
+    expect(() => startPruner({ sql, batchSize: -1 })).toThrow(RangeError);
+  });
+});

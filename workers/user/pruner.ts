@@ -1,0 +1,107 @@
+/**
+ * Keeps the user service's bookkeeping tables bounded: `processed_commands` (the replies that make
+ * commands idempotent) and published `outbox` rows grow by a row per command or event for ever
+ * otherwise. Rows older than the retention are deleted in small batches, so a pass never holds
+ * long locks or builds one huge transaction.
+ *
+ * The retention must outlast every redelivery of a command: a command delivered again after its
+ * reply was pruned would be applied a second time. Redeliveries come from the command's own
+ * retries (seconds to minutes) and from the orchestrator repeating an entry's effects after a
+ * crash (within the inbox's ack wait), so the default of 14 days leaves a wide margin; unpublished
+ * outbox rows are never pruned.
+ */
+import type { Sql } from "../../common/postgres.ts";
+
+/** Default age after which processed commands and published outbox rows are deleted: 14 days. */
+export const DEFAULT_RETENTION_MS = 14 * 24 * 3600 * 1000;
+
+/** Logging the pruner does (a pino logger fits). */
+export interface PrunerLogger {
+  info(obj: Record<string, unknown>, msg: string): void;
+  warn(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** Options of {@link startPruner}. */
+export interface PrunerOptions {
+  sql: Sql;
+  /** Rows older than this are deleted, ms. Default {@link DEFAULT_RETENTION_MS}. */
+  retentionMs?: number;
+  /** Time between passes, ms. Default 1 hour; the first pass runs at start. */
+  intervalMs?: number;
+  /** Rows per delete statement. Default 5000. */
+  batchSize?: number;
+  logger?: PrunerLogger;
+}
+
+/** Rows one pass deleted. */
+export interface PruneResult {
+  processedCommands: number;
+  outbox: number;
+}
+
+/** A running pruner. */
+export interface Pruner {
+  /** Runs one pass now (also what the timer does). */
+  runOnce(): Promise<PruneResult>;
+  /** Stops the timer and waits for a pass in progress. Idempotent. */
+  stop(): Promise<void>;
+}
+
+/** Starts pruning: one pass at once, then every `intervalMs`. A failed pass is logged and retried at the next. */
+export function startPruner(options: PrunerOptions): Pruner {
+  const { sql, logger } = options;
+  const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
+  const intervalMs = options.intervalMs ?? 3_600_000;
+  const batchSize = options.batchSize ?? 5000;
+  for (const [name, value] of Object.entries({ retentionMs, intervalMs, batchSize })) {
+    if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer`);
+  }
+  const cutoff = (): Date => new Date(Date.now() - retentionMs);
+  let stopped = false;
+
+  /** Deletes `table` rows whose `column` is older than the retention, in batches until one comes back short. */
+  const prune = async (table: string, key: string, column: string): Promise<number> => {
+    const before = cutoff();
+    let total = 0;
+    for (;;) {
+      const { count } = await sql`
+        delete from ${sql(table)} where ${sql(key)} in (
+          select ${sql(key)} from ${sql(table)} where ${sql(column)} < ${before} limit ${batchSize})`;
+      total += count;
+      if (count < batchSize || stopped) return total;
+    }
+  };
+
+  const runOnce = async (): Promise<PruneResult> => {
+    const processedCommands = await prune("processed_commands", "command_id", "processed_at");
+    // `published_at < …` is false for unpublished rows (null): they are never pruned.
+    const outbox = await prune("outbox", "id", "published_at");
+    if (processedCommands + outbox > 0) {
+      logger?.info(
+        { processedCommands, outbox, retentionMs },
+        "pruned old processed commands and outbox rows",
+      );
+    }
+    return { processedCommands, outbox };
+  };
+
+  let running: Promise<unknown> = Promise.resolve();
+  const pass = (): void => {
+    running = runOnce().catch((error: unknown) => {
+      logger?.warn({ err: error }, "pruning failed; trying again at the next pass");
+    });
+  };
+  pass();
+  const timer = setInterval(pass, intervalMs);
+  // A pruning pass never keeps the process alive on its own.
+  timer.unref?.();
+
+  return {
+    runOnce,
+    async stop() {
+      stopped = true;
+      clearInterval(timer);
+      await running;
+    },
+  };
+}
