@@ -33,10 +33,15 @@ describe("HistoryFollower.watch", () => {
 
   /** Appends an entry of `instanceId` and returns its stream sequence. */
   const append = async (instanceId: string, revision: number): Promise<number> => {
-    const ack = await jetstream(nc).publish(
-      topo.historySubject(WORKFLOW, instanceId),
-      JSON.stringify({ revision, state: { instanceId } }),
-    );
+    const entry = {
+      revision,
+      causationId: `c${revision}`,
+      event: { type: "tick" },
+      state: { workflow: WORKFLOW, instanceId, status: "running", value: "waiting", context: {} },
+      effects: [],
+      at: Date.now(),
+    };
+    const ack = await jetstream(nc).publish(topo.historySubject(WORKFLOW, instanceId), JSON.stringify(entry));
     return ack.seq;
   };
   const seqsOf = (found: readonly SequencedEntry[]) => found.map((f) => [f.seq, f.entry.revision]);
@@ -100,6 +105,20 @@ describe("HistoryFollower.watch", () => {
     expect(await watch.next()).toMatchObject({ done: false, value: { seq, entry: { revision: 1 } } });
     const later = await append(id, 2);
     expect(await watch.next()).toMatchObject({ done: false, value: { seq: later, entry: { revision: 2 } } });
+    await watch.return?.();
+  });
+
+  it("skips malformed entries and keeps following", async () => {
+    const id = `i-${randomUUID()}`;
+    const watch = follower.watch(id)[Symbol.asyncIterator]();
+    const pending = watch.next();
+    const subject = topo.historySubject(WORKFLOW, id);
+    await jetstream(nc).publish(subject, "not json");
+    await jetstream(nc).publish(subject, JSON.stringify({ revision: 1, state: { instanceId: id } }));
+    const seq = await append(id, 2);
+    expect(await pending).toMatchObject({ done: false, value: { seq, entry: { revision: 2 } } });
+    const later = await append(id, 3);
+    expect(await watch.next()).toMatchObject({ done: false, value: { seq: later } });
     await watch.return?.();
   });
 

@@ -7,6 +7,7 @@ import {
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { HistoryEntry, Topology } from "../../orchestrator/index.ts";
+import { decodeHistoryMessage } from "./read-model/projector.ts";
 
 /** A history entry with its stream sequence (the position a command returns). */
 export interface SequencedEntry {
@@ -82,17 +83,20 @@ export class HistoryFollower {
   async #run(): Promise<void> {
     try {
       for await (const msg of this.#messages) {
-        let entry: HistoryEntry;
-        try {
-          entry = JSON.parse(msg.string()) as HistoryEntry;
-        } catch {
-          continue;
-        }
-        const found = { seq: msg.seq, entry };
-        const instanceId = entry.state?.instanceId ?? "";
+        // Only the orchestrator writes history, but one malformed entry must not end the loop
+        // that every command and watch of this gateway waits on: such entries are skipped here
+        // as the projector skips (and logs) them.
+        const found = decodeHistoryMessage(msg);
+        if (!found) continue;
+        const { entry } = found;
+        const instanceId = entry.state.instanceId;
         for (const waiter of [...(this.#waiters.get(instanceId) ?? [])]) {
-          waiter.onEntry?.(found);
-          if (waiter.match(entry)) waiter.resolve(found);
+          try {
+            waiter.onEntry?.(found);
+            if (waiter.match(entry)) waiter.resolve(found);
+          } catch {
+            // A waiter whose test throws on this entry waits on (and times out at worst).
+          }
         }
         for (const watcher of this.#watchers.get(instanceId) ?? []) watcher.push(found);
       }
