@@ -87,6 +87,27 @@ describe("outbox relay", () => {
     expect(user.userId).toBe(`u${topo.ns}`);
   });
 
+  it("a row that cannot be published waits for its retry with its error, and the rows behind it go out", async () => {
+    const topo = topology(uniqueNamespace("poison"));
+    await ensureTopology(await jetstreamManager(nc), topo, { storage: "memory" });
+    // In the namespace, but no stream takes this subject: every publish fails (no responders).
+    const nowhere = `${topo.ns}.nowhere.user.created`;
+    const subject = topo.eventSubject("user", "user.created");
+    await insert(nowhere, [`poison.${topo.ns}`]);
+    const ids = Array.from({ length: 5 }, (_, i) => `user.created.${topo.ns}-${i}`);
+    await insert(subject, ids);
+    relays.push(
+      await startOutboxRelay({ sql, nc, ns: topo.ns, batchSize: 1, retryDelayMs: 20, publishTimeoutMs: 500 }),
+    );
+    await expect.poll(() => unpublished(subject), { timeout: 30_000 }).toBe(0);
+    expect(await stored(topo.streams.events, subject)).toBe(5);
+    const [poison] = await sql<{ attempts: number; last_error: string | null; published_at: Date | null }[]>`
+      select attempts, last_error, published_at from outbox where msg_id = ${`poison.${topo.ns}`}`;
+    expect(poison?.published_at).toBeNull();
+    expect(poison?.attempts).toBeGreaterThan(0);
+    expect(poison?.last_error).toBeTruthy();
+  });
+
   it("keeps retrying while the stream is missing, publishes once it exists, and ignores other namespaces", async () => {
     const topo = topology(uniqueNamespace("late"));
     const foreign = topology(uniqueNamespace("foreign"));

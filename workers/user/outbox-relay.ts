@@ -14,6 +14,10 @@
  * on the envelope's `eventId` (which equals the msg id). The window is kept in server memory and
  * rebuilt from stored messages after a server restart, so a server restart does not open a gap.
  *
+ * A row whose publish fails is tried again after a pause that doubles per attempt (1 s up to
+ * `maxRetryDelayMs`), with the reason in `last_error`, while the rows behind it go on: one row that
+ * can never be published does not hold up the others.
+ *
  * Rows are picked up as soon as a writer commits (the store's `createUser` NOTIFYs
  * `OUTBOX_CHANNEL` in its transaction) and by polling every `pollIntervalMs` as a backstop for
  * missed notifications and for writers that do not notify.
@@ -48,6 +52,11 @@ export interface OutboxRelayOptions {
   pollIntervalMs?: number;
   /** Pause after a failed pass (NATS or Postgres unavailable, stream missing), ms; default 1000. */
   retryDelayMs?: number;
+  /**
+   * Longest pause before a row that failed is tried again, ms; default 60000. Also how long rows
+   * can lag behind after an outage that failed them many times.
+   */
+  maxRetryDelayMs?: number;
   /** How long to wait for each PubAck, ms; default 5000. */
   publishTimeoutMs?: number;
   /** LISTEN on `OUTBOX_CHANNEL` for writers' notifications; default true. Without it the relay only polls. */
@@ -83,8 +92,15 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
   const pollIntervalMs = options.pollIntervalMs ?? 200;
   const retryDelayMs = options.retryDelayMs ?? 1000;
   const publishTimeoutMs = options.publishTimeoutMs ?? 5000;
+  const maxRetryDelayMs = options.maxRetryDelayMs ?? 60_000;
   const log = options.logger;
-  for (const [name, value] of Object.entries({ batchSize, pollIntervalMs, retryDelayMs, publishTimeoutMs })) {
+  for (const [name, value] of Object.entries({
+    batchSize,
+    pollIntervalMs,
+    retryDelayMs,
+    publishTimeoutMs,
+    maxRetryDelayMs,
+  })) {
     if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer`);
   }
   const js = jetstream(options.nc);
@@ -121,6 +137,7 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
       const rows = await tx<OutboxRow[]>`
         select id, subject, msg_id, payload from outbox
         where published_at is null and subject like ${subjectPattern}
+          and (next_attempt_at is null or next_attempt_at <= now())
         order by id
         limit ${batchSize}
         for update skip locked`;
@@ -136,6 +153,7 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
         ),
       );
       const acked: string[] = [];
+      const failed: Array<{ id: string; error: string }> = [];
       let duplicates = 0;
       results.forEach((result, i) => {
         const row = rows[i];
@@ -144,6 +162,7 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
           acked.push(row.id);
           if (result.value.duplicate) duplicates++;
         } else {
+          failed.push({ id: row.id, error: String(result.reason).slice(0, 500) });
           log?.warn(
             { msgId: row.msg_id, subject: row.subject, err: String(result.reason) },
             "outbox publish failed; will retry",
@@ -151,6 +170,15 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
         }
       });
       if (acked.length > 0) await tx`update outbox set published_at = now() where id in ${tx(acked)}`;
+      if (failed.length > 0) {
+        await tx`
+          update outbox set
+            attempts = attempts + 1,
+            last_error = f.error,
+            next_attempt_at = now() + least(${maxRetryDelayMs}, 1000 * power(2, attempts)) * interval '1 millisecond'
+          from json_to_recordset(${JSON.stringify(failed)}::text::json) as f(id bigint, error text)
+          where outbox.id = f.id`;
+      }
       log?.debug({ published: acked.length, duplicates, failed: rows.length - acked.length }, "outbox batch");
       return { published: acked.length, failed: rows.length - acked.length };
     });
