@@ -1,12 +1,14 @@
 /**
- * A smoke of `npm run bench`: the engine-alone measurement and the JetStream floor with a handful
- * of sagas against the suite's nats-server. It checks behaviour only (every saga completes, no
+ * A smoke of `npm run bench`: the engine-alone measurement, the JetStream floor and the full path
+ * (gRPC → saga → user service → read model, every service a process) with a handful of sagas
+ * against the suite's nats-server. It checks behaviour only (every saga completes, no
  * errors, the report is complete and finite), never timings: the machine is shared.
  */
 import { describe, expect, it } from "vitest";
 import { natsUrl, uniqueNamespace } from "../test/support/context.ts";
 import type { LoadReport } from "./drive.ts";
 import { measureEngine, measureFloor } from "./engine.ts";
+import { measureFullPath } from "./full-path.ts";
 
 function expectFiniteReport(report: LoadReport, processes: readonly string[]): void {
   expect(report.errors).toBe(0);
@@ -67,5 +69,24 @@ describe("benchmark smoke", () => {
       expect(level.kind).toBe("floor");
       expectFiniteReport(level, []);
     }
+  });
+
+  it("runs the full path: every order is confirmed and read back from the read model", async () => {
+    const result = await measureFullPath({
+      natsUrl: natsUrl(),
+      ns: uniqueNamespace("full"),
+      levels: [
+        { concurrency: 1, count: 3, warmup: 2 },
+        { concurrency: 4, count: 8, warmup: 4 },
+      ],
+    });
+    if ("skipped" in result) throw new Error(`full path skipped: ${result.skipped}`);
+    expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
+    for (const level of result.levels) {
+      expect(level.kind).toBe("full");
+      expectFiniteReport(level, ["orchestrator", "user", "api"]);
+    }
+    // One GetOrder per order: the watch said CONFIRMED and the read model agreed at its position.
+    expect(result.readsPerOrder).toBe(1);
   });
 });
