@@ -28,6 +28,7 @@ import {
 } from "../../../test/support/context.ts";
 import {
   applyBatch,
+  CHECKPOINT_CHANNEL,
   type OrderProjector,
   orderReadModelMigrations,
   type PositionedEntry,
@@ -290,5 +291,29 @@ describe("order read model projector", () => {
     const incremental = await dump(sql);
     await rebuildOrderReadModel({ nc, sql, ns, batchSize: 13 });
     expect(await dump(sql)).toEqual(incremental);
+  });
+
+  it("keeps writing when another projector announced a position past an entry it skips", async () => {
+    const last = await lastOrderSeq(nc, client);
+    await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(last);
+    // Another replica (or a rebuild) announces the next position before this one reads it…
+    const jsm = await jetstream(nc).jetstreamManager();
+    const next = (await jsm.streams.info(client.topology.streams.history)).state.last_seq + 1;
+    await sql`select pg_notify(${CHECKPOINT_CHANNEL}, ${`orders:${next}`})`;
+    expect(await projector.waitFor(next, 10_000)).toBe(true);
+    // …and the entry at that position is one this projector skips: nothing to write, and no
+    // writer may be left behind that never runs again.
+    const bad = await jetstream(nc).publish(client.topology.historySubject("order", "o-skipped"), "not json");
+    expect(bad.seq).toBe(next);
+    await client.start("order", "o-after-skip", {
+      orderId: "o-after-skip",
+      userId: "u-1",
+      items: [{ sku: "sku", quantity: 1, unitPriceCents: 5 }],
+    });
+    await expect
+      .poll(async () => (await sql`select 1 from orders where order_id = 'o-after-skip'`).length, {
+        timeout: 20_000,
+      })
+      .toBe(1);
   });
 });

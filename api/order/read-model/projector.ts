@@ -147,7 +147,7 @@ class Projector implements OrderProjector {
       // runs goes into the next one (group commit), so under load a statement carries many
       // entries instead of each entry costing one.
       if (msg.info.pending === 0 || this.#unwritten.length >= this.#maxBatch) {
-        this.#writer ??= this.#writeUnwritten();
+        if (this.#behind()) this.#writer ??= this.#writeUnwritten();
         // Back-pressure: a full batch waits for the writer rather than growing without bound.
         if (this.#unwritten.length >= this.#maxBatch) await this.#writer;
       }
@@ -156,9 +156,17 @@ class Projector implements OrderProjector {
     await this.#writer;
   }
 
+  /** True while something read is not written yet (and the projector is not stopping). */
+  #behind(): boolean {
+    return !this.#stopping && (this.#unwritten.length > 0 || this.#readSeq > this.#position);
+  }
+
   async #writeUnwritten(): Promise<void> {
+    // Settle asynchronously even when there is nothing to do: a synchronous `finally` would clear
+    // #writer before the caller's `??=` stores this promise, leaving a settled writer for ever.
+    await null;
     try {
-      while (!this.#stopping && (this.#unwritten.length > 0 || this.#readSeq > this.#position)) {
+      while (this.#behind()) {
         const all = this.#unwritten.length <= this.#maxBatch;
         const batch = this.#unwritten.splice(0, this.#maxBatch);
         // The checkpoint covers every message read, also the skipped ones, once all are written.
