@@ -1,6 +1,8 @@
 import {
   type ConsumerMessages,
   DeliverPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
   type JetStreamManager,
   jetstream,
   jetstreamManager,
@@ -101,7 +103,9 @@ export class HistoryFollower {
         for (const watcher of this.#watchers.get(instanceId) ?? []) watcher.push(found);
       }
     } finally {
-      // Without the consumer a watch would never see another entry: end them rather than hang.
+      // Without the consumer a watch would never see another entry: end them (and any started
+      // later) rather than hang.
+      this.#closed = true;
       this.#endWatches();
     }
   }
@@ -148,21 +152,38 @@ export class HistoryFollower {
     };
   }
 
-  /** The latest entry of an instance (one direct get), or undefined. */
-  async latest(instanceId: string): Promise<SequencedEntry | undefined> {
-    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
-      last_by_subj: this.#topo.historySubject(this.#workflow, instanceId),
-    });
-    return msg ? { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry } : undefined;
+  /**
+   * The latest entry of an instance, or undefined (also when it is malformed): one direct get (any
+   * replica may answer), or with `fromLeader` a read from the stream's leader, which has every
+   * acknowledged entry.
+   */
+  async latest(
+    instanceId: string,
+    options: { fromLeader?: boolean } = {},
+  ): Promise<SequencedEntry | undefined> {
+    const query = { last_by_subj: this.#topo.historySubject(this.#workflow, instanceId) };
+    if (options.fromLeader) {
+      try {
+        const msg = await this.#jsm.streams.getMessage(this.#topo.streams.history, query);
+        return msg ? decodeHistoryMessage(msg) : undefined;
+      } catch (error) {
+        if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.NoMessageFound) {
+          return undefined;
+        }
+        throw error;
+      }
+    }
+    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, query);
+    return msg ? decodeHistoryMessage(msg) : undefined;
   }
 
-  /** The first entry of an instance (its start, with the input), or undefined. */
+  /** The first entry of an instance (its start, with the input), or undefined (also when malformed). */
   async first(instanceId: string): Promise<SequencedEntry | undefined> {
     const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
       seq: 1,
       next_by_subj: this.#topo.historySubject(this.#workflow, instanceId),
     });
-    return msg ? { seq: msg.seq, entry: JSON.parse(msg.string()) as HistoryEntry } : undefined;
+    return msg ? decodeHistoryMessage(msg) : undefined;
   }
 
   /** True once {@link close} was called: watches end and waits resolve undefined. */
@@ -206,7 +227,9 @@ export class HistoryFollower {
     if (signal?.aborted) watcher.end();
     try {
       let last = 0;
-      const latest = await this.latest(instanceId);
+      // From the leader: a lagging replica could answer with the entry before one the consumer
+      // delivered just before this watch registered, and the watch would never see it.
+      const latest = await this.latest(instanceId, { fromLeader: true });
       if (!latest && options.onlyExisting) return;
       if (latest && !ended) {
         last = latest.seq;
