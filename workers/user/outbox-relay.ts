@@ -162,7 +162,9 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
           acked.push(row.id);
           if (result.value.duplicate) duplicates++;
         } else {
-          failed.push({ id: row.id, error: String(result.reason).slice(0, 500) });
+          // Text Postgres accepts whatever the error says: no lone surrogate (a cut pair) or U+0000.
+          const error = String(result.reason).slice(0, 500).toWellFormed().replaceAll("\u0000", "\uFFFD");
+          failed.push({ id: row.id, error });
           log?.warn(
             { msgId: row.msg_id, subject: row.subject, err: String(result.reason) },
             "outbox publish failed; will retry",
@@ -175,7 +177,9 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
           update outbox set
             attempts = attempts + 1,
             last_error = f.error,
-            next_attempt_at = now() + least(${maxRetryDelayMs}, 1000 * power(2, attempts)) * interval '1 millisecond'
+            -- The exponent is capped: 2^1015 ms overflows a double, and the failed update would roll
+            -- back the whole pass (the acknowledged rows' marks too) on every try.
+            next_attempt_at = now() + least(${maxRetryDelayMs}, 1000 * power(2, least(attempts, 30))) * interval '1 millisecond'
           from json_to_recordset(${JSON.stringify(failed)}::text::json) as f(id bigint, error text)
           where outbox.id = f.id`;
       }
