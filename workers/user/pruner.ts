@@ -85,11 +85,17 @@ export function startPruner(options: PrunerOptions): Pruner {
     return { processedCommands, outbox };
   };
 
-  let running: Promise<unknown> = Promise.resolve();
+  let running: Promise<unknown> | undefined;
   const pass = (): void => {
-    running = runOnce().catch((error: unknown) => {
-      logger?.warn({ err: error }, "pruning failed; trying again at the next pass");
-    });
+    // A pass still deleting a large backlog when the next one is due: let it finish.
+    if (running) return;
+    running = runOnce()
+      .catch((error: unknown) => {
+        logger?.warn({ err: error }, "pruning failed; trying again at the next pass");
+      })
+      .finally(() => {
+        running = undefined;
+      });
   };
   pass();
   const timer = setInterval(pass, intervalMs);
