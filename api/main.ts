@@ -21,7 +21,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { MIN_SECRET_BYTES } from "../common/auth-token.ts";
 import { onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
-import { connectNats } from "../common/nats.ts";
+import { connectNats, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
 import { type Gateway, startGateway } from "./gateway.ts";
 
@@ -112,7 +112,7 @@ try {
   logger.info(
     {
       url: gateway.url,
-      nats: config.natsUrl,
+      nats: describeServers(config.natsUrl),
       database: describeUrl(config.databaseUrl),
       ns: config.ns,
       userService: api.userServiceUrl,

@@ -1,5 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { readConfig } from "./config.ts";
+import { describeServers } from "./nats.ts";
 
 describe("readConfig", () => {
   it("reads NATS credentials from one of three forms", () => {
@@ -43,5 +44,14 @@ describe("readConfig", () => {
   it("refuses a replica count outside 1–5", () => {
     expect(readConfig({ JETSAGA_STREAM_REPLICAS: "3" }).streamReplicas).toBe(3);
     expect(() => readConfig({ JETSAGA_STREAM_REPLICAS: "9" })).toThrow(/JETSAGA_STREAM_REPLICAS/);
+  });
+});
+
+describe("describeServers", () => {
+  it("drops user, password and token from NATS URLs, keeping the rest", () => {
+    expect(describeServers("nats://user:pw@a:4222,nats://tok3n@b:4222, c:4222")).toBe(
+      "nats://a:4222,nats://b:4222,c:4222",
+    );
+    expect(describeServers(["tls://x:y@host"])).toBe("tls://host");
   });
 });

@@ -43,12 +43,33 @@ export async function connectNats(
       ...connection,
     });
   } catch (error) {
-    throw new JetsagaError("UNAVAILABLE", `cannot connect to NATS at ${String(options.servers)}`, {
+    throw new JetsagaError("UNAVAILABLE", `cannot connect to NATS at ${describeServers(options.servers)}`, {
       cause: error,
     });
   }
-  assertServerVersion(nc.info?.version ?? "0.0.0", String(options.servers));
+  assertServerVersion(nc.info?.version ?? "0.0.0", describeServers(options.servers));
   return nc;
+}
+
+/**
+ * NATS server URLs without their `user:password@` or `token@` part: safe to log and to put in
+ * error messages.
+ */
+export function describeServers(servers: string | readonly string[]): string {
+  const list = typeof servers === "string" ? servers.split(",") : [...servers];
+  return list
+    .map((server) => {
+      try {
+        const url = new URL(server.trim());
+        url.username = "";
+        url.password = "";
+        return url.toString().replace(/\/$/, "");
+      } catch {
+        // Not a URL (e.g. `host:port`): it has no credentials to hide.
+        return server.trim();
+      }
+    })
+    .join(",");
 }
 
 /** The nats.js options for `auth`; a creds file is read now (a rotated file is picked up on restart). */

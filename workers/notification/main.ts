@@ -13,7 +13,7 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { onShutdown, readConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
-import { connectNats } from "../../common/nats.ts";
+import { connectNats, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
 import { createMetricsRegistry, type ProbeServer, startProbeServer } from "../../common/probes.ts";
 import { registerWorkerMetrics } from "../runtime/metrics.ts";
@@ -23,7 +23,6 @@ import { notificationMigrationsDir } from "./index.ts";
 import { startNotificationWorker } from "./worker.ts";
 
 const logger = createLogger("notification");
-const config = readConfig();
 const webhookUrl = process.env.NOTIFY_WEBHOOK_URL;
 
 let sql: Sql | undefined;
@@ -39,6 +38,8 @@ async function stop(): Promise<void> {
 }
 
 try {
+  // Inside the try: a malformed setting is reported as one line like the other start-up errors.
+  const config = readConfig();
   if (!config.databaseUrl) {
     throw Object.assign(
       new Error("DATABASE_URL is not set: the notification service needs its PostgreSQL database"),
@@ -73,7 +74,7 @@ try {
   onShutdown(stop);
   logger.info(
     {
-      nats: config.natsUrl,
+      nats: describeServers(config.natsUrl),
       database: describeUrl(config.databaseUrl),
       ns: config.ns,
       channel: channel.name,

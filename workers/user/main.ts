@@ -24,7 +24,7 @@ import { readUserServiceConfig } from "../../api/user/config.ts";
 import { createUserService } from "../../api/user/service.ts";
 import { onShutdown, readConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
-import { connectNats } from "../../common/nats.ts";
+import { connectNats, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import type { RunningWorker } from "../runtime/types.ts";
@@ -37,7 +37,6 @@ import { startUserWorker } from "./worker.ts";
 const READ_MAX_BYTES = 64 * 1024;
 
 const logger = createLogger("user");
-const config = readConfig();
 
 let sql: Sql | undefined;
 let nc: NatsConnection | undefined;
@@ -56,6 +55,8 @@ async function stop(): Promise<void> {
 }
 
 try {
+  // Inside the try: a malformed setting is reported as one line like the other start-up errors.
+  const config = readConfig();
   const userConfig = readUserServiceConfig();
   if (!config.databaseUrl) {
     throw Object.assign(
@@ -96,7 +97,7 @@ try {
   onShutdown(stop);
   logger.info(
     {
-      nats: config.natsUrl,
+      nats: describeServers(config.natsUrl),
       database: describeUrl(config.databaseUrl),
       ns: config.ns,
       url: server.url,
