@@ -20,10 +20,12 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
   let orders: Client<typeof OrderService>;
   let visualiserUrl = "";
   let notificationProbesUrl = "";
+  let userServiceUrl = "";
 
   beforeAll(async () => {
     db = await createTestDatabase(`sys${runtime}`);
     const userPort = await freePort();
+    userServiceUrl = `http://127.0.0.1:${userPort}`;
     const env = {
       NATS_URL: natsUrl(),
       DATABASE_URL: db.url,
@@ -105,6 +107,11 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
     expect(await page.text()).toMatch(/<html/i);
     const entries = await fetch(`${visualiserUrl}/api/instances/order/${orderId}/history`);
     expect(entries.status).toBe(200);
+
+    // The user service counts the commands its worker handled, on its own port.
+    const userMetrics = await (await fetch(`${userServiceUrl}/metrics`)).text();
+    const userHandled = /^jetsaga_worker_handled_total\{[^}]*worker="user"[^}]*\} (\d+)$/m.exec(userMetrics);
+    expect(Number(userHandled?.[1] ?? 0)).toBeGreaterThan(0);
 
     // The notification worker is ready and counts the order's events it handled.
     expect((await fetch(`${notificationProbesUrl}/readyz`)).status).toBe(200);

@@ -11,6 +11,8 @@
  * default on), `JETSAGA_RETENTION_DAYS` (default 14: age at which processed-command replies and
  * published outbox rows are pruned).
  *
+ * Prometheus metrics (worker counters, process metrics) are served at `/metrics` on the same port.
+ *
  * Applies the service's migrations, starts worker, relay and API, logs `user worker ready` and
  * then prints `JETSAGA_USER_SERVICE_URL=http://<host>:<port>` on a line of its own (stdout) for
  * supervisors and tests. SIGINT/SIGTERM stop it gracefully (API first, so no call is cut by a
@@ -26,7 +28,9 @@ import { onShutdown, readConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
+import { createMetricsRegistry } from "../../common/probes.ts";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { registerWorkerMetrics } from "../runtime/metrics.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { userMigrationsDir } from "./index.ts";
 import { type OutboxRelay, startOutboxRelay } from "./outbox-relay.ts";
@@ -87,12 +91,32 @@ try {
     tokenTtlSeconds: userConfig.tokenTtlSeconds,
     logger,
   });
+  const registry = createMetricsRegistry("user");
+  registerWorkerMetrics(registry, "user", () => worker?.stats);
   server = await startRpcServer({
     host: userConfig.grpcHost,
     port: userConfig.grpcPort,
     readMaxBytes: READ_MAX_BYTES,
     interceptors: [createTracingInterceptor()],
     routes: (router) => router.service(UserService, service),
+    // Prometheus scrapes the same port (health is grpc.health.v1 there).
+    fallback(req, res) {
+      if ((req.url ?? "/").split("?")[0] !== "/metrics") {
+        res.writeHead(404, { "content-type": "text/plain; charset=utf-8" });
+        res.end("not found\n");
+        return;
+      }
+      registry.metrics().then(
+        (text) => {
+          res.writeHead(200, { "content-type": registry.contentType });
+          res.end(text);
+        },
+        () => {
+          res.writeHead(500, { "content-type": "text/plain; charset=utf-8" });
+          res.end("metrics unavailable\n");
+        },
+      );
+    },
   });
   onShutdown(stop);
   logger.info(
