@@ -1,4 +1,7 @@
-/** The orchestrator keeps working when its durable inbox consumer is deleted under it. */
+/**
+ * The orchestrator's durable inbox consumer: created with the ack wait asked for, and re-created
+ * when it is deleted under a running orchestrator.
+ */
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -39,5 +42,17 @@ describe("inbox consumer deleted while running", () => {
     expect((await client.awaitCompletion("reminder", "after", { timeoutMs: 30_000 })).status).toBe(
       "completed",
     );
+  });
+
+  it("waits 10 s by default for an ack before another process gets the message, and refuses less than 1 s", async () => {
+    const jsm = await jetstreamManager(nc);
+    await expect
+      .poll(
+        async () => (await jsm.consumers.info(client.topology.streams.inbox, "orchestrator")).config.ack_wait,
+      )
+      .toBe(10_000_000_000);
+    await expect(
+      startOrchestrator({ nc, ns: uniqueNamespace("ackwait"), workflows: [reminderWorkflow], ackWaitMs: 10 }),
+    ).rejects.toMatchObject({ code: "INVALID_ARGUMENT" });
   });
 });

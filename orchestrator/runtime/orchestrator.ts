@@ -13,7 +13,7 @@ import { SpanKind } from "@opentelemetry/api";
 import { extractTraceContext, withSpan } from "../../common/tracing.ts";
 import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
 import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts";
-import { isJetsagaError } from "../engine/errors.ts";
+import { isJetsagaError, JetsagaError } from "../engine/errors.ts";
 import type { InstanceState } from "../engine/state.ts";
 import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
 import { deadLetterOf, publishDeadLetter, readJsonBody } from "./dead-letters.ts";
@@ -47,6 +47,13 @@ export interface OrchestratorOptions {
   cacheSize?: number;
   /** How often an append is retried after losing an optimistic-concurrency race. Default 8. */
   maxConflictRetries?: number;
+  /**
+   * How long the server waits for an inbox message's ack before delivering it again, ms. Default
+   * 10 s: handling a message takes milliseconds, and after a crash the messages the dead process
+   * held wait this long before another process (or the restarted one) gets them — sagas with
+   * timeouts of their own should not lose that race. Must be at least 1 s.
+   */
+  ackWaitMs?: number;
   /** Larger inbox messages are dead-lettered unread, bytes. Default 256 KiB. */
   maxMessageBytes?: number;
   /** Clock, epoch ms. Default `Date.now`. */
@@ -104,18 +111,25 @@ const NOT_STARTED_MAX_DELIVERIES = 20;
  * and the expected-sequence check makes sure only one of two racing decisions is stored.
  */
 export async function startOrchestrator(options: OrchestratorOptions): Promise<RunningOrchestrator> {
+  const ackWaitMs = options.ackWaitMs ?? 10_000;
+  if (!Number.isSafeInteger(ackWaitMs) || ackWaitMs < 1000) {
+    throw new JetsagaError("INVALID_ARGUMENT", "ackWaitMs must be an integer of at least 1000", {
+      context: { ackWaitMs },
+    });
+  }
   const topo = topology(options.ns);
   const js = jetstream(options.nc);
   const jsm = await jetstreamManager(options.nc);
   await ensureTopology(jsm, topo, options.topology);
   const consumerName = options.consumerName ?? "orchestrator";
   const concurrency = options.concurrency ?? 256;
+
   const consumerConfig = {
     durable_name: consumerName,
     ack_policy: AckPolicy.Explicit,
     deliver_policy: DeliverPolicy.All,
     filter_subject: topo.inboxFilter,
-    ack_wait: 30_000_000_000,
+    ack_wait: ackWaitMs * 1_000_000,
     max_ack_pending: Math.max(1024, concurrency * 8),
   };
   const ensureConsumer = async (): Promise<void> => {

@@ -82,8 +82,8 @@ describe("kill -9 of the orchestrator with 200 sagas in flight", () => {
           userId: `u${i % USERS}`,
           items: [{ sku: `sku${i % 7}`, quantity, unitPriceCents }],
           // Confirmation is not timed out here: the messages the killed process held come back
-          // after the inbox's ack wait (30 s), which would race a confirmation timeout of the
-          // same length, and how many then time out depends on how far each saga had got.
+          // after the inbox's ack wait, and how many sagas would then time out depends on how
+          // far each had got when it died.
           timeouts: { confirmMs: 300_000, shipMs: i % 3 === 1 ? 1_500 : 60_000 },
         });
       }),
