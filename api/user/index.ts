@@ -15,10 +15,12 @@ export {
   verifyPassword,
 } from "./password.ts";
 export {
+  createPostgresRateLimiter,
   createRateLimiter,
   type RateDecision,
   type RateLimiter,
   type RateLimiterOptions,
+  type SharedRateLimiter,
 } from "./rate-limit.ts";
 export {
   AUTH_FAILED_MESSAGE,

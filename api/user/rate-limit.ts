@@ -1,8 +1,9 @@
 /**
- * An in-memory token-bucket limiter keyed by string (e.g. a lowercased email), with a bounded
- * number of keys. Per process: several replicas each allow the budget (put a shared limiter in
- * front, or sticky routing, when that matters).
+ * Token-bucket limiters keyed by string (e.g. a lowercased email): in memory with a bounded number
+ * of keys (per process: several replicas each allow the budget), or in Postgres, shared by every
+ * process on the database (what the user service uses).
  */
+import type { Sql } from "../../common/postgres.ts";
 
 /** Options of {@link createRateLimiter}. */
 export interface RateLimiterOptions {
@@ -25,6 +26,12 @@ export interface RateDecision {
   allowed: boolean;
   /** When refused: ms until one attempt is available again (0 when allowed). */
   retryAfterMs: number;
+}
+
+/** A per-key token bucket shared through a database: every call is one statement. */
+export interface SharedRateLimiter {
+  /** Spends one token of `key`'s bucket if there is one. */
+  take(key: string): Promise<RateDecision>;
 }
 
 /** A per-key token bucket. */
@@ -77,6 +84,44 @@ export function createRateLimiter(options: RateLimiterOptions = {}): RateLimiter
     },
     get size() {
       return buckets.size;
+    },
+  };
+}
+
+/**
+ * A {@link SharedRateLimiter} on the `auth_rate_limits` table of the user service's database
+ * (`workers/user/migrations/005_auth_rate_limits.sql`). Refill and spend happen in one statement
+ * under the row's lock, so concurrent attempts from several processes spend the same budget. The
+ * time comes from `now` (not the database clock), as for the in-memory limiter. Two first attempts
+ * on a key that has no row yet may both see a full bucket: at most one extra attempt, once.
+ * `maxKeys` does not apply: idle rows are deleted by the user service's pruner.
+ */
+export function createPostgresRateLimiter(sql: Sql, options: RateLimiterOptions = {}): SharedRateLimiter {
+  const attempts = options.attempts ?? 5;
+  const perMs = options.perMs ?? 60_000;
+  const now = options.now ?? Date.now;
+  for (const [name, value] of Object.entries({ attempts, perMs })) {
+    if (!Number.isFinite(value) || value <= 0) throw new RangeError(`${name} must be positive`);
+  }
+  const ratePerMs = attempts / perMs;
+  return {
+    async take(key) {
+      const at = new Date(now());
+      const [row] = await sql<{ available: number }[]>`
+        with previous as (
+          select tokens, updated_at from auth_rate_limits where key = ${key} for update),
+        refilled as (
+          select least(${attempts}::float8, coalesce((
+            select tokens + greatest(0, extract(epoch from (${at}::timestamptz - updated_at)) * 1000) * ${ratePerMs}::float8
+            from previous), ${attempts}::float8)) as available)
+        insert into auth_rate_limits as r (key, tokens, updated_at)
+        select ${key}, case when available >= 1 then available - 1 else available end, ${at}::timestamptz
+        from refilled
+        on conflict (key) do update set tokens = excluded.tokens, updated_at = excluded.updated_at
+        returning (select available from refilled) as available`;
+      const available = Number(row?.available ?? 0);
+      if (available >= 1) return { allowed: true, retryAfterMs: 0 };
+      return { allowed: false, retryAfterMs: Math.ceil((1 - available) / ratePerMs) };
     },
   };
 }

@@ -26,7 +26,7 @@ import {
   PasswordHasherBusyError,
   type ScryptCost,
 } from "./password.ts";
-import { createRateLimiter, type RateLimiterOptions } from "./rate-limit.ts";
+import { createPostgresRateLimiter, type RateLimiterOptions } from "./rate-limit.ts";
 
 /** Input limits enforced by the service (exported for docs and tests). */
 export const USER_LIMITS = Object.freeze({
@@ -70,8 +70,11 @@ export interface UserServiceOptions {
   scryptCost?: ScryptCost;
   /** The password hasher (bounded concurrency); default `createPasswordHasher({ cost: scryptCost })`. */
   hasher?: PasswordHasher;
-  /** Authenticate's per-email budget; default 5 attempts per minute, 100 000 emails remembered. */
-  authRateLimit?: Omit<RateLimiterOptions, "now">;
+  /**
+   * Authenticate's per-email budget; default 5 attempts per minute, kept in the database
+   * (`auth_rate_limits`) so every replica spends the same budget.
+   */
+  authRateLimit?: Omit<RateLimiterOptions, "now" | "maxKeys">;
   /** Clock, epoch ms (token expiry, rate limit); default Date.now. */
   now?: () => number;
   /** Logs user ids and failures; never passwords, hashes, tokens or emails. Default: silent. */
@@ -107,7 +110,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
   const store = createUserStore(options.sql);
   const hasher =
     options.hasher ?? createPasswordHasher(options.scryptCost ? { cost: options.scryptCost } : {});
-  const limiter = createRateLimiter({ ...options.authRateLimit, now });
+  const limiter = createPostgresRateLimiter(options.sql, { ...options.authRateLimit, now });
   const createdSubject = topology(options.ns).eventSubject("user", "user.created");
   const log = options.logger;
   const edge = <T>(work: () => Promise<T>): Promise<T> => mapErrors(work, log);
@@ -181,7 +184,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         const email = checkEmail(req.email);
         // No minimum length here: the policy may change, and a short guess is simply wrong.
         const password = checkPassword(req.password, 1);
-        const decision = limiter.take(email);
+        const decision = await limiter.take(email);
         if (!decision.allowed) {
           throw new ConnectError(
             `too many sign-in attempts for this email; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,

@@ -45,6 +45,9 @@ describe("pruner", () => {
         ('x.events.user.user.created', 'published-old', '{}', now() - interval '20 days', now() - interval '20 days'),
         ('x.events.user.user.created', 'published-recent', '{}', now(), now()),
         ('x.events.user.user.created', 'unpublished-old', '{}', now() - interval '20 days', null)`;
+    await sql`
+      insert into auth_rate_limits (key, tokens, updated_at) values
+        ('idle@example.com', 1, now() - interval '2 hours'), ('busy@example.com', 0, now())`;
 
     const pruner = startPruner({ sql, retentionMs: 14 * DAY_MS, batchSize: 2, intervalMs: 3_600_000 });
     try {
@@ -53,7 +56,12 @@ describe("pruner", () => {
       await expect
         .poll(() => ids("outbox"), { timeout: 10_000 })
         .toEqual(["published-recent", "unpublished-old"]);
-      expect(await pruner.runOnce()).toEqual({ processedCommands: 0, outbox: 0 });
+      await expect
+        .poll(async () => (await sql`select key from auth_rate_limits`).map((row) => row.key), {
+          timeout: 10_000,
+        })
+        .toEqual(["busy@example.com"]);
+      expect(await pruner.runOnce()).toEqual({ processedCommands: 0, outbox: 0, rateLimits: 0 });
     } finally {
       await pruner.stop();
     }

@@ -1,7 +1,7 @@
 /**
  * Keeps the user service's bookkeeping tables bounded: `processed_commands` (the replies that make
  * commands idempotent) and published `outbox` rows grow by a row per command or event for ever
- * otherwise. Rows older than the retention are deleted in small batches, so a pass never holds
+ * otherwise, and `auth_rate_limits` by a row per email that ever tried to sign in. Rows older than the retention are deleted in small batches, so a pass never holds
  * long locks or builds one huge transaction.
  *
  * The retention must outlast every redelivery of a command: a command delivered again after its
@@ -37,6 +37,8 @@ export interface PrunerOptions {
 export interface PruneResult {
   processedCommands: number;
   outbox: number;
+  /** Sign-in rate-limit buckets idle for an hour (full again; assumes a refill window ≤ 1 hour). */
+  rateLimits: number;
 }
 
 /** A running pruner. */
@@ -59,9 +61,8 @@ export function startPruner(options: PrunerOptions): Pruner {
   const cutoff = (): Date => new Date(Date.now() - retentionMs);
   let stopped = false;
 
-  /** Deletes `table` rows whose `column` is older than the retention, in batches until one comes back short. */
-  const prune = async (table: string, key: string, column: string): Promise<number> => {
-    const before = cutoff();
+  /** Deletes `table` rows whose `column` is older than `before`, in batches until one comes back short. */
+  const prune = async (table: string, key: string, column: string, before = cutoff()): Promise<number> => {
     let total = 0;
     for (;;) {
       const { count } = await sql`
@@ -76,13 +77,15 @@ export function startPruner(options: PrunerOptions): Pruner {
     const processedCommands = await prune("processed_commands", "command_id", "processed_at");
     // `published_at < …` is false for unpublished rows (null): they are never pruned.
     const outbox = await prune("outbox", "id", "published_at");
-    if (processedCommands + outbox > 0) {
+    // Sign-in buckets idle for an hour are full again: a missing row means the same.
+    const rateLimits = await prune("auth_rate_limits", "key", "updated_at", new Date(Date.now() - 3_600_000));
+    if (processedCommands + outbox + rateLimits > 0) {
       logger?.info(
-        { processedCommands, outbox, retentionMs },
-        "pruned old processed commands and outbox rows",
+        { processedCommands, outbox, rateLimits, retentionMs },
+        "pruned old processed commands, outbox rows and idle sign-in buckets",
       );
     }
-    return { processedCommands, outbox };
+    return { processedCommands, outbox, rateLimits };
   };
 
   let running: Promise<unknown> | undefined;

@@ -1,0 +1,50 @@
+/** The sign-in budget kept in Postgres is one budget for every process sharing the database. */
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectPostgres, migrate, type Sql } from "../../common/postgres.ts";
+import { createTestDatabase, type TestDatabase } from "../../test/support/context.ts";
+import { userMigrationsDir } from "../../workers/user/index.ts";
+import { createPostgresRateLimiter } from "./rate-limit.ts";
+
+let db: TestDatabase;
+let sql: Sql;
+
+beforeAll(async () => {
+  db = await createTestDatabase("ratelimit");
+  sql = await connectPostgres(db.url, { max: 10 });
+  await migrate(sql, { name: "user", dir: userMigrationsDir });
+});
+
+afterAll(async () => {
+  await sql?.end({ timeout: 5 });
+  await db?.drop();
+});
+
+describe("Postgres rate limiter", () => {
+  it("two replicas spend one budget, also when their attempts race, and it refills with time", async () => {
+    let clock = Date.UTC(2026, 0, 1);
+    const now = () => clock;
+    const replicaA = createPostgresRateLimiter(sql, { attempts: 5, perMs: 60_000, now });
+    const replicaB = createPostgresRateLimiter(sql, { attempts: 5, perMs: 60_000, now });
+    const key = "ann@example.com";
+
+    expect(await replicaA.take(key)).toEqual({ allowed: true, retryAfterMs: 0 });
+    const raced = await Promise.all(
+      Array.from({ length: 20 }, (_, i) => (i % 2 === 0 ? replicaA : replicaB).take(key)),
+    );
+    expect(raced.filter((decision) => decision.allowed)).toHaveLength(4);
+    const refused = await replicaB.take(key);
+    expect(refused.allowed).toBe(false);
+    // One token every 12 s.
+    expect(refused.retryAfterMs).toBe(12_000);
+
+    clock += 12_000;
+    expect((await replicaB.take(key)).allowed).toBe(true);
+    expect((await replicaA.take(key)).allowed).toBe(false);
+    // Other keys have budgets of their own.
+    expect((await replicaA.take("bob@example.com")).allowed).toBe(true);
+  });
+
+  it("refuses a non-positive budget", () => {
+    expect(() => createPostgresRateLimiter(sql, { attempts: 0 })).toThrow(RangeError);
+  });
+});
