@@ -78,6 +78,11 @@ function row(cells: Array<string | number>): string {
   return `| ${cells.join(" | ")} |`;
 }
 
+/** A table's header row and the separator row under it, one `---` per column. */
+function header(cells: Array<string | number>): string[] {
+  return [row(cells), row(cells.map(() => "---"))];
+}
+
 /** The results as markdown: one table per part, every series in each. */
 export function renderMarkdown(results: BenchResults): string {
   const m = results.machine;
@@ -106,7 +111,7 @@ export function renderMarkdown(results: BenchResults): string {
       "",
     );
     out.push(
-      row([
+      ...header([
         "store",
         "in flight",
         "sagas/s",
@@ -122,7 +127,6 @@ export function renderMarkdown(results: BenchResults): string {
         "errors",
       ]),
     );
-    out.push(row(Array(13).fill("---")));
     for (const s of engineRows) {
       for (const level of s.engine?.levels ?? []) {
         const floor = s.floor?.find((f) => f.concurrency === level.concurrency);
@@ -151,7 +155,7 @@ export function renderMarkdown(results: BenchResults): string {
       "",
     );
     out.push(
-      row([
+      ...header([
         "store",
         "in flight",
         "client start → started",
@@ -160,7 +164,6 @@ export function renderMarkdown(results: BenchResults): string {
         "reserved → client sees completion",
       ]),
     );
-    out.push(row(Array(6).fill("---")));
     for (const s of engineRows) {
       for (const level of s.engine?.levels ?? []) {
         const st = level.steps;
@@ -188,7 +191,7 @@ export function renderMarkdown(results: BenchResults): string {
       "",
     );
     out.push(
-      row([
+      ...header([
         "store",
         "in flight",
         "sagas/s",
@@ -200,7 +203,6 @@ export function renderMarkdown(results: BenchResults): string {
         "errors",
       ]),
     );
-    out.push(row(Array(9).fill("---")));
     for (const s of floorRows) {
       for (const f of s.floor ?? []) {
         out.push(
@@ -224,7 +226,7 @@ export function renderMarkdown(results: BenchResults): string {
   if (scaleRows.length) {
     out.push("", "**Scale** (64 in flight, orchestrator processes sharing the inbox consumer):", "");
     out.push(
-      row([
+      ...header([
         "store",
         "orchestrators",
         "sagas/s",
@@ -236,7 +238,6 @@ export function renderMarkdown(results: BenchResults): string {
         "errors",
       ]),
     );
-    out.push(row(Array(9).fill("---")));
     for (const s of scaleRows) {
       for (const r of s.scale ?? []) {
         const level = r.levels[0];
@@ -296,7 +297,7 @@ export function renderMarkdown(results: BenchResults): string {
       "",
     );
     out.push(
-      row([
+      ...header([
         "store",
         "history entries",
         "getState p50",
@@ -304,7 +305,6 @@ export function renderMarkdown(results: BenchResults): string {
         "event, cached (median)",
       ]),
     );
-    out.push(row(Array(5).fill("---")));
     for (const s of recoveryRows) {
       for (const p of s.recovery ?? []) {
         out.push(
@@ -328,8 +328,7 @@ export function renderMarkdown(results: BenchResults): string {
       `**Idle instances** (${s.name}): ${fmt(i.instances)} instances waiting on a signal, started at ${fmt(i.startsPerSecond)} starts/s (errors ${i.errors}). ` +
         `Orchestrator RSS ${fmt(i.rssBeforeMiB)} MiB before → ${fmt(i.rssAfterMiB)} MiB after (peak ${fmt(i.peakRssMiB)} MiB), V8 heap in use after ${fmt(i.heapUsedAfterMiB)} MiB; nats-server RSS after ${fmt(i.natsRssAfterMiB)} MiB.`,
       "",
-      row(["instances handled", ...points.map((p) => fmt(p[0]))]),
-      row(Array(points.length + 1).fill("---")),
+      ...header(["instances handled", ...points.map((p) => fmt(p[0]))]),
       row(["orchestrator RSS MiB", ...points.map((p) => fmt(p[1]))]),
       row(["orchestrator heap used MiB", ...points.map((p) => fmt(p[2]))]),
     );
@@ -348,7 +347,7 @@ export function renderMarkdown(results: BenchResults): string {
       "",
     );
     out.push(
-      row([
+      ...header([
         "in flight",
         "orders/s",
         "p50 ms",
@@ -360,7 +359,6 @@ export function renderMarkdown(results: BenchResults): string {
         "errors",
       ]),
     );
-    out.push(row(Array(9).fill("---")));
     for (const level of f.levels) {
       out.push(
         row([
