@@ -11,7 +11,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { connectNats } from "../common/nats.ts";
 import { createWorkflowClient, topology } from "../orchestrator/index.ts";
 import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
-import { driveFloor, driveSagas, type LoadReport, type SagaLoadOptions } from "./drive.ts";
+import { driveFloor, driveSagas, type LoadOptions, type LoadReport, type SagaLoadOptions } from "./drive.ts";
 import type { OrderLoadOptions } from "./full-path.ts";
 import { peakRssMiB, resetPeakRss, rssMiB } from "./procfs.ts";
 import { SIGNAL_WORKFLOW, signalWorkflow } from "./signal-workflow.ts";
@@ -141,6 +141,23 @@ export interface Level {
   warmup?: number;
 }
 
+/** The load options one level gives every part: the series' server and namespace, ids prefixed by the level. */
+export function levelLoad(series: { natsUrl: string; ns: string }, level: Level): Omit<LoadOptions, "pids"> {
+  return {
+    natsUrl: series.natsUrl,
+    ns: series.ns,
+    concurrency: level.concurrency,
+    count: level.count,
+    ...(level.warmup !== undefined ? { warmup: level.warmup } : {}),
+    idPrefix: `c${level.concurrency}-`,
+  };
+}
+
+/** The progress line of a measured level: throughput in `unit`, p50/p99, errors and the first one. */
+export function levelSummary(result: LoadReport, unit: string): string {
+  return `${result.perSecond.toFixed(0)} ${unit}/s, p50 ${result.latencyMs.p50.toFixed(1)} ms, p99 ${result.latencyMs.p99.toFixed(1)} ms, errors ${result.errors}${result.firstError ? ` (first: ${result.firstError})` : ""}`;
+}
+
 /** What bench/load.ts runs: the engine saga load, the floor, or orders over the full path. */
 export type LoadRequest =
   | (SagaLoadOptions & { mode: "engine" | "floor" })
@@ -195,12 +212,7 @@ export async function measureEngine(
     for (const level of options.levels) {
       const pids = { ...engine.pids, ...(options.natsPid ? { nats: options.natsPid } : {}) };
       const request: SagaLoadOptions = {
-        natsUrl: options.natsUrl,
-        ns: options.ns,
-        concurrency: level.concurrency,
-        count: level.count,
-        ...(level.warmup !== undefined ? { warmup: level.warmup } : {}),
-        idPrefix: `c${level.concurrency}-`,
+        ...levelLoad(options, level),
         pids,
         ...(options.historySample !== undefined ? { historySample: options.historySample } : {}),
         ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
@@ -209,7 +221,7 @@ export async function measureEngine(
         ? await driveSagas(request)
         : await runLoadProcess({ ...request, mode: "engine" });
       progress(
-        `engine ×${engine.orchestrators.length} c=${level.concurrency}: ${result.perSecond.toFixed(0)} sagas/s, p50 ${result.latencyMs.p50.toFixed(1)} ms, p99 ${result.latencyMs.p99.toFixed(1)} ms, errors ${result.errors}${result.firstError ? ` (first: ${result.firstError})` : ""}`,
+        `engine ×${engine.orchestrators.length} c=${level.concurrency}: ${levelSummary(result, "sagas")}`,
       );
       levels.push(result);
     }
@@ -225,12 +237,7 @@ export async function measureFloor(options: SeriesOptions): Promise<LoadReport[]
   const levels: LoadReport[] = [];
   for (const level of options.levels) {
     const request: SagaLoadOptions = {
-      natsUrl: options.natsUrl,
-      ns: options.ns,
-      concurrency: level.concurrency,
-      count: level.count,
-      ...(level.warmup !== undefined ? { warmup: level.warmup } : {}),
-      idPrefix: `c${level.concurrency}-`,
+      ...levelLoad(options, level),
       pids: options.natsPid ? { nats: options.natsPid } : {},
     };
     const result = options.inProcess

@@ -18,7 +18,15 @@ import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
 import { startPostgres } from "../test/support/servers.ts";
 import { type LoadOptions, type LoadReport, lanes, measured, report } from "./drive.ts";
-import { type Level, type Progress, ROOT, runLoadProcess, startEngine } from "./engine.ts";
+import {
+  type Level,
+  levelLoad,
+  levelSummary,
+  type Progress,
+  ROOT,
+  runLoadProcess,
+  startEngine,
+} from "./engine.ts";
 
 /** The full path at each level, or why it was not measured. */
 export type FullPathResult =
@@ -168,20 +176,13 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
     for (const level of options.levels) {
       const result = (await runLoadProcess({
         mode: "full",
-        natsUrl: options.natsUrl,
-        ns: options.ns,
-        concurrency: level.concurrency,
-        count: level.count,
-        ...(level.warmup !== undefined ? { warmup: level.warmup } : {}),
-        idPrefix: `c${level.concurrency}-`,
+        ...levelLoad(options, level),
         pids,
         apiUrl,
         token,
         trees: { postgres: pg.pid },
       })) as LoadReport & { readsPerOrder?: number };
-      progress(
-        `full path c=${level.concurrency}: ${result.perSecond.toFixed(0)} orders/s, p50 ${result.latencyMs.p50.toFixed(1)} ms, p99 ${result.latencyMs.p99.toFixed(1)} ms, errors ${result.errors}${result.firstError ? ` (first: ${result.firstError})` : ""}`,
-      );
+      progress(`full path c=${level.concurrency}: ${levelSummary(result, "orders")}`);
       reads.push(result.readsPerOrder ?? Number.NaN);
       levels.push(result);
     }
