@@ -8,7 +8,7 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Gauge, type Registry } from "prom-client";
 import { migrate, type Sql } from "../common/postgres.ts";
-import { createMetricsRegistry } from "../common/probes.ts";
+import { createMetricsRegistry, sendMetrics } from "../common/probes.ts";
 import { JetsagaError, topology } from "../orchestrator/index.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import {
@@ -160,10 +160,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
             () => reply(503, "not ready\n"),
           );
         } else if (path === "/metrics") {
-          registry.metrics().then(
-            (text) => reply(200, text, registry.contentType),
-            () => reply(500, "metrics unavailable\n"),
-          );
+          sendMetrics(registry, res);
         } else {
           reply(404, "not found\n");
         }

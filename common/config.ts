@@ -53,7 +53,8 @@ function natsAuth(env: Record<string, string | undefined>): NatsAuth | undefined
   return { kind: "userPassword", user, password };
 }
 
-function configError(message: string): Error {
+/** An Error with `code: "CONFIG"`: the services report it as a one-line start-up failure. */
+export function configError(message: string): Error {
   return Object.assign(new Error(message), { code: "CONFIG" });
 }
 

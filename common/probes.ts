@@ -30,6 +30,26 @@ export function createMetricsRegistry(service: string): Registry {
   return registry;
 }
 
+/** A response metrics can be written to: node:http's or node:http2's compatibility response. */
+export interface PlainResponse {
+  writeHead(status: number, headers: Record<string, string>): unknown;
+  end(body: string): unknown;
+}
+
+/** Answers a scrape with `registry`'s metrics (Prometheus text format), or 500 when collecting fails. */
+export function sendMetrics(registry: Registry, res: PlainResponse): void {
+  registry.metrics().then(
+    (text) => {
+      res.writeHead(200, { "content-type": registry.contentType });
+      res.end(text);
+    },
+    () => {
+      res.writeHead(500, { "content-type": "text/plain; charset=utf-8" });
+      res.end("metrics unavailable\n");
+    },
+  );
+}
+
 /**
  * Serves `/healthz` (liveness), `/readyz` (readiness) and `/metrics` (Prometheus text format) on
  * `host:port` (port 0: any free port). Kubernetes probes and Prometheus scrape these.
@@ -54,10 +74,7 @@ export async function startProbeServer(
         () => reply(503, "not ready\n"),
       );
     } else if (path === "/metrics") {
-      sources.registry.metrics().then(
-        (text) => reply(200, text, sources.registry.contentType),
-        (error: unknown) => reply(500, String(error)),
-      );
+      sendMetrics(sources.registry, res);
     } else {
       reply(404, "not found\n");
     }

@@ -3,6 +3,7 @@
  * DATABASE_URL, JETSAGA_NS — come from `common/config.ts`).
  */
 import { MIN_SECRET_BYTES } from "../../common/auth-token.ts";
+import { configError } from "../../common/config.ts";
 import { DEFAULT_TOKEN_TTL_SECONDS } from "./service.ts";
 
 /** Settings of the user service process. */
@@ -66,8 +67,4 @@ function integer(
     throw configError(`${name} must be an integer from ${min} to ${max}`);
   }
   return value;
-}
-
-function configError(message: string): Error {
-  return Object.assign(new Error(message), { code: "CONFIG" });
 }

@@ -28,7 +28,7 @@ import { onShutdown, readConfig } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
-import { createMetricsRegistry } from "../../common/probes.ts";
+import { createMetricsRegistry, sendMetrics } from "../../common/probes.ts";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { registerWorkerMetrics } from "../runtime/metrics.ts";
 import type { RunningWorker } from "../runtime/types.ts";
@@ -106,16 +106,7 @@ try {
         res.end("not found\n");
         return;
       }
-      registry.metrics().then(
-        (text) => {
-          res.writeHead(200, { "content-type": registry.contentType });
-          res.end(text);
-        },
-        () => {
-          res.writeHead(500, { "content-type": "text/plain; charset=utf-8" });
-          res.end("metrics unavailable\n");
-        },
-      );
+      sendMetrics(registry, res);
     },
   });
   onShutdown(stop);
