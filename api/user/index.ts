@@ -16,9 +16,7 @@ export {
 } from "./password.ts";
 export {
   createPostgresRateLimiter,
-  createRateLimiter,
   type RateDecision,
-  type RateLimiter,
   type RateLimiterOptions,
   type SharedRateLimiter,
 } from "./rate-limit.ts";

@@ -74,7 +74,7 @@ export interface UserServiceOptions {
    * Authenticate's per-email budget; default 5 attempts per minute, kept in the database
    * (`auth_rate_limits`) so every replica spends the same budget.
    */
-  authRateLimit?: Omit<RateLimiterOptions, "now" | "maxKeys">;
+  authRateLimit?: Omit<RateLimiterOptions, "now">;
   /** Clock, epoch ms (token expiry, rate limit); default Date.now. */
   now?: () => number;
   /** Logs user ids and failures; never passwords, hashes, tokens or emails. Default: silent. */
