@@ -20,6 +20,11 @@ export interface SeriesResult {
   tracing?: { off: LoadReport; on: LoadReport; exportBytesPerSaga: number } | { notMeasured: string };
   /** 64 in flight with V8's default heap sizing and with the capped heap `flags` (NODE_OPTIONS of the services). */
   memory?: { flags: string; defaults: LoadReport; capped: LoadReport };
+  /**
+   * Floor and engine at 1 and 64 in flight on a nats-server with Go's default scheduler (`rows[0]`,
+   * one thread per core) and on one started with `GOMAXPROCS=<setting>` (`rows[1]`).
+   */
+  gomaxprocs?: { setting: string; rows: Array<{ floor: LoadReport[]; engine: LoadReport[] }> };
   recovery?: RecoveryPoint[];
   idle?: IdleResult;
   fullPath?: FullPathResult;
@@ -287,6 +292,55 @@ export function renderMarkdown(results: BenchResults): string {
       `**V8 heap sizing** (${s.name}, 64 in flight; peak RSS MiB and CPU ms/saga of orchestrator / worker): V8 defaults ${fmt(defaults.perSecond)} sagas/s, RSS ${rss(defaults)}, CPU ${cpu(defaults)}; ` +
         `with \`NODE_OPTIONS=${flags}\` ${fmt(capped.perSecond)} sagas/s, RSS ${rss(capped)}, CPU ${cpu(capped)}.`,
     );
+  }
+
+  const gomaxprocsRows = series.filter((s) => s.gomaxprocs);
+  if (gomaxprocsRows.length) {
+    out.push(
+      "",
+      `**nats-server's Go scheduler** (nats-server with Go's default GOMAXPROCS, one thread per core, and with \`GOMAXPROCS=${gomaxprocsRows[0]?.gomaxprocs?.setting}\`; both measured back to back in each run):`,
+      "",
+    );
+    out.push(
+      ...header([
+        "store",
+        "nats-server GOMAXPROCS",
+        "in flight",
+        "sagas/s",
+        "floor sagas/s",
+        "ours / floor",
+        "p50 ms",
+        "p99 ms",
+        "CPU ms/saga: orch / worker / nats / client",
+        "floor: nats CPU ms/saga",
+        "other (cores)",
+        "errors",
+      ]),
+    );
+    for (const s of gomaxprocsRows) {
+      const setting = s.gomaxprocs?.setting ?? "?";
+      (s.gomaxprocs?.rows ?? []).forEach((measured, i) => {
+        for (const level of measured.engine) {
+          const floor = measured.floor.find((f) => f.concurrency === level.concurrency);
+          out.push(
+            row([
+              s.name,
+              i === 0 ? `default (${results.machine.cores})` : setting,
+              level.concurrency,
+              fmt(level.perSecond),
+              fmt(floor?.perSecond),
+              floor ? `${fmt((level.perSecond / floor.perSecond) * 100, 2)} %` : "–",
+              fmt(level.latencyMs.p50),
+              fmt(level.latencyMs.p99),
+              perProc(level.cpuMsPerItem),
+              fmt(floor?.cpuMsPerItem.nats, 2),
+              fmt(level.coresBusy.other, 2),
+              level.errors + (floor?.errors ?? 0),
+            ]),
+          );
+        }
+      });
+    }
   }
 
   const recoveryRows = series.filter((s) => s.recovery?.length);

@@ -39,7 +39,17 @@ import {
 } from "./report.ts";
 import { median, medianOf } from "./stats.ts";
 
-const PARTS = ["floor", "engine", "scale", "tracing", "memory", "recovery", "idle", "full"] as const;
+const PARTS = [
+  "floor",
+  "engine",
+  "scale",
+  "tracing",
+  "memory",
+  "gomaxprocs",
+  "recovery",
+  "idle",
+  "full",
+] as const;
 
 /**
  * The capped heap of the memory part: a small young generation and an old-generation cap. With
@@ -47,6 +57,13 @@ const PARTS = ["floor", "engine", "scale", "tracing", "memory", "recovery", "idl
  */
 const MEMORY_NODE_OPTIONS = "--max-semi-space-size=4 --max-old-space-size=128";
 type Part = (typeof PARTS)[number];
+
+/**
+ * The Go scheduler setting the gomaxprocs part gives a second nats-server. By default Go runs one
+ * scheduler thread per core; with the other processes on the same two cores, every hand-off between
+ * nats-server's goroutines can wake an idle thread that spins looking for work.
+ */
+const NATS_GOMAXPROCS = "1";
 
 const { values: args } = parseArgs({
   options: {
@@ -85,6 +102,8 @@ const FLOOR_LEVELS = levels(
 );
 const FULL_LEVELS = levels(quick ? { 1: 30, 16: 200, 64: 500 } : { 1: 100, 16: 1000, 64: 3000 });
 const at64 = (list: readonly Level[]): Level[] => list.filter((l) => l.concurrency === 64);
+const at1And64 = (list: readonly Level[]): Level[] =>
+  list.filter((l) => l.concurrency === 1 || l.concurrency === 64);
 
 /** A namespace unique to this part of this run (streams of earlier runs stay on the server). */
 let nsCounter = 0;
@@ -156,6 +175,7 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
     const scaleRuns: EngineResult[] = [];
     const tracingRuns: Array<{ on: LoadReport; bytesPerSaga: number }> = [];
     const memoryRuns: LoadReport[] = [];
+    const gomaxprocsRuns: Array<{ floor: LoadReport[]; engine: LoadReport[] }[]> = [];
     const fullRuns: FullPathResult[] = [];
     const wired = tracingWired();
     for (let run = 1; run <= runs; run++) {
@@ -220,6 +240,30 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
         const level = capped?.levels[0];
         if (level) memoryRuns.push(level);
       }
+      if (parts.has("gomaxprocs")) {
+        // Both servers back to back in each run: the host's speed drifts more between runs than
+        // this setting moves the figures.
+        const pair: Array<{ floor: LoadReport[]; engine: LoadReport[] }> = [];
+        for (const env of [undefined, { GOMAXPROCS: NATS_GOMAXPROCS }]) {
+          const measured = await attempt("gomaxprocs", async () => {
+            const server = env ? await startNatsServer({ args: natsArgs, env }) : nats;
+            try {
+              const on = { ...base, natsUrl: server.url, natsPid: server.pid };
+              const floor = await measureFloor({ ...on, ns: freshNs("g"), levels: at1And64(FLOOR_LEVELS) });
+              const engine = await measureEngine({
+                ...on,
+                ns: freshNs("g"),
+                levels: at1And64(ENGINE_LEVELS),
+              });
+              return { floor, engine: engine.levels };
+            } finally {
+              if (server !== nats) await server.stop();
+            }
+          });
+          if (measured) pair.push(measured);
+        }
+        if (pair.length === 2) gomaxprocsRuns.push(pair);
+      }
       if (parts.has("full")) {
         push(
           fullRuns,
@@ -255,6 +299,15 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
     if (parts.has("memory") && memoryRuns.length) {
       const defaults = engine?.levels.find((l) => l.concurrency === 64);
       if (defaults) series.memory = { flags: MEMORY_NODE_OPTIONS, defaults, capped: medianOf(memoryRuns) };
+    }
+    if (gomaxprocsRuns.length) {
+      series.gomaxprocs = {
+        setting: NATS_GOMAXPROCS,
+        rows: [0, 1].map((i) => ({
+          floor: medianLevels(gomaxprocsRuns.map((pair) => pair[i]?.floor ?? [])),
+          engine: medianLevels(gomaxprocsRuns.map((pair) => pair[i]?.engine ?? [])),
+        })),
+      };
     }
     if (once && parts.has("recovery")) {
       const recovery = await attempt("recovery", () =>

@@ -1,4 +1,4 @@
-import { existsSync } from "node:fs";
+import { existsSync, readFileSync } from "node:fs";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect } from "@nats-io/transport-node";
 import postgres from "postgres";
@@ -104,6 +104,15 @@ describe("startNatsServer", () => {
     } finally {
       await nc.close();
     }
+  });
+
+  it("starts the server with the given environment, also after a restart", async () => {
+    const server = await startNatsServer({ env: { GOMAXPROCS: "1" } });
+    started.push(server);
+    const environ = () => readFileSync(`/proc/${server.pid}/environ`, "utf8").split("\0");
+    expect(environ()).toContain("GOMAXPROCS=1");
+    await server.restart();
+    expect(environ()).toContain("GOMAXPROCS=1");
   });
 });
 

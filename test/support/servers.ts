@@ -27,6 +27,11 @@ export interface NatsServerOptions {
   port?: number;
   /** Extra nats-server arguments, appended last (e.g. `["-m", "-1"]`, `["-c", "x.conf"]`). */
   args?: string[];
+  /**
+   * Extra environment of the server process, e.g. `{ GOMAXPROCS: "1" }` (the bench compares Go's
+   * scheduler settings). Default: this process's environment.
+   */
+  env?: Record<string, string>;
 }
 
 /** A running nats-server with JetStream, bound to 127.0.0.1. */
@@ -151,9 +156,13 @@ function installExitHook(): void {
   });
 }
 
-function launch(cmd: string, args: string[], cwd?: string): Proc {
+function launch(cmd: string, args: string[], cwd?: string, env?: Record<string, string>): Proc {
   installExitHook();
-  const child = spawn(cmd, args, { stdio: ["ignore", "pipe", "pipe"], ...(cwd ? { cwd } : {}) });
+  const child = spawn(cmd, args, {
+    stdio: ["ignore", "pipe", "pipe"],
+    ...(cwd ? { cwd } : {}),
+    ...(env ? { env: { ...process.env, ...env } } : {}),
+  });
   if (child.pid === undefined) throw new Error(`could not start ${cmd}`);
   const pid = child.pid;
   liveChildren.add(child);
@@ -302,7 +311,7 @@ export async function startNatsServer(opts: NatsServerOptions = {}): Promise<Nat
   const startOnce = async (): Promise<Proc> => {
     const args = ["-js", "-sd", storeDir, "-a", "127.0.0.1", "-p", port ? String(port) : "-1"];
     args.push("--ports_file_dir", portsDir, ...(opts.args ?? []));
-    const p = launch(bin, args);
+    const p = launch(bin, args, undefined, opts.env);
     try {
       if (!port) port = await readNatsPort(portsDir, bin, p);
       await waitForTcp(port, p, READY_TIMEOUT_MS);
