@@ -1,11 +1,14 @@
 /**
  * A smoke of `npm run bench`: the engine-alone measurement, the JetStream floor and the full path
  * (gRPC → saga → user service → read model, every service a process) with a handful of sagas
- * against the suite's nats-server. It checks behaviour only (every saga completes, no
+ * against the suite's nats-server; and of `npm run bench:batch`, the atomic-batch probe. It checks behaviour only (every saga completes, no
  * errors, the report is complete and finite), never timings: the machine is shared.
  */
+import { jetstreamManager } from "@nats-io/jetstream";
+import { connect } from "@nats-io/transport-node";
 import { describe, expect, it } from "vitest";
 import { natsUrl, uniqueNamespace } from "../test/support/context.ts";
+import { BATCH_PROBE_WRITES, probeBatches } from "./batch-probe.ts";
 import type { LoadReport } from "./drive.ts";
 import { measureEngine, measureFloor } from "./engine.ts";
 import { measureFullPath } from "./full-path.ts";
@@ -88,5 +91,26 @@ describe("benchmark smoke", () => {
     }
     // One GetOrder per order: the watch said CONFIRMED and the read model agreed at its position.
     expect(result.readsPerOrder).toBe(1);
+  });
+
+  it("runs the atomic-batch probe: every way of writing a step commits, at 1 and 4 in flight", async () => {
+    const ns = uniqueNamespace("batch");
+    const rows = await probeBatches({ natsUrl: natsUrl(), ns, count: 6, inFlight: [1, 4] });
+    expect(rows.map((r) => [r.writes, r.inFlight])).toEqual(
+      [1, 4].flatMap((inFlight) => BATCH_PROBE_WRITES.map((writes) => [writes, inFlight])),
+    );
+    for (const row of rows) {
+      expect(row.error).toBeUndefined();
+      expect(row.latencyMs.count).toBe(6);
+      expect(Number.isFinite(row.stepsPerSecond)).toBe(true);
+    }
+    // Its streams are gone afterwards.
+    const nc = await connect({ servers: natsUrl() });
+    try {
+      const names = await (await jetstreamManager(nc)).streams.names().next();
+      expect(names.filter((name) => name.startsWith(ns.toUpperCase()))).toEqual([]);
+    } finally {
+      await nc.close();
+    }
   });
 });
