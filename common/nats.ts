@@ -1,11 +1,7 @@
 import { readFileSync } from "node:fs";
-import {
-  type ConnectionOptions,
-  connect,
-  credsAuthenticator,
-  type NatsConnection,
-} from "@nats-io/transport-node";
+import { type ConnectionOptions, credsAuthenticator, type NatsConnection } from "@nats-io/transport-node";
 import { JetsagaError } from "../orchestrator/engine/errors.ts";
+import { connectGathering } from "./nats-transport.ts";
 
 /**
  * How a service proves who it is to NATS: a `.creds` file (JWT + nkey seed, the operator mode of
@@ -35,7 +31,9 @@ export async function connectNats(
   try {
     // noAsyncTraces: nats.js otherwise builds an Error (with a stack) per request to improve
     // async stack traces; measured at ~17% of the orchestrator's CPU under load.
-    nc = await connect({
+    // Gathering transport: one socket write per event-loop turn instead of one per message chain
+    // (common/nats-transport.ts); measured +20–35 % sagas/s at 64 in flight.
+    nc = await connectGathering({
       maxReconnectAttempts: -1,
       reconnectTimeWait: 250,
       noAsyncTraces: true,
