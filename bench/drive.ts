@@ -32,6 +32,11 @@ export interface LoadReport {
    * `other` (everything else on the machine during the window: noise).
    */
   cpuMsPerItem: Record<string, number>;
+  /**
+   * Write syscalls per completed item, per named process and `client`: socket writes for the
+   * Node processes; nats-server's include its file-store writes.
+   */
+  writesPerItem: Record<string, number>;
   /** Average cores busy per process during the window (1 = one core fully used). */
   coresBusy: Record<string, number>;
   /** Peak RSS during the window per named process, MiB (`client`: over the generator's life). */
@@ -153,6 +158,7 @@ export function report(
     perSecond: (completed * 1000) / cpu.wallMs,
     latencyMs: summarize(outcome.latencies),
     cpuMsPerItem,
+    writesPerItem: Object.fromEntries(Object.entries(cpu.writes).map(([name, n]) => [name, per(n)])),
     coresBusy,
     peakRssMiB: peak,
     ...(outcome.errors > 0

@@ -62,6 +62,22 @@ export function processTreeCpuMs(pid: number): number {
   return (ticks * 1000) / clockTicks();
 }
 
+/**
+ * Write-family system calls (write, writev, sendmsg…) a process has made so far, from
+ * `/proc/<pid>/io` `syscw`; NaN when unavailable. For the Node services nearly all are socket
+ * writes: each one that wakes another process is costly on small VMs (docs/BENCHMARKS.md, fix 13).
+ * nats-server's also count its file-store writes.
+ */
+export function writeSyscalls(pid: number | "self"): number {
+  try {
+    const io = readFileSync(`/proc/${pid}/io`, "utf8");
+    const match = /^syscw:\s*(\d+)$/m.exec(io);
+    return match ? Number(match[1]) : Number.NaN;
+  } catch {
+    return Number.NaN;
+  }
+}
+
 /** A `/proc/<pid>/status` memory field (`VmRSS`, `VmHWM`) in KiB; NaN when unavailable. */
 function statusKiB(pid: number, field: "VmRSS" | "VmHWM"): number {
   try {
@@ -122,6 +138,8 @@ export interface CpuSnapshot {
   processes: Record<string, number>;
   self: number;
   machine: number;
+  /** Write syscalls so far per named pid (not trees) and `client` (this process). */
+  writes: Record<string, number>;
 }
 
 /**
@@ -133,11 +151,14 @@ export function cpuSnapshot(pids: Record<string, number>, trees: Record<string, 
   const processes: Record<string, number> = {};
   for (const [name, pid] of Object.entries(pids)) processes[name] = processCpuMs(pid);
   for (const [name, pid] of Object.entries(trees)) processes[name] = processTreeCpuMs(pid);
+  const writes: Record<string, number> = { client: writeSyscalls("self") };
+  for (const [name, pid] of Object.entries(pids)) writes[name] = writeSyscalls(pid);
   return {
     at: performance.now(),
     processes,
     self: (usage.userCPUTime + usage.systemCPUTime) / 1000,
     machine: machineBusyMs(),
+    writes,
   };
 }
 
@@ -153,6 +174,8 @@ export interface CpuUsed {
    * the shell…): the noise the figures were measured under.
    */
   other: number;
+  /** Write syscalls per named process and `client` (this process). */
+  writes: Record<string, number>;
 }
 
 /** The CPU used between `before` and `after`. */
@@ -164,10 +187,15 @@ export function cpuDelta(before: CpuSnapshot, after: CpuSnapshot): CpuUsed {
     processes[name] = used;
     if (Number.isFinite(used)) ours += used;
   }
+  const writes: Record<string, number> = {};
+  for (const [name, end] of Object.entries(after.writes)) {
+    writes[name] = end - (before.writes[name] ?? Number.NaN);
+  }
   return {
     wallMs: after.at - before.at,
     processes,
     self: after.self - before.self,
     other: Math.max(0, after.machine - before.machine - ours),
+    writes,
   };
 }

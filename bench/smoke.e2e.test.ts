@@ -26,6 +26,8 @@ function expectFiniteReport(report: LoadReport, processes: readonly string[]): v
   }
   for (const name of [...processes, "client"]) {
     expect(report.peakRssMiB[name]).toBeGreaterThan(0);
+    // Every process here writes to a socket for each item it handles.
+    expect(report.writesPerItem[name]).toBeGreaterThan(0);
   }
 }
 
