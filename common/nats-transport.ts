@@ -11,6 +11,8 @@
 import { setImmediate } from "node:timers";
 import {
   type ConnectionOptions,
+  hasWsProtocol,
+  InvalidArgumentError,
   type NatsConnection,
   NatsConnectionImpl,
   setTransportFactory,
@@ -45,8 +47,20 @@ export class GatheringTransport extends NodeTransport {
   }
 }
 
-/** Connects like `@nats-io/transport-node`'s `connect`, over {@link GatheringTransport}. */
+/**
+ * Connects like `@nats-io/transport-node`'s `connect`, over {@link GatheringTransport}.
+ *
+ * nats.js keeps one transport factory per process and asks it again on every reconnect: a plain
+ * `connect()` from `@nats-io/transport-node` elsewhere in the process puts the stock transport
+ * back for the connections (re)made after it. They still work, only without gathering.
+ */
 export function connectGathering(options: ConnectionOptions): Promise<NatsConnection> {
+  if (hasWsProtocol(options)) {
+    // As the stock connect(): this transport speaks TCP only.
+    return Promise.reject(
+      InvalidArgumentError.format("servers", "node client doesn't support websockets, use a nats:// URL"),
+    );
+  }
   setTransportFactory({ factory: () => new GatheringTransport(), dnsResolveFn: nodeResolveHost });
   return NatsConnectionImpl.connect(options);
 }
