@@ -10,6 +10,7 @@ import {
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { SpanKind } from "@opentelemetry/api";
+import { type BackoffPolicy, backoffDelay } from "../../common/backoff.ts";
 import { extractTraceContext, withSpan } from "../../common/tracing.ts";
 import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
 import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts";
@@ -99,6 +100,8 @@ interface CachedState {
 const noopLogger: OrchestratorLogger = { info() {}, warn() {}, error() {} };
 /** How long an instance's not-yet-started message waits before it is tried again, ms. */
 const NOT_STARTED_RETRY_MS = 250;
+/** Redelivery delay of an inbox message whose handling failed (NATS or a bug of ours), by attempt. */
+const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
 /** Deliveries after which a message for an instance that never started is dead-lettered. */
 const NOT_STARTED_MAX_DELIVERIES = 20;
 
@@ -484,13 +487,13 @@ class OrchestratorLoop {
 
   #retryLater(msg: JsMsg, error: unknown): void {
     this.stats.retried++;
-    const delay = Math.min(5_000, 100 * 2 ** Math.min(6, msg.info.deliveryCount - 1));
+    const delay = backoffDelay(msg.info.deliveryCount, INBOX_RETRY);
     this.#log.warn(
       { subject: msg.subject, seq: msg.seq, error: String(error), delayMs: delay },
       "retrying inbox message",
     );
     try {
-      msg.nak(Math.round(delay / 2 + Math.random() * (delay / 2)));
+      msg.nak(delay);
     } catch {
       // Connection gone: the server redelivers after ack_wait.
     }

@@ -3,6 +3,8 @@
  * handlers, answers commands with events to the dispatching instance, retries with backoff and
  * dead-letters what cannot be handled.
  */
+
+export { backoffDelay } from "../../common/backoff.ts";
 export { type DeadLetterCode, type ReadDeadLettersOptions, readDeadLetters } from "./dead-letters.ts";
 export { type HandlerErrorCode, isTerminalError, RetryableError, TerminalError } from "./errors.ts";
 export { commandHandler, eventHandler } from "./handlers.ts";
@@ -18,4 +20,4 @@ export type {
   WorkerOptions,
   WorkerStats,
 } from "./types.ts";
-export { backoffDelay, createWorker } from "./worker.ts";
+export { createWorker } from "./worker.ts";

@@ -16,7 +16,6 @@ import {
   type WorkerLogger,
   type WorkerOptions,
 } from "./index.ts";
-import { backoffDelay } from "./worker.ts";
 
 let nc: NatsConnection;
 let js: JetStreamClient;
@@ -120,19 +119,6 @@ async function deadLetters(topo: Topology, count: number): Promise<DeadLetter[]>
 
 const charge = (handle: CommandHandler<typeof chargeInput>["handle"]) => ({
   "acct.charge": { input: chargeInput, handle } satisfies CommandHandler<typeof chargeInput>,
-});
-
-describe("backoffDelay", () => {
-  const policy = { maxAttempts: 10, initialDelayMs: 20, maxDelayMs: 100 };
-  it("doubles the ceiling per attempt up to maxDelayMs (full jitter up to it)", () => {
-    const top = () => 0.999_999;
-    expect([1, 2, 3, 4, 5].map((a) => backoffDelay(a, policy, top))).toEqual([20, 40, 80, 100, 100]);
-  });
-  it("draws from [floor, ceiling] and never goes below the 10 ms floor", () => {
-    expect(backoffDelay(3, policy, () => 0)).toBe(10);
-    expect(backoffDelay(3, policy, () => 0.5)).toBe(40);
-    expect(backoffDelay(1, { ...policy, initialDelayMs: 0 }, () => 0.7)).toBe(0);
-  });
 });
 
 describe("createWorker (real nats-server)", () => {

@@ -8,6 +8,7 @@ import {
 } from "@nats-io/jetstream";
 import { SpanKind } from "@opentelemetry/api";
 import type { z } from "zod";
+import { backoffDelay } from "../../common/backoff.ts";
 import { extractTraceContext, traceHeadersIfActive, withSpan } from "../../common/tracing.ts";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
 import { deadLetterOf, readJsonBody } from "../../orchestrator/runtime/dead-letters.ts";
@@ -47,8 +48,6 @@ const DEFAULTS = {
 
 /** How long `stop()` waits for handlers in progress, ms. */
 const STOP_TIMEOUT_MS = 10_000;
-/** Smallest retry delay, ms: a zero-ish jitter draw would otherwise redeliver in a tight loop. */
-const MIN_RETRY_DELAY_MS = 10;
 /** Delay before redelivery when our own IO (a publish) failed, ms. */
 const IO_RETRY_DELAY_MS = 1_000;
 /** Pause before consuming again after the consume loop failed, ms. */
@@ -60,20 +59,6 @@ const MAX_COMMAND_ID = 300 - "failed.".length;
 // Ids end up in Nats-Msg-Id headers: control characters would corrupt the header block.
 const hasControlChars = (text: string) =>
   [...text].some((c) => c.charCodeAt(0) < 0x20 || c.charCodeAt(0) === 0x7f);
-
-/**
- * Retry delay before attempt `attempt + 1`, ms: exponential backoff with full jitter,
- * `random(0, min(maxDelayMs, initialDelayMs * 2^(attempt-1)))`, at least 10 ms (unless the
- * ceiling itself is lower). `random` returns [0, 1); injectable for tests.
- */
-export function backoffDelay(
-  attempt: number,
-  policy: Required<RetryPolicy>,
-  random: () => number = Math.random,
-): number {
-  const ceiling = Math.min(policy.maxDelayMs, policy.initialDelayMs * 2 ** Math.max(0, attempt - 1));
-  return Math.max(Math.min(MIN_RETRY_DELAY_MS, ceiling), Math.round(random() * ceiling));
-}
 
 /** What to tell the dispatching instance when a command is dead-lettered. */
 interface FailureTarget {
