@@ -20,14 +20,6 @@ function collect(nc: NatsConnection, subject: string): { received: string[]; rea
   return { received, ready: nc.flush() };
 }
 
-async function until(check: () => boolean, timeoutMs = 10_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!check()) {
-    if (Date.now() > deadline) throw new Error("condition not met in time");
-    await new Promise((resolve) => setTimeout(resolve, 10));
-  }
-}
-
 const transportOf = (nc: NatsConnection): GatheringTransport => {
   const transport = (nc as NatsConnectionImpl).protocol.transport;
   if (!(transport instanceof GatheringTransport)) throw new Error("not the gathering transport");
@@ -63,7 +55,7 @@ describe("GatheringTransport", () => {
       await writer.flush();
       expect(cork).toHaveBeenCalledTimes(1); // the 20 publishes and the flush's PING
       cork.mockRestore();
-      await until(() => received.length === 20);
+      await expect.poll(() => received.length, { timeout: 10_000 }).toBe(20);
       const expected = Array.from({ length: 20 }, (_, i) => `m${i}`);
       // Order within the batch is the order of the publish calls.
       const order = [0, 1, 2, 3].flatMap((hops) => expected.filter((_, i) => i % 4 === hops));
@@ -87,7 +79,7 @@ describe("GatheringTransport", () => {
       const draining = await connectNats({ servers: natsUrl() });
       for (let i = 0; i < 100; i++) draining.publish(`${ns}.drain`, `d${i}`);
       await draining.drain();
-      await until(() => received.length === 200);
+      await expect.poll(() => received.length, { timeout: 10_000 }).toBe(200);
       expect(received.slice(0, 100)).toEqual(Array.from({ length: 100 }, (_, i) => `c${i}`));
       expect(received.slice(100)).toEqual(Array.from({ length: 100 }, (_, i) => `d${i}`));
     } finally {
@@ -106,7 +98,9 @@ describe("GatheringTransport", () => {
       })();
       expect((await nc.request("echo", "one")).string()).toBe("re:one");
       await server.restart();
-      await until(() => !nc.isClosed() && (nc as NatsConnectionImpl).protocol.connected);
+      await expect
+        .poll(() => !nc.isClosed() && (nc as NatsConnectionImpl).protocol.connected, { timeout: 10_000 })
+        .toBe(true);
       // Reconnected over a fresh transport of the same kind.
       expect(transportOf(nc)).toBeInstanceOf(GatheringTransport);
       expect((await nc.request("echo", "two", { timeout: 5_000 })).string()).toBe("re:two");

@@ -32,7 +32,8 @@ export async function connectNats(
     // noAsyncTraces: nats.js otherwise builds an Error (with a stack) per request to improve
     // async stack traces; measured at ~17% of the orchestrator's CPU under load.
     // Gathering transport: one socket write per event-loop turn instead of one per message chain
-    // (common/nats-transport.ts); measured +20–35 % sagas/s at 64 in flight.
+    // (common/nats-transport.ts); measured +3–20 % sagas/s at 64 in flight and +20–26 % at 256
+    // (docs/BENCHMARKS.md, fix 13).
     nc = await connectGathering({
       maxReconnectAttempts: -1,
       reconnectTimeWait: 250,

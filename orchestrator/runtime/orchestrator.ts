@@ -100,10 +100,10 @@ interface CachedState {
 const noopLogger: OrchestratorLogger = { info() {}, warn() {}, error() {} };
 /** How long an instance's not-yet-started message waits before it is tried again, ms. */
 const NOT_STARTED_RETRY_MS = 250;
-/** Redelivery delay of an inbox message whose handling failed (NATS or a bug of ours), by attempt. */
-const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
 /** Deliveries after which a message for an instance that never started is dead-lettered. */
 const NOT_STARTED_MAX_DELIVERIES = 20;
+/** Redelivery delay of an inbox message whose handling failed (NATS or a bug of ours), by attempt. */
+const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
 
 /**
  * Starts the orchestrator loop: consume the inbox, decide with the pure engine, append the entry
