@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { setup } from "xstate";
+import { fromPromise, setup } from "xstate";
 import { z } from "zod";
 import { decide } from "./decide.ts";
 import { JetsagaError } from "./errors.ts";
@@ -122,6 +122,51 @@ describe("decide", () => {
     expect(() => defineWorkflow({ ...counterConfig, name: "a.b" })).toThrow(JetsagaError);
     expect(() => defineWorkflow({ ...counterConfig, name: "a*" })).toThrow(/workflow name/);
     expect(() => defineWorkflow({ ...counterConfig, signals: ["nope"] })).toThrow(/signal/);
+  });
+
+  it("refuses a chart that invokes an actor, which a pure transition never runs", () => {
+    const invoking = setup({ actors: { lookup: fromPromise(async () => 1) } }).createMachine({
+      id: "invoking",
+      initial: "outer",
+      states: {
+        outer: {
+          initial: "inner",
+          states: { inner: { invoke: { src: "lookup", onDone: "#invoking.done" } } },
+        },
+        done: { type: "final" },
+      },
+    });
+    expect(() => defineWorkflow({ ...counterConfig, name: "invoking", machine: invoking })).toThrow(
+      /state "invoking.outer.inner" invokes an actor/,
+    );
+  });
+
+  it("never runs the chart's own actions, and instances decided in turn do not see each other", () => {
+    let ran = 0;
+    const noisy = defineWorkflow({
+      ...counterConfig,
+      name: "noisy",
+      machine: setup({
+        types: { context: {} as { n: number }, input: {} as { n: number } },
+        actions: { ...sagaActions, note: () => void ran++ },
+      }).createMachine({
+        id: "noisy",
+        context: ({ input }) => ({ n: input.n }),
+        initial: "counting",
+        states: {
+          counting: { entry: "note", on: { bump: { actions: "note" }, finish: "done" } },
+          done: { type: "final" },
+        },
+      }),
+    });
+    const a = decide(noisy, undefined, { kind: "start", instanceId: "a", input: { n: 1 } }, ctx("a1"));
+    const b = decide(noisy, undefined, { kind: "start", instanceId: "b", input: { n: 2 } }, ctx("b1"));
+    if (a.outcome !== "accepted" || b.outcome !== "accepted") throw new Error("not started");
+    const aDone = decide(noisy, a.state, { kind: "event", event: { type: "finish" } }, ctx("a2"));
+    const bBump = decide(noisy, b.state, { kind: "event", event: { type: "bump" } }, ctx("b2"));
+    expect(aDone).toMatchObject({ outcome: "accepted", state: { status: "completed", context: { n: 1 } } });
+    expect(bBump).toMatchObject({ outcome: "accepted", state: { status: "running", context: { n: 2 } } });
+    expect(ran).toBe(0);
   });
 });
 

@@ -1,4 +1,4 @@
-import type { AnyStateMachine } from "xstate";
+import type { AnyStateMachine, AnyStateNode } from "xstate";
 import type { z } from "zod";
 import { JetsagaError } from "./errors.ts";
 import { assertName, assertToken } from "./names.ts";
@@ -111,6 +111,16 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
       });
     }
   }
+  const invoking = findInvoke(config.machine.root);
+  if (invoking) {
+    // The orchestrator decides with pure transitions and never starts child actors: an invoked
+    // actor would never run, and the instance would wait for it for ever.
+    throw new JetsagaError(
+      "INVALID_DEFINITION",
+      `state "${invoking}" invokes an actor; workflows do their work through commands (the dispatch action), not invoked actors`,
+      { context: { workflow: config.name, state: invoking } },
+    );
+  }
   return Object.freeze({
     name: config.name,
     version: config.version,
@@ -122,4 +132,14 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
     output: config.output,
     signals: new Set(config.signals ?? []),
   });
+}
+
+/** The id of the first state node that invokes an actor, if any. */
+function findInvoke(node: AnyStateNode): string | undefined {
+  if (node.invoke.length > 0) return node.id;
+  for (const child of Object.values(node.states)) {
+    const found = findInvoke(child);
+    if (found) return found;
+  }
+  return undefined;
 }
