@@ -18,8 +18,11 @@ export interface SeriesResult {
   /** 64 in flight with 1 and with 2 orchestrator processes. */
   scale?: EngineResult[];
   tracing?: { off: LoadReport; on: LoadReport; exportBytesPerSaga: number } | { notMeasured: string };
-  /** 64 in flight with V8's default heap sizing and with the capped heap `flags` (NODE_OPTIONS of the services). */
-  memory?: { flags: string; defaults: LoadReport; capped: LoadReport };
+  /**
+   * 64 in flight with the services' V8 heap flags (`flags`, how every other part starts them) and
+   * with V8's own sizing for the host.
+   */
+  memory?: { flags: string; sized: LoadReport; v8Defaults: LoadReport };
   /**
    * Floor and engine at 1 and 64 in flight on a nats-server with Go's default scheduler (`rows[0]`,
    * one thread per core) and on one started with `GOMAXPROCS=<setting>` (`rows[1]`).
@@ -287,14 +290,14 @@ export function renderMarkdown(results: BenchResults): string {
 
   for (const s of series) {
     if (!s.memory) continue;
-    const { flags, defaults, capped } = s.memory;
+    const { flags, sized, v8Defaults } = s.memory;
     const rss = (r: LoadReport) => `${fmt(r.peakRssMiB.orchestrator)} / ${fmt(r.peakRssMiB.worker)}`;
     const cpu = (r: LoadReport) =>
       `${fmt(r.cpuMsPerItem.orchestrator, 2)} / ${fmt(r.cpuMsPerItem.worker, 2)}`;
     out.push(
       "",
-      `**V8 heap sizing** (${s.name}, 64 in flight; peak RSS MiB and CPU ms/saga of orchestrator / worker): V8 defaults ${fmt(defaults.perSecond)} sagas/s, RSS ${rss(defaults)}, CPU ${cpu(defaults)}; ` +
-        `with \`NODE_OPTIONS=${flags}\` ${fmt(capped.perSecond)} sagas/s, RSS ${rss(capped)}, CPU ${cpu(capped)}.`,
+      `**V8 heap sizing** (${s.name}, 64 in flight; peak RSS MiB and CPU ms/saga of orchestrator / worker): the services' flags \`${flags}\` (every other figure here) ${fmt(sized.perSecond)} sagas/s, RSS ${rss(sized)}, CPU ${cpu(sized)}; ` +
+        `V8's own sizing for this host (\`JETSAGA_V8_FLAGS=\`) ${fmt(v8Defaults.perSecond)} sagas/s, RSS ${rss(v8Defaults)}, CPU ${cpu(v8Defaults)}.`,
     );
   }
 

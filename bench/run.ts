@@ -17,6 +17,7 @@ import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
+import { SERVICE_V8_FLAGS } from "../deploy/local/v8-flags.ts";
 import { natsServerBinary, postgresBinDir, startNatsServer } from "../test/support/servers.ts";
 import type { LoadReport } from "./drive.ts";
 import {
@@ -51,11 +52,6 @@ const PARTS = [
   "full",
 ] as const;
 
-/**
- * The capped heap of the memory part: a small young generation and an old-generation cap. With
- * V8's defaults most of a service's RSS under load is collector headroom, not live data.
- */
-const MEMORY_NODE_OPTIONS = "--max-semi-space-size=4 --max-old-space-size=128";
 type Part = (typeof PARTS)[number];
 
 /**
@@ -229,15 +225,15 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
         }
       }
       if (parts.has("memory")) {
-        const capped = await attempt("memory", () =>
+        const v8Defaults = await attempt("memory", () =>
           measureEngine({
             ...base,
             ns: freshNs("m"),
             levels: at64(ENGINE_LEVELS),
-            env: { NODE_OPTIONS: MEMORY_NODE_OPTIONS },
+            env: { JETSAGA_V8_FLAGS: "" },
           }),
         );
-        const level = capped?.levels[0];
+        const level = v8Defaults?.levels[0];
         if (level) memoryRuns.push(level);
       }
       if (parts.has("gomaxprocs")) {
@@ -297,8 +293,8 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
       }
     }
     if (parts.has("memory") && memoryRuns.length) {
-      const defaults = engine?.levels.find((l) => l.concurrency === 64);
-      if (defaults) series.memory = { flags: MEMORY_NODE_OPTIONS, defaults, capped: medianOf(memoryRuns) };
+      const sized = engine?.levels.find((l) => l.concurrency === 64);
+      if (sized) series.memory = { flags: SERVICE_V8_FLAGS, sized, v8Defaults: medianOf(memoryRuns) };
     }
     if (gomaxprocsRuns.length) {
       series.gomaxprocs = {

@@ -20,6 +20,7 @@ import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { ConfigMap, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
+import { SERVICE_V8_FLAGS } from "./local/v8-flags.ts";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const K8S = join(ROOT, "deploy/k8s");
@@ -439,6 +440,10 @@ describe("Dockerfile and .dockerignore", () => {
     expect(problems).toEqual([]);
   });
 
+  it("starts services with the V8 heap flags that npm start, the tests and the benchmark use", () => {
+    expect(info.env.get("NODE_OPTIONS")).toBe(SERVICE_V8_FLAGS);
+  });
+
   it(".dockerignore keeps secrets, dependencies and local data out of the build context", () => {
     for (const path of [
       ".git/HEAD",
@@ -679,6 +684,10 @@ describe("Kubernetes manifests", () => {
     }
   });
 
+  it("starts services with the V8 heap flags of the image (the ConfigMap's NODE_OPTIONS replaces the image's)", () => {
+    expect(configMaps.get("jetsaga-config")?.NODE_OPTIONS).toBe(SERVICE_V8_FLAGS);
+  });
+
   it("documents a NATS >= 2.12 cluster of 3 with JetStream (Helm values)", () => {
     const [values] = parseYaml(join(K8S, "nats/values.yaml"));
     const v = docOf(values);
@@ -751,6 +760,13 @@ describe("docker compose", () => {
       );
     }
     expect(problems).toEqual([]);
+  });
+
+  it("starts services with the V8 heap flags of the image, then any JETSAGA_NODE_OPTIONS", () => {
+    for (const [name, raw] of jetsaga) {
+      const options = String(docOf(docOf(raw).environment).NODE_OPTIONS);
+      expect(options.startsWith(`${SERVICE_V8_FLAGS} `), `${name}: NODE_OPTIONS ${options}`).toBe(true);
+    }
   });
 
   it("orders start-up on health: depends_on targets exist and have health checks", () => {

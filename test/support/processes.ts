@@ -6,6 +6,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { serviceV8Flags, v8FlagArgs } from "../../deploy/local/v8-flags.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
@@ -25,15 +26,23 @@ export interface ServiceProcess {
 /** Which runtime runs a service: Node 24 (this process's binary) or Deno 2 (from the npm package). */
 export type Runtime = "node" | "deno";
 
-/** The command line that runs `entry` under `runtime`. */
-export function runtimeCommand(runtime: Runtime, entry: string): [string, string[]] {
+/**
+ * The command line that runs `entry` under `runtime`, with the services' V8 heap flags (see
+ * deploy/local/v8-flags.ts; `JETSAGA_V8_FLAGS` in `env` replaces them).
+ */
+export function runtimeCommand(
+  runtime: Runtime,
+  entry: string,
+  env: Readonly<Record<string, string | undefined>> = process.env,
+): [string, string[]] {
+  const v8 = v8FlagArgs(runtime, serviceV8Flags(env));
   if (runtime === "deno")
-    return [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", join(ROOT, entry)]];
+    return [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", ...v8, join(ROOT, entry)]];
   // JETSAGA_CPU_PROF_DIR: profile every Node service a test or benchmark starts (Node refuses
   // --cpu-prof in NODE_OPTIONS).
-  const profile = process.env.JETSAGA_CPU_PROF_DIR;
+  const profile = env.JETSAGA_CPU_PROF_DIR;
   const flags = profile ? ["--cpu-prof", `--cpu-prof-dir=${profile}`] : [];
-  return [process.execPath, [...flags, join(ROOT, entry)]];
+  return [process.execPath, [...v8, ...flags, join(ROOT, entry)]];
 }
 
 /**
@@ -46,10 +55,11 @@ export async function spawnService(
   readyLine?: RegExp,
   runtime: Runtime = "node",
 ): Promise<ServiceProcess> {
-  const [command, args] = runtimeCommand(runtime, entry);
+  const childEnv = { ...process.env, ...env };
+  const [command, args] = runtimeCommand(runtime, entry, childEnv);
   const child: ChildProcess = spawn(command, args, {
     cwd: ROOT,
-    env: { ...process.env, ...env },
+    env: childEnv,
     stdio: ["ignore", "pipe", "pipe"],
   });
   const lines: string[] = [];
