@@ -78,14 +78,16 @@ export class HistoryStore {
 
   /**
    * Appends `entry` if the instance's last stream sequence is still `expectedSeq` (0: no history).
-   * Returns the new sequence. Throws `JetsagaError("CONFLICT")` when someone else appended first.
+   * Returns the new sequence and the entry's stored size. Throws `JetsagaError("CONFLICT")` when
+   * someone else appended first.
    */
-  async append(entry: HistoryEntry, expectedSeq: number): Promise<number> {
+  async append(entry: HistoryEntry, expectedSeq: number): Promise<{ seq: number; bytes: number }> {
     const { workflow, instanceId } = entry.state;
+    const data = encoder.encode(JSON.stringify(entry));
     try {
       const ack = await this.#js.publish(
         this.#topo.historySubject(workflow, instanceId),
-        encoder.encode(JSON.stringify(entry)),
+        data,
         // No msg id: the expected sequence already makes a second append of a revision fail, and
         // the server checks it before de-duplication anyway; a msg id would only cost the server
         // a de-duplication entry per append.
@@ -96,7 +98,7 @@ export class HistoryStore {
           context: { workflow, instanceId, revision: entry.revision },
         });
       }
-      return ack.seq;
+      return { seq: ack.seq, bytes: data.length };
     } catch (error) {
       if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamWrongLastSequence) {
         throw new JetsagaError("CONFLICT", "instance changed since it was read", {

@@ -46,6 +46,13 @@ export interface OrchestratorOptions {
   concurrency?: number;
   /** Instances whose latest state is kept in memory. Default 10,000. */
   cacheSize?: number;
+  /**
+   * Total size of the states kept in memory, as stored (bytes of their history entries' JSON).
+   * Default 16 MiB. With `cacheSize` it bounds the cache whatever an instance's size: 10,000
+   * instances of a workflow with a 10 KiB context would otherwise hold ~100 MiB of JSON, several
+   * times that in heap. Instances beyond it are read from the stream when their next message comes.
+   */
+  cacheBytes?: number;
   /** How often an append is retried after losing an optimistic-concurrency race. Default 8. */
   maxConflictRetries?: number;
   /**
@@ -85,6 +92,8 @@ export interface OrchestratorStats {
 /** A running orchestrator. */
 export interface RunningOrchestrator {
   readonly stats: Readonly<OrchestratorStats>;
+  /** The in-memory state cache now: instances held, and their size as stored (bytes). */
+  readonly cache: { readonly entries: number; readonly bytes: number };
   readonly topology: Topology;
   /** Stops consuming, waits (bounded) for messages in progress, and returns. */
   stop(): Promise<void>;
@@ -184,6 +193,9 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   const done = supervise();
   return {
     stats: loop.stats,
+    get cache() {
+      return loop.cacheUsage();
+    },
     topology: topo,
     async stop() {
       stopping = true;
@@ -196,6 +208,10 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
 }
 
 class OrchestratorLoop {
+  cacheUsage(): { entries: number; bytes: number } {
+    return { entries: this.#cache.size, bytes: this.#cache.weight };
+  }
+
   readonly stats: OrchestratorStats = {
     processed: 0,
     appended: 0,
@@ -236,7 +252,7 @@ class OrchestratorLoop {
     this.#js = js;
     this.#store = new HistoryStore(js, jsm, topo);
     this.#definitions = new Map(options.workflows.map((definition) => [definition.name, definition]));
-    this.#cache = new LruCache(options.cacheSize ?? 10_000);
+    this.#cache = new LruCache(options.cacheSize ?? 10_000, options.cacheBytes ?? 16 * 2 ** 20);
     this.#concurrency = concurrency;
     this.#log = options.logger ?? noopLogger;
     this.#clock = options.clock ?? Date.now;
@@ -392,9 +408,9 @@ class OrchestratorLoop {
             effects: decision.effects,
             at: now,
           };
-          let seq: number;
+          let appended: { seq: number; bytes: number };
           try {
-            seq = await this.#store.append(entry, current?.seq ?? 0);
+            appended = await this.#store.append(entry, current?.seq ?? 0);
           } catch (error) {
             if (isJetsagaError(error, "CONFLICT") && attempt < maxRetries) {
               // A wrong guess that the instance was new is not a race with another appender.
@@ -407,8 +423,9 @@ class OrchestratorLoop {
             throw error;
           }
           this.stats.appended++;
-          if (entry.state.status === "running") this.#cache.set(key, { state: entry.state, seq });
-          else this.#cache.delete(key);
+          if (entry.state.status === "running") {
+            this.#cache.set(key, { state: entry.state, seq: appended.seq }, appended.bytes);
+          } else this.#cache.delete(key);
           await executeEffects(this.#effects, entry);
           msg.ack();
           if (entry.state.status !== "running") this.#announceEnd(entry);

@@ -19,7 +19,7 @@ async function main(): Promise<void> {
   // Probes answer (not ready) while the orchestrator starts.
   const running: { orchestrator?: RunningOrchestrator } = {};
   const registry = createMetricsRegistry("orchestrator");
-  registerOrchestratorMetrics(registry, () => running.orchestrator?.stats);
+  registerOrchestratorMetrics(registry, () => running.orchestrator);
   const probes = await startProbeServer(
     { registry, ready: () => running.orchestrator !== undefined && !nc.isClosed() },
     Number(process.env.PROBE_PORT ?? 9464),
