@@ -43,6 +43,11 @@ describe("a durable timer across restarts", () => {
     const armed = await client.getState("reminder", "r1");
     const dueAt = Object.values(armed?.timers ?? {})[0]?.dueAt ?? 0;
     expect(dueAt).toBeGreaterThan(0);
+    // The waiting instance is held in the orchestrator's state cache, and /metrics says so.
+    const first = processes[0];
+    if (!first) throw new Error("no orchestrator");
+    await expect.poll(() => orchestratorMetric(first, "jetsaga_orchestrator_state_cache_entries")).toBe(1);
+    expect(await orchestratorMetric(first, "jetsaga_orchestrator_state_cache_bytes")).toBeGreaterThan(0);
 
     await processes[0]?.kill("SIGKILL");
     await nats.kill("SIGKILL");
