@@ -15,7 +15,7 @@ import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
 import { type ServiceSpec, services } from "./services.ts";
-import { serviceV8Flags, v8FlagArgs } from "./v8-flags.ts";
+import { serviceArgs } from "./v8-flags.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /** Grace period between SIGTERM and SIGKILL on shutdown, in milliseconds. */
@@ -113,11 +113,8 @@ function ensureTokenSecret(): void {
 }
 
 function startService(spec: ServiceSpec, width: number): void {
-  // Under Deno, process.execPath is the deno binary, which needs `run -A` before the entry.
-  const runtime = "Deno" in globalThis ? "deno" : "node";
-  const v8 = v8FlagArgs(runtime, serviceV8Flags(process.env));
-  const entry = join(ROOT, spec.entry);
-  const args = runtime === "deno" ? ["run", "-A", ...v8, entry] : [...v8, entry];
+  // Under Deno, process.execPath is the deno binary.
+  const args = serviceArgs("Deno" in globalThis ? "deno" : "node", join(ROOT, spec.entry), process.env);
   const child = spawn(process.execPath, args, {
     cwd: ROOT,
     env: { ...process.env, ...spec.env },

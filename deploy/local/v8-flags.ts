@@ -16,17 +16,24 @@ export const SERVICE_V8_FLAGS = "--max-semi-space-size=8 --max-old-space-size=25
  * The V8 flags to start a service with: `JETSAGA_V8_FLAGS` when set (empty = V8's own sizing),
  * else {@link SERVICE_V8_FLAGS}.
  */
-export function serviceV8Flags(env: Readonly<Record<string, string | undefined>>): string[] {
+function serviceV8Flags(env: Readonly<Record<string, string | undefined>>): string[] {
   return (env.JETSAGA_V8_FLAGS ?? SERVICE_V8_FLAGS).split(/\s+/).filter((flag) => flag !== "");
 }
 
 /**
- * The command-line arguments that put `flags` before a service's entry: Node takes V8 flags as
- * they are; Deno takes them through one `--v8-flags=` option. Command-line flags, unlike
- * NODE_OPTIONS, also reach Deno, and flags in a caller's NODE_OPTIONS still apply (Node reads
- * NODE_OPTIONS first, so for the same flag the command line wins).
+ * The arguments after the runtime's binary that run the service `entry` (a path) with its V8 flags
+ * from `env`, plus `nodeFlags` under Node. Node takes V8 flags as they are; Deno takes them
+ * through one `--v8-flags=` option after `run -A`. Command-line flags, unlike NODE_OPTIONS, also
+ * reach Deno, and flags in a caller's NODE_OPTIONS still apply (Node reads NODE_OPTIONS first, so
+ * for the same flag the command line wins).
  */
-export function v8FlagArgs(runtime: "node" | "deno", flags: readonly string[]): string[] {
-  if (flags.length === 0) return [];
-  return runtime === "deno" ? [`--v8-flags=${flags.join(",")}`] : [...flags];
+export function serviceArgs(
+  runtime: "node" | "deno",
+  entry: string,
+  env: Readonly<Record<string, string | undefined>>,
+  nodeFlags: readonly string[] = [],
+): string[] {
+  const flags = serviceV8Flags(env);
+  if (runtime === "node") return [...flags, ...nodeFlags, entry];
+  return ["run", "-A", ...(flags.length ? [`--v8-flags=${flags.join(",")}`] : []), entry];
 }

@@ -6,7 +6,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { serviceV8Flags, v8FlagArgs } from "../../deploy/local/v8-flags.ts";
+import { serviceArgs } from "../../deploy/local/v8-flags.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
@@ -35,14 +35,13 @@ export function runtimeCommand(
   entry: string,
   env: Readonly<Record<string, string | undefined>> = process.env,
 ): [string, string[]] {
-  const v8 = v8FlagArgs(runtime, serviceV8Flags(env));
   if (runtime === "deno")
-    return [join(ROOT, "node_modules", ".bin", "deno"), ["run", "-A", ...v8, join(ROOT, entry)]];
+    return [join(ROOT, "node_modules", ".bin", "deno"), serviceArgs("deno", join(ROOT, entry), env)];
   // JETSAGA_CPU_PROF_DIR: profile every Node service a test or benchmark starts (Node refuses
   // --cpu-prof in NODE_OPTIONS).
   const profile = env.JETSAGA_CPU_PROF_DIR;
   const flags = profile ? ["--cpu-prof", `--cpu-prof-dir=${profile}`] : [];
-  return [process.execPath, [...v8, ...flags, join(ROOT, entry)]];
+  return [process.execPath, serviceArgs("node", join(ROOT, entry), env, flags)];
 }
 
 /**
