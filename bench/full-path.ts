@@ -49,9 +49,12 @@ export interface OrderLoadOptions extends LoadOptions {
   trees?: Record<string, number>;
 }
 
+/** The statuses a new order can settle in. */
+const OUTCOME = [OrderStatus.CONFIRMED, OrderStatus.CANCELLED];
+
 /**
  * Places orders over gRPC, `concurrency` at a time, each followed by WatchOrder until it leaves
- * PENDING and then ONE GetOrder with `min_position` = the position of that update, so the read
+ * PENDING (the server ends the watch there) and then ONE GetOrder with `min_position` = the position of that update, so the read
  * model is asked only once it can show the outcome. An order counts when the read model says
  * CONFIRMED.
  */
@@ -69,12 +72,14 @@ export async function driveOrders(
       { headers, timeoutMs },
     );
     const orderId = placed.order?.orderId ?? "";
+    // The server ends the watch at the outcome: leaving the loop early would leave the call open
+    // on both sides until its deadline (connect-es does not cancel it).
     let settled: WatchOrderResponse | undefined;
-    for await (const update of orders.watchOrder({ orderId }, { headers, timeoutMs })) {
-      if (update.order?.status !== OrderStatus.PENDING) {
-        settled = update;
-        break;
-      }
+    for await (const update of orders.watchOrder(
+      { orderId, untilStatuses: OUTCOME },
+      { headers, timeoutMs },
+    )) {
+      settled = update;
     }
     if (settled?.order?.status !== OrderStatus.CONFIRMED) {
       reads.push(0);

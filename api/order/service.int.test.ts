@@ -356,6 +356,22 @@ describe("OrderService", () => {
         () => collect(orders.watchOrder({ orderId: "o.*" }, a)),
         Code.InvalidArgument,
       ],
+      [
+        "watch until an unspecified status",
+        () => collect(orders.watchOrder({ orderId: okId, untilStatuses: [OrderStatus.UNSPECIFIED] }, a)),
+        Code.InvalidArgument,
+      ],
+      [
+        "watch until an unknown status",
+        () =>
+          collect(
+            orders.watchOrder(
+              { orderId: okId, untilStatuses: [OrderStatus.CONFIRMED, 99 as OrderStatus] },
+              a,
+            ),
+          ),
+        Code.InvalidArgument,
+      ],
       ["history with wildcard id", () => orders.getOrderHistory({ orderId: ">" }, a), Code.InvalidArgument],
     ];
     const results = [];
@@ -543,9 +559,9 @@ describe("OrderService", () => {
     // Cancel a confirmed order: CONFIRMED while compensating, then CANCELLED with the reason.
     const second = await orders.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token));
     const secondId = second.order?.orderId ?? "";
-    for await (const update of orders.watchOrder({ orderId: secondId }, auth(token))) {
-      if (update.order?.status === OrderStatus.CONFIRMED) break;
-    }
+    await collect(
+      orders.watchOrder({ orderId: secondId, untilStatuses: [OrderStatus.CONFIRMED] }, auth(token)),
+    );
     const cancelled = await orders.cancelOrder({ orderId: secondId, reason: "changed my mind" }, auth(token));
     const final = await workflows.awaitCompletion("order", secondId, { timeoutMs: 20_000 });
     expect(final.output).toMatchObject({ outcome: "cancelled", reason: "changed my mind" });
@@ -555,6 +571,46 @@ describe("OrderService", () => {
     expect(await codeOf(orders.cancelOrder({ orderId: secondId, reason: "again" }, auth(token)))).toBe("ok");
     const read = await orders.getOrder({ orderId: secondId, minPosition: cancelled.position }, auth(token));
     expect(read.order?.status).not.toBe(OrderStatus.PENDING);
+  });
+
+  it("ends a watch after the first update with one of until_statuses, the current state included", async () => {
+    const { token, userId } = await signUp("until");
+    held.add(userId);
+    const placed = await orders.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token));
+    const orderId = placed.order?.orderId ?? "";
+    const outcome = [OrderStatus.CONFIRMED, OrderStatus.CANCELLED];
+    const updates: Array<[OrderStatus, string]> = [];
+    let firstUpdate: () => void = () => {};
+    const watchingStarted = new Promise<void>((resolve) => {
+      firstUpdate = resolve;
+    });
+    // Read to the end: only the server can end this loop.
+    const watching = (async () => {
+      for await (const update of orders.watchOrder({ orderId, untilStatuses: outcome }, auth(token))) {
+        updates.push([update.order?.status ?? OrderStatus.UNSPECIFIED, update.state]);
+        firstUpdate();
+      }
+    })();
+    await watchingStarted;
+    held.delete(userId);
+    await watching;
+    expect(updates).toEqual([
+      [OrderStatus.PENDING, '{"pending":"verifyingUser"}'],
+      [OrderStatus.PENDING, '{"pending":"reservingCredit"}'],
+      [OrderStatus.CONFIRMED, "confirmed"],
+    ]);
+    // Not final: the order goes on after the watch ended.
+    expect((await orders.shipOrder({ orderId }, auth(token))).order?.status).toBe(OrderStatus.SHIPPED);
+
+    // A current state that matches answers once; a status the order never reaches waits for final.
+    const again = await collect(
+      orders.watchOrder({ orderId, untilStatuses: [OrderStatus.SHIPPED] }, auth(token)),
+    );
+    expect(again.map((u) => u.order?.status)).toEqual([OrderStatus.SHIPPED]);
+    const never = await collect(
+      orders.watchOrder({ orderId, untilStatuses: [OrderStatus.PENDING] }, auth(token)),
+    );
+    expect(never.map((u) => u.order?.status)).toEqual([OrderStatus.SHIPPED]);
   });
 
   it("gives each watched update its history position, which reads the same status from the read model", async () => {

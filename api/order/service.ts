@@ -402,6 +402,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     async *watchOrder(req, ctx) {
       const { userId } = callerOf(ctx);
       const orderId = checkOrderId(req.orderId);
+      const until = new Set(checkStatuses(req.untilStatuses, "until_statuses"));
       let items: CheckedItem[] | undefined;
       // Starts with the latest entry, then each new one; ends when terminal. The shared follower
       // rather than client.watch: no consumer to create and delete on nats-server per watch. The
@@ -412,7 +413,10 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
           items = await itemsOfOrder(orderId);
         }
         yield watchMessage(found, items);
-        if (isTerminal(found.entry.state)) return;
+        // Ending here, rather than leaving it to the client, is what frees the watch: connect-es
+        // clients do not cancel a call they stop reading, and mass cancels trip HTTP/2's
+        // rapid-reset protection (docs/BENCHMARKS.md, "Full path under sustained load").
+        if (isTerminal(found.entry.state) || until.has(orderStatusOf(found.entry.state))) return;
       }
       if (!items && !ctx.signal.aborted && !follower.closed) throw notFound();
       // The follower stopped (the gateway is shutting down): ending normally would claim the

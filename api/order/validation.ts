@@ -134,12 +134,12 @@ export function statusValue(name: OrderStatusName): OrderStatus {
   }
 }
 
-/** Checks the status filter: known values only, no UNSPECIFIED; duplicates collapse. */
-export function checkStatuses(values: readonly OrderStatus[]): OrderStatusName[] {
+/** Checks a list of statuses (`field` names it in errors): known values only, no UNSPECIFIED; duplicates collapse. */
+export function checkStatuses(values: readonly OrderStatus[], field = "statuses"): OrderStatusName[] {
   const names = new Set<OrderStatusName>();
   values.forEach((value, i) => {
     const name = statusNames[value];
-    if (!name) throw invalid(`statuses[${i}]`, "is not a filterable order status");
+    if (!name) throw invalid(`${field}[${i}]`, "is not an order status");
     names.add(name);
   });
   return [...names].sort();
