@@ -17,7 +17,7 @@ import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { SERVICE_V8_FLAGS } from "../deploy/local/v8-flags.ts";
+import { SERVICE_V8_FLAGS } from "../deploy/local/service-process.ts";
 import { natsServerBinary, postgresBinDir, startNatsServer } from "../test/support/servers.ts";
 import type { LoadReport } from "./drive.ts";
 import {

@@ -20,7 +20,7 @@ import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { ConfigMap, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
-import { SERVICE_V8_FLAGS } from "./local/v8-flags.ts";
+import { SERVICE_ENV, SERVICE_V8_FLAGS } from "./local/service-process.ts";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const K8S = join(ROOT, "deploy/k8s");
@@ -444,6 +444,10 @@ describe("Dockerfile and .dockerignore", () => {
     expect(info.env.get("NODE_OPTIONS")).toBe(SERVICE_V8_FLAGS);
   });
 
+  it("sets the environment that npm start, the tests and the benchmark start services with", () => {
+    for (const [name, value] of Object.entries(SERVICE_ENV)) expect(info.env.get(name), name).toBe(value);
+  });
+
   it(".dockerignore keeps secrets, dependencies and local data out of the build context", () => {
     for (const path of [
       ".git/HEAD",
@@ -688,6 +692,12 @@ describe("Kubernetes manifests", () => {
     expect(configMaps.get("jetsaga-config")?.NODE_OPTIONS).toBe(SERVICE_V8_FLAGS);
   });
 
+  it("leaves the image's service environment (MALLOC_ARENA_MAX) as it is", () => {
+    for (const name of Object.keys(SERVICE_ENV)) {
+      expect(configMaps.get("jetsaga-config")?.[name], name).toBeUndefined();
+    }
+  });
+
   it("documents a NATS >= 2.12 cluster of 3 with JetStream (Helm values)", () => {
     const [values] = parseYaml(join(K8S, "nats/values.yaml"));
     const v = docOf(values);
@@ -760,6 +770,14 @@ describe("docker compose", () => {
       );
     }
     expect(problems).toEqual([]);
+  });
+
+  it("leaves the image's service environment (MALLOC_ARENA_MAX) as it is", () => {
+    for (const [name, raw] of jetsaga) {
+      for (const variable of Object.keys(SERVICE_ENV)) {
+        expect(docOf(docOf(raw).environment)[variable], `${name}: ${variable}`).toBeUndefined();
+      }
+    }
   });
 
   it("starts services with the V8 heap flags of the image, then any JETSAGA_NODE_OPTIONS", () => {

@@ -14,8 +14,8 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { serviceArgs, serviceEnv } from "./service-process.ts";
 import { type ServiceSpec, services } from "./services.ts";
-import { serviceArgs } from "./v8-flags.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /** Grace period between SIGTERM and SIGKILL on shutdown, in milliseconds. */
@@ -117,7 +117,7 @@ function startService(spec: ServiceSpec, width: number): void {
   const args = serviceArgs("Deno" in globalThis ? "deno" : "node", join(ROOT, spec.entry), process.env);
   const child = spawn(process.execPath, args, {
     cwd: ROOT,
-    env: { ...process.env, ...spec.env },
+    env: serviceEnv(process.env, spec.env),
     stdio: ["ignore", "pipe", "pipe"],
     // Own process group: a terminal Ctrl-C reaches only this supervisor, which stops services in order.
     detached: true,

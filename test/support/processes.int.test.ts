@@ -1,15 +1,28 @@
 /**
- * Services started by the tests and the benchmark get the V8 heap flags they are deployed with
- * (deploy/local/v8-flags.ts), under both runtimes; JETSAGA_V8_FLAGS replaces them.
+ * Services started by the tests and the benchmark get the V8 heap flags and environment they are
+ * deployed with (deploy/local/service-process.ts), under both runtimes; JETSAGA_V8_FLAGS replaces
+ * the flags, and a variable the caller sets replaces the services' own.
  */
 import { describe, expect, it } from "vitest";
 import { type Runtime, spawnService } from "./processes.ts";
 
-async function heapLimitMiB(env: Record<string, string>, runtime: Runtime = "node"): Promise<number> {
-  const proc = await spawnService("test/fixtures/heap-limit.ts", env, /HEAP_LIMIT_MIB=/, runtime);
-  const line = await proc.waitForLine(/HEAP_LIMIT_MIB=/);
+async function settings(
+  env: Record<string, string>,
+  runtime: Runtime = "node",
+): Promise<{ heapLimitMiB: number; mallocArenaMax: string }> {
+  const proc = await spawnService("test/fixtures/process-settings.ts", env, /HEAP_LIMIT_MIB=/, runtime);
+  const value = async (name: string) => {
+    const line = await proc.waitForLine(new RegExp(`^${name}=`));
+    return line.slice(line.indexOf("=") + 1);
+  };
+  const mallocArenaMax = await value("MALLOC_ARENA_MAX");
+  const heapLimitMiB = Number(await value("HEAP_LIMIT_MIB"));
   await proc.exited;
-  return Number(line.slice(line.indexOf("=") + 1));
+  return { heapLimitMiB, mallocArenaMax };
+}
+
+async function heapLimitMiB(env: Record<string, string>, runtime: Runtime = "node"): Promise<number> {
+  return (await settings(env, runtime)).heapLimitMiB;
 }
 
 describe("spawnService", () => {
@@ -20,6 +33,14 @@ describe("spawnService", () => {
       512,
     );
   });
+
+  it.each<Runtime>(["node", "deno"])(
+    "starts %s with MALLOC_ARENA_MAX=2 unless the caller sets it",
+    async (runtime) => {
+      expect((await settings({}, runtime)).mallocArenaMax).toBe("2");
+      expect((await settings({ MALLOC_ARENA_MAX: "8" }, runtime)).mallocArenaMax).toBe("8");
+    },
+  );
 
   it("leaves the heap to V8 when JETSAGA_V8_FLAGS is empty", async () => {
     expect(await heapLimitMiB({ JETSAGA_V8_FLAGS: "" })).toBeGreaterThan(256 + 3 * 8);

@@ -6,7 +6,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
-import { serviceArgs } from "../../deploy/local/v8-flags.ts";
+import { serviceArgs, serviceEnv } from "../../deploy/local/service-process.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 
@@ -28,7 +28,7 @@ export type Runtime = "node" | "deno";
 
 /**
  * The command line that runs `entry` under `runtime`, with the services' V8 heap flags (see
- * deploy/local/v8-flags.ts; `JETSAGA_V8_FLAGS` in `env` replaces them).
+ * deploy/local/service-process.ts; `JETSAGA_V8_FLAGS` in `env` replaces them).
  */
 export function runtimeCommand(
   runtime: Runtime,
@@ -46,7 +46,7 @@ export function runtimeCommand(
 
 /**
  * Starts `entry` (path relative to the repository root) under `runtime` (default node) with `env`
- * added to this process's environment, and waits until it prints a line matching `readyLine`.
+ * added to this process's environment (over the services' own, deploy/local/service-process.ts), and waits until it prints a line matching `readyLine`.
  */
 export async function spawnService(
   entry: string,
@@ -54,7 +54,7 @@ export async function spawnService(
   readyLine?: RegExp,
   runtime: Runtime = "node",
 ): Promise<ServiceProcess> {
-  const childEnv = { ...process.env, ...env };
+  const childEnv = serviceEnv(process.env, env);
   const [command, args] = runtimeCommand(runtime, entry, childEnv);
   const child: ChildProcess = spawn(command, args, {
     cwd: ROOT,

@@ -1,5 +1,7 @@
 /**
- * V8 heap sizing for jetsaga's service processes. Left to itself, V8 sizes the heap for the host
+ * How jetsaga's service processes are started: V8 heap flags and the environment they add.
+ *
+ * V8 heap sizing. Left to itself, V8 sizes the heap for the host
  * (on a 23 GiB machine: 64 MiB semi-spaces, 4 GiB old space) and lets garbage pile up to match:
  * the orchestrator peaked at 255–305 MiB RSS at 64 sagas in flight with a live heap of ~40 MiB.
  * With these flags it peaks at ~135 MiB, and at ~170 MiB after 100,000 idle instances, at the same
@@ -11,6 +13,23 @@
  * deploy/manifests.unit.test.ts).
  */
 export const SERVICE_V8_FLAGS = "--max-semi-space-size=8 --max-old-space-size=256";
+
+/**
+ * Environment every service starts with, under the caller's own (a variable set by the caller
+ * wins). `MALLOC_ARENA_MAX=2`: glibc gives each thread that allocates (V8's GC and compiler
+ * threads, libuv's pool) its own malloc arena and keeps the freed pages of each; two arenas cut
+ * every service's peak RSS by 5–10 MiB at the same CPU per saga (interleaved pairs,
+ * docs/BENCHMARKS.md fix 18). The image sets the same (checked by deploy/manifests.unit.test.ts).
+ */
+export const SERVICE_ENV: Readonly<Record<string, string>> = { MALLOC_ARENA_MAX: "2" };
+
+/** The environment of a service process: {@link SERVICE_ENV}, then `env`, then `extra`. */
+export function serviceEnv(
+  env: Readonly<Record<string, string | undefined>>,
+  extra: Readonly<Record<string, string | undefined>> = {},
+): Record<string, string | undefined> {
+  return { ...SERVICE_ENV, ...env, ...extra };
+}
 
 /**
  * The V8 flags to start a service with: `JETSAGA_V8_FLAGS` when set (empty = V8's own sizing),
