@@ -7,12 +7,13 @@
  *   npm run bench -- --idle 100000     # idle instances for the memory part
  *   npm run bench -- --only engine,floor  # parts: floor, engine, scale, tracing, memory, recovery, idle, full
  *   npm run bench -- --no-doc          # do not rewrite docs/BENCHMARKS.md
+ *   npm run bench -- --render bench/results/<timestamp>.json  # re-render a saved run, measure nothing
  *
  * Progress goes to stderr (`bench: …`); the results table to stdout, to
  * bench/results/<timestamp>.json and between the markers of docs/BENCHMARKS.md.
  */
 import { execFileSync } from "node:child_process";
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -69,6 +70,7 @@ const { values: args } = parseArgs({
     idle: { type: "string" },
     only: { type: "string" },
     "no-doc": { type: "boolean", default: false },
+    render: { type: "string" },
   },
 });
 
@@ -87,6 +89,31 @@ const began = performance.now();
 const progress = (message: string): void => {
   process.stderr.write(`bench: [${((performance.now() - began) / 1000).toFixed(0)}s] ${message}\n`);
 };
+
+/** Prints the markdown and, unless --no-doc, rewrites the results section of docs/BENCHMARKS.md. */
+function publish(markdown: string): void {
+  if (!args["no-doc"]) {
+    const doc = join(ROOT, "docs", "BENCHMARKS.md");
+    if (rewriteResults(doc, markdown)) {
+      // biome formats markdown (it pads table columns): keep the rewritten doc passing `biome ci`.
+      try {
+        execFileSync(join(ROOT, "node_modules", ".bin", "biome"), ["format", "--write", doc], {
+          stdio: "ignore",
+        });
+      } catch {
+        progress("biome format of the doc failed: run `biome format --write docs/BENCHMARKS.md`");
+      }
+      progress(`results table rewritten in ${doc}`);
+    } else progress(`${doc} has no results markers: not rewritten`);
+  }
+  process.stdout.write(`${markdown}\n`);
+}
+
+// --render: the report of a saved run (after a change to the report's layout), nothing measured.
+if (args.render !== undefined) {
+  publish(renderMarkdown(JSON.parse(readFileSync(args.render, "utf8")) as BenchResults));
+  process.exit(0);
+}
 
 const levels = (counts: Record<number, number>): Level[] =>
   Object.entries(counts).map(([concurrency, count]) => ({ concurrency: Number(concurrency), count }));
@@ -397,18 +424,4 @@ mkdirSync(resultsDir, { recursive: true });
 const file = join(resultsDir, `${machine.date.replace(/[:.]/g, "-")}.json`);
 writeFileSync(file, `${JSON.stringify(results, null, 2)}\n`);
 progress(`results written to ${file}`);
-if (!args["no-doc"]) {
-  const doc = join(ROOT, "docs", "BENCHMARKS.md");
-  if (rewriteResults(doc, markdown)) {
-    // biome formats markdown (it pads table columns): keep the rewritten doc passing `biome ci`.
-    try {
-      execFileSync(join(ROOT, "node_modules", ".bin", "biome"), ["format", "--write", doc], {
-        stdio: "ignore",
-      });
-    } catch {
-      progress("biome format of the doc failed: run `biome format --write docs/BENCHMARKS.md`");
-    }
-    progress(`results table rewritten in ${doc}`);
-  } else progress(`${doc} has no results markers: not rewritten`);
-}
-process.stdout.write(`${markdown}\n`);
+publish(markdown);
