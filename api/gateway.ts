@@ -125,7 +125,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
   }
   const orderService = orders;
   const registry = createMetricsRegistry("api");
-  registerMetrics(registry, projector, users);
+  registerMetrics(registry, projector, users, orderService);
   const onInternal = (error: ConnectError, procedure: string): void =>
     logger?.error({ procedure, err: error.cause ?? error }, "internal error");
 
@@ -230,7 +230,12 @@ async function ready(nc: NatsConnection, sql: Sql): Promise<boolean> {
   return true;
 }
 
-function registerMetrics(registry: Registry, projector: OrderProjector, users: ResilientUserClient): void {
+function registerMetrics(
+  registry: Registry,
+  projector: OrderProjector,
+  users: ResilientUserClient,
+  orders: OrderServiceHandle,
+): void {
   new Gauge({
     name: "jetsaga_order_projection_position",
     help: "History stream sequence the order read model has reached",
@@ -245,6 +250,14 @@ function registerMetrics(registry: Registry, projector: OrderProjector, users: R
     registers: [registry],
     collect() {
       this.set(projector.stats.entries);
+    },
+  });
+  new Gauge({
+    name: "jetsaga_order_watches_open",
+    help: "WatchOrder streams in progress; one that grows with no clients watching means streams left open",
+    registers: [registry],
+    collect() {
+      this.set(orders.openWatches);
     },
   });
   new Gauge({

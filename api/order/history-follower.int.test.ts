@@ -122,6 +122,25 @@ describe("HistoryFollower.watch", () => {
     await watch.return?.();
   });
 
+  it("counts a watch as open from its first read until it ends, however it ends", async () => {
+    const id = `i-${randomUUID()}`;
+    await append(id, 1);
+    const before = follower.openWatches;
+    const abort = new AbortController();
+    const aborted = follower.watch(id, abort.signal)[Symbol.asyncIterator]();
+    const returned = follower.watch(id)[Symbol.asyncIterator]();
+    expect(follower.openWatches).toBe(before); // not started yet
+    await aborted.next();
+    await returned.next();
+    expect(follower.openWatches).toBe(before + 2);
+    const pending = aborted.next();
+    abort.abort();
+    await pending;
+    expect(follower.openWatches).toBe(before + 1);
+    await returned.return?.();
+    expect(follower.openWatches).toBe(before);
+  });
+
   it("yields nothing to a watch whose signal is already aborted", async () => {
     const id = `i-${randomUUID()}`;
     await append(id, 1);

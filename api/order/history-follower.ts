@@ -61,6 +61,7 @@ export class HistoryFollower {
   readonly #messages: ConsumerMessages;
   readonly #waiters = new Map<string, Set<Waiter>>();
   readonly #watchers = new Map<string, Set<Watcher>>();
+  #openWatches = 0;
   #closed = false;
 
   private constructor(jsm: JetStreamManager, topo: Topology, workflow: string, messages: ConsumerMessages) {
@@ -186,6 +187,14 @@ export class HistoryFollower {
     return msg ? decodeHistoryMessage(msg) : undefined;
   }
 
+  /**
+   * Watches in progress. A watch its caller stopped reading without ending it still counts: this
+   * is how a gateway shows clients that leave streams open.
+   */
+  get openWatches(): number {
+    return this.#openWatches;
+  }
+
   /** True once {@link close} was called: watches end and waits resolve undefined. */
   get closed(): boolean {
     return this.#closed;
@@ -223,6 +232,7 @@ export class HistoryFollower {
     }
     const registered = watchers;
     registered.add(watcher);
+    this.#openWatches++;
     signal?.addEventListener("abort", watcher.end, { once: true });
     if (signal?.aborted) watcher.end();
     try {
@@ -247,6 +257,7 @@ export class HistoryFollower {
         }
       }
     } finally {
+      this.#openWatches--;
       signal?.removeEventListener("abort", watcher.end);
       registered.delete(watcher);
       if (registered.size === 0 && this.#watchers.get(instanceId) === registered) {

@@ -584,6 +584,9 @@ describe("OrderService", () => {
     const watchingStarted = new Promise<void>((resolve) => {
       firstUpdate = resolve;
     });
+    const openWatches = async () =>
+      (await gateway.registry.getSingleMetric("jetsaga_order_watches_open")?.get())?.values[0]?.value;
+    const openBefore = await openWatches();
     // Read to the end: only the server can end this loop.
     const watching = (async () => {
       for await (const update of orders.watchOrder({ orderId, untilStatuses: outcome }, auth(token))) {
@@ -592,8 +595,11 @@ describe("OrderService", () => {
       }
     })();
     await watchingStarted;
+    expect(await openWatches()).toBe((openBefore ?? Number.NaN) + 1);
     held.delete(userId);
     await watching;
+    // The server ended it: nothing is left open on the gateway.
+    expect(await openWatches()).toBe(openBefore);
     expect(updates).toEqual([
       [OrderStatus.PENDING, '{"pending":"verifyingUser"}'],
       [OrderStatus.PENDING, '{"pending":"reservingCredit"}'],
@@ -619,12 +625,12 @@ describe("OrderService", () => {
     const orderId = placed.order?.orderId ?? "";
     const positions: bigint[] = [];
     let confirmed: WatchOrderResponse | undefined;
-    for await (const update of orders.watchOrder({ orderId }, auth(token))) {
+    for await (const update of orders.watchOrder(
+      { orderId, untilStatuses: [OrderStatus.CONFIRMED] },
+      auth(token),
+    )) {
       positions.push(BigInt(update.position));
-      if (update.order?.status === OrderStatus.CONFIRMED) {
-        confirmed = update;
-        break;
-      }
+      confirmed = update;
     }
     expect(positions[0]).toBeGreaterThanOrEqual(BigInt(placed.position));
     expect(positions).toEqual([...new Set(positions)].sort((a, b) => (a < b ? -1 : a > b ? 1 : 0)));

@@ -175,6 +175,8 @@ export interface OrderServiceHandle {
       onInternal?: (error: ConnectError, procedure: string) => void;
     },
   ): void;
+  /** WatchOrder streams in progress (the gateway's `jetsaga_order_watches_open` gauge). */
+  readonly openWatches: number;
   /** Stops following histories and releases the workflow client. */
   close(): Promise<void>;
 }
@@ -437,6 +439,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
 
   return {
     impl,
+    get openWatches() {
+      return follower.openWatches;
+    },
     register(router, auth) {
       router.service(OrderService, impl, {
         // Strict JSON at the edge: a misspelt field or an unknown enum name is INVALID_ARGUMENT,
