@@ -8,6 +8,7 @@
  *   npm run bench -- --only engine,floor  # parts: floor, engine, scale, tracing, memory, recovery, idle, full
  *   npm run bench -- --no-doc          # do not rewrite docs/BENCHMARKS.md
  *   npm run bench -- --render bench/results/<timestamp>.json  # re-render a saved run, measure nothing
+ *   npm run bench -- --only full --full-levels 64:12000  # full path soak: in flight:orders, comma-separated
  *
  * Progress goes to stderr (`bench: …`); the results table to stdout, to
  * bench/results/<timestamp>.json and between the markers of docs/BENCHMARKS.md.
@@ -62,27 +63,48 @@ type Part = (typeof PARTS)[number];
  */
 const NATS_GOMAXPROCS = "1";
 
-const { values: args } = parseArgs({
-  options: {
-    quick: { type: "boolean", default: false },
-    runs: { type: "string" },
-    sync: { type: "string" },
-    idle: { type: "string" },
-    only: { type: "string" },
-    "no-doc": { type: "boolean", default: false },
-    render: { type: "string" },
-  },
-});
+/** A bad command line: one line naming the problem, exit status 2 (no stack trace). */
+function usageError(message: string): never {
+  process.stderr.write(`bench: ${message} (options: see the top of bench/run.ts or docs/BENCHMARKS.md)\n`);
+  process.exit(2);
+}
+
+function parseCommandLine() {
+  try {
+    return parseArgs({ options: OPTIONS });
+  } catch (error) {
+    return usageError(error instanceof Error ? error.message : String(error));
+  }
+}
+
+const OPTIONS = {
+  quick: { type: "boolean", default: false },
+  runs: { type: "string" },
+  sync: { type: "string" },
+  idle: { type: "string" },
+  only: { type: "string" },
+  "no-doc": { type: "boolean", default: false },
+  render: { type: "string" },
+  "full-levels": { type: "string" },
+} as const;
+const { values: args } = parseCommandLine();
+
+function positiveInteger(name: string, text: string | undefined, fallback: number): number {
+  if (text === undefined) return fallback;
+  const value = Number(text);
+  if (!/^\d+$/.test(text) || value < 1) usageError(`--${name} takes a positive whole number (got "${text}")`);
+  return value;
+}
 
 const quick = args.quick === true;
-const runs = Number(args.runs ?? (quick ? 1 : 3));
-const idleInstances = Number(args.idle ?? (quick ? 20_000 : 100_000));
+const runs = positiveInteger("runs", args.runs, quick ? 1 : 3);
+const idleInstances = positiveInteger("idle", args.idle, quick ? 20_000 : 100_000);
 const parts = new Set<Part>(args.only ? (args.only.split(",").map((p) => p.trim()) as Part[]) : [...PARTS]);
 if (args.sync !== undefined && args.sync !== "always") {
-  throw new Error(`--sync takes "always" (got "${args.sync}")`);
+  usageError(`--sync takes "always" (got "${args.sync}")`);
 }
 for (const part of parts) {
-  if (!PARTS.includes(part)) throw new Error(`unknown part "${part}"; parts: ${PARTS.join(", ")}`);
+  if (!PARTS.includes(part)) usageError(`unknown part "${part}"; parts: ${PARTS.join(", ")}`);
 }
 
 const began = performance.now();
@@ -111,7 +133,15 @@ function publish(markdown: string): void {
 
 // --render: the report of a saved run (after a change to the report's layout), nothing measured.
 if (args.render !== undefined) {
-  publish(renderMarkdown(JSON.parse(readFileSync(args.render, "utf8")) as BenchResults));
+  let saved: BenchResults;
+  try {
+    saved = JSON.parse(readFileSync(args.render, "utf8")) as BenchResults;
+  } catch (error) {
+    usageError(
+      `--render: cannot read ${args.render}: ${error instanceof Error ? error.message : String(error)}`,
+    );
+  }
+  publish(renderMarkdown(saved));
   process.exit(0);
 }
 
@@ -123,7 +153,22 @@ const ENGINE_LEVELS = levels(
 const FLOOR_LEVELS = levels(
   quick ? { 1: 300, 16: 2000, 64: 4000, 256: 6000 } : { 1: 2000, 16: 10_000, 64: 20_000, 256: 20_000 },
 );
-const FULL_LEVELS = levels(quick ? { 1: 30, 16: 200, 64: 500 } : { 1: 100, 16: 1000, 64: 3000 });
+/** `--full-levels 64:12000,256:6000`: in flight and orders per level, e.g. a soak past the watches' 60 s deadline. */
+function parseLevels(text: string): Level[] {
+  return text.split(",").map((part) => {
+    const match = /^\s*(\d+):(\d+)\s*$/.exec(part);
+    const concurrency = Number(match?.[1]);
+    const count = Number(match?.[2]);
+    if (!match || concurrency < 1 || count < 1) {
+      usageError(`--full-levels takes <in flight>:<orders>[,…] with positive numbers (got "${text}")`);
+    }
+    return { concurrency, count };
+  });
+}
+const FULL_LEVELS =
+  args["full-levels"] !== undefined
+    ? parseLevels(args["full-levels"])
+    : levels(quick ? { 1: 30, 16: 200, 64: 500 } : { 1: 100, 16: 1000, 64: 3000 });
 const at64 = (list: readonly Level[]): Level[] => list.filter((l) => l.concurrency === 64);
 const at1And64 = (list: readonly Level[]): Level[] =>
   list.filter((l) => l.concurrency === 1 || l.concurrency === 64);
