@@ -19,6 +19,7 @@ import { type ServiceProcess, spawnService } from "../test/support/processes.ts"
 import { startPostgres } from "../test/support/servers.ts";
 import { type LoadOptions, type LoadReport, lanes, measured, report } from "./drive.ts";
 import {
+  countWarmupErrors,
   type Level,
   levelLoad,
   levelSummary,
@@ -111,6 +112,8 @@ export interface FullPathOptions {
   ns: string;
   levels: readonly Level[];
   progress?: Progress;
+  /** Orders run once after the services start, not measured (see SeriesOptions.processWarmup). */
+  processWarmup?: Level;
 }
 
 /** Entry files the full path needs; missing ones mean the pieces have not landed yet. */
@@ -178,19 +181,28 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
       api: api.pid,
       ...(options.natsPid ? { nats: options.natsPid } : {}),
     };
-    for (const level of options.levels) {
-      const result = (await runLoadProcess({
+    const run = async (level: Level, idPrefix?: string) =>
+      (await runLoadProcess({
         mode: "full",
         ...levelLoad(options, level),
+        ...(idPrefix ? { idPrefix } : {}),
         pids,
         apiUrl,
         token,
         trees: { postgres: pg.pid },
       })) as LoadReport & { readsPerOrder?: number };
+    let warm: LoadReport | undefined;
+    if (options.processWarmup) {
+      warm = await run({ ...options.processWarmup, warmup: 0 }, "warm-");
+      progress(`full path warm-up: ${levelSummary(warm, "orders")} (not measured)`);
+    }
+    for (const level of options.levels) {
+      const result = await run(level);
       progress(`full path c=${level.concurrency}: ${levelSummary(result, "orders")}`);
       reads.push(result.readsPerOrder ?? Number.NaN);
       levels.push(result);
     }
+    countWarmupErrors(warm, levels[0]);
     return {
       levels,
       processNames: ["orchestrator", "user", "api", "nats", "postgres", "client"],

@@ -49,7 +49,17 @@ export interface MachineInfo {
 /** Everything a `npm run bench` produced (written as JSON to bench/results/). */
 export interface BenchResults {
   machine: MachineInfo;
-  options: { runs: number; quick: boolean; idle: number; sync: boolean };
+  options: {
+    runs: number;
+    quick: boolean;
+    idle: number;
+    sync: boolean;
+    /** Unmeasured load each set of service processes got first (absent in runs before it existed). */
+    processWarmup?: {
+      engine: { concurrency: number; count: number };
+      full: { concurrency: number; count: number };
+    };
+  };
   durationS: number;
   series: SeriesResult[];
 }
@@ -109,6 +119,13 @@ export function renderMarkdown(results: BenchResults): string {
       `load average at start ${m.loadAverageAtStart.join(" / ")}. ` +
       'Other processes (other sessions\' builds and tests) were not stopped: the "other" column is the CPU they used during each measured window, in cores.',
   );
+  const warm = results.options.processWarmup;
+  if (warm) {
+    out.push("");
+    out.push(
+      `Warm-up: every set of service processes first ran ${warm.engine.count.toLocaleString("en-US")} sagas at ${warm.engine.concurrency} in flight (full path: ${warm.full.count.toLocaleString("en-US")} orders at ${warm.full.concurrency}), not measured, so the levels measure the services' compiled code, not their start-up; each level then has its own short warm-up.`,
+    );
+  }
   const series = results.series;
 
   const engineRows = series.filter((s) => s.engine);

@@ -165,6 +165,12 @@ function parseLevels(text: string): Level[] {
     return { concurrency, count };
   });
 }
+/**
+ * Unmeasured load each set of service processes gets before its first level (V8 compiles the hot
+ * path only after many calls; see SeriesOptions.processWarmup).
+ */
+const ENGINE_WARMUP: Level = { concurrency: 64, count: quick ? 500 : 2000 };
+const FULL_WARMUP: Level = { concurrency: 16, count: quick ? 100 : 500 };
 const FULL_LEVELS =
   args["full-levels"] !== undefined
     ? parseLevels(args["full-levels"])
@@ -183,6 +189,7 @@ function medianEngine(list: readonly EngineResult[]): EngineResult {
   if (!first) throw new Error("no engine runs");
   return {
     orchestrators: first.orchestrators,
+    warmupSagas: first.warmupSagas,
     levels: first.levels.map((_, i) => medianOf(list.map((r) => r.levels[i] as LoadReport))),
     counters: medianOf(list.map((r) => r.counters)),
   };
@@ -220,7 +227,7 @@ async function startOtlpSink(): Promise<{ url: string; bytes: () => number; clos
 async function runSeries(name: string, natsArgs: string[], once: boolean): Promise<SeriesResult> {
   progress(`series "${name}": starting nats-server ${natsArgs.join(" ")}`);
   const nats = await startNatsServer({ args: natsArgs });
-  const base = { natsUrl: nats.url, natsPid: nats.pid, progress };
+  const base = { natsUrl: nats.url, natsPid: nats.pid, progress, processWarmup: ENGINE_WARMUP };
   const series: SeriesResult = { name };
   // A part that fails is recorded and the others still run: one broken piece (the engine is being
   // changed while it is measured) must not cost the whole run's figures.
@@ -289,7 +296,8 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
               },
             }),
           );
-          const measuredSagas = (level[0]?.count ?? 0) + Math.max(20, (level[0]?.concurrency ?? 0) * 2);
+          const measuredSagas =
+            (on?.warmupSagas ?? 0) + (level[0]?.count ?? 0) + Math.max(20, (level[0]?.concurrency ?? 0) * 2);
           const onLevel = on?.levels[0];
           if (onLevel) tracingRuns.push({ on: onLevel, bytesPerSaga: sink.bytes() / measuredSagas });
         } finally {
@@ -336,7 +344,7 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
         push(
           fullRuns,
           await attempt("full path", () =>
-            measureFullPath({ ...base, ns: freshNs("p"), levels: FULL_LEVELS }),
+            measureFullPath({ ...base, ns: freshNs("p"), levels: FULL_LEVELS, processWarmup: FULL_WARMUP }),
           ),
         );
       }
@@ -347,7 +355,9 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
     if (scaleRuns.length && engine) {
       const one = engine.levels.find((l) => l.concurrency === 64);
       series.scale = [
-        ...(one ? [{ orchestrators: 1, levels: [one], counters: engine.counters }] : []),
+        ...(one
+          ? [{ orchestrators: 1, warmupSagas: engine.warmupSagas, levels: [one], counters: engine.counters }]
+          : []),
         medianEngine(scaleRuns),
       ];
     }
@@ -459,7 +469,13 @@ if (args.sync === "always") {
 
 const results: BenchResults = {
   machine,
-  options: { runs, quick, idle: idleInstances, sync: args.sync === "always" },
+  options: {
+    runs,
+    quick,
+    idle: idleInstances,
+    sync: args.sync === "always",
+    processWarmup: { engine: ENGINE_WARMUP, full: FULL_WARMUP },
+  },
   durationS: (performance.now() - began) / 1000,
   series,
 };

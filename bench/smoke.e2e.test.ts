@@ -42,8 +42,10 @@ describe("benchmark smoke", () => {
       ],
       inProcess: true,
       historySample: 5,
+      processWarmup: { concurrency: 4, count: 6 },
     });
     expect(result.orchestrators).toBe(1);
+    expect(result.warmupSagas).toBe(6);
     expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
     for (const level of result.levels) {
       expect(level.kind).toBe("engine");
@@ -54,8 +56,9 @@ describe("benchmark smoke", () => {
         expect(Number.isFinite(step?.p50)).toBe(true);
       }
     }
-    // 2 warm-up + 5 and 4 + 12 sagas, 3 entries each; nothing dead-lettered or retried.
-    expect(result.counters.appended).toBe(3 * (2 + 5 + 4 + 12));
+    // 6 process warm-up, then 2 warm-up + 5 and 4 + 12 sagas, 3 entries each; nothing dead-lettered
+    // or retried.
+    expect(result.counters.appended).toBe(3 * (6 + 2 + 5 + 4 + 12));
     expect(result.counters.deadLettered).toBe(0);
   });
 
@@ -84,6 +87,7 @@ describe("benchmark smoke", () => {
         { concurrency: 1, count: 3, warmup: 2 },
         { concurrency: 4, count: 8, warmup: 4 },
       ],
+      processWarmup: { concurrency: 2, count: 4 },
     });
     if ("skipped" in result) throw new Error(`full path skipped: ${result.skipped}`);
     expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
