@@ -218,12 +218,14 @@ export async function measureEngine(
   });
   try {
     const pids = { ...engine.pids, ...(options.natsPid ? { nats: options.natsPid } : {}) };
-    const run = (level: Level, idPrefix?: string): Promise<LoadReport> => {
+    const run = (level: Level, warmup = false): Promise<LoadReport> => {
+      const historySample = warmup ? 0 : options.historySample;
       const request: SagaLoadOptions = {
         ...levelLoad(options, level),
-        ...(idPrefix ? { idPrefix } : {}),
+        // Ids apart from every level's (`c<in flight>-…`); no histories read for per-step figures.
+        ...(warmup ? { idPrefix: "warm-" } : {}),
         pids,
-        ...(options.historySample !== undefined ? { historySample: options.historySample } : {}),
+        ...(historySample !== undefined ? { historySample } : {}),
         ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
       };
       return options.inProcess ? driveSagas(request) : runLoadProcess({ ...request, mode: "engine" });
@@ -232,7 +234,7 @@ export async function measureEngine(
     let warmupSagas = 0;
     let warm: LoadReport | undefined;
     if (warmup) {
-      warm = await run({ ...warmup, warmup: 0 }, "warm-");
+      warm = await run({ ...warmup, warmup: 0 }, true);
       warmupSagas = warmup.count;
       progress(
         `engine ×${engine.orchestrators.length} warm-up: ${levelSummary(warm, "sagas")} (not measured)`,

@@ -120,10 +120,10 @@ export function renderMarkdown(results: BenchResults): string {
       'Other processes (other sessions\' builds and tests) were not stopped: the "other" column is the CPU they used during each measured window, in cores.',
   );
   const warm = results.options.processWarmup;
-  if (warm) {
+  if (warm && results.series.some((s) => s.engine || s.scale || s.fullPath)) {
     out.push("");
     out.push(
-      `Warm-up: every set of service processes first ran ${warm.engine.count.toLocaleString("en-US")} sagas at ${warm.engine.concurrency} in flight (full path: ${warm.full.count.toLocaleString("en-US")} orders at ${warm.full.concurrency}), not measured, so the levels measure the services' compiled code, not their start-up; each level then has its own short warm-up.`,
+      `Warm-up: the service processes of the engine parts (engine, scale, tracing, memory, gomaxprocs) first ran ${warm.engine.count.toLocaleString("en-US")} sagas at ${warm.engine.concurrency} in flight, and those of the full path ${warm.full.count.toLocaleString("en-US")} orders at ${warm.full.concurrency}, not measured, so the levels measure the services' compiled code, not their start-up; each level then has its own short warm-up. The recovery and idle parts measure fresh processes.`,
     );
   }
   const series = results.series;
@@ -424,6 +424,8 @@ export function renderMarkdown(results: BenchResults): string {
       `**Full path** (${s.name}: gRPC PlaceOrder → order saga → user service → CONFIRMED seen by WatchOrder, then visible in the read model via one GetOrder with its position as min_position):`,
       "",
     );
+    // Postgres is a process tree, measured for CPU only.
+    const rssNames = f.processNames.filter((p) => p !== "postgres");
     out.push(
       ...header([
         "in flight",
@@ -433,7 +435,7 @@ export function renderMarkdown(results: BenchResults): string {
         "p99 ms",
         "max ms",
         `CPU ms/order: ${f.processNames.join(" / ")}`,
-        `peak RSS MiB: ${f.processNames.join(" / ")}`,
+        `peak RSS MiB: ${rssNames.join(" / ")}`,
         "other (cores)",
         "errors",
       ]),
@@ -448,7 +450,7 @@ export function renderMarkdown(results: BenchResults): string {
           fmt(level.latencyMs.p99),
           fmt(level.latencyMs.max),
           f.processNames.map((p) => fmt(level.cpuMsPerItem[p], 2)).join(" / "),
-          f.processNames.map((p) => fmt(level.peakRssMiB[p])).join(" / "),
+          rssNames.map((p) => fmt(level.peakRssMiB[p])).join(" / "),
           fmt(level.coresBusy.other, 2),
           level.errors,
         ]),

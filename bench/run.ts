@@ -136,6 +136,9 @@ if (args.render !== undefined) {
   let saved: BenchResults;
   try {
     saved = JSON.parse(readFileSync(args.render, "utf8")) as BenchResults;
+    if (typeof saved?.machine?.date !== "string" || !Array.isArray(saved.series)) {
+      throw new Error("not the results of `npm run bench` (no machine.date or series)");
+    }
   } catch (error) {
     usageError(
       `--render: cannot read ${args.render}: ${error instanceof Error ? error.message : String(error)}`,
@@ -155,7 +158,7 @@ const FLOOR_LEVELS = levels(
 );
 /** `--full-levels 64:12000,256:6000`: in flight and orders per level, e.g. a soak past the watches' 60 s deadline. */
 function parseLevels(text: string): Level[] {
-  return text.split(",").map((part) => {
+  const levels = text.split(",").map((part) => {
     const match = /^\s*(\d+):(\d+)\s*$/.exec(part);
     const concurrency = Number(match?.[1]);
     const count = Number(match?.[2]);
@@ -164,6 +167,12 @@ function parseLevels(text: string): Level[] {
     }
     return { concurrency, count };
   });
+  // Order ids derive from the in-flight count: a second level with the same one would replay the
+  // first one's idempotency keys and measure answers to retries.
+  const counts = levels.map((l) => l.concurrency);
+  if (new Set(counts).size !== counts.length)
+    usageError(`--full-levels names an in-flight count twice ("${text}")`);
+  return levels;
 }
 /**
  * Unmeasured load each set of service processes gets before its first level (V8 compiles the hot

@@ -471,9 +471,11 @@ describe("OrderService", () => {
       auth(token),
     );
     const seen: OrderStatus[] = [];
-    for await (const update of o.watchOrder({ orderId: order?.orderId ?? "" }, auth(token))) {
+    for await (const update of o.watchOrder(
+      { orderId: order?.orderId ?? "", untilStatuses: [OrderStatus.CONFIRMED] },
+      auth(token),
+    )) {
       seen.push(update.order?.status ?? OrderStatus.UNSPECIFIED);
-      if (update.order?.status === OrderStatus.CONFIRMED) break;
     }
     expect(seen.at(-1)).toBe(OrderStatus.CONFIRMED);
   });
@@ -605,18 +607,24 @@ describe("OrderService", () => {
       [OrderStatus.PENDING, '{"pending":"reservingCredit"}'],
       [OrderStatus.CONFIRMED, "confirmed"],
     ]);
-    // Not final: the order goes on after the watch ended.
-    expect((await orders.shipOrder({ orderId }, auth(token))).order?.status).toBe(OrderStatus.SHIPPED);
-
-    // A current state that matches answers once; a status the order never reaches waits for final.
+    // The order is CONFIRMED, not final. A current state that matches answers once and ends.
     const again = await collect(
-      orders.watchOrder({ orderId, untilStatuses: [OrderStatus.SHIPPED] }, auth(token)),
+      orders.watchOrder({ orderId, untilStatuses: [OrderStatus.CONFIRMED] }, auth(token)),
     );
-    expect(again.map((u) => u.order?.status)).toEqual([OrderStatus.SHIPPED]);
-    const never = await collect(
-      orders.watchOrder({ orderId, untilStatuses: [OrderStatus.PENDING] }, auth(token)),
-    );
-    expect(never.map((u) => u.order?.status)).toEqual([OrderStatus.SHIPPED]);
+    expect(again.map((u) => u.order?.status)).toEqual([OrderStatus.CONFIRMED]);
+    // A status it will not reach keeps the watch open: the current state, then the next change.
+    const next: OrderStatus[] = [];
+    for await (const update of orders.watchOrder(
+      { orderId, untilStatuses: [OrderStatus.PENDING] },
+      auth(token),
+    )) {
+      next.push(update.order?.status ?? OrderStatus.UNSPECIFIED);
+      if (next.length === 1) {
+        expect((await orders.shipOrder({ orderId }, auth(token))).order?.status).toBe(OrderStatus.SHIPPED);
+      }
+    }
+    // Ended by the final status, after the current state matched nothing.
+    expect(next).toEqual([OrderStatus.CONFIRMED, OrderStatus.SHIPPED]);
   });
 
   it("gives each watched update its history position, which reads the same status from the read model", async () => {
@@ -715,9 +723,9 @@ describe("OrderService", () => {
     expect(pages.flat()).toEqual(all.orders.map((o) => o.orderId));
 
     // Filters: ship one, then ask for SHIPPED only; a token is only valid with its filters.
-    for await (const update of orders.watchOrder({ orderId: ids[2] ?? "" }, auth(token))) {
-      if (update.order?.status === OrderStatus.CONFIRMED) break;
-    }
+    await collect(
+      orders.watchOrder({ orderId: ids[2] ?? "", untilStatuses: [OrderStatus.CONFIRMED] }, auth(token)),
+    );
     const shipped = await orders.shipOrder({ orderId: ids[2] ?? "" }, auth(token));
     const onlyShipped = await orders.listOrders(
       { statuses: [OrderStatus.SHIPPED], minPosition: shipped.position },

@@ -3,7 +3,7 @@
  * deployed with (deploy/local/service-process.ts), under both runtimes; JETSAGA_V8_FLAGS replaces
  * the flags, and a variable the caller sets replaces the services' own.
  */
-import { describe, expect, it } from "vitest";
+import { describe, expect, it, vi } from "vitest";
 import { type Runtime, spawnService } from "./processes.ts";
 
 async function settings(
@@ -37,7 +37,13 @@ describe("spawnService", () => {
   it.each<Runtime>(["node", "deno"])(
     "starts %s with MALLOC_ARENA_MAX=2 unless the caller sets it",
     async (runtime) => {
-      expect((await settings({}, runtime)).mallocArenaMax).toBe("2");
+      // The caller's own value wins, so this process's must not be in the way.
+      vi.stubEnv("MALLOC_ARENA_MAX", undefined);
+      try {
+        expect((await settings({}, runtime)).mallocArenaMax).toBe("2");
+      } finally {
+        vi.unstubAllEnvs();
+      }
       expect((await settings({ MALLOC_ARENA_MAX: "8" }, runtime)).mallocArenaMax).toBe("8");
     },
   );

@@ -449,6 +449,8 @@ export type WatchOrderRequest = Message<"jetsaga.order.v1.WatchOrderRequest"> & 
    * Statuses that end the stream: it ends after the first update (the current state included)
    * whose status is one of these. A final status ends it in any case. Empty: only a final status
    * ends it. To wait for a new order's outcome, pass [ORDER_STATUS_CONFIRMED, ORDER_STATUS_CANCELLED].
+   * A confirmed order being cancelled stays ORDER_STATUS_CONFIRMED until its credit is released
+   * (state "compensating"): to follow a cancel, watch until [ORDER_STATUS_CANCELLED].
    * ORDER_STATUS_UNSPECIFIED and unknown values are INVALID_ARGUMENT.
    *
    * @generated from field: repeated jetsaga.order.v1.OrderStatus until_statuses = 2;
