@@ -28,7 +28,7 @@ import {
   type ResilientUserClient,
   type ResilientUserClientOptions,
 } from "./order/user-client.ts";
-import { type RpcServer, startRpcServer } from "./rpc/index.ts";
+import { type RpcServer, type RpcServerOptions, startRpcServer } from "./rpc/index.ts";
 
 /** Options of {@link startGateway}. */
 export interface GatewayOptions {
@@ -51,6 +51,8 @@ export interface GatewayOptions {
   order?: Pick<OrderServiceOptions, "commandTimeoutMs" | "maxReadWaitMs" | "sagaTimeouts">;
   logger?: ProjectorLogger;
   clock?: () => number;
+  /** Cancelled streams one HTTP/2 connection may send before it is closed (see RpcServerOptions). */
+  streamResetLimit?: RpcServerOptions["streamResetLimit"];
   /** How long close() lets calls in flight finish, ms. Default 5000. */
   closeGraceMs?: number;
   /** How long to wait at start for the orchestrator to create the history stream, ms. Default 30 s. */
@@ -136,6 +138,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
       ...(options.host ? { host: options.host } : {}),
       readMaxBytes: options.readMaxBytes ?? 64 * 1024,
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
+      ...(options.streamResetLimit ? { streamResetLimit: options.streamResetLimit } : {}),
       routes(router) {
         orderService.register(router, {
           tokenSecret: options.tokenSecret,

@@ -12,6 +12,8 @@
  *   `NODE_ENV` is not `production`, a random one is generated with a warning (tokens issued by a
  *   user service with another secret will then be refused).
  * - `API_PORT` (default 8080; 0 = any free port), `API_HOST` (default 127.0.0.1).
+ * - `API_STREAM_RESET_LIMIT`: `<burst>/<per second>`, the cancelled streams one HTTP/2 connection
+ *   may send before the gateway closes it (default Node's, 1000/33).
  * - `NATS_URL` (default nats://127.0.0.1:4222), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`.
  *
  * Bad configuration or an unreachable server: one clear log line, exit status 1.
@@ -37,6 +39,7 @@ interface ApiConfig {
   host: string;
   userServiceUrl: string;
   tokenSecret: string;
+  streamResetLimit?: { burst: number; perSecond: number };
 }
 
 function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
@@ -71,7 +74,26 @@ function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
   } else if (Buffer.byteLength(tokenSecret) < MIN_SECRET_BYTES) {
     throw new ConfigError(`JETSAGA_TOKEN_SECRET must be at least ${MIN_SECRET_BYTES} bytes`);
   }
-  return { port, host: env.API_HOST || "127.0.0.1", userServiceUrl, tokenSecret };
+  const resetText = env.API_STREAM_RESET_LIMIT;
+  let streamResetLimit: ApiConfig["streamResetLimit"];
+  if (resetText) {
+    const match = /^(\d{1,9})\/(\d{1,9})$/.exec(resetText);
+    const burst = Number(match?.[1]);
+    const perSecond = Number(match?.[2]);
+    if (!match || burst < 1 || perSecond < 1) {
+      throw new ConfigError(
+        `API_STREAM_RESET_LIMIT must be <burst>/<per second>, two positive whole numbers such as 1000/33, got "${resetText}"`,
+      );
+    }
+    streamResetLimit = { burst, perSecond };
+  }
+  return {
+    port,
+    host: env.API_HOST || "127.0.0.1",
+    userServiceUrl,
+    tokenSecret,
+    ...(streamResetLimit ? { streamResetLimit } : {}),
+  };
 }
 
 let sql: Sql | undefined;
@@ -106,6 +128,7 @@ try {
     userService: { baseUrl: api.userServiceUrl },
     port: api.port,
     host: api.host,
+    ...(api.streamResetLimit ? { streamResetLimit: api.streamResetLimit } : {}),
     logger,
   });
   onShutdown(stop);

@@ -39,6 +39,10 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
     NATS_PASSWORD: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
     NATS_TOKEN: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
   },
+  "api/main.ts": {
+    API_STREAM_RESET_LIMIT:
+      "unset = Node's HTTP/2 defaults: 1,000 cancelled streams, then 33 per second per connection",
+  },
   "orchestrator/service/main.ts": {
     DATABASE_URL: "readConfig() reads it for every service; the orchestrator keeps no database",
   },

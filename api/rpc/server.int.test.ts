@@ -5,6 +5,7 @@
  */
 
 import { execFile } from "node:child_process";
+import * as http2 from "node:http2";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -326,6 +327,64 @@ describe("RPC server shutdown", () => {
       await expect(fetch(`${server.url}/healthz`)).rejects.toThrow();
     } finally {
       health.close();
+    }
+  });
+});
+
+describe("RPC server stream reset limit", () => {
+  /** Opens and at once cancels `count` streams on one connection; tells whether it still serves. */
+  async function cancelMany(
+    server: RpcServer,
+    count: number,
+  ): Promise<{ goaway: boolean; servesAfter: boolean }> {
+    const session = http2.connect(server.url);
+    let goaway = false;
+    session.on("goaway", () => {
+      goaway = true;
+    });
+    session.on("error", () => {});
+    try {
+      for (let i = 0; i < count && !session.destroyed && !goaway; i++) {
+        const stream = session.request({ ":path": "/slow" });
+        stream.on("error", () => {});
+        stream.end();
+        await new Promise((resolve) => setImmediate(resolve));
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+      }
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      if (session.destroyed || goaway) return { goaway, servesAfter: false };
+      const status = await new Promise<number>((resolve, reject) => {
+        const stream = session.request({ ":path": "/slow" });
+        stream.on("response", (headers) => resolve(Number(headers[":status"])));
+        stream.on("error", reject);
+        stream.resume();
+        stream.end();
+      });
+      return { goaway, servesAfter: status === 200 };
+    } finally {
+      session.destroy();
+    }
+  }
+
+  const start = (streamResetLimit?: { burst: number; perSecond: number }) =>
+    startRpcServer({
+      routes() {},
+      fallback: (_req, res) => {
+        setTimeout(() => res.end("ok"), 100);
+      },
+      ...(streamResetLimit ? { streamResetLimit } : {}),
+    });
+
+  it("closes a connection that cancels more streams than the limit, and a raised limit keeps it", async () => {
+    const strict = await start({ burst: 5, perSecond: 1 });
+    const lenient = await start({ burst: 100_000, perSecond: 10_000 });
+    try {
+      // 1,200 is past Node's default burst of 1,000: only the raised limit serves after it.
+      expect(await cancelMany(strict, 60)).toEqual({ goaway: true, servesAfter: false });
+      expect(await cancelMany(lenient, 1200)).toEqual({ goaway: false, servesAfter: true });
+    } finally {
+      await strict.close();
+      await lenient.close();
     }
   });
 });

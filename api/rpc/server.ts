@@ -61,6 +61,14 @@ export interface RpcServerOptions {
   fallback?: FallbackHandler;
   /** How long close() lets in-flight calls finish before cutting connections; default 5000 ms. */
   closeGraceMs?: number;
+  /**
+   * How many cancelled streams (HTTP/2 RST_STREAM frames) one connection may send: `burst` at
+   * once, then `perSecond`. Past it the server closes the connection (GOAWAY) and every call on
+   * it fails: nghttp2's protection against rapid-reset floods. Default Node's: 1,000, then 33
+   * per second. Raise it for clients that cancel many calls on one connection (a proxy
+   * multiplexing users' watches). Node only; Deno's node:http2 ignores it.
+   */
+  streamResetLimit?: { burst: number; perSecond: number };
 }
 
 /** A running RPC server. */
@@ -123,7 +131,15 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
   if (!health) throw new Error("connectNodeAdapter did not call routes synchronously");
   const healthControl: HealthControl = health;
 
-  const h2 = http2.createServer({ settings: { maxHeaderListSize: MAX_HEADER_BYTES } }, handler);
+  const h2 = http2.createServer(
+    {
+      settings: { maxHeaderListSize: MAX_HEADER_BYTES },
+      ...(opts.streamResetLimit
+        ? { streamResetBurst: opts.streamResetLimit.burst, streamResetRate: opts.streamResetLimit.perSecond }
+        : {}),
+    },
+    handler,
+  );
   const h1 = http.createServer(
     { maxHeaderSize: MAX_HEADER_BYTES },
     IS_DENO
