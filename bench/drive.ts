@@ -80,6 +80,11 @@ export interface LoadOptions {
   timeoutMs?: number;
 }
 
+/** Items a level runs unmeasured before its window: `warmup`, by default 2× its concurrency and at least 20. */
+export function levelWarmup(options: { concurrency: number; warmup?: number }): number {
+  return options.warmup ?? Math.max(20, options.concurrency * 2);
+}
+
 /** Options of {@link driveSagas}. */
 export interface SagaLoadOptions extends LoadOptions {
   /** How many completed sagas' histories to read for per-step latency. Default 200. */
@@ -192,7 +197,7 @@ export async function driveSagas(options: SagaLoadOptions): Promise<LoadReport> 
       if (index >= 0) doneAt[index] = Date.now();
       return state.status === "completed";
     };
-    const warmup = options.warmup ?? Math.max(20, options.concurrency * 2);
+    const warmup = levelWarmup(options);
     const warm = await lanes(warmup, options.concurrency, (i) => saga(`${options.idPrefix}w${i}`));
     const { result, cpu, peak } = await measured(options.pids, () =>
       lanes(options.count, options.concurrency, (i) => saga(`${options.idPrefix}m${i}`, i)),
@@ -300,7 +305,7 @@ export async function driveFloor(options: LoadOptions): Promise<LoadReport> {
       }
       return true;
     };
-    const warmup = options.warmup ?? Math.max(20, options.concurrency * 2);
+    const warmup = levelWarmup(options);
     await lanes(warmup, options.concurrency, (i) => saga(`${options.idPrefix}w${i}`));
     const { result, cpu, peak } = await measured(options.pids, () =>
       lanes(options.count, options.concurrency, (i) => saga(`${options.idPrefix}m${i}`)),

@@ -209,7 +209,6 @@ export interface EngineResult {
 export async function measureEngine(
   options: SeriesOptions & { orchestrators?: number; env?: Record<string, string> },
 ): Promise<EngineResult> {
-  const progress = options.progress ?? quiet;
   const engine = await startEngine({
     natsUrl: options.natsUrl,
     ns: options.ns,
@@ -218,7 +217,7 @@ export async function measureEngine(
   });
   try {
     const pids = { ...engine.pids, ...(options.natsPid ? { nats: options.natsPid } : {}) };
-    const run = (level: Level, warmup = false): Promise<LoadReport> => {
+    const run = (level: Level, warmup: boolean): Promise<LoadReport> => {
       const historySample = warmup ? 0 : options.historySample;
       const request: SagaLoadOptions = {
         ...levelLoad(options, level),
@@ -230,28 +229,13 @@ export async function measureEngine(
       };
       return options.inProcess ? driveSagas(request) : runLoadProcess({ ...request, mode: "engine" });
     };
-    const warmup = options.processWarmup;
-    let warmupSagas = 0;
-    let warm: LoadReport | undefined;
-    if (warmup) {
-      warm = await run({ ...warmup, warmup: 0 }, true);
-      warmupSagas = warmup.count;
-      progress(
-        `engine ×${engine.orchestrators.length} warm-up: ${levelSummary(warm, "sagas")} (not measured)`,
-      );
-    }
-    const levels: LoadReport[] = [];
-    for (const level of options.levels) {
-      const result = await run(level);
-      progress(
-        `engine ×${engine.orchestrators.length} c=${level.concurrency}: ${levelSummary(result, "sagas")}`,
-      );
-      levels.push(result);
-    }
-    countWarmupErrors(warm, levels[0]);
+    const levels = await runLevels(options, run, {
+      name: `engine ×${engine.orchestrators.length}`,
+      unit: "sagas",
+    });
     return {
       orchestrators: engine.orchestrators.length,
-      warmupSagas,
+      warmupSagas: options.processWarmup?.count ?? 0,
       levels,
       counters: await engine.counters(),
     };
@@ -260,11 +244,34 @@ export async function measureEngine(
   }
 }
 
-/** A process warm-up's failures count in the first level's errors: they are failures too. */
-export function countWarmupErrors(warm: LoadReport | undefined, first: LoadReport | undefined): void {
-  if (!warm?.errors || !first) return;
-  first.errors += warm.errors;
-  first.firstError ??= `process warm-up: ${warm.firstError ?? "did not complete"}`;
+/**
+ * Runs `options.processWarmup` unmeasured (when set), then each level in turn, printing each
+ * result as `<name> c=<in flight>: …`. The warm-up's failures count in the first level's errors:
+ * they are failures too. `run`'s second argument says the level is the warm-up.
+ */
+export async function runLevels<R extends LoadReport>(
+  options: { levels: readonly Level[]; processWarmup?: Level; progress?: Progress },
+  run: (level: Level, warmup: boolean) => Promise<R>,
+  label: { name: string; unit: string },
+): Promise<R[]> {
+  const progress = options.progress ?? quiet;
+  let warm: R | undefined;
+  if (options.processWarmup) {
+    warm = await run({ ...options.processWarmup, warmup: 0 }, true);
+    progress(`${label.name} warm-up: ${levelSummary(warm, label.unit)} (not measured)`);
+  }
+  const results: R[] = [];
+  for (const level of options.levels) {
+    const result = await run(level, false);
+    progress(`${label.name} c=${level.concurrency}: ${levelSummary(result, label.unit)}`);
+    results.push(result);
+  }
+  const first = results[0];
+  if (warm?.errors && first) {
+    first.errors += warm.errors;
+    first.firstError ??= `process warm-up: ${warm.firstError ?? "did not complete"}`;
+  }
+  return results;
 }
 
 /** Measures the JetStream floor at each level (3 expected-sequence publishes per "saga"). */

@@ -17,14 +17,13 @@ import {
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
 import { startPostgres } from "../test/support/servers.ts";
-import { type LoadOptions, type LoadReport, lanes, measured, report } from "./drive.ts";
+import { type LoadOptions, type LoadReport, lanes, levelWarmup, measured, report } from "./drive.ts";
 import {
-  countWarmupErrors,
   type Level,
   levelLoad,
-  levelSummary,
   type Progress,
   ROOT,
+  runLevels,
   runLoadProcess,
   startEngine,
 } from "./engine.ts";
@@ -90,7 +89,7 @@ export async function driveOrders(
     reads.push(1);
     return got.order?.status === OrderStatus.CONFIRMED;
   };
-  const warmup = options.warmup ?? Math.max(20, options.concurrency * 2);
+  const warmup = levelWarmup(options);
   await lanes(warmup, options.concurrency, (i) => order(`${options.idPrefix}w${i}`));
   reads.length = 0;
   const { result, cpu, peak } = await measured(
@@ -173,36 +172,25 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
     await users.createUser({ email, password, creditLimitCents: 10n ** 12n });
     const { token } = await users.authenticate({ email, password });
     progress(`full path: services up (api ${apiUrl}), user created and authenticated`);
-    const levels: LoadReport[] = [];
-    const reads: number[] = [];
     const pids = {
       orchestrator: engine.pids.orchestrator ?? -1,
       user: user.pid,
       api: api.pid,
       ...(options.natsPid ? { nats: options.natsPid } : {}),
     };
-    const run = async (level: Level, idPrefix?: string) =>
+    const run = async (level: Level, warmup: boolean) =>
       (await runLoadProcess({
         mode: "full",
         ...levelLoad(options, level),
-        ...(idPrefix ? { idPrefix } : {}),
+        // Ids apart from every level's (`c<in flight>-…`).
+        ...(warmup ? { idPrefix: "warm-" } : {}),
         pids,
         apiUrl,
         token,
         trees: { postgres: pg.pid },
       })) as LoadReport & { readsPerOrder?: number };
-    let warm: LoadReport | undefined;
-    if (options.processWarmup) {
-      warm = await run({ ...options.processWarmup, warmup: 0 }, "warm-");
-      progress(`full path warm-up: ${levelSummary(warm, "orders")} (not measured)`);
-    }
-    for (const level of options.levels) {
-      const result = await run(level);
-      progress(`full path c=${level.concurrency}: ${levelSummary(result, "orders")}`);
-      reads.push(result.readsPerOrder ?? Number.NaN);
-      levels.push(result);
-    }
-    countWarmupErrors(warm, levels[0]);
+    const levels = await runLevels(options, run, { name: "full path", unit: "orders" });
+    const reads = levels.map((level) => level.readsPerOrder ?? Number.NaN);
     return {
       levels,
       processNames: ["orchestrator", "user", "api", "nats", "postgres", "client"],

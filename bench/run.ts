@@ -21,7 +21,7 @@ import { join } from "node:path";
 import { parseArgs } from "node:util";
 import { SERVICE_V8_FLAGS } from "../deploy/local/service-process.ts";
 import { natsServerBinary, postgresBinDir, startNatsServer } from "../test/support/servers.ts";
-import type { LoadReport } from "./drive.ts";
+import { type LoadReport, levelWarmup } from "./drive.ts";
 import {
   type EngineResult,
   type Level,
@@ -306,7 +306,7 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
             }),
           );
           const measuredSagas =
-            (on?.warmupSagas ?? 0) + (level[0]?.count ?? 0) + Math.max(20, (level[0]?.concurrency ?? 0) * 2);
+            (on?.warmupSagas ?? 0) + (level[0] ? level[0].count + levelWarmup(level[0]) : 0);
           const onLevel = on?.levels[0];
           if (onLevel) tracingRuns.push({ on: onLevel, bytesPerSaga: sink.bytes() / measuredSagas });
         } finally {
