@@ -54,8 +54,8 @@ const OUTCOME = [OrderStatus.CONFIRMED, OrderStatus.CANCELLED];
 
 /**
  * Places orders over gRPC, `concurrency` at a time, each followed by WatchOrder until it leaves
- * PENDING (the server ends the watch there) and then ONE GetOrder with `min_position` = the position of that update, so the read
- * model is asked only once it can show the outcome. An order counts when the read model says
+ * PENDING (the server ends the watch there) and then ONE GetOrder with `min_position` = the
+ * position of that update, so the read model is asked only once it can show the outcome. An order counts when the read model says
  * CONFIRMED.
  */
 export async function driveOrders(

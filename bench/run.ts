@@ -69,14 +69,6 @@ function usageError(message: string): never {
   process.exit(2);
 }
 
-function parseCommandLine() {
-  try {
-    return parseArgs({ options: OPTIONS });
-  } catch (error) {
-    return usageError(error instanceof Error ? error.message : String(error));
-  }
-}
-
 const OPTIONS = {
   quick: { type: "boolean", default: false },
   runs: { type: "string" },
@@ -87,6 +79,14 @@ const OPTIONS = {
   render: { type: "string" },
   "full-levels": { type: "string" },
 } as const;
+
+function parseCommandLine() {
+  try {
+    return parseArgs({ options: OPTIONS });
+  } catch (error) {
+    return usageError(error instanceof Error ? error.message : String(error));
+  }
+}
 const { values: args } = parseCommandLine();
 
 function positiveInteger(name: string, text: string | undefined, fallback: number): number {

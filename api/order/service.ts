@@ -407,9 +407,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       const until = new Set(checkStatuses(req.untilStatuses, "until_statuses"));
       let items: CheckedItem[] | undefined;
       // Starts with the latest entry, then each new one; ends when terminal or at the first entry
-      // whose status is in until_statuses. The shared follower
-      // rather than client.watch: no consumer to create and delete on nats-server per watch. The
-      // watch's first entry is also the ownership check (one read of the latest entry, not two).
+      // whose status is in until_statuses. The shared follower rather than client.watch: no
+      // consumer to create and delete on nats-server per watch. The watch's first entry is also
+      // the ownership check (one read of the latest entry, not two).
       for await (const found of follower.watch(orderId, ctx.signal, { onlyExisting: true })) {
         if (!items) {
           if (orderFactsOf(found.entry.state)?.userId !== userId) throw notFound();

@@ -66,7 +66,8 @@ export interface RpcServerOptions {
    * once, then `perSecond`. Past it the server closes the connection (GOAWAY) and every call on
    * it fails: nghttp2's protection against rapid-reset floods. Default Node's: 1,000, then 33
    * per second. Raise it for clients that cancel many calls on one connection (a proxy
-   * multiplexing users' watches). Node only; Deno's node:http2 ignores it.
+   * multiplexing users' watches). Deno's node:http2 accepts the option; that it applies it there
+   * is not tested.
    */
   streamResetLimit?: { burst: number; perSecond: number };
 }

@@ -46,7 +46,8 @@ export function runtimeCommand(
 
 /**
  * Starts `entry` (path relative to the repository root) under `runtime` (default node) with `env`
- * added to this process's environment (over the services' own, deploy/local/service-process.ts), and waits until it prints a line matching `readyLine`.
+ * added to this process's environment (over the services' own, deploy/local/service-process.ts),
+ * and waits until it prints a line matching `readyLine`.
  */
 export async function spawnService(
   entry: string,
