@@ -385,7 +385,7 @@ export async function measureRecovery(options: RecoveryOptions): Promise<Recover
     // An empty state cache: a new orchestrator process.
     await engine.restartOrchestrator(0);
     const timeEvent = async (id: string): Promise<number> => {
-      const sub = nc.subscribe(topo.historySubject(SIGNAL_WORKFLOW, id), { max: 1 });
+      const sub = nc.subscribe(topo.instanceHistoryFilter(SIGNAL_WORKFLOW, id), { max: 1 });
       await nc.flush();
       const started = performance.now();
       await client.signal(SIGNAL_WORKFLOW, id, { type: "noop" });

@@ -203,11 +203,11 @@ export function messageSpecs(): MessageSpec[] {
     kind: "workflow",
     name: "order.output",
     description:
-      "Output of a finished order saga: `output` of the instance state announced on the completion subject (core NATS) and kept in the last history entry (`state.output`).",
+      "Output of a finished order saga: `state.output` of the history entry that ends the instance, which the history stream also republishes on the completion subject (core NATS).",
     schema: orderOutput,
     subjects: (t, slot) => [t.completionSubject("order", slot("orderId"))],
     stream: null,
-    carriedIn: { path: "output" },
+    carriedIn: { path: "state.output" },
   });
 
   const files = new Set<string>();

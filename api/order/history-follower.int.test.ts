@@ -41,7 +41,10 @@ describe("HistoryFollower.watch", () => {
       effects: [],
       at: Date.now(),
     };
-    const ack = await jetstream(nc).publish(topo.historySubject(WORKFLOW, instanceId), JSON.stringify(entry));
+    const ack = await jetstream(nc).publish(
+      topo.historySubject(WORKFLOW, instanceId, "running"),
+      JSON.stringify(entry),
+    );
     return ack.seq;
   };
   const seqsOf = (found: readonly SequencedEntry[]) => found.map((f) => [f.seq, f.entry.revision]);
@@ -112,7 +115,7 @@ describe("HistoryFollower.watch", () => {
     const id = `i-${randomUUID()}`;
     const watch = follower.watch(id)[Symbol.asyncIterator]();
     const pending = watch.next();
-    const subject = topo.historySubject(WORKFLOW, id);
+    const subject = topo.historySubject(WORKFLOW, id, "running");
     await jetstream(nc).publish(subject, "not json");
     await jetstream(nc).publish(subject, JSON.stringify({ revision: 1, state: { instanceId: id } }));
     const seq = await append(id, 2);

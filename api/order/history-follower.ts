@@ -162,7 +162,7 @@ export class HistoryFollower {
     instanceId: string,
     options: { fromLeader?: boolean } = {},
   ): Promise<SequencedEntry | undefined> {
-    const query = { last_by_subj: this.#topo.historySubject(this.#workflow, instanceId) };
+    const query = { last_by_subj: this.#topo.instanceHistoryFilter(this.#workflow, instanceId) };
     if (options.fromLeader) {
       try {
         const msg = await this.#jsm.streams.getMessage(this.#topo.streams.history, query);
@@ -182,7 +182,7 @@ export class HistoryFollower {
   async first(instanceId: string): Promise<SequencedEntry | undefined> {
     const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
       seq: 1,
-      next_by_subj: this.#topo.historySubject(this.#workflow, instanceId),
+      next_by_subj: this.#topo.instanceHistoryFilter(this.#workflow, instanceId),
     });
     return msg ? decodeHistoryMessage(msg) : undefined;
   }

@@ -247,7 +247,7 @@ class Client implements WorkflowClient {
         this.#waiters.set(key, set);
       }
       set.add(waiter);
-      // The end is announced on core NATS, which can be missed (reconnects), so the state is also
+      // The end is republished on core NATS, which can be missed (reconnects), so the state is also
       // read: once after subscribing (an end before that is seen by the read), then with backoff.
       const check = (delayMs: number): void => {
         const again = (): void => {
@@ -286,10 +286,13 @@ class Client implements WorkflowClient {
             const waiters = this.#waiters.get(key);
             const ownStart = this.#startedHere.get(key) === true;
             if (!waiters && !ownStart) return;
-            const state = JSON.parse(msg.string()) as Partial<InstanceState> | null;
+            // The history stream republishes the ending entry here (see topology.ts).
+            const entry = JSON.parse(msg.string()) as Partial<HistoryEntry> | null;
+            const state = entry?.state as Partial<InstanceState> | null | undefined;
             // Anyone may publish here: only a finished state of this very instance ends a wait.
             if (
               state === null ||
+              state === undefined ||
               typeof state !== "object" ||
               state.instanceId !== instanceId ||
               state.workflow !== workflow ||
@@ -322,8 +325,9 @@ class Client implements WorkflowClient {
     assertId(instanceId);
     if (options.signal?.aborted) return;
     const consumer = await this.#js.consumers.get(this.topology.streams.history, {
-      filter_subjects: this.topology.historySubject(workflow, instanceId),
-      deliver_policy: DeliverPolicy.LastPerSubject,
+      filter_subjects: this.topology.instanceHistoryFilter(workflow, instanceId),
+      // Last per subject would give two entries once the instance ended (one per phase subject).
+      deliver_policy: DeliverPolicy.Last,
       // Server-side clean-up if this process vanishes without deleting it (nats.js default: 5 min).
       inactive_threshold: 10_000,
     });

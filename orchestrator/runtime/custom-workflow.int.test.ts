@@ -220,7 +220,7 @@ describe("a workflow defined only in a test", () => {
     });
     const jsm = await jetstreamManager(nc);
     const history = await jsm.direct.getMessage(client.topology.streams.history, {
-      last_by_subj: client.topology.historySubject("approval", "doc-5"),
+      last_by_subj: client.topology.instanceHistoryFilter("approval", "doc-5"),
     });
     expect(history).toBeNull();
   });

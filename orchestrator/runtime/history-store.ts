@@ -9,7 +9,7 @@ import {
 import type { WorkflowEvent } from "../engine/decide.ts";
 import type { Effect } from "../engine/effects.ts";
 import { JetsagaError } from "../engine/errors.ts";
-import type { InstanceState } from "../engine/state.ts";
+import { type InstanceState, isTerminal } from "../engine/state.ts";
 import type { Topology } from "./topology.ts";
 
 /**
@@ -37,8 +37,9 @@ export interface StoredEntry {
 const encoder = new TextEncoder();
 
 /**
- * Reads and appends instance histories: one subject per instance in the history stream, appended
- * with optimistic concurrency (the last sequence on that subject must be the one we read).
+ * Reads and appends instance histories: an instance's entries are the history stream's messages
+ * on its subjects (`<ns>.history.<wf>.<id>.running|ended`), appended with optimistic concurrency
+ * (the last sequence on those subjects must be the one we read).
  */
 export class HistoryStore {
   readonly #js: JetStreamClient;
@@ -61,7 +62,7 @@ export class HistoryStore {
     instanceId: string,
     options: { fromLeader?: boolean } = {},
   ): Promise<StoredEntry | undefined> {
-    const subject = this.#topo.historySubject(workflow, instanceId);
+    const subject = this.#topo.instanceHistoryFilter(workflow, instanceId);
     if (options.fromLeader) {
       try {
         const msg = await this.#jsm.streams.getMessage(this.#topo.streams.history, { last_by_subj: subject });
@@ -86,12 +87,18 @@ export class HistoryStore {
     const data = encoder.encode(JSON.stringify(entry));
     try {
       const ack = await this.#js.publish(
-        this.#topo.historySubject(workflow, instanceId),
+        this.#topo.historySubject(workflow, instanceId, isTerminal(entry.state) ? "ended" : "running"),
         data,
         // No msg id: the expected sequence already makes a second append of a revision fail, and
         // the server checks it before de-duplication anyway; a msg id would only cost the server
-        // a de-duplication entry per append.
-        { expect: { lastSubjectSequence: expectedSeq } },
+        // a de-duplication entry per append. The sequence is checked over all of the instance's
+        // subjects (both phases), which together are its history.
+        {
+          expect: {
+            lastSubjectSequence: expectedSeq,
+            lastSubjectSequenceSubject: this.#topo.instanceHistoryFilter(workflow, instanceId),
+          },
+        },
       );
       if (ack.duplicate) {
         throw new JetsagaError("CONFLICT", "revision already appended", {
@@ -112,7 +119,7 @@ export class HistoryStore {
 
   /** Every entry of an instance, oldest first. Cost grows with history length: for reads, not the hot path. */
   async all(workflow: string, instanceId: string): Promise<HistoryEntry[]> {
-    const subject = this.#topo.historySubject(workflow, instanceId);
+    const subject = this.#topo.instanceHistoryFilter(workflow, instanceId);
     // From the leader: the scan stops at this entry, so it must be the true last one.
     const last = await this.latest(workflow, instanceId, { fromLeader: true });
     if (!last) return [];

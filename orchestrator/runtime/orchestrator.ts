@@ -428,7 +428,6 @@ class OrchestratorLoop {
           } else this.#cache.delete(key);
           await executeEffects(this.#effects, entry);
           msg.ack();
-          if (entry.state.status !== "running") this.#announceEnd(entry);
           this.#options.onEntry?.(entry);
           return;
         }
@@ -441,7 +440,6 @@ class OrchestratorLoop {
               : await this.#store.revision(message.workflow, message.instanceId, decision.revision);
           if (entry) await executeEffects(this.#effects, entry);
           msg.ack();
-          if (entry && entry.state.status !== "running") this.#announceEnd(entry);
           return;
         }
         case "ignored":
@@ -471,19 +469,6 @@ class OrchestratorLoop {
           await this.#deadLetter(msg, decision.code, decision.reason);
           return;
       }
-    }
-  }
-
-  /** Best effort (core NATS): waiting clients also re-read the state now and then. */
-  #announceEnd(entry: HistoryEntry): void {
-    const { workflow, instanceId } = entry.state;
-    try {
-      this.#options.nc.publish(
-        this.#topo.completionSubject(workflow, instanceId),
-        JSON.stringify(entry.state),
-      );
-    } catch {
-      // Disconnected: clients find the end by reading the state.
     }
   }
 

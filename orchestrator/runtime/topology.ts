@@ -15,15 +15,19 @@ import { JetsagaError } from "../engine/errors.ts";
  *
  * | stream        | subjects                                   | retention  | holds |
  * |---------------|--------------------------------------------|------------|-------|
- * | `<NS>_HISTORY`| `<ns>.history.<workflow>.<instanceId>`     | limits     | one subject per instance: accepted events with the state they led to; no delete, no purge |
+ * | `<NS>_HISTORY`| `<ns>.history.<workflow>.<instanceId>.<phase>` | limits | per instance: accepted events with the state they led to; `<phase>` is `ended` on the entry that ends it, else `running`; no delete, no purge |
  * | `<NS>_INBOX`  | `<ns>.inbox.<workflow>.<instanceId>`, `<ns>.timer.<workflow>.<instanceId>.<key>.<token>` | work queue | starts, replies, signals, and the timers' schedules (a schedule's target must be in its own stream) |
  * | `<NS>_COMMANDS` | `<ns>.cmd.<command>`                     | work queue | commands for workers |
  * | `<NS>_EVENTS` | `<ns>.events.<workflow>.<event>`           | limits     | domain events for projections and notifications |
  * | `<NS>_DLQ`    | `<ns>.dlq.<source>`                        | limits     | dead letters with their reason |
  *
- * `<ns>.done.<workflow>.<instanceId>` is a core NATS subject (no stream): the orchestrator announces
- * an instance's end there so waiting clients need not follow every history entry.
+ * `<ns>.done.<workflow>.<instanceId>` is a core NATS subject (no stream): the history stream
+ * republishes each `ended` entry there once it is stored, so waiting clients need not follow every
+ * history entry and no process stands between the stored end and the waiting client.
  */
+/** Last token of a history subject: `ended` on the entry after which the instance accepts nothing. */
+export type HistoryPhase = "running" | "ended";
+
 export interface Topology {
   readonly ns: string;
   readonly streams: {
@@ -33,14 +37,17 @@ export interface Topology {
     readonly events: string;
     readonly deadLetters: string;
   };
-  historySubject(workflow: string, instanceId: string): string;
+  /** Subject of one history entry: `phase` says whether the instance ended with it. */
+  historySubject(workflow: string, instanceId: string, phase: HistoryPhase): string;
+  /** Filter matching every history entry of one instance (what appends check and reads select). */
+  instanceHistoryFilter(workflow: string, instanceId: string): string;
   inboxSubject(workflow: string, instanceId: string): string;
   /** Schedule subject of one arming (`token`) of a timer: re-arming never replaces or purges another. */
   timerSubject(workflow: string, instanceId: string, timerKey: string, token: string): string;
   commandSubject(command: string): string;
   eventSubject(workflow: string, event: string): string;
   deadLetterSubject(source: string): string;
-  /** Core NATS subject announcing the end of an instance. */
+  /** Core NATS subject where the history stream republishes the entry that ends an instance. */
   completionSubject(workflow: string, instanceId: string): string;
   /** Filter matching every inbox subject (timers excluded). */
   readonly inboxFilter: string;
@@ -74,7 +81,8 @@ export function topology(ns: string = DEFAULT_NAMESPACE): Topology {
       events: `${NS}_EVENTS`,
       deadLetters: `${NS}_DLQ`,
     },
-    historySubject: (workflow, instanceId) => `${ns}.history.${workflow}.${instanceId}`,
+    historySubject: (workflow, instanceId, phase) => `${ns}.history.${workflow}.${instanceId}.${phase}`,
+    instanceHistoryFilter: (workflow, instanceId) => `${ns}.history.${workflow}.${instanceId}.*`,
     inboxSubject: (workflow, instanceId) => `${ns}.inbox.${workflow}.${instanceId}`,
     timerSubject: (workflow, instanceId, key, token) =>
       `${ns}.timer.${workflow}.${instanceId}.${key}.${token}`,
@@ -83,9 +91,21 @@ export function topology(ns: string = DEFAULT_NAMESPACE): Topology {
     deadLetterSubject: (source) => `${ns}.dlq.${source}`,
     completionSubject: (workflow, instanceId) => `${ns}.done.${workflow}.${instanceId}`,
     inboxFilter: `${ns}.inbox.>`,
-    historyFilter: (workflow = "*") => `${ns}.history.${workflow}.*`,
+    historyFilter: (workflow = "*") => `${ns}.history.${workflow}.*.*`,
     commandFilter: (service) => `${ns}.cmd.${service}.>`,
     eventFilter: (workflow, event) => `${ns}.events.${workflow}.${event ?? ">"}`,
+  };
+}
+
+/**
+ * The history stream hands every entry that ends an instance to `completionSubject` as soon as it
+ * is stored: a waiting client hears of the end from nats-server itself, one process wake sooner
+ * than if the orchestrator announced it after the append's acknowledgement.
+ */
+export function historyRepublish(topo: Topology): { src: string; dest: string } {
+  return {
+    src: `${topo.ns}.history.*.*.ended`,
+    dest: `${topo.ns}.done.{{wildcard(1)}}.{{wildcard(2)}}`,
   };
 }
 
@@ -124,6 +144,7 @@ export function streamConfigs(topo: Topology, options: TopologyOptions = {}): St
       deny_purge: true,
       // Discarding old history would lose instances; refuse writes instead when limits are hit.
       discard: DiscardPolicy.New,
+      republish: historyRepublish(topo),
     },
     {
       ...common,
@@ -188,11 +209,24 @@ async function ensureStream(
     if (options.replicas !== undefined) explicit.num_replicas = options.replicas;
     if (options.duplicateWindowNs !== undefined) explicit.duplicate_window = options.duplicateWindowNs;
     if (options.retentionNs !== undefined && wanted.max_age) explicit.max_age = options.retentionNs;
-    if (Object.keys(explicit).length === 0) return;
+    // The republish is part of the protocol (clients hear of ends through it), not a tunable:
+    // a history stream made by an older version gets it.
+    if (Object.keys(explicit).length === 0 && !wanted.republish) return;
     const { config } = await jsm.streams.info(wanted.name);
+    if (wanted.republish && !sameRepublish(config.republish, wanted.republish)) {
+      explicit.republish = wanted.republish;
+    }
+    if (Object.keys(explicit).length === 0) return;
     const { name, ...current } = config;
     await jsm.streams.update(name, { ...current, ...explicit });
   }
+}
+
+function sameRepublish(
+  current: StreamConfig["republish"] | undefined,
+  wanted: NonNullable<StreamConfig["republish"]>,
+): boolean {
+  return current?.src === wanted.src && current.dest === wanted.dest && !current.headers_only;
 }
 
 /** Consumer defaults shared by the orchestrator and workers. */

@@ -278,7 +278,7 @@ describe("order read model projector", () => {
   });
   it("skips a malformed history entry and keeps projecting", async () => {
     const js = jetstream(nc);
-    const subject = client.topology.historySubject("order", "o-bad");
+    const subject = client.topology.historySubject("order", "o-bad", "running");
     // Written by something that is not the orchestrator: a null state value, a time Postgres refuses.
     const bad = await js.publish(
       subject,
@@ -311,7 +311,10 @@ describe("order read model projector", () => {
     expect(await projector.waitFor(next, 10_000)).toBe(true);
     // …and the entry at that position is one this projector skips: nothing to write, and no
     // writer may be left behind that never runs again.
-    const bad = await jetstream(nc).publish(client.topology.historySubject("order", "o-skipped"), "not json");
+    const bad = await jetstream(nc).publish(
+      client.topology.historySubject("order", "o-skipped", "running"),
+      "not json",
+    );
     expect(bad.seq).toBe(next);
     await startAndAwaitConfirmed("o-after-skip");
   });
