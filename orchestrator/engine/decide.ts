@@ -109,12 +109,17 @@ function decideEvent(
   if (isTerminal(state)) return { outcome: "ignored", reason: `instance is ${state.status}` };
 
   let event: WorkflowEvent;
+  let before = state;
   if (message.timer) {
     const pending = state.timers[message.timer.key];
     if (!pending || pending.token !== message.timer.token) {
       return { outcome: "ignored", reason: `stale timer ${message.timer.key}` };
     }
     event = { type: pending.event };
+    // A firing uses its arming up: the same schedule firing again (its effect carried out once more
+    // after the duplicate window, say) must find it stale, and leaving the state owes it no cancel.
+    const { [message.timer.key]: _fired, ...remaining } = state.timers;
+    before = { ...state, timers: remaining };
   } else {
     const type = message.event.type;
     const schema = definition.events[type];
@@ -135,7 +140,7 @@ function decideEvent(
   if (snapshot === current && actions.length === 0) {
     return { outcome: "ignored", reason: `event "${event.type}" is not handled in state ${describe(state)}` };
   }
-  return settle(definition, state, snapshot, actions, event, context);
+  return settle(definition, before, snapshot, actions, event, context);
 }
 
 /**

@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { fromPromise, setup } from "xstate";
+import { assign, fromPromise, setup } from "xstate";
 import { z } from "zod";
 import { decide } from "./decide.ts";
 import { JetsagaError } from "./errors.ts";
@@ -221,5 +221,57 @@ describe("timers", () => {
       ctx("m4", 1500),
     );
     expect(late).toMatchObject({ outcome: "ignored" });
+  });
+  it("uses a firing up: the same arming firing again is stale, and leaving the state cancels nothing", () => {
+    const ticking = defineWorkflow({
+      name: "ticking",
+      version: 1,
+      input: z.object({}),
+      events: {},
+      machine: setup({
+        types: { context: {} as { ticks: number } },
+        actions: sagaActions,
+      }).createMachine({
+        id: "ticking",
+        context: { ticks: 0 },
+        initial: "waiting",
+        states: {
+          // A targetless delayed transition: the state is not left, so xstate cancels nothing.
+          waiting: { after: { 1000: { actions: assign({ ticks: ({ context }) => context.ticks + 1 }) } } },
+        },
+      }),
+    });
+    const start = decide(ticking, undefined, { kind: "start", instanceId: "t", input: {} }, ctx("m1", 0));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    const [scheduled] = start.effects;
+    if (scheduled?.type !== "schedule") throw new Error("no timer");
+    const firing = {
+      kind: "event" as const,
+      event: { type: scheduled.event },
+      timer: { key: scheduled.timerKey, token: scheduled.token },
+    };
+    const fired = decide(ticking, start.state, firing, ctx("timer-1", 1000));
+    if (fired.outcome !== "accepted") throw new Error("firing not accepted");
+    expect(fired.state.context).toEqual({ ticks: 1 });
+    expect(fired.state.timers).toEqual({});
+    // Fired again under another causation id (beyond the ring of recent ones): stale.
+    expect(decide(ticking, fired.state, firing, ctx("timer-2", 1100))).toMatchObject({ outcome: "ignored" });
+
+    // The pausing chart leaves `waiting` on its timer: no cancel of the arming that just fired.
+    const begun = decide(pausing, undefined, { kind: "start", instanceId: "q", input: {} }, ctx("n1", 0));
+    if (begun.outcome !== "accepted") throw new Error("not started");
+    const [armed] = begun.effects;
+    if (armed?.type !== "schedule") throw new Error("no timer");
+    const done = decide(
+      pausing,
+      begun.state,
+      { kind: "event", event: { type: armed.event }, timer: { key: armed.timerKey, token: armed.token } },
+      ctx("n2", 1500),
+    );
+    expect(done).toMatchObject({
+      outcome: "accepted",
+      effects: [],
+      state: { status: "completed", timers: {} },
+    });
   });
 });
