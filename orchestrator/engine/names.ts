@@ -47,7 +47,26 @@ export function isDottedName(value: string): boolean {
   return DOTTED.test(value);
 }
 
-/** Turns an xstate delayed-event id (`xstate.after.5000.order.waiting`) into one subject token. */
+/** Longest timer key: `timer.<workflow ≤ 64>.<id ≤ 128>.<key>.<token>` must fit an inbox message id (300). */
+const MAX_TIMER_KEY = 64;
+
+/**
+ * Turns an xstate delayed-event id (`xstate.after.5000.order.waiting`) into one subject token of at
+ * most 64 characters. A longer id (a deeply nested state) keeps its start and ends in a hash of the
+ * whole id, so two long ids that share a start stay two timers.
+ */
 export function timerKey(xstateId: string): string {
-  return xstateId.replace(/[^A-Za-z0-9_-]/g, "_").slice(0, 200);
+  const key = xstateId.replace(/[^A-Za-z0-9_-]/g, "_");
+  if (key.length <= MAX_TIMER_KEY) return key;
+  return `${key.slice(0, MAX_TIMER_KEY - 9)}_${fnv1a(xstateId)}`;
+}
+
+/** 32-bit FNV-1a of the UTF-16 code units, as 8 hex digits: stable across processes and runtimes. */
+function fnv1a(text: string): string {
+  let hash = 0x811c9dc5;
+  for (let i = 0; i < text.length; i++) {
+    hash ^= text.charCodeAt(i);
+    hash = Math.imul(hash, 0x01000193) >>> 0;
+  }
+  return hash.toString(16).padStart(8, "0");
 }

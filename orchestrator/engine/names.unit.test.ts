@@ -1,0 +1,30 @@
+import { describe, expect, it } from "vitest";
+import { inboxMessage } from "../../schemas/envelope.ts";
+import { timerKey } from "./names.ts";
+
+describe("timerKey", () => {
+  it("keeps a short xstate id readable, as one subject token", () => {
+    expect(timerKey("xstate.after.5000.order.waiting")).toBe("xstate_after_5000_order_waiting");
+  });
+
+  it("bounds a long id so the timer's inbox message id fits, and keeps two long ids apart", () => {
+    const deep = `xstate.after.30000.${"nested.".repeat(40)}`;
+    const a = timerKey(`${deep}a`);
+    const b = timerKey(`${deep}b`);
+    expect(a).toHaveLength(64);
+    expect(a).toMatch(/^[A-Za-z0-9_-]+$/);
+    expect(a).not.toBe(b);
+    expect(timerKey(`${deep}a`)).toBe(a);
+    // The longest names an instance may have, and a large revision: the id still validates.
+    const id = `timer.${"w".repeat(64)}.${"i".repeat(128)}.${a}.${"9".repeat(10)}-123`;
+    const parsed = inboxMessage.safeParse({
+      id,
+      workflow: "w",
+      instanceId: "i",
+      event: { type: "tick" },
+      timer: { key: a, token: "1-0" },
+      at: 0,
+    });
+    expect(parsed.success).toBe(true);
+  });
+});
