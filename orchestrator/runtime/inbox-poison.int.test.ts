@@ -2,11 +2,14 @@
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { setup } from "xstate";
+import { z } from "zod";
 import { connectNats } from "../../common/nats.ts";
 import { reminderWorkflow } from "../../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import {
   createWorkflowClient,
+  defineWorkflow,
   type RunningOrchestrator,
   readDeadLetters,
   startOrchestrator,
@@ -72,6 +75,57 @@ describe("poison messages on the inbox", () => {
     expect(letters[3]?.reason).toMatch(/delayMs/);
     expect(letters[5]?.encoding).toBe("base64");
     expect(orchestrator.stats.deadLettered).toBe(7);
+    await client.close();
+  });
+});
+
+/** A chart that copies its input into its context: its start entry can outgrow the server's max payload. */
+const copying = defineWorkflow({
+  name: "copying",
+  version: 1,
+  input: z.object({ blob: z.string(), copies: z.number().int().positive() }),
+  events: {},
+  machine: setup({
+    types: { context: {} as { copies: string[] }, input: {} as { blob: string; copies: number } },
+  }).createMachine({
+    id: "copying",
+    context: ({ input }) => ({ copies: Array.from({ length: input.copies }, () => input.blob) }),
+    initial: "done",
+    states: { done: { type: "final" } },
+  }),
+});
+
+describe("a message whose handling can never succeed", () => {
+  let nc: NatsConnection;
+  let orchestrator: RunningOrchestrator;
+  const ns = uniqueNamespace("unrecoverable");
+  const topo = topology(ns);
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [copying] });
+  });
+
+  afterAll(async () => {
+    await orchestrator?.stop();
+    await nc?.close();
+  });
+
+  it("is dead-lettered after a few deliveries instead of being retried for ever", async () => {
+    const maxPayload = nc.info?.max_payload ?? 1024 * 1024;
+    const blob = "x".repeat(100_000);
+    const client = await createWorkflowClient({ nc, ns, workflows: [copying] });
+    // The start itself is small enough; the entry it leads to (input and copies) is not.
+    await client.start("copying", "big", { blob, copies: Math.ceil(maxPayload / blob.length) + 1 });
+    await client.start("copying", "small", { blob: "x", copies: 1 });
+    expect((await client.awaitCompletion("copying", "small")).status).toBe("completed");
+
+    const js = jetstream(nc);
+    await expect.poll(async () => (await readDeadLetters(js, topo)).length, { timeout: 15_000 }).toBe(1);
+    const [letter] = await readDeadLetters(js, topo);
+    expect(letter?.code).toBe("HANDLING_FAILED");
+    expect(letter?.reason).toMatch(/failed on 3 deliveries: .*max_payload/);
+    expect(await client.getState("copying", "big")).toBeUndefined();
     await client.close();
   });
 });

@@ -2,13 +2,14 @@ import {
   AckPolicy,
   type ConsumerMessages,
   DeliverPolicy,
+  JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
   type JsMsg,
   jetstream,
   jetstreamManager,
 } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { InvalidArgumentError, InvalidSubjectError, type NatsConnection } from "@nats-io/transport-node";
 import { SpanKind } from "@opentelemetry/api";
 import { type BackoffPolicy, backoffDelay } from "../../common/backoff.ts";
 import { extractTraceContext, withSpan } from "../../common/tracing.ts";
@@ -107,12 +108,36 @@ interface CachedState {
 }
 
 const noopLogger: OrchestratorLogger = { info() {}, warn() {}, error() {} };
+/** How long stop() waits for the consume loop to end, and then for messages in progress, ms. */
+const STOP_TIMEOUT_MS = 10_000;
 /** How long an instance's not-yet-started message waits before it is tried again, ms. */
 const NOT_STARTED_RETRY_MS = 250;
 /** Deliveries after which a message for an instance that never started is dead-lettered. */
 const NOT_STARTED_MAX_DELIVERIES = 20;
 /** Redelivery delay of an inbox message whose handling failed (NATS or a bug of ours), by attempt. */
 const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
+/** Deliveries after which a message whose handling fails in a way retries cannot cure is dead-lettered. */
+const UNRECOVERABLE_MAX_DELIVERIES = 3;
+/** JetStream API error: the message is larger than the stream's `max_msg_size`. */
+const MESSAGE_SIZE_EXCEEDS_MAXIMUM = 10054;
+
+/**
+ * Failures that handling the message again cannot cure: what the chart made of it does not fit
+ * (an entry beyond the server's max payload or the stream's message size, an effect its own schema
+ * refuses, a subject nats.js refuses). Retried for ever, such a message would hold one of the
+ * shared consumer's ack-pending slots for good. NATS being unreachable or slow is never one of
+ * them: those messages wait as long as it takes.
+ */
+function isUnrecoverable(error: unknown): boolean {
+  if (error instanceof JetsagaError) return !error.retryable;
+  if (error instanceof JetStreamApiError) return error.code === MESSAGE_SIZE_EXCEEDS_MAXIMUM;
+  return (
+    error instanceof InvalidArgumentError ||
+    error instanceof InvalidSubjectError ||
+    error instanceof RangeError ||
+    (error instanceof Error && error.name === "ZodError")
+  );
+}
 
 /**
  * Starts the orchestrator loop: consume the inbox, decide with the pure engine, append the entry
@@ -199,10 +224,12 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
     topology: topo,
     async stop() {
       stopping = true;
+      loop.stop();
       // Not awaited: nats.js settles close() once the iterator has ended, which run() does next.
       void messages?.close();
-      await done;
-      await loop.drain(10_000);
+      // Bounded: the consume loop may be waiting on a NATS that does not answer.
+      await settledWithin(done, STOP_TIMEOUT_MS);
+      await loop.drain(STOP_TIMEOUT_MS);
     },
   };
 }
@@ -238,6 +265,7 @@ class OrchestratorLoop {
   readonly #clock: () => number;
   readonly #maxMessageBytes: number;
   #inFlight = 0;
+  #stopping = false;
   #slotFreed: (() => void) | undefined;
 
   constructor(
@@ -260,8 +288,19 @@ class OrchestratorLoop {
     this.#effects = { js, jsm, topo, log: this.#log };
   }
 
+  /** From now on, messages still buffered by the consumer go back to the server unhandled. */
+  stop(): void {
+    this.#stopping = true;
+  }
+
   async run(messages: ConsumerMessages): Promise<void> {
     for await (const msg of messages) {
+      if (this.#stopping) {
+        // close() ends the iterator only after what it already buffered (up to the consume's
+        // max_messages); another process, or this one restarted, gets those at once.
+        nakQuietly(msg);
+        continue;
+      }
       while (this.#inFlight >= this.#concurrency) {
         await new Promise<void>((resolve) => {
           this.#slotFreed = resolve;
@@ -432,13 +471,19 @@ class OrchestratorLoop {
           return;
         }
         case "duplicate": {
-          // Applied before, but the process may have died before carrying out the effects.
           this.stats.duplicates++;
-          const entry =
-            stored?.entry.revision === decision.revision
-              ? stored.entry
-              : await this.#store.revision(message.workflow, message.instanceId, decision.revision);
-          if (entry) await executeEffects(this.#effects, entry);
+          // Applied before. A redelivery of the message that was applied may find its effects never
+          // carried out (its process died after the append); a new message repeating it (a client's
+          // retry after the duplicate window) finds them carried out by that message's own handling,
+          // and replaying them would send the entry's commands again, whose replies would replay the
+          // next entry's, and so on along the recent entries.
+          if (msg.info.deliveryCount > 1) {
+            const entry =
+              stored?.entry.revision === decision.revision
+                ? stored.entry
+                : await this.#store.revision(message.workflow, message.instanceId, decision.revision);
+            if (entry) await executeEffects(this.#effects, entry);
+          }
           msg.ack();
           return;
         }
@@ -483,11 +528,20 @@ class OrchestratorLoop {
       this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");
       msg.term(reason.slice(0, 200));
     } catch (error) {
-      this.#retryLater(msg, error);
+      this.#nakLater(msg, error);
     }
   }
 
   #retryLater(msg: JsMsg, error: unknown): void {
+    const deliveries = msg.info.deliveryCount;
+    if (isUnrecoverable(error) && deliveries >= UNRECOVERABLE_MAX_DELIVERIES) {
+      void this.#deadLetter(msg, "HANDLING_FAILED", `failed on ${deliveries} deliveries: ${String(error)}`);
+      return;
+    }
+    this.#nakLater(msg, error);
+  }
+
+  #nakLater(msg: JsMsg, error: unknown): void {
     this.stats.retried++;
     const delay = backoffDelay(msg.info.deliveryCount, INBOX_RETRY);
     this.#log.warn(
@@ -499,6 +553,24 @@ class OrchestratorLoop {
     } catch {
       // Connection gone: the server redelivers after ack_wait.
     }
+  }
+}
+
+function nakQuietly(msg: JsMsg): void {
+  try {
+    msg.nak();
+  } catch {
+    // Connection gone: the server redelivers after ack_wait.
+  }
+}
+
+/** Waits for `promise` at most `ms`, leaving no timer behind (a pending one would hold the process up). */
+async function settledWithin(promise: Promise<unknown>, ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  try {
+    await Promise.race([promise, new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+  } finally {
+    clearTimeout(timer);
   }
 }
 

@@ -4,15 +4,19 @@
  * instance that already exists and is not in the process's cache — sent again after the inbox's
  * duplicate window, say — must then leave that instance exactly as it was.
  */
-import { jetstream } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { setup } from "xstate";
+import { z } from "zod";
 import { connectNats } from "../../common/nats.ts";
 import { counterWorkflow } from "../../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import {
   createWorkflowClient,
+  defineWorkflow,
   type RunningOrchestrator,
+  sagaActions,
   startOrchestrator,
   type WorkflowClient,
 } from "../index.ts";
@@ -63,5 +67,69 @@ describe("a start for an instance that already exists", () => {
     const history = await client.getHistory("counter", "c1");
     expect(history.map((entry) => entry.event.type)).toEqual(["xstate.init", "bump", "bump"]);
     expect(orchestrator.stats.conflicts).toBe(0);
+  });
+});
+
+/** Starts by dispatching one command; nothing consumes it, so the commands stream counts dispatches. */
+const noting = defineWorkflow({
+  name: "noting",
+  version: 1,
+  input: z.object({}),
+  events: {},
+  commands: { "svc.note": z.object({}) },
+  machine: setup({ actions: sagaActions }).createMachine({
+    id: "noting",
+    initial: "waiting",
+    states: { waiting: { entry: { type: "dispatch", params: { command: "svc.note", input: {} } } } },
+  }),
+});
+
+describe("a start repeated after the duplicate window", () => {
+  let nc: NatsConnection;
+  let orchestrator: RunningOrchestrator;
+  let client: WorkflowClient;
+
+  beforeAll(async () => {
+    const ns = uniqueNamespace("latedup");
+    nc = await connectNats({ servers: natsUrl() });
+    orchestrator = await startOrchestrator({
+      nc,
+      ns,
+      workflows: [noting],
+      // One second: the repeat below is a new stream message, not dropped by JetStream.
+      topology: { duplicateWindowNs: 1_000_000_000 },
+    });
+    client = await createWorkflowClient({ nc, ns, workflows: [noting] });
+  });
+
+  afterAll(async () => {
+    await client?.close();
+    await orchestrator?.stop();
+    await nc?.close();
+  });
+
+  it("is recognised as applied, and its entry's commands are not sent again", async () => {
+    const jsm = await jetstreamManager(nc);
+    const commands = async () => (await jsm.streams.info(client.topology.streams.commands)).state.messages;
+    await client.start("noting", "n1", {});
+    await expect.poll(commands, { timeout: 10_000 }).toBe(1);
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+
+    // The client's retry: the same inbox message id (so the same causation), past the window.
+    await jetstream(nc).publish(
+      client.topology.inboxSubject("noting", "n1"),
+      JSON.stringify({
+        id: "start.noting.n1",
+        workflow: "noting",
+        instanceId: "n1",
+        start: { input: {} },
+        at: 1,
+      }),
+      { msgID: "start.noting.n1" },
+    );
+    await expect.poll(() => orchestrator.stats.processed, { timeout: 10_000 }).toBe(2);
+    expect(orchestrator.stats.duplicates).toBe(1);
+    expect(await commands()).toBe(1);
+    expect((await client.getState("noting", "n1"))?.revision).toBe(1);
   });
 });
