@@ -79,7 +79,11 @@ export interface WorkerOptions {
   concurrency?: number;
   /** Larger messages are dead-lettered unread. Default 256 KiB. */
   maxMessageBytes?: number;
-  /** How long a handler may run before the server redelivers, ms. Default 30_000. */
+  /**
+   * How long the server waits for a message's ack before delivering it again, ms: how soon the
+   * messages of a worker that died go to another. A running handler keeps its message however
+   * long it takes (the worker reports progress every third of it). Default 30_000.
+   */
   ackWaitMs?: number;
   logger?: WorkerLogger;
 }

@@ -89,8 +89,8 @@ function recordInbox(topo: Topology) {
   });
   return {
     received,
-    async next(predicate: (m: InboxMessage) => boolean): Promise<InboxMessage> {
-      return await waitFor(() => received.find(predicate), "inbox message");
+    async next(predicate: (m: InboxMessage) => boolean, ms?: number): Promise<InboxMessage> {
+      return await waitFor(() => received.find(predicate), "inbox message", ms);
     },
     stop: () => sub.unsubscribe(),
   };
@@ -346,6 +346,78 @@ describe("createWorker (real nats-server)", () => {
     // redelivered instead of leaving the message in the work queue for ever.
     const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
     expect(info.config.max_deliver).toBe(-1);
+  });
+
+  it("re-creates its consumer when it is deleted under it and handles commands sent afterwards", async () => {
+    const { topo, inbox, worker } = await setup("consumer", {
+      commands: charge(async () => ({ type: "acct.charged" })),
+    });
+    const before = command();
+    await send(topo, before);
+    await inbox.next((m) => m.id === `reply.${before.commandId}`);
+    // Acked before the consumer goes, or the new consumer delivers it again.
+    await waitFor(
+      async () => ((await jsm.streams.info(topo.streams.commands)).state.messages === 0 ? true : undefined),
+      "empty queue",
+    );
+    await jsm.consumers.delete(topo.streams.commands, "acct-commands");
+    const after = command();
+    await send(topo, after);
+    await inbox.next((m) => m.id === `reply.${after.commandId}`, 15_000);
+    await waitFor(() => (worker.stats.handled === 2 ? true : undefined), "two commands handled");
+    const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
+    expect(info.config).toMatchObject({ ack_wait: 30_000_000_000, max_deliver: -1 });
+  });
+
+  it("keeps a handler slower than ack_wait to itself: it runs once, not once per ack_wait", async () => {
+    const calls: number[] = [];
+    const { topo, inbox, worker } = await setup("slow", {
+      ackWaitMs: 300,
+      commands: charge(async (_input, ctx) => {
+        calls.push(ctx.attempt);
+        await new Promise((resolve) => setTimeout(resolve, 1_200));
+        return { type: "acct.charged" };
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+    await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+    // Long enough for a redelivery that ack_wait would have caused to show up.
+    await new Promise((resolve) => setTimeout(resolve, 500));
+    expect(calls).toEqual([1]);
+    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
+  });
+
+  it("retries a failed reply publish itself instead of running the handler again", async () => {
+    const topo = topology(uniqueNamespace("replyretry"));
+    const calls: number[] = [];
+    let recreated: Promise<void> | undefined;
+    // The inbox stream comes back once the worker has failed to publish the reply.
+    const onLog = (obj: Record<string, unknown>, msg: string) => {
+      if (/reply/.test(msg) && obj.commandId) recreated ??= ensureTopology(jsm, topo);
+    };
+    const worker = await start(topo, {
+      // maxAttempts 1: a nak would spend the only attempt and the next delivery be dead-lettered.
+      retry: { ...fast, maxAttempts: 1 },
+      logger: { info() {}, warn: onLog, error: onLog },
+      commands: charge(async (_input, ctx) => {
+        calls.push(ctx.attempt);
+        return { type: "acct.charged" };
+      }),
+    });
+    // No stream takes the instance's inbox subject: the reply publish fails at once.
+    await jsm.streams.delete(topo.streams.inbox);
+    const cmd = command();
+    await send(topo, cmd);
+    await waitFor(() => (worker.stats.handled === 1 ? true : undefined), "reply published", 15_000);
+    await recreated;
+    const stored = await jsm.direct.getMessage(topo.streams.inbox, {
+      last_by_subj: topo.inboxSubject("order", cmd.replyTo.instanceId),
+    });
+    expect(stored?.json<InboxMessage>().id).toBe(`reply.${cmd.commandId}`);
+    expect(calls).toEqual([1]);
+    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
+    expect(await readDeadLetters(js, topo)).toEqual([]);
   });
 
   it("runs up to `concurrency` handlers at once, never more", async () => {

@@ -50,8 +50,13 @@ const DEFAULTS = {
 const STOP_TIMEOUT_MS = 10_000;
 /** Delay before redelivery when our own IO (a publish) failed, ms. */
 const IO_RETRY_DELAY_MS = 1_000;
-/** Pause before consuming again after the consume loop failed, ms. */
+/** Pause before consuming again after the consume loop failed, ms; doubles while it keeps failing. */
 const RESTART_DELAY_MS = 1_000;
+const MAX_RESTART_DELAY_MS = 5_000;
+/** Publishes of a reply whose handler succeeded, before the message is nak'd after all. */
+const REPLY_TRIES = 4;
+/** Pauses between them (full jitter): about 3.5 s in all on average, at most 7 s. */
+const REPLY_RETRY = { initialDelayMs: 1_000, maxDelayMs: 4_000 } as const;
 const MS_TO_NS = 1_000_000;
 const SERVICE = /^[a-z][a-z0-9-]{0,63}$/;
 /** Longest commandId we can answer: `failed.<commandId>` must fit the 300 chars of an inbox id. */
@@ -104,7 +109,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   await ensureTopology(jsm, topo);
   const js = jetstream(nc);
 
-  const consumers: Array<{ kind: Kind; stream: string; name: string }> = [];
+  // The configs are kept: the consume loop re-creates a consumer that was deleted under it.
+  const consumers: Array<{ kind: Kind; stream: string; name: string; config: Partial<ConsumerConfig> }> = [];
   const common = {
     ...consumerDefaults,
     ack_wait: ackWaitMs * MS_TO_NS,
@@ -114,25 +120,20 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   };
   if (commands.size > 0) {
     const name = `${service}-commands`;
-    await ensureConsumer(jsm, topo.streams.commands, {
-      ...common,
-      durable_name: name,
-      filter_subject: topo.commandFilter(service),
-    });
-    consumers.push({ kind: "command", stream: topo.streams.commands, name });
+    const config = { ...common, durable_name: name, filter_subject: topo.commandFilter(service) };
+    await ensureConsumer(jsm, topo.streams.commands, config);
+    consumers.push({ kind: "command", stream: topo.streams.commands, name, config });
   }
   if (events.size > 0) {
     const name = `${service}-events`;
     const filters = [...events].map(([event, handler]) => topo.eventSubject(handler.workflow, event));
-    await ensureConsumer(jsm, topo.streams.events, {
-      ...common,
-      durable_name: name,
-      filter_subjects: filters,
-    });
-    consumers.push({ kind: "event", stream: topo.streams.events, name });
+    const config = { ...common, durable_name: name, filter_subjects: filters };
+    await ensureConsumer(jsm, topo.streams.events, config);
+    consumers.push({ kind: "event", stream: topo.streams.events, name, config });
   }
 
   const stats: WorkerStats = { handled: 0, retried: 0, deadLettered: 0 };
+  const keepAliveMs = Math.max(1, Math.floor(ackWaitMs / 3));
   const abort = new AbortController();
   const slots = semaphore(concurrency);
   const inFlight = new Set<Promise<void>>();
@@ -152,6 +153,18 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         { err: describe(error), subject: msg.subject, seq: msg.seq, action },
         "cannot settle message",
       );
+    }
+  }
+
+  /** Tells the server the message is still being worked on, restarting its ack_wait. */
+  function progress(msg: JsMsg): void {
+    // Once stop() has given up on a handler, its message is left to ack_wait and another process.
+    if (abort.signal.aborted) return;
+    try {
+      // A no-op once the message is settled (nats.js ignores it after ack, nak or term).
+      msg.working();
+    } catch {
+      // Closed connection: the message is redelivered after ack_wait whatever we do.
     }
   }
 
@@ -333,12 +346,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       return;
     }
     try {
-      const headers = traceHeadersIfActive();
-      await js.publish(
-        topo.inboxSubject(cmd.replyTo.workflow, cmd.replyTo.instanceId),
-        json,
-        headers ? { msgID: id, headers } : { msgID: id },
-      );
+      await publishReply(msg, cmd, id, json);
     } catch (error) {
       stats.retried++;
       log.error(
@@ -350,6 +358,32 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     }
     stats.handled++;
     settle(msg, "ack");
+  }
+
+  /**
+   * Publishes the reply of a handler that succeeded, retrying here rather than by redelivery: each
+   * nak spends one of maxAttempts, and the delivery after the last is dead-lettered — the instance
+   * would be told command.failed about an effect that was applied (an inbox stream without a
+   * leader for a few seconds is enough). Throws the last error when every try failed.
+   */
+  async function publishReply(msg: JsMsg, cmd: CommandMessage, id: string, json: string): Promise<void> {
+    const subject = topo.inboxSubject(cmd.replyTo.workflow, cmd.replyTo.instanceId);
+    for (let tries = 1; ; tries++) {
+      try {
+        const headers = traceHeadersIfActive();
+        await js.publish(subject, json, headers ? { msgID: id, headers } : { msgID: id });
+        return;
+      } catch (error) {
+        if (tries >= REPLY_TRIES || abort.signal.aborted) throw error;
+        log.warn(
+          { err: describe(error), commandId: cmd.commandId, seq: msg.seq, tries },
+          "cannot publish reply, retrying",
+        );
+        await sleep(backoffDelay(tries, REPLY_RETRY));
+        // The next publish may take its whole timeout: give it a full ack_wait.
+        progress(msg);
+      }
+    }
   }
 
   // ---- domain events ---------------------------------------------------------------------------
@@ -405,6 +439,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   // ---- the consume loops -----------------------------------------------------------------------
 
   async function processMessage(msg: JsMsg, kind: Kind): Promise<void> {
+    // Unacked for ack_wait, a message is redelivered, maybe to another copy of the worker: a slow
+    // handler would run twice at once, and each such redelivery spends one of maxAttempts.
+    const keepAlive = setInterval(() => progress(msg), keepAliveMs);
     try {
       await withSpan(
         `jetsaga.${kind} ${msg.subject}`,
@@ -419,17 +456,28 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         "unexpected error handling message",
       );
       settle(msg, "nak", IO_RETRY_DELAY_MS);
+    } finally {
+      clearInterval(keepAlive);
     }
   }
 
-  async function pump(kind: Kind, stream: string, name: string): Promise<void> {
-    while (!stopping && !nc.isClosed()) {
+  async function pump(
+    kind: Kind,
+    stream: string,
+    name: string,
+    config: Partial<ConsumerConfig>,
+  ): Promise<void> {
+    for (let restarts = 0, failing = 0; !stopping && !nc.isClosed(); restarts++) {
       let messages: ConsumerMessages | undefined;
       try {
+        // The loop ends when the consumer was deleted (an operator, a re-created stream): make it
+        // again, or consumers.get() fails on every restart and the worker stalls for ever.
+        if (restarts > 0) await ensureConsumer(jsm, stream, config);
         const consumer = await js.consumers.get(stream, name);
         // The client pulls more only as the loop takes messages, and the loop takes one only when
         // a slot is free: at most `concurrency` run and about as many wait in the client buffer.
         messages = await consumer.consume({ max_messages: concurrency });
+        failing = 0;
         open.add(messages);
         // stop() came while consume() was starting: close, then drain what arrived (below).
         if (stopping) void messages.close();
@@ -457,8 +505,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
           messages.close().catch(() => undefined);
         }
       }
-      // Ended without stop(): consume again, but never in a tight loop.
-      if (!stopping) await sleep(RESTART_DELAY_MS);
+      // Ended without stop(): consume again, but never in a tight loop, and less often while the
+      // consumer cannot be made (its stream is gone).
+      if (stopping) break;
+      await sleep(Math.min(MAX_RESTART_DELAY_MS, RESTART_DELAY_MS * 2 ** Math.min(failing++, 3)));
     }
   }
 
@@ -474,13 +524,23 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         ) {
           log.warn({ consumer: name, status }, "consumer status");
         }
+        // In consume mode nats.js waits for a missing consumer or stream for ever; end the loop
+        // instead, so that pump() makes the consumer again.
+        if (
+          status.type === "consumer_deleted" ||
+          status.type === "consumer_not_found" ||
+          status.type === "stream_not_found"
+        ) {
+          messages.close().catch(() => undefined);
+          return;
+        }
       }
     } catch {
       // The status iterator ends with the consumer; nothing to do.
     }
   }
 
-  const loops = consumers.map(({ kind, stream, name }) => pump(kind, stream, name));
+  const loops = consumers.map(({ kind, stream, name, config }) => pump(kind, stream, name, config));
   log.info(
     { service, ns: topo.ns, consumers: consumers.map((c) => c.name), concurrency, ...policy },
     "worker started",
