@@ -75,26 +75,35 @@ export interface Gateway {
  * The UserService as the gateway serves it: every call forwarded to the user service with the
  * caller's `authorization` header. GetUser (a read) is retried; CreateUser and Authenticate are
  * not (a retry after a lost answer could create twice or count twice against the rate limit);
- * all go through the breaker, so a dead user service gives UNAVAILABLE fast.
+ * all go through a breaker, so a dead user service gives UNAVAILABLE fast, but the password calls
+ * through their own (see user-client.ts): they are public and as slow as their callers make them.
+ * The caller's signal goes upstream, so a call its client gave up on stops there too instead of
+ * holding a place in the hashing queue.
  */
 export function createUserServiceProxy(users: ResilientUserClient): ServiceImpl<typeof UserService> {
   const forward = (authorization: string | null): Record<string, string> =>
     authorization ? { authorization } : {};
   return {
     createUser: (req, ctx) =>
-      users.once((call) =>
-        users.client.createUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
+      users.once(
+        (call) =>
+          users.client.createUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
+        ctx.signal,
       ),
     getUser: (req, ctx) =>
-      users.idempotent((call) =>
-        users.client.getUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
+      users.idempotent(
+        (call) =>
+          users.client.getUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
+        ctx.signal,
       ),
     authenticate: (req, ctx) =>
-      users.once((call) =>
-        users.client.authenticate(req, {
-          ...call,
-          headers: forward(ctx.requestHeader.get("authorization")),
-        }),
+      users.once(
+        (call) =>
+          users.client.authenticate(req, {
+            ...call,
+            headers: forward(ctx.requestHeader.get("authorization")),
+          }),
+        ctx.signal,
       ),
   };
 }
@@ -265,10 +274,18 @@ function registerMetrics(
   });
   new Gauge({
     name: "jetsaga_user_service_circuit_open",
-    help: "1 while the circuit breaker to the user service is open",
+    help: "1 while the circuit breaker of reads from the user service (GetUser, PlaceOrder's user check) is open",
     registers: [registry],
     collect() {
       this.set(users.open ? 1 : 0);
+    },
+  });
+  new Gauge({
+    name: "jetsaga_user_service_password_circuit_open",
+    help: "1 while the circuit breaker of CreateUser and Authenticate (password hashing) is open",
+    registers: [registry],
+    collect() {
+      this.set(users.passwordCallsOpen ? 1 : 0);
     },
   });
 }

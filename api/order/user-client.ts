@@ -1,8 +1,17 @@
 /**
- * The user service as the order API calls it: a Connect client over gRPC behind a circuit breaker
+ * The user service as the order API calls it: a Connect client over gRPC behind circuit breakers
  * with retries. When the user service is down, calls fail fast with UNAVAILABLE (after a few
  * failures the breaker opens and calls do not even try), and once it is back a trial call closes
  * the breaker again.
+ *
+ * Reads (GetUser, which PlaceOrder depends on) and the calls that hash a password (CreateUser,
+ * Authenticate) have a breaker each. Anyone can send the password calls without an account, and
+ * their slowness is mostly the hashing load the callers themselves make (two hashes at a time,
+ * ~0.45 s each, the rest queued): with one shared breaker, ~70 concurrent sign-ins with unknown
+ * emails time out five in a row and PlaceOrder fails for everyone. Not counting their timeouts
+ * would not be enough either: a half-open trial that is an Authenticate stuck in the hashing
+ * queue holds every read back until it ends. A breaker of their own still sheds sign-in load
+ * while hashing is saturated, and a dead service opens both breakers on their own failures.
  */
 import { type Client, Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
@@ -36,9 +45,9 @@ export interface ResilientUserClientOptions {
   retries?: number;
   /** First backoff delay, ms (doubles, with jitter). Default 50. */
   initialBackoffMs?: number;
-  /** Consecutive failures that open the breaker. Default 5. */
+  /** Consecutive failures that open a breaker (each breaker counts its own). Default 5. */
   failureThreshold?: number;
-  /** How long the breaker stays open before a trial call, ms. Default 2000. */
+  /** How long a breaker stays open before a trial call, ms. Default 2000. */
   halfOpenAfterMs?: number;
 }
 
@@ -47,14 +56,21 @@ export interface ResilientUserClient {
   /** The raw client (no policies): for calls that add their own. */
   readonly client: Client<typeof UserService>;
   /**
-   * Runs an idempotent call (reads) with retry + breaker: `fn` receives a signal and the attempt
-   * deadline. Throws ConnectError: the service's own error (NOT_FOUND, …) or UNAVAILABLE.
+   * Runs an idempotent call (reads) with retry + the reads' breaker: `fn` receives a signal and
+   * the attempt deadline. `signal` is the caller's (e.g. the incoming call's `ctx.signal`): when it
+   * fires, the attempt is cancelled and not retried. Throws ConnectError: the service's own error
+   * (NOT_FOUND, …), UNAVAILABLE, or the caller's cancellation.
    */
-  idempotent<T>(fn: (options: CallOptions) => Promise<T>): Promise<T>;
-  /** Runs a non-idempotent call (CreateUser, Authenticate) through the breaker only: never retried. */
-  once<T>(fn: (options: CallOptions) => Promise<T>): Promise<T>;
-  /** True while the breaker is open (calls fail fast). */
+  idempotent<T>(fn: (options: CallOptions) => Promise<T>, signal?: AbortSignal): Promise<T>;
+  /**
+   * Runs a call that hashes a password (CreateUser, Authenticate) through the password calls'
+   * breaker only: never retried (they are not idempotent). `signal` as for {@link idempotent}.
+   */
+  once<T>(fn: (options: CallOptions) => Promise<T>, signal?: AbortSignal): Promise<T>;
+  /** True while the reads' breaker is open (GetUser and PlaceOrder's user check fail fast). */
   readonly open: boolean;
+  /** True while the password calls' breaker is open (CreateUser and Authenticate fail fast). */
+  readonly passwordCallsOpen: boolean;
 }
 
 /** Per-attempt options handed to the call. */
@@ -70,8 +86,17 @@ export interface CallOptions {
 const TRANSIENT = new Set([Code.Unavailable, Code.DeadlineExceeded, Code.Unknown]);
 
 function isTransient(error: unknown): boolean {
-  if (error instanceof BrokenCircuitError) return false;
+  if (error instanceof BrokenCircuitError || error instanceof CallerGaveUp) return false;
   return !(error instanceof ConnectError) || TRANSIENT.has(error.code);
+}
+
+/**
+ * A call that failed after its caller's signal fired. The failure (CANCELED, or DEADLINE_EXCEEDED
+ * for the caller's own deadline) says nothing about the service: a public client sending tiny
+ * deadlines must not open a breaker, and nobody waits for a retry.
+ */
+class CallerGaveUp extends Error {
+  override readonly name = "CallerGaveUp";
 }
 
 /** Creates the client and its policies (one per process: the breaker state must be shared). */
@@ -88,10 +113,13 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
     throw new Error("user service baseUrl or transport is required");
   const client = createClient(UserService, transport);
   const timeoutMs = options.attemptTimeoutMs ?? 2000;
-  const breaker = circuitBreaker(handleWhen(isTransient), {
-    halfOpenAfter: options.halfOpenAfterMs ?? 2000,
-    breaker: new ConsecutiveBreaker(options.failureThreshold ?? 5),
-  });
+  const newBreaker = () =>
+    circuitBreaker(handleWhen(isTransient), {
+      halfOpenAfter: options.halfOpenAfterMs ?? 2000,
+      breaker: new ConsecutiveBreaker(options.failureThreshold ?? 5),
+    });
+  const breaker = newBreaker();
+  const passwordBreaker = newBreaker();
   const retrying = retry(handleWhen(isTransient), {
     maxAttempts: options.retries ?? 2,
     backoff: new ExponentialBackoff({ initialDelay: options.initialBackoffMs ?? 50, maxDelay: 1000 }),
@@ -101,20 +129,35 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
     policy: IPolicy,
     fn: (o: CallOptions) => Promise<T>,
     deadlineMs: number,
+    callerSignal: AbortSignal | undefined,
   ): Promise<T> => {
     try {
-      return await policy.execute(({ signal }) => fn({ signal, timeoutMs: deadlineMs }));
+      // The policies hand the caller's signal to every attempt, so the call upstream is cancelled
+      // with it instead of running on (and hashing) for nobody.
+      return await policy.execute(async ({ signal }) => {
+        try {
+          return await fn({ signal, timeoutMs: deadlineMs });
+        } catch (error) {
+          throw callerSignal?.aborted ? new CallerGaveUp("the caller gave up", { cause: error }) : error;
+        }
+      }, callerSignal);
     } catch (error) {
+      if (error instanceof CallerGaveUp) throw ConnectError.from(error.cause, Code.Canceled);
       throw asUnavailable(error);
     }
   };
   const withRetry = wrap(retrying, breaker);
+  const isOpen = (b: typeof breaker): boolean =>
+    b.state === CircuitState.Open || b.state === CircuitState.Isolated;
   return {
     client,
-    idempotent: (fn) => run(withRetry, fn, timeoutMs),
-    once: (fn) => run(breaker, fn, hashingTimeoutMs),
+    idempotent: (fn, signal) => run(withRetry, fn, timeoutMs, signal),
+    once: (fn, signal) => run(passwordBreaker, fn, hashingTimeoutMs, signal),
     get open() {
-      return breaker.state === CircuitState.Open || breaker.state === CircuitState.Isolated;
+      return isOpen(breaker);
+    },
+    get passwordCallsOpen() {
+      return isOpen(passwordBreaker);
     },
   };
 }

@@ -86,16 +86,22 @@ export interface PasswordHasherOptions {
 export interface PasswordHasher {
   /** The cost of new hashes. */
   readonly cost: Readonly<ScryptCost>;
-  /** {@link hashPassword} with this hasher's cost, through the limiter. */
-  hash(password: string): Promise<string>;
-  /** {@link verifyPassword} through the limiter. */
-  verify(password: string, stored: string): Promise<boolean>;
+  /**
+   * {@link hashPassword} with this hasher's cost, through the limiter. A call whose `signal` fires
+   * before it gets a slot rejects with the signal's reason and is never hashed.
+   */
+  hash(password: string, signal?: AbortSignal): Promise<string>;
+  /** {@link verifyPassword} through the limiter; `signal` as for {@link hash}. */
+  verify(password: string, stored: string, signal?: AbortSignal): Promise<boolean>;
 }
 
 /**
  * Creates a {@link PasswordHasher}. Throws a RangeError for a bad cost or limits. Calls queue in
  * FIFO order; a call that finds `maxQueued` others waiting rejects at once with
- * {@link PasswordHasherBusyError} instead of piling up memory and latency.
+ * {@link PasswordHasherBusyError} instead of piling up memory and latency. A waiting call whose
+ * signal fires leaves the queue at once: its caller is gone, and hashing for it would only delay
+ * the callers behind it (a queue full of abandoned calls is how sign-ins time out under load).
+ * A hash already running is not interrupted (scrypt cannot be).
  */
 export function createPasswordHasher(options: PasswordHasherOptions = {}): PasswordHasher {
   const cost = Object.freeze({ ...(options.cost ?? DEFAULT_SCRYPT_COST) });
@@ -107,28 +113,50 @@ export function createPasswordHasher(options: PasswordHasherOptions = {}): Passw
   if (!Number.isSafeInteger(maxQueued) || maxQueued < 0) throw new RangeError("maxQueued must be ≥ 0");
 
   let running = 0;
-  const waiting: Array<() => void> = [];
-  const limited = async <T>(work: () => Promise<T>): Promise<T> => {
-    if (running >= maxConcurrent) {
-      if (waiting.length >= maxQueued)
-        throw new PasswordHasherBusyError("too many password hashes in progress");
-      await new Promise<void>((resolve) => waiting.push(resolve));
-    } else {
+  // Insertion-ordered, so still FIFO, and a waiter that gives up leaves from wherever it is.
+  const waiting = new Set<() => void>();
+  const acquire = (signal: AbortSignal | undefined): Promise<void> => {
+    signal?.throwIfAborted();
+    if (running < maxConcurrent) {
       running++;
+      return Promise.resolve();
     }
+    if (waiting.size >= maxQueued) throw new PasswordHasherBusyError("too many password hashes in progress");
+    return new Promise((resolve, reject) => {
+      const start = (): void => {
+        signal?.removeEventListener("abort", drop);
+        resolve();
+      };
+      const drop = (): void => {
+        waiting.delete(start);
+        reject(signal?.reason);
+      };
+      waiting.add(start);
+      signal?.addEventListener("abort", drop, { once: true });
+    });
+  };
+  const release = (): void => {
+    // Hand the slot straight to the next waiter (running stays the same), or free it.
+    const next = waiting.values().next().value;
+    if (next) {
+      waiting.delete(next);
+      next();
+    } else {
+      running--;
+    }
+  };
+  const limited = async <T>(work: () => Promise<T>, signal: AbortSignal | undefined): Promise<T> => {
+    await acquire(signal);
     try {
       return await work();
     } finally {
-      // Hand the slot straight to the next waiter (running stays the same), or free it.
-      const next = waiting.shift();
-      if (next) next();
-      else running--;
+      release();
     }
   };
   return {
     cost,
-    hash: (password) => limited(() => hashPassword(password, cost)),
-    verify: (password, stored) => limited(() => verifyPassword(password, stored)),
+    hash: (password, signal) => limited(() => hashPassword(password, cost), signal),
+    verify: (password, stored, signal) => limited(() => verifyPassword(password, stored), signal),
   };
 }
 

@@ -30,11 +30,13 @@ import {
   createPasswordHasher,
   DEFAULT_SCRYPT_COST,
   hashPassword,
+  type PasswordHasher,
+  PasswordHasherBusyError,
   phcCost,
   type ScryptCost,
   verifyPassword,
 } from "./password.ts";
-import { AUTH_FAILED_MESSAGE, createUserService } from "./service.ts";
+import { AUTH_FAILED_MESSAGE, createUserService, type UserServiceLogger } from "./service.ts";
 
 const SECRET = "int-test-secret-that-is-long-enough-0123456789";
 /** N=2^10: ~1 ms per hash instead of ~0.45 s. */
@@ -717,6 +719,89 @@ describe("UserService", () => {
       const results = await Promise.allSettled([hasher.hash("p1"), hasher.hash("p2"), hasher.hash("p3")]);
       expect(results.map((r) => r.status)).toEqual(["fulfilled", "fulfilled", "rejected"]);
       expect(await hasher.verify("p1", (results[0] as PromiseFulfilledResult<string>).value)).toBe(true);
+    });
+
+    it("drops a waiting call whose signal fires: rejected with the reason at once, its place freed, never hashed", async () => {
+      const hasher = createPasswordHasher({ cost: TEST_COST, maxConcurrent: 1, maxQueued: 2 });
+      let firstDone = false;
+      const first = hasher.hash("p1").finally(() => {
+        firstDone = true;
+      });
+      const abort = new AbortController();
+      const dropped = hasher.hash("p2", abort.signal);
+      const third = hasher.hash("p3");
+      const reason = new Error("the caller gave up");
+      abort.abort(reason);
+      await expect(dropped).rejects.toBe(reason);
+      // It did not wait for a turn (the only slot is still busy with the first) ...
+      expect(firstDone).toBe(false);
+      // ... and it left the queue, the only way to a slot: one more fits, the next is refused.
+      const fourth = hasher.hash("p4");
+      await expect(hasher.hash("p5")).rejects.toBeInstanceOf(PasswordHasherBusyError);
+      const hashes = await Promise.all([first, third, fourth]);
+      expect(await Promise.all(hashes.map((h, i) => hasher.verify(["p1", "p3", "p4"][i] ?? "", h)))).toEqual([
+        true,
+        true,
+        true,
+      ]);
+      // A signal that fired before the call: refused even with free slots.
+      const gone = AbortSignal.abort(reason);
+      await expect(hasher.hash("p6", gone)).rejects.toBe(reason);
+      await expect(hasher.verify("p1", hashes[0] ?? "", gone)).rejects.toBe(reason);
+      // A signal that fires once the call has its slot changes nothing (scrypt cannot be stopped).
+      const late = new AbortController();
+      const running = hasher.hash("p7", late.signal);
+      late.abort(reason);
+      expect(await hasher.verify("p7", await running)).toBe(true);
+    });
+
+    it("hands the call's signal to the hasher: a caller that gives up leaves the queue, and it is not logged as a failure", async () => {
+      const signals: Array<AbortSignal | undefined> = [];
+      // Every hash waits for a slot that never comes, as under a flood of sign-ins.
+      const waitForever = (signal: AbortSignal | undefined): Promise<never> => {
+        signals.push(signal);
+        return new Promise((_, reject) => signal?.addEventListener("abort", () => reject(signal.reason)));
+      };
+      const hasher: PasswordHasher = {
+        cost: TEST_COST,
+        hash: (_password, signal) => waitForever(signal),
+        verify: (_password, _stored, signal) => waitForever(signal),
+      };
+      const logged: string[] = [];
+      const logger: UserServiceLogger = {
+        info: () => {},
+        warn: (_obj, msg) => logged.push(msg),
+        error: (_obj, msg) => logged.push(msg),
+      };
+      const impl = createUserService({ sql, ns, tokenSecret: SECRET, hasher, logger, now: () => clock });
+      const slow = await startRpcServer({
+        closeGraceMs: 200,
+        routes: (router) => router.service(UserService, impl),
+      });
+      try {
+        const client = createClient(
+          UserService,
+          createConnectTransport({ baseUrl: slow.url, httpVersion: "1.1" }),
+        );
+        const email = freshEmail();
+        expect(
+          (await codeOf(client.authenticate({ email, password: PASSWORD }, { timeoutMs: 300 }))).code,
+        ).toBe(Code.DeadlineExceeded);
+        expect(
+          (await codeOf(client.createUser({ email, password: PASSWORD }, { timeoutMs: 300 }))).code,
+        ).toBe(Code.DeadlineExceeded);
+        // A cancel without a deadline: over HTTP/1.1 the server's signal fires with a plain AbortError.
+        const cancel = new AbortController();
+        setTimeout(() => cancel.abort(), 300);
+        expect(
+          (await codeOf(client.authenticate({ email, password: PASSWORD }, { signal: cancel.signal }))).code,
+        ).toBe(Code.Canceled);
+        expect(signals).toHaveLength(3);
+        await expect.poll(() => signals.map((signal) => signal?.aborted)).toEqual([true, true, true]);
+        expect(logged).toEqual([]);
+      } finally {
+        await slow.close();
+      }
     });
   });
 });

@@ -113,7 +113,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
   const limiter = createPostgresRateLimiter(options.sql, { ...options.authRateLimit, now });
   const createdSubject = topology(options.ns).eventSubject("user", "user.created");
   const log = options.logger;
-  const edge = <T>(work: () => Promise<T>): Promise<T> => mapErrors(work, log);
+  const edge = <T>(work: () => Promise<T>, signal: AbortSignal): Promise<T> => mapErrors(work, signal, log);
   /** The user id of a valid bearer token in `authorization`; UNAUTHENTICATED otherwise. */
   const requireCaller = (authorization: string | null): string => {
     try {
@@ -142,7 +142,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
   };
 
   return {
-    createUser: (req) =>
+    createUser: (req, ctx) =>
       edge(async () => {
         const email = checkEmail(req.email);
         const password = checkPassword(req.password, USER_LIMITS.passwordMinChars);
@@ -150,7 +150,8 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         if (credit < 0n || credit > USER_LIMITS.creditLimitMaxCents) {
           throw invalid("credit_limit_cents", `must be between 0 and ${USER_LIMITS.creditLimitMaxCents}`);
         }
-        const passwordHash = await hasher.hash(password);
+        // With the call's signal, a caller that gave up (deadline, cancel) leaves the hashing queue.
+        const passwordHash = await hasher.hash(password, ctx.signal);
         // 96 random bits: a collision is not expected, but a retry costs nothing if one happens.
         for (let attempt = 1; ; attempt++) {
           try {
@@ -164,7 +165,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
             if (!(isUserStoreError(error) && error.code === "USER_EXISTS" && attempt < 3)) throw error;
           }
         }
-      }),
+      }, ctx.signal),
 
     getUser: (req, ctx) =>
       edge(async () => {
@@ -177,9 +178,9 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         const user = await store.getUser(userId);
         if (!user) throw new ConnectError(`user ${userId} not found`, Code.NotFound);
         return { user: toApiUser(user) };
-      }),
+      }, ctx.signal),
 
-    authenticate: (req) =>
+    authenticate: (req, ctx) =>
       edge(async () => {
         const email = checkEmail(req.email);
         // No minimum length here: the policy may change, and a short guess is simply wrong.
@@ -194,18 +195,18 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         const user = await store.findByEmail(email);
         if (!user) {
           // Spend the same work as a real check, so response time does not reveal unknown emails.
-          await hasher.hash(password);
+          await hasher.hash(password, ctx.signal);
           log?.info({}, "authentication failed");
           throw new ConnectError(AUTH_FAILED_MESSAGE, Code.Unauthenticated);
         }
-        if (!(await hasher.verify(password, user.passwordHash))) {
+        if (!(await hasher.verify(password, user.passwordHash, ctx.signal))) {
           log?.info({ userId: user.userId }, "authentication failed");
           throw new ConnectError(AUTH_FAILED_MESSAGE, Code.Unauthenticated);
         }
         const { token, expiresAt } = issueToken(options.tokenSecret, user.userId, ttl, now());
         log?.info({ userId: user.userId }, "authenticated");
         return { token, expiresAt: timestampFromMs(expiresAt * 1000), userId: user.userId };
-      }),
+      }, ctx.signal),
   };
 }
 
@@ -288,11 +289,18 @@ function checkUserId(userId: string): string {
 }
 
 /** Maps store, hasher and Postgres errors to Connect codes; ConnectErrors pass through. */
-async function mapErrors<T>(work: () => Promise<T>, log: UserServiceOptions["logger"]): Promise<T> {
+async function mapErrors<T>(
+  work: () => Promise<T>,
+  signal: AbortSignal,
+  log: UserServiceOptions["logger"],
+): Promise<T> {
   try {
     return await work();
   } catch (error) {
     if (error instanceof ConnectError) throw error;
+    // The caller is gone (the hasher rejects with the signal's reason, which need not be a
+    // ConnectError): nobody reads the answer, and it is no failure of ours to log.
+    if (signal.aborted) throw ConnectError.from(signal.reason, Code.Canceled);
     if (error instanceof PasswordHasherBusyError) {
       throw new ConnectError("too many requests in progress; retry later", Code.ResourceExhausted);
     }
