@@ -744,6 +744,29 @@ describe("OrderService", () => {
         ),
       ),
     ).toBe(Code.InvalidArgument);
+
+    // An edited token (they are not signed) with a time Postgres or JS Date cannot hold is the
+    // caller's error, not INTERNAL; the first and last millisecond of years 1..9999 still work.
+    const [version, , lastId, fingerprint] = JSON.parse(
+      Buffer.from(firstPage.nextPageToken, "base64url").toString("utf8"),
+    ) as [number, number, string, string];
+    const edited = (ms: number): string =>
+      Buffer.from(JSON.stringify([version, ms, lastId, fingerprint])).toString("base64url");
+    for (const ms of [253402300800000, 8.7e15, -62135596800001, -62200000000000]) {
+      const error = await orders.listOrders({ pageSize: 2, pageToken: edited(ms) }, auth(token)).then(
+        () => undefined,
+        (e: unknown) => ConnectError.from(e),
+      );
+      expect([ms, error?.code, error?.rawMessage]).toEqual([
+        ms,
+        Code.InvalidArgument,
+        "page_token: is not a token returned by ListOrders",
+      ]);
+    }
+    const fromTheEnd = await orders.listOrders({ pageToken: edited(253402300799999) }, auth(token));
+    expect(fromTheEnd.orders).toHaveLength(5);
+    const fromTheStart = await orders.listOrders({ pageToken: edited(-62135596800000) }, auth(token));
+    expect(fromTheStart.orders).toEqual([]);
   });
 
   it("never shows or touches another user's order: NOT_FOUND", async () => {

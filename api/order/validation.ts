@@ -197,6 +197,10 @@ export function encodePageToken(token: PageToken): string {
   );
 }
 
+/** Range of a page token's time, ms: 0001-01-01T00:00:00Z .. 9999-12-31T23:59:59.999Z. */
+const MIN_TOKEN_MS = -62_135_596_800_000;
+const MAX_TOKEN_MS = 253_402_300_799_999;
+
 /** Parses `page_token`; undefined for the first page. */
 export function checkPageToken(value: string, filters: string): PageToken | undefined {
   if (value === "") return undefined;
@@ -210,9 +214,13 @@ export function checkPageToken(value: string, filters: string): PageToken | unde
   }
   if (!Array.isArray(parsed) || parsed.length !== 4 || parsed[0] !== 1) throw bad;
   const [, ms, orderId, fingerprint] = parsed as [number, unknown, unknown, unknown];
+  // Unsigned, so any number can come back: one outside years 1..9999 is refused by Postgres's
+  // timestamptz and postgres.js (INTERNAL) although no page ever ends there.
   if (
     typeof ms !== "number" ||
     !Number.isSafeInteger(ms) ||
+    ms < MIN_TOKEN_MS ||
+    ms > MAX_TOKEN_MS ||
     typeof orderId !== "string" ||
     !ORDER_ID.test(orderId)
   )
