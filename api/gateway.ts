@@ -53,6 +53,8 @@ export interface GatewayOptions {
   clock?: () => number;
   /** Cancelled streams one HTTP/2 connection may send before it is closed (see RpcServerOptions). */
   streamResetLimit?: RpcServerOptions["streamResetLimit"];
+  /** Calls one HTTP/2 connection may have open at once (see RpcServerOptions). */
+  maxStreamsPerConnection?: number;
   /** How long close() lets calls in flight finish, ms. Default 5000. */
   closeGraceMs?: number;
   /** How long to wait at start for the orchestrator to create the history stream, ms. Default 30 s. */
@@ -148,6 +150,9 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
       readMaxBytes: options.readMaxBytes ?? 64 * 1024,
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
       ...(options.streamResetLimit ? { streamResetLimit: options.streamResetLimit } : {}),
+      ...(options.maxStreamsPerConnection
+        ? { maxStreamsPerConnection: options.maxStreamsPerConnection }
+        : {}),
       routes(router) {
         orderService.register(router, {
           tokenSecret: options.tokenSecret,

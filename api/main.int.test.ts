@@ -19,4 +19,20 @@ describe("api/main.ts settings", () => {
       expect(proc.lines.join("\n")).toContain(`API_STREAM_RESET_LIMIT must be <burst>/<per second>`);
     },
   );
+
+  it.each(["abc", "0", "-1", "1.5", "1e3", "1000001", "99999999"])(
+    "refuses API_MAX_STREAMS_PER_CONNECTION=%s",
+    async (value) => {
+      const proc = await spawnService("api/main.ts", {
+        USER_SERVICE_URL: "http://127.0.0.1:1",
+        JETSAGA_TOKEN_SECRET: "x".repeat(48),
+        API_MAX_STREAMS_PER_CONNECTION: value,
+        LOG_LEVEL: "info",
+      });
+      expect(await proc.exited).toBe(1);
+      const output = proc.lines.join("\n");
+      expect(output).toContain(`API_MAX_STREAMS_PER_CONNECTION must be a whole number 1-1000000`);
+      expect(output).toContain(`got \\"${value}\\"`);
+    },
+  );
 });

@@ -14,6 +14,8 @@
  * - `API_PORT` (default 8080; 0 = any free port), `API_HOST` (default 127.0.0.1).
  * - `API_STREAM_RESET_LIMIT`: `<burst>/<per second>`, the cancelled streams one HTTP/2 connection
  *   may send before the gateway closes it (default Node's, 1000/33).
+ * - `API_MAX_STREAMS_PER_CONNECTION`: calls (streams) one HTTP/2 connection may have open at once,
+ *   1-1000000 (default 256); further calls wait in the client.
  * - `NATS_URL` (default nats://127.0.0.1:4222), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`.
  *
  * Bad configuration or an unreachable server: one clear log line, exit status 1.
@@ -40,6 +42,7 @@ interface ApiConfig {
   userServiceUrl: string;
   tokenSecret: string;
   streamResetLimit?: { burst: number; perSecond: number };
+  maxStreamsPerConnection?: number;
 }
 
 function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
@@ -87,12 +90,27 @@ function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
     }
     streamResetLimit = { burst, perSecond };
   }
+  const streamsText = env.API_MAX_STREAMS_PER_CONNECTION;
+  let maxStreamsPerConnection: number | undefined;
+  if (streamsText) {
+    maxStreamsPerConnection = Number(streamsText);
+    if (
+      !/^\d{1,7}$/.test(streamsText) ||
+      maxStreamsPerConnection < 1 ||
+      maxStreamsPerConnection > 1_000_000
+    ) {
+      throw new ConfigError(
+        `API_MAX_STREAMS_PER_CONNECTION must be a whole number 1-1000000 (default 256), got "${streamsText}"`,
+      );
+    }
+  }
   return {
     port,
     host: env.API_HOST || "127.0.0.1",
     userServiceUrl,
     tokenSecret,
     ...(streamResetLimit ? { streamResetLimit } : {}),
+    ...(maxStreamsPerConnection ? { maxStreamsPerConnection } : {}),
   };
 }
 
@@ -129,6 +147,7 @@ try {
     port: api.port,
     host: api.host,
     ...(api.streamResetLimit ? { streamResetLimit: api.streamResetLimit } : {}),
+    ...(api.maxStreamsPerConnection ? { maxStreamsPerConnection: api.maxStreamsPerConnection } : {}),
     logger,
   });
   onShutdown(stop);

@@ -388,3 +388,116 @@ describe("RPC server stream reset limit", () => {
     }
   });
 });
+
+describe("RPC server streams per connection", () => {
+  /** A server with at most 4 streams per connection whose fallback holds responses open until released. */
+  async function startHolding(): Promise<{ server: RpcServer; release: () => void }> {
+    const held: Array<() => void> = [];
+    const server = await startRpcServer({
+      routes() {},
+      maxStreamsPerConnection: 4,
+      fallback(_req, res) {
+        res.writeHead(200);
+        res.write("open");
+        held.push(() => res.end());
+      },
+    });
+    return { server, release: () => held.shift()?.() };
+  }
+
+  /** Opens a stream; resolves with its status, or with the reset code when it is refused. */
+  function open(session: http2.ClientHttp2Session): {
+    stream: http2.ClientHttp2Stream;
+    fate: Promise<string>;
+  } {
+    const stream = session.request({ ":path": "/hold" });
+    const fate = new Promise<string>((resolve) => {
+      stream.on("response", (headers) => resolve(`status ${headers[":status"]}`));
+      stream.on("close", () => resolve(`reset ${stream.rstCode}`));
+      stream.on("error", () => {});
+    });
+    stream.resume();
+    stream.end();
+    return { stream, fate };
+  }
+
+  const pending = (fate: Promise<string>, ms: number): Promise<string> =>
+    Promise.race([fate, new Promise<string>((resolve) => setTimeout(() => resolve("waiting"), ms))]);
+
+  it("advertises 256 by default", async () => {
+    const server = await startRpcServer({ routes() {} });
+    const session = http2.connect(server.url);
+    try {
+      await new Promise((resolve) => session.once("remoteSettings", resolve));
+      expect(session.remoteSettings.maxConcurrentStreams).toBe(256);
+    } finally {
+      session.destroy();
+      await server.close();
+    }
+  });
+
+  it("serves 4 streams on one connection; a fifth waits for one to end, or is refused if sent anyway", async () => {
+    const { server, release } = await startHolding();
+    const session = http2.connect(server.url);
+    session.on("error", () => {});
+    try {
+      await new Promise((resolve) => session.once("remoteSettings", resolve));
+      expect(session.remoteSettings.maxConcurrentStreams).toBe(4);
+      const four = [1, 2, 3, 4].map(() => open(session));
+      expect(await Promise.all(four.map((s) => s.fate))).toEqual(Array(4).fill("status 200"));
+      // Node's client keeps the fifth to itself while four are open…
+      const fifth = open(session);
+      expect(await pending(fifth.fate, 300)).toBe("waiting");
+      // …and sends it once the server ends one.
+      release();
+      expect(await pending(fifth.fate, 5000)).toBe("status 200");
+
+      // A slot freed by the client's own cancel: the queued stream goes out with the cancel,
+      // before Node on the server has dropped the cancelled stream, and is refused.
+      const sixth = open(session);
+      expect(await pending(sixth.fate, 300)).toBe("waiting");
+      four[1]?.stream.close(http2.constants.NGHTTP2_CANCEL);
+      expect(await pending(sixth.fate, 5000)).toBe(`reset ${http2.constants.NGHTTP2_ENHANCE_YOUR_CALM}`);
+    } finally {
+      session.destroy();
+      await server.close();
+    }
+
+    // A client that does not wait for the server's SETTINGS sends all five at once: the server
+    // enforces the limit itself and refuses the fifth.
+    const eager = await startHolding();
+    const eagerSession = http2.connect(eager.server.url);
+    eagerSession.on("error", () => {});
+    try {
+      const fates = [1, 2, 3, 4, 5].map(() => open(eagerSession).fate);
+      expect(await Promise.all(fates)).toEqual([
+        ...Array(4).fill("status 200"),
+        `reset ${http2.constants.NGHTTP2_REFUSED_STREAM}`,
+      ]);
+    } finally {
+      eagerSession.destroy();
+      await eager.server.close();
+    }
+  });
+
+  it("holds back a fifth grpc-js health Watch on one channel while four are open", async () => {
+    const server = await startRpcServer({ routes() {}, maxStreamsPerConnection: 4 });
+    const health = grpcClient<HealthClient>("grpc.health.v1.Health", `127.0.0.1:${server.port}`);
+    const seen: string[] = [];
+    const watches = [1, 2, 3, 4, 5].map((n) => {
+      const watch = health.watch({ service: "" });
+      watch.on("data", (m: HealthStatus) => seen.push(`${n} ${m.status}`));
+      watch.on("error", () => {});
+      return watch;
+    });
+    try {
+      await expect.poll(() => seen.length).toBe(4);
+      await new Promise((resolve) => setTimeout(resolve, 300));
+      expect(seen.sort()).toEqual(["1 SERVING", "2 SERVING", "3 SERVING", "4 SERVING"]);
+    } finally {
+      for (const watch of watches) watch.cancel();
+      health.close();
+      await server.close();
+    }
+  });
+});

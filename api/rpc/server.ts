@@ -70,6 +70,18 @@ export interface RpcServerOptions {
    * is not tested.
    */
   streamResetLimit?: { burst: number; perSecond: number };
+  /**
+   * Most streams (calls) open at once on one HTTP/2 connection, announced in the server's SETTINGS;
+   * default 256. Node's own default is unlimited: one connection could hold any number of
+   * WatchOrder or health Watch streams. Node's client (under grpc-js and connect-node) queues calls
+   * past the limit until one of its streams ends. Refused instead: calls past the limit sent before
+   * the client has the server's SETTINGS (a burst on a new connection: REFUSED_STREAM, which
+   * connect-node reports as INTERNAL), and a queued call whose room the client freed by cancelling
+   * another (ENHANCE_YOUR_CALM, RESOURCE_EXHAUSTED in grpc-js: Node still counts the cancelled
+   * stream when the queued one arrives with the cancel). Raise it for clients that keep many calls
+   * open on one connection (a proxy multiplexing users' watches). Not tested under Deno.
+   */
+  maxStreamsPerConnection?: number;
 }
 
 /** A running RPC server. */
@@ -96,6 +108,8 @@ const H2_PREFACE = Buffer.from("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "latin1");
 const FIRST_BYTES_TIMEOUT_MS = 10_000;
 /** Request header limit for both protocols: RPC metadata is small; this bounds memory per request. */
 const MAX_HEADER_BYTES = 16 * 1024;
+/** Default of maxStreamsPerConnection: far above what one client needs, still a bound on its memory. */
+const MAX_STREAMS_PER_CONNECTION = 256;
 
 /** Starts the RPC server and resolves once it is listening. */
 export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer> {
@@ -134,7 +148,10 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
 
   const h2 = http2.createServer(
     {
-      settings: { maxHeaderListSize: MAX_HEADER_BYTES },
+      settings: {
+        maxHeaderListSize: MAX_HEADER_BYTES,
+        maxConcurrentStreams: opts.maxStreamsPerConnection ?? MAX_STREAMS_PER_CONNECTION,
+      },
       ...(opts.streamResetLimit
         ? { streamResetBurst: opts.streamResetLimit.burst, streamResetRate: opts.streamResetLimit.perSecond }
         : {}),
