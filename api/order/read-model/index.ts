@@ -15,6 +15,7 @@ export {
   type PositionedEntry,
   readCheckpoint,
   rowsOf,
+  type SkippedEntry,
   sagaStateString,
 } from "./projection.ts";
 export {

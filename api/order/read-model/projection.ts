@@ -43,7 +43,16 @@ const startEvent = z.looseObject({
   type: z.literal("xstate.init"),
   input: z.looseObject({
     items: z.array(
-      z.object({ sku: z.string(), quantity: z.number().int(), unitPriceCents: z.number().int() }),
+      // The quantity column is a Postgres integer: a larger one would fail its batch for ever.
+      z.object({
+        sku: z.string(),
+        quantity: z
+          .number()
+          .int()
+          .min(-(2 ** 31))
+          .max(2 ** 31 - 1),
+        unitPriceCents: z.number().int(),
+      }),
     ),
   }),
 });
@@ -144,8 +153,16 @@ export interface BatchRows {
   orders: OrderRow[];
   items: ItemRow[];
   statuses: StatusRow[];
-  /** Entries that are not order-saga entries (wrong shape): skipped, reported by the caller. */
-  skipped: PositionedEntry[];
+  /**
+   * Entries that are not order-saga entries (wrong shape) or that could not be turned into rows
+   * (`error`): skipped, reported by the caller.
+   */
+  skipped: SkippedEntry[];
+}
+
+/** An entry left out of a batch, with the exception that made it impossible to project, if any. */
+export interface SkippedEntry extends PositionedEntry {
+  error?: unknown;
 }
 
 const iso = (ms: number): string => new Date(ms).toISOString();
@@ -161,63 +178,83 @@ function rowsJson(rows: readonly object[]): string {
   );
 }
 
-/** Turns entries into rows. Pure: the same entries always give the same rows. */
+/**
+ * Turns entries into rows. Pure: the same entries always give the same rows. An entry that throws
+ * (a value the decoder let through but Date or a schema cannot take) is skipped rather than thrown:
+ * the projector would otherwise fail on it at every restart.
+ */
 export function rowsOf(entries: readonly PositionedEntry[]): BatchRows {
   const orders = new Map<string, OrderRow>();
   const items: ItemRow[] = [];
   const statuses: StatusRow[] = [];
-  const skipped: PositionedEntry[] = [];
+  const skipped: SkippedEntry[] = [];
   for (const positioned of entries) {
-    const { entry, seq } = positioned;
-    if (!isEntryShaped(entry)) {
+    let rows: EntryRows | undefined;
+    try {
+      rows = entryRows(positioned);
+    } catch (error) {
+      skipped.push({ ...positioned, error });
+      continue;
+    }
+    if (!rows) {
       skipped.push(positioned);
       continue;
     }
-    const { state } = entry;
-    const context = orderContext.safeParse(state.context);
-    if (!context.success || state.workflow !== "order" || state.instanceId !== context.data.orderId) {
-      skipped.push(positioned);
-      continue;
-    }
-    const orderId = state.instanceId;
-    const status = orderStatusOf(state);
-    const sagaState = sagaStateString(state.value);
-    const row: OrderRow = {
-      order_id: orderId,
-      user_id: context.data.userId,
-      status,
-      saga_state: sagaState,
-      total_cents: context.data.totalCents,
-      cancel_reason: cancelReasonOf(state, status) ?? null,
-      tracking_id: context.data.trackingId ?? null,
-      created_at: iso(state.startedAt),
-      updated_at: iso(state.updatedAt),
-      revision: entry.revision,
-      history_seq: seq,
-    };
-    const previous = orders.get(orderId);
-    if (!previous || previous.revision < row.revision) orders.set(orderId, row);
-    const lines = itemsOf(entry);
-    lines?.forEach((line, index) => {
-      items.push({
-        order_id: orderId,
-        line_no: index,
-        sku: line.sku,
-        quantity: line.quantity,
-        unit_price_cents: line.unitPriceCents,
-      });
-    });
-    statuses.push({
-      order_id: orderId,
-      revision: entry.revision,
-      status,
-      saga_state: sagaState,
-      event_type: entry.event.type,
-      at: iso(entry.at),
-      history_seq: seq,
-    });
+    const previous = orders.get(rows.order.order_id);
+    if (!previous || previous.revision < rows.order.revision) orders.set(rows.order.order_id, rows.order);
+    items.push(...rows.items);
+    statuses.push(rows.status);
   }
   return { orders: [...orders.values()], items, statuses, skipped };
+}
+
+interface EntryRows {
+  order: OrderRow;
+  items: ItemRow[];
+  status: StatusRow;
+}
+
+/** The rows of one entry, all computed before any is kept; undefined when it is not an order's. */
+function entryRows({ entry, seq }: PositionedEntry): EntryRows | undefined {
+  if (!isEntryShaped(entry)) return undefined;
+  const { state } = entry;
+  const context = orderContext.safeParse(state.context);
+  if (!context.success || state.workflow !== "order" || state.instanceId !== context.data.orderId) {
+    return undefined;
+  }
+  const orderId = state.instanceId;
+  const status = orderStatusOf(state);
+  const sagaState = sagaStateString(state.value);
+  const order: OrderRow = {
+    order_id: orderId,
+    user_id: context.data.userId,
+    status,
+    saga_state: sagaState,
+    total_cents: context.data.totalCents,
+    cancel_reason: cancelReasonOf(state, status) ?? null,
+    tracking_id: context.data.trackingId ?? null,
+    created_at: iso(state.startedAt),
+    updated_at: iso(state.updatedAt),
+    revision: entry.revision,
+    history_seq: seq,
+  };
+  const items = (itemsOf(entry) ?? []).map((line, index) => ({
+    order_id: orderId,
+    line_no: index,
+    sku: line.sku,
+    quantity: line.quantity,
+    unit_price_cents: line.unitPriceCents,
+  }));
+  const statusRow: StatusRow = {
+    order_id: orderId,
+    revision: entry.revision,
+    status,
+    saga_state: sagaState,
+    event_type: entry.event.type,
+    at: iso(entry.at),
+    history_seq: seq,
+  };
+  return { order, items, status: statusRow };
 }
 
 /** Guards against JSON that parsed but is not a history entry at all. */

@@ -179,11 +179,13 @@ class Projector implements OrderProjector {
 
   async #flush(batch: PositionedEntry[], lastSeq: number): Promise<void> {
     const rows = rowsOf(batch);
-    for (const { seq, entry } of rows.skipped) {
-      this.#options.logger?.error(
-        { seq, workflow: entry.state?.workflow, instanceId: entry.state?.instanceId },
-        "history entry is not an order saga entry: skipped",
-      );
+    for (const { seq, entry, error } of rows.skipped) {
+      const where = { seq, workflow: entry.state?.workflow, instanceId: entry.state?.instanceId };
+      if (error === undefined) {
+        this.#options.logger?.error(where, "history entry is not an order saga entry: skipped");
+      } else {
+        this.#options.logger?.error({ ...where, err: error }, "history entry cannot be projected: skipped");
+      }
     }
     let delay = this.#options.retryDelayMs ?? 100;
     for (;;) {
@@ -250,6 +252,13 @@ class Projector implements OrderProjector {
 
 /** Latest time a history entry may carry (year 9999): beyond it Postgres refuses the timestamp. */
 const MAX_AT_MS = 253_402_300_799_000;
+/** Largest revision: the read model stores it as a Postgres integer. */
+const MAX_REVISION = 2 ** 31 - 1;
+
+/** A time the read model can store (JS Date and timestamptz both take it). */
+function isStorableTime(ms: unknown): boolean {
+  return typeof ms === "number" && Number.isFinite(ms) && ms >= 0 && ms <= MAX_AT_MS;
+}
 
 /**
  * Parses one history message for projection; undefined (logged) when it is not JSON or not shaped
@@ -273,12 +282,14 @@ export function decodeHistoryMessage(
     typeof entry === "object" &&
     entry !== null &&
     Number.isInteger(entry.revision) &&
-    Number.isFinite(entry.at) &&
-    entry.at >= 0 &&
-    entry.at <= MAX_AT_MS &&
+    entry.revision >= 1 &&
+    entry.revision <= MAX_REVISION &&
+    isStorableTime(entry.at) &&
     typeof entry.event?.type === "string" &&
     typeof state === "object" &&
     state !== null &&
+    (state.startedAt === undefined || isStorableTime(state.startedAt)) &&
+    (state.updatedAt === undefined || isStorableTime(state.updatedAt)) &&
     typeof state.workflow === "string" &&
     typeof state.instanceId === "string" &&
     typeof state.status === "string" &&
