@@ -111,6 +111,20 @@ describe("HistoryFollower.watch", () => {
     await watch.return?.();
   });
 
+  it("reads an instance's first and latest entries from a replica or from the leader alike", async () => {
+    const id = `i-${randomUUID()}`;
+    const other = `i-${randomUUID()}`;
+    expect(await follower.first(id, { fromLeader: true })).toBeUndefined();
+    expect(await follower.latest(id, { fromLeader: true })).toBeUndefined();
+    const first = await append(id, 1);
+    await append(other, 1);
+    const last = await append(id, 2);
+    for (const fromLeader of [false, true]) {
+      expect(await follower.first(id, { fromLeader })).toMatchObject({ seq: first, entry: { revision: 1 } });
+      expect(await follower.latest(id, { fromLeader })).toMatchObject({ seq: last, entry: { revision: 2 } });
+    }
+  });
+
   it("skips malformed entries and keeps following", async () => {
     const id = `i-${randomUUID()}`;
     const watch = follower.watch(id)[Symbol.asyncIterator]();

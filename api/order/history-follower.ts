@@ -158,11 +158,23 @@ export class HistoryFollower {
    * replica may answer), or with `fromLeader` a read from the stream's leader, which has every
    * acknowledged entry.
    */
-  async latest(
-    instanceId: string,
-    options: { fromLeader?: boolean } = {},
+  latest(instanceId: string, options: { fromLeader?: boolean } = {}): Promise<SequencedEntry | undefined> {
+    return this.#get({ last_by_subj: this.#topo.instanceHistoryFilter(this.#workflow, instanceId) }, options);
+  }
+
+  /**
+   * The first entry of an instance (its start, with the input), or undefined (also when
+   * malformed); `fromLeader` as for {@link latest}.
+   */
+  first(instanceId: string, options: { fromLeader?: boolean } = {}): Promise<SequencedEntry | undefined> {
+    const query = { seq: 1, next_by_subj: this.#topo.instanceHistoryFilter(this.#workflow, instanceId) };
+    return this.#get(query, options);
+  }
+
+  async #get(
+    query: { last_by_subj: string } | { seq: number; next_by_subj: string },
+    options: { fromLeader?: boolean },
   ): Promise<SequencedEntry | undefined> {
-    const query = { last_by_subj: this.#topo.instanceHistoryFilter(this.#workflow, instanceId) };
     if (options.fromLeader) {
       try {
         const msg = await this.#jsm.streams.getMessage(this.#topo.streams.history, query);
@@ -175,15 +187,6 @@ export class HistoryFollower {
       }
     }
     const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, query);
-    return msg ? decodeHistoryMessage(msg) : undefined;
-  }
-
-  /** The first entry of an instance (its start, with the input), or undefined (also when malformed). */
-  async first(instanceId: string): Promise<SequencedEntry | undefined> {
-    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, {
-      seq: 1,
-      next_by_subj: this.#topo.instanceHistoryFilter(this.#workflow, instanceId),
-    });
     return msg ? decodeHistoryMessage(msg) : undefined;
   }
 

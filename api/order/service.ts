@@ -212,11 +212,19 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   const knownUsers = new LruCache<string, number>(userExistsTtlMs > 0 ? MAX_KNOWN_USERS : 0);
   const { sql, users, readModel } = options;
 
-  /** The latest entry of the caller's order, or NOT_FOUND (also for another user's order). */
+  /**
+   * The latest entry of the caller's order, or NOT_FOUND (also for another user's order). A
+   * replica may answer the first read; one that lags behind a just-placed order is not the last
+   * word on NOT_FOUND, so the stream's leader is asked before saying so.
+   */
   async function owned(orderId: string, userId: string): Promise<SequencedEntry> {
+    const isOwned = (found: SequencedEntry | undefined): found is SequencedEntry =>
+      found !== undefined && orderFactsOf(found.entry.state)?.userId === userId;
     const latest = await follower.latest(orderId);
-    if (!latest || orderFactsOf(latest.entry.state)?.userId !== userId) throw notFound();
-    return latest;
+    if (isOwned(latest)) return latest;
+    const fromLeader = await follower.latest(orderId, { fromLeader: true });
+    if (isOwned(fromLeader)) return fromLeader;
+    throw notFound();
   }
 
   /**
@@ -277,7 +285,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     event: WorkflowEvent,
   ): Promise<{ order: Order; position: string }> {
     const { userId } = callerOf(ctx);
-    const current = await owned(orderId, userId);
+    let current = await owned(orderId, userId);
     const respond = async (found: SequencedEntry) => ({
       order: orderFromState(found.entry.state, await itemsOfOrder(orderId)),
       position: encodePosition(found.seq),
@@ -285,7 +293,13 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     // Cancelling an order that is already being cancelled (or is), or shipping a shipped one,
     // changes nothing: not an error, so a client may retry either call safely.
     if (alreadyDone(kind, current.entry.state)) return respond(current);
-    if (!canAccept(saga, current.entry.state, event)) throw refused(kind, current.entry.state);
+    if (!canAccept(saga, current.entry.state, event)) {
+      // The replica that answered may lag (a client shipping right after its watch showed the order
+      // confirmed): refuse only on the leader's latest entry.
+      current = (await follower.latest(orderId, { fromLeader: true })) ?? current;
+      if (alreadyDone(kind, current.entry.state)) return respond(current);
+      if (!canAccept(saga, current.entry.state, event)) throw refused(kind, current.entry.state);
+    }
 
     const key = `${kind}-${orderId}-r${current.entry.state.revision}`;
     const causation = `signal.${key}`;
@@ -344,7 +358,8 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         });
         // A new start's entry comes through the follower (the wait was registered before it was
         // sent); a duplicate's may have been appended before, so it is read.
-        if (sent.duplicate) wait.offer(await follower.first(orderId));
+        // From the leader: a lagging replica may not have it yet, and nothing else would offer it.
+        if (sent.duplicate) wait.offer(await follower.first(orderId, { fromLeader: true }));
         const found = await wait.done;
         if (!found) {
           throw new ConnectError(
