@@ -20,6 +20,7 @@ const codeOf: Readonly<Record<JetsagaErrorCode, Code>> = {
   INVALID_DEFINITION: Code.Internal,
   UNKNOWN_WORKFLOW: Code.Internal,
   SERVER_TOO_OLD: Code.Internal,
+  DATA_FORMAT_OUTDATED: Code.Internal,
   INTERNAL: Code.Internal,
 };
 

@@ -16,6 +16,7 @@ export type JetsagaErrorCode =
   | "TIMEOUT"
   | "UNAVAILABLE"
   | "SERVER_TOO_OLD"
+  | "DATA_FORMAT_OUTDATED"
   | "INTERNAL";
 
 const retryableCodes: ReadonlySet<JetsagaErrorCode> = new Set(["CONFLICT", "TIMEOUT", "UNAVAILABLE"]);

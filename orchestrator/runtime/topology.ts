@@ -193,6 +193,26 @@ export async function ensureTopology(
   for (const config of streamConfigs(topo, options)) {
     await ensureStream(jsm, config, options);
   }
+  await assertCurrentHistoryFormat(jsm, topo);
+}
+
+/**
+ * Refuses a history stream holding entries on the subjects used before the phase token
+ * (`<ns>.history.<wf>.<id>`, until 2026-12): this version's reads would not see their instances,
+ * and an old process appending beside a new one would start a second history for one instance.
+ * One direct get, at start-up. docs/DEPLOYMENT.md, "Upgrading", says what to do.
+ */
+async function assertCurrentHistoryFormat(jsm: JetStreamManager, topo: Topology): Promise<void> {
+  const legacy = await jsm.direct.getMessage(topo.streams.history, {
+    last_by_subj: `${topo.ns}.history.*.*`,
+  });
+  if (legacy) {
+    throw new JetsagaError(
+      "DATA_FORMAT_OUTDATED",
+      `stream ${topo.streams.history} holds history entries in the format before the phase token (e.g. ${legacy.subject}); see docs/DEPLOYMENT.md "Upgrading"`,
+      { context: { stream: topo.streams.history, subject: legacy.subject } },
+    );
+  }
 }
 
 async function ensureStream(

@@ -1,5 +1,5 @@
 -- The order read model: projected from the order sagas' histories (stream <NS>_HISTORY, subjects
--- <ns>.history.order.<orderId>). Every value is derived from history entries only (no now(), no
+-- <ns>.history.order.<orderId>.<phase>). Every value is derived from history entries only (no now(), no
 -- sequences), so a rebuild from the stream reproduces these rows exactly.
 
 create table orders (

@@ -1,10 +1,11 @@
 /**
- * Clients hear of an instance's end from the history stream itself: the stream republishes the
- * entry that ends an instance (subject phase `ended`) on the core completion subject once it is
- * stored. Running entries are not republished, and a history stream made without the republish
- * (by an older version) gets it from ensureTopology.
+ * The history stream's own behaviour. Clients hear of an instance's end from the stream itself: it
+ * republishes the entry that ends an instance (subject phase `ended`) on the core completion
+ * subject once it is stored; running entries are not republished. A history stream made by an
+ * older version gets the republish from ensureTopology, and one holding entries on the subjects
+ * from before the phase token is refused.
  */
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { Msg, NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../common/nats.ts";
@@ -85,6 +86,30 @@ describe("a history stream made without the republish", () => {
       const { config } = await jsm.streams.info(topo.streams.history);
       expect(config.republish).toEqual(history.republish);
       expect(config.max_msgs).toBe(1_000_000);
+      for (const name of Object.values(topo.streams)) await jsm.streams.delete(name).catch(() => false);
+    } finally {
+      await nc.close();
+    }
+  });
+});
+
+describe("a history stream with entries from before the phase token", () => {
+  it("is refused at start-up, naming a subject of that format", async () => {
+    const nc = await connectNats({ servers: natsUrl() });
+    try {
+      const topo = topology(uniqueNamespace("legacyhist"));
+      const jsm = await jetstreamManager(nc);
+      await ensureTopology(jsm, topo);
+      await jetstream(nc).publish(`${topo.ns}.history.order.o-1`, "{}");
+      await expect(ensureTopology(jsm, topo)).rejects.toMatchObject({
+        code: "DATA_FORMAT_OUTDATED",
+        message: expect.stringContaining(`${topo.ns}.history.order.o-1`),
+      });
+      await expect(
+        startOrchestrator({ nc, ns: topo.ns, workflows: [counterWorkflow] }),
+      ).rejects.toMatchObject({
+        code: "DATA_FORMAT_OUTDATED",
+      });
       for (const name of Object.values(topo.streams)) await jsm.streams.delete(name).catch(() => false);
     } finally {
       await nc.close();
