@@ -103,6 +103,20 @@ const approval = defineWorkflow({
   }),
 });
 
+/** A timer in a state whose id makes xstate's delayed event type longer than an inbox event type may be. */
+const longStateName = `waiting${"Patiently".repeat(24)}`;
+const deepTimer = defineWorkflow({
+  name: "deeptimer",
+  version: 1,
+  input: z.object({}),
+  events: {},
+  machine: setup({}).createMachine({
+    id: "deeptimer",
+    initial: longStateName,
+    states: { [longStateName]: { after: { 20: "done" } }, done: { type: "final" } },
+  }),
+});
+
 describe("a workflow defined only in a test", () => {
   let nc: NatsConnection;
   let ns: string;
@@ -114,7 +128,7 @@ describe("a workflow defined only in a test", () => {
   beforeAll(async () => {
     ns = uniqueNamespace("approval");
     nc = await connectNats({ servers: natsUrl() });
-    orchestrator = await startOrchestrator({ nc, ns, workflows: [approval] });
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [approval, deepTimer] });
     worker = await createWorker({
       nc,
       ns,
@@ -139,7 +153,7 @@ describe("a workflow defined only in a test", () => {
         }),
       },
     });
-    client = await createWorkflowClient({ nc, ns, workflows: [approval] });
+    client = await createWorkflowClient({ nc, ns, workflows: [approval, deepTimer] });
   });
 
   afterAll(async () => {
@@ -182,6 +196,14 @@ describe("a workflow defined only in a test", () => {
       "review.scored",
       "xstate.after.escalate.approval.awaitingSignoff",
     ]);
+  });
+
+  it("fires a timer whose xstate event type is longer than an inbox event type may be", async () => {
+    await client.start("deeptimer", "deep-1", {});
+    const final = await client.awaitCompletion("deeptimer", "deep-1", { timeoutMs: 10_000 });
+    expect(final.status).toBe("completed");
+    const history = await client.getHistory("deeptimer", "deep-1");
+    expect(history[1]?.event.type.length).toBeGreaterThan(200);
   });
 
   it("fails when the worker gives up, and the command is dead-lettered with its reason", async () => {

@@ -73,7 +73,9 @@ async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: 
         id,
         workflow,
         instanceId,
-        event: { type: effect.event },
+        // The instance takes the event from its pending timer, not from here; xstate's delayed
+        // event type (`xstate.after.<delay>.<state id>`) can outgrow an inbox event's 200 characters.
+        event: { type: `timer.${effect.timerKey}` },
         timer: { key: effect.timerKey, token: effect.token },
         at: entry.at,
       });

@@ -134,7 +134,6 @@ function isUnrecoverable(error: unknown): boolean {
   return (
     error instanceof InvalidArgumentError ||
     error instanceof InvalidSubjectError ||
-    error instanceof RangeError ||
     (error instanceof Error && error.name === "ZodError")
   );
 }
@@ -477,7 +476,10 @@ class OrchestratorLoop {
           // retry after the duplicate window) finds them carried out by that message's own handling,
           // and replaying them would send the entry's commands again, whose replies would replay the
           // next entry's, and so on along the recent entries.
-          if (msg.info.deliveryCount > 1) {
+          // The latest entry's effects are replayed whatever the delivery count: a consumer made
+          // again (after it was deleted) delivers a message its dead process held as a first
+          // delivery, and replaying the latest entry cannot cascade (its replies are still due).
+          if (msg.info.deliveryCount > 1 || decision.revision === current?.state.revision) {
             const entry =
               stored?.entry.revision === decision.revision
                 ? stored.entry

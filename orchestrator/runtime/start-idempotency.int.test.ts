@@ -70,17 +70,27 @@ describe("a start for an instance that already exists", () => {
   });
 });
 
-/** Starts by dispatching one command; nothing consumes it, so the commands stream counts dispatches. */
+/**
+ * Starts by dispatching one command, then rests on `next`; nothing consumes the command, so the
+ * commands stream counts dispatches.
+ */
 const noting = defineWorkflow({
   name: "noting",
   version: 1,
   input: z.object({}),
-  events: {},
+  events: { next: z.object({ type: z.literal("next") }) },
+  signals: ["next"],
   commands: { "svc.note": z.object({}) },
-  machine: setup({ actions: sagaActions }).createMachine({
+  machine: setup({ types: { events: {} as { type: "next" } }, actions: sagaActions }).createMachine({
     id: "noting",
     initial: "waiting",
-    states: { waiting: { entry: { type: "dispatch", params: { command: "svc.note", input: {} } } } },
+    states: {
+      waiting: {
+        entry: { type: "dispatch", params: { command: "svc.note", input: {} } },
+        on: { next: "resting" },
+      },
+      resting: {},
+    },
   }),
 });
 
@@ -108,11 +118,15 @@ describe("a start repeated after the duplicate window", () => {
     await nc?.close();
   });
 
-  it("is recognised as applied, and its entry's commands are not sent again", async () => {
+  it("is recognised as applied, and the commands of an entry that is not the latest are not sent again", async () => {
     const jsm = await jetstreamManager(nc);
     const commands = async () => (await jsm.streams.info(client.topology.streams.commands)).state.messages;
     await client.start("noting", "n1", {});
     await expect.poll(commands, { timeout: 10_000 }).toBe(1);
+    // The instance moves on: its start is no longer the latest entry (whose effects a repeat may
+    // still owe, and would replay).
+    await client.signal("noting", "n1", { type: "next" });
+    await expect.poll(async () => (await client.getState("noting", "n1"))?.revision).toBe(2);
     await new Promise((resolve) => setTimeout(resolve, 1_500));
 
     // The client's retry: the same inbox message id (so the same causation), past the window.
@@ -127,9 +141,35 @@ describe("a start repeated after the duplicate window", () => {
       }),
       { msgID: "start.noting.n1" },
     );
-    await expect.poll(() => orchestrator.stats.processed, { timeout: 10_000 }).toBe(2);
+    await expect.poll(() => orchestrator.stats.processed, { timeout: 10_000 }).toBe(3);
     expect(orchestrator.stats.duplicates).toBe(1);
     expect(await commands()).toBe(1);
-    expect((await client.getState("noting", "n1"))?.revision).toBe(1);
+    expect((await client.getState("noting", "n1"))?.revision).toBe(2);
+  });
+  it("replays the latest entry's commands for a repeat, which may be all that carries them out", async () => {
+    const jsm = await jetstreamManager(nc);
+    const { streams } = client.topology;
+    const commands = async () => (await jsm.streams.info(streams.commands)).state.messages;
+    await jsm.streams.purge(streams.commands); // the test before left one
+    await client.start("noting", "n2", {});
+    await expect.poll(commands, { timeout: 10_000 }).toBe(1);
+    // As if the process died between the append and the command (and its inbox message came back
+    // as a first delivery, from a consumer made again): the command is gone.
+    await jsm.streams.purge(streams.commands);
+    await new Promise((resolve) => setTimeout(resolve, 1_500));
+    const processed = orchestrator.stats.processed;
+    await jetstream(nc).publish(
+      client.topology.inboxSubject("noting", "n2"),
+      JSON.stringify({
+        id: "start.noting.n2",
+        workflow: "noting",
+        instanceId: "n2",
+        start: { input: {} },
+        at: 1,
+      }),
+      { msgID: "start.noting.n2" },
+    );
+    await expect.poll(() => orchestrator.stats.processed, { timeout: 10_000 }).toBe(processed + 1);
+    expect(await commands()).toBe(1);
   });
 });
