@@ -373,6 +373,8 @@ describe("createWorker (real nats-server)", () => {
     const calls: number[] = [];
     const { topo, inbox, worker } = await setup("slow", {
       ackWaitMs: 300,
+      // Kept alive for up to maxAttempts × ackWait = 3 s: longer than the handler takes.
+      retry: { ...fast, maxAttempts: 10 },
       commands: charge(async (_input, ctx) => {
         calls.push(ctx.attempt);
         await new Promise((resolve) => setTimeout(resolve, 1_200));
@@ -386,6 +388,24 @@ describe("createWorker (real nats-server)", () => {
     await new Promise((resolve) => setTimeout(resolve, 500));
     expect(calls).toEqual([1]);
     expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
+  });
+
+  it("lets a handler that hangs past maxAttempts × ack_wait lose its message to another run", async () => {
+    const calls: number[] = [];
+    const { topo, inbox } = await setup("hung", {
+      ackWaitMs: 300,
+      // Kept alive for 600 ms only; the handler takes 1.2 s.
+      retry: { ...fast, maxAttempts: 2 },
+      commands: charge(async (_input, ctx) => {
+        calls.push(ctx.attempt);
+        await new Promise((resolve) => setTimeout(resolve, 1_200));
+        return { type: "acct.charged" };
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+    await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+    await expect.poll(() => calls, { timeout: 5_000 }).toEqual([1, 2]);
   });
 
   it("retries a failed reply publish itself instead of running the handler again", async () => {

@@ -134,6 +134,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
   const stats: WorkerStats = { handled: 0, retried: 0, deadLettered: 0 };
   const keepAliveMs = Math.max(1, Math.floor(ackWaitMs / 3));
+  // A handler that hangs (a query without a timeout, a dead socket) must not hold its message for
+  // ever: after as long as every attempt could have taken, the server may give it to another copy,
+  // and the attempts it spends end in a dead letter and command.failed, so the saga compensates.
+  const keepAliveForMs = policy.maxAttempts * ackWaitMs;
   const abort = new AbortController();
   const slots = semaphore(concurrency);
   const inFlight = new Set<Promise<void>>();
@@ -441,7 +445,11 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   async function processMessage(msg: JsMsg, kind: Kind): Promise<void> {
     // Unacked for ack_wait, a message is redelivered, maybe to another copy of the worker: a slow
     // handler would run twice at once, and each such redelivery spends one of maxAttempts.
-    const keepAlive = setInterval(() => progress(msg), keepAliveMs);
+    const keptUntil = Date.now() + keepAliveForMs;
+    const keepAlive = setInterval(() => {
+      if (Date.now() < keptUntil) progress(msg);
+      else clearInterval(keepAlive);
+    }, keepAliveMs);
     try {
       await withSpan(
         `jetsaga.${kind} ${msg.subject}`,
@@ -472,7 +480,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       try {
         // The loop ends when the consumer was deleted (an operator, a re-created stream): make it
         // again, or consumers.get() fails on every restart and the worker stalls for ever.
-        if (restarts > 0) await ensureConsumer(jsm, stream, config);
+        // Made again only if missing: the loop also restarts after missed heartbeats, and updating
+        // the shared consumer then would undo a newer version's settings during a rollout.
+        if (restarts > 0) await ensureConsumer(jsm, stream, config, { update: false });
         const consumer = await js.consumers.get(stream, name);
         // The client pulls more only as the loop takes messages, and the loop takes one only when
         // a slot is free: at most `concurrency` run and about as many wait in the client buffer.
@@ -603,12 +613,18 @@ function answerable(commandId: string): boolean {
   return commandId.length > 0 && commandId.length <= MAX_COMMAND_ID && !hasControlChars(commandId);
 }
 
-async function ensureConsumer(jsm: JetStreamManager, stream: string, config: Partial<ConsumerConfig>) {
+async function ensureConsumer(
+  jsm: JetStreamManager,
+  stream: string,
+  config: Partial<ConsumerConfig>,
+  options: { update?: boolean } = {},
+) {
   try {
     await jsm.consumers.add(stream, config);
   } catch (error) {
     // Exists with another configuration (an older deployment): bring it up to date.
     if (!/already (exists|in use)/i.test(describe(error).message)) throw error;
+    if (options.update === false) return;
     const { durable_name, ...rest } = config;
     await jsm.consumers.update(stream, durable_name ?? "", rest);
   }
