@@ -174,4 +174,23 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     expect(users.passwordCallsOpen).toBe(false);
     expect((await client.getUser({ userId: "u-3" })).user?.userId).toBe("u-3");
   });
+  it("keeps an open breaker open when the caller of its trial call gives up", async () => {
+    const { users, client } = await startProxy({ hashingTimeoutMs: 200, halfOpenAfterMs: 300 });
+    // Open the password calls' breaker: two timeouts in a row.
+    for (let i = 0; i < 2; i++) {
+      expect(
+        await codeOf(client.authenticate({ email: `${SLOW}open-${i}@example.com`, password: "g" })),
+      ).toBe(Code.Unavailable);
+    }
+    expect(users.passwordCallsOpen).toBe(true);
+    await new Promise((resolve) => setTimeout(resolve, 400));
+    // The trial call: its caller gives up before the service answers. That says nothing of the
+    // service, so the breaker must not close on it.
+    const trial = users.once(
+      (call) => users.client.authenticate({ email: `${SLOW}trial@example.com`, password: "g" }, call),
+      AbortSignal.timeout(50),
+    );
+    expect(await codeOf(trial)).toBe(Code.Canceled);
+    expect(users.passwordCallsOpen).toBe(true);
+  });
 });

@@ -17,6 +17,7 @@ import { type Client, Code, ConnectError, createClient, type Transport } from "@
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import {
   BrokenCircuitError,
+  type CircuitBreakerPolicy,
   CircuitState,
   ConsecutiveBreaker,
   circuitBreaker,
@@ -96,7 +97,22 @@ function isTransient(error: unknown): boolean {
  * deadlines must not open a breaker, and nobody waits for a retry.
  */
 class CallerGaveUp extends Error {
-  override readonly name = "CallerGaveUp";
+  override readonly name: string = "CallerGaveUp";
+}
+
+/**
+ * A half-open breaker's trial call whose caller gave up. The breaker's library counts an error
+ * its policy does not handle as a success, so a CallerGaveUp here would close the breaker on no
+ * evidence: any public client cancelling its call could close it every time it half-opens. Counted
+ * as a failure instead (the breaker stays open); never retried.
+ */
+class TrialAbandoned extends CallerGaveUp {
+  override readonly name = "TrialAbandoned";
+}
+
+/** What a breaker counts as a failure: transient failures, and trials abandoned by their caller. */
+function breaksCircuit(error: unknown): boolean {
+  return error instanceof TrialAbandoned || isTransient(error);
 }
 
 /** Creates the client and its policies (one per process: the breaker state must be shared). */
@@ -114,7 +130,7 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
   const client = createClient(UserService, transport);
   const timeoutMs = options.attemptTimeoutMs ?? 2000;
   const newBreaker = () =>
-    circuitBreaker(handleWhen(isTransient), {
+    circuitBreaker(handleWhen(breaksCircuit), {
       halfOpenAfter: options.halfOpenAfterMs ?? 2000,
       breaker: new ConsecutiveBreaker(options.failureThreshold ?? 5),
     });
@@ -127,6 +143,7 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
   const hashingTimeoutMs = options.hashingTimeoutMs ?? 15_000;
   const run = async <T>(
     policy: IPolicy,
+    guard: CircuitBreakerPolicy,
     fn: (o: CallOptions) => Promise<T>,
     deadlineMs: number,
     callerSignal: AbortSignal | undefined,
@@ -138,7 +155,10 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
         try {
           return await fn({ signal, timeoutMs: deadlineMs });
         } catch (error) {
-          throw callerSignal?.aborted ? new CallerGaveUp("the caller gave up", { cause: error }) : error;
+          if (!callerSignal?.aborted) throw error;
+          throw guard.state === CircuitState.HalfOpen
+            ? new TrialAbandoned("the caller gave up on the breaker's trial call", { cause: error })
+            : new CallerGaveUp("the caller gave up", { cause: error });
         }
       }, callerSignal);
     } catch (error) {
@@ -151,8 +171,8 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
     b.state === CircuitState.Open || b.state === CircuitState.Isolated;
   return {
     client,
-    idempotent: (fn, signal) => run(withRetry, fn, timeoutMs, signal),
-    once: (fn, signal) => run(passwordBreaker, fn, hashingTimeoutMs, signal),
+    idempotent: (fn, signal) => run(withRetry, breaker, fn, timeoutMs, signal),
+    once: (fn, signal) => run(passwordBreaker, passwordBreaker, fn, hashingTimeoutMs, signal),
     get open() {
       return isOpen(breaker);
     },
