@@ -375,7 +375,8 @@ export type ListOrdersRequest = Message<"jetsaga.order.v1.ListOrdersRequest"> & 
   createdBefore?: Timestamp | undefined;
 
   /**
-   * Maximum number of orders to return; 0 means the server default (50); at most 500.
+   * Maximum number of orders to return; 0 means the server default (50); at most 200 (a page of
+   * orders with the most items and the longest reasons still fits one 4 MiB response).
    *
    * @generated from field: int32 page_size = 4;
    */
