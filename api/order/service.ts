@@ -234,19 +234,22 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
    * answers spares a gRPC hop to the user service on almost every order; a NOT_FOUND or a failure
    * is never remembered, so a new account or a recovered user service is seen at once.
    */
-  async function ensureUserExists(caller: Caller): Promise<void> {
+  async function ensureUserExists(caller: Caller, signal: AbortSignal): Promise<void> {
     const knownUntil = knownUsers.get(caller.userId);
     if (knownUntil !== undefined && knownUntil > performance.now()) return;
     try {
-      await users.idempotent((call) =>
-        users.client.getUser(
-          { userId: caller.userId },
-          {
-            signal: call.signal,
-            timeoutMs: call.timeoutMs,
-            headers: { authorization: caller.authorization },
-          },
-        ),
+      await users.idempotent(
+        (call) =>
+          users.client.getUser(
+            { userId: caller.userId },
+            {
+              signal: call.signal,
+              timeoutMs: call.timeoutMs,
+              headers: { authorization: caller.authorization },
+            },
+          ),
+        // A caller who gave up neither waits for the answer nor counts against the breaker.
+        signal,
       );
     } catch (error) {
       knownUsers.delete(caller.userId);
@@ -346,7 +349,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       const existing = await follower.first(orderId);
       if (existing) return placed(existing, items);
 
-      await ensureUserExists(caller);
+      await ensureUserExists(caller, ctx.signal);
 
       const wait = follower.expect(orderId, (entry) => entry.revision === 1, commandTimeoutMs);
       try {
