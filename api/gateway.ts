@@ -9,7 +9,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { Gauge, type Registry } from "prom-client";
 import { migrate, type Sql } from "../common/postgres.ts";
 import { createMetricsRegistry, sendMetrics } from "../common/probes.ts";
-import { JetsagaError, topology } from "../orchestrator/index.ts";
+import { assertCurrentHistoryFormat, JetsagaError, topology } from "../orchestrator/index.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import {
   type OrderProjector,
@@ -221,6 +221,8 @@ async function waitForHistoryStream(
   for (;;) {
     try {
       await jsm.streams.info(stream);
+      // Entries on the subjects of before the phase token would be left out of the read model.
+      await assertCurrentHistoryFormat(jsm, topology(ns));
       return;
     } catch (error) {
       if (!/stream not found/i.test(String(error))) throw error;

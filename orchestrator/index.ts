@@ -68,6 +68,7 @@ export {
   startOrchestrator,
 } from "./runtime/orchestrator.ts";
 export {
+  assertCurrentHistoryFormat,
   DEFAULT_NAMESPACE,
   ensureTopology,
   type Topology,

@@ -11,10 +11,11 @@
  */
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { jetstreamManager } from "@nats-io/jetstream";
 import { onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
 import { connectNats } from "../common/nats.ts";
-import { createWorkflowClient } from "../orchestrator/index.ts";
+import { assertCurrentHistoryFormat, createWorkflowClient } from "../orchestrator/index.ts";
 import { loadWorkflows } from "../orchestrator/workflows/load.ts";
 import { createChartLayouts } from "./layout.ts";
 import { createVisualiserHandler, serveVisualiser } from "./server.ts";
@@ -33,6 +34,8 @@ async function main(): Promise<void> {
     auth: config.natsAuth,
   });
   const client = await createWorkflowClient({ nc, ns: config.ns, workflows });
+  // Instances on the subjects of before the phase token would look missing.
+  await assertCurrentHistoryFormat(await jetstreamManager(nc), client.topology);
   const layouts = createChartLayouts();
   // Lay the charts out now: the first page load should not wait for elkjs to warm up.
   await Promise.all(workflows.map((w) => layouts.get(w)));

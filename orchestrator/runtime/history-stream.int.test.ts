@@ -18,7 +18,7 @@ import {
   startOrchestrator,
   type WorkflowClient,
 } from "../index.ts";
-import { ensureTopology, streamConfigs, topology } from "./topology.ts";
+import { assertCurrentHistoryFormat, ensureTopology, streamConfigs, topology } from "./topology.ts";
 
 describe("the end of an instance", () => {
   let nc: NatsConnection;
@@ -110,6 +110,14 @@ describe("a history stream with entries from before the phase token", () => {
       ).rejects.toMatchObject({
         code: "DATA_FORMAT_OUTDATED",
       });
+      // The check the API gateway, the visualiser and the read-model rebuild run at start-up.
+      await expect(assertCurrentHistoryFormat(jsm, topo)).rejects.toMatchObject({
+        code: "DATA_FORMAT_OUTDATED",
+      });
+      // A stream not made yet holds nothing of the old format.
+      await expect(
+        assertCurrentHistoryFormat(jsm, topology(uniqueNamespace("nohist"))),
+      ).resolves.toBeUndefined();
       for (const name of Object.values(topo.streams)) await jsm.streams.delete(name).catch(() => false);
     } finally {
       await nc.close();

@@ -2,6 +2,8 @@ import {
   AckPolicy,
   DeliverPolicy,
   DiscardPolicy,
+  JetStreamApiCodes,
+  JetStreamApiError,
   type JetStreamManager,
   RetentionPolicy,
   StorageType,
@@ -200,12 +202,23 @@ export async function ensureTopology(
  * Refuses a history stream holding entries on the subjects used before the phase token
  * (`<ns>.history.<wf>.<id>`, until 2026-12): this version's reads would not see their instances,
  * and an old process appending beside a new one would start a second history for one instance.
- * One direct get, at start-up. docs/DEPLOYMENT.md, "Upgrading", says what to do.
+ * One direct get, at start-up of every service that reads history (a stream not made yet passes).
+ * docs/DEPLOYMENT.md, "Upgrading", says what to do.
  */
-async function assertCurrentHistoryFormat(jsm: JetStreamManager, topo: Topology): Promise<void> {
-  const legacy = await jsm.direct.getMessage(topo.streams.history, {
-    last_by_subj: `${topo.ns}.history.*.*`,
-  });
+export async function assertCurrentHistoryFormat(jsm: JetStreamManager, topo: Topology): Promise<void> {
+  let legacy: Awaited<ReturnType<JetStreamManager["streams"]["getMessage"]>>;
+  try {
+    // From the leader (the stream API, not a direct get): it also tells a missing stream apart.
+    legacy = await jsm.streams.getMessage(topo.streams.history, { last_by_subj: `${topo.ns}.history.*.*` });
+  } catch (error) {
+    if (
+      error instanceof JetStreamApiError &&
+      (error.code === JetStreamApiCodes.NoMessageFound || error.code === JetStreamApiCodes.StreamNotFound)
+    ) {
+      return;
+    }
+    throw error;
+  }
   if (legacy) {
     throw new JetsagaError(
       "DATA_FORMAT_OUTDATED",

@@ -7,7 +7,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { readConfig } from "../../../common/config.ts";
 import { connectNats } from "../../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../../common/postgres.ts";
-import { JetsagaError, topology } from "../../../orchestrator/index.ts";
+import { assertCurrentHistoryFormat, JetsagaError, topology } from "../../../orchestrator/index.ts";
 import { applyBatch, type PositionedEntry, rowsOf } from "./projection.ts";
 import { decodeHistoryMessage } from "./projector.ts";
 
@@ -67,6 +67,8 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
       },
     );
   });
+  // Entries on the subjects of before the phase token would be left out of the rebuilt rows.
+  await assertCurrentHistoryFormat(jsm, topo);
   const first = await jsm.direct.getMessage(topo.streams.history, { seq: 1, next_by_subj: filter });
 
   return sql.begin(async (tx) => {
