@@ -174,7 +174,7 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     expect(users.passwordCallsOpen).toBe(false);
     expect((await client.getUser({ userId: "u-3" })).user?.userId).toBe("u-3");
   });
-  it("keeps an open breaker open when the caller of its trial call gives up", async () => {
+  it("lets a half-open breaker's trial run to its end when its caller gives up, and decides on that", async () => {
     const { users, client } = await startProxy({ hashingTimeoutMs: 200, halfOpenAfterMs: 300 });
     // Open the password calls' breaker: two timeouts in a row.
     for (let i = 0; i < 2; i++) {
@@ -185,12 +185,15 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     expect(users.passwordCallsOpen).toBe(true);
     await new Promise((resolve) => setTimeout(resolve, 400));
     // The trial call: its caller gives up before the service answers. That says nothing of the
-    // service, so the breaker must not close on it.
+    // service, so the breaker must neither close nor open on it.
     const trial = users.once(
       (call) => users.client.authenticate({ email: `${SLOW}trial@example.com`, password: "g" }, call),
       AbortSignal.timeout(50),
     );
     expect(await codeOf(trial)).toBe(Code.Canceled);
-    expect(users.passwordCallsOpen).toBe(true);
+    // The call upstream was not cancelled with its caller: it runs on to its own deadline (200 ms),
+    // times out, and the breaker opens again on that.
+    expect(upstream.cancelled).not.toContain(`authenticate ${SLOW}trial@example.com`);
+    await expect.poll(() => users.passwordCallsOpen, { timeout: 3_000 }).toBe(true);
   });
 });

@@ -97,22 +97,7 @@ function isTransient(error: unknown): boolean {
  * deadlines must not open a breaker, and nobody waits for a retry.
  */
 class CallerGaveUp extends Error {
-  override readonly name: string = "CallerGaveUp";
-}
-
-/**
- * A half-open breaker's trial call whose caller gave up. The breaker's library counts an error
- * its policy does not handle as a success, so a CallerGaveUp here would close the breaker on no
- * evidence: any public client cancelling its call could close it every time it half-opens. Counted
- * as a failure instead (the breaker stays open); never retried.
- */
-class TrialAbandoned extends CallerGaveUp {
-  override readonly name = "TrialAbandoned";
-}
-
-/** What a breaker counts as a failure: transient failures, and trials abandoned by their caller. */
-function breaksCircuit(error: unknown): boolean {
-  return error instanceof TrialAbandoned || isTransient(error);
+  override readonly name = "CallerGaveUp";
 }
 
 /** Creates the client and its policies (one per process: the breaker state must be shared). */
@@ -130,7 +115,7 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
   const client = createClient(UserService, transport);
   const timeoutMs = options.attemptTimeoutMs ?? 2000;
   const newBreaker = () =>
-    circuitBreaker(handleWhen(breaksCircuit), {
+    circuitBreaker(handleWhen(isTransient), {
       halfOpenAfter: options.halfOpenAfterMs ?? 2000,
       breaker: new ConsecutiveBreaker(options.failureThreshold ?? 5),
     });
@@ -148,23 +133,36 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
     deadlineMs: number,
     callerSignal: AbortSignal | undefined,
   ): Promise<T> => {
-    try {
-      // The policies hand the caller's signal to every attempt, so the call upstream is cancelled
-      // with it instead of running on (and hashing) for nobody.
-      return await policy.execute(async ({ signal }) => {
-        try {
-          return await fn({ signal, timeoutMs: deadlineMs });
-        } catch (error) {
-          if (!callerSignal?.aborted) throw error;
-          throw guard.state === CircuitState.HalfOpen
-            ? new TrialAbandoned("the caller gave up on the breaker's trial call", { cause: error })
-            : new CallerGaveUp("the caller gave up", { cause: error });
-        }
-      }, callerSignal);
-    } catch (error) {
-      if (error instanceof CallerGaveUp) throw ConnectError.from(error.cause, Code.Canceled);
-      throw asUnavailable(error);
-    }
+    // A breaker that is not closed must decide on its trial call's real outcome. A caller who
+    // gives up then gets CANCELED at once, but the call runs on to its own deadline: counting the
+    // cancel either way would let any public client keep the breaker open (cancel every trial) or
+    // close it on no evidence (the breaker counts an error it does not handle as a success).
+    const detached = callerSignal !== undefined && guard.state !== CircuitState.Closed;
+    const execution = (async () => {
+      try {
+        // Closed, the policies hand the caller's signal to every attempt, so the call upstream is
+        // cancelled with it instead of running on (and hashing) for nobody.
+        return await policy.execute(
+          async ({ signal }) => {
+            try {
+              return await fn({ signal, timeoutMs: deadlineMs });
+            } catch (error) {
+              throw !detached && callerSignal?.aborted
+                ? new CallerGaveUp("the caller gave up", { cause: error })
+                : error;
+            }
+          },
+          detached ? undefined : callerSignal,
+        );
+      } catch (error) {
+        if (error instanceof CallerGaveUp) throw ConnectError.from(error.cause, Code.Canceled);
+        throw asUnavailable(error);
+      }
+    })();
+    if (!detached || !callerSignal) return execution;
+    // Nobody else waits for a detached trial: its outcome is the breaker's.
+    execution.catch(() => {});
+    return untilAborted(execution, callerSignal);
   };
   const withRetry = wrap(retrying, breaker);
   const isOpen = (b: typeof breaker): boolean =>
@@ -180,6 +178,17 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
       return isOpen(passwordBreaker);
     },
   };
+}
+
+/** `promise`, or CANCELED as soon as `signal` fires (the promise itself runs on). */
+function untilAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
+  const canceled = () => new ConnectError("the caller gave up", Code.Canceled);
+  if (signal.aborted) return Promise.reject(canceled());
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(canceled());
+    signal.addEventListener("abort", onAbort, { once: true });
+    promise.then(resolve, reject).finally(() => signal.removeEventListener("abort", onAbort));
+  });
 }
 
 /** Turns transport failures and an open breaker into UNAVAILABLE; the service's answers pass through. */
