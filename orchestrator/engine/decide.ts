@@ -42,6 +42,9 @@ export type Decision =
   | { outcome: "ignored"; reason: string }
   | { outcome: "rejected"; code: JetsagaErrorCode; reason: string };
 
+/** The last time a JavaScript Date can hold, ms from the epoch. */
+const MAX_DATE_MS = 8.64e15;
+
 /** Event type recorded for the start of an instance. */
 export const START_EVENT = "xstate.init";
 
@@ -229,6 +232,14 @@ function settle(
         const delay = Number(params.delay);
         const raised = params.event as { type?: unknown } | undefined;
         if (!Number.isFinite(delay) || typeof raised?.type !== "string") break;
+        // A Date ends at ±8.64e15 ms: a due time beyond it cannot be scheduled (the effect would
+        // fail after the append, on every try). A chart bug, refused before anything is stored.
+        if (Math.abs(context.now + delay) > MAX_DATE_MS) {
+          throw definitionError(
+            definition,
+            `a delay of ${delay} ms is beyond the last date a timer can have`,
+          );
+        }
         const key = timerKey(String(params.id ?? raised.type));
         // A timer re-armed under the same key gets a new token (and a schedule subject of its own), so
         // a late firing, or a re-run cancel, of the previous arming never touches this one.

@@ -274,4 +274,24 @@ describe("timers", () => {
       state: { status: "completed", timers: {} },
     });
   });
+  it("refuses a delay beyond the last date a timer can have, before anything is stored", () => {
+    const forever = defineWorkflow({
+      name: "forever",
+      version: 1,
+      input: z.object({}),
+      events: {},
+      machine: setup({}).createMachine({
+        id: "forever",
+        initial: "waiting",
+        states: { waiting: { after: { 9e15: "done" } }, done: { type: "final" } },
+      }),
+    });
+    expect(
+      decide(forever, undefined, { kind: "start", instanceId: "f", input: {} }, ctx("s", 0)),
+    ).toMatchObject({
+      outcome: "rejected",
+      code: "INVALID_DEFINITION",
+      reason: expect.stringMatching(/beyond the last date/),
+    });
+  });
 });

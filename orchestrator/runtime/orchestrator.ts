@@ -478,8 +478,10 @@ class OrchestratorLoop {
           // next entry's, and so on along the recent entries.
           // The latest entry's effects are replayed whatever the delivery count: a consumer made
           // again (after it was deleted) delivers a message its dead process held as a first
-          // delivery, and replaying the latest entry cannot cascade (its replies are still due).
-          if (msg.info.deliveryCount > 1 || decision.revision === current?.state.revision) {
+          // delivery. Only the true latest, as the stream's leader has it (a cached state may be
+          // stale with several orchestrators): its commands' replies are still due, so a replay
+          // does not walk down older entries.
+          if (msg.info.deliveryCount > 1 || (await this.#isLatest(message, decision.revision, fresh))) {
             const entry =
               stored?.entry.revision === decision.revision
                 ? stored.entry
@@ -517,6 +519,14 @@ class OrchestratorLoop {
           return;
       }
     }
+  }
+
+  /** True when `revision` is the instance's latest entry; `fresh` says the state was just read from the leader. */
+  async #isLatest(message: InboxMessage, revision: number, fresh: boolean): Promise<boolean> {
+    const cached = fresh ? undefined : this.#cache.get(`${message.workflow}.${message.instanceId}`);
+    if (cached && cached.state.revision !== revision) return false;
+    const latest = await this.#store.latest(message.workflow, message.instanceId, { fromLeader: true });
+    return latest?.entry.revision === revision;
   }
 
   async #deadLetter(msg: JsMsg, code: string, reason: string): Promise<void> {
