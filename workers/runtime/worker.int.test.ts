@@ -390,14 +390,16 @@ describe("createWorker (real nats-server)", () => {
     expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
   });
 
-  it("lets a handler that hangs past maxAttempts × ack_wait lose its message to another run", async () => {
+  it("lets a handler that hangs past maxAttempts × ack_wait lose its message to another run, and signals it", async () => {
     const calls: number[] = [];
+    const signalled: number[] = [];
     const { topo, inbox } = await setup("hung", {
       ackWaitMs: 300,
-      // Kept alive for 600 ms only; the handler takes 1.2 s.
+      // Kept alive for 600 ms only; the handler takes 1.2 s (and ignores its signal).
       retry: { ...fast, maxAttempts: 2 },
       commands: charge(async (_input, ctx) => {
         calls.push(ctx.attempt);
+        ctx.signal.addEventListener("abort", () => signalled.push(ctx.attempt));
         await new Promise((resolve) => setTimeout(resolve, 1_200));
         return { type: "acct.charged" };
       }),
@@ -406,6 +408,7 @@ describe("createWorker (real nats-server)", () => {
     await send(topo, cmd);
     await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
     await expect.poll(() => calls, { timeout: 5_000 }).toEqual([1, 2]);
+    expect(signalled).toContain(1);
   });
 
   it("retries a failed reply publish itself instead of running the handler again", async () => {

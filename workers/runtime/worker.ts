@@ -271,7 +271,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
   // ---- commands ------------------------------------------------------------------------------
 
-  async function handleCommand(msg: JsMsg): Promise<void> {
+  async function handleCommand(msg: JsMsg, signal: AbortSignal): Promise<void> {
     const body = await readBody(msg);
     if (!body) return;
     const envelope = commandMessage.safeParse(body.value);
@@ -326,7 +326,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         command: cmd.command,
         attempt,
         replyTo: cmd.replyTo,
-        signal: abort.signal,
+        signal,
       });
     } catch (error) {
       await handlerFailed(msg, error, target);
@@ -392,7 +392,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
   // ---- domain events ---------------------------------------------------------------------------
 
-  async function handleEvent(msg: JsMsg): Promise<void> {
+  async function handleEvent(msg: JsMsg, signal: AbortSignal): Promise<void> {
     const body = await readBody(msg);
     if (!body) return;
     const envelope = domainEventMessage.safeParse(body.value);
@@ -430,7 +430,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         event: ev.event,
         source: ev.source,
         attempt,
-        signal: abort.signal,
+        signal,
       });
     } catch (error) {
       await handlerFailed(msg, error);
@@ -445,16 +445,22 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   async function processMessage(msg: JsMsg, kind: Kind): Promise<void> {
     // Unacked for ack_wait, a message is redelivered, maybe to another copy of the worker: a slow
     // handler would run twice at once, and each such redelivery spends one of maxAttempts.
+    // The handler's signal fires on stop() and when keeping the message stops: a handler that
+    // honours it lets go of its slot; the attempts then end in a dead letter as they should.
+    const delivery = new AbortController();
+    const onStop = () => delivery.abort(abort.signal.reason);
+    abort.signal.addEventListener("abort", onStop, { once: true });
     const keptUntil = Date.now() + keepAliveForMs;
     const keepAlive = setInterval(() => {
-      if (Date.now() < keptUntil) progress(msg);
-      else clearInterval(keepAlive);
+      if (Date.now() < keptUntil) return progress(msg);
+      clearInterval(keepAlive);
+      delivery.abort(new Error(`handler still running after maxAttempts x ackWait (${keepAliveForMs} ms)`));
     }, keepAliveMs);
     try {
       await withSpan(
         `jetsaga.${kind} ${msg.subject}`,
         { "messaging.system": "nats", "messaging.destination.name": msg.subject, "jetsaga.service": service },
-        () => (kind === "command" ? handleCommand(msg) : handleEvent(msg)),
+        () => (kind === "command" ? handleCommand(msg, delivery.signal) : handleEvent(msg, delivery.signal)),
         { kind: SpanKind.CONSUMER, parent: extractTraceContext(msg.headers) },
       );
     } catch (error) {
@@ -466,6 +472,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       settle(msg, "nak", IO_RETRY_DELAY_MS);
     } finally {
       clearInterval(keepAlive);
+      abort.signal.removeEventListener("abort", onStop);
     }
   }
 
