@@ -338,7 +338,6 @@ describe("OrderService", () => {
         Code.InvalidArgument,
       ],
       ["negative page size", () => orders.listOrders({ pageSize: -1 }, a), Code.InvalidArgument],
-      ["oversized page size", () => orders.listOrders({ pageSize: 201 }, a), Code.InvalidArgument],
       [
         "unspecified status",
         () => orders.listOrders({ statuses: [OrderStatus.UNSPECIFIED] }, a),
@@ -704,7 +703,8 @@ describe("OrderService", () => {
     }
     const ids = placed.map((p) => p.order?.orderId ?? "");
     const minPosition = placed.at(-1)?.position ?? "";
-    const all = await orders.listOrders({ pageSize: 200, minPosition }, auth(token));
+    // Above the maximum (200): served as the maximum, not refused.
+    const all = await orders.listOrders({ pageSize: 500, minPosition }, auth(token));
     expect(new Set(all.orders.map((o) => o.orderId))).toEqual(new Set(ids));
     const keys = all.orders.map(
       (o) => [Number(o.createdAt?.seconds) * 1e3 + (o.createdAt?.nanos ?? 0) / 1e6, o.orderId] as const,

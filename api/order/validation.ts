@@ -164,11 +164,14 @@ export function checkTimestamp(value: Timestamp | undefined, field: string): Dat
   return timestampDate(value);
 }
 
-/** Checks `page_size`: 0 means the default. */
+/**
+ * Checks `page_size`: 0 means the default; a larger one than MAX_PAGE_SIZE is served as that (the
+ * page says where to go on), so clients written against the former maximum of 500 keep working.
+ */
 export function checkPageSize(value: number): number {
   if (value === 0) return DEFAULT_PAGE_SIZE;
-  if (value < 0 || value > MAX_PAGE_SIZE) throw invalid("page_size", `must be 0-${MAX_PAGE_SIZE}`);
-  return value;
+  if (value < 0) throw invalid("page_size", "must not be negative");
+  return Math.min(value, MAX_PAGE_SIZE);
 }
 
 /** What a page token carries: where the previous page ended, and which filters produced it. */

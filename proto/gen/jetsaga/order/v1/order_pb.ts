@@ -375,8 +375,9 @@ export type ListOrdersRequest = Message<"jetsaga.order.v1.ListOrdersRequest"> & 
   createdBefore?: Timestamp | undefined;
 
   /**
-   * Maximum number of orders to return; 0 means the server default (50); at most 200 (a page of
-   * orders with the most items and the longest reasons still fits one 4 MiB response).
+   * Maximum number of orders to return; 0 means the server default (50); larger values than 200 are
+   * served as 200 (a page of orders with the most items and the longest reasons still fits one
+   * 4 MiB response). Negative values are INVALID_ARGUMENT.
    *
    * @generated from field: int32 page_size = 4;
    */
