@@ -59,7 +59,11 @@ export {
   type WorkflowClient,
   type WorkflowClientOptions,
 } from "./runtime/client.ts";
-export type { HistoryEntry } from "./runtime/history-store.ts";
+export {
+  getHistoryMessage,
+  type HistoryEntry,
+  type HistoryMessageQuery,
+} from "./runtime/history-store.ts";
 export {
   type OrchestratorLogger,
   type OrchestratorOptions,

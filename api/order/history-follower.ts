@@ -1,14 +1,17 @@
 import {
   type ConsumerMessages,
   DeliverPolicy,
-  JetStreamApiCodes,
-  JetStreamApiError,
   type JetStreamManager,
   jetstream,
   jetstreamManager,
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
-import type { HistoryEntry, Topology } from "../../orchestrator/index.ts";
+import {
+  getHistoryMessage,
+  type HistoryEntry,
+  type HistoryMessageQuery,
+  type Topology,
+} from "../../orchestrator/index.ts";
 import { decodeHistoryMessage } from "./read-model/projector.ts";
 
 /** A history entry with its stream sequence (the position a command returns). */
@@ -172,21 +175,10 @@ export class HistoryFollower {
   }
 
   async #get(
-    query: { last_by_subj: string } | { seq: number; next_by_subj: string },
+    query: HistoryMessageQuery,
     options: { fromLeader?: boolean },
   ): Promise<SequencedEntry | undefined> {
-    if (options.fromLeader) {
-      try {
-        const msg = await this.#jsm.streams.getMessage(this.#topo.streams.history, query);
-        return msg ? decodeHistoryMessage(msg) : undefined;
-      } catch (error) {
-        if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.NoMessageFound) {
-          return undefined;
-        }
-        throw error;
-      }
-    }
-    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, query);
+    const msg = await getHistoryMessage(this.#jsm, this.#topo, query, options);
     return msg ? decodeHistoryMessage(msg) : undefined;
   }
 

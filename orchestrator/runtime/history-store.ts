@@ -62,18 +62,8 @@ export class HistoryStore {
     instanceId: string,
     options: { fromLeader?: boolean } = {},
   ): Promise<StoredEntry | undefined> {
-    const subject = this.#topo.instanceHistoryFilter(workflow, instanceId);
-    if (options.fromLeader) {
-      try {
-        const msg = await this.#jsm.streams.getMessage(this.#topo.streams.history, { last_by_subj: subject });
-        return msg ? { entry: decodeEntry(msg), seq: msg.seq } : undefined;
-      } catch (error) {
-        if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.NoMessageFound)
-          return undefined;
-        throw error;
-      }
-    }
-    const msg = await this.#jsm.direct.getMessage(this.#topo.streams.history, { last_by_subj: subject });
+    const query = { last_by_subj: this.#topo.instanceHistoryFilter(workflow, instanceId) };
+    const msg = await getHistoryMessage(this.#jsm, this.#topo, query, options);
     return msg ? { entry: decodeEntry(msg), seq: msg.seq } : undefined;
   }
 
@@ -155,6 +145,28 @@ export class HistoryStore {
   /** The entry with the given revision, or undefined. */
   async revision(workflow: string, instanceId: string, revision: number): Promise<HistoryEntry | undefined> {
     return (await this.all(workflow, instanceId)).find((entry) => entry.revision === revision);
+  }
+}
+
+/** A read of one message of the history stream: the last on a subject filter, or the next from a sequence. */
+export type HistoryMessageQuery = { last_by_subj: string } | { seq: number; next_by_subj: string };
+
+/**
+ * One message of the history stream, or null: a direct get (any replica may answer), or with
+ * `fromLeader` a read from the stream's leader, which has every acknowledged append.
+ */
+export async function getHistoryMessage(
+  jsm: JetStreamManager,
+  topo: Topology,
+  query: HistoryMessageQuery,
+  options: { fromLeader?: boolean } = {},
+): Promise<StoredMsg | null> {
+  if (!options.fromLeader) return jsm.direct.getMessage(topo.streams.history, query);
+  try {
+    return await jsm.streams.getMessage(topo.streams.history, query);
+  } catch (error) {
+    if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.NoMessageFound) return null;
+    throw error;
   }
 }
 
