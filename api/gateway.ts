@@ -215,14 +215,15 @@ async function waitForHistoryStream(
   logger: ProjectorLogger | undefined,
 ): Promise<void> {
   const jsm = await jetstreamManager(nc);
-  const stream = topology(ns).streams.history;
+  const topo = topology(ns);
+  const stream = topo.streams.history;
   const deadline = Date.now() + timeoutMs;
   let logged = false;
   for (;;) {
     try {
       await jsm.streams.info(stream);
       // Entries on the subjects of before the phase token would be left out of the read model.
-      await assertCurrentHistoryFormat(jsm, topology(ns));
+      await assertCurrentHistoryFormat(jsm, topo);
       return;
     } catch (error) {
       if (!/stream not found/i.test(String(error))) throw error;

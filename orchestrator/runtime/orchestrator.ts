@@ -481,7 +481,10 @@ class OrchestratorLoop {
           // delivery. Only the true latest, as the stream's leader has it (a cached state may be
           // stale with several orchestrators): its commands' replies are still due, so a replay
           // does not walk down older entries.
-          if (msg.info.deliveryCount > 1 || (await this.#isLatest(message, decision.revision, fresh))) {
+          if (
+            msg.info.deliveryCount > 1 ||
+            (await this.#isLatest(message, decision.revision, current, fresh))
+          ) {
             const entry =
               stored?.entry.revision === decision.revision
                 ? stored.entry
@@ -521,10 +524,19 @@ class OrchestratorLoop {
     }
   }
 
-  /** True when `revision` is the instance's latest entry; `fresh` says the state was just read from the leader. */
-  async #isLatest(message: InboxMessage, revision: number, fresh: boolean): Promise<boolean> {
-    const cached = fresh ? undefined : this.#cache.get(`${message.workflow}.${message.instanceId}`);
-    if (cached && cached.state.revision !== revision) return false;
+  /**
+   * True when `revision` is the instance's latest entry. `current` is the state the decision was
+   * made on: the leader's when `fresh`, else a cached or replica copy, which can only lag, so a
+   * revision behind it is not the latest and one equal to it is confirmed with the leader.
+   */
+  async #isLatest(
+    message: InboxMessage,
+    revision: number,
+    current: CachedState | undefined,
+    fresh: boolean,
+  ): Promise<boolean> {
+    if (current?.state.revision !== revision) return false;
+    if (fresh) return true;
     const latest = await this.#store.latest(message.workflow, message.instanceId, { fromLeader: true });
     return latest?.entry.revision === revision;
   }
@@ -560,17 +572,13 @@ class OrchestratorLoop {
       { subject: msg.subject, seq: msg.seq, error: String(error), delayMs: delay },
       "retrying inbox message",
     );
-    try {
-      msg.nak(delay);
-    } catch {
-      // Connection gone: the server redelivers after ack_wait.
-    }
+    nakQuietly(msg, delay);
   }
 }
 
-function nakQuietly(msg: JsMsg): void {
+function nakQuietly(msg: JsMsg, delayMs?: number): void {
   try {
-    msg.nak();
+    msg.nak(delayMs);
   } catch {
     // Connection gone: the server redelivers after ack_wait.
   }
