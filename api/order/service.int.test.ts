@@ -41,6 +41,7 @@ import {
   UserService,
 } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { releaseCreditInput, reserveCreditInput, verifyUserInput } from "../../schemas/user.ts";
+import { codeOf } from "../../test/support/connect.ts";
 import {
   createTestDatabase,
   natsUrl,
@@ -153,15 +154,6 @@ function unary<Res>(call: (cb: Callback<Res>) => grpc.ClientUnaryCall): Promise<
 
 const auth = (token: string) => ({ headers: { authorization: `Bearer ${token}` } });
 const item = (sku = "book", quantity = 1, unitPriceCents = 1500n) => ({ sku, quantity, unitPriceCents });
-
-async function codeOf(promise: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await promise;
-    return "ok";
-  } catch (error) {
-    return ConnectError.from(error).code;
-  }
-}
 
 describe("OrderService", () => {
   let db: TestDatabase;

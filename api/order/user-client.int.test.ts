@@ -5,7 +5,7 @@
  * No NATS or Postgres: the breakers and the cancellation path are all that is under test here.
  */
 import { create } from "@bufbuild/protobuf";
-import { type Client, Code, ConnectError, createClient, type HandlerContext } from "@connectrpc/connect";
+import { type Client, Code, createClient, type HandlerContext } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import {
@@ -14,6 +14,7 @@ import {
   GetUserResponseSchema,
   UserService,
 } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { codeOf } from "../../test/support/connect.ts";
 import { createUserServiceProxy } from "../gateway.ts";
 import { type RpcServer, startRpcServer } from "../rpc/index.ts";
 import { createErrorInterceptor } from "./service.ts";
@@ -63,15 +64,6 @@ async function startFakeUserService(): Promise<RpcServer> {
       });
     },
   });
-}
-
-async function codeOf(promise: Promise<unknown>): Promise<Code | "ok"> {
-  try {
-    await promise;
-    return "ok";
-  } catch (error) {
-    return ConnectError.from(error).code;
-  }
 }
 
 describe("resilient user client behind the gateway's UserService proxy", () => {
