@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { type ConnectionOptions, credsAuthenticator, type NatsConnection } from "@nats-io/transport-node";
 import { JetsagaError } from "../orchestrator/engine/errors.ts";
+import { settleAnsweredRequestsCheaply } from "./nats-request.ts";
 import { connectGathering } from "./nats-transport.ts";
 
 /**
@@ -27,6 +28,8 @@ export async function connectNats(
 ): Promise<NatsConnection> {
   const { auth, ...connection } = options;
   const credentials = authOptions(auth);
+  // Answered requests (every JetStream publish) settle without a throwaway error: fix 21.
+  settleAnsweredRequestsCheaply();
   let nc: NatsConnection;
   try {
     // noAsyncTraces: nats.js otherwise builds an Error (with a stack) per request to improve
