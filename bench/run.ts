@@ -151,7 +151,7 @@ if (args.render !== undefined) {
 const levels = (counts: Record<number, number>): Level[] =>
   Object.entries(counts).map(([concurrency, count]) => ({ concurrency: Number(concurrency), count }));
 const ENGINE_LEVELS = levels(
-  quick ? { 1: 100, 16: 400, 64: 1000, 256: 1500 } : { 1: 400, 16: 2000, 64: 5000, 256: 6000 },
+  quick ? { 1: 100, 16: 400, 64: 1000, 256: 1500 } : { 1: 1500, 16: 2000, 64: 5000, 256: 6000 },
 );
 const FLOOR_LEVELS = levels(
   quick ? { 1: 300, 16: 2000, 64: 4000, 256: 6000 } : { 1: 2000, 16: 10_000, 64: 20_000, 256: 20_000 },
