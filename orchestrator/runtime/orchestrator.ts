@@ -118,6 +118,8 @@ const NOT_STARTED_MAX_DELIVERIES = 20;
 const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
 /** Deliveries after which a message whose handling fails in a way retries cannot cure is dead-lettered. */
 const UNRECOVERABLE_MAX_DELIVERIES = 3;
+/** Least time between two attempts to make missing streams again, ms. */
+const TOPOLOGY_REPAIR_INTERVAL_MS = 2_000;
 /** JetStream API error: the message is larger than the stream's `max_msg_size`. */
 const MESSAGE_SIZE_EXCEEDS_MAXIMUM = 10054;
 
@@ -186,7 +188,12 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   const supervise = async (): Promise<void> => {
     for (let restarts = 0; !stopping; restarts++) {
       try {
-        if (restarts > 0) await ensureConsumer();
+        if (restarts > 0) {
+          // The inbox stream itself may be what went (deleted by hand, lost with its volume):
+          // make whatever is missing again, as at start, before the consumer.
+          await ensureTopology(jsm, topo, options.topology);
+          await ensureConsumer();
+        }
         const consumer = await js.consumers.get(topo.streams.inbox, consumerName);
         messages = await consumer.consume({ max_messages: Math.min(1000, concurrency * 2) });
         if (stopping) {
@@ -250,6 +257,10 @@ class OrchestratorLoop {
   readonly #options: OrchestratorOptions;
   readonly #topo: Topology;
   readonly #js: JetStreamClient;
+  readonly #jsm: JetStreamManager;
+  /** Set while the topology is made again after a publish found its stream missing. */
+  #repairing: Promise<void> | undefined;
+  #lastRepairAt = Number.NEGATIVE_INFINITY;
   readonly #effects: EffectTarget;
   readonly #store: HistoryStore;
   readonly #definitions: Map<string, AnyWorkflowDefinition>;
@@ -277,6 +288,7 @@ class OrchestratorLoop {
     this.#options = options;
     this.#topo = topo;
     this.#js = js;
+    this.#jsm = jsm;
     this.#store = new HistoryStore(js, jsm, topo);
     this.#definitions = new Map(options.workflows.map((definition) => [definition.name, definition]));
     this.#cache = new LruCache(options.cacheSize ?? 10_000, options.cacheBytes ?? 16 * 2 ** 20);
@@ -566,6 +578,7 @@ class OrchestratorLoop {
   }
 
   #nakLater(msg: JsMsg, error: unknown): void {
+    this.#repairIfStreamMissing(error);
     this.stats.retried++;
     const delay = backoffDelay(msg.info.deliveryCount, INBOX_RETRY);
     this.#log.warn(
@@ -574,6 +587,35 @@ class OrchestratorLoop {
     );
     nakQuietly(msg, delay);
   }
+
+  /**
+   * A publish no stream took (nats.js's `JetStreamNotEnabled`: nothing answered on its subject)
+   * means a stream of the topology is gone, deleted by hand or lost with its storage: make what is
+   * missing again, one repair at a time and at most every few seconds, so the message's retry finds
+   * it. Without this the orchestrator retried into the void until it was restarted.
+   */
+  #repairIfStreamMissing(error: unknown): void {
+    if (!causedBy(error, "JetStreamNotEnabled") || this.#repairing) return;
+    const now = Date.now();
+    if (now - this.#lastRepairAt < TOPOLOGY_REPAIR_INTERVAL_MS) return;
+    this.#lastRepairAt = now;
+    this.#log.warn({ error: String(error) }, "a publish found no stream: making the topology again");
+    this.#repairing = ensureTopology(this.#jsm, this.#topo, this.#options.topology)
+      .catch((repairError: unknown) => {
+        this.#log.error({ err: String(repairError) }, "could not make the topology again");
+      })
+      .finally(() => {
+        this.#repairing = undefined;
+      });
+  }
+}
+
+/** True when `error` or an error in its `cause` chain is named `name`. */
+function causedBy(error: unknown, name: string): boolean {
+  for (let e: unknown = error, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    if (e.name === name) return true;
+  }
+  return false;
 }
 
 function nakQuietly(msg: JsMsg, delayMs?: number): void {
