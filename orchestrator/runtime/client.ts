@@ -135,15 +135,25 @@ class Client implements WorkflowClient {
     // Listening for ends before the start exists means the end of this instance cannot be missed,
     // so awaitCompletion can skip its first state read (one request per instance saved).
     await this.#ensureCompletionSubscription(workflow);
-    const sent = await this.#send({
-      id: `start.${workflow}.${instanceId}`,
-      workflow,
-      instanceId,
-      start: { input },
-      at: Date.now(),
-    });
-    if (!sent.duplicate) this.#startedHere.set(`${workflow}.${instanceId}`, true);
-    return sent;
+    // Marked before the send: the end can arrive in the same socket read as the start's
+    // acknowledgement, and nats.js hands it to the subscription before the acknowledgement's
+    // promise continues here; unmarked, it was dropped and awaitCompletion waited for its 1 s re-read.
+    const key = `${workflow}.${instanceId}`;
+    this.#startedHere.set(key, true);
+    try {
+      const sent = await this.#send({
+        id: `start.${workflow}.${instanceId}`,
+        workflow,
+        instanceId,
+        start: { input },
+        at: Date.now(),
+      });
+      if (sent.duplicate) this.#forgetStart(key);
+      return sent;
+    } catch (error) {
+      this.#forgetStart(key);
+      throw error;
+    }
   }
 
   async signal(
@@ -271,6 +281,12 @@ class Client implements WorkflowClient {
         (error: unknown) => finish(error),
       );
     });
+  }
+
+  /** Not (or not surely) started by this client: awaitCompletion reads the state first. */
+  #forgetStart(key: string): void {
+    this.#startedHere.delete(key);
+    this.#endedHere.delete(key);
   }
 
   #ensureCompletionSubscription(workflow: string): Promise<void> {

@@ -1,0 +1,63 @@
+/**
+ * The workflow client's completion wait, against a real nats-server: an instance's end that reaches
+ * the client before its own start() has been acknowledged is kept for awaitCompletion.
+ */
+import { jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection, RequestOptions } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { createWorkflowClient, type WorkflowClient } from "../index.ts";
+import { ensureTopology, topology } from "./topology.ts";
+
+describe("awaitCompletion of an instance this client started", () => {
+  const ns = uniqueNamespace("early-end");
+  const topo = topology(ns);
+  let nc: NatsConnection;
+  let other: NatsConnection;
+  let client: WorkflowClient;
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    other = await connectNats({ servers: natsUrl() });
+    // No orchestrator: the only end this instance gets is the one published below.
+    await ensureTopology(await jetstreamManager(nc), topo);
+    // The client's connection, except that the start's acknowledgement is handed back only once
+    // the instance's end has been delivered to this connection: what happens when both arrive in
+    // one socket read (nats.js runs the subscription before the acknowledgement's continuation).
+    const endBeforeAck = new Proxy(nc, {
+      get(target, property) {
+        if (property === "request") {
+          return async (subject: string, data?: Uint8Array | string, options?: RequestOptions) => {
+            const reply = await target.request(subject, data, options);
+            if (subject === topo.inboxSubject("job", "early")) {
+              const state = { workflow: "job", instanceId: "early", status: "completed", revision: 2 };
+              other.publish(topo.completionSubject("job", "early"), JSON.stringify({ state }));
+              await other.flush();
+              // nc's PONG comes after the end the server already forwarded to nc.
+              await target.flush();
+            }
+            return reply;
+          };
+        }
+        const value: unknown = Reflect.get(target, property, target);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+    client = await createWorkflowClient({ nc: endBeforeAck, ns });
+  });
+
+  afterAll(async () => {
+    await client?.close();
+    await other?.close();
+    await nc?.close();
+  });
+
+  it("keeps an end that arrives before start() returns", async () => {
+    const sent = await client.start("job", "early", {});
+    expect(sent.duplicate).toBe(false);
+    // Without the kept end this waits for a state read, and there is no history to read.
+    const final = await client.awaitCompletion("job", "early", { timeoutMs: 5_000 });
+    expect(final).toMatchObject({ instanceId: "early", status: "completed" });
+  });
+});
