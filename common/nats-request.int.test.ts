@@ -43,6 +43,8 @@ describe("settleAnsweredRequestsCheaply", () => {
     });
     await nc.flush();
     const cancel = vi.spyOn(RequestOne.prototype, "cancel");
+    // The copy of nats-core patched is the one the connection uses.
+    const resolver = vi.spyOn(RequestOne.prototype, "resolver");
 
     const answers = await Promise.all(
       [1, 2, 3].map((n) => nc.request(subject, `hello ${n}`, { timeout: 2_000 })),
@@ -50,6 +52,7 @@ describe("settleAnsweredRequestsCheaply", () => {
 
     expect(answers.map((m) => m.string())).toEqual(["re: hello 1", "re: hello 2", "re: hello 3"]);
     // The throwaway RequestError came from cancel(): an answered request no longer calls it.
+    expect(resolver).toHaveBeenCalledTimes(3);
     expect(cancel).not.toHaveBeenCalled();
     expect(pendingRequests(nc)).toBe(0);
   });

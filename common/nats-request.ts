@@ -18,13 +18,16 @@ let installed = false;
 
 /**
  * Makes every `RequestOne` of this process settle an answered request without the throwaway
- * error. Idempotent. Leaves nats.js alone (and says so by returning false) when `RequestOne`
- * no longer has the shape this was written against, so a nats.js upgrade cannot break requests.
+ * error. Idempotent. Leaves nats.js alone (and says so by returning false) unless its resolver is
+ * still the one this was written against (3.4: resolve the answer, then `this.cancel()`), so a
+ * nats.js that changes it keeps its own code and only this saving is lost.
  */
 export function settleAnsweredRequestsCheaply(): boolean {
   if (installed) return true;
   const proto = RequestOne.prototype as unknown as Partial<SettledRequest> & { resolver?: unknown };
   if (typeof proto.resolver !== "function" || typeof proto.cancel !== "function") return false;
+  const source = String(proto.resolver);
+  if (!source.includes("this.deferred.resolve(msg)") || !source.includes("this.cancel()")) return false;
   const original = proto.resolver as SettledRequest["resolver"];
   proto.resolver = function resolver(this: SettledRequest, err: Error | null, msg: Msg): void {
     if (err || !this.deferred || !this.mux) {

@@ -2,6 +2,7 @@ import {
   AckPolicy,
   type ConsumerMessages,
   DeliverPolicy,
+  JetStreamApiCodes,
   JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
@@ -189,9 +190,11 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
     for (let restarts = 0; !stopping; restarts++) {
       try {
         if (restarts > 0) {
-          // The inbox stream itself may be what went (deleted by hand, lost with its volume):
-          // make whatever is missing again, as at start, before the consumer.
-          await ensureTopology(jsm, topo, options.topology);
+          // The inbox stream itself may be what went (deleted by hand, lost with its storage):
+          // then make the topology again, as at start, before the consumer. Only then: a restart
+          // after missed heartbeats must not re-apply this version's settings during a rollout.
+          if (!(await streamExists(jsm, topo.streams.inbox)))
+            await ensureTopology(jsm, topo, options.topology);
           await ensureConsumer();
         }
         const consumer = await js.consumers.get(topo.streams.inbox, consumerName);
@@ -205,7 +208,11 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
         // back); end it instead, so the loop below re-creates the consumer.
         void (async () => {
           for await (const status of current.status()) {
-            if (status.type === "consumer_deleted" || status.type === "consumer_not_found") {
+            if (
+              status.type === "consumer_deleted" ||
+              status.type === "consumer_not_found" ||
+              status.type === "stream_not_found"
+            ) {
               log.warn({ status: status.type }, "inbox consumer gone");
               void current.close();
               return;
@@ -327,6 +334,8 @@ class OrchestratorLoop {
     while (this.#chains.size > 0 && Date.now() < deadline) {
       await Promise.race([...this.#chains.values(), sleep(50)]);
     }
+    // A repair still making streams would otherwise outlive stop() and the connection.
+    if (this.#repairing) await settledWithin(this.#repairing, Math.max(0, deadline - Date.now()));
   }
 
   #accept(msg: JsMsg): void {
@@ -595,7 +604,7 @@ class OrchestratorLoop {
    * it. Without this the orchestrator retried into the void until it was restarted.
    */
   #repairIfStreamMissing(error: unknown): void {
-    if (!causedBy(error, "JetStreamNotEnabled") || this.#repairing) return;
+    if (this.#stopping || !causedBy(error, "JetStreamNotEnabled") || this.#repairing) return;
     const now = Date.now();
     if (now - this.#lastRepairAt < TOPOLOGY_REPAIR_INTERVAL_MS) return;
     this.#lastRepairAt = now;
@@ -607,6 +616,17 @@ class OrchestratorLoop {
       .finally(() => {
         this.#repairing = undefined;
       });
+  }
+}
+
+/** Whether stream `name` exists; any answer but "not found" is left to the caller's next step. */
+async function streamExists(jsm: JetStreamManager, name: string): Promise<boolean> {
+  try {
+    await jsm.streams.info(name);
+    return true;
+  } catch (error) {
+    if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound) return false;
+    throw error;
   }
 }
 

@@ -1,8 +1,8 @@
 /**
  * Streams deleted under running services (by hand, or lost with their storage) are made again by
- * the services themselves, and sagas started afterwards finish: the commands stream (the
- * orchestrator's command publish finds no stream; the worker's consumer goes with it) and the
- * inbox stream (the orchestrator's consumer goes with it).
+ * the orchestrator, and sagas started afterwards finish: the commands stream (its command publish
+ * finds no stream; the worker, whose consumer went with the stream, re-creates it once the stream is
+ * back) and the inbox stream (the orchestrator's consumer goes with it).
  */
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";

@@ -489,12 +489,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         // again, or consumers.get() fails on every restart and the worker stalls for ever.
         // Made again only if missing: the loop also restarts after missed heartbeats, and updating
         // the shared consumer then would undo a newer version's settings during a rollout.
-        if (restarts > 0) {
-          // Its stream may be what went (deleted by hand, lost with its volume): make what is
-          // missing again, as at start, then the consumer.
-          await ensureTopology(jsm, topo);
-          await ensureConsumer(jsm, stream, config, { update: false });
-        }
+        // A deleted stream is made again by the orchestrator (with the deployment's stream
+        // settings, which workers are not given) when its next publish finds it missing; until
+        // then this fails and the loop retries.
+        if (restarts > 0) await ensureConsumer(jsm, stream, config, { update: false });
         const consumer = await js.consumers.get(stream, name);
         // The client pulls more only as the loop takes messages, and the loop takes one only when
         // a slot is free: at most `concurrency` run and about as many wait in the client buffer.
