@@ -70,7 +70,16 @@ try {
     name: "jetsaga-notification",
     auth: config.natsAuth,
   });
-  worker = await startNotificationWorker({ nc, sql, ns: config.ns, logger, channel });
+  worker = await startNotificationWorker({
+    nc,
+    sql,
+    ns: config.ns,
+    logger,
+    channel,
+    ...(config.streamReplicas === undefined
+      ? {}
+      : { worker: { topology: { replicas: config.streamReplicas } } }),
+  });
   onShutdown(stop);
   logger.info(
     {

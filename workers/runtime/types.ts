@@ -1,5 +1,6 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { z } from "zod";
+import type { TopologyOptions } from "../../orchestrator/runtime/topology.ts";
 import type { InstanceAddress } from "../../schemas/envelope.ts";
 
 /** A reply event sent back to the instance that dispatched the command: a `type` and payload fields. */
@@ -68,6 +69,11 @@ export interface WorkerOptions {
   nc: NatsConnection;
   /** Namespace of the streams (see topology). Default `jetsaga`. */
   ns?: string;
+  /**
+   * The deployment's stream settings (replicas…), as the orchestrator is given them: a worker that
+   * starts first makes the streams, and without them would make R1 streams in an R3 cluster.
+   */
+  topology?: TopologyOptions;
   /** Service name: commands `<service>.<name>` are routed to it. Lowercase, one token. */
   service: string;
   /** Command handlers keyed by full command name (`user.verify`); each must start with `<service>.`. */

@@ -348,6 +348,17 @@ describe("createWorker (real nats-server)", () => {
     expect(info.config.max_deliver).toBe(-1);
   });
 
+  it("makes missing streams with the stream settings it is given, as the orchestrator would", async () => {
+    const topo = topology(uniqueNamespace("settings"));
+    await start(topo, {
+      topology: { duplicateWindowNs: 7_000_000_000 },
+      commands: charge(async () => ({ type: "acct.charged" })),
+    });
+    for (const stream of [topo.streams.commands, topo.streams.inbox, topo.streams.history]) {
+      expect((await jsm.streams.info(stream)).config.duplicate_window, stream).toBe(7_000_000_000);
+    }
+  });
+
   it("re-creates its consumer when it is deleted under it and handles commands sent afterwards", async () => {
     const { topo, inbox, worker } = await setup("consumer", {
       commands: charge(async () => ({ type: "acct.charged" })),

@@ -106,7 +106,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
   const topo = topology(options.ns);
   const jsm = await jetstreamManager(nc);
-  await ensureTopology(jsm, topo);
+  await ensureTopology(jsm, topo, options.topology);
   const js = jetstream(nc);
 
   // The configs are kept: the consume loop re-creates a consumer that was deleted under it.
@@ -489,9 +489,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         // again, or consumers.get() fails on every restart and the worker stalls for ever.
         // Made again only if missing: the loop also restarts after missed heartbeats, and updating
         // the shared consumer then would undo a newer version's settings during a rollout.
-        // A deleted stream is made again by the orchestrator (with the deployment's stream
-        // settings, which workers are not given) when its next publish finds it missing; until
-        // then this fails and the loop retries.
+        // A deleted stream is made again by the orchestrator when its next publish finds it
+        // missing (it alone is sure to have the deployment's stream settings); until then this
+        // fails and the loop retries.
         if (restarts > 0) await ensureConsumer(jsm, stream, config, { update: false });
         const consumer = await js.consumers.get(stream, name);
         // The client pulls more only as the loop takes messages, and the loop takes one only when

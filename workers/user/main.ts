@@ -77,7 +77,15 @@ try {
     auth: config.natsAuth,
   });
   // The worker ensures the streams (the relay publishes into the events stream).
-  worker = await startUserWorker({ nc, sql, ns: config.ns, logger });
+  worker = await startUserWorker({
+    nc,
+    sql,
+    ns: config.ns,
+    logger,
+    ...(config.streamReplicas === undefined
+      ? {}
+      : { worker: { topology: { replicas: config.streamReplicas } } }),
+  });
   if (userConfig.outboxRelay) {
     relay = await startOutboxRelay({ sql, nc, ns: config.ns, logger });
   } else {
