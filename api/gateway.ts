@@ -9,7 +9,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { Gauge, type Registry } from "prom-client";
 import { migrate, type Sql } from "../common/postgres.ts";
 import { createMetricsRegistry, sendMetrics } from "../common/probes.ts";
-import { assertCurrentHistoryFormat, JetsagaError, topology } from "../orchestrator/index.ts";
+import { assertCurrentHistoryFormat, JetsagaError, streamExists, topology } from "../orchestrator/index.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import {
   type OrderProjector,
@@ -220,24 +220,21 @@ async function waitForHistoryStream(
   const deadline = Date.now() + timeoutMs;
   let logged = false;
   for (;;) {
-    try {
-      await jsm.streams.info(stream);
+    if (await streamExists(jsm, stream)) {
       // Entries on the subjects of before the phase token would be left out of the read model.
       await assertCurrentHistoryFormat(jsm, topo);
       return;
-    } catch (error) {
-      if (!/stream not found/i.test(String(error))) throw error;
-      if (Date.now() >= deadline) {
-        throw new JetsagaError(
-          "UNAVAILABLE",
-          `stream ${stream} does not exist: start the orchestrator (same JETSAGA_NS) first`,
-          { context: { stream } },
-        );
-      }
-      if (!logged) logger?.info({ stream }, "waiting for the orchestrator to create the history stream");
-      logged = true;
-      await new Promise((resolve) => setTimeout(resolve, 250));
     }
+    if (Date.now() >= deadline) {
+      throw new JetsagaError(
+        "UNAVAILABLE",
+        `stream ${stream} does not exist: start the orchestrator (same JETSAGA_NS) first`,
+        { context: { stream } },
+      );
+    }
+    if (!logged) logger?.info({ stream }, "waiting for the orchestrator to create the history stream");
+    logged = true;
+    await new Promise((resolve) => setTimeout(resolve, 250));
   }
 }
 

@@ -1,3 +1,4 @@
+import type { TopologyOptions } from "../orchestrator/runtime/topology.ts";
 import type { NatsAuth } from "./nats.ts";
 import { flushTraces } from "./tracing.ts";
 
@@ -24,6 +25,14 @@ export interface ServiceConfig {
    * or NATS_TOKEN — at most one of the three. Unset: none (or the URL's `user:password@`).
    */
   natsAuth: NatsAuth | undefined;
+}
+
+/**
+ * The stream settings every service that makes streams passes to `ensureTopology` (the
+ * orchestrator and the workers alike: whichever starts first makes them).
+ */
+export function streamTopology(config: Pick<ServiceConfig, "streamReplicas">): TopologyOptions {
+  return config.streamReplicas === undefined ? {} : { replicas: config.streamReplicas };
 }
 
 /** Reads {@link ServiceConfig} from `env` (default: process.env). */

@@ -75,6 +75,7 @@ export {
   assertCurrentHistoryFormat,
   DEFAULT_NAMESPACE,
   ensureTopology,
+  streamExists,
   type Topology,
   type TopologyOptions,
   topology,

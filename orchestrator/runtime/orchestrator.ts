@@ -2,7 +2,6 @@ import {
   AckPolicy,
   type ConsumerMessages,
   DeliverPolicy,
-  JetStreamApiCodes,
   JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
@@ -23,7 +22,7 @@ import { deadLetterOf, publishDeadLetter, readJsonBody } from "./dead-letters.ts
 import { type EffectTarget, executeEffects } from "./effects.ts";
 import { type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
-import { ensureTopology, type Topology, type TopologyOptions, topology } from "./topology.ts";
+import { ensureTopology, streamExists, type Topology, type TopologyOptions, topology } from "./topology.ts";
 
 /** Structured log sink; pino loggers fit. */
 export interface OrchestratorLogger {
@@ -616,17 +615,6 @@ class OrchestratorLoop {
       .finally(() => {
         this.#repairing = undefined;
       });
-  }
-}
-
-/** Whether stream `name` exists; any answer but "not found" is left to the caller's next step. */
-async function streamExists(jsm: JetStreamManager, name: string): Promise<boolean> {
-  try {
-    await jsm.streams.info(name);
-    return true;
-  } catch (error) {
-    if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound) return false;
-    throw error;
   }
 }
 

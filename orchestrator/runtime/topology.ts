@@ -198,6 +198,17 @@ export async function ensureTopology(
   await assertCurrentHistoryFormat(jsm, topo);
 }
 
+/** Whether stream `name` exists; any other failure of the lookup is thrown. */
+export async function streamExists(jsm: JetStreamManager, name: string): Promise<boolean> {
+  try {
+    await jsm.streams.info(name);
+    return true;
+  } catch (error) {
+    if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound) return false;
+    throw error;
+  }
+}
+
 /**
  * Refuses a history stream holding entries on the subjects used before the phase token
  * (`<ns>.history.<wf>.<id>`, until 2026-12): this version's reads would not see their instances,

@@ -1,4 +1,4 @@
-import { onShutdown, readConfig } from "../../common/config.ts";
+import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats } from "../../common/nats.ts";
 import { createMetricsRegistry, startProbeServer } from "../../common/probes.ts";
@@ -30,7 +30,7 @@ async function main(): Promise<void> {
     ns: config.ns,
     workflows,
     concurrency: Number(process.env.JETSAGA_CONCURRENCY ?? 256),
-    ...(config.streamReplicas === undefined ? {} : { topology: { replicas: config.streamReplicas } }),
+    topology: streamTopology(config),
     logger: log,
   });
   running.orchestrator = orchestrator;

@@ -11,7 +11,7 @@
  * failures are logged as one line with their code and exit with status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { onShutdown, readConfig } from "../../common/config.ts";
+import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
@@ -76,9 +76,7 @@ try {
     ns: config.ns,
     logger,
     channel,
-    ...(config.streamReplicas === undefined
-      ? {}
-      : { worker: { topology: { replicas: config.streamReplicas } } }),
+    worker: { topology: streamTopology(config) },
   });
   onShutdown(stop);
   logger.info(

@@ -24,7 +24,7 @@ import { type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
 import { createTracingInterceptor } from "../../api/rpc/tracing-interceptor.ts";
 import { readUserServiceConfig } from "../../api/user/config.ts";
 import { createUserService } from "../../api/user/service.ts";
-import { onShutdown, readConfig } from "../../common/config.ts";
+import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNats, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
@@ -82,9 +82,7 @@ try {
     sql,
     ns: config.ns,
     logger,
-    ...(config.streamReplicas === undefined
-      ? {}
-      : { worker: { topology: { replicas: config.streamReplicas } } }),
+    worker: { topology: streamTopology(config) },
   });
   if (userConfig.outboxRelay) {
     relay = await startOutboxRelay({ sql, nc, ns: config.ns, logger });
