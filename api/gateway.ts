@@ -48,7 +48,10 @@ export interface GatewayOptions {
   /** Largest request message, bytes. Default 64 KiB (an order of 100 items is ~5 KiB). */
   readMaxBytes?: number;
   /** Forwarded to the OrderService (command/read waits, saga timeouts). */
-  order?: Pick<OrderServiceOptions, "commandTimeoutMs" | "maxReadWaitMs" | "sagaTimeouts">;
+  order?: Pick<
+    OrderServiceOptions,
+    "commandTimeoutMs" | "maxReadWaitMs" | "maxOutcomeWaitMs" | "sagaTimeouts"
+  >;
   logger?: ProjectorLogger;
   clock?: () => number;
   /** Cancelled streams one HTTP/2 connection may send before it is closed (see RpcServerOptions). */

@@ -9,11 +9,7 @@ import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import postgres from "postgres";
-import {
-  OrderService,
-  OrderStatus,
-  type WatchOrderResponse,
-} from "../proto/gen/jetsaga/order/v1/order_pb.ts";
+import { OrderService, OrderStatus } from "../proto/gen/jetsaga/order/v1/order_pb.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
 import { startPostgres } from "../test/support/servers.ts";
@@ -34,7 +30,7 @@ export type FullPathResult =
       levels: LoadReport[];
       /** Process names in the CPU columns, in order. */
       processNames: string[];
-      /** GetOrder calls per order, p50: 1 (the watched confirmation's position; no polling). */
+      /** GetOrder calls per order, p50: 1 (the confirmation's position; no polling). */
       readsPerOrder: number;
     }
   | { skipped: string };
@@ -53,10 +49,10 @@ export interface OrderLoadOptions extends LoadOptions {
 const OUTCOME = [OrderStatus.CONFIRMED, OrderStatus.CANCELLED];
 
 /**
- * Places orders over gRPC, `concurrency` at a time, each followed by WatchOrder until it leaves
- * PENDING (the server ends the watch there) and then ONE GetOrder with `min_position` = the
- * position of that update, so the read model is asked only once it can show the outcome. An order counts when the read model says
- * CONFIRMED.
+ * Places orders over gRPC, `concurrency` at a time, each with PlaceOrder waiting for the outcome
+ * (`wait_for_statuses`: the server answers once the order has left PENDING) and then ONE GetOrder
+ * with `min_position` = the position of that outcome, so the read model is asked only once it can
+ * show it. An order counts when the read model says CONFIRMED.
  */
 export async function driveOrders(
   options: OrderLoadOptions,
@@ -67,25 +63,22 @@ export async function driveOrders(
   const timeoutMs = options.timeoutMs ?? 60_000;
   const reads: number[] = [];
   const order = async (key: string): Promise<boolean> => {
-    const placed = await orders.placeOrder(
-      { idempotencyKey: key, items: [{ sku: "bench-sku", quantity: 1, unitPriceCents: 1n }] },
+    const settled = await orders.placeOrder(
+      {
+        idempotencyKey: key,
+        items: [{ sku: "bench-sku", quantity: 1, unitPriceCents: 1n }],
+        waitForStatuses: OUTCOME,
+      },
       { headers, timeoutMs },
     );
-    const orderId = placed.order?.orderId ?? "";
-    // The server ends the watch at the outcome: leaving the loop early would leave the call open
-    // on both sides until its deadline (connect-es does not cancel it).
-    let settled: WatchOrderResponse | undefined;
-    for await (const update of orders.watchOrder(
-      { orderId, untilStatuses: OUTCOME },
-      { headers, timeoutMs },
-    )) {
-      settled = update;
-    }
-    if (settled?.order?.status !== OrderStatus.CONFIRMED) {
+    if (settled.order?.status !== OrderStatus.CONFIRMED) {
       reads.push(0);
       return false;
     }
-    const got = await orders.getOrder({ orderId, minPosition: settled.position }, { headers, timeoutMs });
+    const got = await orders.getOrder(
+      { orderId: settled.order.orderId, minPosition: settled.position },
+      { headers, timeoutMs },
+    );
     reads.push(1);
     return got.order?.status === OrderStatus.CONFIRMED;
   };

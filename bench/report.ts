@@ -421,7 +421,7 @@ export function renderMarkdown(results: BenchResults): string {
       continue;
     }
     out.push(
-      `**Full path** (${s.name}: gRPC PlaceOrder → order saga → user service → CONFIRMED seen by WatchOrder, then visible in the read model via one GetOrder with its position as min_position):`,
+      `**Full path** (${s.name}: gRPC PlaceOrder → order saga → user service → CONFIRMED answered by PlaceOrder waiting for the outcome (wait_for_statuses), then visible in the read model via one GetOrder with its position as min_position):`,
       "",
     );
     // Postgres is a process tree, measured for CPU only.

@@ -50,7 +50,7 @@ import {
 } from "../../test/support/context.ts";
 import { type Gateway, startGateway } from "../gateway.ts";
 import { type RpcServer, startRpcServer } from "../rpc/index.ts";
-import { createOrderService } from "./service.ts";
+import { createOrderService, type OrderServiceOptions } from "./service.ts";
 
 const SECRET = "test-secret-that-is-at-least-32-bytes-long";
 const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
@@ -255,6 +255,33 @@ describe("OrderService", () => {
     const inbox = await jsm.streams.info(workflows.topology.streams.inbox);
     const [rows] = await sql<{ n: string }[]>`select count(*) as n from orders`;
     return { history: history.state.last_seq, inbox: inbox.state.last_seq, rows: rows?.n };
+  }
+
+  /** Runs `body` against a second OrderService on this test's connections, built with `options`. */
+  async function withOrderService(
+    options: Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs">,
+    body: (client: Client<typeof OrderService>) => Promise<void>,
+  ): Promise<void> {
+    const service = await createOrderService({
+      nc,
+      sql,
+      ns,
+      readModel: gateway.projector,
+      users: gateway.users,
+      ...options,
+    });
+    const server = await startRpcServer({
+      closeGraceMs: 200,
+      routes: (router) => service.register(router, { tokenSecret: SECRET }),
+    });
+    try {
+      await body(
+        createClient(OrderService, createConnectTransport({ baseUrl: server.url, httpVersion: "2" })),
+      );
+    } finally {
+      await server.close();
+      await service.close();
+    }
   }
 
   it("refuses a table of bad inputs with the right code, leaving no trace", async () => {
@@ -641,6 +668,100 @@ describe("OrderService", () => {
     expect(read.order?.version).toBe(confirmed?.order?.version);
   });
 
+  it("answers PlaceOrder with wait_for_statuses once the order reaches one, with that state's position", async () => {
+    const { token, userId } = await signUp("waitfor");
+    held.add(userId);
+    const key = randomUUID();
+    const outcome = [OrderStatus.CONFIRMED, OrderStatus.CANCELLED];
+    let answered = false;
+    const placing = orders
+      .placeOrder({ idempotencyKey: key, items: [item()], waitForStatuses: outcome }, auth(token))
+      .finally(() => {
+        answered = true;
+      });
+    // The order exists and is held in user verification: the call has not answered.
+    const plain = await orders.placeOrder({ idempotencyKey: key, items: [item()] }, auth(token));
+    const orderId = plain.order?.orderId ?? "";
+    const [pending] = await collect(
+      orders.watchOrder({ orderId, untilStatuses: [OrderStatus.PENDING] }, auth(token)),
+    );
+    expect(pending?.state).toBe('{"pending":"verifyingUser"}');
+    expect(answered).toBe(false);
+    held.delete(userId);
+    const settled = await placing;
+    expect(settled.order).toMatchObject({ orderId, status: OrderStatus.CONFIRMED });
+    expect(settled.order?.items).toMatchObject([item()]);
+    expect(BigInt(settled.position)).toBeGreaterThan(BigInt(plain.position));
+    // The position reads the outcome from the read model, no polling.
+    const read = await orders.getOrder({ orderId, minPosition: settled.position }, auth(token));
+    expect(read.order).toMatchObject({ status: OrderStatus.CONFIRMED, version: settled.order?.version });
+    // A retry that waits answers with the state it reached (read, not waited for); one that does
+    // not wait still answers with the placement.
+    const retried = await orders.placeOrder(
+      { idempotencyKey: key, items: [item()], waitForStatuses: [OrderStatus.CONFIRMED] },
+      auth(token),
+    );
+    expect(retried.order?.status).toBe(OrderStatus.CONFIRMED);
+    expect(retried.position).toBe(settled.position);
+    expect(
+      (await orders.placeOrder({ idempotencyKey: key, items: [item()] }, auth(token))).order?.version,
+    ).toBe(1n);
+    // The same key for other items is refused before any wait.
+    expect(
+      await codeOf(
+        orders.placeOrder(
+          { idempotencyKey: key, items: [item("other")], waitForStatuses: outcome },
+          auth(token),
+        ),
+      ),
+    ).toBe(Code.AlreadyExists);
+  });
+
+  it("ends a PlaceOrder wait at a final status it did not name, and refuses unknown statuses", async () => {
+    const { token, userId } = await signUp("waitfinal");
+    held.add(userId);
+    const key = randomUUID();
+    const placing = orders.placeOrder(
+      { idempotencyKey: key, items: [item()], waitForStatuses: [OrderStatus.CONFIRMED] },
+      auth(token),
+    );
+    const { order } = await orders.placeOrder({ idempotencyKey: key, items: [item()] }, auth(token));
+    await orders.cancelOrder({ orderId: order?.orderId ?? "", reason: "changed my mind" }, auth(token));
+    held.delete(userId);
+    const settled = await placing;
+    expect(settled.order).toMatchObject({ status: OrderStatus.CANCELLED, cancelReason: "changed my mind" });
+
+    for (const bad of [[OrderStatus.UNSPECIFIED], [OrderStatus.CONFIRMED, 99 as OrderStatus]]) {
+      const call = orders.placeOrder(
+        { idempotencyKey: randomUUID(), items: [item()], waitForStatuses: bad },
+        auth(token),
+      );
+      expect(await codeOf(call)).toBe(Code.InvalidArgument);
+    }
+  });
+
+  it("fails a PlaceOrder wait that outlasts maxOutcomeWaitMs with DEADLINE_EXCEEDED; the order goes on", async () => {
+    const { token, userId } = await signUp("waitlong");
+    await withOrderService({ maxOutcomeWaitMs: 50 }, async (client) => {
+      held.add(userId);
+      const key = randomUUID();
+      const request = { idempotencyKey: key, items: [item()], waitForStatuses: [OrderStatus.CONFIRMED] };
+      let failure: unknown;
+      try {
+        await client.placeOrder(request, auth(token));
+      } catch (error) {
+        failure = error;
+      }
+      expect(failure).toBeInstanceOf(ConnectError);
+      expect((failure as ConnectError).code).toBe(Code.DeadlineExceeded);
+      expect((failure as ConnectError).rawMessage).toMatch(/retry with the same idempotency_key/);
+      held.delete(userId);
+      // The order was placed and goes on: the gateway's own wait sees it confirmed.
+      const settled = await orders.placeOrder(request, auth(token));
+      expect(settled.order?.status).toBe(OrderStatus.CONFIRMED);
+    }).finally(() => held.delete(userId));
+  });
+
   it("asks the user service once per user within userExistsTtlMs, and never remembers a missing user", async () => {
     const { token } = await signUp("known");
     const place = (client: Client<typeof OrderService>, bearer = token) =>
@@ -657,32 +778,13 @@ describe("OrderService", () => {
     expect(fake.getUserCalls - beforeGhost).toBe(2);
 
     // The same service with a TTL that has passed by the next order asks again.
-    const forgetful = await createOrderService({
-      nc,
-      sql,
-      ns,
-      readModel: gateway.projector,
-      users: gateway.users,
-      userExistsTtlMs: 1,
-    });
-    const server = await startRpcServer({
-      closeGraceMs: 200,
-      routes: (router) => forgetful.register(router, { tokenSecret: SECRET }),
-    });
-    try {
-      const client = createClient(
-        OrderService,
-        createConnectTransport({ baseUrl: server.url, httpVersion: "2" }),
-      );
+    await withOrderService({ userExistsTtlMs: 1 }, async (client) => {
       const beforeForgetful = fake.getUserCalls;
       await place(client);
       await new Promise((resolve) => setTimeout(resolve, 5));
       await place(client);
       expect(fake.getUserCalls - beforeForgetful).toBe(2);
-    } finally {
-      await server.close();
-      await forgetful.close();
-    }
+    });
   });
 
   it("lists the caller's orders newest first, page by page, filtered by status and time", async () => {

@@ -42,12 +42,13 @@ import {
   WatchOrderResponseSchema,
 } from "../../proto/gen/jetsaga/order/v1/order_pb.ts";
 import { toConnectError } from "../errors.ts";
-import { HistoryFollower, type SequencedEntry } from "./history-follower.ts";
+import { type EntryWait, HistoryFollower, type SequencedEntry } from "./history-follower.ts";
 import {
   cancelReasonOf,
   getOrder,
   itemsOf,
   listOrders,
+  type OrderStatusName,
   type OrderView,
   orderFactsOf,
   orderStatusOf,
@@ -156,6 +157,11 @@ export interface OrderServiceOptions {
   commandTimeoutMs?: number;
   /** Longest wait of a query for `min_position` when the call has no shorter deadline, ms. Default 5000. */
   maxReadWaitMs?: number;
+  /**
+   * Longest wait of PlaceOrder for `wait_for_statuses` when the call has no shorter deadline, ms.
+   * Default 30_000.
+   */
+  maxOutcomeWaitMs?: number;
   /** Overrides of the saga's timeouts for new orders (tests, demos). */
   sagaTimeouts?: { confirmMs?: number; shipMs?: number };
   /** How long PlaceOrder trusts that a user it has seen exists, ms. Default 30_000; 0 asks every time. */
@@ -207,6 +213,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   const follower = await HistoryFollower.start(options.nc, client.topology, saga.name);
   const commandTimeoutMs = options.commandTimeoutMs ?? 5000;
   const maxReadWaitMs = options.maxReadWaitMs ?? 5000;
+  const maxOutcomeWaitMs = options.maxOutcomeWaitMs ?? 30_000;
   const userExistsTtlMs = options.userExistsTtlMs ?? 30_000;
   // User id → when the knowledge that it exists expires (performance.now() ms).
   const knownUsers = new LruCache<string, number>(userExistsTtlMs > 0 ? MAX_KNOWN_USERS : 0);
@@ -338,41 +345,103 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     }
   }
 
+  /**
+   * Registers a wait for the first entry of `orderId` whose status is in `until` or final, bounded
+   * by the call's deadline and {@link maxOutcomeWaitMs}, and ended when the caller goes away.
+   */
+  function expectOutcome(
+    ctx: HandlerContext,
+    orderId: string,
+    until: ReadonlySet<OrderStatusName>,
+  ): EntryWait {
+    const waitMs = Math.max(0, Math.min(ctx.timeoutMs() ?? maxOutcomeWaitMs, maxOutcomeWaitMs));
+    const wait = follower.expect(orderId, (entry) => reaches(entry.state, until), waitMs);
+    const onAbort = () => wait.cancel();
+    if (ctx.signal.aborted) wait.cancel();
+    ctx.signal.addEventListener("abort", onAbort, { once: true });
+    void wait.done.then(() => ctx.signal.removeEventListener("abort", onAbort));
+    return wait;
+  }
+
+  /**
+   * The answer of a PlaceOrder that waits for `outcome`. `catchUp` when the order may have moved
+   * before the wait was registered (a retry, a duplicate start): its latest entry is read then,
+   * from the leader, as a lagging replica could answer with a state older than one already seen.
+   */
+  async function awaitOutcome(
+    orderId: string,
+    outcome: EntryWait,
+    items: readonly CheckedItem[],
+    catchUp: boolean,
+  ): Promise<{ order: Order; position: string }> {
+    if (catchUp) outcome.offer(await follower.latest(orderId, { fromLeader: true }));
+    const found = await outcome.done;
+    if (!found) {
+      throw new ConnectError(
+        "the order was placed but has not reached any of wait_for_statuses yet; retry with the same idempotency_key to wait again",
+        Code.DeadlineExceeded,
+      );
+    }
+    return { order: orderFromState(found.entry.state, items), position: encodePosition(found.seq) };
+  }
+
+  /**
+   * Starts the order's saga and answers with its first entry (the placement); `duplicate` when the
+   * start had been sent before (a concurrent retry).
+   */
+  async function startOrder(
+    orderId: string,
+    caller: Caller,
+    items: CheckedItem[],
+  ): Promise<{ answer: { order: Order; position: string }; duplicate: boolean }> {
+    const wait = follower.expect(orderId, (entry) => entry.revision === 1, commandTimeoutMs);
+    try {
+      const sent = await client.start("order", orderId, {
+        orderId,
+        userId: caller.userId,
+        items,
+        ...(options.sagaTimeouts ? { timeouts: options.sagaTimeouts } : {}),
+      });
+      // A new start's entry comes through the follower (the wait was registered before it was
+      // sent); a duplicate's may have been appended before, so it is read.
+      // From the leader: a lagging replica may not have it yet, and nothing else would offer it.
+      if (sent.duplicate) wait.offer(await follower.first(orderId, { fromLeader: true }));
+      const found = await wait.done;
+      if (!found) {
+        throw new ConnectError(
+          "the order was accepted but has not started yet; retry with the same idempotency_key",
+          Code.DeadlineExceeded,
+        );
+      }
+      return { answer: placed(found, items), duplicate: sent.duplicate };
+    } finally {
+      wait.cancel();
+    }
+  }
+
   const impl: ServiceImpl<typeof OrderService> = {
     async placeOrder(req, ctx) {
       const caller = callerOf(ctx);
       const key = checkIdempotencyKey(req.idempotencyKey);
       const items = checkItems(req.items);
+      const until = new Set(checkStatuses(req.waitForStatuses, "wait_for_statuses"));
       const orderId = deriveOrderId(caller.userId, key);
-
-      // A retry of a placement that got through: answer from the history, no user call needed.
-      const existing = await follower.first(orderId);
-      if (existing) return placed(existing, items);
-
-      await ensureUserExists(caller, ctx.signal);
-
-      const wait = follower.expect(orderId, (entry) => entry.revision === 1, commandTimeoutMs);
+      // Registered before anything is sent: a saga can reach its outcome before the start's entry
+      // comes back.
+      const outcome = until.size ? expectOutcome(ctx, orderId, until) : undefined;
       try {
-        const sent = await client.start("order", orderId, {
-          orderId,
-          userId: caller.userId,
-          items,
-          ...(options.sagaTimeouts ? { timeouts: options.sagaTimeouts } : {}),
-        });
-        // A new start's entry comes through the follower (the wait was registered before it was
-        // sent); a duplicate's may have been appended before, so it is read.
-        // From the leader: a lagging replica may not have it yet, and nothing else would offer it.
-        if (sent.duplicate) wait.offer(await follower.first(orderId, { fromLeader: true }));
-        const found = await wait.done;
-        if (!found) {
-          throw new ConnectError(
-            "the order was accepted but has not started yet; retry with the same idempotency_key",
-            Code.DeadlineExceeded,
-          );
+        // A retry of a placement that got through: answer from the history, no user call needed.
+        const existing = await follower.first(orderId);
+        if (existing) {
+          const first = placed(existing, items);
+          return outcome ? await awaitOutcome(orderId, outcome, items, true) : first;
         }
-        return placed(found, items);
+
+        await ensureUserExists(caller, ctx.signal);
+        const { answer, duplicate } = await startOrder(orderId, caller, items);
+        return outcome ? await awaitOutcome(orderId, outcome, items, duplicate) : answer;
       } finally {
-        wait.cancel();
+        outcome?.cancel();
       }
     },
 
@@ -486,6 +555,11 @@ function placed(found: SequencedEntry, items: CheckedItem[]): { order: Order; po
     throw new ConnectError("idempotency_key was already used for a different order", Code.AlreadyExists);
   }
   return { order: orderFromState(found.entry.state, stored), position: encodePosition(found.seq) };
+}
+
+/** True when an order in `state` is final or has one of the statuses in `until`. */
+function reaches(state: InstanceState, until: ReadonlySet<OrderStatusName>): boolean {
+  return isTerminal(state) || until.has(orderStatusOf(state));
 }
 
 function alreadyDone(kind: "cancel" | "ship", state: InstanceState): boolean {
