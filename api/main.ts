@@ -124,48 +124,54 @@ async function stop(): Promise<void> {
   await sql?.end({ timeout: 5 });
 }
 
-try {
-  const config = readConfig();
-  const api = readApiConfig(process.env);
-  if (!config.databaseUrl) {
-    throw new ConfigError(
-      "DATABASE_URL is not set: the API needs the order read model's PostgreSQL database",
-    );
-  }
-  sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-api" });
-  nc = await connectNats({
-    servers: config.natsUrl.split(","),
-    name: "jetsaga-api",
-    auth: config.natsAuth,
-  });
-  gateway = await startGateway({
-    nc,
-    sql,
-    ns: config.ns,
-    tokenSecret: api.tokenSecret,
-    userService: { baseUrl: api.userServiceUrl },
-    port: api.port,
-    host: api.host,
-    ...(api.streamResetLimit ? { streamResetLimit: api.streamResetLimit } : {}),
-    ...(api.maxStreamsPerConnection ? { maxStreamsPerConnection: api.maxStreamsPerConnection } : {}),
-    logger,
-  });
-  onShutdown(stop);
-  logger.info(
-    {
-      url: gateway.url,
-      nats: describeServers(config.natsUrl),
-      database: describeUrl(config.databaseUrl),
+/** Starts the gateway; bad configuration or an unreachable server exits with status 1. */
+async function main(): Promise<void> {
+  try {
+    const config = readConfig();
+    const api = readApiConfig(process.env);
+    if (!config.databaseUrl) {
+      throw new ConfigError(
+        "DATABASE_URL is not set: the API needs the order read model's PostgreSQL database",
+      );
+    }
+    sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-api" });
+    nc = await connectNats({
+      servers: config.natsUrl.split(","),
+      name: "jetsaga-api",
+      auth: config.natsAuth,
+    });
+    gateway = await startGateway({
+      nc,
+      sql,
       ns: config.ns,
-      userService: api.userServiceUrl,
-    },
-    "api ready",
-  );
-  // The machine-readable line supervisors and tests wait for.
-  console.log(`JETSAGA_API_URL=${gateway.url}`);
-} catch (error) {
-  const code = (error as { code?: unknown }).code;
-  logger.fatal({ code }, `api cannot start: ${error instanceof Error ? error.message : String(error)}`);
-  await stop().catch(() => {});
-  process.exit(1);
+      tokenSecret: api.tokenSecret,
+      userService: { baseUrl: api.userServiceUrl },
+      port: api.port,
+      host: api.host,
+      ...(api.streamResetLimit ? { streamResetLimit: api.streamResetLimit } : {}),
+      ...(api.maxStreamsPerConnection ? { maxStreamsPerConnection: api.maxStreamsPerConnection } : {}),
+      logger,
+    });
+    onShutdown(stop);
+    logger.info(
+      {
+        url: gateway.url,
+        nats: describeServers(config.natsUrl),
+        database: describeUrl(config.databaseUrl),
+        ns: config.ns,
+        userService: api.userServiceUrl,
+      },
+      "api ready",
+    );
+    // The machine-readable line supervisors and tests wait for.
+    console.log(`JETSAGA_API_URL=${gateway.url}`);
+  } catch (error) {
+    const code = (error as { code?: unknown }).code;
+    logger.fatal({ code }, `api cannot start: ${error instanceof Error ? error.message : String(error)}`);
+    await stop().catch(() => {});
+    process.exit(1);
+  }
 }
+
+// Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.
+if (import.meta.main) await main();

@@ -19,7 +19,7 @@ import { createServer } from "node:http";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { parseArgs } from "node:util";
-import { SERVICE_V8_FLAGS } from "../deploy/local/service-process.ts";
+import { LOCAL_COMPILE_CACHE, SERVICE_V8_FLAGS } from "../deploy/local/service-process.ts";
 import { natsServerBinary, postgresBinDir, startNatsServer } from "../test/support/servers.ts";
 import { type LoadReport, levelWarmup } from "./drive.ts";
 import {
@@ -458,6 +458,11 @@ if (parts.has("full")) {
     versions.postgres = "?";
   }
 }
+// The service processes start with the compile cache filled, as `npm start` and the image start
+// them: otherwise each carries Node's TypeScript stripper, ~20 MiB (deploy/compile-cache.ts).
+execFileSync(process.execPath, [join(ROOT, "deploy", "compile-cache.ts"), LOCAL_COMPILE_CACHE], {
+  stdio: ["ignore", "ignore", "inherit"],
+});
 const machine = machineInfo(versions);
 progress(
   `${machine.cores} cores (${machine.cpuModel}), ${machine.ramGiB} GiB; load ${machine.loadAverageAtStart.join(" ")}; ${runs} run(s)${quick ? ", quick" : ""}; parts: ${[...parts].join(", ")}`,

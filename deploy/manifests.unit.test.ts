@@ -221,6 +221,8 @@ interface DockerfileInfo {
   copied: string[];
   env: Map<string, string>;
   user: string | undefined;
+  /** RUN commands of the last stage, with the USER in effect for each. */
+  runs: Array<{ user: string | undefined; command: string }>;
   entrypoint: unknown;
   cmd: unknown;
   healthcheck: boolean;
@@ -239,6 +241,7 @@ function readDockerfile(): DockerfileInfo {
     copied: [],
     env: new Map(),
     user: undefined,
+    runs: [],
     entrypoint: undefined,
     cmd: undefined,
     healthcheck: false,
@@ -254,6 +257,11 @@ function readDockerfile(): DockerfileInfo {
       }
       case "FROM":
         info.baseImages.push((rest[0] ?? "").replace(/\$\{(\w+)\}/g, (_, n: string) => args.get(n) ?? ""));
+        info.runs = [];
+        info.user = undefined;
+        break;
+      case "RUN":
+        info.runs.push({ user: info.user, command: text });
         break;
       case "COPY":
         if (!rest.some((r) => r.startsWith("--from"))) {
@@ -447,6 +455,22 @@ describe("Dockerfile and .dockerignore", () => {
 
   it("starts services with the V8 heap flags that npm start, the tests and the benchmark use", () => {
     expect(info.env.get("NODE_OPTIONS")).toBe(SERVICE_V8_FLAGS);
+  });
+
+  it("fills Node's compile cache at build time, as the service user, where NODE_COMPILE_CACHE says", () => {
+    // Node keys the cache by user id: filled by another user, the services would not find it.
+    const cache = info.env.get("NODE_COMPILE_CACHE");
+    expect(cache).toMatch(/^\/app\//);
+    const fill = info.runs.find((r) => /\bnode deploy\/compile-cache\.ts\b/.test(r.command));
+    expect(fill, "RUN node deploy/compile-cache.ts").toBeDefined();
+    expect(fill?.user).toBe(info.user);
+    for (const file of importClosure("deploy/compile-cache.ts")) {
+      const path = rel(file);
+      expect(
+        info.copied.some((src) => path === src || path.startsWith(`${src.replace(/\/$/, "")}/`)),
+        `${path} is COPYed`,
+      ).toBe(true);
+    }
   });
 
   it("sets the environment that npm start, the tests and the benchmark start services with", () => {

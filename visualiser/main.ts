@@ -60,10 +60,13 @@ async function main(): Promise<void> {
   });
 }
 
-main().catch((error: unknown) => {
-  log.fatal(
-    { err: error },
-    `visualiser failed to start: ${error instanceof Error ? error.message : String(error)}`,
-  );
-  process.exit(1);
-});
+// Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.
+if (import.meta.main) {
+  main().catch((error: unknown) => {
+    log.fatal(
+      { err: error },
+      `visualiser failed to start: ${error instanceof Error ? error.message : String(error)}`,
+    );
+    process.exit(1);
+  });
+}

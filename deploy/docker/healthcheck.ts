@@ -31,8 +31,11 @@ async function healthy(url: string): Promise<boolean> {
   return body.status === "SERVING";
 }
 
-if (target === undefined) process.exit(0);
-healthy(target).then(
-  (ok) => process.exit(ok ? 0 : 1),
-  () => process.exit(1),
-);
+// Only as the process entry: deploy/compile-cache.ts imports it without running a check.
+if (import.meta.main) {
+  if (target === undefined) process.exit(0);
+  healthy(target).then(
+    (ok) => process.exit(ok ? 0 : 1),
+    () => process.exit(1),
+  );
+}

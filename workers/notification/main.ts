@@ -37,68 +37,77 @@ async function stop(): Promise<void> {
   await sql?.end({ timeout: 5 });
 }
 
-try {
-  // Inside the try: a malformed setting is reported as one line like the other start-up errors.
-  const config = readConfig();
-  if (!config.databaseUrl) {
-    throw Object.assign(
-      new Error("DATABASE_URL is not set: the notification service needs its PostgreSQL database"),
-      {
-        code: "CONFIG",
-      },
-    );
-  }
-  let channel: NotificationChannel;
+/** Starts the notification worker; bad configuration or an unreachable server exits with status 1. */
+async function main(): Promise<void> {
   try {
-    channel = webhookUrl ? webhookChannel({ url: webhookUrl }) : logChannel(logger);
-  } catch (error) {
-    throw Object.assign(new Error(`NOTIFY_WEBHOOK_URL is not a valid URL`), { code: "CONFIG", cause: error });
-  }
-  const registry = createMetricsRegistry("notification");
-  registerWorkerMetrics(registry, "notification", () => worker?.stats);
-  // Probes answer (not ready) while the worker starts.
-  probes = await startProbeServer(
-    { registry, ready: () => worker !== undefined && nc !== undefined && !nc.isClosed() },
-    Number(process.env.PROBE_PORT ?? 9464),
-    config.probeHost,
-  );
-  sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
-  const { applied, version } = await migrate(sql, { name: "notification", dir: notificationMigrationsDir });
-  logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
-  nc = await connectNats({
-    servers: config.natsUrl.split(","),
-    name: "jetsaga-notification",
-    auth: config.natsAuth,
-  });
-  worker = await startNotificationWorker({
-    nc,
-    sql,
-    ns: config.ns,
-    logger,
-    channel,
-    worker: { topology: streamTopology(config) },
-  });
-  onShutdown(stop);
-  logger.info(
-    {
-      nats: describeServers(config.natsUrl),
-      database: describeUrl(config.databaseUrl),
+    // Inside the try: a malformed setting is reported as one line like the other start-up errors.
+    const config = readConfig();
+    if (!config.databaseUrl) {
+      throw Object.assign(
+        new Error("DATABASE_URL is not set: the notification service needs its PostgreSQL database"),
+        {
+          code: "CONFIG",
+        },
+      );
+    }
+    let channel: NotificationChannel;
+    try {
+      channel = webhookUrl ? webhookChannel({ url: webhookUrl }) : logChannel(logger);
+    } catch (error) {
+      throw Object.assign(new Error(`NOTIFY_WEBHOOK_URL is not a valid URL`), {
+        code: "CONFIG",
+        cause: error,
+      });
+    }
+    const registry = createMetricsRegistry("notification");
+    registerWorkerMetrics(registry, "notification", () => worker?.stats);
+    // Probes answer (not ready) while the worker starts.
+    probes = await startProbeServer(
+      { registry, ready: () => worker !== undefined && nc !== undefined && !nc.isClosed() },
+      Number(process.env.PROBE_PORT ?? 9464),
+      config.probeHost,
+    );
+    sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
+    const { applied, version } = await migrate(sql, { name: "notification", dir: notificationMigrationsDir });
+    logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
+    nc = await connectNats({
+      servers: config.natsUrl.split(","),
+      name: "jetsaga-notification",
+      auth: config.natsAuth,
+    });
+    worker = await startNotificationWorker({
+      nc,
+      sql,
       ns: config.ns,
-      channel: channel.name,
-      // Only the host: a webhook URL may carry a token in its path or query.
-      ...(webhookUrl ? { webhook: new URL(webhookUrl).host } : {}),
-      probes: probes.url,
-    },
-    "notification worker ready",
-  );
-  process.stdout.write(`JETSAGA_NOTIFICATION_PROBES_URL=${probes.url}\n`);
-} catch (error) {
-  // One clear line, no stack: these are configuration and environment problems, not bugs.
-  const code = (error as { code?: unknown }).code;
-  logger.fatal(
-    { code },
-    `notification worker cannot start: ${error instanceof Error ? error.message : String(error)}`,
-  );
-  await stop().catch(() => {});
-  process.exit(1);
+      logger,
+      channel,
+      worker: { topology: streamTopology(config) },
+    });
+    onShutdown(stop);
+    logger.info(
+      {
+        nats: describeServers(config.natsUrl),
+        database: describeUrl(config.databaseUrl),
+        ns: config.ns,
+        channel: channel.name,
+        // Only the host: a webhook URL may carry a token in its path or query.
+        ...(webhookUrl ? { webhook: new URL(webhookUrl).host } : {}),
+        probes: probes.url,
+      },
+      "notification worker ready",
+    );
+    process.stdout.write(`JETSAGA_NOTIFICATION_PROBES_URL=${probes.url}\n`);
+  } catch (error) {
+    // One clear line, no stack: these are configuration and environment problems, not bugs.
+    const code = (error as { code?: unknown }).code;
+    logger.fatal(
+      { code },
+      `notification worker cannot start: ${error instanceof Error ? error.message : String(error)}`,
+    );
+    await stop().catch(() => {});
+    process.exit(1);
+  }
 }
+
+// Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.
+if (import.meta.main) await main();

@@ -58,82 +58,88 @@ async function stop(): Promise<void> {
   await sql?.end({ timeout: 5 });
 }
 
-try {
-  // Inside the try: a malformed setting is reported as one line like the other start-up errors.
-  const config = readConfig();
-  const userConfig = readUserServiceConfig();
-  if (!config.databaseUrl) {
-    throw Object.assign(
-      new Error("DATABASE_URL is not set: the user service needs its PostgreSQL database"),
-      { code: "CONFIG" },
-    );
-  }
-  sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-user" });
-  const { applied, version } = await migrate(sql, { name: "user", dir: userMigrationsDir });
-  logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
-  nc = await connectNats({
-    servers: config.natsUrl.split(","),
-    name: "jetsaga-user",
-    auth: config.natsAuth,
-  });
-  // The worker ensures the streams (the relay publishes into the events stream).
-  worker = await startUserWorker({
-    nc,
-    sql,
-    ns: config.ns,
-    logger,
-    worker: { topology: streamTopology(config) },
-  });
-  if (userConfig.outboxRelay) {
-    relay = await startOutboxRelay({ sql, nc, ns: config.ns, logger });
-  } else {
-    logger.warn("outbox relay is off (JETSAGA_OUTBOX_RELAY=off): user.created stays in the outbox");
-  }
-  pruner = startPruner({ sql, retentionMs: userConfig.retentionDays * 24 * 3600 * 1000, logger });
-  const service = createUserService({
-    sql,
-    ns: config.ns,
-    tokenSecret: userConfig.tokenSecret,
-    tokenTtlSeconds: userConfig.tokenTtlSeconds,
-    logger,
-  });
-  const registry = createMetricsRegistry("user");
-  registerWorkerMetrics(registry, "user", () => worker?.stats);
-  server = await startRpcServer({
-    host: userConfig.grpcHost,
-    port: userConfig.grpcPort,
-    readMaxBytes: READ_MAX_BYTES,
-    interceptors: [createTracingInterceptor()],
-    routes: (router) => router.service(UserService, service),
-    // Prometheus scrapes the same port (health is grpc.health.v1 there).
-    fallback(req, res) {
-      if ((req.url ?? "/").split("?")[0] !== "/metrics") {
-        res.writeHead(404, { "content-type": "text/plain; charset=utf-8" });
-        res.end("not found\n");
-        return;
-      }
-      sendMetrics(registry, res);
-    },
-  });
-  onShutdown(stop);
-  logger.info(
-    {
-      nats: describeServers(config.natsUrl),
-      database: describeUrl(config.databaseUrl),
+/** Starts the user service; bad configuration or an unreachable server exits with status 1. */
+async function main(): Promise<void> {
+  try {
+    // Inside the try: a malformed setting is reported as one line like the other start-up errors.
+    const config = readConfig();
+    const userConfig = readUserServiceConfig();
+    if (!config.databaseUrl) {
+      throw Object.assign(
+        new Error("DATABASE_URL is not set: the user service needs its PostgreSQL database"),
+        { code: "CONFIG" },
+      );
+    }
+    sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-user" });
+    const { applied, version } = await migrate(sql, { name: "user", dir: userMigrationsDir });
+    logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
+    nc = await connectNats({
+      servers: config.natsUrl.split(","),
+      name: "jetsaga-user",
+      auth: config.natsAuth,
+    });
+    // The worker ensures the streams (the relay publishes into the events stream).
+    worker = await startUserWorker({
+      nc,
+      sql,
       ns: config.ns,
-      url: server.url,
-      outboxRelay: userConfig.outboxRelay,
-    },
-    "user worker ready",
-  );
-  process.stdout.write(`JETSAGA_USER_SERVICE_URL=${server.url}\n`);
-} catch (error) {
-  // One clear line, no stack: these are configuration and environment problems, not bugs.
-  const code = (error as { code?: unknown }).code;
-  logger.fatal(
-    { code },
-    `user service cannot start: ${error instanceof Error ? error.message : String(error)}`,
-  );
-  await stop().catch(() => {});
-  process.exit(1);
+      logger,
+      worker: { topology: streamTopology(config) },
+    });
+    if (userConfig.outboxRelay) {
+      relay = await startOutboxRelay({ sql, nc, ns: config.ns, logger });
+    } else {
+      logger.warn("outbox relay is off (JETSAGA_OUTBOX_RELAY=off): user.created stays in the outbox");
+    }
+    pruner = startPruner({ sql, retentionMs: userConfig.retentionDays * 24 * 3600 * 1000, logger });
+    const service = createUserService({
+      sql,
+      ns: config.ns,
+      tokenSecret: userConfig.tokenSecret,
+      tokenTtlSeconds: userConfig.tokenTtlSeconds,
+      logger,
+    });
+    const registry = createMetricsRegistry("user");
+    registerWorkerMetrics(registry, "user", () => worker?.stats);
+    server = await startRpcServer({
+      host: userConfig.grpcHost,
+      port: userConfig.grpcPort,
+      readMaxBytes: READ_MAX_BYTES,
+      interceptors: [createTracingInterceptor()],
+      routes: (router) => router.service(UserService, service),
+      // Prometheus scrapes the same port (health is grpc.health.v1 there).
+      fallback(req, res) {
+        if ((req.url ?? "/").split("?")[0] !== "/metrics") {
+          res.writeHead(404, { "content-type": "text/plain; charset=utf-8" });
+          res.end("not found\n");
+          return;
+        }
+        sendMetrics(registry, res);
+      },
+    });
+    onShutdown(stop);
+    logger.info(
+      {
+        nats: describeServers(config.natsUrl),
+        database: describeUrl(config.databaseUrl),
+        ns: config.ns,
+        url: server.url,
+        outboxRelay: userConfig.outboxRelay,
+      },
+      "user worker ready",
+    );
+    process.stdout.write(`JETSAGA_USER_SERVICE_URL=${server.url}\n`);
+  } catch (error) {
+    // One clear line, no stack: these are configuration and environment problems, not bugs.
+    const code = (error as { code?: unknown }).code;
+    logger.fatal(
+      { code },
+      `user service cannot start: ${error instanceof Error ? error.message : String(error)}`,
+    );
+    await stop().catch(() => {});
+    process.exit(1);
+  }
 }
+
+// Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.
+if (import.meta.main) await main();
