@@ -23,6 +23,16 @@ export const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
 /** Workflow modules the benchmark's orchestrators load. */
 const WORKFLOW_MODULES = "bench/three-step-workflow.ts,bench/signal-workflow.ts";
 
+/**
+ * Modules the benchmark's own processes start from, besides the services' entries: the compile
+ * cache is filled with them too (deploy/compile-cache.ts).
+ */
+export const BENCH_PROCESS_MODULES: readonly string[] = [
+  "bench/bench-worker.ts",
+  "bench/load.ts",
+  ...WORKFLOW_MODULES.split(","),
+];
+
 /** Progress sink; the CLI prints `bench: …` on stderr, the smoke stays quiet. */
 export type Progress = (message: string) => void;
 

