@@ -25,7 +25,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { MIN_SECRET_BYTES } from "../common/auth-token.ts";
 import { onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
-import { connectNats, describeServers } from "../common/nats.ts";
+import { connectNatsFromConfig, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
 import { type Gateway, startGateway } from "./gateway.ts";
 
@@ -135,11 +135,7 @@ async function main(): Promise<void> {
       );
     }
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-api" });
-    nc = await connectNats({
-      servers: config.natsUrl.split(","),
-      name: "jetsaga-api",
-      auth: config.natsAuth,
-    });
+    nc = await connectNatsFromConfig(config, "jetsaga-api");
     gateway = await startGateway({
       nc,
       sql,

@@ -1,6 +1,7 @@
 import { readFileSync } from "node:fs";
 import { type ConnectionOptions, credsAuthenticator, type NatsConnection } from "@nats-io/transport-node";
 import { JetsagaError } from "../orchestrator/engine/errors.ts";
+import type { ServiceConfig } from "./config.ts";
 import { settleAnsweredRequestsCheaply } from "./nats-request.ts";
 import { connectGathering } from "./nats-transport.ts";
 
@@ -51,6 +52,17 @@ export async function connectNats(
   }
   assertServerVersion(nc.info?.version ?? "0.0.0", describeServers(options.servers));
   return nc;
+}
+
+/**
+ * Connects a process to the NATS servers and with the credentials of its configuration
+ * (`readConfig()`), under the connection name `name` (shown by the server's monitoring).
+ */
+export function connectNatsFromConfig(
+  config: Pick<ServiceConfig, "natsUrl" | "natsAuth">,
+  name: string,
+): Promise<NatsConnection> {
+  return connectNats({ servers: config.natsUrl.split(","), name, auth: config.natsAuth });
 }
 
 /**

@@ -14,7 +14,7 @@ import { fileURLToPath } from "node:url";
 import { jetstreamManager } from "@nats-io/jetstream";
 import { onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
-import { connectNats } from "../common/nats.ts";
+import { connectNatsFromConfig } from "../common/nats.ts";
 import { assertCurrentHistoryFormat, createWorkflowClient } from "../orchestrator/index.ts";
 import { loadWorkflows } from "../orchestrator/workflows/load.ts";
 import { createChartLayouts } from "./layout.ts";
@@ -28,11 +28,7 @@ async function main(): Promise<void> {
   const port = Number(process.env.VISUALISER_PORT ?? 8090);
   if (!Number.isInteger(port) || port < 0 || port > 65_535)
     throw new Error("VISUALISER_PORT must be 0–65535");
-  const nc = await connectNats({
-    servers: config.natsUrl.split(","),
-    name: "jetsaga-visualiser",
-    auth: config.natsAuth,
-  });
+  const nc = await connectNatsFromConfig(config, "jetsaga-visualiser");
   const client = await createWorkflowClient({ nc, ns: config.ns, workflows });
   // Instances on the subjects of before the phase token would look missing.
   await assertCurrentHistoryFormat(await jetstreamManager(nc), client.topology);

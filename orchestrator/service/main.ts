@@ -1,6 +1,6 @@
 import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
-import { connectNats } from "../../common/nats.ts";
+import { connectNatsFromConfig } from "../../common/nats.ts";
 import { createMetricsRegistry, startProbeServer } from "../../common/probes.ts";
 import { type RunningOrchestrator, startOrchestrator } from "../runtime/orchestrator.ts";
 import { loadWorkflows } from "../workflows/load.ts";
@@ -11,11 +11,7 @@ const log = createLogger("orchestrator");
 async function main(): Promise<void> {
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
-  const nc = await connectNats({
-    servers: config.natsUrl.split(","),
-    name: "jetsaga-orchestrator",
-    auth: config.natsAuth,
-  });
+  const nc = await connectNatsFromConfig(config, "jetsaga-orchestrator");
   // Probes answer (not ready) while the orchestrator starts.
   const running: { orchestrator?: RunningOrchestrator } = {};
   const registry = createMetricsRegistry("orchestrator");

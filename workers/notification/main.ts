@@ -13,7 +13,7 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
-import { connectNats, describeServers } from "../../common/nats.ts";
+import { connectNatsFromConfig, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
 import { createMetricsRegistry, type ProbeServer, startProbeServer } from "../../common/probes.ts";
 import { registerWorkerMetrics } from "../runtime/metrics.ts";
@@ -70,11 +70,7 @@ async function main(): Promise<void> {
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
     const { applied, version } = await migrate(sql, { name: "notification", dir: notificationMigrationsDir });
     logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
-    nc = await connectNats({
-      servers: config.natsUrl.split(","),
-      name: "jetsaga-notification",
-      auth: config.natsAuth,
-    });
+    nc = await connectNatsFromConfig(config, "jetsaga-notification");
     worker = await startNotificationWorker({
       nc,
       sql,

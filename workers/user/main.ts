@@ -26,7 +26,7 @@ import { readUserServiceConfig } from "../../api/user/config.ts";
 import { createUserService } from "../../api/user/service.ts";
 import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
-import { connectNats, describeServers } from "../../common/nats.ts";
+import { connectNatsFromConfig, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
 import { createMetricsRegistry, sendMetrics } from "../../common/probes.ts";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
@@ -73,11 +73,7 @@ async function main(): Promise<void> {
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-user" });
     const { applied, version } = await migrate(sql, { name: "user", dir: userMigrationsDir });
     logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
-    nc = await connectNats({
-      servers: config.natsUrl.split(","),
-      name: "jetsaga-user",
-      auth: config.natsAuth,
-    });
+    nc = await connectNatsFromConfig(config, "jetsaga-user");
     // The worker ensures the streams (the relay publishes into the events stream).
     worker = await startUserWorker({
       nc,

@@ -5,7 +5,7 @@
 import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { readConfig } from "../../../common/config.ts";
-import { connectNats } from "../../../common/nats.ts";
+import { connectNatsFromConfig } from "../../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../../common/postgres.ts";
 import { assertCurrentHistoryFormat, JetsagaError, topology } from "../../../orchestrator/index.ts";
 import { applyBatch, type PositionedEntry, rowsOf } from "./projection.ts";
@@ -122,11 +122,7 @@ async function main(): Promise<void> {
   try {
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-read-model-rebuild" });
     await migrate(sql, { name: "order", dir: orderReadModelMigrations });
-    nc = await connectNats({
-      servers: config.natsUrl.split(","),
-      name: "jetsaga-read-model-rebuild",
-      auth: config.natsAuth,
-    });
+    nc = await connectNatsFromConfig(config, "jetsaga-read-model-rebuild");
     const result = await rebuildOrderReadModel({ nc, sql, ns: config.ns });
     console.log(
       `read model rebuilt in ${describeUrl(config.databaseUrl)}: ${result.entries} entries, ${result.orders} orders, checkpoint ${result.position}`,
