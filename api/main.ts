@@ -23,7 +23,7 @@
 import { randomBytes } from "node:crypto";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { MIN_SECRET_BYTES } from "../common/auth-token.ts";
-import { onShutdown, readConfig } from "../common/config.ts";
+import { exitOnStartFailure, onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
@@ -162,10 +162,7 @@ async function main(): Promise<void> {
     // The machine-readable line supervisors and tests wait for.
     console.log(`JETSAGA_API_URL=${gateway.url}`);
   } catch (error) {
-    const code = (error as { code?: unknown }).code;
-    logger.fatal({ code }, `api cannot start: ${error instanceof Error ? error.message : String(error)}`);
-    await stop().catch(() => {});
-    process.exit(1);
+    await exitOnStartFailure(logger, "api", error, stop);
   }
 }
 

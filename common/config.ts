@@ -1,4 +1,5 @@
 import type { TopologyOptions } from "../orchestrator/runtime/topology.ts";
+import type { Logger } from "./logger.ts";
 import type { NatsAuth } from "./nats.ts";
 import { flushTraces } from "./tracing.ts";
 
@@ -73,6 +74,23 @@ function replicas(value: string | undefined): number | undefined {
   if (!Number.isInteger(n) || n < 1 || n > 5)
     throw configError(`JETSAGA_STREAM_REPLICAS must be 1–5, got "${value}"`);
   return n;
+}
+
+/**
+ * Ends a process whose start-up failed: one fatal line "<what> cannot start: <message>" with the
+ * error's code, no stack (these are configuration and environment problems, not bugs), then
+ * `stop` for what was started so far, then exit status 1.
+ */
+export async function exitOnStartFailure(
+  logger: Logger,
+  what: string,
+  error: unknown,
+  stop: () => Promise<void>,
+): Promise<never> {
+  const code = (error as { code?: unknown }).code;
+  logger.fatal({ code }, `${what} cannot start: ${error instanceof Error ? error.message : String(error)}`);
+  await stop().catch(() => {});
+  process.exit(1);
 }
 
 /** Runs `stop` once on SIGINT/SIGTERM, then exits (0, or 1 if stopping failed). */

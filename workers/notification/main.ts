@@ -11,7 +11,7 @@
  * failures are logged as one line with their code and exit with status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
+import { exitOnStartFailure, onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
@@ -94,14 +94,7 @@ async function main(): Promise<void> {
     );
     process.stdout.write(`JETSAGA_NOTIFICATION_PROBES_URL=${probes.url}\n`);
   } catch (error) {
-    // One clear line, no stack: these are configuration and environment problems, not bugs.
-    const code = (error as { code?: unknown }).code;
-    logger.fatal(
-      { code },
-      `notification worker cannot start: ${error instanceof Error ? error.message : String(error)}`,
-    );
-    await stop().catch(() => {});
-    process.exit(1);
+    await exitOnStartFailure(logger, "notification worker", error, stop);
   }
 }
 

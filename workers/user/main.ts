@@ -24,7 +24,7 @@ import { type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
 import { createTracingInterceptor } from "../../api/rpc/tracing-interceptor.ts";
 import { readUserServiceConfig } from "../../api/user/config.ts";
 import { createUserService } from "../../api/user/service.ts";
-import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
+import { exitOnStartFailure, onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
@@ -126,14 +126,7 @@ async function main(): Promise<void> {
     );
     process.stdout.write(`JETSAGA_USER_SERVICE_URL=${server.url}\n`);
   } catch (error) {
-    // One clear line, no stack: these are configuration and environment problems, not bugs.
-    const code = (error as { code?: unknown }).code;
-    logger.fatal(
-      { code },
-      `user service cannot start: ${error instanceof Error ? error.message : String(error)}`,
-    );
-    await stop().catch(() => {});
-    process.exit(1);
+    await exitOnStartFailure(logger, "user service", error, stop);
   }
 }
 
