@@ -7,7 +7,7 @@ import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
 import { createClient } from "@connectrpc/connect";
-import { createGrpcTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import postgres from "postgres";
 import { OrderService, OrderStatus } from "../proto/gen/jetsaga/order/v1/order_pb.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
@@ -32,6 +32,8 @@ export type FullPathResult =
       processNames: string[];
       /** GetOrder calls per order, p50: 1 (the confirmation's position; no polling). */
       readsPerOrder: number;
+      /** {@link FullPathOptions.connectLevels}, measured with the same processes after `levels`. */
+      overConnect?: LoadReport[];
     }
   | { skipped: string };
 
@@ -43,6 +45,22 @@ export interface OrderLoadOptions extends LoadOptions {
   token: string;
   /** Multi-process servers measured with their children (Postgres). */
   trees?: Record<string, number>;
+  /**
+   * The RPC protocol of the load generator's calls: `grpc` (default; what the issue's full path
+   * names), or `connect` (the Connect protocol, binary, over HTTP/2), which the gateway serves on
+   * the same port.
+   */
+  protocol?: RpcProtocol;
+}
+
+/** The protocols the gateway serves that the benchmark can drive it with. */
+export type RpcProtocol = "grpc" | "connect";
+
+/** A client transport to `baseUrl` speaking `protocol`, both over HTTP/2 with binary messages. */
+function transportFor(protocol: RpcProtocol, baseUrl: string) {
+  return protocol === "connect"
+    ? createConnectTransport({ baseUrl, httpVersion: "2", useBinaryFormat: true })
+    : createGrpcTransport({ baseUrl });
 }
 
 /** The statuses a new order can settle in. */
@@ -57,7 +75,7 @@ const OUTCOME = [OrderStatus.CONFIRMED, OrderStatus.CANCELLED];
 export async function driveOrders(
   options: OrderLoadOptions,
 ): Promise<LoadReport & { readsPerOrder: number }> {
-  const transport = createGrpcTransport({ baseUrl: options.apiUrl });
+  const transport = transportFor(options.protocol ?? "grpc", options.apiUrl);
   const orders = createClient(OrderService, transport);
   const headers = { authorization: `Bearer ${options.token}` };
   const timeoutMs = options.timeoutMs ?? 60_000;
@@ -106,6 +124,11 @@ export interface FullPathOptions {
   progress?: Progress;
   /** Orders run once after the services start, not measured (see SeriesOptions.processWarmup). */
   processWarmup?: Level;
+  /**
+   * Levels measured again after `levels`, on the same processes, with the load generator speaking
+   * the Connect protocol instead of gRPC: what the protocol alone costs on both sides. Default none.
+   */
+  connectLevels?: readonly Level[];
 }
 
 /** Entry files the full path needs; missing ones mean the pieces have not landed yet. */
@@ -171,9 +194,10 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
       api: api.pid,
       ...(options.natsPid ? { nats: options.natsPid } : {}),
     };
-    const run = async (level: Level, warmup: boolean) =>
+    const run = async (level: Level, warmup: boolean, protocol: RpcProtocol = "grpc") =>
       (await runLoadProcess({
         mode: "full",
+        protocol,
         ...levelLoad(options, level),
         // Ids apart from every level's (`c<in flight>-…`).
         ...(warmup ? { idPrefix: "warm-" } : {}),
@@ -184,8 +208,17 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
       })) as LoadReport & { readsPerOrder?: number };
     const levels = await runLevels(options, run, { name: "full path", unit: "orders" });
     const reads = levels.map((level) => level.readsPerOrder ?? Number.NaN);
+    const overConnect = options.connectLevels?.length
+      ? await runLevels(
+          // The processes are warm from the gRPC levels; each level still has its own warm-up.
+          { levels: options.connectLevels, ...(options.progress ? { progress: options.progress } : {}) },
+          (level, warmup) => run(level, warmup, "connect"),
+          { name: "full path over Connect", unit: "orders" },
+        )
+      : undefined;
     return {
       levels,
+      ...(overConnect ? { overConnect } : {}),
       processNames: ["orchestrator", "user", "api", "nats", "postgres", "client"],
       readsPerOrder: reads.sort((a, b) => a - b)[Math.floor(reads.length / 2)] ?? Number.NaN,
     };

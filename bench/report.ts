@@ -456,6 +456,17 @@ export function renderMarkdown(results: BenchResults): string {
         ]),
       );
     }
+    for (const level of f.overConnect ?? []) {
+      const grpc = f.levels.find((l) => l.concurrency === level.concurrency);
+      const cpu = (r: LoadReport): string =>
+        `API gateway ${fmt(r.cpuMsPerItem.api, 2)}, load generator ${fmt(r.cpuMsPerItem.client, 2)}`;
+      out.push(
+        "",
+        `**Full path over the Connect protocol** (${s.name}, ${level.concurrency} in flight; the load generator speaks Connect, binary over HTTP/2, to the same processes, measured right after the gRPC levels): ` +
+          `${fmt(level.perSecond)} orders/s, p50 ${fmt(level.latencyMs.p50)} ms, p99 ${fmt(level.latencyMs.p99)} ms, CPU ms/order ${cpu(level)}, errors ${level.errors}` +
+          (grpc ? ` (gRPC: ${fmt(grpc.perSecond)} orders/s, ${cpu(grpc)}).` : "."),
+      );
+    }
   }
   for (const s of series) {
     if (!s.failures?.length) continue;

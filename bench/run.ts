@@ -354,7 +354,14 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
         push(
           fullRuns,
           await attempt("full path", () =>
-            measureFullPath({ ...base, ns: freshNs("p"), levels: FULL_LEVELS, processWarmup: FULL_WARMUP }),
+            measureFullPath({
+              ...base,
+              ns: freshNs("p"),
+              levels: FULL_LEVELS,
+              processWarmup: FULL_WARMUP,
+              // Only in full runs: a soak (`--full-levels`) measures gRPC alone.
+              ...(args["full-levels"] === undefined ? { connectLevels: at64(FULL_LEVELS) } : {}),
+            }),
           ),
         );
       }
@@ -424,7 +431,11 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
       } else {
         const levelsOf = measuredRuns.map((r) => ("levels" in r ? r.levels : []));
         const one = measuredRuns[0];
+        const overConnect = measuredRuns.flatMap((r) =>
+          "overConnect" in r && r.overConnect ? [r.overConnect] : [],
+        );
         series.fullPath = {
+          ...(overConnect.length ? { overConnect: medianLevels(overConnect) } : {}),
           levels: medianLevels(levelsOf),
           processNames: one && "processNames" in one ? one.processNames : [],
           readsPerOrder: median(

@@ -79,7 +79,7 @@ describe("benchmark smoke", () => {
     }
   });
 
-  it("runs the full path: every order is confirmed and read back from the read model", async () => {
+  it("runs the full path over gRPC and over Connect: every order is confirmed and read back from the read model", async () => {
     const result = await measureFullPath({
       natsUrl: natsUrl(),
       ns: uniqueNamespace("full"),
@@ -88,10 +88,12 @@ describe("benchmark smoke", () => {
         { concurrency: 4, count: 8, warmup: 4 },
       ],
       processWarmup: { concurrency: 2, count: 4 },
+      connectLevels: [{ concurrency: 2, count: 4, warmup: 2 }],
     });
     if ("skipped" in result) throw new Error(`full path skipped: ${result.skipped}`);
     expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
-    for (const level of result.levels) {
+    expect(result.overConnect?.map((l) => l.concurrency)).toEqual([2]);
+    for (const level of [...result.levels, ...(result.overConnect ?? [])]) {
       expect(level.kind).toBe("full");
       expectFiniteReport(level, ["orchestrator", "user", "api"]);
     }
