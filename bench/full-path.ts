@@ -6,6 +6,7 @@
 import { randomBytes } from "node:crypto";
 import { existsSync } from "node:fs";
 import { join } from "node:path";
+import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import postgres from "postgres";
@@ -81,6 +82,7 @@ export async function driveOrders(
   const timeoutMs = options.timeoutMs ?? 60_000;
   const reads: number[] = [];
   const order = async (key: string): Promise<boolean> => {
+    const placedAt = Date.now();
     const settled = await orders.placeOrder(
       {
         idempotencyKey: key,
@@ -89,6 +91,14 @@ export async function driveOrders(
       },
       { headers, timeoutMs },
     );
+    // An order made before this call means its key was used before (another level's, another
+    // protocol's): the call measured a lookup, not an order. 1 ms: the read model keeps ms.
+    const createdAt = settled.order?.createdAt ? timestampMs(settled.order.createdAt) : placedAt;
+    if (createdAt < placedAt - 1) {
+      throw new Error(
+        `order ${settled.order?.orderId} existed before its PlaceOrder: key ${key} was used before`,
+      );
+    }
     if (settled.order?.status !== OrderStatus.CONFIRMED) {
       reads.push(0);
       return false;
@@ -199,6 +209,8 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
         mode: "full",
         protocol,
         ...levelLoad(options, level),
+        // Keys apart from the gRPC levels' (a reused key answers with the order it made).
+        ...(protocol === "grpc" ? {} : { idPrefix: `${protocol}-c${level.concurrency}-` }),
         // Ids apart from every level's (`c<in flight>-…`).
         ...(warmup ? { idPrefix: "warm-" } : {}),
         pids,

@@ -88,11 +88,12 @@ describe("benchmark smoke", () => {
         { concurrency: 4, count: 8, warmup: 4 },
       ],
       processWarmup: { concurrency: 2, count: 4 },
-      connectLevels: [{ concurrency: 2, count: 4, warmup: 2 }],
+      // The same in-flight count as a gRPC level: its orders must still be new ones.
+      connectLevels: [{ concurrency: 4, count: 8, warmup: 4 }],
     });
     if ("skipped" in result) throw new Error(`full path skipped: ${result.skipped}`);
     expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
-    expect(result.overConnect?.map((l) => l.concurrency)).toEqual([2]);
+    expect(result.overConnect?.map((l) => l.concurrency)).toEqual([4]);
     for (const level of [...result.levels, ...(result.overConnect ?? [])]) {
       expect(level.kind).toBe("full");
       expectFiniteReport(level, ["orchestrator", "user", "api"]);
