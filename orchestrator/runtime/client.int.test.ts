@@ -60,4 +60,40 @@ describe("awaitCompletion of an instance this client started", () => {
     const final = await client.awaitCompletion("job", "early", { timeoutMs: 5_000 });
     expect(final).toMatchObject({ instanceId: "early", status: "completed" });
   });
+
+  it("keeps an end for an instance two overlapping start() calls sent, one of them a duplicate", async () => {
+    const sent = await Promise.all([client.start("job", "twice", {}), client.start("job", "twice", {})]);
+    expect(sent.map((s) => s.duplicate).sort()).toEqual([false, true]);
+    // The duplicate's answer must not unmark the instance the other call started: its end,
+    // announced before anyone awaits it, is kept (there is no history to read instead).
+    const state = { workflow: "job", instanceId: "twice", status: "completed", revision: 2 };
+    other.publish(topo.completionSubject("job", "twice"), JSON.stringify({ state }));
+    await other.flush();
+    await nc.flush();
+    const final = await client.awaitCompletion("job", "twice", { timeoutMs: 3_000 });
+    expect(final).toMatchObject({ instanceId: "twice", status: "completed" });
+  });
+
+  it("reads the state for an instance whose every start() call was a duplicate", async () => {
+    const elsewhere = await createWorkflowClient({ nc: other, ns });
+    try {
+      expect((await elsewhere.start("job", "elsewhere", {})).duplicate).toBe(false);
+    } finally {
+      await elsewhere.close();
+    }
+    const sent = await Promise.all([
+      client.start("job", "elsewhere", {}),
+      client.start("job", "elsewhere", {}),
+    ]);
+    expect(sent.map((s) => s.duplicate)).toEqual([true, true]);
+    const state = { workflow: "job", instanceId: "elsewhere", status: "completed", revision: 2 };
+    other.publish(topo.completionSubject("job", "elsewhere"), JSON.stringify({ state }));
+    await other.flush();
+    await nc.flush();
+    // Not started here as far as the client knows: the announced end was not kept, and with no
+    // history to read the wait runs to its deadline.
+    await expect(client.awaitCompletion("job", "elsewhere", { timeoutMs: 1_500 })).rejects.toMatchObject({
+      code: "TIMEOUT",
+    });
+  });
 });

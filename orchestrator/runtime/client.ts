@@ -98,8 +98,12 @@ class Client implements WorkflowClient {
   readonly #completions = new Map<string, Promise<void>>();
   readonly #subscriptions: Subscription[] = [];
   readonly #waiters = new Map<string, Set<Waiter>>();
-  /** Instances this client started after it was listening for their end. */
-  readonly #startedHere = new LruCache<string, true>(100_000);
+  /**
+   * Instances this client started after it was listening for their end, with the number of its
+   * start() calls for each that are in flight or were not duplicates: overlapping calls for one
+   * instance (a caller's retry) must not unmark the one that started it.
+   */
+  readonly #startedHere = new LruCache<string, number>(100_000);
   /** Ends announced for such instances before anyone awaited them. */
   readonly #endedHere = new LruCache<string, InstanceState>(10_000);
 
@@ -139,7 +143,7 @@ class Client implements WorkflowClient {
     // acknowledgement, and nats.js hands it to the subscription before the acknowledgement's
     // promise continues here; unmarked, it was dropped and awaitCompletion waited for its 1 s re-read.
     const key = `${workflow}.${instanceId}`;
-    this.#startedHere.set(key, true);
+    this.#startedHere.set(key, (this.#startedHere.get(key) ?? 0) + 1);
     try {
       const sent = await this.#send({
         id: `start.${workflow}.${instanceId}`,
@@ -272,7 +276,7 @@ class Client implements WorkflowClient {
           again,
         );
       };
-      const startedHere = this.#startedHere.get(key) === true;
+      const startedHere = this.#startedHere.get(key) !== undefined;
       this.#ensureCompletionSubscription(workflow).then(
         () => {
           if (!startedHere) check(1_000);
@@ -283,8 +287,16 @@ class Client implements WorkflowClient {
     });
   }
 
-  /** Not (or not surely) started by this client: awaitCompletion reads the state first. */
+  /**
+   * One start() call of `key` did not start it (a duplicate, or an error): once no other call of
+   * this client may have, awaitCompletion reads the state first.
+   */
   #forgetStart(key: string): void {
+    const calls = (this.#startedHere.get(key) ?? 1) - 1;
+    if (calls > 0) {
+      this.#startedHere.set(key, calls);
+      return;
+    }
     this.#startedHere.delete(key);
     this.#endedHere.delete(key);
   }
@@ -300,7 +312,7 @@ class Client implements WorkflowClient {
             const instanceId = msg.subject.slice(msg.subject.lastIndexOf(".") + 1);
             const key = `${workflow}.${instanceId}`;
             const waiters = this.#waiters.get(key);
-            const ownStart = this.#startedHere.get(key) === true;
+            const ownStart = this.#startedHere.get(key) !== undefined;
             if (!waiters && !ownStart) return;
             // The history stream republishes the ending entry here (see topology.ts).
             const entry = JSON.parse(msg.string()) as Partial<HistoryEntry> | null;
