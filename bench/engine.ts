@@ -179,7 +179,17 @@ export async function runLoadProcess(request: LoadRequest): Promise<LoadReport> 
   const line = await proc.waitForLine(/^BENCH_(RESULT|ERROR) /, 15 * 60_000);
   await proc.exited;
   if (line.startsWith("BENCH_ERROR ")) throw new Error(`load generator failed: ${line.slice(12)}`);
-  return JSON.parse(line.slice("BENCH_RESULT ".length)) as LoadReport;
+  return parseLoadReport(line.slice("BENCH_RESULT ".length));
+}
+
+/**
+ * A load generator's report from the JSON it printed. JSON has no NaN: a level in which nothing
+ * completed has NaN latencies and CPU per item, printed as null, and they are read back as NaN so
+ * the report's numbers stay numbers (a null there made the level's progress line throw, and the
+ * whole part was lost instead of the level reported with its errors). No field is null otherwise.
+ */
+export function parseLoadReport(json: string): LoadReport {
+  return JSON.parse(json, (_key, value: unknown) => (value === null ? Number.NaN : value)) as LoadReport;
 }
 
 /** Options of {@link measureEngine} and {@link measureFloor}. */
