@@ -93,5 +93,7 @@ export const deadLetter = z.object({
   encoding: z.enum(["utf8", "base64"]),
   headers: z.record(z.string(), z.array(z.string())),
   at: z.number().int().nonnegative(),
+  /** True when `data` is only the start of the payload (it was over the size limit): not redrivable. */
+  truncated: z.boolean().optional(),
 });
 export type DeadLetter = z.infer<typeof deadLetter>;

@@ -9,6 +9,6 @@ cd "$(dirname -- "$0")/../.."
 PATH="$PWD/node_modules/.bin:$PATH"
 deno check orchestrator/index.ts orchestrator/service/main.ts workers/user/main.ts \
   workers/notification/main.ts api/main.ts visualiser/main.ts deploy/local/start.ts \
-  api/order/read-model/rebuild.ts bench/run.ts
+  api/order/read-model/rebuild.ts orchestrator/service/dead-letters.ts bench/run.ts
 deno lint
 deno run -A node_modules/vitest/vitest.mjs run --project unit

@@ -78,6 +78,7 @@ export function deadLetterOf(
     ...encodePayload(truncated ? msg.data.subarray(0, maxDataBytes) : msg.data),
     headers: headersRecord(msg.headers),
     at,
+    ...(truncated ? { truncated: true } : {}),
   });
 }
 

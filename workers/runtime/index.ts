@@ -5,7 +5,18 @@
  */
 
 export { backoffDelay } from "../../common/backoff.ts";
-export { type DeadLetterCode, type ReadDeadLettersOptions, readDeadLetters } from "./dead-letters.ts";
+export {
+  type DeadLetterCode,
+  dropDeadLetter,
+  isTruncated,
+  type ReadDeadLettersOptions,
+  type RedriveResult,
+  readDeadLetter,
+  readDeadLetters,
+  readStoredDeadLetters,
+  redriveDeadLetter,
+  type StoredDeadLetter,
+} from "./dead-letters.ts";
 export { type HandlerErrorCode, isTerminalError, RetryableError, TerminalError } from "./errors.ts";
 export { commandHandler, eventHandler } from "./handlers.ts";
 export type {

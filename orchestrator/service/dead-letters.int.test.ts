@@ -1,0 +1,176 @@
+/**
+ * The dead-letter commands against a real nats-server and orchestrator: a message dead-lettered
+ * because its workflow was not deployed yet runs once redriven; a letter that kept only part of its
+ * payload is refused and can be dropped; bad command lines are refused before connecting.
+ */
+import { execFile } from "node:child_process";
+import { fileURLToPath } from "node:url";
+import { promisify } from "node:util";
+import { jetstream } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { counterWorkflow, reminderWorkflow } from "../../test/fixtures/workflows.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import {
+  createWorkflowClient,
+  type RunningOrchestrator,
+  readStoredDeadLetters,
+  startOrchestrator,
+  topology,
+  type WorkflowClient,
+} from "../index.ts";
+import { type Output, parseDeadLetterCommand, runDeadLetterCommand } from "./dead-letters.ts";
+
+function captured(): Output & { outLines: string[]; errLines: string[] } {
+  const outLines: string[] = [];
+  const errLines: string[] = [];
+  return { outLines, errLines, out: (line) => outLines.push(line), err: (line) => errLines.push(line) };
+}
+
+describe("dead-letter commands", () => {
+  const ns = uniqueNamespace("dlq-cmd");
+  const topo = topology(ns);
+  let nc: NatsConnection;
+  let orchestrator: RunningOrchestrator | undefined;
+  let client: WorkflowClient;
+  const run = (argv: string[], output: Output) =>
+    runDeadLetterCommand(nc, ns, parseDeadLetterCommand(argv), output);
+  const stored = () => readStoredDeadLetters(jetstream(nc), topo);
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    // Deployed without the counter workflow, which a client already starts instances of.
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [reminderWorkflow], maxMessageBytes: 2048 });
+    client = await createWorkflowClient({ nc, ns });
+  });
+
+  afterAll(async () => {
+    await client?.close();
+    await orchestrator?.stop();
+    await nc?.close();
+  });
+
+  it("redrives a start dead-lettered before its workflow was deployed: the instance then runs", async () => {
+    await client.start("counter", "late-1", { expected: 1 });
+    await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
+    const [letter] = await stored();
+    expect(letter?.letter).toMatchObject({
+      code: "UNKNOWN_TYPE",
+      subject: topo.inboxSubject("counter", "late-1"),
+    });
+    const seq = letter?.seq ?? 0;
+
+    // The fix: a deployment that knows the workflow.
+    await orchestrator?.stop();
+    orchestrator = await startOrchestrator({
+      nc,
+      ns,
+      workflows: [counterWorkflow, reminderWorkflow],
+      maxMessageBytes: 2048,
+    });
+
+    const listed = captured();
+    expect(await run(["list", "--code", "UNKNOWN_TYPE"], listed)).toEqual({ ok: true });
+    expect(listed.outLines).toHaveLength(1);
+    expect(listed.outLines[0]).toMatch(
+      new RegExp(
+        `^${seq}  \\S+  UNKNOWN_TYPE  ${topo.inboxSubject("counter", "late-1").replaceAll(".", "\\.")}  deliveries 1  unknown workflow counter$`,
+      ),
+    );
+
+    const redriven = captured();
+    expect(await run(["redrive", String(seq)], redriven)).toEqual({ ok: true });
+    expect(redriven.outLines[0]).toMatch(
+      new RegExp(
+        `^redrove dead letter ${seq} to ${topo.inboxSubject("counter", "late-1").replaceAll(".", "\\.")} \\(`,
+      ),
+    );
+    // Within the inbox's de-duplication window of the original start: it must still be taken.
+    await client.signal("counter", "late-1", { type: "bump", by: 2 });
+    expect(await client.awaitCompletion("counter", "late-1", { timeoutMs: 10_000 })).toMatchObject({
+      status: "completed",
+      output: { seen: 1, total: 2 },
+    });
+    expect(await stored()).toEqual([]);
+  });
+
+  it("refuses to redrive a letter that kept only part of its payload, and drops it", async () => {
+    const subject = topo.inboxSubject("reminder", "big-1");
+    await jetstream(nc).publish(
+      subject,
+      JSON.stringify({
+        id: "big",
+        workflow: "reminder",
+        instanceId: "big-1",
+        at: 1,
+        event: { type: "x" },
+        pad: "y".repeat(4000),
+      }),
+    );
+    await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
+    const [letter] = await stored();
+    expect(letter?.letter).toMatchObject({ code: "TOO_LARGE", truncated: true });
+    const seq = String(letter?.seq);
+
+    const refused = captured();
+    expect(await run(["redrive", seq], refused)).toEqual({ ok: false });
+    expect(refused.errLines[0]).toMatch(
+      /^redrive \d+ failed: dead letter \d+ kept only part of its payload \(TOO_LARGE\)/,
+    );
+    expect(await stored()).toHaveLength(1);
+
+    const shown = captured();
+    await run(["show", seq], shown);
+    expect(JSON.parse(shown.outLines.join("\n"))).toMatchObject({
+      seq: Number(seq),
+      code: "TOO_LARGE",
+      subject,
+    });
+
+    const dropped = captured();
+    expect(await run(["drop", seq], dropped)).toEqual({ ok: true });
+    expect(dropped.outLines).toEqual([`dropped dead letter ${seq}`]);
+    expect(await stored()).toEqual([]);
+  });
+
+  it("reports a sequence with no dead letter and still handles the others", async () => {
+    await client.start("nowhere", "n-1", {});
+    await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
+    const [letter] = await stored();
+    const output = captured();
+    expect(await run(["drop", "999999", String(letter?.seq)], output)).toEqual({ ok: false });
+    expect(output.errLines[0]).toBe(
+      `drop 999999 failed: no dead letter 999999 in ${topo.streams.deadLetters}`,
+    );
+    expect(output.outLines).toEqual([`dropped dead letter ${letter?.seq}`]);
+    expect(await stored()).toEqual([]);
+  });
+
+  it("refuses bad command lines with the reason", () => {
+    expect(() => parseDeadLetterCommand([])).toThrow(/no command/);
+    expect(() => parseDeadLetterCommand(["purge"])).toThrow(/unknown command "purge"/);
+    expect(() => parseDeadLetterCommand(["redrive"])).toThrow(/by sequence number/);
+    expect(() => parseDeadLetterCommand(["redrive", "7x"])).toThrow(/positive integer \(got "7x"\)/);
+    expect(() => parseDeadLetterCommand(["drop", "--all"])).toThrow(/--all goes with redrive/);
+    expect(() => parseDeadLetterCommand(["redrive", "3", "--code", "X"])).toThrow(/--source and --code/);
+    expect(() => parseDeadLetterCommand(["show", "1", "2"])).toThrow(/takes 1 sequence number/);
+    expect(() => parseDeadLetterCommand(["list", "--bogus"])).toThrow(/bogus/);
+    expect(parseDeadLetterCommand(["redrive", "--all", "--code", "UNKNOWN_TYPE"])).toMatchObject({
+      command: "redrive",
+      all: true,
+      code: "UNKNOWN_TYPE",
+    });
+  });
+
+  it("exits 2 with the usage for a bad command line, before connecting", async () => {
+    const entry = fileURLToPath(new URL("./dead-letters.ts", import.meta.url));
+    const failed = await promisify(execFile)(process.execPath, [entry, "purge"], {
+      env: { ...process.env, NATS_URL: "nats://127.0.0.1:1" },
+    }).catch((error: { code?: number; stderr?: string }) => error);
+    expect(failed).toMatchObject({ code: 2 });
+    expect((failed as { stderr?: string }).stderr).toMatch(
+      /unknown command "purge"\nusage: npm run dead-letters/,
+    );
+  });
+});
