@@ -3,7 +3,15 @@
  * process): one port serving OrderService and a UserService proxy over gRPC, Connect and gRPC-Web,
  * plus /healthz, /readyz and /metrics, with the order read-model projector running alongside.
  */
-import type { ConnectError, ServiceImpl, Transport } from "@connectrpc/connect";
+import {
+  type ConnectError,
+  type ContextValues,
+  createContextKey,
+  createContextValues,
+  type HandlerContext,
+  type ServiceImpl,
+  type Transport,
+} from "@connectrpc/connect";
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Gauge, type Registry } from "prom-client";
@@ -28,7 +36,13 @@ import {
   type ResilientUserClient,
   type ResilientUserClientOptions,
 } from "./order/user-client.ts";
-import { type RpcServer, type RpcServerOptions, startRpcServer } from "./rpc/index.ts";
+import {
+  type NodeServerRequest,
+  type RpcServer,
+  type RpcServerOptions,
+  startRpcServer,
+} from "./rpc/index.ts";
+import { CLIENT_ADDRESS_HEADER, checkClientAddress } from "./user/client-address.ts";
 
 /** Options of {@link startGateway}. */
 export interface GatewayOptions {
@@ -62,6 +76,12 @@ export interface GatewayOptions {
   closeGraceMs?: number;
   /** How long to wait at start for the orchestrator to create the history stream, ms. Default 30 s. */
   streamWaitMs?: number;
+  /**
+   * Request header that names the client's address when the gateway runs behind a proxy or load
+   * balancer (e.g. `x-forwarded-for`): its last comma-separated entry, the one the proxy
+   * appended, is used. Unset (the default): the TCP peer's address. See {@link clientAddressOf}.
+   */
+  clientAddressHeader?: string;
 }
 
 /** A running gateway. */
@@ -76,46 +96,75 @@ export interface Gateway {
   close(): Promise<void>;
 }
 
+/** An HTTP header name (RFC 9110 token): what `clientAddressHeader` must be. */
+export const HTTP_HEADER_NAME = /^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/;
+
+/** Context key under which the gateway leaves the caller's address (see {@link clientAddressOf}). */
+export const clientAddressKey = createContextKey<string | undefined>(undefined, {
+  description: "client network address",
+});
+
+/**
+ * The address of the client that sent `req`: with `header` (lowercase) set, the last
+ * comma-separated entry of that header, which the proxy in front of the gateway appended (the
+ * entries before it are whatever the client sent, so never trusted); the TCP peer's address when
+ * `header` is unset, absent from the request, or its last entry is empty or not an address
+ * ({@link checkClientAddress}). Undefined only when the socket has no address (already closed).
+ */
+export function clientAddressOf(req: NodeServerRequest, header?: string): string | undefined {
+  if (header) {
+    const value = req.headers[header];
+    // Several lines of the header are one list, in order (RFC 9110 §5.3).
+    const list = Array.isArray(value) ? value.join(",") : (value ?? "");
+    const last = checkClientAddress(list.split(",").at(-1));
+    if (last) return last;
+  }
+  return checkClientAddress(req.socket.remoteAddress);
+}
+
+/** The RPC server's `contextValues` hook that records {@link clientAddressOf} under {@link clientAddressKey}. */
+export function clientAddressValues(header?: string): (req: NodeServerRequest) => ContextValues {
+  return (req) => createContextValues().set(clientAddressKey, clientAddressOf(req, header));
+}
+
 /**
  * The UserService as the gateway serves it: every call forwarded to the user service with the
- * caller's `authorization` header. GetUser (a read) is retried; CreateUser and Authenticate are
- * not (a retry after a lost answer could create twice or count twice against the rate limit);
+ * caller's `authorization` header and the caller's address in `x-jetsaga-client-address`, which
+ * keys Authenticate's per-address sign-in budget there. Only these two: a client's own
+ * `x-jetsaga-client-address` never passes (the address comes from {@link clientAddressKey}, set
+ * by the server's `contextValues`; without it, none is sent). GetUser (a read) is retried;
+ * CreateUser and Authenticate are not (a retry after a lost answer could create twice or count twice against the rate limit);
  * all go through a breaker, so a dead user service gives UNAVAILABLE fast, but the password calls
  * through their own (see user-client.ts): they are public and as slow as their callers make them.
  * The caller's signal goes upstream, so a call its client gave up on stops there too instead of
  * holding a place in the hashing queue.
  */
 export function createUserServiceProxy(users: ResilientUserClient): ServiceImpl<typeof UserService> {
-  const forward = (authorization: string | null): Record<string, string> =>
-    authorization ? { authorization } : {};
+  const forward = (ctx: HandlerContext): Record<string, string> => {
+    const headers: Record<string, string> = {};
+    const authorization = ctx.requestHeader.get("authorization");
+    if (authorization) headers.authorization = authorization;
+    const address = ctx.values.get(clientAddressKey);
+    if (address) headers[CLIENT_ADDRESS_HEADER] = address;
+    return headers;
+  };
   return {
     createUser: (req, ctx) =>
-      users.once(
-        (call) =>
-          users.client.createUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
-        ctx.signal,
-      ),
+      users.once((call) => users.client.createUser(req, { ...call, headers: forward(ctx) }), ctx.signal),
     getUser: (req, ctx) =>
-      users.idempotent(
-        (call) =>
-          users.client.getUser(req, { ...call, headers: forward(ctx.requestHeader.get("authorization")) }),
-        ctx.signal,
-      ),
+      users.idempotent((call) => users.client.getUser(req, { ...call, headers: forward(ctx) }), ctx.signal),
     authenticate: (req, ctx) =>
-      users.once(
-        (call) =>
-          users.client.authenticate(req, {
-            ...call,
-            headers: forward(ctx.requestHeader.get("authorization")),
-          }),
-        ctx.signal,
-      ),
+      users.once((call) => users.client.authenticate(req, { ...call, headers: forward(ctx) }), ctx.signal),
   };
 }
 
 /** Migrates the read model, starts the projector, the OrderService and the server. */
 export async function startGateway(options: GatewayOptions): Promise<Gateway> {
   const { nc, sql, logger } = options;
+  const addressHeader = options.clientAddressHeader?.toLowerCase();
+  if (addressHeader !== undefined && !HTTP_HEADER_NAME.test(addressHeader)) {
+    throw new RangeError("clientAddressHeader must be an HTTP header name");
+  }
   await migrate(sql, { name: "order", dir: orderReadModelMigrations });
   await waitForHistoryStream(nc, options.ns, options.streamWaitMs ?? 30_000, logger);
   const projector = await startOrderProjector({
@@ -151,6 +200,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
       ...(options.port === undefined ? {} : { port: options.port }),
       ...(options.host ? { host: options.host } : {}),
       readMaxBytes: options.readMaxBytes ?? 64 * 1024,
+      contextValues: clientAddressValues(addressHeader),
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
       ...(options.streamResetLimit ? { streamResetLimit: options.streamResetLimit } : {}),
       ...(options.maxStreamsPerConnection

@@ -35,4 +35,18 @@ describe("api/main.ts settings", () => {
       expect(output).toContain(`got \\"${value}\\"`);
     },
   );
+
+  it.each(["x forwarded for", "x-forwarded-for:", "x(client)", "ä"])(
+    "refuses API_CLIENT_ADDRESS_HEADER=%s",
+    async (value) => {
+      const proc = await spawnService("api/main.ts", {
+        USER_SERVICE_URL: "http://127.0.0.1:1",
+        JETSAGA_TOKEN_SECRET: "x".repeat(48),
+        API_CLIENT_ADDRESS_HEADER: value,
+        LOG_LEVEL: "info",
+      });
+      expect(await proc.exited).toBe(1);
+      expect(proc.lines.join("\n")).toContain("API_CLIENT_ADDRESS_HEADER must be an HTTP header name");
+    },
+  );
 });

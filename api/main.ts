@@ -16,6 +16,12 @@
  *   may send before the gateway closes it (default Node's, 1000/33).
  * - `API_MAX_STREAMS_PER_CONNECTION`: calls (streams) one HTTP/2 connection may have open at once,
  *   1-1000000 (default 256); further calls wait in the client.
+ * - `API_CLIENT_ADDRESS_HEADER`: behind a proxy or load balancer, the request header in which it
+ *   reports the client's address, e.g. `x-forwarded-for`; the last comma-separated entry (the one
+ *   the proxy appended) is used. Unset (default): the TCP peer's address. Either way the address is
+ *   sent to the user service, whose per-address sign-in budget keeps one address from locking a
+ *   user out. Set it only when every request comes through a proxy that appends to the header:
+ *   otherwise clients write it themselves and get a fresh budget per made-up address.
  * - `NATS_URL` (default nats://127.0.0.1:4222), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`.
  *
  * Bad configuration or an unreachable server: one clear log line, exit status 1.
@@ -27,7 +33,7 @@ import { exitOnStartFailure, onShutdown, readConfig } from "../common/config.ts"
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
-import { type Gateway, startGateway } from "./gateway.ts";
+import { type Gateway, HTTP_HEADER_NAME, startGateway } from "./gateway.ts";
 
 const logger = createLogger("api");
 
@@ -43,6 +49,7 @@ interface ApiConfig {
   tokenSecret: string;
   streamResetLimit?: { burst: number; perSecond: number };
   maxStreamsPerConnection?: number;
+  clientAddressHeader?: string;
 }
 
 function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
@@ -104,6 +111,12 @@ function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
       );
     }
   }
+  const clientAddressHeader = env.API_CLIENT_ADDRESS_HEADER?.trim().toLowerCase();
+  if (clientAddressHeader && !HTTP_HEADER_NAME.test(clientAddressHeader)) {
+    throw new ConfigError(
+      `API_CLIENT_ADDRESS_HEADER must be an HTTP header name such as x-forwarded-for, got "${env.API_CLIENT_ADDRESS_HEADER}"`,
+    );
+  }
   return {
     port,
     host: env.API_HOST || "127.0.0.1",
@@ -111,6 +124,7 @@ function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
     tokenSecret,
     ...(streamResetLimit ? { streamResetLimit } : {}),
     ...(maxStreamsPerConnection ? { maxStreamsPerConnection } : {}),
+    ...(clientAddressHeader ? { clientAddressHeader } : {}),
   };
 }
 
@@ -146,6 +160,7 @@ async function main(): Promise<void> {
       host: api.host,
       ...(api.streamResetLimit ? { streamResetLimit: api.streamResetLimit } : {}),
       ...(api.maxStreamsPerConnection ? { maxStreamsPerConnection: api.maxStreamsPerConnection } : {}),
+      ...(api.clientAddressHeader ? { clientAddressHeader: api.clientAddressHeader } : {}),
       logger,
     });
     onShutdown(stop);
@@ -156,6 +171,7 @@ async function main(): Promise<void> {
         database: describeUrl(config.databaseUrl),
         ns: config.ns,
         userService: api.userServiceUrl,
+        clientAddress: api.clientAddressHeader ?? "tcp peer",
       },
       "api ready",
     );

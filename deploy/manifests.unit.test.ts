@@ -43,6 +43,8 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
     API_STREAM_RESET_LIMIT:
       "unset = Node's HTTP/2 defaults: 1,000 cancelled streams, then 33 per second per connection",
     API_MAX_STREAMS_PER_CONNECTION: "unset = 256 calls open at once per HTTP/2 connection",
+    API_CLIENT_ADDRESS_HEADER:
+      "unset = the TCP peer is the client; set (e.g. x-forwarded-for) only behind a proxy that appends to it",
   },
   "orchestrator/service/main.ts": {
     DATABASE_URL: "readConfig() reads it for every service; the orchestrator keeps no database",

@@ -3,7 +3,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectPostgres, migrate, type Sql } from "../../common/postgres.ts";
 import { createTestDatabase, type TestDatabase } from "../../test/support/context.ts";
 import { userMigrationsDir } from "../../workers/user/index.ts";
-import { createPostgresRateLimiter } from "./rate-limit.ts";
+import { createPostgresRateLimiter, IDLE_BUCKET_MS } from "./rate-limit.ts";
 
 let db: TestDatabase;
 let sql: Sql;
@@ -44,7 +44,9 @@ describe("Postgres rate limiter", () => {
     expect((await replicaA.take("bob@example.com")).allowed).toBe(true);
   });
 
-  it("refuses a non-positive budget", () => {
+  it("refuses a non-positive budget, and a window longer than the hour after which idle buckets are pruned", () => {
     expect(() => createPostgresRateLimiter(sql, { attempts: 0 })).toThrow(RangeError);
+    expect(() => createPostgresRateLimiter(sql, { perMs: IDLE_BUCKET_MS + 1 })).toThrow(RangeError);
+    expect(() => createPostgresRateLimiter(sql, { attempts: 100, perMs: IDLE_BUCKET_MS })).not.toThrow();
   });
 });

@@ -1,14 +1,24 @@
 /**
- * A token-bucket limiter keyed by string (e.g. a lowercased email) whose buckets live in Postgres,
- * shared by every process on the database. The user service's sign-in budget uses it.
+ * A token-bucket limiter keyed by string (e.g. `email:<lowercased email>`) whose buckets live in
+ * Postgres, shared by every process on the database. The user service's sign-in budgets use it.
  */
 import type { Sql } from "../../common/postgres.ts";
+
+/**
+ * How long a bucket may sit unused before the user service's pruner deletes its row
+ * (`workers/user/pruner.ts`): 1 hour. A missing row is a full bucket, so every window must refill
+ * a bucket completely within it: {@link createPostgresRateLimiter} refuses a longer `perMs`.
+ */
+export const IDLE_BUCKET_MS = 3_600_000;
 
 /** Options of {@link createPostgresRateLimiter}. */
 export interface RateLimiterOptions {
   /** Attempts allowed in a burst, and per `perMs` on average; default 5. */
   attempts?: number;
-  /** Window in which `attempts` tokens are refilled, ms; default 60 000 (so 5 per minute). */
+  /**
+   * Window in which `attempts` tokens are refilled, ms; default 60 000 (so 5 per minute). At most
+   * {@link IDLE_BUCKET_MS}.
+   */
   perMs?: number;
   /** Clock in epoch ms; default Date.now. Injected by tests. */
   now?: () => number;
@@ -42,6 +52,8 @@ export function createPostgresRateLimiter(sql: Sql, options: RateLimiterOptions 
   for (const [name, value] of Object.entries({ attempts, perMs })) {
     if (!Number.isFinite(value) || value <= 0) throw new RangeError(`${name} must be positive`);
   }
+  // A longer window would hand a bucket pruned after an hour of rest back fuller than it was.
+  if (perMs > IDLE_BUCKET_MS) throw new RangeError(`perMs must be at most ${IDLE_BUCKET_MS} (1 hour)`);
   const ratePerMs = attempts / perMs;
   return {
     async take(key) {

@@ -26,6 +26,7 @@ import { createTestDatabase, type TestDatabase, uniqueNamespace } from "../../te
 import { userMigrationsDir } from "../../workers/user/index.ts";
 import { createUserStore } from "../../workers/user/store.ts";
 import { type RpcServer, startRpcServer } from "../rpc/index.ts";
+import { CLIENT_ADDRESS_HEADER } from "./client-address.ts";
 import {
   createPasswordHasher,
   DEFAULT_SCRYPT_COST,
@@ -402,6 +403,103 @@ describe("UserService", () => {
         statuses.push((r as grpc.ServiceError).code);
       }
       expect(statuses).toEqual([16, 16, 16, 16, 16, 8].map((c) => c as grpc.status));
+    });
+  });
+
+  describe("sign-in budgets per client address (x-jetsaga-client-address, set by the gateway)", () => {
+    let email: string;
+    let userId: string;
+    /** Call options reporting the client at `address`, as the gateway does. */
+    const from = (address: string) => ({ headers: { [CLIENT_ADDRESS_HEADER]: address } });
+    const attempt = async (address: string | undefined, password = "wrong password") =>
+      (await codeOf(connect().authenticate({ email, password }, address === undefined ? {} : from(address))))
+        .code;
+    beforeEach(async () => {
+      // A user of its own per test: no bucket is shared with another test.
+      email = freshEmail();
+      const { user } = await connect().createUser({ email, password: PASSWORD, creditLimitCents: 0n });
+      userId = user?.userId ?? "";
+    });
+
+    it("an address that empties its own budget, even at its full rate for 40 minutes, does not lock the user out from another address", async () => {
+      const attacker = "203.0.113.66";
+      for (let i = 0; i < 5; i++) expect(await attempt(attacker)).toBe(Code.Unauthenticated);
+      const refused = await codeOf(connect().authenticate({ email, password: PASSWORD }, from(attacker)));
+      expect(refused).toEqual({
+        code: Code.ResourceExhausted,
+        message: "too many sign-in attempts for this email; retry in 12 s",
+      });
+      // The victim, elsewhere, signs in with the right password.
+      const victim = await connect().authenticate({ email, password: PASSWORD }, from("198.51.100.7"));
+      expect(victim.userId).toBe(userId);
+      // The attacker keeps to its own limit (5 a minute, every attempt allowed and wrong): the
+      // email's budget across addresses refills faster than that, so it never runs dry.
+      for (let minute = 0; minute < 40; minute++) {
+        clock += 60_000;
+        for (let i = 0; i < 5; i++) expect(await attempt(attacker)).toBe(Code.Unauthenticated);
+      }
+      const later = await connect().authenticate({ email, password: PASSWORD }, from("198.51.100.7"));
+      expect(later.userId).toBe(userId);
+    });
+
+    it("caps the email across addresses at 30 a minute; an address refused by its own budget spends none of it", async () => {
+      const first = "192.0.2.1";
+      for (let i = 0; i < 5; i++) expect(await attempt(first)).toBe(Code.Unauthenticated);
+      // Refused by its own budget: these must not come out of the email's 25 left.
+      for (let i = 0; i < 10; i++) expect(await attempt(first)).toBe(Code.ResourceExhausted);
+      for (let a = 2; a <= 6; a++) {
+        for (let i = 0; i < 5; i++) expect(await attempt(`192.0.2.${a}`)).toBe(Code.Unauthenticated);
+      }
+      // 30 spent from six addresses: a seventh, with the right password, is refused; one token
+      // comes back every 2 s.
+      const capped = await codeOf(connect().authenticate({ email, password: PASSWORD }, from("192.0.2.7")));
+      expect(capped).toEqual({
+        code: Code.ResourceExhausted,
+        message: "too many sign-in attempts for this email; retry in 2 s",
+      });
+      clock += 2_000;
+      expect((await connect().authenticate({ email, password: PASSWORD }, from("192.0.2.8"))).userId).toBe(
+        userId,
+      );
+      expect(await attempt("192.0.2.9")).toBe(Code.ResourceExhausted);
+    });
+
+    it("counts an IPv6 address as its /64 and an IPv4-mapped one as the IPv4 address", async () => {
+      // Five addresses of one /64, written every way: one budget.
+      for (const address of [
+        "2001:db8:1:2::1",
+        "2001:db8:1:2::2",
+        "2001:db8:1:2:a:b:c:d",
+        "2001:db8:1:2:ffff::9",
+        "2001:DB8:1:2:0:0:0:77%eth0",
+      ]) {
+        expect(await attempt(address)).toBe(Code.Unauthenticated);
+      }
+      expect(await attempt("2001:db8:1:2::99")).toBe(Code.ResourceExhausted);
+      expect(await attempt("2001:db8:1:3::1")).toBe(Code.Unauthenticated);
+
+      for (let i = 0; i < 5; i++) expect(await attempt("198.51.100.20")).toBe(Code.Unauthenticated);
+      expect(await attempt("::ffff:198.51.100.20")).toBe(Code.ResourceExhausted);
+    });
+
+    it("without the header (or with an empty, too long or malformed one) spends the one per-email budget of 5 a minute, apart from the per-address ones", async () => {
+      for (let i = 0; i < 3; i++) expect(await attempt(undefined)).toBe(Code.Unauthenticated);
+      expect(await attempt("")).toBe(Code.Unauthenticated);
+      expect(await attempt("x".repeat(101))).toBe(Code.Unauthenticated);
+      expect(await attempt("10.0.0.1|x")).toBe(Code.ResourceExhausted);
+      expect(await attempt(undefined)).toBe(Code.ResourceExhausted);
+      // A caller with an address has its own budget, and the address-less one took none of the
+      // email's budget across addresses.
+      expect((await connect().authenticate({ email, password: PASSWORD }, from("192.0.2.50"))).userId).toBe(
+        userId,
+      );
+      const keys = await sql<{ key: string }[]>`
+        select key from auth_rate_limits where key like ${`%${email}`}`;
+      expect(keys.map((row) => row.key).sort()).toEqual([
+        `addr:192.0.2.50|${email}`,
+        `email-all:${email}`,
+        `email:${email}`,
+      ]);
     });
   });
 

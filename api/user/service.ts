@@ -20,13 +20,19 @@ import { domainEventMessage, subjectToken } from "../../schemas/envelope.ts";
 import { userCreatedEvent } from "../../schemas/user.ts";
 import { isUserStoreError } from "../../workers/user/errors.ts";
 import { createUserStore, type OutboxMessage, type User } from "../../workers/user/store.ts";
+import { addressBucket, CLIENT_ADDRESS_HEADER, checkClientAddress } from "./client-address.ts";
 import {
   createPasswordHasher,
   type PasswordHasher,
   PasswordHasherBusyError,
   type ScryptCost,
 } from "./password.ts";
-import { createPostgresRateLimiter, type RateLimiterOptions } from "./rate-limit.ts";
+import {
+  createPostgresRateLimiter,
+  type RateDecision,
+  type RateLimiterOptions,
+  type SharedRateLimiter,
+} from "./rate-limit.ts";
 
 /** Input limits enforced by the service (exported for docs and tests). */
 export const USER_LIMITS = Object.freeze({
@@ -42,6 +48,16 @@ export const USER_LIMITS = Object.freeze({
 
 /** Default lifetime of issued tokens, seconds. */
 export const DEFAULT_TOKEN_TTL_SECONDS = 3600;
+
+/**
+ * Default of Authenticate's budget per email across all addresses (`authEmailRateLimit`): 30
+ * attempts a minute, six times one address's 5. It must refill faster than one address may spend,
+ * or a single address sending at its own limit would empty it and lock the user out again; at six
+ * times, emptying it takes six addresses (IPv6 /64 prefixes) sending at full rate. Meanwhile it
+ * bounds guessing from many addresses to 30 a minute per account.
+ */
+export const DEFAULT_AUTH_EMAIL_RATE_LIMIT: Readonly<Required<Omit<RateLimiterOptions, "now">>> =
+  Object.freeze({ attempts: 30, perMs: 60_000 });
 
 /** The one message for a wrong email and a wrong password, so callers cannot tell them apart. */
 export const AUTH_FAILED_MESSAGE = "wrong email or password";
@@ -71,10 +87,19 @@ export interface UserServiceOptions {
   /** The password hasher (bounded concurrency); default `createPasswordHasher({ cost: scryptCost })`. */
   hasher?: PasswordHasher;
   /**
-   * Authenticate's per-email budget; default 5 attempts per minute, kept in the database
-   * (`auth_rate_limits`) so every replica spends the same budget.
+   * Authenticate's budget per client address and email when the call carries
+   * {@link CLIENT_ADDRESS_HEADER} (the gateway's calls), per email when it does not (direct
+   * internal callers); default 5 attempts per minute. Kept in the database (`auth_rate_limits`) so
+   * every replica spends the same budget.
    */
   authRateLimit?: Omit<RateLimiterOptions, "now">;
+  /**
+   * Authenticate's budget per email across all client addresses, spent only by calls that carry
+   * an address and were allowed by their own address's budget; default
+   * {@link DEFAULT_AUTH_EMAIL_RATE_LIMIT} (30 a minute). Keep its rate well above
+   * `authRateLimit`'s: the ratio is how many addresses it takes to lock a user out.
+   */
+  authEmailRateLimit?: Omit<RateLimiterOptions, "now">;
   /** Clock, epoch ms (token expiry, rate limit); default Date.now. */
   now?: () => number;
   /** Logs user ids and failures; never passwords, hashes, tokens or emails. Default: silent. */
@@ -92,8 +117,17 @@ export interface UserServiceOptions {
  *   INVALID_ARGUMENT for an id that is not one subject token; NOT_FOUND when unknown or another
  *   user's (not distinguished).
  * - Authenticate: UNAUTHENTICATED with {@link AUTH_FAILED_MESSAGE} for a wrong email or password
- *   (an unknown email still costs one hash, so timing tells little), RESOURCE_EXHAUSTED after the
- *   per-email budget is spent or when too many hashes are queued.
+ *   (an unknown email still costs one hash, so timing tells little), RESOURCE_EXHAUSTED when too
+ *   many hashes are queued or a sign-in budget is spent. A call carrying the client's address in
+ *   {@link CLIENT_ADDRESS_HEADER} (set by the API gateway, always; believed without checking
+ *   because only the gateway can reach this service inside the deployment) spends two budgets:
+ *   first its own per address and email (`authRateLimit`, 5 a minute), so someone failing on
+ *   purpose from one address cannot lock the user out from others; then, only if that allowed it,
+ *   the email's across all addresses (`authEmailRateLimit`, 30 a minute), which bounds guessing
+ *   from many addresses (an address refused by its own budget leaves the shared one alone). An
+ *   IPv6 address counts as its /64. A call without the header, or with an empty, longer than
+ *   100 characters or malformed one, spends one budget per email (`authRateLimit`), as before the
+ *   gateway reported addresses.
  * - Postgres unreachable: UNAVAILABLE; anything unexpected: INTERNAL with a generic message (the
  *   cause is logged without query parameters).
  *
@@ -110,7 +144,14 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
   const store = createUserStore(options.sql);
   const hasher =
     options.hasher ?? createPasswordHasher(options.scryptCost ? { cost: options.scryptCost } : {});
-  const limiter = createPostgresRateLimiter(options.sql, { ...options.authRateLimit, now });
+  const spendSignInBudget = signInBudget(
+    createPostgresRateLimiter(options.sql, { ...options.authRateLimit, now }),
+    createPostgresRateLimiter(options.sql, {
+      ...DEFAULT_AUTH_EMAIL_RATE_LIMIT,
+      ...options.authEmailRateLimit,
+      now,
+    }),
+  );
   const createdSubject = topology(options.ns).eventSubject("user", "user.created");
   const log = options.logger;
   const edge = <T>(work: () => Promise<T>, signal: AbortSignal): Promise<T> => mapErrors(work, signal, log);
@@ -185,7 +226,8 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         const email = checkEmail(req.email);
         // No minimum length here: the policy may change, and a short guess is simply wrong.
         const password = checkPassword(req.password, 1);
-        const decision = await limiter.take(email);
+        const address = checkClientAddress(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER));
+        const decision = await spendSignInBudget(email, address);
         if (!decision.allowed) {
           throw new ConnectError(
             `too many sign-in attempts for this email; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,
@@ -207,6 +249,26 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         log?.info({ userId: user.userId }, "authenticated");
         return { token, expiresAt: timestampFromMs(expiresAt * 1000), userId: user.userId };
       }, ctx.signal),
+  };
+}
+
+/**
+ * Authenticate's budgets in `auth_rate_limits`. Each kind of bucket has a key prefix of its own,
+ * so none can be read as another: `email:<email>` (no address known), `addr:<address>|<email>`
+ * (an address never contains `|`, see client-address.ts) and `email-all:<email>` (the email's
+ * budget across addresses, with another size and rate than the `email:` bucket, so not the same row).
+ */
+function signInBudget(
+  perCaller: SharedRateLimiter,
+  perEmail: SharedRateLimiter,
+): (email: string, address: string | undefined) => Promise<RateDecision> {
+  return async (email, address) => {
+    if (address === undefined) return perCaller.take(`email:${email}`);
+    const own = await perCaller.take(`addr:${addressBucket(address)}|${email}`);
+    // Refused here, the attempt stops before the shared budget: an address past its own limit
+    // cannot go on emptying the budget the user's other addresses need.
+    if (!own.allowed) return own;
+    return perEmail.take(`email-all:${email}`);
   };
 }
 

@@ -13,6 +13,10 @@
  *
  * Prometheus metrics (worker counters, process metrics) are served at `/metrics` on the same port.
  *
+ * Authenticate keys its per-address sign-in budget on the `x-jetsaga-client-address` header the
+ * API gateway sets, and believes it: keep this port reachable from the gateway only (and from
+ * trusted internal callers, which send no such header and get one budget per email).
+ *
  * Applies the service's migrations, starts worker, relay and API, logs `user worker ready` and
  * then prints `JETSAGA_USER_SERVICE_URL=http://<host>:<port>` on a line of its own (stdout) for
  * supervisors and tests. SIGINT/SIGTERM stop it gracefully (API first, so no call is cut by a

@@ -1,8 +1,9 @@
 /**
  * Keeps the user service's bookkeeping tables bounded: `processed_commands` (the replies that make
  * commands idempotent) and published `outbox` rows grow by a row per command or event for ever
- * otherwise, and `auth_rate_limits` by a row per email that ever tried to sign in. Rows older than the retention are deleted in small batches, so a pass never holds
- * long locks or builds one huge transaction.
+ * otherwise, and `auth_rate_limits` by a row per email, or client address and email, that ever
+ * tried to sign in. Rows older than the retention are deleted in small batches, so a pass never
+ * holds long locks or builds one huge transaction.
  *
  * The retention must outlast every redelivery of a command: a command delivered again after its
  * reply was pruned would be applied a second time. Redeliveries come from the command's own
@@ -10,6 +11,7 @@
  * crash (within the inbox's ack wait), so the default of 14 days leaves a wide margin; unpublished
  * outbox rows are never pruned.
  */
+import { IDLE_BUCKET_MS } from "../../api/user/rate-limit.ts";
 import type { Sql } from "../../common/postgres.ts";
 
 /** Default age after which processed commands and published outbox rows are deleted: 14 days. */
@@ -37,7 +39,10 @@ export interface PrunerOptions {
 export interface PruneResult {
   processedCommands: number;
   outbox: number;
-  /** Sign-in rate-limit buckets idle for an hour (full again; assumes a refill window ≤ 1 hour). */
+  /**
+   * Sign-in rate-limit buckets idle for an hour: full again, since the limiter refuses a refill
+   * window longer than that (`IDLE_BUCKET_MS` in `api/user/rate-limit.ts`).
+   */
   rateLimits: number;
 }
 
@@ -77,8 +82,13 @@ export function startPruner(options: PrunerOptions): Pruner {
     const processedCommands = await prune("processed_commands", "command_id", "processed_at");
     // `published_at < …` is false for unpublished rows (null): they are never pruned.
     const outbox = await prune("outbox", "id", "published_at");
-    // Sign-in buckets idle for an hour are full again: a missing row means the same.
-    const rateLimits = await prune("auth_rate_limits", "key", "updated_at", new Date(Date.now() - 3_600_000));
+    // Sign-in buckets idle for an hour are full again (no window is longer): a missing row means the same.
+    const rateLimits = await prune(
+      "auth_rate_limits",
+      "key",
+      "updated_at",
+      new Date(Date.now() - IDLE_BUCKET_MS),
+    );
     if (processedCommands + outbox + rateLimits > 0) {
       logger?.info(
         { processedCommands, outbox, rateLimits, retentionMs },

@@ -1,0 +1,174 @@
+/**
+ * The client address the gateway reports to the user service, through the real stack: the real
+ * UserService on real Postgres (its sign-in budgets in `auth_rate_limits`), the gateway in process
+ * (TCP peer address) and as a process started from `api/main.ts` with
+ * `API_CLIENT_ADDRESS_HEADER=X-Forwarded-For`, on real NATS. The user service records the
+ * `x-jetsaga-client-address` each call brought, so what the gateway sent is checked directly, and
+ * the budgets show what it does.
+ */
+import { randomUUID } from "node:crypto";
+import { type Client, Code, createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../common/nats.ts";
+import { connectPostgres, migrate, type Sql } from "../common/postgres.ts";
+import { ensureTopology, topology } from "../orchestrator/index.ts";
+import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { codeOf } from "../test/support/connect.ts";
+import { createTestDatabase, natsUrl, type TestDatabase, uniqueNamespace } from "../test/support/context.ts";
+import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
+import { userMigrationsDir } from "../workers/user/index.ts";
+import { type Gateway, startGateway } from "./gateway.ts";
+import { type RpcServer, startRpcServer } from "./rpc/index.ts";
+import { CLIENT_ADDRESS_HEADER } from "./user/client-address.ts";
+import { createUserService } from "./user/service.ts";
+
+const SECRET = "gateway-int-test-secret-that-is-long-enough-0123";
+const PASSWORD = "correct horse battery";
+
+describe("the client address the gateway reports to the user service", () => {
+  let userDb: TestDatabase;
+  let readModelDb: TestDatabase;
+  let userSql: Sql;
+  let readModelSql: Sql;
+  let nc: NatsConnection;
+  let userService: RpcServer;
+  let gateway: Gateway;
+  let proxied: ServiceProcess;
+  let proxiedUrl: string;
+  const ns = uniqueNamespace("gwaddr");
+  /** `x-jetsaga-client-address` of every Authenticate the user service got, by email (null: none). */
+  const received = new Map<string, (string | null)[]>();
+
+  beforeAll(async () => {
+    [userDb, readModelDb] = await Promise.all([createTestDatabase("gwusers"), createTestDatabase("gwread")]);
+    userSql = await connectPostgres(userDb.url, { max: 4 });
+    readModelSql = await connectPostgres(readModelDb.url, { max: 4 });
+    await migrate(userSql, { name: "user", dir: userMigrationsDir });
+    nc = await connectNats({ servers: natsUrl() });
+    // The gateway waits for the history stream, which the orchestrator would create.
+    await ensureTopology(await jetstreamManager(nc), topology(ns), { storage: "memory" });
+    // A clock that stands still: no budget refills while a test runs, however slow the host.
+    const clock = Date.now();
+    const impl = createUserService({
+      sql: userSql,
+      ns,
+      tokenSecret: SECRET,
+      scryptCost: { ln: 10, r: 8, p: 1 },
+      now: () => clock,
+    });
+    userService = await startRpcServer({
+      closeGraceMs: 200,
+      routes: (router) =>
+        router.service(UserService, {
+          ...impl,
+          authenticate(req, ctx) {
+            const seen = received.get(req.email) ?? [];
+            seen.push(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER));
+            received.set(req.email, seen);
+            return impl.authenticate(req, ctx);
+          },
+        }),
+    });
+    gateway = await startGateway({
+      nc,
+      sql: readModelSql,
+      ns,
+      tokenSecret: SECRET,
+      closeGraceMs: 200,
+      userService: { baseUrl: userService.url },
+    });
+    proxied = await spawnService(
+      "api/main.ts",
+      {
+        DATABASE_URL: readModelDb.url,
+        NATS_URL: natsUrl(),
+        JETSAGA_NS: ns,
+        JETSAGA_TOKEN_SECRET: SECRET,
+        USER_SERVICE_URL: userService.url,
+        API_PORT: "0",
+        API_CLIENT_ADDRESS_HEADER: "X-Forwarded-For",
+      },
+      /^JETSAGA_API_URL=/,
+    );
+    proxiedUrl = (await proxied.waitForLine(/^JETSAGA_API_URL=/)).slice("JETSAGA_API_URL=".length);
+  });
+
+  afterAll(async () => {
+    await proxied?.kill("SIGTERM");
+    await gateway?.close();
+    await userService?.close();
+    await nc?.drain().catch(() => {});
+    await userSql?.end({ timeout: 5 });
+    await readModelSql?.end({ timeout: 5 });
+    await userDb?.drop();
+    await readModelDb?.drop();
+  });
+
+  const client = (baseUrl: string, httpVersion: "1.1" | "2"): Client<typeof UserService> =>
+    createClient(UserService, createConnectTransport({ baseUrl, httpVersion }));
+
+  /** A new user (created through `baseUrl`), for a test of its own. */
+  async function signUp(baseUrl: string): Promise<string> {
+    const email = `gw-${randomUUID()}@example.com`;
+    await client(baseUrl, "2").createUser({ email, password: PASSWORD, creditLimitCents: 0n });
+    return email;
+  }
+
+  it("sends the TCP peer's address (HTTP/2 and HTTP/1.1) and never the client's own x-jetsaga-client-address", async () => {
+    const email = await signUp(gateway.url);
+    const spoofed = (i: number) => ({ headers: { [CLIENT_ADDRESS_HEADER]: `203.0.113.${i}` } });
+    const codes: (Code | "ok")[] = [];
+    // A new made-up address on every attempt: were it passed on, each would get a fresh budget.
+    for (let i = 0; i < 6; i++) {
+      codes.push(
+        await codeOf(
+          client(gateway.url, i % 2 ? "1.1" : "2").authenticate({ email, password: "nope" }, spoofed(i)),
+        ),
+      );
+    }
+    expect(codes).toEqual([...Array(5).fill(Code.Unauthenticated), Code.ResourceExhausted]);
+    expect(received.get(email)).toEqual(Array(6).fill("127.0.0.1"));
+    const keys = await userSql<
+      { key: string }[]
+    >`select key from auth_rate_limits where key like ${`%${email}`}`;
+    expect(keys.map((row) => row.key).sort()).toEqual([`addr:127.0.0.1|${email}`, `email-all:${email}`]);
+  });
+
+  it("with API_CLIENT_ADDRESS_HEADER, sends the header's last entry: an attacker out of budget does not lock out the user at another address", async () => {
+    const email = await signUp(proxiedUrl);
+    const via = (xff: string | undefined, extra: Record<string, string> = {}) => ({
+      headers: { ...(xff === undefined ? {} : { "x-forwarded-for": xff }), ...extra },
+    });
+    // The attacker's client writes an address of its own first; the proxy appended the real one.
+    for (let i = 0; i < 5; i++) {
+      const code = await codeOf(
+        client(proxiedUrl, "2").authenticate(
+          { email, password: "nope" },
+          via(`198.51.100.9, 203.0.113.5`, { [CLIENT_ADDRESS_HEADER]: "198.51.100.9" }),
+        ),
+      );
+      expect(code).toBe(Code.Unauthenticated);
+    }
+    expect(
+      await codeOf(client(proxiedUrl, "1.1").authenticate({ email, password: PASSWORD }, via("203.0.113.5"))),
+    ).toBe(Code.ResourceExhausted);
+    // The user, at the address the attacker wrote first, is not refused.
+    const user = await client(proxiedUrl, "2").authenticate(
+      { email, password: PASSWORD },
+      via("198.51.100.9"),
+    );
+    expect(user.token).not.toBe("");
+    // Header absent or its last entry empty: the TCP peer.
+    await codeOf(client(proxiedUrl, "2").authenticate({ email, password: "nope" }, via(undefined)));
+    await codeOf(client(proxiedUrl, "1.1").authenticate({ email, password: "nope" }, via("198.51.100.9, ")));
+    expect(received.get(email)).toEqual([
+      ...Array(6).fill("203.0.113.5"),
+      "198.51.100.9",
+      "127.0.0.1",
+      "127.0.0.1",
+    ]);
+  });
+});

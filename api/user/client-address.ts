@@ -1,0 +1,57 @@
+/**
+ * The client's network address as the API gateway reports it to the user service, which keys
+ * Authenticate's per-address sign-in budget on it. Kept apart from `service.ts` so the gateway can
+ * import the header name and the checks without the password hashing and the store.
+ */
+import { isIPv4, isIPv6 } from "node:net";
+
+/**
+ * Request header in which the gateway tells the user service the caller's address. The gateway
+ * always sets it itself (a client's own value never passes); the user service believes it because
+ * only the gateway reaches it inside the deployment.
+ */
+export const CLIENT_ADDRESS_HEADER = "x-jetsaga-client-address";
+
+/** Longest address accepted, characters: an IPv6 address with a zone id fits with room to spare. */
+export const MAX_CLIENT_ADDRESS_LENGTH = 100;
+
+/**
+ * Visible ASCII except `|` (0x21-0x7b, 0x7d, 0x7e): no spaces or control characters, and never
+ * the `|` that ends the address in a rate-limit key (`addr:<address>|<email>`), so no address and
+ * email can be read as another pair.
+ */
+const ADDRESS = /^[!-{}~]+$/;
+
+/**
+ * `raw` trimmed when it can be a client address (1-{@link MAX_CLIENT_ADDRESS_LENGTH} visible ASCII
+ * characters without `|`), else undefined: the caller treats it as no address at all.
+ */
+export function checkClientAddress(raw: string | null | undefined): string | undefined {
+  const value = raw?.trim() ?? "";
+  if (value.length === 0 || value.length > MAX_CLIENT_ADDRESS_LENGTH || !ADDRESS.test(value))
+    return undefined;
+  return value;
+}
+
+/**
+ * The part of a client address a sign-in budget is kept for: an IPv4-mapped IPv6 address as the
+ * IPv4 address (a dual-stack listener reports `::ffff:192.0.2.1` for 192.0.2.1), and an IPv6
+ * address as its /64 prefix, because one host or subscriber is usually given a whole /64 and could
+ * otherwise spend a fresh budget from each of its 2^64 addresses. Anything else (an IPv4 address,
+ * a name a proxy put in) as it is.
+ */
+export function addressBucket(address: string): string {
+  const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
+  if (mapped?.[1] && isIPv4(mapped[1])) return mapped[1];
+  const bare = address.split("%")[0] ?? address;
+  if (!isIPv6(bare)) return address;
+  // Expand `::` to the zero groups it stands for; an IPv4 tail (`::1.2.3.4`) counts as two groups.
+  const groups = (part: string): string[] =>
+    part === "" ? [] : part.split(":").flatMap((g) => (g.includes(".") ? ["0", "0"] : [g]));
+  const [head = "", tail] = bare.split("::");
+  const front = groups(head);
+  const back = tail === undefined ? [] : groups(tail);
+  const full = [...front, ...Array<string>(8 - front.length - back.length).fill("0"), ...back];
+  const prefix = full.slice(0, 4).map((g) => Number.parseInt(g, 16).toString(16));
+  return `${prefix.join(":")}::/64`;
+}

@@ -1,0 +1,48 @@
+/** What counts as a client address, and which budget an address spends (Node and Deno). */
+import { describe, expect, it } from "vitest";
+import { addressBucket, checkClientAddress, MAX_CLIENT_ADDRESS_LENGTH } from "./client-address.ts";
+
+describe("checkClientAddress", () => {
+  it("accepts visible ASCII up to the limit, trimmed; anything else is no address", () => {
+    expect(checkClientAddress(" 192.0.2.1 ")).toBe("192.0.2.1");
+    expect(checkClientAddress("fe80::1%eth0")).toBe("fe80::1%eth0");
+    expect(checkClientAddress("a".repeat(MAX_CLIENT_ADDRESS_LENGTH))).toBe(
+      "a".repeat(MAX_CLIENT_ADDRESS_LENGTH),
+    );
+    for (const bad of [
+      null,
+      undefined,
+      "",
+      "  ",
+      "a".repeat(MAX_CLIENT_ADDRESS_LENGTH + 1),
+      "10.0.0.1|x",
+      "a b",
+      "1.2.3.4\u0000x",
+      "é",
+    ]) {
+      expect(checkClientAddress(bad)).toBeUndefined();
+    }
+  });
+});
+
+describe("addressBucket", () => {
+  it("keeps IPv4 addresses and names, maps IPv4-mapped IPv6 to IPv4, and cuts IPv6 to its /64", () => {
+    expect(addressBucket("192.0.2.1")).toBe("192.0.2.1");
+    expect(addressBucket("unknown")).toBe("unknown");
+    expect(addressBucket("::ffff:192.0.2.1")).toBe("192.0.2.1");
+    expect(addressBucket("::FFFF:192.0.2.1")).toBe("192.0.2.1");
+    const prefix = "2001:db8:1:2::/64";
+    for (const address of [
+      "2001:db8:1:2::1",
+      "2001:0db8:0001:0002:ffff:ffff:ffff:ffff",
+      "2001:DB8:1:2:a::",
+      "2001:db8:1:2::1.2.3.4",
+      "2001:db8:1:2::9%eth0",
+    ]) {
+      expect(addressBucket(address)).toBe(prefix);
+    }
+    expect(addressBucket("2001:db8:1:3::1")).toBe("2001:db8:1:3::/64");
+    expect(addressBucket("::1")).toBe("0:0:0:0::/64");
+    expect(addressBucket("2001:db8::")).toBe("2001:db8:0:0::/64");
+  });
+});
