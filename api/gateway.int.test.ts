@@ -38,6 +38,8 @@ describe("the client address the gateway reports to the user service", () => {
   let gateway: Gateway;
   let proxied: ServiceProcess;
   let proxiedUrl: string;
+  let onDeno: ServiceProcess;
+  let onDenoUrl: string;
   const ns = uniqueNamespace("gwaddr");
   /** `x-jetsaga-client-address` of every Authenticate the user service got, by email (null: none). */
   const received = new Map<string, (string | null)[]>();
@@ -94,10 +96,26 @@ describe("the client address the gateway reports to the user service", () => {
       /^JETSAGA_API_URL=/,
     );
     proxiedUrl = (await proxied.waitForLine(/^JETSAGA_API_URL=/)).slice("JETSAGA_API_URL=".length);
+    // The same entry under Deno, whose node:http2 must give the gateway the TCP peer too.
+    onDeno = await spawnService(
+      "api/main.ts",
+      {
+        DATABASE_URL: readModelDb.url,
+        NATS_URL: natsUrl(),
+        JETSAGA_NS: ns,
+        JETSAGA_TOKEN_SECRET: SECRET,
+        USER_SERVICE_URL: userService.url,
+        API_PORT: "0",
+      },
+      /^JETSAGA_API_URL=/,
+      "deno",
+    );
+    onDenoUrl = (await onDeno.waitForLine(/^JETSAGA_API_URL=/)).slice("JETSAGA_API_URL=".length);
   });
 
   afterAll(async () => {
     await proxied?.kill("SIGTERM");
+    await onDeno?.kill("SIGTERM");
     await gateway?.close();
     await userService?.close();
     await nc?.drain().catch(() => {});
@@ -135,6 +153,16 @@ describe("the client address the gateway reports to the user service", () => {
       { key: string }[]
     >`select key from auth_rate_limits where key like ${`%${email}`}`;
     expect(keys.map((row) => row.key).sort()).toEqual([`addr:127.0.0.1|${email}`, `email-all:${email}`]);
+  });
+
+  it("sends the TCP peer's address when the gateway runs under Deno", async () => {
+    const email = await signUp(onDenoUrl);
+    for (const httpVersion of ["2", "1.1"] as const) {
+      expect(await codeOf(client(onDenoUrl, httpVersion).authenticate({ email, password: "nope" }))).toBe(
+        Code.Unauthenticated,
+      );
+    }
+    expect(received.get(email)).toEqual(["127.0.0.1", "127.0.0.1"]);
   });
 
   it("with API_CLIENT_ADDRESS_HEADER, sends the header's last entry: an attacker out of budget does not lock out the user at another address", async () => {
