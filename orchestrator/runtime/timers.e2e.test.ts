@@ -48,6 +48,9 @@ describe("a durable timer across restarts", () => {
     if (!first) throw new Error("no orchestrator");
     await expect.poll(() => orchestratorMetric(first, "jetsaga_orchestrator_state_cache_entries")).toBe(1);
     expect(await orchestratorMetric(first, "jetsaga_orchestrator_state_cache_bytes")).toBeGreaterThan(0);
+    // A start for a workflow this deployment lacks is dead-lettered, and /metrics counts it waiting.
+    await client.start("not-deployed", "x1", {});
+    await expect.poll(() => orchestratorMetric(first, "jetsaga_dead_letters"), { timeout: 10_000 }).toBe(1);
 
     await processes[0]?.kill("SIGKILL");
     await nats.kill("SIGKILL");

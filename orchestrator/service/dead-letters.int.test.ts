@@ -6,12 +6,14 @@
 import { execFile } from "node:child_process";
 import { fileURLToPath } from "node:url";
 import { promisify } from "node:util";
-import { jetstream } from "@nats-io/jetstream";
+import { type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { Registry } from "prom-client";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../common/nats.ts";
 import { counterWorkflow, reminderWorkflow } from "../../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { countDeadLetters } from "../../workers/runtime/dead-letters.ts";
 import {
   createWorkflowClient,
   type RunningOrchestrator,
@@ -21,6 +23,7 @@ import {
   type WorkflowClient,
 } from "../index.ts";
 import { type Output, parseDeadLetterCommand, runDeadLetterCommand } from "./dead-letters.ts";
+import { registerOrchestratorMetrics } from "./metrics.ts";
 
 function captured(): Output & { outLines: string[]; errLines: string[] } {
   const outLines: string[] = [];
@@ -34,6 +37,7 @@ describe("dead-letter commands", () => {
   let nc: NatsConnection;
   let orchestrator: RunningOrchestrator | undefined;
   let client: WorkflowClient;
+  let jsm: JetStreamManager;
   const run = (argv: string[], output: Output) =>
     runDeadLetterCommand(nc, ns, parseDeadLetterCommand(argv), output);
   const stored = () => readStoredDeadLetters(jetstream(nc), topo);
@@ -43,6 +47,7 @@ describe("dead-letter commands", () => {
     // Deployed without the counter workflow, which a client already starts instances of.
     orchestrator = await startOrchestrator({ nc, ns, workflows: [reminderWorkflow], maxMessageBytes: 2048 });
     client = await createWorkflowClient({ nc, ns });
+    jsm = await jetstreamManager(nc);
   });
 
   afterAll(async () => {
@@ -145,6 +150,26 @@ describe("dead-letter commands", () => {
     );
     expect(output.outLines).toEqual([`dropped dead letter ${letter?.seq}`]);
     expect(await stored()).toEqual([]);
+  });
+
+  it("counts the dead letters waiting, by source, in jetsaga_dead_letters on each scrape", async () => {
+    const registry = new Registry();
+    registerOrchestratorMetrics(
+      registry,
+      () => undefined,
+      () => countDeadLetters(jsm, topo),
+    );
+    const gauge = async () => (await registry.getSingleMetric("jetsaga_dead_letters")?.get())?.values;
+    expect(await gauge()).toEqual([]);
+    await client.start("nowhere", "m-1", {});
+    await client.start("nowhere", "m-2", {});
+    await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(2);
+    expect(await gauge()).toEqual([{ labels: { source: topo.streams.inbox }, value: 2 }]);
+    const [first] = await stored();
+    await run(["drop", String(first?.seq)], captured());
+    expect(await gauge()).toEqual([{ labels: { source: topo.streams.inbox }, value: 1 }]);
+    await run(["drop", String((await stored())[0]?.seq)], captured());
+    expect(await gauge()).toEqual([]);
   });
 
   it("refuses bad command lines with the reason", () => {

@@ -1,8 +1,11 @@
+import { jetstreamManager } from "@nats-io/jetstream";
 import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNatsFromConfig } from "../../common/nats.ts";
 import { createMetricsRegistry, startProbeServer } from "../../common/probes.ts";
+import { countDeadLetters } from "../../workers/runtime/dead-letters.ts";
 import { type RunningOrchestrator, startOrchestrator } from "../runtime/orchestrator.ts";
+import { topology } from "../runtime/topology.ts";
 import { loadWorkflows } from "../workflows/load.ts";
 import { registerOrchestratorMetrics } from "./metrics.ts";
 
@@ -15,7 +18,13 @@ async function main(): Promise<void> {
   // Probes answer (not ready) while the orchestrator starts.
   const running: { orchestrator?: RunningOrchestrator } = {};
   const registry = createMetricsRegistry("orchestrator");
-  registerOrchestratorMetrics(registry, () => running.orchestrator);
+  const jsm = await jetstreamManager(nc);
+  const topo = topology(config.ns);
+  registerOrchestratorMetrics(
+    registry,
+    () => running.orchestrator,
+    () => countDeadLetters(jsm, topo),
+  );
   const probes = await startProbeServer(
     { registry, ready: () => running.orchestrator !== undefined && !nc.isClosed() },
     Number(process.env.PROBE_PORT ?? 9464),

@@ -3,12 +3,16 @@ import { registerStatsMetrics } from "../../common/probes.ts";
 import type { OrchestratorStats, RunningOrchestrator } from "../runtime/orchestrator.ts";
 
 /**
- * Registers the orchestrator's counters (`jetsaga_orchestrator_*_total`), `jetsaga_orchestrator_up`
- * and the state cache's gauges (`jetsaga_orchestrator_state_cache_entries`, `…_bytes`).
+ * Registers the orchestrator's counters (`jetsaga_orchestrator_*_total`), `jetsaga_orchestrator_up`,
+ * the state cache's gauges (`jetsaga_orchestrator_state_cache_entries`, `…_bytes`) and, given
+ * `deadLetters`, `jetsaga_dead_letters{source}`: the dead letters waiting in the stream, read on
+ * each scrape (the `_total` counters count what one process sent; this is what is left to handle,
+ * whoever sent it, and falls when letters are redriven or dropped).
  */
 export function registerOrchestratorMetrics(
   registry: Registry,
   running: () => RunningOrchestrator | undefined,
+  deadLetters?: () => Promise<Map<string, number>>,
 ): void {
   const stats = () => running()?.stats;
   registerStatsMetrics<keyof OrchestratorStats>(registry, {
@@ -35,6 +39,21 @@ export function registerOrchestratorMetrics(
       registers: [registry],
       collect() {
         this.set(running()?.cache[what] ?? 0);
+      },
+    });
+  }
+  if (deadLetters) {
+    new Gauge({
+      name: "jetsaga_dead_letters",
+      help: "dead letters in the dead-letter stream, by source (stream or worker service)",
+      labelNames: ["source"],
+      registers: [registry],
+      async collect() {
+        this.reset();
+        // NATS away or the stream not made yet: no series rather than a failed scrape
+        // (jetsaga_orchestrator_up says whether the orchestrator runs).
+        const counts = await deadLetters().catch(() => undefined);
+        for (const [source, count] of counts ?? []) this.set({ source }, count);
       },
     });
   }

@@ -88,6 +88,20 @@ export async function readStoredDeadLetters(
   return letters;
 }
 
+/**
+ * How many dead letters the stream holds, by source (the `<source>` of `<ns>.dlq.<source>`: a
+ * stream such as `<NS>_INBOX`, or a worker's service name). One stream-info request.
+ */
+export async function countDeadLetters(jsm: JetStreamManager, topo: Topology): Promise<Map<string, number>> {
+  const prefix = topo.deadLetterSubject("");
+  const info = await jsm.streams.info(topo.streams.deadLetters, { subjects_filter: `${prefix}*` });
+  const counts = new Map<string, number>();
+  for (const [subject, count] of Object.entries(info.state.subjects ?? {})) {
+    counts.set(subject.slice(prefix.length), count);
+  }
+  return counts;
+}
+
 /** Where a redriven dead letter went. */
 export interface RedriveResult {
   /** The dead letter's sequence in the dead-letter stream (now deleted from it). */

@@ -6,6 +6,7 @@
 
 export { backoffDelay } from "../../common/backoff.ts";
 export {
+  countDeadLetters,
   type DeadLetterCode,
   dropDeadLetter,
   isTruncated,
