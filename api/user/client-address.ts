@@ -36,9 +36,11 @@ export function checkClientAddress(raw: string | null | undefined): string | und
 /**
  * The part of a client address a sign-in budget is kept for: an IPv4-mapped IPv6 address as the
  * IPv4 address (a dual-stack listener reports `::ffff:192.0.2.1` for 192.0.2.1), and an IPv6
- * address as its /64 prefix, because one host or subscriber is usually given a whole /64 and could
- * otherwise spend a fresh budget from each of its 2^64 addresses. Anything else (an IPv4 address,
- * a name a proxy put in) as it is.
+ * address as its /48 prefix. A subscriber is commonly given a /56 or a /48, not one /64, and would
+ * otherwise spend a fresh budget from each of its 256 to 65,536 /64s; a /48 shared by many people
+ * (a company) costs little, because the budget is per address block AND email, so only sign-ins to
+ * one account from that block share it. Anything else (an IPv4 address, a name a proxy put in) as
+ * it is.
  */
 export function addressBucket(address: string): string {
   const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
@@ -52,6 +54,6 @@ export function addressBucket(address: string): string {
   const front = groups(head);
   const back = tail === undefined ? [] : groups(tail);
   const full = [...front, ...Array<string>(8 - front.length - back.length).fill("0"), ...back];
-  const prefix = full.slice(0, 4).map((g) => Number.parseInt(g, 16).toString(16));
-  return `${prefix.join(":")}::/64`;
+  const prefix = full.slice(0, 3).map((g) => Number.parseInt(g, 16).toString(16));
+  return `${prefix.join(":")}::/48`;
 }

@@ -26,12 +26,12 @@ describe("checkClientAddress", () => {
 });
 
 describe("addressBucket", () => {
-  it("keeps IPv4 addresses and names, maps IPv4-mapped IPv6 to IPv4, and cuts IPv6 to its /64", () => {
+  it("keeps IPv4 addresses and names, maps IPv4-mapped IPv6 to IPv4, and cuts IPv6 to its /48", () => {
     expect(addressBucket("192.0.2.1")).toBe("192.0.2.1");
     expect(addressBucket("unknown")).toBe("unknown");
     expect(addressBucket("::ffff:192.0.2.1")).toBe("192.0.2.1");
     expect(addressBucket("::FFFF:192.0.2.1")).toBe("192.0.2.1");
-    const prefix = "2001:db8:1:2::/64";
+    const prefix = "2001:db8:1::/48";
     for (const address of [
       "2001:db8:1:2::1",
       "2001:0db8:0001:0002:ffff:ffff:ffff:ffff",
@@ -41,8 +41,9 @@ describe("addressBucket", () => {
     ]) {
       expect(addressBucket(address)).toBe(prefix);
     }
-    expect(addressBucket("2001:db8:1:3::1")).toBe("2001:db8:1:3::/64");
-    expect(addressBucket("::1")).toBe("0:0:0:0::/64");
-    expect(addressBucket("2001:db8::")).toBe("2001:db8:0:0::/64");
+    expect(addressBucket("2001:db8:1:ff::1")).toBe(prefix);
+    expect(addressBucket("2001:db8:2:3::1")).toBe("2001:db8:2::/48");
+    expect(addressBucket("::1")).toBe("0:0:0::/48");
+    expect(addressBucket("2001:db8::")).toBe("2001:db8:0::/48");
   });
 });

@@ -464,19 +464,19 @@ describe("UserService", () => {
       expect(await attempt("192.0.2.9")).toBe(Code.ResourceExhausted);
     });
 
-    it("counts an IPv6 address as its /64 and an IPv4-mapped one as the IPv4 address", async () => {
-      // Five addresses of one /64, written every way: one budget.
+    it("counts an IPv6 address as its /48 and an IPv4-mapped one as the IPv4 address", async () => {
+      // Five addresses of one /48 (several /64s of it), written every way: one budget.
       for (const address of [
         "2001:db8:1:2::1",
-        "2001:db8:1:2::2",
-        "2001:db8:1:2:a:b:c:d",
+        "2001:db8:1:3::2",
+        "2001:db8:1:ff:a:b:c:d",
         "2001:db8:1:2:ffff::9",
-        "2001:DB8:1:2:0:0:0:77%eth0",
+        "2001:DB8:1:0:0:0:0:77%eth0",
       ]) {
         expect(await attempt(address)).toBe(Code.Unauthenticated);
       }
-      expect(await attempt("2001:db8:1:2::99")).toBe(Code.ResourceExhausted);
-      expect(await attempt("2001:db8:1:3::1")).toBe(Code.Unauthenticated);
+      expect(await attempt("2001:db8:1:4::99")).toBe(Code.ResourceExhausted);
+      expect(await attempt("2001:db8:2:2::1")).toBe(Code.Unauthenticated);
 
       for (let i = 0; i < 5; i++) expect(await attempt("198.51.100.20")).toBe(Code.Unauthenticated);
       expect(await attempt("::ffff:198.51.100.20")).toBe(Code.ResourceExhausted);

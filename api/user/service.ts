@@ -53,7 +53,7 @@ export const DEFAULT_TOKEN_TTL_SECONDS = 3600;
  * Default of Authenticate's budget per email across all addresses (`authEmailRateLimit`): 30
  * attempts a minute, six times one address's 5. It must refill faster than one address may spend,
  * or a single address sending at its own limit would empty it and lock the user out again; at six
- * times, emptying it takes six addresses (IPv6 /64 prefixes) sending at full rate. Meanwhile it
+ * times, emptying it takes six addresses (IPv6 /48 prefixes) sending at full rate. Meanwhile it
  * bounds guessing from many addresses to 30 a minute per account.
  */
 export const DEFAULT_AUTH_EMAIL_RATE_LIMIT: Readonly<Required<Omit<RateLimiterOptions, "now">>> =
@@ -125,7 +125,7 @@ export interface UserServiceOptions {
  *   purpose from one address cannot lock the user out from others; then, only if that allowed it,
  *   the email's across all addresses (`authEmailRateLimit`, 30 a minute), which bounds guessing
  *   from many addresses (an address refused by its own budget leaves the shared one alone). An
- *   IPv6 address counts as its /64. A call without the header, or with an empty, longer than
+ *   IPv6 address counts as its /48. A call without the header, or with an empty, longer than
  *   100 characters or malformed one, spends one budget per email (`authRateLimit`), as before the
  *   gateway reported addresses.
  * - Postgres unreachable: UNAVAILABLE; anything unexpected: INTERNAL with a generic message (the
