@@ -17,6 +17,7 @@ export {
   dropDeadLetter,
   type EventContext,
   type EventHandler,
+  type RedriveOptions,
   type RedriveResult,
   type ReplyEvent,
   RetryableError,

@@ -3,7 +3,8 @@ import type { MsgHdrs } from "@nats-io/transport-node";
 import { type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 import type { Topology } from "./topology.ts";
 
-const strictUtf8 = new TextDecoder("utf-8", { fatal: true });
+// ignoreBOM: keep a leading BOM in the text, so a redriven payload has the original's bytes.
+const strictUtf8 = new TextDecoder("utf-8", { fatal: true, ignoreBOM: true });
 
 /** Why a message was dead-lettered: a stable code and a human-readable reason. */
 export interface DeadLetterReason {

@@ -139,6 +139,119 @@ describe("dead-letter commands", () => {
     expect(await stored()).toEqual([]);
   });
 
+  /** Writes a dead letter as any service allowed to could; returns its sequence in the stream. */
+  async function forge(record: Record<string, unknown>): Promise<number> {
+    const letter = {
+      reason: "forged",
+      code: "MAX_DELIVERIES",
+      consumer: "someone",
+      sequence: 1,
+      deliveries: 5,
+      encoding: "utf8",
+      headers: {},
+      at: Date.now(),
+      ...record,
+    };
+    return (await jetstream(nc).publish(topo.deadLetterSubject("forged"), JSON.stringify(letter))).seq;
+  }
+
+  it("sends a letter back only into its own stream of this namespace, and a command only when forced", async () => {
+    const refused = [
+      // The JetStream API, with the operator's credentials.
+      await forge({
+        stream: topo.streams.history,
+        subject: `$JS.API.STREAM.DELETE.${topo.streams.history}`,
+        data: "",
+      }),
+      // The inbox stream, but another namespace's subject.
+      await forge({ stream: topo.streams.inbox, subject: "other.inbox.counter.x1", data: "{}" }),
+      // A subject of another of this namespace's streams.
+      await forge({ stream: topo.streams.inbox, subject: topo.eventSubject("counter", "x"), data: "{}" }),
+    ];
+    const command = {
+      commandId: "cmd-1",
+      command: "user.verify",
+      input: { userId: "u1" },
+      replyTo: { workflow: "counter", instanceId: "c-9" },
+      at: 1,
+    };
+    const commandLetter = await forge({
+      stream: topo.streams.commands,
+      subject: topo.commandSubject("user.verify"),
+      data: JSON.stringify(command),
+    });
+    const output = captured();
+    expect(await run(["redrive", ...[...refused, commandLetter].map(String)], output)).toEqual({ ok: false });
+    expect(output.outLines).toEqual([]);
+    expect(output.errLines.slice(0, 3)).toEqual(
+      refused.map((seq) =>
+        expect.stringMatching(
+          new RegExp(
+            `^redrive ${seq} failed: dead letter ${seq} came from .*: only messages of the inbox, commands and events streams of namespace "${ns}" are sent again$`,
+          ),
+        ),
+      ),
+    );
+    expect(output.errLines[3]).toMatch(
+      /is command cmd-1, whose instance counter\/c-9 was told it failed \(command\.failed\)/,
+    );
+    expect((await stored()).map((s) => s.seq)).toEqual([...refused, commandLetter]);
+
+    const forced = captured();
+    expect(await run(["redrive", "--force", String(commandLetter)], forced)).toEqual({ ok: true });
+    expect(forced.outLines[0]).toMatch(
+      new RegExp(
+        `to ${topo.commandSubject("user.verify").replaceAll(".", "\\.")} \\(${topo.streams.commands} #`,
+      ),
+    );
+    await run(["drop", ...refused.map(String)], captured());
+    expect(await stored()).toEqual([]);
+  });
+
+  it("lists a letter on one line, its control characters shown as '?'", async () => {
+    const seq = await forge({
+      stream: topo.streams.inbox,
+      subject: topo.inboxSubject("counter", "esc-1"),
+      reason: "handler said \u001b[2J\u009bcleared\nand more",
+      data: "{}",
+    });
+    const output = captured();
+    await run(["list", "--source", "forged"], output);
+    expect(output.outLines).toHaveLength(1);
+    expect(output.outLines[0]).toMatch(new RegExp(`^${seq}  .*  handler said \\?\\[2J\\?cleared and more$`));
+    await run(["drop", String(seq)], captured());
+  });
+
+  it("sends the payload's bytes and headers back, without the server's own headers", async () => {
+    const bytes = new Uint8Array([0xff, 0xfe, 0x00, 0x7b]);
+    const seq = await forge({
+      stream: topo.streams.inbox,
+      subject: topo.inboxSubject("counter", "bin-1"),
+      code: "MALFORMED_JSON",
+      data: btoa(String.fromCharCode(...bytes)),
+      encoding: "base64",
+      headers: {
+        traceparent: ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
+        // Kept, it would make the publish fail: the inbox's last sequence is not 1.
+        "Nats-Expected-Last-Sequence": ["1"],
+      },
+    });
+    expect(await run(["redrive", String(seq)], captured())).toEqual({ ok: true });
+    // Not JSON: the orchestrator dead-letters it again, with what it received.
+    await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
+    const [again] = await stored();
+    expect(again?.letter).toMatchObject({
+      code: "MALFORMED_JSON",
+      encoding: "base64",
+      data: btoa(String.fromCharCode(...bytes)),
+    });
+    expect(again?.letter.headers.traceparent).toEqual([
+      "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    ]);
+    expect(Object.keys(again?.letter.headers ?? {})).not.toContain("Nats-Expected-Last-Sequence");
+    await run(["drop", String(again?.seq)], captured());
+  });
+
   it("reports a sequence with no dead letter and still handles the others", async () => {
     await client.start("nowhere", "n-1", {});
     await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);

@@ -4,8 +4,10 @@
  *
  *   list [--source S] [--code C] [--limit N]   one line per dead letter, oldest first (N: 1000)
  *   show <seq>                                 one dead letter in full (JSON)
- *   redrive <seq>… | --all [--source S] [--code C]
+ *   redrive <seq>… | --all [--source S] [--code C] [--force]
  *                                              publish again to the subject it came from, then delete
+ *                                              (--force: also commands whose instance was told they
+ *                                              failed; see redriveDeadLetter)
  *   drop <seq>…                                delete without sending again
  *
  * Exit code 0 when every named letter was handled, 1 when any failed (each failure is printed
@@ -19,15 +21,15 @@ import { connectNatsFromConfig } from "../../common/nats.ts";
 import {
   dropDeadLetter,
   readDeadLetter,
-  readStoredDeadLetters,
   redriveDeadLetter,
   type StoredDeadLetter,
+  visitDeadLetters,
 } from "../../workers/runtime/dead-letters.ts";
 import { type Topology, topology } from "../runtime/topology.ts";
 
 const USAGE = `usage: npm run dead-letters -- list [--source S] [--code C] [--limit N]
        npm run dead-letters -- show <seq>
-       npm run dead-letters -- redrive <seq>… | --all [--source S] [--code C]
+       npm run dead-letters -- redrive <seq>… | --all [--source S] [--code C] [--force]
        npm run dead-letters -- drop <seq>…`;
 
 /** Whether a command did all it was asked (a failure on one letter does not stop the others). */
@@ -55,6 +57,8 @@ export interface DeadLetterCommand {
   source?: string;
   code?: string;
   limit: number;
+  /** redrive only: {@link RedriveOptions.force}. */
+  force: boolean;
 }
 
 /** Checks a command line (`argv` without node and the script); throws a usage error. */
@@ -68,10 +72,13 @@ export function parseDeadLetterCommand(argv: readonly string[]): DeadLetterComma
       code: { type: "string" },
       limit: { type: "string" },
       all: { type: "boolean" },
+      force: { type: "boolean" },
     },
   });
   const [command, ...rest] = positionals;
   const all = values.all === true;
+  const force = values.force === true;
+  if (force && command !== "redrive") throw new UsageError("--force goes with redrive");
   const limit =
     values.limit === undefined ? 1000 : Math.min(positiveInteger(values.limit, "--limit"), MAX_LETTERS);
   const filters = {
@@ -82,22 +89,22 @@ export function parseDeadLetterCommand(argv: readonly string[]): DeadLetterComma
     case "list":
       if (rest.length) throw new UsageError("list takes no sequence numbers");
       if (all) throw new UsageError("--all goes with redrive");
-      return { command, seqs: [], all, limit, ...filters };
+      return { command, seqs: [], all, limit, force, ...filters };
     case "show":
       if (all || values.limit !== undefined || values.source !== undefined || values.code !== undefined)
         throw new UsageError("show takes one sequence number and no options");
-      return { command, seqs: sequences(rest, 1), all, limit, ...filters };
+      return { command, seqs: sequences(rest, 1), all, limit, force, ...filters };
     case "redrive":
     case "drop":
       if (values.limit !== undefined) throw new UsageError("--limit goes with list");
       if (all) {
         if (command === "drop" || rest.length)
           throw new UsageError("--all goes with redrive, without sequence numbers");
-        return { command, seqs: [], all, limit: MAX_LETTERS, ...filters };
+        return { command, seqs: [], all, limit: MAX_LETTERS, force, ...filters };
       }
       if (values.source !== undefined || values.code !== undefined)
         throw new UsageError("--source and --code select letters for list and redrive --all");
-      return { command, seqs: sequences(rest), all, limit, ...filters };
+      return { command, seqs: sequences(rest), all, limit, force, ...filters };
     default:
       throw new UsageError(command === undefined ? "no command" : `unknown command "${command}"`);
   }
@@ -116,27 +123,32 @@ export async function runDeadLetterCommand(
   const topo = topology(ns);
   const js = jetstream(nc);
   const jsm = await jetstreamManager(nc);
-  const select = async (limit: number): Promise<StoredDeadLetter[]> =>
-    (await readStoredDeadLetters(js, topo, { limit, ...(cmd.source ? { source: cmd.source } : {}) })).filter(
-      (stored) => cmd.code === undefined || stored.letter.code === cmd.code,
-    );
+  /** Hands `take` each letter that matches --source and --code, up to `limit` of them, one at a time. */
+  const select = async (limit: number, take: (stored: StoredDeadLetter) => void): Promise<number> => {
+    let taken = 0;
+    await visitDeadLetters(js, topo, cmd.source, (stored) => {
+      if (cmd.code !== undefined && stored.letter.code !== cmd.code) return true;
+      take(stored);
+      return ++taken < limit;
+    });
+    return taken;
+  };
   switch (cmd.command) {
     case "list": {
-      // With --code the limit counts matching letters, so every letter is read to find them.
-      const letters = (await select(cmd.code === undefined ? cmd.limit : MAX_LETTERS)).slice(0, cmd.limit);
-      for (const { seq, letter } of letters) {
+      // Printed as read: a large stream is never held in memory.
+      const listed = await select(cmd.limit, ({ seq, letter }) =>
         output.out(
           [
             seq,
             new Date(letter.at).toISOString(),
             letter.code,
-            letter.subject,
+            oneLine(letter.subject),
             `deliveries ${letter.deliveries}`,
             oneLine(letter.reason),
           ].join("  "),
-        );
-      }
-      output.err(`${letters.length} dead letter(s) in ${topo.streams.deadLetters}`);
+        ),
+      );
+      output.err(`${listed} dead letter(s) in ${topo.streams.deadLetters}`);
       return { ok: true };
     }
     case "show": {
@@ -146,11 +158,15 @@ export async function runDeadLetterCommand(
     }
     case "redrive":
     case "drop": {
-      const seqs = cmd.all ? (await select(cmd.limit)).map((stored) => stored.seq) : cmd.seqs;
+      let seqs = cmd.seqs;
+      if (cmd.all) {
+        seqs = [];
+        await select(cmd.limit, (stored) => seqs.push(stored.seq));
+      }
       return each(seqs, cmd.command, topo, output, (seq) =>
         cmd.command === "drop"
           ? dropDeadLetter(jsm, topo, seq).then(() => `dropped dead letter ${seq}`)
-          : redriveDeadLetter(js, jsm, topo, seq).then(
+          : redriveDeadLetter(js, jsm, topo, seq, { force: cmd.force }).then(
               (sent) =>
                 `redrove dead letter ${seq} to ${sent.subject} (${sent.stream} #${sent.streamSeq}${sent.duplicate ? ", already there" : ""})`,
             ),
@@ -197,8 +213,16 @@ function positiveInteger(text: string, what: string): number {
   return value;
 }
 
+/** C0 and C1 control characters (ESC starts a terminal escape sequence). */
+function isControl(code: number): boolean {
+  return code < 0x20 || (code >= 0x7f && code <= 0x9f);
+}
+
+/** One line of plain text: a reason may carry a handler's error text, escape sequences included. */
 function oneLine(text: string): string {
-  const flat = text.replace(/\s+/g, " ");
+  const flat = [...text.replace(/\s+/g, " ")]
+    .map((char) => (isControl(char.codePointAt(0) ?? 0) ? "?" : char))
+    .join("");
   return flat.length > 160 ? `${flat.slice(0, 159)}…` : flat;
 }
 
@@ -213,9 +237,9 @@ async function main(): Promise<void> {
     process.exitCode = 2;
     return;
   }
-  const config = readConfig();
   let nc: NatsConnection | undefined;
   try {
+    const config = readConfig();
     nc = await connectNatsFromConfig(config, "jetsaga-dead-letters");
     const outcome = await runDeadLetterCommand(nc, config.ns, cmd, output);
     process.exitCode = outcome.ok ? 0 : 1;

@@ -7,7 +7,7 @@ import {
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
 import type { Topology } from "../../orchestrator/runtime/topology.ts";
-import { type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
+import { commandMessage, type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 
 export { encodePayload, headersRecord } from "../../orchestrator/runtime/dead-letters.ts";
 
@@ -65,27 +65,46 @@ export async function readStoredDeadLetters(
   options: ReadDeadLettersOptions = {},
 ): Promise<StoredDeadLetter[]> {
   const limit = options.limit ?? 1000;
-  const consumer = await js.consumers.get(topo.streams.deadLetters, {
-    filter_subjects: [topo.deadLetterSubject(options.source ?? "*")],
-  });
-  const info = await consumer.info(true);
-  const wanted = Math.min(limit, info.num_pending);
   const letters: StoredDeadLetter[] = [];
-  if (wanted <= 0) return letters;
-  const messages = await consumer.consume({ max_messages: Math.min(wanted, 256) });
+  if (limit < 1) return letters;
+  await visitDeadLetters(js, topo, options.source, (stored) => {
+    letters.push(stored);
+    return letters.length < limit;
+  });
+  return letters;
+}
+
+/**
+ * Hands each dead letter of `source` (default all) to `visit`, oldest first, until `visit` returns
+ * false or the stream's end as it was when the read began: one letter in memory at a time, so a
+ * large dead-letter stream can be scanned (a filter, a count, a list of sequences) without holding
+ * it. Same consumer and skipping as {@link readDeadLetters}.
+ */
+export async function visitDeadLetters(
+  js: JetStreamClient,
+  topo: Topology,
+  source: string | undefined,
+  visit: (stored: StoredDeadLetter) => boolean,
+): Promise<void> {
+  const consumer = await js.consumers.get(topo.streams.deadLetters, {
+    filter_subjects: [topo.deadLetterSubject(source ?? "*")],
+  });
+  const pending = (await consumer.info(true)).num_pending;
+  // Nothing there: consume() would wait for the next letter.
+  if (pending <= 0) return;
+  const messages = await consumer.consume({ max_messages: Math.min(pending, 256) });
   try {
     let read = 0;
     for await (const message of messages) {
       read++;
       const parsed = deadLetter.safeParse(safeJson(message.data));
-      if (parsed.success) letters.push({ seq: message.seq, letter: parsed.data });
+      if (parsed.success && !visit({ seq: message.seq, letter: parsed.data })) break;
       // `pending` counts what the consumer had left after this one when it was delivered.
-      if (read >= wanted || message.info.pending === 0) break;
+      if (read >= pending || message.info.pending === 0) break;
     }
   } finally {
     await messages.close();
   }
-  return letters;
 }
 
 /**
@@ -115,45 +134,102 @@ export interface RedriveResult {
   duplicate: boolean;
 }
 
+/** Options of {@link redriveDeadLetter}. */
+export interface RedriveOptions {
+  /**
+   * Send a command again although its worker told its instance that it failed (every readable
+   * command that is dead-lettered is answered with `command.failed`). Only for an instance known to
+   * be waiting for the command still: otherwise the handler's effect is applied for a saga that
+   * has given up on it, and its reply is ignored.
+   */
+  force?: boolean;
+}
+
 /**
  * Publishes the message kept in dead letter `seq` again, to the subject it was consumed from, and
  * then deletes the dead letter: for after the cause is fixed (a workflow deployed, a handler
- * repaired, a stream's limit raised). Its consumer takes it as a new delivery; consumers are
- * idempotent, so a message whose work was partly done is finished, not done twice.
+ * repaired, a stream's limit raised). Its consumer takes it as a new delivery.
  *
- * The original headers go along except the server's own (`Nats-*`: the original message id would
- * make the stream drop the message as a duplicate while its de-duplication window lasts). A retried
- * redrive of the same letter is stored once (message id `redrive.<dlq stream>.<seq>`).
+ * Only messages of this namespace's inbox, commands and events streams are sent again, each only
+ * to a subject of its own stream (the publish expects that stream): a dead letter is a record
+ * anyone allowed to dead-letter can write, and must not make the operator publish elsewhere (the
+ * JetStream API, another namespace). A command whose instance was told that it failed is refused
+ * unless `force` (see {@link RedriveOptions}); an event goes back to the events stream, where every
+ * consumer of it sees it again (handlers skip event ids they have handled).
+ *
+ * The original headers go along except the server's own (`Nats-*`: an expected sequence, a TTL, or
+ * the original message id, which would make the stream drop the message as a duplicate while its
+ * de-duplication window lasts). A retried redrive of the same letter is stored once (message id
+ * from the letter's origin and its place in the dead-letter stream).
  *
  * Throws `JetsagaError("INVALID_ARGUMENT")` when there is no dead letter at `seq`, when it is not a
- * jetsaga dead letter, or when its payload was cut when it was dead-lettered (over the consumer's
- * size limit: the original bytes are gone). A failed publish leaves the dead letter in place.
+ * jetsaga dead letter, when it cannot be sent again (above), or when its payload was cut when it
+ * was dead-lettered (the original bytes are gone). A failed publish leaves the dead letter in
+ * place; a failed delete after the publish says so (drop the letter: it was sent).
  */
 export async function redriveDeadLetter(
   js: JetStreamClient,
   jsm: JetStreamManager,
   topo: Topology,
   seq: number,
+  options: RedriveOptions = {},
 ): Promise<RedriveResult> {
   const letter = await readDeadLetter(jsm, topo, seq);
+  const refuse = (why: string): JetsagaError =>
+    new JetsagaError("INVALID_ARGUMENT", `dead letter ${seq} ${why}`, {
+      context: { seq, stream: letter.stream, subject: letter.subject, code: letter.code },
+    });
   if (isTruncated(letter)) {
-    throw new JetsagaError(
-      "INVALID_ARGUMENT",
-      `dead letter ${seq} kept only part of its payload (${letter.code}): it cannot be sent again`,
-      { context: { seq, subject: letter.subject, code: letter.code } },
+    throw refuse(`kept only part of its payload (${letter.code}): it cannot be sent again`);
+  }
+  const prefix = redriveSubjectPrefixes(topo).get(letter.stream);
+  if (!prefix || !letter.subject.startsWith(prefix) || !REDRIVE_SUBJECT.test(letter.subject)) {
+    throw refuse(
+      `came from ${letter.stream}, subject ${letter.subject}: only messages of the inbox, commands and events streams of namespace "${topo.ns}" are sent again`,
     );
+  }
+  const payload = payloadOf(letter);
+  if (letter.stream === topo.streams.commands && !options.force) {
+    const command = commandMessage.safeParse(safeJson(payload));
+    if (command.success) {
+      throw refuse(
+        `is command ${command.data.commandId}, whose instance ${command.data.replyTo.workflow}/${command.data.replyTo.instanceId} was told it failed (command.failed): sent again, its effect would be applied for a saga that has moved on; force it only for an instance still waiting for it`,
+      );
+    }
   }
   const headers = natsHeaders();
   for (const [key, values] of Object.entries(letter.headers)) {
     if (key.toLowerCase().startsWith("nats-")) continue;
     for (const value of values) headers.append(key, value);
   }
-  const ack = await js.publish(letter.subject, payloadOf(letter), {
-    msgID: `redrive.${topo.streams.deadLetters}.${seq}`,
+  const ack = await js.publish(letter.subject, payload, {
+    // Unique per letter even if the dead-letter stream was made again and its sequences restarted.
+    msgID: `redrive.${letter.stream}.${letter.sequence}.${seq}`,
     headers,
+    expect: { streamName: letter.stream },
   });
-  await dropDeadLetter(jsm, topo, seq);
+  try {
+    await dropDeadLetter(jsm, topo, seq);
+  } catch (error) {
+    throw new JetsagaError(
+      "UNAVAILABLE",
+      `dead letter ${seq} was sent again to ${letter.subject} (${ack.stream} #${ack.seq}) but not deleted: ${error instanceof Error ? error.message : String(error)}; drop it rather than redrive it again`,
+      { context: { seq, subject: letter.subject }, cause: error },
+    );
+  }
   return { seq, subject: letter.subject, stream: ack.stream, streamSeq: ack.seq, duplicate: ack.duplicate };
+}
+
+/** A subject of plain tokens: no wildcards, no empty tokens, no whitespace. */
+const REDRIVE_SUBJECT = /^[^\s.*>]+(\.[^\s.*>]+)+$/;
+
+/** The streams whose messages may be sent again, and the subject prefix each takes. */
+function redriveSubjectPrefixes(topo: Topology): Map<string, string> {
+  return new Map([
+    [topo.streams.inbox, topo.inboxSubject("", "").slice(0, -1)],
+    [topo.streams.commands, topo.commandSubject("")],
+    [topo.streams.events, topo.eventSubject("", "").slice(0, -1)],
+  ]);
 }
 
 /**

@@ -11,12 +11,14 @@ export {
   dropDeadLetter,
   isTruncated,
   type ReadDeadLettersOptions,
+  type RedriveOptions,
   type RedriveResult,
   readDeadLetter,
   readDeadLetters,
   readStoredDeadLetters,
   redriveDeadLetter,
   type StoredDeadLetter,
+  visitDeadLetters,
 } from "./dead-letters.ts";
 export { type HandlerErrorCode, isTerminalError, RetryableError, TerminalError } from "./errors.ts";
 export { commandHandler, eventHandler } from "./handlers.ts";
