@@ -140,7 +140,7 @@ describe("dead-letter commands", () => {
   });
 
   /** Writes a dead letter as any service allowed to could; returns its sequence in the stream. */
-  async function forge(record: Record<string, unknown>): Promise<number> {
+  async function forge(record: Record<string, unknown>, source = "forged"): Promise<number> {
     const letter = {
       reason: "forged",
       code: "MAX_DELIVERIES",
@@ -152,7 +152,7 @@ describe("dead-letter commands", () => {
       at: Date.now(),
       ...record,
     };
-    return (await jetstream(nc).publish(topo.deadLetterSubject("forged"), JSON.stringify(letter))).seq;
+    return (await jetstream(nc).publish(topo.deadLetterSubject(source), JSON.stringify(letter))).seq;
   }
 
   it("sends a letter back only into its own stream of this namespace, and a command only when forced", async () => {
@@ -165,8 +165,28 @@ describe("dead-letter commands", () => {
       }),
       // The inbox stream, but another namespace's subject.
       await forge({ stream: topo.streams.inbox, subject: "other.inbox.counter.x1", data: "{}" }),
+      // A namespace this one is a prefix of.
+      await forge(
+        { stream: topo.streams.inbox, subject: `${ns}x.inbox.counter.x1`, data: "{}" },
+        topo.streams.inbox,
+      ),
       // A subject of another of this namespace's streams.
-      await forge({ stream: topo.streams.inbox, subject: topo.eventSubject("counter", "x"), data: "{}" }),
+      await forge(
+        { stream: topo.streams.inbox, subject: topo.eventSubject("counter", "x"), data: "{}" },
+        topo.streams.inbox,
+      ),
+      // An inbox message the orchestrator did not dead-letter.
+      await forge({ stream: topo.streams.inbox, subject: topo.inboxSubject("counter", "x1"), data: "{}" }),
+      // Another service's command.
+      await forge(
+        { stream: topo.streams.commands, subject: topo.commandSubject("user.verify"), data: "{}" },
+        "notification",
+      ),
+      // A wildcard.
+      await forge(
+        { stream: topo.streams.commands, subject: topo.commandSubject("user.*"), data: "{}" },
+        "user",
+      ),
     ];
     const command = {
       commandId: "cmd-1",
@@ -175,25 +195,28 @@ describe("dead-letter commands", () => {
       replyTo: { workflow: "counter", instanceId: "c-9" },
       at: 1,
     };
-    const commandLetter = await forge({
-      stream: topo.streams.commands,
-      subject: topo.commandSubject("user.verify"),
-      data: JSON.stringify(command),
-    });
+    const commandLetter = await forge(
+      {
+        stream: topo.streams.commands,
+        subject: topo.commandSubject("user.verify"),
+        data: JSON.stringify(command),
+      },
+      "user",
+    );
     const output = captured();
     expect(await run(["redrive", ...[...refused, commandLetter].map(String)], output)).toEqual({ ok: false });
     expect(output.outLines).toEqual([]);
-    expect(output.errLines.slice(0, 3)).toEqual(
+    expect(output.errLines.slice(0, refused.length)).toEqual(
       refused.map((seq) =>
         expect.stringMatching(
           new RegExp(
-            `^redrive ${seq} failed: dead letter ${seq} came from .*: only messages of the inbox, commands and events streams of namespace "${ns}" are sent again$`,
+            `^redrive ${seq} failed: dead letter ${seq} came from .*: only messages of the inbox \\(dead-lettered by the orchestrator\\), commands \\(by their service's worker\\) and events streams of namespace "${ns}" are sent again$`,
           ),
         ),
       ),
     );
-    expect(output.errLines[3]).toMatch(
-      /is command cmd-1, whose instance counter\/c-9 was told it failed \(command\.failed\)/,
+    expect(output.errLines[refused.length]).toMatch(
+      /is command cmd-1 of instance counter\/c-9: a worker that dead-letters a command it can read tells the instance it failed \(command\.failed\)/,
     );
     expect((await stored()).map((s) => s.seq)).toEqual([...refused, commandLetter]);
 
@@ -222,20 +245,51 @@ describe("dead-letter commands", () => {
     await run(["drop", String(seq)], captured());
   });
 
+  it("sends an event back only while the events stream still holds it, byte for byte", async () => {
+    const subject = topo.eventSubject("order", "paid");
+    const event = JSON.stringify({ eventId: "e-1", event: "order.paid", payload: {}, at: 1 });
+    const original = await jetstream(nc).publish(subject, event);
+    const letter = { stream: topo.streams.events, subject, sequence: original.seq, data: event };
+    const genuine = await forge(letter, "notification");
+    const altered = await forge({ ...letter, data: event.replace("e-1", "e-2") }, "notification");
+    const invented = await forge({ ...letter, sequence: original.seq + 1000 }, "notification");
+    const output = captured();
+    expect(await run(["redrive", String(genuine), String(altered), String(invented)], output)).toEqual({
+      ok: false,
+    });
+    expect(output.outLines).toEqual([
+      `redrove dead letter ${genuine} to ${subject} (${topo.streams.events} #${original.seq + 1})`,
+    ]);
+    expect(output.errLines.slice(0, 2)).toEqual(
+      [altered, invented].map((seq) =>
+        expect.stringMatching(
+          new RegExp(
+            `^redrive ${seq} failed: dead letter ${seq} names event \\d+ of ${topo.streams.events}, which is not there`,
+          ),
+        ),
+      ),
+    );
+    await run(["drop", String(altered), String(invented)], captured());
+    expect(await stored()).toEqual([]);
+  });
+
   it("sends the payload's bytes and headers back, without the server's own headers", async () => {
     const bytes = new Uint8Array([0xff, 0xfe, 0x00, 0x7b]);
-    const seq = await forge({
-      stream: topo.streams.inbox,
-      subject: topo.inboxSubject("counter", "bin-1"),
-      code: "MALFORMED_JSON",
-      data: btoa(String.fromCharCode(...bytes)),
-      encoding: "base64",
-      headers: {
-        traceparent: ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
-        // Kept, it would make the publish fail: the inbox's last sequence is not 1.
-        "Nats-Expected-Last-Sequence": ["1"],
+    const seq = await forge(
+      {
+        stream: topo.streams.inbox,
+        subject: topo.inboxSubject("counter", "bin-1"),
+        code: "MALFORMED_JSON",
+        data: btoa(String.fromCharCode(...bytes)),
+        encoding: "base64",
+        headers: {
+          traceparent: ["00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"],
+          // Kept, it would make the publish fail: the inbox's last sequence is not 1.
+          "Nats-Expected-Last-Sequence": ["1"],
+        },
       },
-    });
+      topo.streams.inbox,
+    );
     expect(await run(["redrive", String(seq)], captured())).toEqual({ ok: true });
     // Not JSON: the orchestrator dead-letters it again, with what it received.
     await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
@@ -293,6 +347,10 @@ describe("dead-letter commands", () => {
     expect(() => parseDeadLetterCommand(["drop", "--all"])).toThrow(/--all goes with redrive/);
     expect(() => parseDeadLetterCommand(["redrive", "3", "--code", "X"])).toThrow(/--source and --code/);
     expect(() => parseDeadLetterCommand(["show", "1", "2"])).toThrow(/takes 1 sequence number/);
+    expect(() => parseDeadLetterCommand(["redrive", "--all", "--force"])).toThrow(
+      /--force takes named sequence numbers/,
+    );
+    expect(() => parseDeadLetterCommand(["drop", "3", "--force"])).toThrow(/--force goes with redrive/);
     expect(() => parseDeadLetterCommand(["list", "--bogus"])).toThrow(/bogus/);
     expect(parseDeadLetterCommand(["redrive", "--all", "--code", "UNKNOWN_TYPE"])).toMatchObject({
       command: "redrive",

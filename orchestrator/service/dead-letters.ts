@@ -100,6 +100,8 @@ export function parseDeadLetterCommand(argv: readonly string[]): DeadLetterComma
       if (all) {
         if (command === "drop" || rest.length)
           throw new UsageError("--all goes with redrive, without sequence numbers");
+        // Forcing sends commands whose sagas may have moved on: one by one, named, after a look.
+        if (force) throw new UsageError("--force takes named sequence numbers, not --all");
         return { command, seqs: [], all, limit: MAX_LETTERS, force, ...filters };
       }
       if (values.source !== undefined || values.code !== undefined)
@@ -153,7 +155,11 @@ export async function runDeadLetterCommand(
     }
     case "show": {
       const seq = cmd.seqs[0] ?? 0;
-      output.out(JSON.stringify({ seq, ...(await readDeadLetter(jsm, topo, seq)) }, null, 2));
+      // JSON escapes C0 control characters but not C1 ones (U+0080–U+009F, CSI among them).
+      const json = JSON.stringify({ seq, ...(await readDeadLetter(jsm, topo, seq)) }, null, 2);
+      output.out(
+        json.replace(/[\u0080-\u009f]/g, (char) => `\\u${char.charCodeAt(0).toString(16).padStart(4, "0")}`),
+      );
       return { ok: true };
     }
     case "redrive":
@@ -162,6 +168,8 @@ export async function runDeadLetterCommand(
       if (cmd.all) {
         seqs = [];
         await select(cmd.limit, (stored) => seqs.push(stored.seq));
+        if (seqs.length >= cmd.limit)
+          output.err(`${cmd.command}: the first ${cmd.limit} matching letters; run it again for the rest`);
       }
       return each(seqs, cmd.command, topo, output, (seq) =>
         cmd.command === "drop"
@@ -185,11 +193,17 @@ async function each(
 ): Promise<Outcome> {
   let failed = 0;
   for (const [i, seq] of seqs.entries()) {
+    // Messages name what a letter holds (subjects, ids), which whoever wrote it chose.
     try {
-      output.out(await handle(seq));
+      output.out(oneLine(await handle(seq), Number.POSITIVE_INFINITY));
     } catch (error) {
       failed++;
-      output.err(`${verb} ${seq} failed: ${error instanceof Error ? error.message : String(error)}`);
+      output.err(
+        oneLine(
+          `${verb} ${seq} failed: ${error instanceof Error ? error.message : String(error)}`,
+          Number.POSITIVE_INFINITY,
+        ),
+      );
     }
     if (seqs.length > 100 && (i + 1) % 100 === 0) output.err(`${verb}: ${i + 1} of ${seqs.length}…`);
   }
@@ -219,11 +233,11 @@ function isControl(code: number): boolean {
 }
 
 /** One line of plain text: a reason may carry a handler's error text, escape sequences included. */
-function oneLine(text: string): string {
+function oneLine(text: string, maxLength = 160): string {
   const flat = [...text.replace(/\s+/g, " ")]
     .map((char) => (isControl(char.codePointAt(0) ?? 0) ? "?" : char))
     .join("");
-  return flat.length > 160 ? `${flat.slice(0, 159)}…` : flat;
+  return flat.length > maxLength ? `${flat.slice(0, maxLength - 1)}…` : flat;
 }
 
 async function main(): Promise<void> {

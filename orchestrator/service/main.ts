@@ -18,7 +18,8 @@ async function main(): Promise<void> {
   // Probes answer (not ready) while the orchestrator starts.
   const running: { orchestrator?: RunningOrchestrator } = {};
   const registry = createMetricsRegistry("orchestrator");
-  const jsm = await jetstreamManager(nc);
+  // No API check here (the probes start first), and a scrape waits at most 2 s for the count.
+  const jsm = await jetstreamManager(nc, { checkAPI: false, timeout: 2_000 });
   const topo = topology(config.ns);
   registerOrchestratorMetrics(
     registry,

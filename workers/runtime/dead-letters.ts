@@ -5,7 +5,7 @@ import {
   type StoredMsg,
 } from "@nats-io/jetstream";
 import { headers as natsHeaders } from "@nats-io/transport-node";
-import { JetsagaError } from "../../orchestrator/engine/errors.ts";
+import { isJetsagaError, JetsagaError } from "../../orchestrator/engine/errors.ts";
 import type { Topology } from "../../orchestrator/runtime/topology.ts";
 import { commandMessage, type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 
@@ -89,21 +89,25 @@ export async function visitDeadLetters(
   const consumer = await js.consumers.get(topo.streams.deadLetters, {
     filter_subjects: [topo.deadLetterSubject(source ?? "*")],
   });
-  const pending = (await consumer.info(true)).num_pending;
-  // Nothing there: consume() would wait for the next letter.
-  if (pending <= 0) return;
-  const messages = await consumer.consume({ max_messages: Math.min(pending, 256) });
-  try {
-    let read = 0;
-    for await (const message of messages) {
-      read++;
+  let pending = (await consumer.info(true)).num_pending;
+  // Batches that end when the server has nothing more for a second: letters counted as pending
+  // may be gone before they are read (dropped meanwhile, or expired), and a consume() would then
+  // wait for them for ever.
+  while (pending > 0) {
+    const batch = await consumer.fetch({ max_messages: Math.min(pending, 256), expires: 1_000 });
+    let got = 0;
+    for await (const message of batch) {
+      got++;
+      // What the consumer had left after this one when it was delivered: letters stored after the
+      // read began are left for the next read.
+      pending = Math.min(pending - 1, message.info.pending);
       const parsed = deadLetter.safeParse(safeJson(message.data));
-      if (parsed.success && !visit({ seq: message.seq, letter: parsed.data })) break;
-      // `pending` counts what the consumer had left after this one when it was delivered.
-      if (read >= pending || message.info.pending === 0) break;
+      if (parsed.success && !visit({ seq: message.seq, letter: parsed.data })) {
+        await batch.close();
+        return;
+      }
     }
-  } finally {
-    await messages.close();
+    if (got === 0) return;
   }
 }
 
@@ -174,7 +178,7 @@ export async function redriveDeadLetter(
   seq: number,
   options: RedriveOptions = {},
 ): Promise<RedriveResult> {
-  const letter = await readDeadLetter(jsm, topo, seq);
+  const { letter, source } = await readSourcedLetter(jsm, topo, seq);
   const refuse = (why: string): JetsagaError =>
     new JetsagaError("INVALID_ARGUMENT", `dead letter ${seq} ${why}`, {
       context: { seq, stream: letter.stream, subject: letter.subject, code: letter.code },
@@ -182,18 +186,28 @@ export async function redriveDeadLetter(
   if (isTruncated(letter)) {
     throw refuse(`kept only part of its payload (${letter.code}): it cannot be sent again`);
   }
-  const prefix = redriveSubjectPrefixes(topo).get(letter.stream);
+  const prefix = redrivePrefix(topo, letter.stream, source);
   if (!prefix || !letter.subject.startsWith(prefix) || !REDRIVE_SUBJECT.test(letter.subject)) {
     throw refuse(
-      `came from ${letter.stream}, subject ${letter.subject}: only messages of the inbox, commands and events streams of namespace "${topo.ns}" are sent again`,
+      `came from ${letter.stream}, subject ${letter.subject}, source ${source}: only messages of the inbox (dead-lettered by the orchestrator), commands (by their service's worker) and events streams of namespace "${topo.ns}" are sent again`,
     );
   }
   const payload = payloadOf(letter);
+  if (letter.stream === topo.streams.events) {
+    // Anyone who may dead-letter could write an event nobody published; the events stream keeps
+    // its messages, so the original must still be there, byte for byte.
+    const original = await jsm.streams.getMessage(topo.streams.events, { seq: letter.sequence });
+    if (!original || original.subject !== letter.subject || !sameBytes(original.data, payload)) {
+      throw refuse(
+        `names event ${letter.sequence} of ${topo.streams.events}, which is not there (expired, or never published) with that subject and payload: it is not sent again`,
+      );
+    }
+  }
   if (letter.stream === topo.streams.commands && !options.force) {
     const command = commandMessage.safeParse(safeJson(payload));
     if (command.success) {
       throw refuse(
-        `is command ${command.data.commandId}, whose instance ${command.data.replyTo.workflow}/${command.data.replyTo.instanceId} was told it failed (command.failed): sent again, its effect would be applied for a saga that has moved on; force it only for an instance still waiting for it`,
+        `is command ${command.data.commandId} of instance ${command.data.replyTo.workflow}/${command.data.replyTo.instanceId}: a worker that dead-letters a command it can read tells the instance it failed (command.failed), so sent again its effect may be applied for a saga that has moved on; force it only for an instance still waiting for it`,
       );
     }
   }
@@ -211,6 +225,16 @@ export async function redriveDeadLetter(
   try {
     await dropDeadLetter(jsm, topo, seq);
   } catch (error) {
+    // Gone already: dropped by someone else meanwhile, which is what was wanted.
+    if (isJetsagaError(error, "INVALID_ARGUMENT")) {
+      return {
+        seq,
+        subject: letter.subject,
+        stream: ack.stream,
+        streamSeq: ack.seq,
+        duplicate: ack.duplicate,
+      };
+    }
     throw new JetsagaError(
       "UNAVAILABLE",
       `dead letter ${seq} was sent again to ${letter.subject} (${ack.stream} #${ack.seq}) but not deleted: ${error instanceof Error ? error.message : String(error)}; drop it rather than redrive it again`,
@@ -220,16 +244,26 @@ export async function redriveDeadLetter(
   return { seq, subject: letter.subject, stream: ack.stream, streamSeq: ack.seq, duplicate: ack.duplicate };
 }
 
-/** A subject of plain tokens: no wildcards, no empty tokens, no whitespace. */
-const REDRIVE_SUBJECT = /^[^\s.*>]+(\.[^\s.*>]+)+$/;
+/** A subject of printable ASCII tokens: no wildcards, no empty tokens, no spaces or control characters. */
+const REDRIVE_SUBJECT = /^[!-)+-\-/-=?-~]+(\.[!-)+-\-/-=?-~]+)+$/;
 
-/** The streams whose messages may be sent again, and the subject prefix each takes. */
-function redriveSubjectPrefixes(topo: Topology): Map<string, string> {
-  return new Map([
-    [topo.streams.inbox, topo.inboxSubject("", "").slice(0, -1)],
-    [topo.streams.commands, topo.commandSubject("")],
-    [topo.streams.events, topo.eventSubject("", "").slice(0, -1)],
-  ]);
+/**
+ * The subject prefix a letter of `stream`, stored under `source`, may be sent back to; undefined
+ * when such letters are not sent again. Inbox letters are the orchestrator's (source `<NS>_INBOX`);
+ * a command letter goes back only to its own service's commands (`<ns>.cmd.<source>.`), so with
+ * per-service publish permissions on `<ns>.dlq.<service>` one worker cannot make redrive send
+ * another service's commands; events are checked against the stream's original instead.
+ */
+function redrivePrefix(topo: Topology, stream: string, source: string): string | undefined {
+  if (stream === topo.streams.inbox)
+    return source === topo.streams.inbox ? topo.inboxSubject("", "").slice(0, -1) : undefined;
+  if (stream === topo.streams.commands) return topo.commandSubject(`${source}.`);
+  if (stream === topo.streams.events) return topo.eventSubject("", "").slice(0, -1);
+  return undefined;
+}
+
+function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
+  return a.length === b.length && a.every((byte, i) => byte === b[i]);
 }
 
 /**
@@ -256,6 +290,15 @@ export async function readDeadLetter(
   topo: Topology,
   seq: number,
 ): Promise<DeadLetter> {
+  return (await readSourcedLetter(jsm, topo, seq)).letter;
+}
+
+/** The dead letter at `seq` and the source it was stored under (`<ns>.dlq.<source>`). */
+async function readSourcedLetter(
+  jsm: JetStreamManager,
+  topo: Topology,
+  seq: number,
+): Promise<{ letter: DeadLetter; source: string }> {
   if (!Number.isSafeInteger(seq) || seq < 1) {
     throw new JetsagaError(
       "INVALID_ARGUMENT",
@@ -277,7 +320,7 @@ export async function readDeadLetter(
       },
     );
   }
-  return parsed.data;
+  return { letter: parsed.data, source: stored.subject.slice(topo.deadLetterSubject("").length) };
 }
 
 /** True when the letter kept only part of the original payload (see deadLetterOf). */
