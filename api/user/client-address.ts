@@ -47,13 +47,25 @@ export function addressBucket(address: string): string {
   if (mapped?.[1] && isIPv4(mapped[1])) return mapped[1];
   const bare = address.split("%")[0] ?? address;
   if (!isIPv6(bare)) return address;
-  // Expand `::` to the zero groups it stands for; an IPv4 tail (`::1.2.3.4`) counts as two groups.
+  // Expand `::` to the zero groups it stands for; an IPv4 tail (`::1.2.3.4`) is two groups.
   const groups = (part: string): string[] =>
-    part === "" ? [] : part.split(":").flatMap((g) => (g.includes(".") ? ["0", "0"] : [g]));
+    part === "" ? [] : part.split(":").flatMap((g) => (g.includes(".") ? ipv4Groups(g) : [g]));
   const [head = "", tail] = bare.split("::");
   const front = groups(head);
   const back = tail === undefined ? [] : groups(tail);
   const full = [...front, ...Array<string>(8 - front.length - back.length).fill("0"), ...back];
+  const value = full.map((g) => Number.parseInt(g, 16));
+  // An IPv4-mapped address however written (`::ffff:c000:201`, `0:0:0:0:0:ffff:1.2.3.4`).
+  if (value.slice(0, 5).every((g) => g === 0) && value[5] === 0xffff) {
+    const [high = 0, low = 0] = value.slice(6);
+    return [high >> 8, high & 0xff, low >> 8, low & 0xff].join(".");
+  }
   const prefix = full.slice(0, 3).map((g) => Number.parseInt(g, 16).toString(16));
   return `${prefix.join(":")}::/48`;
+}
+
+/** A dotted IPv4 address as the two 16-bit hex groups it is in an IPv6 address. */
+function ipv4Groups(dotted: string): string[] {
+  const [a = 0, b = 0, c = 0, d = 0] = dotted.split(".").map(Number);
+  return [((a << 8) | b).toString(16), ((c << 8) | d).toString(16)];
 }

@@ -31,6 +31,10 @@ describe("addressBucket", () => {
     expect(addressBucket("unknown")).toBe("unknown");
     expect(addressBucket("::ffff:192.0.2.1")).toBe("192.0.2.1");
     expect(addressBucket("::FFFF:192.0.2.1")).toBe("192.0.2.1");
+    expect(addressBucket("::ffff:c000:201")).toBe("192.0.2.1");
+    expect(addressBucket("0:0:0:0:0:FFFF:C633:6414")).toBe("198.51.100.20");
+    expect(addressBucket("0:0:0:0:0:ffff:198.51.100.20")).toBe("198.51.100.20");
+    expect(addressBucket("::ffff:198.51.100.20%eth0")).toBe("198.51.100.20");
     const prefix = "2001:db8:1::/48";
     for (const address of [
       "2001:db8:1:2::1",
