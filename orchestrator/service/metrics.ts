@@ -43,6 +43,8 @@ export function registerOrchestratorMetrics(
     });
   }
   if (deadLetters) {
+    // Sources seen before read 0 once their letters are gone, rather than vanishing.
+    const seen = new Set<string>();
     new Gauge({
       name: "jetsaga_dead_letters",
       help: "dead letters in the dead-letter stream, by source (stream or worker service)",
@@ -53,7 +55,9 @@ export function registerOrchestratorMetrics(
         // NATS away or the stream not made yet: no series rather than a failed scrape
         // (jetsaga_orchestrator_up says whether the orchestrator runs).
         const counts = await deadLetters().catch(() => undefined);
-        for (const [source, count] of counts ?? []) this.set({ source }, count);
+        if (!counts) return;
+        for (const source of counts.keys()) seen.add(source);
+        for (const source of seen) this.set({ source }, counts.get(source) ?? 0);
       },
     });
   }
