@@ -17,6 +17,8 @@ export {
   dropDeadLetter,
   type EventContext,
   type EventHandler,
+  type InstanceDeadLetter,
+  instanceDeadLetters,
   type RedriveOptions,
   type RedriveResult,
   type ReplyEvent,

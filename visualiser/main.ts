@@ -11,11 +11,15 @@
  */
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig } from "../common/nats.ts";
-import { assertCurrentHistoryFormat, createWorkflowClient } from "../orchestrator/index.ts";
+import {
+  assertCurrentHistoryFormat,
+  createWorkflowClient,
+  instanceDeadLetters,
+} from "../orchestrator/index.ts";
 import { loadWorkflows } from "../orchestrator/workflows/load.ts";
 import { createChartLayouts } from "./layout.ts";
 import { createVisualiserHandler, serveVisualiser } from "./server.ts";
@@ -32,6 +36,7 @@ async function main(): Promise<void> {
   const client = await createWorkflowClient({ nc, ns: config.ns, workflows });
   // Instances on the subjects of before the phase token would look missing.
   await assertCurrentHistoryFormat(await jetstreamManager(nc), client.topology);
+  const js = jetstream(nc);
   const layouts = createChartLayouts();
   // Lay the charts out now: the first page load should not wait for elkjs to warm up.
   await Promise.all(workflows.map((w) => layouts.get(w)));
@@ -41,6 +46,7 @@ async function main(): Promise<void> {
     layouts,
     publicDir: join(dirname(fileURLToPath(import.meta.url)), "public"),
     healthy: () => !nc.isClosed(),
+    deadLetters: (workflow, instanceId) => instanceDeadLetters(js, client.topology, workflow, instanceId),
     logger: log,
   });
   const server = await serveVisualiser(handler, port, process.env.VISUALISER_HOST ?? "127.0.0.1");

@@ -9,6 +9,7 @@ import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type BrowserContext, chromium, type Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -18,6 +19,7 @@ import {
   commandHandler,
   createWorker,
   createWorkflowClient,
+  instanceDeadLetters,
   type RunningOrchestrator,
   type RunningWorker,
   startOrchestrator,
@@ -95,6 +97,7 @@ describe("visualiser page in chromium", () => {
       workflows: [orderSaga],
       layouts: createChartLayouts(),
       publicDir: join(here, "public"),
+      deadLetters: (workflow, id) => instanceDeadLetters(jetstream(nc), client.topology, workflow, id),
     });
     server = await serveVisualiser(handler, 0);
 
@@ -191,5 +194,40 @@ describe("visualiser page in chromium", () => {
     );
     await page.screenshot({ path: join(dataDir, "visualiser.png"), fullPage: true });
     expect(consoleErrors).toEqual([]);
+  });
+
+  it("shows the dead letters of an instance whose start was refused before it had a history", async () => {
+    // Raw, past the client's own input check: the orchestrator refuses it and dead-letters it.
+    await jetstream(nc).publish(
+      client.topology.inboxSubject("order", "bad-order"),
+      JSON.stringify({
+        id: "start.order.bad-order",
+        workflow: "order",
+        instanceId: "bad-order",
+        at: 1,
+        start: { input: { orderId: "bad-order" } },
+      }),
+    );
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      await page.goto(`${server.url}/?workflow=order&id=bad-order`);
+      await page.waitForFunction(() =>
+        document.querySelector("#status")?.textContent?.includes("No instance"),
+      );
+      if ((await page.locator("#dead-letters > li").count()) > 0 || Date.now() > deadline) break;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    await page.waitForSelector("#dead-letters-section:not([hidden])");
+    expect(await page.locator("#dead-letters > li").count()).toBe(1);
+    expect(await page.locator("#dead-letters > li .etype").textContent()).toBe("SCHEMA_VIOLATION");
+    expect(await page.locator("#dead-letters > li .reason").textContent()).toContain(
+      client.topology.inboxSubject("order", "bad-order"),
+    );
+    // An instance without any keeps the section hidden.
+    await page.goto(`${server.url}/?workflow=order&id=${orderId}`);
+    await page.waitForSelector("[data-state][aria-current='true']");
+    expect(await page.locator("#dead-letters-section").isHidden()).toBe(true);
+    // The history of an instance that does not exist is a 404, which the browser reports itself.
+    expect(consoleErrors.filter((text) => !text.includes("404"))).toEqual([]);
   });
 });

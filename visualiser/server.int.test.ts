@@ -6,12 +6,14 @@
  */
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
+import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../common/nats.ts";
 import {
   createWorkflowClient,
   type HistoryEntry,
+  instanceDeadLetters,
   type RunningOrchestrator,
   startOrchestrator,
   type WorkflowClient,
@@ -118,6 +120,7 @@ describe("visualiser HTTP API", () => {
       layouts: createChartLayouts(),
       publicDir,
       healthy: () => !nc.isClosed(),
+      deadLetters: (workflow, id) => instanceDeadLetters(jetstream(nc), client.topology, workflow, id),
     });
     server = await serveVisualiser(handler, 0);
     await client.start("counter", "c-1", { expected: 3 });
@@ -187,6 +190,32 @@ describe("visualiser HTTP API", () => {
       [2, "bump", "counting"],
     ]);
     expect(body.entries[1]?.state.context).toEqual({ expected: 3, seen: 1, total: 5 });
+  });
+
+  it("lists an instance's dead letters: a start refused before the instance had any history", async () => {
+    // Raw, past the client's own input check: the orchestrator refuses it and dead-letters it.
+    const start = { id: "start.counter.bad-1", workflow: "counter", instanceId: "bad-1", at: 1 };
+    await jetstream(nc).publish(
+      client.topology.inboxSubject("counter", "bad-1"),
+      JSON.stringify({ ...start, start: { input: { expected: "three" } } }),
+    );
+    type Letters = {
+      deadLetters: Array<{ seq: number; code: string; reason: string; subject: string }>;
+      complete: boolean;
+    };
+    const letters = async (id: string): Promise<Letters> =>
+      (await (await get(`/api/instances/counter/${id}/dead-letters`)).json()) as Letters;
+    await expect.poll(async () => (await letters("bad-1")).deadLetters.length, { timeout: 10_000 }).toBe(1);
+    const body = await letters("bad-1");
+    expect(body.complete).toBe(true);
+    expect(body.deadLetters[0]).toMatchObject({
+      code: "SCHEMA_VIOLATION",
+      subject: client.topology.inboxSubject("counter", "bad-1"),
+    });
+    expect(body.deadLetters[0]?.reason).toMatch(/expected/);
+    expect(await letters("c-1")).toEqual({ deadLetters: [], complete: true });
+    // Bad ids are refused before the stream is read.
+    expect((await get("/api/instances/counter/bad%20id/dead-letters")).status).toBe(400);
   });
 
   it("rejects bad ids and workflow names with 400 before touching NATS; unknown ones are 404", async () => {

@@ -7,6 +7,8 @@
  * - `/healthz` — 200 while connected to NATS.
  * - `/api/workflows` — names, versions, signals and laid-out charts.
  * - `/api/instances/:workflow/:id/history` — every history entry, oldest first.
+ * - `/api/instances/:workflow/:id/dead-letters` — the instance's dead letters (see
+ *   {@link VisualiserOptions.deadLetters}); `{ deadLetters: [], complete: true }` when not wired.
  * - `/api/instances/:workflow/:id/live` — Server-Sent Events: one `entry` event per history entry
  *   after `?after=<revision>` (or the `Last-Event-ID` header on reconnect; without either, the latest
  *   entry first), then `end` once the instance is completed or failed.
@@ -23,6 +25,7 @@ import {
   isValidId,
   type WorkflowClient,
 } from "../orchestrator/index.ts";
+import type { InstanceDeadLetter } from "../workers/runtime/dead-letters.ts";
 import type { ChartLayout, ChartLayouts } from "./layout.ts";
 
 /** What the visualiser needs to answer requests. */
@@ -36,6 +39,14 @@ export interface VisualiserOptions {
   publicDir: string;
   /** Health of the NATS connection, for `/healthz`. Default: always healthy. */
   healthy?: () => boolean;
+  /**
+   * The dead letters of an instance (e.g. `instanceDeadLetters` on the deployment's streams), so a
+   * stuck instance shows what was refused and why. Default: none shown.
+   */
+  deadLetters?: (
+    workflow: string,
+    instanceId: string,
+  ) => Promise<{ deadLetters: InstanceDeadLetter[]; complete: boolean }>;
   /** Seconds between SSE keep-alive comments. Default 15. */
   keepAliveSeconds?: number;
   logger?: Pick<Logger, "warn" | "error">;
@@ -226,6 +237,12 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
       if (!definitions.has(workflow)) return problem(404, "NOT_FOUND", `unknown workflow ${workflow}`);
       if (action === "history") return history(workflow, id);
       if (action === "live") return live(request, workflow, id);
+      if (action === "dead-letters") {
+        return json(
+          200,
+          options.deadLetters ? await options.deadLetters(workflow, id) : { deadLetters: [], complete: true },
+        );
+      }
       return problem(404, "NOT_FOUND", "no such route");
     }
     if (parts.length === 1 && parts[0] !== undefined) return serveStatic(parts[0]);

@@ -13,7 +13,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../common/nats.ts";
 import { counterWorkflow, reminderWorkflow } from "../../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
-import { countDeadLetters } from "../../workers/runtime/dead-letters.ts";
+import { countDeadLetters, instanceDeadLetters } from "../../workers/runtime/dead-letters.ts";
 import {
   createWorkflowClient,
   type RunningOrchestrator,
@@ -338,6 +338,44 @@ describe("dead-letter commands", () => {
     await run(["drop", String((await stored())[0]?.seq)], captured());
     // Seen before: reads 0 rather than vanishing.
     expect(await gauge()).toEqual([{ labels: { source: topo.streams.inbox }, value: 0 }]);
+  });
+
+  it("finds an instance's letters: its inbox messages and the commands it dispatched", async () => {
+    const command = {
+      commandId: "cmd-7",
+      command: "user.verify",
+      input: {},
+      replyTo: { workflow: "counter", instanceId: "c-7" },
+      at: 1,
+    };
+    const seqs = [
+      await forge(
+        { stream: topo.streams.inbox, subject: topo.inboxSubject("counter", "c-7"), data: "{}" },
+        topo.streams.inbox,
+      ),
+      await forge(
+        {
+          stream: topo.streams.commands,
+          subject: topo.commandSubject("user.verify"),
+          data: JSON.stringify(command),
+        },
+        "user",
+      ),
+    ];
+    const other = await forge(
+      { stream: topo.streams.inbox, subject: topo.inboxSubject("counter", "c-8"), data: "{}" },
+      topo.streams.inbox,
+    );
+    const found = await instanceDeadLetters(jetstream(nc), topo, "counter", "c-7");
+    expect(found.complete).toBe(true);
+    expect(found.deadLetters.map((letter) => letter.seq)).toEqual(seqs);
+    expect(found.deadLetters[1]).toMatchObject({ stream: topo.streams.commands, code: "MAX_DELIVERIES" });
+    // A scan cut short says so.
+    expect(await instanceDeadLetters(jetstream(nc), topo, "counter", "c-8", { scanLimit: 2 })).toEqual({
+      deadLetters: [],
+      complete: false,
+    });
+    await run(["drop", ...[...seqs, other].map(String)], captured());
   });
 
   it("refuses bad command lines with the reason", () => {

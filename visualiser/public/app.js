@@ -30,6 +30,8 @@ const el = {
   snapshot: $("snapshot"),
   context: $("context"),
   history: $("history"),
+  deadLetters: $("dead-letters"),
+  deadLettersSection: $("dead-letters-section"),
 };
 
 function setStatus(text) {
@@ -313,6 +315,52 @@ function historyItem(entry, index) {
   return li;
 }
 
+function deadLetterItem(letter) {
+  const li = document.createElement("li");
+  li.className = "entry dead-letter";
+  const row = document.createElement("div");
+  row.className = "entry-row";
+  const seq = document.createElement("span");
+  seq.className = "rev";
+  seq.textContent = `#${letter.seq}`;
+  const code = document.createElement("span");
+  code.className = "etype";
+  code.textContent = letter.code;
+  const time = document.createElement("time");
+  time.dateTime = new Date(letter.at).toISOString();
+  time.title = new Date(letter.at).toISOString();
+  time.textContent = formatTime(letter.at);
+  row.append(seq, code, time);
+  const reason = document.createElement("p");
+  reason.className = "reason";
+  reason.textContent = `${letter.reason} (${letter.subject}, ${letter.deliveries} deliveries)`;
+  li.append(row, reason);
+  return li;
+}
+
+// Shown whether or not the instance has a history: a start refused before its first entry (an
+// unknown workflow, a bad input) leaves only its dead letter.
+async function loadDeadLetters(workflow, id) {
+  el.deadLetters.replaceChildren();
+  el.deadLettersSection.hidden = true;
+  try {
+    const body = await getJson(
+      `/api/instances/${encodeURIComponent(workflow)}/${encodeURIComponent(id)}/dead-letters`,
+    );
+    if (view.workflow !== workflow || view.id !== id) return;
+    for (const letter of body.deadLetters) el.deadLetters.append(deadLetterItem(letter));
+    if (!body.complete) {
+      const more = document.createElement("li");
+      more.className = "muted";
+      more.textContent = "Only the oldest letters were searched; see npm run dead-letters -- list.";
+      el.deadLetters.append(more);
+    }
+    el.deadLettersSection.hidden = body.deadLetters.length === 0 && body.complete;
+  } catch {
+    // The page works without them; the status line is about the instance.
+  }
+}
+
 function jsonBlock(title, value) {
   const wrap = document.createElement("div");
   const h = document.createElement("h3");
@@ -433,6 +481,8 @@ async function loadInstance(workflow, id) {
   view.selected = -1;
   view.following = true;
   el.history.replaceChildren();
+  el.deadLetters.replaceChildren();
+  el.deadLettersSection.hidden = true;
   el.snapshot.replaceChildren();
   el.context.textContent = "";
   el.slider.disabled = true;
@@ -447,6 +497,7 @@ async function loadInstance(workflow, id) {
     return;
   }
   setStatus(`Loading ${workflow}/${id}…`);
+  void loadDeadLetters(workflow, id);
   try {
     const body = await getJson(
       `/api/instances/${encodeURIComponent(workflow)}/${encodeURIComponent(id)}/history`,

@@ -93,6 +93,7 @@ export async function visitDeadLetters(
   // Batches that end when the server has nothing more for a second: letters counted as pending
   // may be gone before they are read (dropped meanwhile, or expired), and a consume() would then
   // wait for them for ever.
+  let stopped = false;
   while (pending > 0) {
     const batch = await consumer.fetch({ max_messages: Math.min(pending, 256), expires: 1_000 });
     let got = 0;
@@ -103,12 +104,67 @@ export async function visitDeadLetters(
       pending = Math.min(pending - 1, message.info.pending);
       const parsed = deadLetter.safeParse(safeJson(message.data));
       if (parsed.success && !visit({ seq: message.seq, letter: parsed.data })) {
-        await batch.close();
-        return;
+        // Leaving the loop stops the batch; awaiting its close() here would wait for the rest of
+        // the batch to be read, which this loop no longer does.
+        stopped = true;
+        break;
       }
     }
-    if (got === 0) return;
+    if (stopped || got === 0) return;
   }
+}
+
+/** A dead letter as the visualiser shows it beside an instance: what and why, not the payload. */
+export interface InstanceDeadLetter {
+  /** Sequence in the dead-letter stream: what `npm run dead-letters -- show|redrive|drop` takes. */
+  seq: number;
+  code: string;
+  reason: string;
+  /** The stream and subject the message was consumed from. */
+  stream: string;
+  subject: string;
+  deliveries: number;
+  at: number;
+}
+
+/**
+ * The dead letters of one instance: messages for its inbox (starts, signals, replies, timers) and
+ * commands it dispatched (by their `replyTo`), oldest first. Letters are not indexed by instance,
+ * so this scans the stream, at most `scanLimit` letters (default 10,000); `complete` says whether
+ * the scan reached the stream's end.
+ */
+export async function instanceDeadLetters(
+  js: JetStreamClient,
+  topo: Topology,
+  workflow: string,
+  instanceId: string,
+  options: { scanLimit?: number } = {},
+): Promise<{ deadLetters: InstanceDeadLetter[]; complete: boolean }> {
+  const scanLimit = options.scanLimit ?? 10_000;
+  const inbox = topo.inboxSubject(workflow, instanceId);
+  const found: InstanceDeadLetter[] = [];
+  let scanned = 0;
+  let complete = true;
+  await visitDeadLetters(js, topo, undefined, ({ seq, letter }) => {
+    if (letter.subject === inbox || isCommandOf(letter, topo, workflow, instanceId)) {
+      const { code, reason, stream, subject, deliveries, at } = letter;
+      found.push({ seq, code, reason, stream, subject, deliveries, at });
+    }
+    if (++scanned < scanLimit) return true;
+    complete = false;
+    return false;
+  });
+  return { deadLetters: found, complete };
+}
+
+function isCommandOf(letter: DeadLetter, topo: Topology, workflow: string, instanceId: string): boolean {
+  if (letter.stream !== topo.streams.commands || isTruncated(letter)) return false;
+  const command = commandMessage.safeParse(safeJson(payloadOf(letter)));
+  return (
+    command.success &&
+    command.data.replyTo.workflow === workflow &&
+    command.data.replyTo.instanceId === instanceId
+  );
 }
 
 /**

@@ -9,6 +9,8 @@ export {
   countDeadLetters,
   type DeadLetterCode,
   dropDeadLetter,
+  type InstanceDeadLetter,
+  instanceDeadLetters,
   isTruncated,
   type ReadDeadLettersOptions,
   type RedriveOptions,
