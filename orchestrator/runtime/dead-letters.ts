@@ -56,6 +56,12 @@ export function readJsonBody(
   }
 }
 
+/** The payload bytes a dead letter keeps: the inverse of {@link encodePayload}. */
+export function decodePayload(letter: Pick<DeadLetter, "data" | "encoding">): Uint8Array {
+  if (letter.encoding === "utf8") return new TextEncoder().encode(letter.data);
+  return Uint8Array.from(atob(letter.data), (char) => char.charCodeAt(0));
+}
+
 /**
  * Builds the dead-letter record of a consumed message: the reason, where it came from, and the
  * original bytes, cut to `maxDataBytes` (the record itself must fit the server's max payload; the

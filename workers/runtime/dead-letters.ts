@@ -6,6 +6,7 @@ import {
 } from "@nats-io/jetstream";
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { isJetsagaError, JetsagaError } from "../../orchestrator/engine/errors.ts";
+import { decodePayload } from "../../orchestrator/runtime/dead-letters.ts";
 import type { Topology } from "../../orchestrator/runtime/topology.ts";
 import { commandMessage, type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 
@@ -93,7 +94,6 @@ export async function visitDeadLetters(
   // Batches that end when the server has nothing more for a second: letters counted as pending
   // may be gone before they are read (dropped meanwhile, or expired), and a consume() would then
   // wait for them for ever.
-  let stopped = false;
   while (pending > 0) {
     const batch = await consumer.fetch({ max_messages: Math.min(pending, 256), expires: 1_000 });
     let got = 0;
@@ -103,14 +103,11 @@ export async function visitDeadLetters(
       // read began are left for the next read.
       pending = Math.min(pending - 1, message.info.pending);
       const parsed = deadLetter.safeParse(safeJson(message.data));
-      if (parsed.success && !visit({ seq: message.seq, letter: parsed.data })) {
-        // Leaving the loop stops the batch; awaiting its close() here would wait for the rest of
-        // the batch to be read, which this loop no longer does.
-        stopped = true;
-        break;
-      }
+      // Leaving the loop stops the batch; awaiting its close() here instead would wait for the
+      // rest of the batch to be read, which this loop then no longer does.
+      if (parsed.success && !visit({ seq: message.seq, letter: parsed.data })) return;
     }
-    if (stopped || got === 0) return;
+    if (got === 0) return;
   }
 }
 
@@ -159,7 +156,7 @@ export async function instanceDeadLetters(
 
 function isCommandOf(letter: DeadLetter, topo: Topology, workflow: string, instanceId: string): boolean {
   if (letter.stream !== topo.streams.commands || isTruncated(letter)) return false;
-  const command = commandMessage.safeParse(safeJson(payloadOf(letter)));
+  const command = commandMessage.safeParse(safeJson(decodePayload(letter)));
   return (
     command.success &&
     command.data.replyTo.workflow === workflow &&
@@ -248,7 +245,7 @@ export async function redriveDeadLetter(
       `came from ${letter.stream}, subject ${letter.subject}, source ${source}: only messages of the inbox (dead-lettered by the orchestrator), commands (by their service's worker) and events streams of namespace "${topo.ns}" are sent again`,
     );
   }
-  const payload = payloadOf(letter);
+  const payload = decodePayload(letter);
   if (letter.stream === topo.streams.events) {
     // Anyone who may dead-letter could write an event nobody published; the events stream keeps
     // its messages, so the original must still be there, byte for byte.
@@ -278,26 +275,25 @@ export async function redriveDeadLetter(
     headers,
     expect: { streamName: letter.stream },
   });
+  const sent = {
+    seq,
+    subject: letter.subject,
+    stream: ack.stream,
+    streamSeq: ack.seq,
+    duplicate: ack.duplicate,
+  };
   try {
     await dropDeadLetter(jsm, topo, seq);
   } catch (error) {
     // Gone already: dropped by someone else meanwhile, which is what was wanted.
-    if (isJetsagaError(error, "INVALID_ARGUMENT")) {
-      return {
-        seq,
-        subject: letter.subject,
-        stream: ack.stream,
-        streamSeq: ack.seq,
-        duplicate: ack.duplicate,
-      };
-    }
+    if (isJetsagaError(error, "INVALID_ARGUMENT")) return sent;
     throw new JetsagaError(
       "UNAVAILABLE",
       `dead letter ${seq} was sent again to ${letter.subject} (${ack.stream} #${ack.seq}) but not deleted: ${error instanceof Error ? error.message : String(error)}; drop it rather than redrive it again`,
       { context: { seq, subject: letter.subject }, cause: error },
     );
   }
-  return { seq, subject: letter.subject, stream: ack.stream, streamSeq: ack.seq, duplicate: ack.duplicate };
+  return sent;
 }
 
 /** A subject of printable ASCII tokens: no wildcards, no empty tokens, no spaces or control characters. */
@@ -382,11 +378,6 @@ async function readSourcedLetter(
 /** True when the letter kept only part of the original payload (see deadLetterOf). */
 export function isTruncated(letter: DeadLetter): boolean {
   return letter.truncated === true || / \(data truncated to \d+ bytes\)$/.test(letter.reason);
-}
-
-function payloadOf(letter: DeadLetter): Uint8Array {
-  if (letter.encoding === "utf8") return new TextEncoder().encode(letter.data);
-  return Uint8Array.from(atob(letter.data), (char) => char.charCodeAt(0));
 }
 
 function noLetter(topo: Topology, seq: number): JetsagaError {
