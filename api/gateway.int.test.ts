@@ -18,7 +18,7 @@ import { ensureTopology, topology } from "../orchestrator/index.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { codeOf } from "../test/support/connect.ts";
 import { createTestDatabase, natsUrl, type TestDatabase, uniqueNamespace } from "../test/support/context.ts";
-import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
+import { type Runtime, type ServiceProcess, spawnService } from "../test/support/processes.ts";
 import { userMigrationsDir } from "../workers/user/index.ts";
 import { type Gateway, startGateway } from "./gateway.ts";
 import { type RpcServer, startRpcServer } from "./rpc/index.ts";
@@ -82,35 +82,27 @@ describe("the client address the gateway reports to the user service", () => {
       closeGraceMs: 200,
       userService: { baseUrl: userService.url },
     });
-    proxied = await spawnService(
-      "api/main.ts",
-      {
+    /** `api/main.ts` as its own process on this test's servers, and its URL. */
+    const spawnGateway = async (
+      env: Record<string, string>,
+      runtime?: Runtime,
+    ): Promise<[ServiceProcess, string]> => {
+      const ready = /^JETSAGA_API_URL=/;
+      const gatewayEnv = {
         DATABASE_URL: readModelDb.url,
         NATS_URL: natsUrl(),
         JETSAGA_NS: ns,
         JETSAGA_TOKEN_SECRET: SECRET,
         USER_SERVICE_URL: userService.url,
         API_PORT: "0",
-        API_CLIENT_ADDRESS_HEADER: "X-Forwarded-For",
-      },
-      /^JETSAGA_API_URL=/,
-    );
-    proxiedUrl = (await proxied.waitForLine(/^JETSAGA_API_URL=/)).slice("JETSAGA_API_URL=".length);
+        ...env,
+      };
+      const spawned = await spawnService("api/main.ts", gatewayEnv, ready, runtime);
+      return [spawned, (await spawned.waitForLine(ready)).slice("JETSAGA_API_URL=".length)];
+    };
+    [proxied, proxiedUrl] = await spawnGateway({ API_CLIENT_ADDRESS_HEADER: "X-Forwarded-For" });
     // The same entry under Deno, whose node:http2 must give the gateway the TCP peer too.
-    onDeno = await spawnService(
-      "api/main.ts",
-      {
-        DATABASE_URL: readModelDb.url,
-        NATS_URL: natsUrl(),
-        JETSAGA_NS: ns,
-        JETSAGA_TOKEN_SECRET: SECRET,
-        USER_SERVICE_URL: userService.url,
-        API_PORT: "0",
-      },
-      /^JETSAGA_API_URL=/,
-      "deno",
-    );
-    onDenoUrl = (await onDeno.waitForLine(/^JETSAGA_API_URL=/)).slice("JETSAGA_API_URL=".length);
+    [onDeno, onDenoUrl] = await spawnGateway({}, "deno");
   });
 
   afterAll(async () => {
