@@ -35,6 +35,12 @@ export type FullPathResult =
       readsPerOrder: number;
       /** {@link FullPathOptions.connectLevels}, measured with the same processes after `levels`. */
       overConnect?: LoadReport[];
+      /**
+       * Postgres's durability settings as the server reported them (`fsync`, `full_page_writes`,
+       * `synchronous_commit`); absent in results of runs before they were recorded, which ran
+       * without fsync.
+       */
+      postgresDurability?: Record<string, string>;
     }
   | { skipped: string };
 
@@ -139,6 +145,11 @@ export interface FullPathOptions {
    * the Connect protocol instead of gRPC: what the protocol alone costs on both sides. Default none.
    */
   connectLevels?: readonly Level[];
+  /**
+   * Postgres settings over its own defaults (which fsync every commit). Unlike the tests' throwaway
+   * clusters, the benchmark's is durable: the user service's rows are authoritative.
+   */
+  postgresSettings?: Record<string, string>;
 }
 
 /** Entry files the full path needs; missing ones mean the pieces have not landed yet. */
@@ -153,14 +164,21 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
   const missing = ENTRIES.filter((entry) => !existsSync(join(ROOT, entry)));
   if (missing.length) return { skipped: `${missing.join(", ")} missing` };
   const progress = options.progress ?? (() => {});
-  const pg = await startPostgres();
+  const postgresSettings = options.postgresSettings ?? {};
+  // The tests' cluster turns fsync and full-page writes off; the benchmark keeps Postgres's own.
+  const pg = await startPostgres({ settings: { fsync: "on", full_page_writes: "on", ...postgresSettings } });
   const started: ServiceProcess[] = [];
   let engine: Awaited<ReturnType<typeof startEngine>> | undefined;
   try {
     const admin = postgres(pg.adminUrl, { max: 1, onnotice: () => {} });
+    let postgresDurability: Record<string, string>;
     try {
       await admin.unsafe("create database bench_users");
       await admin.unsafe("create database bench_orders");
+      const rows = await admin<{ name: string; setting: string }[]>`
+        select name, setting from pg_settings
+        where name in ('fsync', 'full_page_writes', 'synchronous_commit') order by name`;
+      postgresDurability = Object.fromEntries(rows.map((row) => [row.name, row.setting]));
     } finally {
       await admin.end({ timeout: 5 });
     }
@@ -232,6 +250,7 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
       levels,
       ...(overConnect ? { overConnect } : {}),
       processNames: ["orchestrator", "user", "api", "nats", "postgres", "client"],
+      postgresDurability,
       readsPerOrder: reads.sort((a, b) => a - b)[Math.floor(reads.length / 2)] ?? Number.NaN,
     };
   } finally {

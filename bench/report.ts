@@ -421,7 +421,7 @@ export function renderMarkdown(results: BenchResults): string {
       continue;
     }
     out.push(
-      `**Full path** (${s.name}: gRPC PlaceOrder → order saga → user service → CONFIRMED answered by PlaceOrder waiting for the outcome (wait_for_statuses), then visible in the read model via one GetOrder with its position as min_position):`,
+      `**Full path** (${s.name}; Postgres ${describeDurability(f.postgresDurability)}: gRPC PlaceOrder → order saga → user service → CONFIRMED answered by PlaceOrder waiting for the outcome (wait_for_statuses), then visible in the read model via one GetOrder with its position as min_position):`,
       "",
     );
     // Postgres is a process tree, measured for CPU only.
@@ -486,4 +486,15 @@ export function rewriteResults(path: string, markdown: string): boolean {
   if (start < 0 || end < start) return false;
   writeFileSync(path, `${doc.slice(0, start + MARKERS[0].length)}\n${markdown}\n${doc.slice(end)}`);
   return true;
+}
+
+/**
+ * How durable the full path's Postgres was. Results written before the benchmark recorded it ran
+ * the tests' cluster, without fsync.
+ */
+function describeDurability(settings: Record<string, string> | undefined): string {
+  if (settings === undefined) return "fsync=off";
+  return Object.entries(settings)
+    .map(([key, value]) => `${key}=${value}`)
+    .join(", ");
 }

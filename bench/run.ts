@@ -234,7 +234,22 @@ async function startOtlpSink(): Promise<{ url: string; bytes: () => number; clos
  * Runs the parts on a fresh nats-server. `once` adds the parts measured on the default store only
  * (tracing, recovery, idle memory): they compare processes, not store settings.
  */
-async function runSeries(name: string, natsArgs: string[], once: boolean): Promise<SeriesResult> {
+/**
+ * Postgres settings of the full path per series, so that the user service's rows and the read model
+ * are as durable as the streams beside them. With JetStream's default periodic sync, commits return
+ * before the WAL is flushed (`synchronous_commit=off`; the WAL writer flushes within 3 × its 200 ms
+ * delay): a crash of the machine, not of a process, can lose that much, as it can lose the streams'
+ * unsynced writes. With `sync_interval: always`, Postgres's defaults: every commit waits for its fsync.
+ */
+const POSTGRES_LIKE_DEFAULT_STREAMS = { synchronous_commit: "off" };
+const POSTGRES_LIKE_SYNCED_STREAMS = {};
+
+async function runSeries(
+  name: string,
+  natsArgs: string[],
+  once: boolean,
+  postgresSettings: Record<string, string>,
+): Promise<SeriesResult> {
   progress(`series "${name}": starting nats-server ${natsArgs.join(" ")}`);
   const nats = await startNatsServer({ args: natsArgs });
   const base = { natsUrl: nats.url, natsPid: nats.pid, progress, processWarmup: ENGINE_WARMUP };
@@ -359,6 +374,7 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
               ns: freshNs("p"),
               levels: FULL_LEVELS,
               processWarmup: FULL_WARMUP,
+              postgresSettings,
               // Only in full runs: a soak (`--full-levels`) measures gRPC alone.
               ...(args["full-levels"] === undefined ? { connectLevels: at64(FULL_LEVELS) } : {}),
             }),
@@ -438,6 +454,9 @@ async function runSeries(name: string, natsArgs: string[], once: boolean): Promi
           ...(overConnect.length ? { overConnect: medianLevels(overConnect) } : {}),
           levels: medianLevels(levelsOf),
           processNames: one && "processNames" in one ? one.processNames : [],
+          ...(one && "postgresDurability" in one && one.postgresDurability
+            ? { postgresDurability: one.postgresDurability }
+            : {}),
           readsPerOrder: median(
             measuredRuns.map((r) => ("readsPerOrder" in r ? r.readsPerOrder : Number.NaN)),
           ),
@@ -482,14 +501,16 @@ progress(
   `${machine.cores} cores (${machine.cpuModel}), ${machine.ramGiB} GiB; load ${machine.loadAverageAtStart.join(" ")}; ${runs} run(s)${quick ? ", quick" : ""}; parts: ${[...parts].join(", ")}`,
 );
 
-const series: SeriesResult[] = [await runSeries("default", [], true)];
+const series: SeriesResult[] = [await runSeries("default", [], true, POSTGRES_LIKE_DEFAULT_STREAMS)];
 if (args.sync === "always") {
   const dir = mkdtempSync(join(tmpdir(), "jetsaga-bench-"));
   try {
     const config = join(dir, "sync-always.conf");
     // Every write is fsynced before the ack, like the peers (Restate, DBOS) do.
     writeFileSync(config, "jetstream {\n  sync_interval: always\n}\n");
-    series.push(await runSeries("sync_interval: always", ["-c", config], false));
+    series.push(
+      await runSeries("sync_interval: always", ["-c", config], false, POSTGRES_LIKE_SYNCED_STREAMS),
+    );
   } finally {
     rmSync(dir, { recursive: true, force: true });
   }

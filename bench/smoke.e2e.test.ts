@@ -90,8 +90,15 @@ describe("benchmark smoke", () => {
       processWarmup: { concurrency: 2, count: 4 },
       // The same in-flight count as a gRPC level: its orders must still be new ones.
       connectLevels: [{ concurrency: 4, count: 8, warmup: 4 }],
+      postgresSettings: { synchronous_commit: "off" },
     });
     if ("skipped" in result) throw new Error(`full path skipped: ${result.skipped}`);
+    // Unlike the tests' clusters, the benchmark's Postgres fsyncs; the series' setting is applied.
+    expect(result.postgresDurability).toEqual({
+      fsync: "on",
+      full_page_writes: "on",
+      synchronous_commit: "off",
+    });
     expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
     expect(result.overConnect?.map((l) => l.concurrency)).toEqual([4]);
     for (const level of [...result.levels, ...(result.overConnect ?? [])]) {
