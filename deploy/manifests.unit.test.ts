@@ -10,12 +10,14 @@
  *   ENV) unless listed as optional below, and every variable a deployment sets is read by its code;
  * - secret/config references resolve; probes, Services and health checks point at declared ports
  *   that the service is told to listen on; selectors of Services and PDBs match Deployments;
- * - security and sizing rules (non-root, read-only root fs, memory limits), and NATS >= 2.12.
+ * - security and sizing rules (non-root, read-only root fs, memory limits), the user service's port
+ *   closed to all but the gateway, and NATS >= 2.12.
  */
 import { existsSync, readdirSync, readFileSync, statSync } from "node:fs";
 import { dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
+import { NetworkPolicy } from "kubernetes-models/networking.k8s.io/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { ConfigMap, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 import { describe, expect, it } from "vitest";
@@ -333,6 +335,8 @@ const MODELS: Readonly<Record<string, (doc: Doc) => Validatable>> = {
   "v1/Service": (d) => new Service(d as ConstructorParameters<typeof Service>[0]),
   "apps/v1/Deployment": (d) => new Deployment(d as ConstructorParameters<typeof Deployment>[0]),
   "apps/v1/StatefulSet": (d) => new StatefulSet(d as ConstructorParameters<typeof StatefulSet>[0]),
+  "networking.k8s.io/v1/NetworkPolicy": (d) =>
+    new NetworkPolicy(d as ConstructorParameters<typeof NetworkPolicy>[0]),
   "policy/v1/PodDisruptionBudget": (d) =>
     new PodDisruptionBudget(d as ConstructorParameters<typeof PodDisruptionBudget>[0]),
 };
@@ -702,6 +706,47 @@ describe("Kubernetes manifests", () => {
     expect(ds.find(({ o }) => o.name === "orchestrator")?.d.spec?.replicas).toBeGreaterThanOrEqual(2);
   });
 
+  it("admits only the API gateway's pods (and the scraper's namespace) to the user service's port", () => {
+    const ds = deployments(objects);
+    const podLabels = (name: string) =>
+      ds.find(({ o }) => o.name === name)?.d.spec?.template.metadata?.labels;
+    const user = ds.find(({ o }) => o.name === "user");
+    const policies = objects
+      .filter((o) => o.kind === "NetworkPolicy")
+      .map((o) => new NetworkPolicy(o.doc as never))
+      .filter((p) => labelsMatch(p.spec?.podSelector?.matchLabels, podLabels("user")));
+    // Without one, any pod could call Authenticate with a made-up client address.
+    expect(policies.length).toBe(1);
+    const [policy] = policies;
+    expect(policy?.spec?.policyTypes).toContain("Ingress");
+    const userPorts = (user?.d.spec?.template.spec?.containers ?? []).flatMap((c) => c.ports ?? []);
+    const rules = policy?.spec?.ingress ?? [];
+    expect(rules.length).toBeGreaterThan(0);
+    for (const rule of rules) {
+      // A rule without `from` admits every source.
+      expect(rule.from?.length).toBeGreaterThan(0);
+      for (const peer of rule.from ?? []) {
+        expect(peer.ipBlock).toBeUndefined();
+        if (peer.podSelector) {
+          expect(peer.namespaceSelector).toBeUndefined();
+          const admitted = ds.filter(({ d }) =>
+            labelsMatch(peer.podSelector?.matchLabels, d.spec?.template.metadata?.labels),
+          );
+          expect(admitted.map(({ o }) => o.name)).toEqual(["api"]);
+        } else {
+          // Only a namespace named outright (Prometheus's), never "every namespace".
+          expect(Object.keys(peer.namespaceSelector?.matchLabels ?? {})).toEqual([
+            "kubernetes.io/metadata.name",
+          ]);
+        }
+      }
+      for (const port of rule.ports ?? []) {
+        expect(userPorts.some((p) => p.name === port.port || p.containerPort === port.port)).toBe(true);
+      }
+      expect(rule.ports?.length).toBeGreaterThan(0);
+    }
+  });
+
   it("runs non-root with a read-only root file system and bounded memory", () => {
     for (const { o, d } of deployments(objects)) {
       const pod = d.spec?.template.spec;
@@ -773,6 +818,10 @@ describe("docker compose", () => {
       .map((l) => /^([A-Z][A-Z0-9_]*)=/.exec(l.trim())?.[1])
       .filter((k): k is string => k !== undefined);
   }
+
+  it("publishes no port of the user service: only the gateway may call it", () => {
+    expect(docOf(services.user).ports).toBeUndefined();
+  });
 
   it("runs the four services from the one image, each with an existing entry", () => {
     expect(jetsaga.map(([name]) => name).sort()).toEqual(["api", "notification", "orchestrator", "user"]);
