@@ -14,6 +14,7 @@ export function registerWorkerMetrics(
       handled: "messages handled and acknowledged",
       retried: "attempts that failed and were scheduled again",
       deadLettered: "messages sent to the dead-letter stream",
+      abandoned: "handlers that ignored their signal and had their slot freed while still running",
     },
     up: "1 while the worker consumes",
     labels: { worker: service },

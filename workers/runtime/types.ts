@@ -99,6 +99,11 @@ export interface WorkerStats {
   handled: number;
   retried: number;
   deadLettered: number;
+  /**
+   * Handlers given up on: still running one ack_wait after their signal fired (maxAttempts ×
+   * ack_wait after they started), they had their slot freed. They may still finish.
+   */
+  abandoned: number;
 }
 
 /** A started worker. */

@@ -150,7 +150,7 @@ describe("createWorker (real nats-server)", () => {
       async () => ((await jsm.streams.info(topo.streams.commands)).state.messages === 0 ? true : undefined),
       "empty queue",
     );
-    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
+    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0 });
   });
 
   it("retries a failing handler with the same commandId until it succeeds", async () => {
@@ -168,7 +168,7 @@ describe("createWorker (real nats-server)", () => {
 
     await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
     expect(attempts).toEqual([1, 2, 3].map((attempt) => ({ attempt, commandId: cmd.commandId })));
-    expect(worker.stats).toEqual({ handled: 1, retried: 2, deadLettered: 0 });
+    expect(worker.stats).toEqual({ handled: 1, retried: 2, deadLettered: 0, abandoned: 0 });
     expect(await readDeadLetters(js, topo)).toEqual([]);
   });
 
@@ -202,7 +202,7 @@ describe("createWorker (real nats-server)", () => {
     expect(letter?.reason).toContain("down #3");
     expect(JSON.parse(letter?.data ?? "")).toEqual(cmd);
     expect(calls).toBe(3);
-    expect(worker.stats).toEqual({ handled: 0, retried: 2, deadLettered: 1 });
+    expect(worker.stats).toEqual({ handled: 0, retried: 2, deadLettered: 1, abandoned: 0 });
     expect(inbox.received.filter((m) => m.id.startsWith("reply."))).toEqual([]);
   });
 
@@ -398,7 +398,7 @@ describe("createWorker (real nats-server)", () => {
     // Long enough for a redelivery that ack_wait would have caused to show up.
     await new Promise((resolve) => setTimeout(resolve, 500));
     expect(calls).toEqual([1]);
-    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
+    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0 });
   });
 
   it("lets a handler that hangs past maxAttempts × ack_wait lose its message to another run, and signals it", async () => {
@@ -420,6 +420,68 @@ describe("createWorker (real nats-server)", () => {
     await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
     await expect.poll(() => calls, { timeout: 5_000 }).toEqual([1, 2]);
     expect(signalled).toContain(1);
+  });
+
+  /** A handler that hangs, ignoring its signal, on the first attempt at the accounts in `hangs`. */
+  function hangingOnFirstAttempt(hangs: readonly string[]) {
+    const releases = new Map<string, () => void>();
+    const commands = charge(async (input, ctx) => {
+      if (ctx.attempt === 1 && hangs.includes(input.account)) {
+        await new Promise<void>((resolve) => releases.set(input.account, resolve));
+      }
+      return { type: "acct.charged" };
+    });
+    const release = (account: string) => releases.get(account)?.();
+    return { commands, release, releaseAll: () => hangs.forEach(release) };
+  }
+
+  /** One slot, ack_wait 300 ms: signalled after maxAttempts × ack_wait = 900 ms, given up 300 ms later. */
+  async function setupHanging(label: string, hangs: readonly string[]) {
+    const hanging = hangingOnFirstAttempt(hangs);
+    const started = await setup(label, {
+      concurrency: 1,
+      ackWaitMs: 300,
+      retry: { ...fast, maxAttempts: 3 },
+      commands: hanging.commands,
+    });
+    return { ...started, hanging };
+  }
+
+  it("frees the slot of a handler that ignores its signal, so the worker keeps handling", async () => {
+    const { topo, inbox, worker, hanging } = await setupHanging("abandon", ["hang"]);
+    try {
+      const hung = command({ input: { account: "hang", amount: 1 } });
+      const next = command({ input: { account: "ok", amount: 1 } });
+      await send(topo, hung);
+      await send(topo, next);
+      // The only slot is held by the hung handler until it is given up on.
+      await inbox.next((m) => m.id === `reply.${next.commandId}`);
+      // The hung command is redelivered (its keep-alive stopped with the signal) and answered.
+      await inbox.next((m) => m.id === `reply.${hung.commandId}`);
+      expect(worker.stats.abandoned).toBe(1);
+    } finally {
+      hanging.releaseAll();
+    }
+  });
+
+  it("keeps the slots of hung handlers once `concurrency` of them run abandoned", async () => {
+    const { topo, inbox, worker, hanging } = await setupHanging("abandoncap", ["hang1", "hang2"]);
+    try {
+      const first = command({ input: { account: "hang1", amount: 1 } });
+      const second = command({ input: { account: "hang2", amount: 1 } });
+      const last = command({ input: { account: "ok", amount: 1 } });
+      for (const cmd of [first, second, last]) await send(topo, cmd);
+      // hang1 is given up on (1.2 s); hang2 then takes the slot and, past the cap, keeps it.
+      await expect.poll(() => worker.stats.abandoned, { timeout: 5_000 }).toBe(1);
+      await new Promise((resolve) => setTimeout(resolve, 2_000));
+      expect(inbox.received.some((m) => m.id === `reply.${last.commandId}`)).toBe(false);
+      expect(worker.stats.abandoned).toBe(1);
+      // Once the handler holding the slot returns, the rest is handled.
+      hanging.release("hang2");
+      await inbox.next((m) => m.id === `reply.${last.commandId}`);
+    } finally {
+      hanging.releaseAll();
+    }
   });
 
   it("retries a failed reply publish itself instead of running the handler again", async () => {
@@ -450,7 +512,7 @@ describe("createWorker (real nats-server)", () => {
     });
     expect(stored?.json<InboxMessage>().id).toBe(`reply.${cmd.commandId}`);
     expect(calls).toEqual([1]);
-    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0 });
+    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0 });
     expect(await readDeadLetters(js, topo)).toEqual([]);
   });
 

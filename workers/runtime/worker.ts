@@ -132,7 +132,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     consumers.push({ kind: "event", stream: topo.streams.events, name, config });
   }
 
-  const stats: WorkerStats = { handled: 0, retried: 0, deadLettered: 0 };
+  const stats: WorkerStats = { handled: 0, retried: 0, deadLettered: 0, abandoned: 0 };
+  /** Abandoned handlers still running (see processMessage). */
+  let abandonedRunning = 0;
   const keepAliveMs = Math.max(1, Math.floor(ackWaitMs / 3));
   // A handler that hangs (a query without a timeout, a dead socket) must not hold its message for
   // ever: after as long as every attempt could have taken, the server may give it to another copy,
@@ -451,18 +453,53 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     const onStop = () => delivery.abort(abort.signal.reason);
     abort.signal.addEventListener("abort", onStop, { once: true });
     const keptUntil = Date.now() + keepAliveForMs;
+    let giveUp = (): void => {};
+    const givenUp = new Promise<"given up">((resolve) => {
+      giveUp = () => resolve("given up");
+    });
+    let giveUpTimer: ReturnType<typeof setTimeout> | undefined;
     const keepAlive = setInterval(() => {
       if (Date.now() < keptUntil) return progress(msg);
       clearInterval(keepAlive);
       delivery.abort(new Error(`handler still running after maxAttempts x ackWait (${keepAliveForMs} ms)`));
+      // A handler that ignores its signal would hold its slot for ever, and enough of them stop the
+      // worker. One ack_wait later its slot is freed (it may still finish: effects are idempotent).
+      giveUpTimer = setTimeout(giveUp, ackWaitMs);
     }, keepAliveMs);
     try {
-      await withSpan(
+      const handling = withSpan(
         `jetsaga.${kind} ${msg.subject}`,
         { "messaging.system": "nats", "messaging.destination.name": msg.subject, "jetsaga.service": service },
         () => (kind === "command" ? handleCommand(msg, delivery.signal) : handleEvent(msg, delivery.signal)),
         { kind: SpanKind.CONSUMER, parent: extractTraceContext(msg.headers) },
       );
+      // At most `concurrency` abandoned handlers run besides the slots: past that, hung handlers
+      // keep their slots, so a handler that always hangs cannot pile up without bound.
+      if ((await Promise.race([handling, givenUp])) === "given up" && abandonedRunning < concurrency) {
+        abandonedRunning++;
+        stats.abandoned++;
+        log.error(
+          {
+            subject: msg.subject,
+            seq: msg.seq,
+            runningMs: keepAliveForMs + ackWaitMs,
+            abandoned: abandonedRunning,
+          },
+          "handler ignores its signal: slot freed while it still runs",
+        );
+        handling
+          .catch((error: unknown) =>
+            log.error(
+              { err: describe(error), subject: msg.subject, seq: msg.seq },
+              "abandoned handler failed",
+            ),
+          )
+          .finally(() => {
+            abandonedRunning--;
+          });
+        return;
+      }
+      await handling;
     } catch (error) {
       // A bug of ours (or a schema that throws): never crash, never leave the message hanging.
       log.error(
@@ -472,6 +509,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       settle(msg, "nak", IO_RETRY_DELAY_MS);
     } finally {
       clearInterval(keepAlive);
+      clearTimeout(giveUpTimer);
       abort.signal.removeEventListener("abort", onStop);
     }
   }
