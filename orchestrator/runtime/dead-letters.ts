@@ -1,5 +1,5 @@
 import type { JetStreamClient, JsMsg } from "@nats-io/jetstream";
-import type { MsgHdrs } from "@nats-io/transport-node";
+import type { MsgHdrs, NatsConnection } from "@nats-io/transport-node";
 import { type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
 import type { Topology } from "./topology.ts";
 
@@ -20,13 +20,17 @@ export function encodePayload(data: Uint8Array): { data: string; encoding: "utf8
   try {
     return { data: strictUtf8.decode(data), encoding: "utf8" };
   } catch {
-    let binary = "";
-    const chunk = 0x8000;
-    for (let i = 0; i < data.length; i += chunk) {
-      binary += String.fromCharCode(...data.subarray(i, i + chunk));
-    }
-    return { data: btoa(binary), encoding: "base64" };
+    return { data: base64(data), encoding: "base64" };
   }
+}
+
+function base64(data: Uint8Array): string {
+  let binary = "";
+  const chunk = 0x8000;
+  for (let i = 0; i < data.length; i += chunk) {
+    binary += String.fromCharCode(...data.subarray(i, i + chunk));
+  }
+  return btoa(binary);
 }
 
 /** Copies message headers into the plain record shape of a dead letter. */
@@ -62,36 +66,106 @@ export function decodePayload(letter: Pick<DeadLetter, "data" | "encoding">): Ui
   return Uint8Array.from(atob(letter.data), (char) => char.charCodeAt(0));
 }
 
+/** A dead letter's size when sent: its JSON, UTF-8 encoded. */
+function recordBytes(record: DeadLetter): number {
+  return utf8Encoder.encode(JSON.stringify(record)).length;
+}
+
+const utf8Encoder = new TextEncoder();
+
 /**
- * Builds the dead-letter record of a consumed message: the reason, where it came from, and the
- * original bytes, cut to `maxDataBytes` (the record itself must fit the server's max payload; the
- * reason then says so).
+ * Room kept in a NATS message beside the dead letter itself, for the headers it is published with
+ * (message id, trace context).
  */
-export function deadLetterOf(
-  msg: JsMsg,
-  why: DeadLetterReason,
-  at: number,
-  maxDataBytes: number,
-): DeadLetter {
-  const truncated = msg.data.length > maxDataBytes;
-  return deadLetter.parse({
-    code: why.code,
-    reason: truncated ? `${why.reason} (data truncated to ${maxDataBytes} bytes)` : why.reason,
-    stream: msg.info.stream,
-    consumer: msg.info.consumer,
-    subject: msg.subject,
-    sequence: msg.seq,
-    deliveries: msg.info.deliveryCount,
-    ...encodePayload(truncated ? msg.data.subarray(0, maxDataBytes) : msg.data),
-    headers: headersRecord(msg.headers),
-    at,
-    ...(truncated ? { truncated: true } : {}),
-  });
+export const DEAD_LETTER_HEADER_ROOM_BYTES = 4_096;
+
+/** The largest dead letter `nc`'s server takes (its max payload, default 1 MiB, less header room). */
+export function maxDeadLetterBytes(nc: Pick<NatsConnection, "info">): number {
+  return (nc.info?.max_payload ?? 1_048_576) - DEAD_LETTER_HEADER_ROOM_BYTES;
 }
 
 /**
- * Publishes `record` to the dead-letter stream (subject `<ns>.dlq.<source>`), de-duplicated by the
- * original stream and sequence so a retried dead-lettering stores one record.
+ * Builds the dead-letter record of a consumed message: the reason, where it came from, and the
+ * original bytes, cut to `maxDataBytes`. The whole record must also fit `maxRecordBytes` (the
+ * server's max payload less {@link DEAD_LETTER_HEADER_ROOM_BYTES}): a record that cannot be
+ * published leaves its message retried for ever. JSON escaping can make text grow sixfold
+ * (control characters become `\u0001`), so such a record keeps the payload as base64 (4/3, never
+ * escaped), cut to fit, and drops the headers if they alone are too large; `truncated` and the
+ * reason then say so.
+ */
+/** What a dead letter keeps of a consumed message. */
+export type DeadLetterSource = Pick<JsMsg, "subject" | "seq" | "data" | "headers"> & {
+  info: Pick<JsMsg["info"], "stream" | "consumer" | "deliveryCount">;
+};
+
+export function deadLetterOf(
+  msg: DeadLetterSource,
+  why: DeadLetterReason,
+  at: number,
+  maxDataBytes: number,
+  maxRecordBytes: number = 1_048_576 - DEAD_LETTER_HEADER_ROOM_BYTES,
+): DeadLetter {
+  const build = (
+    payload: { data: string; encoding: "utf8" | "base64" },
+    headers: Record<string, string[]>,
+    cut: string | undefined,
+  ): DeadLetter =>
+    deadLetter.parse({
+      code: why.code,
+      reason: cut === undefined ? why.reason : `${why.reason} (${cut})`,
+      stream: msg.info.stream,
+      consumer: msg.info.consumer,
+      subject: msg.subject,
+      sequence: msg.seq,
+      deliveries: msg.info.deliveryCount,
+      ...payload,
+      headers,
+      at,
+      ...(cut === undefined ? {} : { truncated: true }),
+    });
+  const headers = headersRecord(msg.headers);
+  const overLimit = msg.data.length > maxDataBytes;
+  const kept = overLimit ? msg.data.subarray(0, maxDataBytes) : msg.data;
+  const record = build(
+    encodePayload(kept),
+    headers,
+    overLimit ? `data truncated to ${maxDataBytes} bytes` : undefined,
+  );
+  if (recordBytes(record) <= maxRecordBytes) return record;
+
+  // Too large once escaped: as much of the payload as fits, in base64. The reason's text is
+  // reserved at its longest before measuring what is left for the data.
+  const longestCut = (dropped: boolean) =>
+    `data truncated to ${String(kept.length).replace(/./g, "9")} bytes to fit the max payload${dropped ? "; headers dropped" : ""}`;
+  const roomFor = (withHeaders: Record<string, string[]>, dropped: boolean) =>
+    maxRecordBytes - recordBytes(build({ data: "", encoding: "base64" }, withHeaders, longestCut(dropped)));
+  const dropHeaders = roomFor(headers, false) < 4;
+  const room = dropHeaders ? roomFor({}, true) : roomFor(headers, false);
+  const bytes = Math.max(0, Math.min(kept.length, Math.floor(room / 4) * 3));
+  const lost = dropHeaders || bytes < kept.length;
+  return build(
+    { data: base64(kept.subarray(0, bytes)), encoding: "base64" },
+    dropHeaders ? {} : headers,
+    lost
+      ? `data truncated to ${bytes} bytes to fit the max payload${dropHeaders ? "; headers dropped" : ""}`
+      : overLimit
+        ? `data truncated to ${maxDataBytes} bytes`
+        : undefined,
+  );
+}
+
+/**
+ * Message id of the dead letter `source` writes for message `sequence` of `stream`: a retried
+ * dead-lettering stores one record. The source is part of it because several services consume
+ * the one events stream, and each must keep its own letter for the same event.
+ */
+export function deadLetterMsgId(source: string, stream: string, sequence: number): string {
+  return `dlq.${source}.${stream}.${sequence}`;
+}
+
+/**
+ * Publishes `record` to the dead-letter stream (subject `<ns>.dlq.<source>`), de-duplicated by
+ * {@link deadLetterMsgId}.
  */
 export async function publishDeadLetter(
   js: JetStreamClient,
@@ -100,6 +174,6 @@ export async function publishDeadLetter(
   source: string = record.stream,
 ): Promise<void> {
   await js.publish(topo.deadLetterSubject(source), JSON.stringify(record), {
-    msgID: `dlq.${record.stream}.${record.sequence}`,
+    msgID: deadLetterMsgId(source, record.stream, record.sequence),
   });
 }

@@ -609,6 +609,34 @@ describe("createWorker (real nats-server)", () => {
     expect(info.config.filter_subjects).toEqual([subject]);
   });
 
+  it("keeps each service's dead letter of the same bad event (one events stream, a letter per consumer)", async () => {
+    const topo = topology(uniqueNamespace("evdlq"));
+    const events = {
+      "order.confirmed": {
+        workflow: "order",
+        payload: z.object({ orderId: z.string() }),
+        handle: async () => {},
+      },
+    };
+    await start(topo, { events });
+    await start(topo, { service: "audit", events });
+    const bad: DomainEventMessage = {
+      eventId: "e1",
+      event: "order.confirmed",
+      payload: { orderId: 42 },
+      source: { workflow: "order", instanceId: "o1", revision: 3 },
+      at: Date.now(),
+    };
+    await js.publish(topo.eventSubject("order", "order.confirmed"), JSON.stringify(bad));
+    for (const source of ["acct", "audit"]) {
+      const letters = await waitFor(async () => {
+        const found = await readDeadLetters(js, topo, { source });
+        return found.length > 0 ? found : undefined;
+      }, `${source}'s dead letter`);
+      expect(letters.map((l) => [l.code, l.consumer])).toEqual([["SCHEMA_VIOLATION", `${source}-events`]]);
+    }
+  });
+
   it("rejects handler keys outside the service", async () => {
     await expect(
       createWorker({

@@ -11,7 +11,12 @@ import type { z } from "zod";
 import { backoffDelay } from "../../common/backoff.ts";
 import { extractTraceContext, traceHeadersIfActive, withSpan } from "../../common/tracing.ts";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
-import { deadLetterOf, readJsonBody } from "../../orchestrator/runtime/dead-letters.ts";
+import {
+  deadLetterMsgId,
+  deadLetterOf,
+  maxDeadLetterBytes,
+  readJsonBody,
+} from "../../orchestrator/runtime/dead-letters.ts";
 import { consumerDefaults, ensureTopology, topology } from "../../orchestrator/runtime/topology.ts";
 import {
   type CommandMessage,
@@ -203,9 +208,13 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     reason: string,
     target?: FailureTarget,
   ): Promise<void> {
-    const record = deadLetterOf(msg, { code, reason }, Date.now(), maxMessageBytes);
+    const record = deadLetterOf(msg, { code, reason }, Date.now(), maxMessageBytes, maxDeadLetterBytes(nc));
     try {
-      await publishJson(topo.deadLetterSubject(service), record, `dlq.${msg.info.stream}.${msg.seq}`);
+      await publishJson(
+        topo.deadLetterSubject(service),
+        record,
+        deadLetterMsgId(service, msg.info.stream, msg.seq),
+      );
       if (target) await sendCommandFailed(target, `${code}: ${reason}`);
     } catch (error) {
       // Redelivery retries the whole step; the msgIDs make the repeated publishes no-ops.
