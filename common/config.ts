@@ -68,6 +68,25 @@ export function configError(message: string): Error {
   return Object.assign(new Error(message), { code: "CONFIG" });
 }
 
+/**
+ * An integer setting from `env[name]`: `fallback` when unset or empty, else a whole number in
+ * `[min, max]`, or a CONFIG error naming the setting (`Number("")` is 0, which would e.g. leave an
+ * orchestrator waiting for a slot that never frees).
+ */
+export function integerSetting(
+  env: Record<string, string | undefined>,
+  name: string,
+  range: { min: number; max: number; fallback: number },
+): number {
+  const raw = env[name]?.trim();
+  if (raw === undefined || raw === "") return range.fallback;
+  const n = /^\d+$/.test(raw) ? Number(raw) : Number.NaN;
+  if (!Number.isSafeInteger(n) || n < range.min || n > range.max) {
+    throw configError(`${name} must be a whole number from ${range.min} to ${range.max}, got "${raw}"`);
+  }
+  return n;
+}
+
 function replicas(value: string | undefined): number | undefined {
   if (value === undefined || value === "") return undefined;
   const n = Number(value);

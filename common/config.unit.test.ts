@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { readConfig } from "./config.ts";
+import { integerSetting, readConfig } from "./config.ts";
 import { describeServers } from "./nats.ts";
 
 describe("readConfig", () => {
@@ -44,6 +44,27 @@ describe("readConfig", () => {
   it("refuses a replica count outside 1–5", () => {
     expect(readConfig({ JETSAGA_STREAM_REPLICAS: "3" }).streamReplicas).toBe(3);
     expect(() => readConfig({ JETSAGA_STREAM_REPLICAS: "9" })).toThrow(/JETSAGA_STREAM_REPLICAS/);
+  });
+});
+
+describe("integerSetting", () => {
+  const range = { min: 1, max: 100, fallback: 7 };
+  it("takes the fallback when unset or empty, and whole numbers in range", () => {
+    expect(integerSetting({}, "N", range)).toBe(7);
+    expect(integerSetting({ N: "" }, "N", range)).toBe(7);
+    expect(integerSetting({ N: " 42 " }, "N", range)).toBe(42);
+    expect(integerSetting({ N: "100" }, "N", range)).toBe(100);
+  });
+
+  it("refuses anything else with a CONFIG error naming the setting", () => {
+    for (const value of ["0", "101", "-1", "1.5", "1e2", "0x10", "ten", "NaN"]) {
+      expect(() => integerSetting({ N: value }, "N", range), value).toThrow(
+        expect.objectContaining({
+          code: "CONFIG",
+          message: `N must be a whole number from 1 to 100, got "${value}"`,
+        }),
+      );
+    }
   });
 });
 

@@ -50,6 +50,8 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
   },
   "orchestrator/service/main.ts": {
     DATABASE_URL: "readConfig() reads it for every service; the orchestrator keeps no database",
+    JETSAGA_VERSION_SKEW_DELIVERIES:
+      "unset = 8 deliveries (about a minute) for a message only a newer version knows, during a rolling update",
   },
   "workers/user/main.ts": {
     JETSAGA_RETENTION_DAYS: "default 14 days of processed-command replies and published outbox rows",

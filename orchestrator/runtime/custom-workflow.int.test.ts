@@ -246,4 +246,12 @@ describe("a workflow defined only in a test", () => {
     });
     expect(history).toBeNull();
   });
+
+  it("refuses a concurrency that would stall or unbound it", async () => {
+    for (const concurrency of [0, -1, 1.5, Number.NaN]) {
+      await expect(
+        startOrchestrator({ nc, ns: uniqueNamespace("conc"), workflows: [approval], concurrency }),
+      ).rejects.toMatchObject({ code: "INVALID_ARGUMENT" });
+    }
+  });
 });

@@ -95,6 +95,22 @@ const copying = defineWorkflow({
   }),
 });
 
+/** A chart that puts a BigInt in its context: its state cannot be written as JSON. */
+const unwritable = defineWorkflow({
+  name: "unwritable",
+  version: 1,
+  input: z.object({ n: z.number().int() }),
+  events: {},
+  machine: setup({
+    types: { context: {} as { n: bigint }, input: {} as { n: number } },
+  }).createMachine({
+    id: "unwritable",
+    context: ({ input }) => ({ n: BigInt(input.n) }),
+    initial: "waiting",
+    states: { waiting: {} },
+  }),
+});
+
 describe("a message whose handling can never succeed", () => {
   let nc: NatsConnection;
   let orchestrator: RunningOrchestrator;
@@ -103,7 +119,7 @@ describe("a message whose handling can never succeed", () => {
 
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
-    orchestrator = await startOrchestrator({ nc, ns, workflows: [copying] });
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [copying, unwritable] });
   });
 
   afterAll(async () => {
@@ -126,6 +142,20 @@ describe("a message whose handling can never succeed", () => {
     expect(letter?.code).toBe("HANDLING_FAILED");
     expect(letter?.reason).toMatch(/failed on 3 deliveries: .*max_payload/);
     expect(await client.getState("copying", "big")).toBeUndefined();
+    await client.close();
+  });
+
+  it("is dead-lettered when the state it leads to cannot be written as JSON", async () => {
+    const client = await createWorkflowClient({ nc, ns, workflows: [unwritable] });
+    await client.start("unwritable", "n1", { n: 1 });
+    const js = jetstream(nc);
+    const letterOf = async () =>
+      (await readDeadLetters(js, topo)).find(
+        (letter) => letter.subject === topo.inboxSubject("unwritable", "n1"),
+      );
+    await expect.poll(letterOf, { timeout: 15_000 }).toBeDefined();
+    expect((await letterOf())?.reason).toMatch(/failed on 3 deliveries: TypeError: .*BigInt/);
+    expect(await client.getState("unwritable", "n1")).toBeUndefined();
     await client.close();
   });
 });

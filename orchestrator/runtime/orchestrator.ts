@@ -18,7 +18,7 @@ import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts
 import { isJetsagaError, JetsagaError } from "../engine/errors.ts";
 import type { InstanceState } from "../engine/state.ts";
 import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
-import { deadLetterOf, publishDeadLetter, readJsonBody } from "./dead-letters.ts";
+import { deadLetterOf, maxDeadLetterBytes, publishDeadLetter, readJsonBody } from "./dead-letters.ts";
 import { type EffectTarget, executeEffects } from "./effects.ts";
 import { type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
@@ -65,6 +65,13 @@ export interface OrchestratorOptions {
   ackWaitMs?: number;
   /** Larger inbox messages are dead-lettered unread, bytes. Default 256 KiB. */
   maxMessageBytes?: number;
+  /**
+   * Deliveries of a message naming a workflow, event or state this process does not know (or
+   * whose chart throws) before it is dead-lettered; between them it is handed back for
+   * `retryMs` × deliveries so far, for a process of a newer version to take during a rolling
+   * update. Default 8 deliveries, 2 s (about a minute in all); 1 dead-letters at once.
+   */
+  versionSkew?: { maxDeliveries?: number; retryMs?: number };
   /** Clock, epoch ms. Default `Date.now`. */
   clock?: () => number;
   logger?: OrchestratorLogger;
@@ -114,6 +121,17 @@ const STOP_TIMEOUT_MS = 10_000;
 const NOT_STARTED_RETRY_MS = 250;
 /** Deliveries after which a message for an instance that never started is dead-lettered. */
 const NOT_STARTED_MAX_DELIVERIES = 20;
+/**
+ * Refusals a newer version of the workflows may not make: during a rolling update, processes with
+ * the old definitions share the consumer with new ones and get messages only the new know (a new
+ * workflow, event or state). Such a message goes back, with a growing pause, so that a process of
+ * the new version can take it ({@link OrchestratorOptions.versionSkew}).
+ */
+const MAYBE_VERSION_SKEW: ReadonlySet<string> = new Set([
+  "UNKNOWN_TYPE",
+  "UNKNOWN_EVENT",
+  "INVALID_DEFINITION",
+]);
 /** Redelivery delay of an inbox message whose handling failed (NATS or a bug of ours), by attempt. */
 const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
 /** Deliveries after which a message whose handling fails in a way retries cannot cure is dead-lettered. */
@@ -136,7 +154,11 @@ function isUnrecoverable(error: unknown): boolean {
   return (
     error instanceof InvalidArgumentError ||
     error instanceof InvalidSubjectError ||
-    (error instanceof Error && error.name === "ZodError")
+    (error instanceof Error && error.name === "ZodError") ||
+    // JSON.stringify of a state it cannot write: a BigInt or a cycle in the context (TypeError),
+    // nesting deeper than it recurses (RangeError). The next delivery would fail the same way.
+    error instanceof TypeError ||
+    error instanceof RangeError
   );
 }
 
@@ -161,6 +183,12 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   await ensureTopology(jsm, topo, options.topology);
   const consumerName = options.consumerName ?? "orchestrator";
   const concurrency = options.concurrency ?? 256;
+  // 0 would wait for a slot that never frees; NaN would remove the bound.
+  if (!Number.isSafeInteger(concurrency) || concurrency < 1) {
+    throw new JetsagaError("INVALID_ARGUMENT", `concurrency must be a positive integer, got ${concurrency}`, {
+      context: { concurrency },
+    });
+  }
 
   const consumerConfig = {
     durable_name: consumerName,
@@ -341,7 +369,7 @@ class OrchestratorLoop {
     const parsed = this.#parse(msg);
     if (!parsed.ok) {
       this.#inFlight++;
-      void this.#deadLetter(msg, parsed.code, parsed.reason).finally(() => this.#release());
+      void this.#refuse(msg, parsed.code, parsed.reason).finally(() => this.#release());
       return;
     }
     const key = `${parsed.message.workflow}.${parsed.message.instanceId}`;
@@ -538,7 +566,14 @@ class OrchestratorLoop {
             msg.nak(NOT_STARTED_RETRY_MS * msg.info.deliveryCount);
             return;
           }
-          await this.#deadLetter(msg, decision.code, decision.reason);
+          if (!fresh && decision.code !== "INSTANCE_NOT_FOUND") {
+            // As for "ignored": a refusal made on a stale state (a guard or a command's input that
+            // reads the context) may not stand on the leader's latest.
+            fresh = true;
+            this.#cache.delete(key);
+            continue;
+          }
+          await this.#refuse(msg, decision.code, decision.reason);
           return;
       }
     }
@@ -561,12 +596,33 @@ class OrchestratorLoop {
     return latest?.entry.revision === revision;
   }
 
+  /** Dead-letters a refused message, or first hands it back a few times (see MAYBE_VERSION_SKEW). */
+  async #refuse(msg: JsMsg, code: string, reason: string): Promise<void> {
+    const { maxDeliveries = 8, retryMs = 2_000 } = this.#options.versionSkew ?? {};
+    if (MAYBE_VERSION_SKEW.has(code) && msg.info.deliveryCount < maxDeliveries) {
+      this.stats.retried++;
+      this.#log.warn(
+        { subject: msg.subject, seq: msg.seq, code, reason, deliveries: msg.info.deliveryCount },
+        "inbox message refused; handed back in case a newer version of the workflows takes it",
+      );
+      msg.nak(retryMs * msg.info.deliveryCount);
+      return;
+    }
+    await this.#deadLetter(msg, code, reason);
+  }
+
   async #deadLetter(msg: JsMsg, code: string, reason: string): Promise<void> {
     try {
       await publishDeadLetter(
         this.#js,
         this.#topo,
-        deadLetterOf(msg, { code, reason }, this.#clock(), this.#maxMessageBytes),
+        deadLetterOf(
+          msg,
+          { code, reason },
+          this.#clock(),
+          this.#maxMessageBytes,
+          maxDeadLetterBytes(this.#options.nc),
+        ),
       );
       this.stats.deadLettered++;
       this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");

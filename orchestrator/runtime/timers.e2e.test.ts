@@ -30,6 +30,8 @@ describe("a durable timer across restarts", () => {
       PROBE_PORT: "0",
       LOG_LEVEL: "warn",
       JETSAGA_WORKFLOW_MODULES: "test/fixtures/workflows.ts",
+      // What this deployment lacks is dead-lettered at once, without the rolling-update grace.
+      JETSAGA_VERSION_SKEW_DELIVERIES: "1",
     };
     const ready = /JETSAGA_ORCHESTRATOR_PROBES_URL=/;
     processes.push(await spawnService("orchestrator/service/main.ts", env, ready));

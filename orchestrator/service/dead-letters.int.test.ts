@@ -44,8 +44,15 @@ describe("dead-letter commands", () => {
 
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
-    // Deployed without the counter workflow, which a client already starts instances of.
-    orchestrator = await startOrchestrator({ nc, ns, workflows: [reminderWorkflow], maxMessageBytes: 2048 });
+    // Deployed without the counter workflow, which a client already starts instances of (and
+    // dead-lettering what it does not know at once, not after the rolling-update grace).
+    orchestrator = await startOrchestrator({
+      nc,
+      ns,
+      workflows: [reminderWorkflow],
+      maxMessageBytes: 2048,
+      versionSkew: { maxDeliveries: 1 },
+    });
     client = await createWorkflowClient({ nc, ns });
     jsm = await jetstreamManager(nc);
   });
@@ -73,6 +80,7 @@ describe("dead-letter commands", () => {
       ns,
       workflows: [counterWorkflow, reminderWorkflow],
       maxMessageBytes: 2048,
+      versionSkew: { maxDeliveries: 1 },
     });
 
     const listed = captured();

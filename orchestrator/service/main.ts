@@ -1,5 +1,5 @@
 import { jetstreamManager } from "@nats-io/jetstream";
-import { onShutdown, readConfig, streamTopology } from "../../common/config.ts";
+import { integerSetting, onShutdown, readConfig, streamTopology } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNatsFromConfig } from "../../common/nats.ts";
 import { createMetricsRegistry, startProbeServer } from "../../common/probes.ts";
@@ -12,6 +12,7 @@ import { registerOrchestratorMetrics } from "./metrics.ts";
 const log = createLogger("orchestrator");
 
 async function main(): Promise<void> {
+  const env = process.env;
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
   const nc = await connectNatsFromConfig(config, "jetsaga-orchestrator");
@@ -28,14 +29,21 @@ async function main(): Promise<void> {
   );
   const probes = await startProbeServer(
     { registry, ready: () => running.orchestrator !== undefined && !nc.isClosed() },
-    Number(process.env.PROBE_PORT ?? 9464),
+    integerSetting(env, "PROBE_PORT", { min: 0, max: 65_535, fallback: 9464 }),
     config.probeHost,
   );
   const orchestrator = await startOrchestrator({
     nc,
     ns: config.ns,
     workflows,
-    concurrency: Number(process.env.JETSAGA_CONCURRENCY ?? 256),
+    concurrency: integerSetting(env, "JETSAGA_CONCURRENCY", { min: 1, max: 100_000, fallback: 256 }),
+    versionSkew: {
+      maxDeliveries: integerSetting(env, "JETSAGA_VERSION_SKEW_DELIVERIES", {
+        min: 1,
+        max: 1_000,
+        fallback: 8,
+      }),
+    },
     topology: streamTopology(config),
     logger: log,
   });

@@ -11,7 +11,13 @@
  * failures are logged as one line with their code and exit with status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { exitOnStartFailure, onShutdown, readConfig, streamTopology } from "../../common/config.ts";
+import {
+  exitOnStartFailure,
+  integerSetting,
+  onShutdown,
+  readConfig,
+  streamTopology,
+} from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
@@ -39,6 +45,7 @@ async function stop(): Promise<void> {
 
 /** Starts the notification worker; bad configuration or an unreachable server exits with status 1. */
 async function main(): Promise<void> {
+  const env = process.env;
   try {
     // Inside the try: a malformed setting is reported as one line like the other start-up errors.
     const config = readConfig();
@@ -64,7 +71,7 @@ async function main(): Promise<void> {
     // Probes answer (not ready) while the worker starts.
     probes = await startProbeServer(
       { registry, ready: () => worker !== undefined && nc !== undefined && !nc.isClosed() },
-      Number(process.env.PROBE_PORT ?? 9464),
+      integerSetting(env, "PROBE_PORT", { min: 0, max: 65_535, fallback: 9464 }),
       config.probeHost,
     );
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
