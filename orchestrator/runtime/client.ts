@@ -47,7 +47,8 @@ export interface WorkflowClient {
   start(workflow: string, instanceId: string, input: unknown): Promise<Sent>;
   /**
    * Sends an event (a signal) to an instance. `idempotencyKey` makes retries safe (default: a
-   * fresh id, so every call is a new signal).
+   * fresh id, so every call is a new signal); it is scoped to the instance, so other instances'
+   * signals may use the same key.
    */
   signal(
     workflow: string,
@@ -187,16 +188,21 @@ class Client implements WorkflowClient {
       }
     }
     const key = options.idempotencyKey ?? crypto.randomUUID();
-    return this.#send({ id: `signal.${key}`, workflow, instanceId, event, at: Date.now() });
+    // The stream de-duplicates by message id across every instance: the key is scoped to this
+    // one there, or another instance's signal with the same key would be dropped as a duplicate.
+    return this.#send(
+      { id: `signal.${key}`, workflow, instanceId, event, at: Date.now() },
+      `signal.${workflow}.${instanceId}.${key}`,
+    );
   }
 
-  async #send(message: InboxMessage): Promise<Sent> {
+  async #send(message: InboxMessage, msgID: string = message.id): Promise<Sent> {
     const checked = inboxMessage.parse(message);
     const headers = traceHeadersIfActive();
     const ack = await this.#js.publish(
       this.topology.inboxSubject(checked.workflow, checked.instanceId),
       JSON.stringify(checked),
-      headers ? { msgID: checked.id, headers } : { msgID: checked.id },
+      headers ? { msgID, headers } : { msgID },
     );
     return {
       workflow: checked.workflow,

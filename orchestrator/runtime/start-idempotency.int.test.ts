@@ -61,9 +61,16 @@ describe("a start for an instance that already exists", () => {
     await expect.poll(() => orchestrator.stats.ignored, { timeout: 10_000 }).toBe(ignoredBefore + 1);
 
     await client.signal("counter", "c1", { type: "bump", by: 5 }, { idempotencyKey: "b1" });
+    const repeated = await client.signal("counter", "c1", { type: "bump", by: 5 }, { idempotencyKey: "b1" });
+    expect(repeated.duplicate).toBe(true);
     await client.signal("counter", "c1", { type: "bump", by: 7 }, { idempotencyKey: "b2" });
     const final = await client.awaitCompletion("counter", "c1", { timeoutMs: 10_000 });
     expect(final.output).toEqual({ seen: 2, total: 12 });
+    // A key is the caller's per instance: c2's "b1" is not c1's.
+    const other = await client.signal("counter", "c2", { type: "bump", by: 3 }, { idempotencyKey: "b1" });
+    expect(other.duplicate).toBe(false);
+    const c2 = await client.awaitCompletion("counter", "c2", { timeoutMs: 10_000 });
+    expect(c2.output).toEqual({ seen: 1, total: 3 });
     const history = await client.getHistory("counter", "c1");
     expect(history.map((entry) => entry.event.type)).toEqual(["xstate.init", "bump", "bump"]);
     expect(orchestrator.stats.conflicts).toBe(0);
