@@ -191,4 +191,13 @@ describe("the client address the gateway reports to the user service", () => {
       "127.0.0.1",
     ]);
   });
+
+  // Last: it stops the in-process gateway's projector.
+  it("is ready only while it consumes the histories", async () => {
+    expect((await fetch(`${gateway.url}/readyz`)).status).toBe(200);
+    expect(gateway.projector.consuming).toBe(true);
+    await gateway.projector.stop();
+    expect(gateway.projector.consuming).toBe(false);
+    expect((await fetch(`${gateway.url}/readyz`)).status).toBe(503);
+  });
 });

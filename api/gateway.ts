@@ -225,7 +225,10 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
         if (path === "/healthz") {
           reply(200, "ok\n");
         } else if (path === "/readyz") {
-          ready(nc, sql).then(
+          // Without its history consumers the gateway answers commands UNAVAILABLE and reads
+          // from a read model that no longer moves.
+          const following = orderService.following && projector.consuming;
+          (following ? ready(nc, sql) : Promise.resolve(false)).then(
             (ok) => reply(ok ? 200 : 503, ok ? "ready\n" : "not ready\n"),
             () => reply(503, "not ready\n"),
           );

@@ -30,7 +30,15 @@ export const orderInput = z.object({
 export type OrderInput = z.infer<typeof orderInput>;
 
 /** Signal `order.cancel`: the customer (or an operator) cancels before shipment. */
-export const cancelOrderSignal = z.object({ type: z.literal("order.cancel"), reason: z.string().max(500) });
+export const cancelOrderSignal = z.object({
+  type: z.literal("order.cancel"),
+  // 500 characters counted as the API counts them, by code point (zod's max counts UTF-16 units,
+  // so 300 emoji would pass the API and fail here); `max` bounds the units for the JSON Schema.
+  reason: z
+    .string()
+    .max(1000)
+    .refine((reason) => [...reason].length <= 500, "must be at most 500 characters"),
+});
 /** Signal `order.ship`: the warehouse shipped the order. */
 export const shipOrderSignal = z.object({
   type: z.literal("order.ship"),

@@ -66,6 +66,7 @@ export class HistoryFollower {
   readonly #watchers = new Map<string, Set<Watcher>>();
   #openWatches = 0;
   #closed = false;
+  #failure: unknown;
 
   private constructor(jsm: JetStreamManager, topo: Topology, workflow: string, messages: ConsumerMessages) {
     this.#jsm = jsm;
@@ -82,7 +83,12 @@ export class HistoryFollower {
     });
     const messages = await consumer.consume();
     const follower = new HistoryFollower(await jetstreamManager(nc), topo, workflow, messages);
-    void follower.#run();
+    // The consumer can end with an error (a refused pull, a consumer it cannot make again): the
+    // follower is then closed (see #run) and the gateway not ready, rather than the process
+    // brought down by an unhandled rejection.
+    follower.#run().catch((error: unknown) => {
+      follower.#failure = error;
+    });
     return follower;
   }
 
@@ -195,9 +201,17 @@ export class HistoryFollower {
     return this.#openWatches;
   }
 
-  /** True once {@link close} was called: watches end and waits resolve undefined. */
+  /**
+   * True once {@link close} was called or the consumer ended: watches end and waits resolve
+   * undefined.
+   */
   get closed(): boolean {
     return this.#closed;
+  }
+
+  /** Why the consumer ended, when it ended with an error. */
+  get failure(): unknown {
+    return this.#failure;
   }
 
   /**

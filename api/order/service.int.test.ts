@@ -260,7 +260,11 @@ describe("OrderService", () => {
   /** Runs `body` against a second OrderService on this test's connections, built with `options`. */
   async function withOrderService(
     options: Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs">,
-    body: (client: Client<typeof OrderService>, service: OrderServiceHandle) => Promise<void>,
+    body: (
+      client: Client<typeof OrderService>,
+      service: OrderServiceHandle,
+      server: RpcServer,
+    ) => Promise<void>,
   ): Promise<void> {
     const service = await createOrderService({
       nc,
@@ -276,7 +280,7 @@ describe("OrderService", () => {
     });
     try {
       const transport = createConnectTransport({ baseUrl: server.url, httpVersion: "2" });
-      await body(createClient(OrderService, transport), service);
+      await body(createClient(OrderService, transport), service, server);
     } finally {
       await server.close();
       await service.close();
@@ -777,6 +781,40 @@ describe("OrderService", () => {
       expect(await waiting).toBe(Code.Unavailable);
       // A wait registered after the follower stopped does not wait at all.
       expect(await codeOf(client.placeOrder(request, auth(token)))).toBe(Code.Unavailable);
+    }).finally(() => held.delete(userId));
+  });
+
+  it("ends a PlaceOrder wait and a watch with UNAVAILABLE when the server shuts down, never as if final", async () => {
+    const { token, userId } = await signUp("waitshutdown");
+    held.add(userId);
+    await withOrderService({}, async (client, _service, server) => {
+      const request = {
+        idempotencyKey: randomUUID(),
+        items: [item()],
+        waitForStatuses: [OrderStatus.CONFIRMED],
+      };
+      const waiting = codeOf(client.placeOrder(request, auth(token)));
+      const placed = await orders.placeOrder(
+        { idempotencyKey: request.idempotencyKey, items: request.items },
+        auth(token),
+      );
+      const seen: OrderStatus[] = [];
+      // Its outcome taken at once: the stream may fail before the test looks.
+      const watched = codeOf(
+        (async () => {
+          for await (const update of client.watchOrder(
+            { orderId: placed.order?.orderId ?? "" },
+            auth(token),
+          )) {
+            seen.push(update.order?.status ?? OrderStatus.UNSPECIFIED);
+          }
+        })(),
+      );
+      await expect.poll(() => seen.length).toBe(1);
+      await server.close();
+      expect(await waiting).toBe(Code.Unavailable);
+      expect(await watched).toBe(Code.Unavailable);
+      expect(seen).toEqual([OrderStatus.PENDING]);
     }).finally(() => held.delete(userId));
   });
 

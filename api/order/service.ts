@@ -44,6 +44,7 @@ import {
 import { toConnectError } from "../errors.ts";
 import { type EntryWait, HistoryFollower, type SequencedEntry } from "./history-follower.ts";
 import {
+  COMPENSATION_STATES,
   cancelReasonOf,
   getOrder,
   itemsOf,
@@ -54,6 +55,7 @@ import {
   orderStatusOf,
   type ProjectionPosition,
   sagaStateString,
+  topState,
 } from "./read-model/index.ts";
 import type { ResilientUserClient } from "./user-client.ts";
 import {
@@ -183,6 +185,11 @@ export interface OrderServiceHandle {
   ): void;
   /** WatchOrder streams in progress (the gateway's `jetsaga_order_watches_open` gauge). */
   readonly openWatches: number;
+  /**
+   * True while the service follows order histories: without, its commands cannot answer (they
+   * fail with UNAVAILABLE), so the gateway is not ready.
+   */
+  readonly following: boolean;
   /** Stops following histories and releases the workflow client; a second call waits for the first. */
   close(): Promise<void>;
 }
@@ -278,7 +285,10 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
    * UNAVAILABLE when the gateway stopped following histories (shutting down, or its consumer
    * ended). The command went through either way; `retry` says how to get its answer.
    */
-  function notYet(what: string, retry: string): ConnectError {
+  function notYet(what: string, retry: string, signal?: AbortSignal): ConnectError {
+    if (signal && isShutdown(signal)) {
+      return new ConnectError(`the gateway is shutting down; ${retry}`, Code.Unavailable);
+    }
     return follower.closed
       ? new ConnectError(`the gateway stopped following order histories; ${retry}`, Code.Unavailable)
       : new ConnectError(`${what}; ${retry}`, Code.DeadlineExceeded);
@@ -324,14 +334,20 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
 
     const key = `${kind}-${orderId}-r${current.entry.state.revision}`;
     const causation = `signal.${key}`;
+    const basis = current.seq;
+    // Another event got there first and left the order in a state that ignores ours. Only entries
+    // after the one the decision was made on count: a lagging follower may still deliver older ones.
+    const overtakes = (found: SequencedEntry): boolean =>
+      found.seq > basis &&
+      found.entry.causationId !== causation &&
+      !canAccept(saga, found.entry.state, event);
     let overtaken: SequencedEntry | undefined;
     const wait = follower.expect(
       orderId,
       (entry) => entry.causationId === causation,
       commandTimeoutMs,
       (found) => {
-        // Another event got there first and left the order in a state that ignores ours.
-        if (found.entry.causationId !== causation && !canAccept(saga, found.entry.state, event)) {
+        if (overtakes(found)) {
           overtaken = found;
           wait.cancel();
         }
@@ -341,13 +357,22 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       await client.signal("order", orderId, event, { idempotencyKey: key });
       const latest = await follower.latest(orderId);
       wait.offer(latest);
+      // The overtaking entry may have come before the wait was registered.
+      if (latest && overtakes(latest)) {
+        overtaken ??= latest;
+        wait.cancel();
+      }
       const found = await wait.done;
       if (found) return respond(found);
       if (overtaken) {
         if (alreadyDone(kind, overtaken.entry.state)) return respond(overtaken);
         throw refused(kind, overtaken.entry.state);
       }
-      throw notYet("the order has not applied the command yet (it will)", "retry to get its position");
+      throw notYet(
+        "the order has not applied the command yet (it will)",
+        "retry to get its position",
+        ctx.signal,
+      );
     } finally {
       wait.cancel();
     }
@@ -377,6 +402,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
    * from the leader, as a lagging replica could answer with a state older than one already seen.
    */
   async function awaitOutcome(
+    ctx: HandlerContext,
     orderId: string,
     outcome: EntryWait,
     items: readonly CheckedItem[],
@@ -388,6 +414,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       throw notYet(
         "the order was placed but has not reached any of wait_for_statuses yet",
         "retry with the same idempotency_key to wait again",
+        ctx.signal,
       );
     }
     return { order: orderFromState(found.entry.state, items), position: encodePosition(found.seq) };
@@ -441,12 +468,12 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         const existing = await follower.first(orderId);
         if (existing) {
           const first = placed(existing, items);
-          return outcome ? await awaitOutcome(orderId, outcome, items, true) : first;
+          return outcome ? await awaitOutcome(ctx, orderId, outcome, items, true) : first;
         }
 
         await ensureUserExists(caller, ctx.signal);
         const { answer, duplicate } = await startOrder(orderId, caller, items);
-        return outcome ? await awaitOutcome(orderId, outcome, items, duplicate) : answer;
+        return outcome ? await awaitOutcome(ctx, orderId, outcome, items, duplicate) : answer;
       } finally {
         outcome?.cancel();
       }
@@ -516,9 +543,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         if (isTerminal(found.entry.state) || until.has(orderStatusOf(found.entry.state))) return;
       }
       if (!items && !ctx.signal.aborted && !follower.closed) throw notFound();
-      // The follower stopped (the gateway is shutting down): ending normally would claim the
-      // order is final.
-      if (!ctx.signal.aborted) {
+      // The follower stopped or the gateway is shutting down: ending normally would claim the
+      // order is final. (A caller that cancelled or ran out of time gets no answer anyway.)
+      if (!ctx.signal.aborted || isShutdown(ctx.signal)) {
         throw new ConnectError("the watch was interrupted; watch again", Code.Unavailable);
       }
     },
@@ -536,6 +563,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     impl,
     get openWatches() {
       return follower.openWatches;
+    },
+    get following() {
+      return !follower.closed;
     },
     register(router, auth) {
       router.service(OrderService, impl, {
@@ -576,8 +606,13 @@ function alreadyDone(kind: "cancel" | "ship", state: InstanceState): boolean {
   return kind === "cancel" ? isCancelling(state) : orderStatusOf(state) === "SHIPPED";
 }
 
+/** True when the server ended the call because it is shutting down (api/rpc/server.ts). */
+function isShutdown(signal: AbortSignal): boolean {
+  return signal.aborted && ConnectError.from(signal.reason).code === Code.Unavailable;
+}
+
 function isCancelling(state: InstanceState): boolean {
-  return state.value === "compensating" || orderStatusOf(state) === "CANCELLED";
+  return COMPENSATION_STATES.has(topState(state.value)) || orderStatusOf(state) === "CANCELLED";
 }
 
 function refused(kind: "cancel" | "ship", state: InstanceState): ConnectError {

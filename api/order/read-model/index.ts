@@ -6,8 +6,10 @@ export {
   applyBatch,
   type BatchRows,
   CHECKPOINT_CHANNEL,
+  COMPENSATION_STATES,
   cancelReasonOf,
   itemsOf,
+  MAPPED_STATES,
   type OrderFacts,
   type OrderStatusName,
   orderFactsOf,
@@ -17,6 +19,7 @@ export {
   rowsOf,
   type SkippedEntry,
   sagaStateString,
+  topState,
 } from "./projection.ts";
 export {
   type OrderProjector,

@@ -60,14 +60,19 @@ const startEvent = z.looseObject({
 /**
  * Maps the saga's state to the business status.
  *
- * `compensating` is not a status of its own (the proto has none): it shows the last status the
- * customer saw before compensation began. The chart sets `creditReserved` exactly when it enters
- * `confirmed`, so compensating with credit reserved came from CONFIRMED, without it from PENDING.
- * An instance that failed (the engine gave up) is CANCELLED.
+ * Compensation (`compensating`, and `awaitingReleaseRetry` between its attempts) is not a status of
+ * its own (the proto has none): it shows the last status the customer saw before compensation
+ * began. The chart sets `creditReserved` exactly when it enters `confirmed`, so compensation with
+ * credit reserved came from CONFIRMED, without it from PENDING. An instance that failed (the
+ * engine gave up) is CANCELLED.
  */
 export function orderStatusOf(state: Pick<InstanceState, "status" | "value" | "context">): OrderStatusName {
   if (state.status === "failed") return "CANCELLED";
   const top = topState(state.value);
+  if (COMPENSATION_STATES.has(top)) {
+    const parsed = orderContext.safeParse(state.context);
+    return parsed.success && parsed.data.creditReserved === true ? "CONFIRMED" : "PENDING";
+  }
   switch (top) {
     case "pending":
       return "PENDING";
@@ -77,18 +82,26 @@ export function orderStatusOf(state: Pick<InstanceState, "status" | "value" | "c
       return "SHIPPED";
     case "cancelled":
       return "CANCELLED";
-    case "compensating": {
-      const parsed = orderContext.safeParse(state.context);
-      return parsed.success && parsed.data.creditReserved === true ? "CONFIRMED" : "PENDING";
-    }
     default:
       // A state a later chart version adds: say nothing final about it.
       return "PENDING";
   }
 }
 
+/** Top-level states of the order saga in which it undoes what it did, on its way to `cancelled`. */
+export const COMPENSATION_STATES: ReadonlySet<string> = new Set(["compensating", "awaitingReleaseRetry"]);
+
+/** Top-level states of the order saga that {@link orderStatusOf} maps by name. */
+export const MAPPED_STATES: ReadonlySet<string> = new Set([
+  "pending",
+  "confirmed",
+  "shipped",
+  "cancelled",
+  ...COMPENSATION_STATES,
+]);
+
 /** The top-level state name of a state value (`{ pending: "verifyingUser" }` → `pending`). */
-function topState(value: StateValue): string {
+export function topState(value: StateValue): string {
   return typeof value === "string" ? value : (Object.keys(value)[0] ?? "");
 }
 

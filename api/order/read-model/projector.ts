@@ -58,6 +58,11 @@ export interface ProjectionPosition {
 /** A running order projector. */
 export interface OrderProjector extends ProjectionPosition {
   readonly stats: Readonly<OrderProjectorStats>;
+  /**
+   * True while it consumes the histories. False once stopped, or when its consumer ended on its
+   * own (an error, logged): the read model then falls behind, so the gateway is not ready.
+   */
+  readonly consuming: boolean;
   /** Stops consuming after the batch in progress, and releases its LISTEN connection. */
   stop(): Promise<void>;
 }
@@ -104,6 +109,7 @@ class Projector implements OrderProjector {
   /** The statement loop while it runs (at most one at a time). */
   #writer: Promise<void> | undefined;
   #stopping = false;
+  #consuming = false;
   #unlisten: (() => Promise<void>) | undefined;
 
   constructor(options: OrderProjectorOptions) {
@@ -135,7 +141,20 @@ class Projector implements OrderProjector {
         : { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start }),
     });
     this.#messages = await consumer.consume({ max_messages: this.#maxBatch });
-    this.#loop = this.#run(this.#messages);
+    this.#consuming = true;
+    // Handled here: a consumer that ends with an error must not bring the process down through
+    // an unhandled rejection.
+    this.#loop = this.#run(this.#messages)
+      .catch((error: unknown) => {
+        if (!this.#stopping) this.#options.logger?.error({ err: error }, "projection consumer failed");
+      })
+      .finally(() => {
+        this.#consuming = false;
+      });
+  }
+
+  get consuming(): boolean {
+    return this.#consuming;
   }
 
   async #run(messages: ConsumerMessages): Promise<void> {
