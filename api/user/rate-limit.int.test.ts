@@ -44,6 +44,33 @@ describe("Postgres rate limiter", () => {
     expect((await replicaA.take("bob@example.com")).allowed).toBe(true);
   });
 
+  it("spends one budget when the first attempts on a new key race", async () => {
+    const at = Date.UTC(2026, 0, 1);
+    const limiter = createPostgresRateLimiter(sql, { attempts: 5, perMs: 60_000, now: () => at });
+    const key = "new@example.com";
+    // Another attempt's row, not committed yet: the attempts below find no row to lock and wait
+    // on its key. Without a row made first, each would then write a full bucket less one.
+    let inserted = (): void => {};
+    const insertedNow = new Promise<void>((resolve) => {
+      inserted = resolve;
+    });
+    let commit = (): void => {};
+    const committing = new Promise<void>((resolve) => {
+      commit = resolve;
+    });
+    const other = sql.begin(async (tx) => {
+      await tx`insert into auth_rate_limits (key, tokens, updated_at) values (${key}, 5, ${new Date(at)})`;
+      inserted();
+      await committing;
+    });
+    await insertedNow;
+    const raced = Promise.all(Array.from({ length: 8 }, () => limiter.take(key)));
+    await new Promise((resolve) => setTimeout(resolve, 300));
+    commit();
+    await other;
+    expect((await raced).filter((decision) => decision.allowed)).toHaveLength(5);
+  });
+
   it("refuses a non-positive budget, and a window longer than the hour after which idle buckets are pruned", () => {
     expect(() => createPostgresRateLimiter(sql, { attempts: 0 })).toThrow(RangeError);
     expect(() => createPostgresRateLimiter(sql, { perMs: IDLE_BUCKET_MS + 1 })).toThrow(RangeError);

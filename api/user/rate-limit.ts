@@ -31,7 +31,7 @@ export interface RateDecision {
   retryAfterMs: number;
 }
 
-/** A per-key token bucket shared through a database: every call is one statement. */
+/** A per-key token bucket shared through a database. */
 export interface SharedRateLimiter {
   /** Spends one token of `key`'s bucket if there is one. */
   take(key: string): Promise<RateDecision>;
@@ -40,10 +40,11 @@ export interface SharedRateLimiter {
 /**
  * A {@link SharedRateLimiter} on the `auth_rate_limits` table of the user service's database
  * (`workers/user/migrations/005_auth_rate_limits.sql`). Refill and spend happen in one statement
- * under the row's lock, so concurrent attempts from several processes spend the same budget. The
- * time comes from `now` (not the database clock), so tests can move it. Two first attempts
- * on a key that has no row yet may both see a full bucket: at most one extra attempt, once.
- * Idle rows are deleted by the user service's pruner.
+ * under the row's lock, so concurrent attempts from several processes spend the same budget. A
+ * missing row (a new key, or one pruned) is first made as a full bucket: the lock needs a row, and
+ * without one every concurrent first attempt would see a full bucket and be allowed. The time
+ * comes from `now` (not the database clock), so tests can move it. Idle rows are deleted by the
+ * user service's pruner.
  */
 export function createPostgresRateLimiter(sql: Sql, options: RateLimiterOptions = {}): SharedRateLimiter {
   const attempts = options.attempts ?? 5;
@@ -58,6 +59,11 @@ export function createPostgresRateLimiter(sql: Sql, options: RateLimiterOptions 
   return {
     async take(key) {
       const at = new Date(now());
+      // Its own statement: inside the next one, a row another attempt inserts meanwhile would not
+      // be in the statement's snapshot, so `for update` would lock nothing.
+      await sql`
+        insert into auth_rate_limits (key, tokens, updated_at) values (${key}, ${attempts}::float8, ${at}::timestamptz)
+        on conflict (key) do nothing`;
       const [row] = await sql<{ available: number }[]>`
         with previous as (
           select tokens, updated_at from auth_rate_limits where key = ${key} for update),

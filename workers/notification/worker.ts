@@ -89,7 +89,9 @@ async function notify(
     await channel.deliver({ ...n, message: stored.message }, { signal: ctx.signal });
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
-    await store.markAttemptFailed(n.eventId, reason, isTerminalError(error));
+    // The delivery's error decides what happens next (a TerminalError is dead-lettered at once, not
+    // retried): a failure to record it must not replace it; the row is then only less informative.
+    await store.markAttemptFailed(n.eventId, reason, isTerminalError(error)).catch(() => undefined);
     throw error;
   }
   await store.markDelivered(n.eventId, channel.name);

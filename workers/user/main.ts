@@ -8,8 +8,8 @@
  * service's own (see `api/user/config.ts`): `JETSAGA_TOKEN_SECRET` (required, ≥ 32 bytes),
  * `JETSAGA_TOKEN_TTL_SECONDS` (default 3600), `USER_GRPC_HOST` (default 127.0.0.1),
  * `USER_GRPC_PORT` (default 50061, 0 = any free port), `JETSAGA_OUTBOX_RELAY` (`on` | `off`,
- * default on), `JETSAGA_RETENTION_DAYS` (default 14: age at which processed-command replies and
- * published outbox rows are pruned).
+ * default on), `JETSAGA_RETENTION_DAYS` (default 14: age at which processed-command replies,
+ * published outbox rows and released credit reservations are pruned).
  *
  * Prometheus metrics (worker counters, process metrics) are served at `/metrics` on the same port.
  *

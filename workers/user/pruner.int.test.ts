@@ -30,7 +30,7 @@ const ids = async (table: "processed_commands" | "outbox"): Promise<string[]> =>
 };
 
 describe("pruner", () => {
-  it("deletes processed commands and published outbox rows past the retention, in batches, and nothing else", async () => {
+  it("deletes processed commands, published outbox rows and released reservations past the retention, in batches, and nothing else", async () => {
     const store = createUserStore(sql);
     await store.createUser({
       userId: "u1",
@@ -48,6 +48,11 @@ describe("pruner", () => {
     await sql`
       insert into auth_rate_limits (key, tokens, updated_at) values
         ('idle@example.com', 1, now() - interval '2 hours'), ('busy@example.com', 0, now())`;
+    await sql`
+      insert into credit_reservations (reservation_id, user_id, amount_cents, status, created_at, released_at) values
+        ('released-old', 'u1', 1, 'released', now() - interval '20 days', now() - interval '20 days'),
+        ('released-recent', 'u1', 1, 'released', now() - interval '20 days', now()),
+        ('held-old', 'u1', 1, 'held', now() - interval '20 days', null)`;
 
     const pruner = startPruner({ sql, retentionMs: 14 * DAY_MS, batchSize: 2, intervalMs: 3_600_000 });
     try {
@@ -61,7 +66,21 @@ describe("pruner", () => {
           timeout: 10_000,
         })
         .toEqual(["busy@example.com"]);
-      expect(await pruner.runOnce()).toEqual({ processedCommands: 0, outbox: 0, rateLimits: 0 });
+      await expect
+        .poll(
+          async () =>
+            (await sql`select reservation_id from credit_reservations order by 1`).map(
+              (row) => row.reservation_id,
+            ),
+          { timeout: 10_000 },
+        )
+        .toEqual(["held-old", "released-recent"]);
+      expect(await pruner.runOnce()).toEqual({
+        processedCommands: 0,
+        outbox: 0,
+        rateLimits: 0,
+        releasedReservations: 0,
+      });
     } finally {
       await pruner.stop();
     }

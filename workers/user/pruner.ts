@@ -44,6 +44,12 @@ export interface PruneResult {
    * window longer than that (`IDLE_BUCKET_MS` in `api/user/rate-limit.ts`).
    */
   rateLimits: number;
+  /**
+   * Credit reservations released before the retention. Kept until then because a release (or a
+   * release marker, when it came first) is what turns away a reservation arriving late for a saga
+   * that gave up; after the retention no such command is still on its way.
+   */
+  releasedReservations: number;
 }
 
 /** A running pruner. */
@@ -89,13 +95,15 @@ export function startPruner(options: PrunerOptions): Pruner {
       "updated_at",
       new Date(Date.now() - IDLE_BUCKET_MS),
     );
-    if (processedCommands + outbox + rateLimits > 0) {
+    // `released_at < …` is false for held reservations (null): they are never pruned.
+    const releasedReservations = await prune("credit_reservations", "reservation_id", "released_at");
+    if (processedCommands + outbox + rateLimits + releasedReservations > 0) {
       logger?.info(
-        { processedCommands, outbox, rateLimits, retentionMs },
-        "pruned old processed commands, outbox rows and idle sign-in buckets",
+        { processedCommands, outbox, rateLimits, releasedReservations, retentionMs },
+        "pruned old processed commands, outbox rows, idle sign-in buckets and released reservations",
       );
     }
-    return { processedCommands, outbox, rateLimits };
+    return { processedCommands, outbox, rateLimits, releasedReservations };
   };
 
   let running: Promise<unknown> | undefined;
