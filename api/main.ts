@@ -163,7 +163,7 @@ async function main(): Promise<void> {
       ...(api.clientAddressHeader ? { clientAddressHeader: api.clientAddressHeader } : {}),
       logger,
     });
-    onShutdown(stop);
+    onShutdown(stop, { timeoutMs: config.shutdownTimeoutMs, logger });
     logger.info(
       {
         url: gateway.url,

@@ -26,6 +26,12 @@ export interface ServiceConfig {
    * or NATS_TOKEN — at most one of the three. Unset: none (or the URL's `user:password@`).
    */
   natsAuth: NatsAuth | undefined;
+  /**
+   * How long a graceful stop may take before the process gives up and exits with status 1. Env
+   * JETSAGA_SHUTDOWN_TIMEOUT_SECONDS (1–3600), default 25: under Kubernetes' default
+   * terminationGracePeriodSeconds of 30, so the process says what it was stuck on before SIGKILL.
+   */
+  shutdownTimeoutMs: number;
 }
 
 /**
@@ -45,6 +51,8 @@ export function readConfig(env: Record<string, string | undefined> = process.env
     streamReplicas: replicas(env.JETSAGA_STREAM_REPLICAS),
     probeHost: env.PROBE_HOST ?? "127.0.0.1",
     natsAuth: natsAuth(env),
+    shutdownTimeoutMs:
+      integerSetting(env, "JETSAGA_SHUTDOWN_TIMEOUT_SECONDS", { min: 1, max: 3_600, fallback: 25 }) * 1_000,
   };
 }
 
@@ -112,20 +120,32 @@ export async function exitOnStartFailure(
   process.exit(1);
 }
 
-/** Runs `stop` once on SIGINT/SIGTERM, then exits (0, or 1 if stopping failed). */
-export function onShutdown(stop: () => Promise<void>): void {
+/**
+ * Runs `stop` once on SIGINT/SIGTERM, then exits: 0, or 1 if stopping failed or did not finish
+ * within `timeoutMs` (a drain waiting on a server that went away, a handler that never returns:
+ * the process must still end, and say so, rather than hang until the supervisor kills it). A second
+ * signal ends the process at once (Node's default, as the listeners are `once`).
+ */
+export function onShutdown(stop: () => Promise<void>, options: { timeoutMs: number; logger?: Logger }): void {
   let stopping = false;
+  const fail = (message: string, error?: unknown): void => {
+    if (options.logger) options.logger.error(error === undefined ? {} : { err: error }, message);
+    else console.error(message, error ?? "");
+    process.exit(1);
+  };
   const handler = (): void => {
     if (stopping) return;
     stopping = true;
+    // Not unref'd: it is what ends the process if something else keeps the event loop alive.
+    setTimeout(
+      () => fail(`graceful stop did not finish within ${options.timeoutMs / 1_000} s; exiting`),
+      options.timeoutMs,
+    );
     stop()
       .then(flushTraces)
       .then(
         () => process.exit(0),
-        (error: unknown) => {
-          console.error(error);
-          process.exit(1);
-        },
+        (error: unknown) => fail("graceful stop failed; exiting", error),
       );
   };
   process.once("SIGINT", handler);

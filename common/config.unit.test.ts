@@ -41,6 +41,14 @@ describe("readConfig", () => {
     expect(message).not.toContain("secret-value");
   });
 
+  it("reads the shutdown timeout in seconds, 25 by default", () => {
+    expect(readConfig({}).shutdownTimeoutMs).toBe(25_000);
+    expect(readConfig({ JETSAGA_SHUTDOWN_TIMEOUT_SECONDS: "5" }).shutdownTimeoutMs).toBe(5_000);
+    expect(() => readConfig({ JETSAGA_SHUTDOWN_TIMEOUT_SECONDS: "0" })).toThrow(
+      /JETSAGA_SHUTDOWN_TIMEOUT_SECONDS must be a whole number from 1 to 3600/,
+    );
+  });
+
   it("refuses a replica count outside 1–5", () => {
     expect(readConfig({ JETSAGA_STREAM_REPLICAS: "3" }).streamReplicas).toBe(3);
     expect(() => readConfig({ JETSAGA_STREAM_REPLICAS: "9" })).toThrow(/JETSAGA_STREAM_REPLICAS/);

@@ -40,6 +40,7 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
     NATS_USER: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
     NATS_PASSWORD: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
     NATS_TOKEN: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
+    JETSAGA_SHUTDOWN_TIMEOUT_SECONDS: "unset = 25 s, under the manifests' 30 s termination grace period",
   },
   "api/main.ts": {
     API_STREAM_RESET_LIMIT:

@@ -55,11 +55,14 @@ async function main(): Promise<void> {
     "visualiser ready",
   );
   console.log(`JETSAGA_VISUALISER_URL=${server.url}`);
-  onShutdown(async () => {
-    await server.close();
-    await client.close();
-    await nc.drain();
-  });
+  onShutdown(
+    async () => {
+      await server.close();
+      await client.close();
+      await nc.drain();
+    },
+    { timeoutMs: config.shutdownTimeoutMs, logger: log },
+  );
 }
 
 // Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.

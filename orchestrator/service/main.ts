@@ -16,8 +16,8 @@ async function main(): Promise<void> {
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
   const nc = await connectNatsFromConfig(config, "jetsaga-orchestrator");
-  // Probes answer (not ready) while the orchestrator starts.
-  const running: { orchestrator?: RunningOrchestrator } = {};
+  // Probes answer (not ready) while the orchestrator starts, and again once it stops.
+  const running: { orchestrator?: RunningOrchestrator; stopping?: boolean } = {};
   const registry = createMetricsRegistry("orchestrator");
   // No API check here (the probes start first), and a scrape waits at most 2 s for the count.
   const jsm = await jetstreamManager(nc, { checkAPI: false, timeout: 2_000 });
@@ -28,7 +28,7 @@ async function main(): Promise<void> {
     () => countDeadLetters(jsm, topo),
   );
   const probes = await startProbeServer(
-    { registry, ready: () => running.orchestrator !== undefined && !nc.isClosed() },
+    { registry, ready: () => running.orchestrator !== undefined && !running.stopping && !nc.isClosed() },
     integerSetting(env, "PROBE_PORT", { min: 0, max: 65_535, fallback: 9464 }),
     config.probeHost,
   );
@@ -53,12 +53,17 @@ async function main(): Promise<void> {
     "orchestrator ready",
   );
   console.log(`JETSAGA_ORCHESTRATOR_PROBES_URL=${probes.url}`);
-  onShutdown(async () => {
-    await orchestrator.stop();
-    log.info({ stats: orchestrator.stats }, "orchestrator stopped");
-    await probes.close();
-    await nc.drain();
-  });
+  onShutdown(
+    async () => {
+      running.stopping = true;
+      await orchestrator.stop();
+      log.info({ stats: orchestrator.stats }, "orchestrator stopped");
+      await nc.drain();
+      // Last: until then /readyz says "not ready" rather than refusing connections.
+      await probes.close();
+    },
+    { timeoutMs: config.shutdownTimeoutMs, logger: log },
+  );
 }
 
 // Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.

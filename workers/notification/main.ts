@@ -86,7 +86,7 @@ async function main(): Promise<void> {
       channel,
       worker: { topology: streamTopology(config) },
     });
-    onShutdown(stop);
+    onShutdown(stop, { timeoutMs: config.shutdownTimeoutMs, logger });
     logger.info(
       {
         nats: describeServers(config.natsUrl),

@@ -117,7 +117,7 @@ async function main(): Promise<void> {
         sendMetrics(registry, res);
       },
     });
-    onShutdown(stop);
+    onShutdown(stop, { timeoutMs: config.shutdownTimeoutMs, logger });
     logger.info(
       {
         nats: describeServers(config.natsUrl),
