@@ -7,7 +7,7 @@ import {
 } from "xstate";
 import type { Effect } from "./effects.ts";
 import { JetsagaError, type JetsagaErrorCode } from "./errors.ts";
-import { timerKey } from "./names.ts";
+import { legacyTimerKey, timerKey } from "./names.ts";
 import { type InstanceState, isTerminal, type PendingTimer, RECENT_CAUSATIONS } from "./state.ts";
 import { type AnySchema, type AnyWorkflowDefinition, SAGA_ACTION } from "./workflow.ts";
 
@@ -198,6 +198,15 @@ function settle(
   event: WorkflowEvent,
   context: DecideContext,
 ): Decision {
+  // A spawned actor would never run (the engine starts no actors) and is not part of the stored
+  // state; `defineWorkflow` refuses what it can see, this catches `spawn` inside `assign`.
+  const spawned = Object.keys(snapshot.children ?? {});
+  if (spawned.length > 0) {
+    throw definitionError(
+      definition,
+      `spawns actor "${spawned[0]}"; workflows do their work through commands (the dispatch action), not child actors`,
+    );
+  }
   const revision = previous.revision + 1;
   const prefix = `${previous.workflow}.${previous.instanceId}.${revision}`;
   const timers: Record<string, PendingTimer> = { ...previous.timers };
@@ -240,20 +249,25 @@ function settle(
             `a delay of ${delay} ms is beyond the last date a timer can have`,
           );
         }
-        const key = timerKey(String(params.id ?? raised.type));
+        const id = String(params.id ?? raised.type);
+        const key = timerKey(id);
         // A timer re-armed under the same key gets a new token (and a schedule subject of its own), so
         // a late firing, or a re-run cancel, of the previous arming never touches this one.
-        const replaced = timers[key];
-        if (replaced) effects.push({ type: "cancelTimer", timerKey: key, token: replaced.token });
-        const timer = { token: `${revision}-${index}`, event: raised.type, dueAt: context.now + delay };
+        const replacedKey = storedTimerKey(timers, id);
+        const replaced = replacedKey === undefined ? undefined : timers[replacedKey];
+        if (replacedKey !== undefined && replaced) {
+          delete timers[replacedKey];
+          effects.push({ type: "cancelTimer", timerKey: replacedKey, token: replaced.token });
+        }
+        const timer = { token: `${revision}-${index}`, event: raised.type, dueAt: context.now + delay, id };
         timers[key] = timer;
         effects.push({ type: "schedule", timerKey: key, ...timer });
         break;
       }
       case "xstate.cancel": {
-        const key = timerKey(String(params.sendId));
-        const cancelled = timers[key];
-        if (cancelled) {
+        const key = storedTimerKey(timers, String(params.sendId));
+        const cancelled = key === undefined ? undefined : timers[key];
+        if (key !== undefined && cancelled) {
           delete timers[key];
           effects.push({ type: "cancelTimer", timerKey: key, token: cancelled.token });
         }
@@ -313,6 +327,18 @@ function parse(
     .map((issue) => `${issue.path.length ? issue.path.join(".") : "(root)"}: ${issue.message}`)
     .join("; ");
   throw new JetsagaError(code, `invalid ${what}: ${issues}`);
+}
+
+/**
+ * The key the timer of xstate id `id` is stored under: today's, or the one versions before
+ * 2026-12-05 gave it, for a timer they armed (one without `id`: under the old keys, `a.b` and `a_b`
+ * met, and a timer armed today under `a_b` belongs to `a.b`).
+ */
+function storedTimerKey(timers: Readonly<Record<string, PendingTimer>>, id: string): string | undefined {
+  const key = timerKey(id);
+  if (Object.hasOwn(timers, key)) return key;
+  const legacy = legacyTimerKey(id);
+  return Object.hasOwn(timers, legacy) && timers[legacy]?.id === undefined ? legacy : undefined;
 }
 
 function definitionError(definition: AnyWorkflowDefinition, message: string): JetsagaError {

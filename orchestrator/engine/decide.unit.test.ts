@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { assign, fromPromise, setup } from "xstate";
+import { assign, cancel, fromPromise, raise, setup, spawnChild } from "xstate";
 import { z } from "zod";
 import { decide } from "./decide.ts";
 import { JetsagaError } from "./errors.ts";
@@ -139,6 +139,58 @@ describe("decide", () => {
     expect(() => defineWorkflow({ ...counterConfig, name: "invoking", machine: invoking })).toThrow(
       /state "invoking.outer.inner" invokes an actor/,
     );
+  });
+
+  it("refuses a chart that spawns an actor: spawnChild when defined, spawn in assign when decided", () => {
+    const actors = { lookup: fromPromise(async () => 1) };
+    const spawning = setup({ actors, actions: { begin: spawnChild("lookup") } }).createMachine({
+      id: "spawning",
+      initial: "idle",
+      states: { idle: { on: { bump: { target: "busy" } } }, busy: { entry: "begin" } },
+    });
+    expect(() => defineWorkflow({ ...counterConfig, name: "spawning", machine: spawning })).toThrow(
+      /state "spawning.busy" spawns an actor/,
+    );
+    const inline = setup({ actors }).createMachine({
+      id: "inline",
+      initial: "idle",
+      states: { idle: { on: { bump: { actions: spawnChild("lookup", { id: "child" }) } } } },
+    });
+    expect(() => defineWorkflow({ ...counterConfig, name: "inline", machine: inline })).toThrow(
+      /state "inline.idle" spawns an actor/,
+    );
+
+    const assigning = defineWorkflow({
+      ...counterConfig,
+      name: "assigning",
+      machine: setup({
+        types: { context: {} as { n: number; child?: unknown }, input: {} as { n: number } },
+        actors,
+      }).createMachine({
+        id: "assigning",
+        context: ({ input }) => ({ n: input.n }),
+        initial: "idle",
+        states: {
+          idle: {
+            on: { bump: { actions: assign({ child: ({ spawn }) => spawn("lookup", { id: "kid" }) }) } },
+          },
+        },
+      }),
+    });
+    const start = decide(
+      assigning,
+      undefined,
+      { kind: "start", instanceId: "s", input: { n: 1 } },
+      ctx("s1"),
+    );
+    if (start.outcome !== "accepted") throw new Error("not started");
+    expect(
+      decide(assigning, start.state, { kind: "event", event: { type: "bump" } }, ctx("s2")),
+    ).toMatchObject({
+      outcome: "rejected",
+      code: "INVALID_DEFINITION",
+      reason: expect.stringMatching(/spawns actor "kid"/),
+    });
   });
 
   it("never runs the chart's own actions, and instances decided in turn do not see each other", () => {
@@ -292,6 +344,62 @@ describe("timers", () => {
       outcome: "rejected",
       code: "INVALID_DEFINITION",
       reason: expect.stringMatching(/beyond the last date/),
+    });
+  });
+
+  describe("ids that escape alike", () => {
+    const twoTimers = defineWorkflow({
+      name: "two-timers",
+      version: 1,
+      input: z.object({}),
+      events: { stop: z.object({ type: z.literal("stop") }) },
+      machine: setup({
+        types: { events: {} as { type: "stop" } | { type: "ping" } | { type: "pong" } },
+        actions: sagaActions,
+      }).createMachine({
+        id: "two-timers",
+        initial: "waiting",
+        states: {
+          waiting: {
+            entry: [
+              raise({ type: "ping" }, { id: "a.b", delay: 100 }),
+              raise({ type: "pong" }, { id: "a_b", delay: 200 }),
+            ],
+            on: { stop: { actions: cancel("a_b") } },
+          },
+        },
+      }),
+    });
+
+    it("stay two timers, and cancelling one leaves the other", () => {
+      const start = decide(twoTimers, undefined, { kind: "start", instanceId: "t", input: {} }, ctx("m1", 0));
+      if (start.outcome !== "accepted") throw new Error("not started");
+      const keys = start.effects.map((effect) => effect.type === "schedule" && effect.timerKey);
+      expect(keys).toHaveLength(2);
+      expect(new Set(keys).size).toBe(2);
+      expect(Object.keys(start.state.timers)).toHaveLength(2);
+      const stop = decide(twoTimers, start.state, { kind: "event", event: { type: "stop" } }, ctx("m2", 10));
+      if (stop.outcome !== "accepted") throw new Error("not stopped");
+      expect(stop.effects).toEqual([{ type: "cancelTimer", timerKey: keys[1], token: "1-1" }]);
+      expect(Object.values(stop.state.timers)).toMatchObject([{ event: "ping", id: "a.b" }]);
+    });
+
+    it("finds a timer armed by an older version under its old key, and only such a timer", () => {
+      const start = decide(twoTimers, undefined, { kind: "start", instanceId: "t", input: {} }, ctx("m1", 0));
+      if (start.outcome !== "accepted") throw new Error("not started");
+      // Stored by a version before 2026-12-05: `a_b`'s timer under the lossy key, without its id.
+      const legacy = { ...start.state, timers: { a_b: { token: "1-1", event: "pong", dueAt: 200 } } };
+      const stop = decide(twoTimers, legacy, { kind: "event", event: { type: "stop" } }, ctx("m2", 10));
+      if (stop.outcome !== "accepted") throw new Error("not stopped");
+      expect(stop.effects).toEqual([{ type: "cancelTimer", timerKey: "a_b", token: "1-1" }]);
+      expect(stop.state.timers).toEqual({});
+      // Today `a_b` is the key of `a.b`'s timer: cancelling `a_b` must leave it alone.
+      const current = {
+        ...start.state,
+        timers: { a_b: { token: "1-0", event: "ping", dueAt: 100, id: "a.b" } },
+      };
+      const kept = decide(twoTimers, current, { kind: "event", event: { type: "stop" } }, ctx("m3", 10));
+      expect(kept.outcome === "accepted" ? kept.state.timers : kept).toEqual(current.timers);
     });
   });
 });

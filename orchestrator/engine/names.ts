@@ -49,13 +49,28 @@ export function isDottedName(value: string): boolean {
 
 /** Longest timer key: `timer.<workflow ≤ 64>.<id ≤ 128>.<key>.<token>` must fit an inbox message id (300). */
 const MAX_TIMER_KEY = 64;
+/** An xstate id whose `.`→`_` spelling is unambiguous: no `_` of its own, no empty part. */
+const PLAIN_TIMER_ID = /^[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*$/;
 
 /**
  * Turns an xstate delayed-event id (`xstate.after.5000.order.waiting`) into one subject token of at
- * most 64 characters. A longer id (a deeply nested state) keeps its start and ends in a hash of the
- * whole id, so two long ids that share a start stay two timers.
+ * most 64 characters, a different one for every id. A plain id of letters, digits, `-` and
+ * single dots is spelled with `_` for its dots (readable, and unchanged from earlier versions).
+ * Any other id (with `_`, other characters, or too long) keeps a readable start and ends in `__`
+ * and a hash of the whole id: plain keys never hold `__`, so the two kinds cannot meet, and two
+ * ids that escape alike (`a.b`, `a_b`) stay two timers.
  */
 export function timerKey(xstateId: string): string {
+  if (xstateId.length <= MAX_TIMER_KEY && PLAIN_TIMER_ID.test(xstateId)) return xstateId.replaceAll(".", "_");
+  const readable = xstateId.replace(/[^A-Za-z0-9-]/g, "_").slice(0, MAX_TIMER_KEY - 10);
+  return `${readable}__${fnv1a(xstateId)}`;
+}
+
+/**
+ * The key versions before 2026-12-05 gave `xstateId` (lossy: `a.b` and `a_b` met). Timers armed
+ * then are stored under it; the engine still finds them there to re-arm or cancel them.
+ */
+export function legacyTimerKey(xstateId: string): string {
   const key = xstateId.replace(/[^A-Za-z0-9_-]/g, "_");
   if (key.length <= MAX_TIMER_KEY) return key;
   return `${key.slice(0, MAX_TIMER_KEY - 9)}_${fnv1a(xstateId)}`;

@@ -1,10 +1,21 @@
 import { describe, expect, it } from "vitest";
 import { inboxMessage } from "../../schemas/envelope.ts";
-import { timerKey } from "./names.ts";
+import { legacyTimerKey, timerKey } from "./names.ts";
 
 describe("timerKey", () => {
   it("keeps a short xstate id readable, as one subject token", () => {
     expect(timerKey("xstate.after.5000.order.waiting")).toBe("xstate_after_5000_order_waiting");
+  });
+
+  it("gives ids that escape alike keys of their own, never a plain id's key", () => {
+    const ids = ["a.b", "a_b", "a b", "a/b", "a..b", "a.b_", "x.after.1.a.b"];
+    const keys = ids.map(timerKey);
+    expect(new Set(keys).size).toBe(ids.length);
+    for (const key of keys) expect(key).toMatch(/^[A-Za-z0-9_-]{1,64}$/);
+    // Plain ids keep the key earlier versions gave them; others end in `__` and a hash.
+    expect(timerKey("a.b")).toBe(legacyTimerKey("a.b"));
+    expect(timerKey("a_b")).toMatch(/^a_b__[0-9a-f]{8}$/);
+    expect(legacyTimerKey("a_b")).toBe("a_b");
   });
 
   it("bounds a long id so the timer's inbox message id fits, and keeps two long ids apart", () => {

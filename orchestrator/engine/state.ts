@@ -11,6 +11,11 @@ export interface PendingTimer {
   event: string;
   /** Due time, epoch milliseconds. */
   dueAt: number;
+  /**
+   * The xstate id it was armed under. Absent on timers armed by versions before 2026-12-05, whose
+   * keys were not unique per id: only those are looked up under their old key.
+   */
+  id?: string;
 }
 
 /**

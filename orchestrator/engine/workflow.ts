@@ -111,6 +111,15 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
       });
     }
   }
+  const spawning = findSpawn(config.machine);
+  if (spawning) {
+    // Same reason as invoke below; `spawn` inside `assign` is only seen when it runs (decide).
+    throw new JetsagaError(
+      "INVALID_DEFINITION",
+      `state "${spawning}" spawns an actor; workflows do their work through commands (the dispatch action), not child actors`,
+      { context: { workflow: config.name, state: spawning } },
+    );
+  }
   const invoking = findInvoke(config.machine.root);
   if (invoking) {
     // The orchestrator decides with pure transitions and never starts child actors: an invoked
@@ -133,6 +142,38 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
     signals: new Set(config.signals ?? []),
   });
 }
+
+/** The id of the first state node whose entry, exit or transitions run xstate's `spawnChild`, if any. */
+function findSpawn(machine: AnyStateMachine): string | undefined {
+  const named = (machine.implementations.actions ?? {}) as Record<string, unknown>;
+  const isSpawn = (action: unknown): boolean => {
+    const resolved = typeof action === "string" ? named[action] : action;
+    const type = (resolved as { type?: unknown } | null | undefined)?.type;
+    // A named action given as `{ type: "name" }` resolves through the implementations too.
+    if (typeof type === "string" && type !== SPAWN_CHILD && type in named) return isSpawn(named[type]);
+    return type === SPAWN_CHILD;
+  };
+  const visit = (node: AnyStateNode): string | undefined => {
+    const transitions = [...node.transitions.values()].flat();
+    const actions = [
+      ...node.entry,
+      ...node.exit,
+      ...(node.initial?.actions ?? []),
+      ...(node.always ?? []).flatMap((t) => t.actions),
+      ...transitions.flatMap((t) => t.actions),
+    ];
+    if (actions.some(isSpawn)) return node.id;
+    for (const child of Object.values(node.states)) {
+      const found = visit(child);
+      if (found) return found;
+    }
+    return undefined;
+  };
+  return visit(machine.root);
+}
+
+/** `type` of the action xstate's `spawnChild(...)` returns. */
+const SPAWN_CHILD = "xstate.spawnChild";
 
 /** The id of the first state node that invokes an actor, if any. */
 function findInvoke(node: AnyStateNode): string | undefined {
