@@ -15,6 +15,25 @@ import { HistoryFollower, type SequencedEntry } from "./history-follower.ts";
 
 const WORKFLOW = "order";
 
+/** Appends an entry of `instanceId` to `topo`'s history and returns its stream sequence. */
+async function appendEntry(
+  nc: NatsConnection,
+  topo: Topology,
+  instanceId: string,
+  revision: number,
+): Promise<number> {
+  const entry = {
+    revision,
+    causationId: `c${revision}`,
+    event: { type: "tick" },
+    state: { workflow: WORKFLOW, instanceId, status: "running", value: "waiting", context: {} },
+    effects: [],
+    at: Date.now(),
+  };
+  const subject = topo.historySubject(WORKFLOW, instanceId, "running");
+  return (await jetstream(nc).publish(subject, JSON.stringify(entry))).seq;
+}
+
 describe("HistoryFollower.watch", () => {
   let nc: NatsConnection;
   let topo: Topology;
@@ -31,22 +50,8 @@ describe("HistoryFollower.watch", () => {
     await nc?.close();
   });
 
-  /** Appends an entry of `instanceId` and returns its stream sequence. */
-  const append = async (instanceId: string, revision: number): Promise<number> => {
-    const entry = {
-      revision,
-      causationId: `c${revision}`,
-      event: { type: "tick" },
-      state: { workflow: WORKFLOW, instanceId, status: "running", value: "waiting", context: {} },
-      effects: [],
-      at: Date.now(),
-    };
-    const ack = await jetstream(nc).publish(
-      topo.historySubject(WORKFLOW, instanceId, "running"),
-      JSON.stringify(entry),
-    );
-    return ack.seq;
-  };
+  const append = (instanceId: string, revision: number): Promise<number> =>
+    appendEntry(nc, topo, instanceId, revision);
   const seqsOf = (found: readonly SequencedEntry[]) => found.map((f) => [f.seq, f.entry.revision]);
 
   it("yields the latest entry first, then later ones in order, never the first one twice", async () => {
@@ -177,5 +182,33 @@ describe("HistoryFollower.watch", () => {
     expect(await pending).toEqual({ done: true, value: undefined });
     // A watch started after close ends at once too.
     expect(await own.watch(id)[Symbol.asyncIterator]().next()).toEqual({ done: true, value: undefined });
+  });
+
+  it("hears the entries of a history stream made again, whose sequences restarted", async () => {
+    // A namespace of its own: the stream is deleted under it.
+    const ownTopo = topology(uniqueNamespace("follower-remade"));
+    const jsm = await jetstreamManager(nc);
+    await ensureTopology(jsm, ownTopo, { storage: "memory" });
+    const own = await HistoryFollower.start(nc, ownTopo, WORKFLOW, { streamCheckMs: 100 });
+    const appendTo = (instanceId: string, revision: number): Promise<number> =>
+      appendEntry(nc, ownTopo, instanceId, revision);
+    try {
+      for (let i = 0; i < 20; i++) await appendTo("old", i + 1);
+      await jsm.streams.delete(ownTopo.streams.history);
+      await ensureTopology(jsm, ownTopo, { storage: "memory" });
+      // The follower needs a check to notice; until then an entry may go unheard, so wait on fresh
+      // entries until one is heard.
+      let heard: SequencedEntry | undefined;
+      for (let revision = 1; heard === undefined && revision <= 100; revision++) {
+        const wait = own.expect("new", (entry) => entry.revision === revision, 200);
+        const seq = await appendTo("new", revision);
+        expect(seq).toBe(revision);
+        heard = await wait.done;
+      }
+      expect(heard?.seq).toBeLessThan(20);
+      expect(own.closed).toBe(false);
+    } finally {
+      await own.close();
+    }
   });
 });

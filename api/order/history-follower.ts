@@ -13,6 +13,11 @@ import {
   type Topology,
 } from "../../orchestrator/index.ts";
 import { decodeHistoryMessage } from "./read-model/projector.ts";
+import {
+  type StreamIdentityWatch,
+  streamIdentity,
+  watchStreamIdentity,
+} from "./read-model/stream-identity.ts";
 
 /** A history entry with its stream sequence (the position a command returns). */
 export interface SequencedEntry {
@@ -61,62 +66,122 @@ export class HistoryFollower {
   readonly #jsm: JetStreamManager;
   readonly #topo: Topology;
   readonly #workflow: string;
-  readonly #messages: ConsumerMessages;
+  readonly #nc: NatsConnection;
+  #messages: ConsumerMessages;
+  #streamWatch: StreamIdentityWatch | undefined;
+  /** Set while the consumer is replaced after the stream was made again. */
+  #replacing = false;
   readonly #waiters = new Map<string, Set<Waiter>>();
   readonly #watchers = new Map<string, Set<Watcher>>();
   #openWatches = 0;
   #closed = false;
   #failure: unknown;
 
-  private constructor(jsm: JetStreamManager, topo: Topology, workflow: string, messages: ConsumerMessages) {
+  private constructor(
+    nc: NatsConnection,
+    jsm: JetStreamManager,
+    topo: Topology,
+    workflow: string,
+    messages: ConsumerMessages,
+  ) {
+    this.#nc = nc;
     this.#jsm = jsm;
     this.#topo = topo;
     this.#workflow = workflow;
     this.#messages = messages;
   }
 
-  /** Starts following the histories of `workflow`. */
-  static async start(nc: NatsConnection, topo: Topology, workflow: string): Promise<HistoryFollower> {
-    const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
-      filter_subjects: topo.historyFilter(workflow),
-      deliver_policy: DeliverPolicy.New,
-    });
-    const messages = await consumer.consume();
-    const follower = new HistoryFollower(await jetstreamManager(nc), topo, workflow, messages);
+  /**
+   * Starts following the histories of `workflow`. `streamCheckMs` (default 5000): how often the
+   * history stream is checked for having been made again, after which the consumer nats.js
+   * resumes after its last sequence would hear nothing until the new stream grew past it.
+   */
+  static async start(
+    nc: NatsConnection,
+    topo: Topology,
+    workflow: string,
+    options: { streamCheckMs?: number } = {},
+  ): Promise<HistoryFollower> {
+    const jsm = await jetstreamManager(nc);
+    const identity = await streamIdentity(jsm, topo.streams.history);
+    const messages = await HistoryFollower.#consume(nc, topo, workflow);
+    const follower = new HistoryFollower(nc, jsm, topo, workflow, messages);
     // The consumer can end with an error (a refused pull, a consumer it cannot make again): the
     // follower is then closed (see #run) and the gateway not ready, rather than the process
     // brought down by an unhandled rejection.
     follower.#run().catch((error: unknown) => {
       follower.#failure = error;
     });
+    follower.#streamWatch = watchStreamIdentity(
+      jsm,
+      topo.streams.history,
+      identity?.created ?? "",
+      options.streamCheckMs ?? 5_000,
+      () => follower.#replaceConsumer(),
+      () => {
+        // NATS away: the next check tries again.
+      },
+    );
     return follower;
+  }
+
+  static async #consume(nc: NatsConnection, topo: Topology, workflow: string): Promise<ConsumerMessages> {
+    const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
+      filter_subjects: topo.historyFilter(workflow),
+      deliver_policy: DeliverPolicy.New,
+    });
+    return consumer.consume();
+  }
+
+  /** A consumer of the new stream's new entries in place of the old one (see {@link start}). */
+  async #replaceConsumer(): Promise<void> {
+    if (this.#closed) return;
+    const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow);
+    if (this.#closed) {
+      await next.close();
+      return;
+    }
+    const previous = this.#messages;
+    this.#replacing = true;
+    this.#messages = next;
+    await previous.close();
   }
 
   async #run(): Promise<void> {
     try {
-      for await (const msg of this.#messages) {
-        // Only the orchestrator writes history, but one malformed entry must not end the loop
-        // that every command and watch of this gateway waits on: such entries are skipped here
-        // as the projector skips (and logs) them.
-        const found = decodeHistoryMessage(msg);
-        if (!found) continue;
-        const { entry } = found;
-        const instanceId = entry.state.instanceId;
-        for (const waiter of [...(this.#waiters.get(instanceId) ?? [])]) {
-          try {
-            waiter.onEntry?.(found);
-            if (waiter.match(entry)) waiter.resolve(found);
-          } catch {
-            // A waiter whose test throws on this entry waits on (and times out at worst).
-          }
-        }
-        for (const watcher of this.#watchers.get(instanceId) ?? []) watcher.push(found);
+      for (;;) {
+        const messages = this.#messages;
+        await this.#follow(messages);
+        // Ended because it was replaced: go on with the new consumer; else the follower is done.
+        if (this.#closed || !this.#replacing || this.#messages === messages) break;
+        this.#replacing = false;
       }
     } finally {
       // Without the consumer a watch would never see another entry, nor a wait its entry: end
       // them (and any started later) rather than hang.
       this.#closed = true;
       this.#endWaitsAndWatches();
+    }
+  }
+
+  async #follow(messages: ConsumerMessages): Promise<void> {
+    for await (const msg of messages) {
+      // Only the orchestrator writes history, but one malformed entry must not end the loop
+      // that every command and watch of this gateway waits on: such entries are skipped here
+      // as the projector skips (and logs) them.
+      const found = decodeHistoryMessage(msg);
+      if (!found) continue;
+      const { entry } = found;
+      const instanceId = entry.state.instanceId;
+      for (const waiter of [...(this.#waiters.get(instanceId) ?? [])]) {
+        try {
+          waiter.onEntry?.(found);
+          if (waiter.match(entry)) waiter.resolve(found);
+        } catch {
+          // A waiter whose test throws on this entry waits on (and times out at worst).
+        }
+      }
+      for (const watcher of this.#watchers.get(instanceId) ?? []) watcher.push(found);
     }
   }
 
@@ -283,6 +348,7 @@ export class HistoryFollower {
   /** Stops following; pending waits resolve undefined and open watches end. */
   async close(): Promise<void> {
     this.#closed = true;
+    await this.#streamWatch?.stop();
     this.#endWaitsAndWatches();
     await this.#messages.close();
   }

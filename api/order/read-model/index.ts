@@ -3,11 +3,14 @@
  * histories, the projector that keeps them current, queries for the API, and a rebuild.
  */
 export {
+  adoptCheckpointStream,
   applyBatch,
   type BatchRows,
   CHECKPOINT_CHANNEL,
+  type Checkpoint,
   COMPENSATION_STATES,
   cancelReasonOf,
+  checkpointNotice,
   itemsOf,
   MAPPED_STATES,
   type OrderFacts,
@@ -15,6 +18,7 @@ export {
   orderFactsOf,
   orderStatusOf,
   type PositionedEntry,
+  parseCheckpointNotice,
   readCheckpoint,
   rowsOf,
   type SkippedEntry,
@@ -42,3 +46,9 @@ export {
   type RebuildResult,
   rebuildOrderReadModel,
 } from "./rebuild.ts";
+export {
+  type StreamIdentity,
+  type StreamIdentityWatch,
+  streamIdentity,
+  watchStreamIdentity,
+} from "./stream-identity.ts";

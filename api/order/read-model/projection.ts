@@ -300,8 +300,9 @@ export const CHECKPOINT_CHANNEL = "jetsaga_projection";
 export async function applyBatch(
   sql: TransactionSql | Sql,
   rows: BatchRows,
-  checkpoint: { name: string; position: number },
+  checkpoint: Checkpoint,
 ): Promise<void> {
+  const stream = checkpoint.streamCreated ?? null;
   await sql`
     with
     upserted_orders as (
@@ -331,15 +332,71 @@ export async function applyBatch(
         history_seq bigint)
       on conflict do nothing),
     moved_checkpoint as (
-      insert into projection_checkpoints (name, position) values (${checkpoint.name}, ${checkpoint.position})
-      on conflict (name) do update set position = excluded.position
-      where projection_checkpoints.position < excluded.position)
-    select pg_notify(${CHECKPOINT_CHANNEL}, ${`${checkpoint.name}:${checkpoint.position}`})`;
+      insert into projection_checkpoints (name, position, stream_created)
+      values (${checkpoint.name}, ${checkpoint.position}, ${stream})
+      on conflict (name) do update set position = excluded.position,
+        stream_created = coalesce(excluded.stream_created, projection_checkpoints.stream_created)
+      where projection_checkpoints.position < excluded.position
+        -- A projector still following an older incarnation of the stream must not move the
+        -- checkpoint of the new one (its rows are guarded by revision, its position is not).
+        and (projection_checkpoints.stream_created is null or excluded.stream_created is null
+             or projection_checkpoints.stream_created = excluded.stream_created))
+    select pg_notify(${CHECKPOINT_CHANNEL}, ${checkpointNotice(checkpoint)})`;
 }
 
-/** The checkpoint of projection `name` (0 when it has never run). */
-export async function readCheckpoint(sql: Sql | TransactionSql, name: string): Promise<number> {
-  const [row] = await sql<{ position: string }[]>`
-    select position from projection_checkpoints where name = ${name}`;
-  return row ? Number(row.position) : 0;
+/**
+ * How far a projection got: the history stream sequence of the last entry applied, and the
+ * incarnation of the stream it belongs to (see stream-identity.ts; undefined: not known, as for
+ * checkpoints written before it was recorded).
+ */
+export interface Checkpoint {
+  name: string;
+  position: number;
+  streamCreated?: string | undefined;
+}
+
+/** The NOTIFY payload announcing `checkpoint`: `<name>:<position>[:<stream created>]`. */
+export function checkpointNotice(checkpoint: Checkpoint): string {
+  const base = `${checkpoint.name}:${checkpoint.position}`;
+  return checkpoint.streamCreated === undefined ? base : `${base}:${checkpoint.streamCreated}`;
+}
+
+/** Reads a {@link checkpointNotice}; undefined when it is not one. */
+export function parseCheckpointNotice(payload: string): Checkpoint | undefined {
+  const first = payload.indexOf(":");
+  if (first < 0) return undefined;
+  const second = payload.indexOf(":", first + 1);
+  const position = Number(payload.slice(first + 1, second < 0 ? undefined : second));
+  if (!Number.isSafeInteger(position) || position < 0) return undefined;
+  return {
+    name: payload.slice(0, first),
+    position,
+    ...(second < 0 ? {} : { streamCreated: payload.slice(second + 1) }),
+  };
+}
+
+/** The checkpoint of projection `name` (position 0 when it has never run). */
+export async function readCheckpoint(sql: Sql | TransactionSql, name: string): Promise<Checkpoint> {
+  const [row] = await sql<{ position: string; stream_created: string | null }[]>`
+    select position, stream_created from projection_checkpoints where name = ${name}`;
+  return {
+    name,
+    position: row ? Number(row.position) : 0,
+    streamCreated: row?.stream_created ?? undefined,
+  };
+}
+
+/**
+ * Records that the checkpoint `name`, written before the stream's incarnation was recorded,
+ * belongs to the stream created at `streamCreated` (the caller checked that its position is
+ * within that stream).
+ */
+export async function adoptCheckpointStream(
+  sql: Sql | TransactionSql,
+  name: string,
+  streamCreated: string,
+): Promise<void> {
+  await sql`
+    update projection_checkpoints set stream_created = ${streamCreated}
+    where name = ${name} and stream_created is null`;
 }

@@ -158,7 +158,7 @@ describe("order read model projector", () => {
       },
     });
     client = await createWorkflowClient({ nc, ns, workflows: [orderSaga] });
-    projector = await startOrderProjector({ nc, sql, ns, maxBatch: 50, logger });
+    projector = await startOrderProjector({ nc, sql, ns, maxBatch: 50, streamCheckMs: 100, logger });
   });
 
   afterAll(async () => {
@@ -389,5 +389,42 @@ describe("order read model projector", () => {
     );
     expect(bad.seq).toBe(next);
     await startAndAwaitConfirmed("o-after-skip");
+  });
+
+  // Last: it deletes the history stream under everything else.
+  it("rebuilds from a history stream made again, whose sequences restarted below the checkpoint", async () => {
+    await startAndAwaitConfirmed("o-old-stream");
+    const jsm = await jetstream(nc).jetstreamManager();
+    const history = client.topology.streams.history;
+    const before = await jsm.streams.info(history);
+    await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(before.state.last_seq);
+    const [stored] = await sql`select stream_created from projection_checkpoints where name = 'orders'`;
+    expect(stored?.stream_created).toBe(before.created);
+
+    await jsm.streams.delete(history);
+    // The orchestrator makes the stream again on its next append: sequences start at 1.
+    await startAndAwaitConfirmed("o-new-stream");
+    const after = await jsm.streams.info(history);
+    expect(after.state.last_seq).toBeLessThan(before.state.last_seq);
+    expect(projector.stats.rebuilds).toBeGreaterThanOrEqual(1);
+    await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(after.state.last_seq);
+    // The read model is the new stream's: orders whose histories went with the old one are gone.
+    expect(await sql`select order_id from orders order by order_id`).toEqual([{ order_id: "o-new-stream" }]);
+    const [checkpoint] =
+      await sql`select position, stream_created from projection_checkpoints where name = 'orders'`;
+    expect(checkpoint).toEqual({ position: String(after.state.last_seq), stream_created: after.created });
+    expect(logged.some((l) => /history stream was made again/.test(l.msg))).toBe(true);
+
+    // A checkpoint written before incarnations were recorded is adopted when it fits the stream.
+    await sql`update projection_checkpoints set stream_created = null where name = 'orders'`;
+    const second = await startOrderProjector({ nc, sql, ns, name: "orders" });
+    try {
+      expect(second.stats.rebuilds).toBe(0);
+      expect(second.position()).toBe(after.state.last_seq);
+      const [adopted] = await sql`select stream_created from projection_checkpoints where name = 'orders'`;
+      expect(adopted?.stream_created).toBe(after.created);
+    } finally {
+      await second.stop();
+    }
   });
 });

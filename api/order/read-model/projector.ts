@@ -1,14 +1,29 @@
-import { type ConsumerMessages, DeliverPolicy, type JsMsg, jetstream } from "@nats-io/jetstream";
+import {
+  type ConsumerMessages,
+  DeliverPolicy,
+  type JsMsg,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { Sql } from "../../../common/postgres.ts";
 import { type HistoryEntry, topology } from "../../../orchestrator/index.ts";
 import {
+  adoptCheckpointStream,
   applyBatch,
   CHECKPOINT_CHANNEL,
   type PositionedEntry,
+  parseCheckpointNotice,
   readCheckpoint,
   rowsOf,
 } from "./projection.ts";
+import { rebuildOrderReadModel } from "./rebuild.ts";
+import {
+  type StreamIdentity,
+  type StreamIdentityWatch,
+  streamIdentity,
+  watchStreamIdentity,
+} from "./stream-identity.ts";
 
 /** Structured log sink; pino loggers fit. */
 export interface ProjectorLogger {
@@ -29,6 +44,11 @@ export interface OrderProjectorOptions {
   maxBatch?: number;
   /** Delay before a failed batch is tried again, ms (doubles up to 5 s). Default 100. */
   retryDelayMs?: number;
+  /**
+   * How often the history stream is checked for having been made again (sequences restarted),
+   * ms. Default 5000.
+   */
+  streamCheckMs?: number;
   logger?: ProjectorLogger;
 }
 
@@ -42,6 +62,8 @@ export interface OrderProjectorStats {
   skipped: number;
   /** Batches that failed and were retried. */
   retries: number;
+  /** Times the history stream was found made again and the read model rebuilt from it. */
+  rebuilds: number;
 }
 
 /** Something that can tell how far the read model is and wait for it to get further. */
@@ -95,7 +117,7 @@ type Waiter = { position: number; resolve: (reached: boolean) => void; timer: Re
 const MAX_RETRY_DELAY_MS = 5000;
 
 class Projector implements OrderProjector {
-  readonly stats: OrderProjectorStats = { entries: 0, batches: 0, skipped: 0, retries: 0 };
+  readonly stats: OrderProjectorStats = { entries: 0, batches: 0, skipped: 0, retries: 0, rebuilds: 0 };
   readonly #options: OrderProjectorOptions;
   readonly #name: string;
   readonly #maxBatch: number;
@@ -111,6 +133,11 @@ class Projector implements OrderProjector {
   #stopping = false;
   #consuming = false;
   #unlisten: (() => Promise<void>) | undefined;
+  /** The incarnation of the history stream the position belongs to (undefined: stream missing at start). */
+  #streamCreated: string | undefined;
+  /** Set while the consumer is replaced after the stream was made again. */
+  #resyncing = false;
+  #streamWatch: StreamIdentityWatch | undefined;
 
   constructor(options: OrderProjectorOptions) {
     this.#options = options;
@@ -124,33 +151,121 @@ class Projector implements OrderProjector {
 
   async start(): Promise<void> {
     const { sql, nc } = this.#options;
-    this.#advance(await readCheckpoint(sql, this.#name));
+    const jsm = await jetstreamManager(nc);
+    const stream = topology(this.#options.ns).streams.history;
+    const identity = await streamIdentity(jsm, stream);
+    this.#advance(await this.#checkpointFor(identity));
+    this.#streamCreated = identity?.created;
     // Another projector on the same tables (another replica, a rebuild) announces its commits:
     // read-your-writes then also holds for positions this process did not write itself.
     const listener = await sql.listen(CHECKPOINT_CHANNEL, (payload) => {
-      const [name, position] = payload.split(":");
-      if (name === this.#name) this.#advance(Number(position));
+      const notice = parseCheckpointNotice(payload);
+      if (notice?.name !== this.#name) return;
+      // A position of another incarnation of the stream names other entries.
+      const other = notice.streamCreated !== undefined && this.#streamCreated !== undefined;
+      if (other && notice.streamCreated !== this.#streamCreated) return;
+      this.#advance(notice.position);
     });
     this.#unlisten = () => listener.unlisten();
+    await this.#consumeFrom(this.#position + 1);
+    this.#streamWatch = watchStreamIdentity(
+      jsm,
+      stream,
+      identity?.created ?? "",
+      this.#options.streamCheckMs ?? 5_000,
+      (next) => this.#resync(next),
+      (error) => this.#options.logger?.warn({ err: error }, "history stream check failed"),
+    );
+  }
+
+  /**
+   * The position to go on from for the stream as it is now: the stored checkpoint when it belongs
+   * to this incarnation of the stream; else, once the read model is rebuilt from this one, the
+   * rebuilt checkpoint. A checkpoint stored before incarnations were recorded is adopted when its
+   * position is within the stream (a stream made again and already past it goes unnoticed then).
+   */
+  async #checkpointFor(identity: StreamIdentity | undefined): Promise<number> {
+    const { sql } = this.#options;
+    const checkpoint = await readCheckpoint(sql, this.#name);
+    if (identity === undefined) return checkpoint.position;
+    if (checkpoint.streamCreated === identity.created) return checkpoint.position;
+    if (checkpoint.streamCreated === undefined && checkpoint.position <= identity.lastSeq) {
+      await adoptCheckpointStream(sql, this.#name, identity.created);
+      return checkpoint.position;
+    }
+    this.#options.logger?.error(
+      {
+        stream: topology(this.#options.ns).streams.history,
+        checkpoint: checkpoint.position,
+        checkpointStream: checkpoint.streamCreated,
+        streamCreated: identity.created,
+        streamLastSeq: identity.lastSeq,
+      },
+      "history stream was made again (its sequences restarted): rebuilding the read model from it",
+    );
+    const rebuilt = await rebuildOrderReadModel({
+      nc: this.#options.nc,
+      sql,
+      ...(this.#options.ns ? { ns: this.#options.ns } : {}),
+      name: this.#name,
+      batchSize: this.#maxBatch,
+    });
+    this.stats.rebuilds++;
+    this.#options.logger?.info(
+      { entries: rebuilt.entries, orders: rebuilt.orders, position: rebuilt.position },
+      "read model rebuilt from the history stream",
+    );
+    return rebuilt.position;
+  }
+
+  /** Starts the ordered consumer at history sequence `start`. */
+  async #consumeFrom(start: number): Promise<void> {
     const topo = topology(this.#options.ns);
-    const start = this.#position + 1;
-    const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
+    const consumer = await jetstream(this.#options.nc).consumers.get(topo.streams.history, {
       filter_subjects: topo.historyFilter("order"),
       ...(start === 1
         ? { deliver_policy: DeliverPolicy.All }
         : { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start }),
     });
-    this.#messages = await consumer.consume({ max_messages: this.#maxBatch });
+    const messages = await consumer.consume({ max_messages: this.#maxBatch });
+    this.#messages = messages;
     this.#consuming = true;
     // Handled here: a consumer that ends with an error must not bring the process down through
     // an unhandled rejection.
-    this.#loop = this.#run(this.#messages)
+    this.#loop = this.#run(messages)
       .catch((error: unknown) => {
-        if (!this.#stopping) this.#options.logger?.error({ err: error }, "projection consumer failed");
+        if (!this.#stopping && !this.#resyncing)
+          this.#options.logger?.error({ err: error }, "projection consumer failed");
       })
       .finally(() => {
-        this.#consuming = false;
+        if (this.#messages === messages) this.#consuming = false;
       });
+  }
+
+  /**
+   * The history stream was made again: the consumer, resumed by nats.js after its last sequence,
+   * would skip everything the new stream holds. Stop it, settle the checkpoint for the new stream
+   * (rebuilt, unless another projector on the tables already did), and consume from there.
+   */
+  async #resync(identity: StreamIdentity): Promise<void> {
+    if (this.#stopping) return;
+    this.#resyncing = true;
+    this.#consuming = false;
+    try {
+      await this.#messages?.close();
+      await this.#loop?.catch(() => {});
+      this.#unwritten = [];
+      this.#readSeq = 0;
+      const position = await this.#checkpointFor(identity);
+      if (this.#stopping) return;
+      // Backwards on purpose: positions of the old stream name nothing in the new one.
+      this.#streamCreated = identity.created;
+      this.#position = 0;
+      this.#advance(position);
+      await this.#consumeFrom(position + 1);
+    } finally {
+      this.#resyncing = false;
+    }
   }
 
   get consuming(): boolean {
@@ -209,7 +324,11 @@ class Projector implements OrderProjector {
     let delay = this.#options.retryDelayMs ?? 100;
     for (;;) {
       try {
-        await applyBatch(this.#options.sql, rows, { name: this.#name, position: lastSeq });
+        await applyBatch(this.#options.sql, rows, {
+          name: this.#name,
+          position: lastSeq,
+          streamCreated: this.#streamCreated,
+        });
         break;
       } catch (error) {
         if (this.#stopping) return;
@@ -258,6 +377,7 @@ class Projector implements OrderProjector {
   async stop(): Promise<void> {
     if (this.#stopping) return;
     this.#stopping = true;
+    await this.#streamWatch?.stop();
     await this.#messages?.close();
     await this.#loop?.catch(() => {});
     await this.#unlisten?.().catch(() => {});

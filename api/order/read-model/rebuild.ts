@@ -31,6 +31,8 @@ export interface RebuildResult {
   orders: number;
   /** The checkpoint now stored: history stream sequence of the last entry replayed (0: none). */
   position: number;
+  /** The incarnation of the history stream replayed (see stream-identity.ts), stored with it. */
+  streamCreated: string;
 }
 
 /** Where migrations of the order read model live (for `migrate(sql, { name: "order", dir })`). */
@@ -56,7 +58,7 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
   const topo = topology(options.ns);
   const filter = topo.historyFilter("order");
   const jsm = await jetstreamManager(nc);
-  await jsm.streams.info(topo.streams.history).catch((error: unknown) => {
+  const info = await jsm.streams.info(topo.streams.history).catch((error: unknown) => {
     if (!/stream not found/i.test(String(error))) throw error;
     throw new JetsagaError(
       "INVALID_ARGUMENT",
@@ -93,7 +95,7 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
           if (positioned) batch.push(positioned);
           const done = msg.info.pending === 0;
           if (done || batch.length >= batchSize) {
-            await applyBatch(tx, rowsOf(batch), { name, position: msg.seq });
+            await applyBatch(tx, rowsOf(batch), { name, position: msg.seq, streamCreated: info.created });
             entries += batch.length;
             position = msg.seq;
             batch = [];
@@ -104,10 +106,10 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
         await messages.close();
       }
     } else {
-      await applyBatch(tx, rowsOf([]), { name, position: 0 });
+      await applyBatch(tx, rowsOf([]), { name, position: 0, streamCreated: info.created });
     }
     const [count] = await tx<{ n: string }[]>`select count(*) as n from orders`;
-    return { entries, orders: Number(count?.n ?? 0), position };
+    return { entries, orders: Number(count?.n ?? 0), position, streamCreated: info.created };
   });
 }
 
