@@ -25,7 +25,6 @@ import {
   createWorkflowClient,
   type HistoryEntry,
   type InstanceState,
-  isTerminal,
   isValidId,
   type WorkflowClient,
   type WorkflowEvent,
@@ -54,6 +53,7 @@ import {
   orderFactsOf,
   orderStatusOf,
   type ProjectionPosition,
+  reachesStatus,
   sagaStateString,
   topState,
 } from "./read-model/index.ts";
@@ -276,7 +276,8 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   }
 
   async function itemsOfOrder(orderId: string): Promise<CheckedItem[]> {
-    const first = await follower.first(orderId);
+    // Callers know the order exists: a replica that has no entry yet is behind, so ask the leader.
+    const first = (await follower.first(orderId)) ?? (await follower.first(orderId, { fromLeader: true }));
     return (first && itemsOf(first.entry)) ?? [];
   }
 
@@ -388,7 +389,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     until: ReadonlySet<OrderStatusName>,
   ): EntryWait {
     const waitMs = Math.max(0, Math.min(ctx.timeoutMs() ?? maxOutcomeWaitMs, maxOutcomeWaitMs));
-    const wait = follower.expect(orderId, (entry) => reaches(entry.state, until), waitMs);
+    const wait = follower.expect(orderId, (entry) => reachesStatus(entry.state, until), waitMs);
     const onAbort = () => wait.cancel();
     if (ctx.signal.aborted) wait.cancel();
     ctx.signal.addEventListener("abort", onAbort, { once: true });
@@ -540,7 +541,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         // Ending here, rather than leaving it to the client, is what frees the watch: connect-es
         // clients do not cancel a call they stop reading, and mass cancels trip HTTP/2's
         // rapid-reset protection (docs/BENCHMARKS.md, "Full path under sustained load").
-        if (isTerminal(found.entry.state) || until.has(orderStatusOf(found.entry.state))) return;
+        if (reachesStatus(found.entry.state, until)) return;
       }
       if (!items && !ctx.signal.aborted && !follower.closed) throw notFound();
       // The follower stopped or the gateway is shutting down: ending normally would claim the
@@ -595,11 +596,6 @@ function placed(found: SequencedEntry, items: CheckedItem[]): { order: Order; po
     throw new ConnectError("idempotency_key was already used for a different order", Code.AlreadyExists);
   }
   return { order: orderFromState(found.entry.state, stored), position: encodePosition(found.seq) };
-}
-
-/** True when an order in `state` is final or has one of the statuses in `until`. */
-function reaches(state: InstanceState, until: ReadonlySet<OrderStatusName>): boolean {
-  return isTerminal(state) || until.has(orderStatusOf(state));
 }
 
 function alreadyDone(kind: "cancel" | "ship", state: InstanceState): boolean {

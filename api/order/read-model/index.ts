@@ -19,6 +19,7 @@ export {
   orderStatusOf,
   type PositionedEntry,
   parseCheckpointNotice,
+  reachesStatus,
   readCheckpoint,
   rowsOf,
   type SkippedEntry,

@@ -46,12 +46,13 @@ const startEvent = z.looseObject({
       // The quantity column is a Postgres integer: a larger one would fail its batch for ever.
       z.object({
         sku: z.string(),
+        // As the table's checks: a value they refuse would fail the entry's batch.
         quantity: z
           .number()
           .int()
-          .min(-(2 ** 31))
+          .min(1)
           .max(2 ** 31 - 1),
-        unitPriceCents: z.number().int(),
+        unitPriceCents: z.number().int().nonnegative(),
       }),
     ),
   }),
@@ -103,6 +104,20 @@ export const MAPPED_STATES: ReadonlySet<string> = new Set([
 /** The top-level state name of a state value (`{ pending: "verifyingUser" }` → `pending`). */
 export function topState(value: StateValue): string {
   return typeof value === "string" ? value : (Object.keys(value)[0] ?? "");
+}
+
+/**
+ * True when an order in `state` has got to one of the statuses in `until`, or is final: what a
+ * wait for statuses (PlaceOrder's `wait_for_statuses`, WatchOrder's `until_statuses`) ends on.
+ * Compensation shows the status before it (see {@link orderStatusOf}) but is on its way to
+ * CANCELLED: it reaches nothing, or a wait for CONFIRMED would end on an order being cancelled.
+ */
+export function reachesStatus(
+  state: Pick<InstanceState, "status" | "value" | "context">,
+  until: ReadonlySet<OrderStatusName>,
+): boolean {
+  if (state.status !== "running") return true;
+  return !COMPENSATION_STATES.has(topState(state.value)) && until.has(orderStatusOf(state));
 }
 
 /**
@@ -313,6 +328,8 @@ export async function applyBatch(
       from json_to_recordset(${rowsJson(rows.orders)}::text::json) as r(
         order_id text, user_id text, status text, saga_state text, total_cents bigint, cancel_reason text,
         tracking_id text, created_at timestamptz, updated_at timestamptz, revision integer, history_seq bigint)
+      -- Rows locked in one order by every projector (replicas, a rebuild): no deadlock between them.
+      order by order_id
       on conflict (order_id) do update set
         status = excluded.status, saga_state = excluded.saga_state, total_cents = excluded.total_cents,
         cancel_reason = excluded.cancel_reason, tracking_id = excluded.tracking_id,

@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
 import { orderMachine } from "../../../orchestrator/workflows/order/order-saga.ts";
-import { MAPPED_STATES, orderStatusOf } from "./projection.ts";
+import { MAPPED_STATES, orderStatusOf, reachesStatus } from "./projection.ts";
 
 const context = (creditReserved: boolean) => ({
   orderId: "o1",
@@ -22,6 +22,30 @@ describe("orderStatusOf", () => {
     for (const value of ["compensating", "awaitingReleaseRetry"]) {
       expect(orderStatusOf({ status: "running", value, context: context(true) })).toBe("CONFIRMED");
       expect(orderStatusOf({ status: "running", value, context: context(false) })).toBe("PENDING");
+    }
+  });
+});
+
+describe("reachesStatus", () => {
+  const confirmed = new Set(["CONFIRMED" as const]);
+
+  it("ends a wait at a status asked for, or at the end", () => {
+    expect(reachesStatus({ status: "running", value: "confirmed", context: context(true) }, confirmed)).toBe(
+      true,
+    );
+    expect(reachesStatus({ status: "running", value: "pending", context: context(false) }, confirmed)).toBe(
+      false,
+    );
+    expect(
+      reachesStatus({ status: "completed", value: "cancelled", context: context(false) }, confirmed),
+    ).toBe(true);
+  });
+
+  it("does not end a wait for CONFIRMED on an order being cancelled, which shows CONFIRMED", () => {
+    for (const value of ["compensating", "awaitingReleaseRetry"]) {
+      const state = { status: "running" as const, value, context: context(true) };
+      expect(orderStatusOf(state)).toBe("CONFIRMED");
+      expect(reachesStatus(state, confirmed)).toBe(false);
     }
   });
 });

@@ -391,6 +391,43 @@ describe("order read model projector", () => {
     await startAndAwaitConfirmed("o-after-skip");
   });
 
+  it("skips an entry Postgres refuses and projects the rest of its batch", async () => {
+    // A check the entry's data fails, as an operator's own constraint or a column narrower than
+    // the entry's value would: Postgres refuses the batch (SQLSTATE 23514) every time.
+    await sql`alter table order_items add constraint test_refused check (sku <> 'refused-sku')`;
+    try {
+      const refused = orderShapedEntry("o-refused", 1);
+      refused.event = {
+        type: "xstate.init",
+        input: { items: [{ sku: "refused-sku", quantity: 1, unitPriceCents: 5 }] },
+      };
+      logged.length = 0;
+      const skippedBefore = projector.stats.skipped;
+      await jetstream(nc).publish(
+        client.topology.historySubject("order", "o-refused", "running"),
+        JSON.stringify(refused),
+      );
+      await startAndAwaitConfirmed("o-after-refused");
+      expect(await sql`select order_id from orders where order_id = 'o-refused'`).toEqual([]);
+      expect(projector.stats.skipped).toBe(skippedBefore + 1);
+      expect(logged.some((l) => /refused by the read model's tables/.test(l.msg))).toBe(true);
+    } finally {
+      await sql`alter table order_items drop constraint test_refused`;
+    }
+    // Items the table's own checks refuse are left out by rowsOf already (quantity > 0, price ≥ 0).
+    const start = orderShapedEntry("o-zero", 1);
+    start.event = {
+      type: "xstate.init",
+      input: { items: [{ sku: "s", quantity: 0, unitPriceCents: 1 }] },
+    };
+    expect(rowsOf([{ seq: 1, entry: start }]).items).toEqual([]);
+    start.event = {
+      type: "xstate.init",
+      input: { items: [{ sku: "s", quantity: 1, unitPriceCents: -1 }] },
+    };
+    expect(rowsOf([{ seq: 1, entry: start }]).items).toEqual([]);
+  });
+
   // Last: it deletes the history stream under everything else.
   it("rebuilds from a history stream made again, whose sequences restarted below the checkpoint", async () => {
     await startAndAwaitConfirmed("o-old-stream");

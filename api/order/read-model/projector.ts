@@ -321,30 +321,64 @@ class Projector implements OrderProjector {
         this.#options.logger?.error({ ...where, err: error }, "history entry cannot be projected: skipped");
       }
     }
+    const applied = await this.#apply(rows, lastSeq, batch.length);
+    if (applied === "stopped") return;
+    let refused = 0;
+    if (applied === "refused") {
+      // Postgres refuses this batch's data, and would every time (a value its checks or types do
+      // not take): entry by entry, so one such entry is skipped instead of stopping the read
+      // model for ever.
+      for (const positioned of batch) {
+        const alone = await this.#apply(rowsOf([positioned]), positioned.seq, 1);
+        if (alone === "stopped") return;
+        if (alone === "refused") {
+          refused++;
+          const { seq, entry } = positioned;
+          this.#options.logger?.error(
+            { seq, workflow: entry.state?.workflow, instanceId: entry.state?.instanceId },
+            "history entry refused by the read model's tables: skipped",
+          );
+        }
+      }
+      if ((await this.#apply(rowsOf([]), lastSeq, 0)) === "stopped") return;
+    }
+    this.stats.entries += batch.length;
+    this.stats.skipped += rows.skipped.length + refused;
+    this.stats.batches++;
+    this.#advance(lastSeq);
+  }
+
+  /**
+   * Writes `rows` and moves the checkpoint to `position`, trying again after failures that may
+   * pass (connection, deadlock, server restart) until it is stopped. "refused": Postgres refused
+   * the data itself (SQLSTATE classes 22 and 23), which trying again cannot change.
+   */
+  async #apply(
+    rows: ReturnType<typeof rowsOf>,
+    position: number,
+    entries: number,
+  ): Promise<"applied" | "refused" | "stopped"> {
     let delay = this.#options.retryDelayMs ?? 100;
     for (;;) {
       try {
         await applyBatch(this.#options.sql, rows, {
           name: this.#name,
-          position: lastSeq,
+          position,
           streamCreated: this.#streamCreated,
         });
-        break;
+        return "applied";
       } catch (error) {
-        if (this.#stopping) return;
+        if (this.#stopping) return "stopped";
+        if (isRefusedData(error)) return "refused";
         this.stats.retries++;
         this.#options.logger?.warn(
-          { err: error, entries: batch.length, lastSeq },
+          { err: error, entries, lastSeq: position },
           "projection batch failed; retrying",
         );
         await new Promise((resolve) => setTimeout(resolve, delay));
         delay = Math.min(delay * 2, MAX_RETRY_DELAY_MS);
       }
     }
-    this.stats.entries += batch.length;
-    this.stats.skipped += rows.skipped.length;
-    this.stats.batches++;
-    this.#advance(lastSeq);
   }
 
   #advance(position: number): void {
@@ -387,6 +421,12 @@ class Projector implements OrderProjector {
     }
     this.#waiters.clear();
   }
+}
+
+/** SQLSTATE class 22 (data exception) or 23 (integrity constraint violation): the data itself. */
+function isRefusedData(error: unknown): boolean {
+  const code = (error as { code?: unknown } | null)?.code;
+  return typeof code === "string" && /^2[23]/.test(code);
 }
 
 /** Latest time a history entry may carry (year 9999): beyond it Postgres refuses the timestamp. */
