@@ -184,7 +184,7 @@ const FULL_WARMUP: Level = { concurrency: 16, count: quick ? 100 : 500 };
 const FULL_LEVELS =
   args["full-levels"] !== undefined
     ? parseLevels(args["full-levels"])
-    : levels(quick ? { 1: 30, 16: 200, 64: 500 } : { 1: 100, 16: 1000, 64: 3000 });
+    : levels(quick ? { 1: 30, 16: 200, 64: 500, 256: 600 } : { 1: 100, 16: 1000, 64: 3000, 256: 4000 });
 const at64 = (list: readonly Level[]): Level[] => list.filter((l) => l.concurrency === 64);
 const at1And64 = (list: readonly Level[]): Level[] =>
   list.filter((l) => l.concurrency === 1 || l.concurrency === 64);
