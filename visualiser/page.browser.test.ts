@@ -13,15 +13,19 @@ import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { type BrowserContext, chromium, type Page } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { setup } from "xstate";
 import { z } from "zod";
 import { connectNats } from "../common/nats.ts";
 import {
   commandHandler,
   createWorker,
   createWorkflowClient,
+  defineWorkflow,
+  type HistoryEntry,
   instanceDeadLetters,
   type RunningOrchestrator,
   type RunningWorker,
+  sagaActions,
   startOrchestrator,
   type WorkflowClient,
 } from "../orchestrator/index.ts";
@@ -42,6 +46,22 @@ const ARGS = [
   "--no-first-run",
   "--disable-quic",
 ];
+
+/** `stop` is declared on the machine itself: a top-level transition, taken from any state. */
+const stoppable = defineWorkflow({
+  name: "stoppable",
+  version: 1,
+  input: z.object({}),
+  events: { stop: z.object({ type: z.literal("stop") }) },
+  signals: ["stop"],
+  machine: setup({ types: { events: {} as { type: "stop" } }, actions: sagaActions }).createMachine({
+    id: "stoppable",
+    initial: "working",
+    on: { stop: ".stopped" },
+    states: { working: {}, stopped: { type: "final" } },
+  }),
+});
+const workflows = [orderSaga, stoppable];
 
 describe("visualiser page in chromium", () => {
   let nc: NatsConnection;
@@ -64,7 +84,8 @@ describe("visualiser page in chromium", () => {
 
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
-    orchestrator = await startOrchestrator({ nc, ns, workflows: [orderSaga] });
+    // An unknown workflow's start is dead-lettered at once, not handed back for a newer version.
+    orchestrator = await startOrchestrator({ nc, ns, workflows, versionSkew: { maxDeliveries: 1 } });
     // A stand-in user service that approves everything, so the order reaches `confirmed` and waits there.
     worker = await createWorker({
       nc,
@@ -91,10 +112,10 @@ describe("visualiser page in chromium", () => {
         }),
       },
     });
-    client = await createWorkflowClient({ nc, ns, workflows: [orderSaga] });
+    client = await createWorkflowClient({ nc, ns, workflows });
     const handler = await createVisualiserHandler({
       client,
-      workflows: [orderSaga],
+      workflows,
       layouts: createChartLayouts(),
       publicDir: join(here, "public"),
       deadLetters: (workflow, id) => instanceDeadLetters(jetstream(nc), client.topology, workflow, id),
@@ -228,6 +249,116 @@ describe("visualiser page in chromium", () => {
     await page.waitForSelector("[data-state][aria-current='true']");
     expect(await page.locator("#dead-letters-section").isHidden()).toBe(true);
     // The history of an instance that does not exist is a 404, which the browser reports itself.
+    expect(consoleErrors.filter((text) => !text.includes("404"))).toEqual([]);
+  });
+
+  it("shows the dead letter of a start for an unknown workflow, under an Unknown workflow status", async () => {
+    await jetstream(nc).publish(
+      client.topology.inboxSubject("ghost", "g-1"),
+      JSON.stringify({
+        id: "start.ghost.g-1",
+        workflow: "ghost",
+        instanceId: "g-1",
+        at: 1,
+        start: { input: {} },
+      }),
+    );
+    const deadline = Date.now() + 10_000;
+    for (;;) {
+      await page.goto(`${server.url}/?workflow=ghost&id=g-1`);
+      await page.waitForFunction(() =>
+        document.querySelector("#status")?.textContent?.includes('Unknown workflow "ghost"'),
+      );
+      await page.waitForLoadState("networkidle");
+      if ((await page.locator("#dead-letters > li").count()) > 0 || Date.now() > deadline) break;
+      await new Promise((resolve) => setTimeout(resolve, 200));
+    }
+    await page.waitForSelector("#dead-letters-section:not([hidden])");
+    expect(await page.locator("#dead-letters > li .etype").textContent()).toBe("UNKNOWN_TYPE");
+    expect(await page.locator("#status").textContent()).toBe('Unknown workflow "ghost".');
+    expect(await page.locator("#chart [data-state]").count()).toBe(0);
+  });
+
+  it("marks a top-level transition (declared on the machine) as the one taken", async () => {
+    await client.start("stoppable", "s-1", {});
+    await client.signal("stoppable", "s-1", { type: "stop" });
+    const deadline = Date.now() + 10_000;
+    while ((await client.getState("stoppable", "s-1"))?.status !== "completed") {
+      if (Date.now() > deadline) throw new Error("stoppable/s-1 did not complete");
+      await new Promise((resolve) => setTimeout(resolve, 50));
+    }
+    await page.goto(`${server.url}/?workflow=stoppable&id=s-1`);
+    await page.waitForSelector("[data-state='stopped'][aria-current='true']");
+    expect(await page.locator("g.edge.taken").count()).toBe(1);
+    expect(await page.locator("g.edge.taken").getAttribute("data-event")).toBe("stop");
+    expect(await page.locator("g.edge.taken title").textContent()).toContain("(machine) → stopped");
+    // The machine's "any state" box is the transition's source, not a state the instance is in.
+    expect(await page.locator("[data-state='(machine)']").getAttribute("class")).not.toContain("lit");
+  });
+
+  it("shows entries and dead letters whose times are out of the Date range, also when they arrive live", async () => {
+    const entry = (revision: number, at: number, status: "running" | "completed"): HistoryEntry =>
+      ({
+        revision,
+        at,
+        event: { type: revision === 1 ? "xstate.init" : "order.ship" },
+        state: {
+          value: revision === 1 ? "confirmed" : "shipped",
+          status,
+          context: { revision },
+          definitionVersion: 1,
+          timers: { t: { event: "xstate.after.shipTimeout", dueAt: -1e17 } },
+        },
+      }) as unknown as HistoryEntry;
+    const base = `${server.url}/api/instances/order/odd-1`;
+    await page.route(`${base}/history`, (route) =>
+      route.fulfill({
+        json: { workflow: "order", instanceId: "odd-1", entries: [entry(1, 1e16, "running")] },
+      }),
+    );
+    await page.route(`${base}/dead-letters`, (route) =>
+      route.fulfill({
+        json: {
+          deadLetters: [
+            {
+              seq: 7,
+              code: "SCHEMA_VIOLATION",
+              reason: "odd",
+              stream: "S",
+              subject: "s",
+              deliveries: 1,
+              at: 1e17,
+            },
+          ],
+          complete: true,
+        },
+      }),
+    );
+    await page.route(`${base}/live?after=1`, (route) =>
+      route.fulfill({
+        contentType: "text/event-stream",
+        body: `id: 2\nevent: entry\ndata: ${JSON.stringify(entry(2, -1e16, "completed"))}\n\nevent: end\ndata: {}\n\n`,
+      }),
+    );
+    try {
+      await page.goto(`${server.url}/?workflow=order&id=odd-1`);
+      await page.waitForSelector("[data-state='shipped'][aria-current='true']");
+      expect(await page.locator("#history > li time").allTextContents()).toEqual([
+        "10000000000000000",
+        "-10000000000000000",
+      ]);
+      expect(await page.locator("#revision-out").textContent()).toBe("2 / 2");
+      expect(await page.locator("#snapshot").textContent()).toContain(
+        "xstate.after.shipTimeout at -100000000000000000",
+      );
+      // Picking the first entry works: the list and the entries behind it still match.
+      await page.locator("#history > li").nth(0).locator(".entry-pick").click();
+      await page.waitForSelector("[data-state='confirmed'][aria-current='true']");
+      await page.waitForSelector("#dead-letters-section:not([hidden])");
+      expect(await page.locator("#dead-letters > li time").textContent()).toBe("100000000000000000");
+    } finally {
+      await page.unrouteAll();
+    }
     expect(consoleErrors.filter((text) => !text.includes("404"))).toEqual([]);
   });
 });

@@ -4,6 +4,7 @@
  * as they are appended, and bad path parameters never reach NATS. The service entry point starts
  * under Node and Deno.
  */
+import { connect } from "node:net";
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { jetstream } from "@nats-io/jetstream";
@@ -89,6 +90,62 @@ function sseReader(response: Response): { next(timeoutMs?: number): Promise<SseE
   };
 }
 
+/**
+ * Writes `text` on a fresh connection to `url` and resolves with all the server wrote until it
+ * closed (the last request should say `Connection: close`).
+ */
+function rawExchange(url: string, text: string): Promise<string> {
+  const { hostname, port } = new URL(url);
+  return new Promise((resolve, reject) => {
+    let received = "";
+    const socket = connect(Number(port), hostname, () => socket.write(text));
+    socket.setEncoding("utf8");
+    socket.on("data", (data: string) => {
+      received += data;
+    });
+    socket.on("error", reject);
+    socket.on("close", () => resolve(received));
+  });
+}
+
+/**
+ * Counts `abort` listeners per AbortSignal from now until `restore()`, and remembers the most any
+ * one signal held at once. Listeners dropped by an abort itself are not seen, which only overcounts.
+ */
+function countAbortListeners(): { most(): number; restore(): void } {
+  const proto = EventTarget.prototype;
+  const { addEventListener, removeEventListener } = proto;
+  const counts = new WeakMap<EventTarget, number>();
+  let most = 0;
+  const change = (target: EventTarget, type: string, by: number): void => {
+    if (type !== "abort" || !(target instanceof AbortSignal)) return;
+    const count = (counts.get(target) ?? 0) + by;
+    counts.set(target, count);
+    most = Math.max(most, count);
+  };
+  proto.addEventListener = function (
+    this: EventTarget,
+    ...args: Parameters<EventTarget["addEventListener"]>
+  ) {
+    change(this, args[0], 1);
+    addEventListener.apply(this, args);
+  };
+  proto.removeEventListener = function (
+    this: EventTarget,
+    ...args: Parameters<EventTarget["removeEventListener"]>
+  ) {
+    change(this, args[0], -1);
+    removeEventListener.apply(this, args);
+  };
+  return {
+    most: () => most,
+    restore: () => {
+      proto.addEventListener = addEventListener;
+      proto.removeEventListener = removeEventListener;
+    },
+  };
+}
+
 describe("visualiser HTTP API", () => {
   let nc: NatsConnection;
   let orchestrator: RunningOrchestrator;
@@ -112,7 +169,8 @@ describe("visualiser HTTP API", () => {
 
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
-    orchestrator = await startOrchestrator({ nc, ns, workflows });
+    // No rolling update here: an unknown workflow's start is dead-lettered at once, not handed back.
+    orchestrator = await startOrchestrator({ nc, ns, workflows, versionSkew: { maxDeliveries: 1 } });
     client = await createWorkflowClient({ nc, ns, workflows });
     handler = await createVisualiserHandler({
       client,
@@ -152,6 +210,19 @@ describe("visualiser HTTP API", () => {
     }
     expect((await get("/healthz")).status).toBe(200);
     expect((await get("/", { method: "POST" })).status).toBe(405);
+  });
+
+  it("answers requests the Request/URL parsers refuse with 405/400 and keeps serving", async () => {
+    const next = "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+    // TRACE makes the Request constructor throw; port 99999 makes new URL throw.
+    const trace = await rawExchange(server.url, `TRACE / HTTP/1.1\r\nHost: x\r\n\r\n${next}`);
+    expect(trace.toLowerCase()).toContain("allow: get, head");
+    expect(trace).toContain('{"error":{"code":"METHOD_NOT_ALLOWED","message":"only GET"}}');
+    expect(trace).toMatch(/^HTTP\/1\.1 405 [\s\S]*HTTP\/1\.1 200 OK[\s\S]*\r\nok\n/);
+    const badUrl = await rawExchange(server.url, `GET http://a:99999/ HTTP/1.1\r\nHost: x\r\n\r\n${next}`);
+    expect(badUrl).toContain('"code":"INVALID_ARGUMENT"');
+    expect(badUrl).toMatch(/^HTTP\/1\.1 400 [\s\S]*HTTP\/1\.1 200 OK[\s\S]*\r\nok\n/);
+    expect((await get("/healthz")).status).toBe(200);
   });
 
   it("lists workflows with laid-out charts", async () => {
@@ -216,6 +287,74 @@ describe("visualiser HTTP API", () => {
     expect(await letters("c-1")).toEqual({ deadLetters: [], complete: true });
     // Bad ids are refused before the stream is read.
     expect((await get("/api/instances/counter/bad%20id/dead-letters")).status).toBe(400);
+  });
+
+  it("lists the dead letters of a start for an unknown workflow, whose history stays a 404", async () => {
+    const inbox = client.topology.inboxSubject("ghost", "g-1");
+    await jetstream(nc).publish(
+      inbox,
+      JSON.stringify({
+        id: "start.ghost.g-1",
+        workflow: "ghost",
+        instanceId: "g-1",
+        at: 1,
+        start: { input: {} },
+      }),
+    );
+    const letters = async (): Promise<{ status: number; body: { deadLetters: Array<{ code: string }> } }> => {
+      const response = await get("/api/instances/ghost/g-1/dead-letters");
+      return {
+        status: response.status,
+        body: (await response.json()) as { deadLetters: Array<{ code: string }> },
+      };
+    };
+    expect((await letters()).status).toBe(200);
+    await expect.poll(async () => (await letters()).body.deadLetters.length, { timeout: 10_000 }).toBe(1);
+    expect((await letters()).body.deadLetters[0]).toMatchObject({ code: "UNKNOWN_TYPE", subject: inbox });
+    expect((await get("/api/instances/ghost/g-1/history")).status).toBe(404);
+    expect((await get("/api/instances/ghost/g-1/live")).status).toBe(404);
+  });
+
+  it("caps open live streams and concurrent dead-letter scans: 503 with retry-after past the cap", async () => {
+    let release = (): void => {};
+    const held = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const capped = await createVisualiserHandler({
+      client,
+      workflows,
+      layouts: createChartLayouts(),
+      publicDir,
+      maxLiveStreams: 1,
+      maxDeadLetterScans: 1,
+      deadLetters: async () => {
+        await held;
+        return { deadLetters: [], complete: true };
+      },
+    });
+    const at = (path: string): Promise<Response> => capped(new Request(`http://visualiser.local${path}`));
+    const expectBusy = async (response: Response): Promise<void> => {
+      expect(response.status).toBe(503);
+      expect(response.headers.get("retry-after")).toBe("5");
+      expect(await response.json()).toMatchObject({ error: { code: "UNAVAILABLE" } });
+    };
+
+    const first = await at("/api/instances/counter/c-1/live");
+    expect(first.status).toBe(200);
+    expect(capped.openStreams()).toBe(1);
+    await expectBusy(await at("/api/instances/counter/c-1/live"));
+    await first.body?.cancel();
+    await expect.poll(() => capped.openStreams(), { timeout: 5_000 }).toBe(0);
+    const again = await at("/api/instances/counter/c-1/live");
+    expect(again.status).toBe(200);
+    await again.body?.cancel();
+
+    const scanning = at("/api/instances/counter/c-1/dead-letters");
+    await expectBusy(await at("/api/instances/counter/bad-1/dead-letters"));
+    release();
+    expect((await scanning).status).toBe(200);
+    expect((await at("/api/instances/counter/bad-1/dead-letters")).status).toBe(200);
+    capped.close();
   });
 
   it("rejects bad ids and workflow names with 400 before touching NATS; unknown ones are 404", async () => {
@@ -307,6 +446,115 @@ describe("visualiser HTTP API", () => {
     await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
   });
 
+  it("a client gone before its live stream opened ends the server's watch too", async () => {
+    await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
+    const { hostname, port } = new URL(server.url);
+    // Spread over a few milliseconds so some leave while the server still awaits getState.
+    await Promise.all(
+      [0, 1, 2, 3, 5, 8, 10, 10, 15, 20].map(
+        (delay) =>
+          new Promise<void>((resolve) => {
+            const socket = connect(Number(port), hostname, () => {
+              socket.write("GET /api/instances/counter/c-1/live HTTP/1.1\r\nHost: x\r\n\r\n");
+              setTimeout(() => {
+                socket.destroy();
+                resolve();
+              }, delay);
+            });
+            socket.on("error", () => {});
+          }),
+      ),
+    );
+    await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
+    // The handler alone, whatever serves it: a request gone by the time getState answered.
+    const response = await handler(
+      new Request(`${server.url}/api/instances/counter/c-1/live`, { signal: AbortSignal.abort() }),
+    );
+    await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
+    await response.body?.cancel();
+  });
+
+  it("the adapter cancels the body of a response whose client left while it was being made", async () => {
+    let called = (): void => {};
+    const handlerCalled = new Promise<void>((resolve) => {
+      called = resolve;
+    });
+    let cancelled = false;
+    const late: VisualiserHandler = Object.assign(
+      async (request: Request) => {
+        called();
+        await new Promise<void>((resolve) => {
+          request.signal.addEventListener("abort", () => resolve(), { once: true });
+        });
+        return new Response(
+          new ReadableStream<Uint8Array>({
+            start(controller) {
+              controller.enqueue(new TextEncoder().encode(": connected\n\n"));
+            },
+            cancel() {
+              cancelled = true;
+            },
+          }),
+        );
+      },
+      { openStreams: () => 0, close: () => {} },
+    );
+    const lateServer = await serveVisualiser(late, 0);
+    try {
+      const { hostname, port } = new URL(lateServer.url);
+      const socket = connect(Number(port), hostname, () => socket.write("GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+      socket.on("error", () => {});
+      await handlerCalled;
+      socket.destroy();
+      await expect.poll(() => cancelled, { timeout: 5_000 }).toBe(true);
+    } finally {
+      await lateServer.close();
+    }
+  });
+
+  it("a slow client does not pile up abort listeners while the server waits for drain", async () => {
+    const chunk = new Uint8Array(64 * 1024);
+    const chunks = 256;
+    let sent = 0;
+    const big: VisualiserHandler = Object.assign(
+      async () =>
+        new Response(
+          new ReadableStream<Uint8Array>({
+            pull(controller) {
+              if (sent++ < chunks) controller.enqueue(chunk);
+              else controller.close();
+            },
+          }),
+        ),
+      { openStreams: () => 0, close: () => {} },
+    );
+    const slow = await serveVisualiser(big, 0);
+    const listeners = countAbortListeners();
+    try {
+      const { hostname, port } = new URL(slow.url);
+      const received = await new Promise<number>((resolve, reject) => {
+        let bytes = 0;
+        const socket = connect(Number(port), hostname, () =>
+          socket.write("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+        );
+        // Reads in small sips, so the server's writes keep filling the socket and waiting for drain.
+        socket.on("data", (data: Buffer) => {
+          bytes += data.length;
+          socket.pause();
+          setTimeout(() => socket.resume(), 1);
+        });
+        socket.on("error", reject);
+        socket.on("close", () => resolve(bytes));
+      });
+      expect(received).toBeGreaterThan(chunk.length * chunks);
+      // One per wait for drain would pass this many times over.
+      expect(listeners.most()).toBeLessThan(10);
+    } finally {
+      listeners.restore();
+      await slow.close();
+    }
+  });
+
   it.each<Runtime>(["node", "deno"])(
     "the service starts under %s, serves workflows from JETSAGA_WORKFLOW_MODULES and streams live",
     async (runtime) => {
@@ -333,6 +581,10 @@ describe("visualiser HTTP API", () => {
         expect(list.map((w) => w.name)).toEqual(["order", "counter", "reminder"]);
         expect(await (await fetch(`${url}/`)).text()).toContain("/app.js");
         expect((await fetch(`${url}/api/instances/counter/a.b/history`)).status).toBe(400);
+        // Used to be an unhandled rejection that ended the process.
+        expect(await rawExchange(url, "TRACE / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")).toMatch(
+          /^HTTP\/1\.1 405 /,
+        );
         const abort = new AbortController();
         const events = sseReader(
           await fetch(`${url}/api/instances/counter/c-1/live?after=0`, { signal: abort.signal }),

@@ -12,6 +12,9 @@
  * - `/api/instances/:workflow/:id/live` — Server-Sent Events: one `entry` event per history entry
  *   after `?after=<revision>` (or the `Last-Event-ID` header on reconnect; without either, the latest
  *   entry first), then `end` once the instance is completed or failed.
+ *
+ * Live streams and dead-letter scans are capped (see {@link VisualiserOptions.maxLiveStreams} and
+ * {@link VisualiserOptions.maxDeadLetterScans}): past the cap the answer is 503 with `retry-after`.
  */
 import { readdir, readFile } from "node:fs/promises";
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
@@ -49,6 +52,10 @@ export interface VisualiserOptions {
   ) => Promise<{ deadLetters: InstanceDeadLetter[]; complete: boolean }>;
   /** Seconds between SSE keep-alive comments. Default 15. */
   keepAliveSeconds?: number;
+  /** Live streams open at once (each holds a JetStream consumer). Default 256. */
+  maxLiveStreams?: number;
+  /** Dead-letter requests served at once (each scans up to 10,000 letters). Default 4. */
+  maxDeadLetterScans?: number;
   logger?: Pick<Logger, "warn" | "error">;
 }
 
@@ -96,6 +103,9 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
   const statics = new Set((await readdir(options.publicDir)).filter((name) => STATIC_NAME.test(name)));
   const streams = new Set<AbortController>();
   const keepAliveMs = (options.keepAliveSeconds ?? 15) * 1_000;
+  const maxLiveStreams = options.maxLiveStreams ?? 256;
+  const maxDeadLetterScans = options.maxDeadLetterScans ?? 4;
+  let deadLetterScans = 0;
 
   const serveStatic = async (name: string): Promise<Response> => {
     if (!statics.has(name)) return problem(404, "NOT_FOUND", "no such page");
@@ -138,9 +148,13 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
     }
     if (!(await client.getState(workflow, id)))
       return problem(404, "NOT_FOUND", `no instance ${workflow}/${id}`);
+    // Checked next to the add, after the await: requests waiting on getState cannot all slip past.
+    if (streams.size >= maxLiveStreams) return busy("too many live streams");
     const abort = new AbortController();
     streams.add(abort);
     request.signal.addEventListener("abort", () => abort.abort(), { once: true });
+    // A client gone during getState aborted before the listener existed: it would never fire.
+    if (request.signal.aborted) abort.abort();
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
         const write = (text: string): void => {
@@ -208,6 +222,17 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
     });
   };
 
+  const deadLetters = async (workflow: string, id: string): Promise<Response> => {
+    if (!options.deadLetters) return json(200, { deadLetters: [], complete: true });
+    if (deadLetterScans >= maxDeadLetterScans) return busy("too many dead-letter scans");
+    deadLetterScans++;
+    try {
+      return json(200, await options.deadLetters(workflow, id));
+    } finally {
+      deadLetterScans--;
+    }
+  };
+
   const route = async (request: Request): Promise<Response> => {
     if (request.method !== "GET" && request.method !== "HEAD") {
       return problem(405, "METHOD_NOT_ALLOWED", "only GET", { allow: "GET, HEAD" });
@@ -234,15 +259,12 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
       if (id === undefined || !isValidId(id)) {
         return problem(400, "INVALID_ARGUMENT", "instance id must match ^[A-Za-z0-9_-]{1,128}$");
       }
-      if (!definitions.has(workflow)) return problem(404, "NOT_FOUND", `unknown workflow ${workflow}`);
-      if (action === "history") return history(workflow, id);
-      if (action === "live") return live(request, workflow, id);
-      if (action === "dead-letters") {
-        return json(
-          200,
-          options.deadLetters ? await options.deadLetters(workflow, id) : { deadLetters: [], complete: true },
-        );
+      if (action === "history" || action === "live") {
+        if (!definitions.has(workflow)) return problem(404, "NOT_FOUND", `unknown workflow ${workflow}`);
+        return action === "history" ? history(workflow, id) : live(request, workflow, id);
       }
+      // No definition check: a start refused for an unknown workflow leaves only its dead letter.
+      if (action === "dead-letters") return deadLetters(workflow, id);
       return problem(404, "NOT_FOUND", "no such route");
     }
     if (parts.length === 1 && parts[0] !== undefined) return serveStatic(parts[0]);
@@ -257,8 +279,7 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
       options.logger?.error({ err: error, url: request.url }, "request failed");
       response = problem(500, "INTERNAL", "internal error");
     }
-    for (const [name, value] of Object.entries(SECURITY_HEADERS)) response.headers.set(name, value);
-    return response;
+    return secured(response);
   };
   return Object.assign(handler, {
     openStreams: () => streams.size,
@@ -286,7 +307,8 @@ export async function serveVisualiser(
   host = "127.0.0.1",
 ): Promise<VisualiserServer> {
   const server = createServer((req, res) => {
-    void respond(handler, req, res);
+    // respond answers its own failures; this is the last guard, as a rejection would end the process.
+    respond(handler, req, res).catch(() => res.destroy());
   });
   await new Promise<void>((resolve, reject) => {
     server.once("error", reject);
@@ -310,42 +332,81 @@ export async function serveVisualiser(
 async function respond(handler: VisualiserHandler, req: IncomingMessage, res: ServerResponse): Promise<void> {
   const gone = new AbortController();
   res.once("close", () => gone.abort());
-  const headers = new Headers();
-  for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) {
-    headers.append(req.rawHeaders[i] as string, req.rawHeaders[i + 1] as string);
+  try {
+    const method = req.method ?? "GET";
+    let response: Response;
+    if (method !== "GET" && method !== "HEAD") {
+      // Refused here, not by the handler: the Request constructor throws on TRACE, CONNECT and TRACK.
+      response = secured(problem(405, "METHOD_NOT_ALLOWED", "only GET", { allow: "GET, HEAD" }));
+    } else {
+      const headers = new Headers();
+      for (let i = 0; i + 1 < req.rawHeaders.length; i += 2) {
+        headers.append(req.rawHeaders[i] as string, req.rawHeaders[i + 1] as string);
+      }
+      // Only path and query matter; a fixed origin keeps a forged Host header out of the URL.
+      const url = new URL(req.url ?? "/", "http://visualiser.local");
+      response = await handler(new Request(url, { method, headers, signal: gone.signal }));
+    }
+    await send(response, method, res, gone.signal);
+  } catch {
+    // A request line or header the URL/Request parsers refuse (e.g. an absolute URL with port 99999).
+    if (res.headersSent) {
+      res.end();
+    } else {
+      const response = secured(problem(400, "INVALID_ARGUMENT", "malformed request"));
+      res.writeHead(response.status, headersOf(response));
+      res.end(await response.text());
+    }
   }
-  // Only path and query matter; a fixed origin keeps a forged Host header out of the URL.
-  const url = new URL(req.url ?? "/", "http://visualiser.local");
-  const request = new Request(url, { method: req.method ?? "GET", headers, signal: gone.signal });
-  const response = await handler(request);
-  const outHeaders: Record<string, string> = {};
-  response.headers.forEach((value, name) => {
-    outHeaders[name] = value;
-  });
-  res.writeHead(response.status, outHeaders);
-  if (!response.body || req.method === "HEAD") {
+}
+
+/** Writes `response` to `res`, giving up (and cancelling the body) as soon as the client is gone. */
+async function send(
+  response: Response,
+  method: string,
+  res: ServerResponse,
+  gone: AbortSignal,
+): Promise<void> {
+  res.writeHead(response.status, headersOf(response));
+  if (!response.body || method === "HEAD") {
     res.end();
     await response.body?.cancel();
     return;
   }
   const reader = response.body.getReader();
-  gone.signal.addEventListener("abort", () => void reader.cancel().catch(() => {}), { once: true });
+  const cancel = (): void => void reader.cancel().catch(() => {});
+  // Interrupts a read waiting for the next event (a live stream may be quiet for long).
+  gone.addEventListener("abort", cancel, { once: true });
   try {
-    for (;;) {
+    // Checked each turn, not only by the listener: the client may be gone before it was added
+    // (while the handler awaited NATS), and a destroyed response never drains.
+    while (!gone.aborted && !res.destroyed) {
       const { done, value } = await reader.read();
-      if (done) break;
-      if (!res.write(value)) {
-        await new Promise<void>((resolve) => {
-          res.once("drain", resolve);
-          gone.signal.addEventListener("abort", () => resolve(), { once: true });
-        });
-      }
+      if (done || gone.aborted || res.destroyed) break;
+      if (!res.write(value)) await drained(res, gone);
     }
   } catch {
     // The client went away mid-body; nothing left to tell it.
   } finally {
+    gone.removeEventListener("abort", cancel);
+    // Ends the body's source (a live stream's watch) when the loop stopped early; no-op otherwise.
+    cancel();
     res.end();
   }
+}
+
+/** Waits for `drain` or the client going away; leaves no listener behind either way. */
+function drained(res: ServerResponse, gone: AbortSignal): Promise<void> {
+  return new Promise<void>((resolve) => {
+    const done = (): void => {
+      res.off("drain", done);
+      gone.removeEventListener("abort", done);
+      resolve();
+    };
+    res.once("drain", done);
+    gone.addEventListener("abort", done, { once: true });
+    if (gone.aborted || res.destroyed) done();
+  });
 }
 
 function decode(segment: string): string | undefined {
@@ -361,6 +422,25 @@ function json(status: number, body: unknown, headers: Record<string, string> = {
     status,
     headers: { "content-type": "application/json; charset=utf-8", "cache-control": "no-cache", ...headers },
   });
+}
+
+function headersOf(response: Response): Record<string, string> {
+  const headers: Record<string, string> = {};
+  response.headers.forEach((value, name) => {
+    headers[name] = value;
+  });
+  return headers;
+}
+
+/** Too busy for now: the client may come back. */
+function busy(message: string): Response {
+  return problem(503, "UNAVAILABLE", message, { "retry-after": "5" });
+}
+
+/** Every response carries the security headers, including those made outside the handler. */
+function secured(response: Response): Response {
+  for (const [name, value] of Object.entries(SECURITY_HEADERS)) response.headers.set(name, value);
+  return response;
 }
 
 /** Error responses share one shape: `{ error: { code, message } }`. */

@@ -4,6 +4,8 @@
 
 const SVG = "http://www.w3.org/2000/svg";
 const ID_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
+// The machine itself as the source of top-level transitions (ROOT_ID in chart.ts).
+const ROOT_ID = "(machine)";
 
 // The page's state: the loaded charts, the instance's entries and which one is shown.
 const view = {
@@ -251,13 +253,16 @@ function lightChart(entry, previous) {
     if (tag) tag.textContent = isLeaf ? "▶ current" : isActive && node?.type !== "atomic" ? "active" : "";
   }
   // The transition taken: declared on a state active before, for this event, landing in a state active now.
-  const before = previous ? activeIds(previous.state.value) : new Set();
+  // The machine itself, source of top-level transitions, is active in every state; it is kept out of
+  // `active` so its "any state" box is never lit.
+  const before = previous ? activeIds(previous.state.value).add(ROOT_ID) : new Set();
+  const after = new Set(active).add(ROOT_ID);
   const eventType = entry?.event?.type;
   for (const g of el.chart.querySelectorAll("[data-edge]")) {
     const edge = chart.edges.find((e) => e.id === g.getAttribute("data-edge"));
     // Timer firings carry the delayed transition's xstate event type, so one comparison covers all kinds.
     const taken =
-      Boolean(previous && edge) && before.has(edge.from) && edge.event === eventType && active.has(edge.to);
+      Boolean(previous && edge) && before.has(edge.from) && edge.event === eventType && after.has(edge.to);
     g.classList.toggle("taken", taken);
   }
 }
@@ -265,8 +270,20 @@ function lightChart(entry, previous) {
 // ---------------------------------------------------------------------------------------------
 // History list, snapshot and time travel.
 
-function formatTime(at) {
+// Times come from stored messages: one outside the Date range (|ms| > 8.64e15) or not a number
+// must not throw (toISOString does), or the whole list it is in would be lost.
+function validDate(at) {
   const d = new Date(at);
+  return Number.isNaN(d.getTime()) ? undefined : d;
+}
+
+function isoTime(at) {
+  return validDate(at)?.toISOString() ?? String(at);
+}
+
+function formatTime(at) {
+  const d = validDate(at);
+  if (!d) return String(at);
   const pad = (n, w = 2) => String(n).padStart(w, "0");
   return `${pad(d.getHours())}:${pad(d.getMinutes())}:${pad(d.getSeconds())}.${pad(d.getMilliseconds(), 3)}`;
 }
@@ -292,8 +309,8 @@ function historyItem(entry, index) {
   type.className = "etype";
   type.textContent = eventName(entry);
   const time = document.createElement("time");
-  time.dateTime = new Date(entry.at).toISOString();
-  time.title = new Date(entry.at).toISOString();
+  time.dateTime = isoTime(entry.at);
+  time.title = isoTime(entry.at);
   time.textContent = formatTime(entry.at);
   pick.append(rev, type, time);
   pick.addEventListener("click", () => select(index, false));
@@ -327,8 +344,8 @@ function deadLetterItem(letter) {
   code.className = "etype";
   code.textContent = letter.code;
   const time = document.createElement("time");
-  time.dateTime = new Date(letter.at).toISOString();
-  time.title = new Date(letter.at).toISOString();
+  time.dateTime = isoTime(letter.at);
+  time.title = isoTime(letter.at);
   time.textContent = formatTime(letter.at);
   row.append(seq, code, time);
   const reason = document.createElement("p");
@@ -405,14 +422,13 @@ function select(index, follow) {
   const state = entry.state;
   fact("Revision", String(entry.revision));
   fact("Event", eventName(entry));
-  fact("At", new Date(entry.at).toISOString());
+  fact("At", isoTime(entry.at));
   fact("In", describeValue(state.value));
   fact("Status", state.status);
   if (state.failure) fact("Failure", state.failure.reason);
   if (state.output !== undefined) fact("Output", JSON.stringify(state.output));
   const timers = Object.values(state.timers ?? {});
-  if (timers.length)
-    fact("Timers", timers.map((t) => `${t.event} at ${new Date(t.dueAt).toISOString()}`).join("; "));
+  if (timers.length) fact("Timers", timers.map((t) => `${t.event} at ${isoTime(t.dueAt)}`).join("; "));
   if (view.chart && state.definitionVersion !== view.chart.version) {
     fact(
       "Note",
@@ -448,8 +464,10 @@ function renderFollowing() {
 function addEntry(entry) {
   const last = view.entries.at(-1);
   if (last && entry.revision <= last.revision) return; // already shown (reconnect overlap)
+  // Row first: if building it throws, entries and the list still match.
+  const item = historyItem(entry, view.entries.length);
   view.entries.push(entry);
-  el.history.append(historyItem(entry, view.entries.length - 1));
+  el.history.append(item);
   if (view.following) select(view.entries.length - 1, true);
   else select(view.selected, false);
   setStatus(
@@ -549,6 +567,11 @@ async function start() {
   const id = params.get("id") ?? "";
   if (!showWorkflow(workflow)) {
     setStatus(`Unknown workflow "${workflow}".`);
+    // No chart and no history, but a start refused for an unknown workflow leaves a dead letter.
+    el.instance.value = id;
+    view.workflow = workflow;
+    view.id = id;
+    if (ID_PATTERN.test(id)) await loadDeadLetters(workflow, id);
     return;
   }
   el.workflow.value = workflow;
