@@ -81,4 +81,35 @@ describe("webhookChannel", () => {
       RetryableError,
     );
   });
+
+  it("stops calling an endpoint that keeps failing, and probes it again after a pause", async () => {
+    nextStatus = 503;
+    const channel = webhookChannel({ url, failureThreshold: 3, halfOpenAfterMs: 200 });
+    const before = received.length;
+    for (let i = 0; i < 3; i++) await expect(channel.deliver(n)).rejects.toBeInstanceOf(RetryableError);
+    expect(received.length - before).toBe(3);
+    expect(channel.circuitOpen).toBe(true);
+    // Open: refused at once, retryable, without a request.
+    const refused = await channel.deliver(n).catch((e: unknown) => e);
+    expect(refused).toBeInstanceOf(RetryableError);
+    expect((refused as Error).message).toMatch(/circuit open/);
+    expect(received.length - before).toBe(3);
+    // A refusal of the request itself (4xx) says nothing about the endpoint: it opens nothing.
+    nextStatus = 200;
+    await expect
+      .poll(
+        () =>
+          channel.deliver(n).then(
+            () => true,
+            () => false,
+          ),
+        { interval: 50 },
+      )
+      .toBe(true);
+    expect(channel.circuitOpen).toBe(false);
+    nextStatus = 400;
+    for (let i = 0; i < 4; i++)
+      expect(isTerminalError(await channel.deliver(n).catch((e: unknown) => e))).toBe(true);
+    expect(channel.circuitOpen).toBe(false);
+  });
 });

@@ -1,3 +1,4 @@
+import { BrokenCircuitError, CircuitState, ConsecutiveBreaker, circuitBreaker, handleWhen } from "cockatiel";
 import { RetryableError, TerminalError } from "../runtime/errors.ts";
 
 /** The order events a customer is notified about. */
@@ -56,6 +57,10 @@ export interface WebhookChannelOptions {
   fetch?: typeof globalThis.fetch;
   /** Extra request headers (e.g. an authorization token; never logged). */
   headers?: Record<string, string>;
+  /** Consecutive retryable failures that open the circuit. Default 5. */
+  failureThreshold?: number;
+  /** How long an open circuit refuses deliveries before one is let through to probe, ms. Default 10_000. */
+  halfOpenAfterMs?: number;
 }
 
 /**
@@ -66,43 +71,75 @@ export interface WebhookChannelOptions {
  * Outcomes: 2xx → delivered. 408, 429, 3xx and 5xx, a network error or the timeout →
  * `RetryableError`. Any other 4xx → `TerminalError` (the request itself is wrong; retrying will
  * not help).
+ *
+ * A circuit breaker guards the endpoint: after `failureThreshold` retryable failures in a row it
+ * opens, and deliveries fail at once with `RetryableError` (no request, no timeout to wait out)
+ * until `halfOpenAfterMs` has passed and one delivery probes the endpoint. An endpoint that is
+ * down is then not hammered by every notification's retries, and the worker's slots are not
+ * held by requests that time out.
  */
-export function webhookChannel(options: WebhookChannelOptions): NotificationChannel {
+export function webhookChannel(options: WebhookChannelOptions): NotificationChannel & {
+  readonly circuitOpen: boolean;
+} {
   const doFetch = options.fetch ?? globalThis.fetch;
   const timeoutMs = options.timeoutMs ?? 5_000;
   const target = new URL(options.url); // fails at start-up on a malformed URL, not per message
+  // Only failures of the endpoint count: a TerminalError (a 4xx) says the request was wrong.
+  const breaker = circuitBreaker(
+    handleWhen((error) => !(error instanceof TerminalError)),
+    {
+      halfOpenAfter: options.halfOpenAfterMs ?? 10_000,
+      breaker: new ConsecutiveBreaker(options.failureThreshold ?? 5),
+    },
+  );
   return {
     name: "webhook",
+    get circuitOpen() {
+      return breaker.state === CircuitState.Open || breaker.state === CircuitState.Isolated;
+    },
     async deliver(n, deliverOptions) {
-      const signals = [AbortSignal.timeout(timeoutMs)];
-      if (deliverOptions?.signal) signals.push(deliverOptions.signal);
-      let response: Response;
       try {
-        response = await doFetch(target, {
-          method: "POST",
-          headers: { ...options.headers, "content-type": "application/json", "idempotency-key": n.eventId },
-          body: JSON.stringify({
-            eventId: n.eventId,
-            kind: n.kind,
-            orderId: n.orderId,
-            userId: n.userId,
-            message: n.message,
-          }),
-          redirect: "manual",
-          signal: AbortSignal.any(signals),
-        });
+        await breaker.execute(() => post(n, deliverOptions));
       } catch (error) {
-        throw new RetryableError(`webhook ${target.host} unreachable: ${(error as Error).message}`, {
-          cause: error,
-        });
+        if (error instanceof BrokenCircuitError) {
+          throw new RetryableError(`webhook ${target.host} circuit open after repeated failures`, {
+            cause: error,
+          });
+        }
+        throw error;
       }
-      // Free the connection; the body is not used.
-      await response.body?.cancel().catch(() => {});
-      const { status } = response;
-      if (status >= 200 && status < 300) return;
-      const message = `webhook ${target.host} answered ${status}`;
-      if (status >= 400 && status < 500 && status !== 408 && status !== 429) throw new TerminalError(message);
-      throw new RetryableError(message);
     },
   };
+
+  async function post(n: Notification, deliverOptions: DeliverOptions | undefined): Promise<void> {
+    const signals = [AbortSignal.timeout(timeoutMs)];
+    if (deliverOptions?.signal) signals.push(deliverOptions.signal);
+    let response: Response;
+    try {
+      response = await doFetch(target, {
+        method: "POST",
+        headers: { ...options.headers, "content-type": "application/json", "idempotency-key": n.eventId },
+        body: JSON.stringify({
+          eventId: n.eventId,
+          kind: n.kind,
+          orderId: n.orderId,
+          userId: n.userId,
+          message: n.message,
+        }),
+        redirect: "manual",
+        signal: AbortSignal.any(signals),
+      });
+    } catch (error) {
+      throw new RetryableError(`webhook ${target.host} unreachable: ${(error as Error).message}`, {
+        cause: error,
+      });
+    }
+    // Free the connection; the body is not used.
+    await response.body?.cancel().catch(() => {});
+    const { status } = response;
+    if (status >= 200 && status < 300) return;
+    const message = `webhook ${target.host} answered ${status}`;
+    if (status >= 400 && status < 500 && status !== 408 && status !== 429) throw new TerminalError(message);
+    throw new RetryableError(message);
+  }
 }

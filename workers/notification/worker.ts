@@ -7,6 +7,7 @@ import { createWorker } from "../runtime/index.ts";
 import type {
   EventContext,
   EventHandler,
+  RetryPolicy,
   RunningWorker,
   WorkerLogger,
   WorkerOptions,
@@ -111,11 +112,24 @@ export interface NotificationWorkerOptions {
   worker?: Omit<WorkerOptions, "nc" | "ns" | "service" | "commands" | "events" | "logger">;
 }
 
+/**
+ * Retries of a notification unless `worker.retry` says otherwise: minutes rather than the runtime's
+ * seconds, so that a receiver down for a few minutes (a deploy, a restart) costs delayed
+ * notifications, not a dead letter for each. With full jitter the 11 waits add up to ~3 minutes
+ * on average and at most ~6.
+ */
+export const NOTIFICATION_RETRY: Required<RetryPolicy> = {
+  maxAttempts: 12,
+  initialDelayMs: 1_000,
+  maxDelayMs: 60_000,
+};
+
 /** Starts the notification worker on the order saga's domain events. Stop it before closing `nc`/`sql`. */
 export async function startNotificationWorker(options: NotificationWorkerOptions): Promise<RunningWorker> {
   const channel = options.channel ?? logChannel(options.logger ?? stderrLogger);
   return await createWorker({
     ...options.worker,
+    retry: { ...NOTIFICATION_RETRY, ...options.worker?.retry },
     nc: options.nc,
     ...(options.ns === undefined ? {} : { ns: options.ns }),
     ...(options.logger === undefined ? {} : { logger: options.logger }),
