@@ -93,6 +93,21 @@ export function maxDeadLetterBytes(nc: Pick<NatsConnection, "info">): number {
  * escaped), cut to fit, and drops the headers if they alone are too large; `truncated` and the
  * reason then say so.
  */
+/** Longest reason kept, in UTF-16 code units: enough for any diagnosis, small beside the payload. */
+export const MAX_REASON_LENGTH = 4_096;
+
+/**
+ * `reason` cut to {@link MAX_REASON_LENGTH}, marked when cut. A handler's error may carry a whole
+ * response body: uncut, it could leave no room for the payload in the record, or make the record
+ * (or a `command.failed` repeating it) too large to publish at all, and the message would be
+ * handed back for ever.
+ */
+export function capReason(reason: string): string {
+  if (reason.length <= MAX_REASON_LENGTH) return reason;
+  const marker = ` … (reason cut from ${reason.length} characters)`;
+  return `${reason.slice(0, MAX_REASON_LENGTH - marker.length).toWellFormed()}${marker}`;
+}
+
 /** What a dead letter keeps of a consumed message. */
 export type DeadLetterSource = Pick<JsMsg, "subject" | "seq" | "data" | "headers"> & {
   info: Pick<JsMsg["info"], "stream" | "consumer" | "deliveryCount">;
@@ -105,6 +120,7 @@ export function deadLetterOf(
   maxDataBytes: number,
   maxRecordBytes: number = 1_048_576 - DEAD_LETTER_HEADER_ROOM_BYTES,
 ): DeadLetter {
+  const reason = capReason(why.reason);
   const build = (
     payload: { data: string; encoding: "utf8" | "base64" },
     headers: Record<string, string[]>,
@@ -112,7 +128,7 @@ export function deadLetterOf(
   ): DeadLetter =>
     deadLetter.parse({
       code: why.code,
-      reason: cut === undefined ? why.reason : `${why.reason} (${cut})`,
+      reason: cut === undefined ? reason : `${reason} (${cut})`,
       stream: msg.info.stream,
       consumer: msg.info.consumer,
       subject: msg.subject,

@@ -1,6 +1,12 @@
 import { headers as natsHeaders } from "@nats-io/transport-node";
 import { describe, expect, it } from "vitest";
-import { type DeadLetterSource, deadLetterOf, decodePayload } from "./dead-letters.ts";
+import {
+  capReason,
+  type DeadLetterSource,
+  deadLetterOf,
+  decodePayload,
+  MAX_REASON_LENGTH,
+} from "./dead-letters.ts";
 
 const KIB = 1024;
 
@@ -61,5 +67,24 @@ describe("deadLetterOf", () => {
     expect(letter.truncated).toBe(true);
     expect(letter.reason).toMatch(/headers dropped/);
     expect(decodePayload(letter)).toEqual(new Uint8Array(10).fill(65));
+  });
+
+  it("cuts a reason as long as the payload limit, so the letter keeps the payload and fits", () => {
+    // A handler's error that carries a whole response body.
+    const huge = `upstream said: ${"x".repeat(KIB * KIB)}`;
+    const data = new TextEncoder().encode('{"a":1}');
+    const letter = deadLetterOf(
+      consumed(data),
+      { code: "HANDLER_FAILED", reason: huge },
+      1,
+      256 * KIB,
+      100 * KIB,
+    );
+    expect(sizeOf(letter)).toBeLessThanOrEqual(100 * KIB);
+    expect(letter.truncated).toBeUndefined();
+    expect(letter.data).toBe('{"a":1}');
+    expect(letter.reason).toHaveLength(MAX_REASON_LENGTH);
+    expect(letter.reason).toMatch(/^upstream said: x+ … \(reason cut from \d+ characters\)$/);
+    expect(capReason("short")).toBe("short");
   });
 });

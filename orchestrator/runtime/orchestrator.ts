@@ -616,11 +616,13 @@ class OrchestratorLoop {
       await publishDeadLetter(
         this.#js,
         this.#topo,
+        // Data kept up to the record's own limit, as the workers do: a TOO_LARGE message stays
+        // whole when it fits, and can be redriven once the limit is raised.
         deadLetterOf(
           msg,
           { code, reason },
           this.#clock(),
-          this.#maxMessageBytes,
+          maxDeadLetterBytes(this.#options.nc),
           maxDeadLetterBytes(this.#options.nc),
         ),
       );

@@ -108,24 +108,40 @@ describe("dead-letter commands", () => {
     expect(await stored()).toEqual([]);
   });
 
-  it("refuses to redrive a letter that kept only part of its payload, and drops it", async () => {
+  it("keeps a too-large message whole when it fits the letter, refuses to redrive a letter that kept only part, and drops it", async () => {
     const subject = topo.inboxSubject("reminder", "big-1");
-    await jetstream(nc).publish(
-      subject,
-      JSON.stringify({
-        id: "big",
-        workflow: "reminder",
-        instanceId: "big-1",
-        at: 1,
-        event: { type: "x" },
-        pad: "y".repeat(4000),
-      }),
+    const big = JSON.stringify({
+      id: "big",
+      workflow: "reminder",
+      instanceId: "big-1",
+      at: 1,
+      event: { type: "x" },
+      pad: "y".repeat(4000),
+    });
+    await jetstream(nc).publish(subject, big);
+    await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
+    const [kept] = await stored();
+    // Over the orchestrator's 2 KiB limit, but the letter keeps it all: once the limit is raised,
+    // a redrive sends it back as it came.
+    expect(kept?.letter).toMatchObject({ code: "TOO_LARGE", data: big, encoding: "utf8" });
+    expect(kept?.letter.truncated).toBeUndefined();
+    expect(await run(["drop", String(kept?.seq)], captured())).toEqual({ ok: true });
+
+    // A letter that kept only part of its payload (too large for the server's max payload).
+    const seq = String(
+      await forge(
+        {
+          code: "TOO_LARGE",
+          reason: "too large (data truncated to 10 bytes to fit the max payload)",
+          stream: topo.streams.inbox,
+          subject,
+          data: big.slice(0, 10),
+          truncated: true,
+        },
+        topo.streams.inbox,
+      ),
     );
     await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
-    const [letter] = await stored();
-    expect(letter?.letter).toMatchObject({ code: "TOO_LARGE", truncated: true });
-    const seq = String(letter?.seq);
-
     const refused = captured();
     expect(await run(["redrive", seq], refused)).toEqual({ ok: false });
     expect(refused.errLines[0]).toMatch(

@@ -12,6 +12,7 @@ import { backoffDelay } from "../../common/backoff.ts";
 import { extractTraceContext, traceHeadersIfActive, withSpan } from "../../common/tracing.ts";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
 import {
+  capReason,
   deadLetterMsgId,
   deadLetterOf,
   maxDeadLetterBytes,
@@ -208,14 +209,17 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     reason: string,
     target?: FailureTarget,
   ): Promise<void> {
-    const record = deadLetterOf(msg, { code, reason }, Date.now(), maxMessageBytes, maxDeadLetterBytes(nc));
+    // The data may be kept up to the record's own limit: a TOO_LARGE message, over our
+    // maxMessageBytes, is then kept whole when it fits, and can be redriven once the limit is raised.
+    const maxRecordBytes = maxDeadLetterBytes(nc);
+    const record = deadLetterOf(msg, { code, reason }, Date.now(), maxRecordBytes, maxRecordBytes);
     try {
       await publishJson(
         topo.deadLetterSubject(service),
         record,
         deadLetterMsgId(service, msg.info.stream, msg.seq),
       );
-      if (target) await sendCommandFailed(target, `${code}: ${reason}`);
+      if (target) await sendCommandFailed(target, capReason(`${code}: ${reason}`));
     } catch (error) {
       // Redelivery retries the whole step; the msgIDs make the repeated publishes no-ops.
       log.error(
@@ -575,7 +579,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       // Ended without stop(): consume again, but never in a tight loop, and less often while the
       // consumer cannot be made (its stream is gone).
       if (stopping) break;
-      await sleep(Math.min(MAX_RESTART_DELAY_MS, RESTART_DELAY_MS * 2 ** Math.min(failing++, 3)));
+      // Jittered: replicas that lost their consumers together must not come back in step.
+      const pause = Math.min(MAX_RESTART_DELAY_MS, RESTART_DELAY_MS * 2 ** Math.min(failing++, 3));
+      await sleep(pause * (0.5 + Math.random() / 2));
     }
   }
 

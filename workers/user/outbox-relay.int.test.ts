@@ -110,6 +110,22 @@ describe("outbox relay", () => {
     expect(poison?.last_error).toBeTruthy();
   });
 
+  it("spreads the retries of rows that failed together", async () => {
+    const topo = topology(uniqueNamespace("jitter"));
+    await ensureTopology(await jetstreamManager(nc), topo, { storage: "memory" });
+    const nowhere = `${topo.ns}.nowhere.user.created`;
+    await insert(
+      nowhere,
+      ["a", "b", "c", "d"].map((x) => `jitter.${topo.ns}.${x}`),
+    );
+    relays.push(await startOutboxRelay({ sql, nc, ns: topo.ns, batchSize: 10, publishTimeoutMs: 500 }));
+    const failedOnce = () => sql<{ next: string }[]>`
+      select next_attempt_at::text as next from outbox where subject = ${nowhere} and attempts = 1`;
+    await expect.poll(async () => (await failedOnce()).length, { timeout: 30_000 }).toBe(4);
+    // One pass, one now(), one attempt count: without jitter the four would be due at one instant.
+    expect(new Set((await failedOnce()).map((row) => row.next)).size).toBe(4);
+  });
+
   it("keeps retrying while the stream is missing, publishes once it exists, and ignores other namespaces", async () => {
     const topo = topology(uniqueNamespace("late"));
     const foreign = topology(uniqueNamespace("foreign"));

@@ -178,8 +178,11 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
             attempts = attempts + 1,
             last_error = f.error,
             -- The exponent is capped: 2^1015 ms overflows a double, and the failed update would roll
-            -- back the whole pass (the acknowledged rows' marks too) on every try.
-            next_attempt_at = now() + least(${maxRetryDelayMs}, 1000 * power(2, least(attempts, 30))) * interval '1 millisecond'
+            -- back the whole pass (the acknowledged rows' marks too) on every try. Jittered (half
+            -- to all of the delay): rows failed in one pass, and relays on several replicas, must
+            -- not all retry in the same instant after an outage.
+            next_attempt_at = now() + (0.5 + random() / 2)
+              * least(${maxRetryDelayMs}, 1000 * power(2, least(attempts, 30))) * interval '1 millisecond'
           from json_to_recordset(${JSON.stringify(failed)}::text::json) as f(id bigint, error text)
           where outbox.id = f.id`;
       }
