@@ -4,36 +4,91 @@
  * (TCP peer address) and as a process started from `api/main.ts` with
  * `API_CLIENT_ADDRESS_HEADER=X-Forwarded-For`, on real NATS. The user service records the
  * `x-jetsaga-client-address` each call brought, so what the gateway sent is checked directly, and
- * the budgets show what it does.
+ * the budgets show what it does. Also the in-process gateway's trace propagation and readiness
+ * (its NATS connection goes through a proxy the test can cut).
  */
 import { randomUUID } from "node:crypto";
+import * as net from "node:net";
 import { type Client, Code, createClient } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { jetstreamManager } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import type { Msg, NatsConnection } from "@nats-io/transport-node";
+import { InMemorySpanExporter } from "@opentelemetry/sdk-trace";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../common/nats.ts";
 import { connectPostgres, migrate, type Sql } from "../common/postgres.ts";
+import { startTracing } from "../common/tracing-sdk.ts";
 import { ensureTopology, topology } from "../orchestrator/index.ts";
+import { Health, HealthCheckResponse_ServingStatus } from "../proto/gen/grpc/health/v1/health_pb.ts";
+import { OrderService } from "../proto/gen/jetsaga/order/v1/order_pb.ts";
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { codeOf } from "../test/support/connect.ts";
 import { createTestDatabase, natsUrl, type TestDatabase, uniqueNamespace } from "../test/support/context.ts";
 import { type Runtime, type ServiceProcess, spawnService } from "../test/support/processes.ts";
 import { userMigrationsDir } from "../workers/user/index.ts";
 import { type Gateway, startGateway } from "./gateway.ts";
-import { type RpcServer, startRpcServer } from "./rpc/index.ts";
+import { LIVENESS_SERVICE, type RpcServer, startRpcServer } from "./rpc/index.ts";
 import { CLIENT_ADDRESS_HEADER } from "./user/client-address.ts";
 import { createUserService } from "./user/service.ts";
 
 const SECRET = "gateway-int-test-secret-that-is-long-enough-0123";
 const PASSWORD = "correct horse battery";
 
-describe("the client address the gateway reports to the user service", () => {
+/** A TCP proxy to `target` (host:port) whose connections the test can cut. */
+interface TcpProxy {
+  readonly url: string;
+  /** Drops every connection and refuses new ones until {@link restore}. */
+  cut(): void;
+  restore(): void;
+  close(): Promise<void>;
+}
+
+async function startTcpProxy(target: URL): Promise<TcpProxy> {
+  const sockets = new Set<net.Socket>();
+  let refusing = false;
+  const server = net.createServer((client) => {
+    if (refusing) {
+      client.destroy();
+      return;
+    }
+    const upstream = net.connect(Number(target.port), target.hostname);
+    for (const [a, b] of [
+      [client, upstream],
+      [upstream, client],
+    ] as const) {
+      sockets.add(a);
+      a.pipe(b);
+      a.on("error", () => b.destroy());
+      a.on("close", () => {
+        sockets.delete(a);
+        b.destroy();
+      });
+    }
+  });
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  const address = server.address() as net.AddressInfo;
+  return {
+    url: `nats://127.0.0.1:${address.port}`,
+    cut() {
+      refusing = true;
+      for (const socket of sockets) socket.destroy();
+    },
+    restore() {
+      refusing = false;
+    },
+    close: () => new Promise((resolve) => server.close(() => resolve())),
+  };
+}
+
+describe("the gateway with the real user service, NATS and Postgres", () => {
   let userDb: TestDatabase;
   let readModelDb: TestDatabase;
   let userSql: Sql;
   let readModelSql: Sql;
   let nc: NatsConnection;
+  /** The in-process gateway's NATS connection, through {@link natsProxy}. */
+  let gatewayNc: NatsConnection;
+  let natsProxy: TcpProxy;
   let userService: RpcServer;
   let gateway: Gateway;
   let proxied: ServiceProcess;
@@ -43,6 +98,8 @@ describe("the client address the gateway reports to the user service", () => {
   const ns = uniqueNamespace("gwaddr");
   /** `x-jetsaga-client-address` of every Authenticate the user service got, by email (null: none). */
   const received = new Map<string, (string | null)[]>();
+  /** `traceparent` of every GetUser the user service got, by user id (null: none). */
+  const getUserTraceparents = new Map<string, string | null>();
 
   beforeAll(async () => {
     [userDb, readModelDb] = await Promise.all([createTestDatabase("gwusers"), createTestDatabase("gwread")]);
@@ -72,14 +129,22 @@ describe("the client address the gateway reports to the user service", () => {
             received.set(req.email, seen);
             return impl.authenticate(req, ctx);
           },
+          getUser(req, ctx) {
+            getUserTraceparents.set(req.userId, ctx.requestHeader.get("traceparent"));
+            return impl.getUser(req, ctx);
+          },
         }),
     });
+    natsProxy = await startTcpProxy(new URL(natsUrl()));
+    gatewayNc = await connectNats({ servers: natsProxy.url });
     gateway = await startGateway({
-      nc,
+      nc: gatewayNc,
       sql: readModelSql,
       ns,
       tokenSecret: SECRET,
       closeGraceMs: 200,
+      // No orchestrator runs here: a placed order never starts, and PlaceOrder gives up after this.
+      order: { commandTimeoutMs: 1_000 },
       userService: { baseUrl: userService.url },
     });
     /** `api/main.ts` as its own process on this test's servers, and its URL. */
@@ -110,6 +175,8 @@ describe("the client address the gateway reports to the user service", () => {
     await onDeno?.kill("SIGTERM");
     await gateway?.close();
     await userService?.close();
+    await gatewayNc?.close();
+    await natsProxy?.close();
     await nc?.drain().catch(() => {});
     await userSql?.end({ timeout: 5 });
     await readModelSql?.end({ timeout: 5 });
@@ -192,12 +259,69 @@ describe("the client address the gateway reports to the user service", () => {
     ]);
   });
 
+  it("continues the caller's trace: its span, the command published to NATS and the user service call carry it", async () => {
+    const exporter = new InMemorySpanExporter();
+    const tracing = startTracing({ serviceName: "jetsaga-api-test", exporter, processor: "simple", env: {} });
+    const inbox = nc.subscribe(topology(ns).inboxSubject("order", "*"), { max: 1 });
+    try {
+      const email = await signUp(gateway.url);
+      const { token, userId } = await client(gateway.url, "2").authenticate({ email, password: PASSWORD });
+      const traceId = "4bf92f3577b34da6a3ce929d0e0e4736";
+      const callerSpanId = "00f067aa0ba902b7";
+      const orders = createClient(OrderService, createGrpcTransport({ baseUrl: gateway.url }));
+      const placing = codeOf(
+        orders.placeOrder(
+          { idempotencyKey: "traced", items: [{ sku: "book", quantity: 1, unitPriceCents: 1500n }] },
+          { headers: { authorization: `Bearer ${token}`, traceparent: `00-${traceId}-${callerSpanId}-01` } },
+        ),
+      );
+      const command: Msg | undefined = (await inbox[Symbol.asyncIterator]().next()).value;
+      // Nothing starts the saga here: the call ends when the gateway stops waiting for it.
+      expect(await placing).toBe(Code.DeadlineExceeded);
+      await tracing.provider.forceFlush();
+
+      const server = exporter
+        .getFinishedSpans()
+        .find((span) => span.name === "jetsaga.order.v1.OrderService/PlaceOrder");
+      expect(server?.spanContext().traceId).toBe(traceId);
+      expect(server?.parentSpanContext?.spanId).toBe(callerSpanId);
+      // The gateway's span is the parent of what it sent on.
+      const sentOn = `00-${traceId}-${server?.spanContext().spanId}-01`;
+      expect(command?.headers?.get("traceparent")).toBe(sentOn);
+      expect(getUserTraceparents.get(userId)).toBe(sentOn);
+    } finally {
+      inbox.unsubscribe();
+      await tracing.shutdown();
+    }
+  });
+
   // Last: it stops the in-process gateway's projector.
-  it("is ready only while it consumes the histories", async () => {
-    expect((await fetch(`${gateway.url}/readyz`)).status).toBe(200);
+  it("is ready only while NATS answers and it consumes the histories, and gRPC health says the same", async () => {
+    const health = createClient(Health, createGrpcTransport({ baseUrl: gateway.url }));
+    const status = async (service = "") => (await health.check({ service })).status;
+    const readyz = async () => (await fetch(`${gateway.url}/readyz`)).status;
+    const { SERVING, NOT_SERVING } = HealthCheckResponse_ServingStatus;
+    expect(await readyz()).toBe(200);
+    expect(await status()).toBe(SERVING);
+
+    // NATS away: the connection reconnects (it is not closed), and no command could go through.
+    natsProxy.cut();
+    await expect.poll(readyz, { timeout: 10_000 }).toBe(503);
+    expect(gatewayNc.isClosed()).toBe(false);
+    // The answer /readyz gave is what health reports, for the server and each service.
+    expect(await status()).toBe(NOT_SERVING);
+    expect(await status("jetsaga.order.v1.OrderService")).toBe(NOT_SERVING);
+    // A liveness probe must not restart the process for it.
+    expect(await status(LIVENESS_SERVICE)).toBe(SERVING);
+    natsProxy.restore();
+    await expect.poll(readyz, { timeout: 15_000 }).toBe(200);
+    expect(await status()).toBe(SERVING);
+
     expect(gateway.projector.consuming).toBe(true);
     await gateway.projector.stop();
     expect(gateway.projector.consuming).toBe(false);
-    expect((await fetch(`${gateway.url}/readyz`)).status).toBe(503);
+    // Health follows without a probe of /readyz, from the server's own periodic check.
+    await expect.poll(() => status(), { timeout: 10_000 }).toBe(NOT_SERVING);
+    expect(await readyz()).toBe(503);
   });
 });

@@ -38,10 +38,13 @@ import {
 } from "./order/user-client.ts";
 import {
   type NodeServerRequest,
+  natsAnswers,
+  postgresAnswers,
   type RpcServer,
   type RpcServerOptions,
   startRpcServer,
 } from "./rpc/index.ts";
+import { createTracingInterceptor } from "./rpc/tracing-interceptor.ts";
 import { CLIENT_ADDRESS_HEADER, checkClientAddress } from "./user/client-address.ts";
 
 /** Options of {@link startGateway}. */
@@ -194,13 +197,25 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
   const onInternal = (error: ConnectError, procedure: string): void =>
     logger?.error({ procedure, err: error.cause ?? error }, "internal error");
 
-  let server: RpcServer;
+  // Unset until the server listens; /readyz answers not ready until then.
+  let server: RpcServer | undefined;
   try {
     server = await startRpcServer({
       ...(options.port === undefined ? {} : { port: options.port }),
       ...(options.host ? { host: options.host } : {}),
       readMaxBytes: options.readMaxBytes ?? 64 * 1024,
       contextValues: clientAddressValues(addressHeader),
+      // Outermost: the caller's trace is continued before auth and error mapping run, and the
+      // commands published to NATS and the calls to the user service carry it on.
+      interceptors: [createTracingInterceptor()],
+      // Drives grpc.health.v1 and /readyz alike. Without its history consumers the gateway
+      // answers commands UNAVAILABLE and reads from a read model that no longer moves; without
+      // NATS (reconnecting, not only closed) no command goes through.
+      readiness: async (signal) =>
+        orderService.following &&
+        projector.consuming &&
+        (await natsAnswers(nc)) &&
+        (await postgresAnswers(sql, signal)),
       ...(options.closeGraceMs === undefined ? {} : { closeGraceMs: options.closeGraceMs }),
       ...(options.streamResetLimit ? { streamResetLimit: options.streamResetLimit } : {}),
       ...(options.maxStreamsPerConnection
@@ -225,12 +240,8 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
         if (path === "/healthz") {
           reply(200, "ok\n");
         } else if (path === "/readyz") {
-          // Without its history consumers the gateway answers commands UNAVAILABLE and reads
-          // from a read model that no longer moves.
-          const following = orderService.following && projector.consuming;
-          (following ? ready(nc, sql) : Promise.resolve(false)).then(
-            (ok) => reply(ok ? 200 : 503, ok ? "ready\n" : "not ready\n"),
-            () => reply(503, "not ready\n"),
+          void (server?.checkReadiness() ?? Promise.resolve(false)).then((ok) =>
+            reply(ok ? 200 : 503, ok ? "ready\n" : "not ready\n"),
           );
         } else if (path === "/metrics") {
           sendMetrics(registry, res);
@@ -244,15 +255,16 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
     await projector.stop();
     throw error;
   }
+  const started = server;
   return {
-    url: server.url,
-    port: server.port,
-    server,
+    url: started.url,
+    port: started.port,
+    server: started,
     projector,
     users,
     registry,
     async close() {
-      await server.close();
+      await started.close();
       await orderService.close();
       await projector.stop();
     },
@@ -292,15 +304,6 @@ async function waitForHistoryStream(
     logged = true;
     await new Promise((resolve) => setTimeout(resolve, 250));
   }
-}
-
-async function ready(nc: NatsConnection, sql: Sql): Promise<boolean> {
-  if (nc.isClosed()) return false;
-  await Promise.race([
-    sql`select 1`,
-    new Promise((_, reject) => setTimeout(() => reject(new Error("postgres timeout")), 1000).unref()),
-  ]);
-  return true;
 }
 
 function registerMetrics(

@@ -8,7 +8,7 @@ import { randomUUID } from "node:crypto";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
@@ -257,15 +257,31 @@ describe("OrderService", () => {
     return { history: history.state.last_seq, inbox: inbox.state.last_seq, rows: rows?.n };
   }
 
-  /** Runs `body` against a second OrderService on this test's connections, built with `options`. */
+  /**
+   * Runs `body` against a second OrderService on this test's connections, built with `options`.
+   * `outcomes` gets `<Method> <code name or OK>` of each call once its handler is done, as the
+   * server answers it (the client's own deadline does not show there).
+   */
   async function withOrderService(
     options: Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs">,
     body: (
       client: Client<typeof OrderService>,
       service: OrderServiceHandle,
       server: RpcServer,
+      outcomes: string[],
     ) => Promise<void>,
   ): Promise<void> {
+    const outcomes: string[] = [];
+    const observe: Interceptor = (next) => async (req) => {
+      try {
+        const res = await next(req);
+        outcomes.push(`${req.method.name} OK`);
+        return res;
+      } catch (error) {
+        outcomes.push(`${req.method.name} ${Code[ConnectError.from(error).code]}`);
+        throw error;
+      }
+    };
     const service = await createOrderService({
       nc,
       sql,
@@ -276,11 +292,12 @@ describe("OrderService", () => {
     });
     const server = await startRpcServer({
       closeGraceMs: 200,
+      interceptors: [observe],
       routes: (router) => service.register(router, { tokenSecret: SECRET }),
     });
     try {
       const transport = createConnectTransport({ baseUrl: server.url, httpVersion: "2" });
-      await body(createClient(OrderService, transport), service, server);
+      await body(createClient(OrderService, transport), service, server, outcomes);
     } finally {
       await server.close();
       await service.close();
@@ -816,6 +833,56 @@ describe("OrderService", () => {
       expect(await watched).toBe(Code.Unavailable);
       expect(seen).toEqual([OrderStatus.PENDING]);
     }).finally(() => held.delete(userId));
+  });
+
+  it("cancels a GetOrder or ListOrders query in Postgres when the call's deadline passes or its client gives up", async () => {
+    const { token } = await signUp("slowread");
+    // A table lock held by this test: the reads wait for it (as for any slow plan) until cancelled.
+    const lock = await sql.reserve();
+    try {
+      await lock`begin`;
+      await lock`lock table orders in access exclusive mode`;
+      await withOrderService({}, async (client, _service, _server, outcomes) => {
+        /** Backends running a read of the orders (waiting on the lock). */
+        const reading = async () => {
+          const [row] = await sql<{ n: number }[]>`
+            select count(*)::int as n from pg_stat_activity
+            where datname = current_database() and pid <> pg_backend_pid()
+              and state = 'active' and query like '%from orders o%'`;
+          return row?.n;
+        };
+        const short = { ...auth(token), timeoutMs: 300 };
+        expect(await codeOf(client.getOrder({ orderId: `o${"0".repeat(32)}` }, short))).toBe(
+          Code.DeadlineExceeded,
+        );
+        expect(await codeOf(client.listOrders({}, short))).toBe(Code.DeadlineExceeded);
+        // The server's own answers: the deadline (or the client's reset stream, when it comes
+        // first), never the cancelled query's error as INTERNAL.
+        await expect.poll(() => outcomes.length, { timeout: 10_000 }).toBe(2);
+        expect(outcomes).toEqual([
+          expect.stringMatching(/^GetOrder (DeadlineExceeded|Canceled)$/),
+          expect.stringMatching(/^ListOrders (DeadlineExceeded|Canceled)$/),
+        ]);
+        // No backend still waits on the lock with their reads.
+        await expect.poll(reading, { timeout: 10_000 }).toBe(0);
+
+        // A client that gives up (no deadline sent), once its read waits in Postgres. With a
+        // reason of its own, connect-node resets the stream with INTERNAL_ERROR (its deadline
+        // too, when that comes before the server's), which the server's request signal reports as
+        // INTERNAL.
+        const abandon = new AbortController();
+        const abandoned = codeOf(client.listOrders({}, { ...auth(token), signal: abandon.signal }));
+        await expect.poll(reading, { timeout: 10_000 }).toBe(1);
+        abandon.abort(new Error("the client's own reason"));
+        expect(await abandoned).not.toBe("ok");
+        await expect.poll(() => outcomes.length, { timeout: 10_000 }).toBe(3);
+        expect(outcomes[2]).toBe("ListOrders Canceled");
+        await expect.poll(reading, { timeout: 10_000 }).toBe(0);
+      });
+    } finally {
+      await lock`rollback`;
+      lock.release();
+    }
   });
 
   it("asks the user service once per user within userExistsTtlMs, and never remembers a missing user", async () => {

@@ -495,7 +495,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       const { userId } = callerOf(ctx);
       const orderId = checkOrderId(req.orderId);
       await awaitReadModel(ctx, req.minPosition);
-      const view = await getOrder(sql, userId, orderId);
+      const view = await readModelQuery(ctx, (signal) => getOrder(sql, userId, orderId, signal));
       if (!view) throw notFound();
       return { order: orderFromView(view) };
     },
@@ -509,14 +509,20 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       const fingerprint = filterFingerprint({ statuses, createdAfter, createdBefore });
       const after = checkPageToken(req.pageToken, fingerprint);
       await awaitReadModel(ctx, req.minPosition);
-      const page = await listOrders(sql, {
-        userId,
-        statuses,
-        limit,
-        ...(createdAfter ? { createdAfter } : {}),
-        ...(createdBefore ? { createdBefore } : {}),
-        ...(after ? { after } : {}),
-      });
+      const page = await readModelQuery(ctx, (signal) =>
+        listOrders(
+          sql,
+          {
+            userId,
+            statuses,
+            limit,
+            ...(createdAfter ? { createdAfter } : {}),
+            ...(createdBefore ? { createdBefore } : {}),
+            ...(after ? { after } : {}),
+          },
+          signal,
+        ),
+      );
       return {
         orders: page.orders.map(orderFromView),
         nextPageToken: page.next ? encodePageToken({ ...page.next, filters: fingerprint }) : "",
@@ -600,6 +606,36 @@ function placed(found: SequencedEntry, items: CheckedItem[]): { order: Order; po
 
 function alreadyDone(kind: "cancel" | "ship", state: InstanceState): boolean {
   return kind === "cancel" ? isCancelling(state) : orderStatusOf(state) === "SHIPPED";
+}
+
+/**
+ * Runs a read-model query that is cancelled in Postgres when the call ends first, and then fails
+ * with why the call ended, not with the cancelled query's error (INTERNAL, logged as a fault).
+ */
+async function readModelQuery<T>(
+  ctx: HandlerContext,
+  query: (signal: AbortSignal) => Promise<T>,
+): Promise<T> {
+  try {
+    return await query(ctx.signal);
+  } catch (error) {
+    if (ctx.signal.aborted) throw callEnded(ctx.signal.reason);
+    throw error;
+  }
+}
+
+/** Codes of a call's signal that say why it ended: its deadline, a cancel, the server's shutdown. */
+const CALL_ENDINGS: ReadonlySet<Code> = new Set([Code.DeadlineExceeded, Code.Canceled, Code.Unavailable]);
+
+/**
+ * The error for a call whose signal fired with `reason`. Anything but the endings above is the
+ * client's stream going away (connect-node reports a reset stream as INTERNAL): CANCELED.
+ */
+function callEnded(reason: unknown): ConnectError {
+  const error = ConnectError.from(reason, Code.Canceled);
+  return CALL_ENDINGS.has(error.code)
+    ? error
+    : new ConnectError("the client went away", Code.Canceled, undefined, undefined, error);
 }
 
 /** True when the server ended the call because it is shutting down (api/rpc/server.ts). */

@@ -5,7 +5,7 @@
  * No NATS or Postgres: the breakers and the cancellation path are all that is under test here.
  */
 import { create } from "@bufbuild/protobuf";
-import { type Client, Code, createClient, type HandlerContext } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, createClient, type HandlerContext } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import {
@@ -69,9 +69,12 @@ async function startFakeUserService(): Promise<RpcServer> {
 describe("resilient user client behind the gateway's UserService proxy", () => {
   const proxies: RpcServer[] = [];
 
-  /** A fresh client (fresh breakers), the proxy over it, and a Connect client of the proxy. */
+  /**
+   * A fresh client (fresh breakers) of the fake user service (or of `options.baseUrl`), the proxy
+   * over it, and a Connect client of the proxy.
+   */
   async function startProxy(
-    options: Omit<ResilientUserClientOptions, "baseUrl" | "transport">,
+    options: Omit<ResilientUserClientOptions, "transport">,
   ): Promise<{ users: ResilientUserClient; client: Client<typeof UserService> }> {
     const users = createResilientUserClient({
       baseUrl: upstream.server.url,
@@ -166,6 +169,38 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     expect(users.passwordCallsOpen).toBe(false);
     expect((await client.getUser({ userId: "u-3" })).user?.userId).toBe("u-3");
   });
+  it("answers UNAVAILABLE without the transport's error text (the user service's address), which stays the cause", async () => {
+    const gone = await startRpcServer({ routes: () => {} });
+    await gone.close();
+    // A threshold no call here reaches: each should fail on the transport, not on an open breaker.
+    const { users, client } = await startProxy({ baseUrl: gone.url, failureThreshold: 10 });
+    const calls = {
+      getUser: client.getUser({ userId: "u-1" }),
+      createUser: client.createUser({ email: "new@example.com", password: "guess" }),
+      authenticate: client.authenticate({ email: "new@example.com", password: "guess" }),
+    };
+    for (const [name, call] of Object.entries(calls)) {
+      const error = await call.then(
+        () => undefined,
+        (e: unknown) => ConnectError.from(e),
+      );
+      expect({ name, code: error?.code, message: error?.rawMessage }).toEqual({
+        name,
+        code: Code.Unavailable,
+        message: "user service unavailable",
+      });
+    }
+    // PlaceOrder's user check takes this path too; the gateway's logs still get the reason.
+    const direct = await users
+      .idempotent((call) => users.client.getUser({ userId: "u-2" }, call))
+      .then(
+        () => undefined,
+        (e: unknown) => ConnectError.from(e),
+      );
+    expect(direct?.rawMessage).toBe("user service unavailable");
+    expect(String(direct?.cause)).toMatch(/ECONNREFUSED/);
+  });
+
   it("lets a half-open breaker's trial run to its end when its caller gives up, and decides on that", async () => {
     const { users, client } = await startProxy({ hashingTimeoutMs: 200, halfOpenAfterMs: 300 });
     // Open the password calls' breaker: two timeouts in a row.

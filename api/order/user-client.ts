@@ -28,6 +28,7 @@ import {
   wrap,
 } from "cockatiel";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
+import { createTracingClientInterceptor } from "../rpc/tracing-interceptor.ts";
 
 /** Options of {@link createResilientUserClient}. */
 export interface ResilientUserClientOptions {
@@ -109,6 +110,8 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
       // A dead peer must be noticed quickly, not after the OS gives up on the TCP connection.
       pingIntervalMs: 10_000,
       pingTimeoutMs: 2_000,
+      // The user service's spans join the trace of the call that made the gateway ask.
+      interceptors: [createTracingClientInterceptor()],
     });
   if (!options.transport && !options.baseUrl)
     throw new Error("user service baseUrl or transport is required");
@@ -191,7 +194,12 @@ function untilAborted<T>(promise: Promise<T>, signal: AbortSignal): Promise<T> {
   });
 }
 
-/** Turns transport failures and an open breaker into UNAVAILABLE; the service's answers pass through. */
+/**
+ * Turns transport failures and an open breaker into UNAVAILABLE; the service's answers pass
+ * through. The message is fixed: it reaches the public clients of the gateway, and a transport
+ * error's text names the user service's address (`connect ECONNREFUSED 10.0.3.7:50061`). The
+ * failure stays the `cause`, for logs.
+ */
 function asUnavailable(error: unknown): unknown {
   if (error instanceof BrokenCircuitError)
     return new ConnectError(
@@ -202,12 +210,5 @@ function asUnavailable(error: unknown): unknown {
       error,
     );
   if (error instanceof ConnectError && !TRANSIENT.has(error.code)) return error;
-  const reason = error instanceof Error ? error.message : String(error);
-  return new ConnectError(
-    `user service unavailable: ${reason}`,
-    Code.Unavailable,
-    undefined,
-    undefined,
-    error,
-  );
+  return new ConnectError("user service unavailable", Code.Unavailable, undefined, undefined, error);
 }

@@ -37,6 +37,13 @@ export interface HealthControl {
   shutdown(): void;
 }
 
+/**
+ * The health entry every RPC server reports SERVING until it closes, whatever its readiness: for
+ * liveness probes (Kubernetes' `grpc: { service: liveness }`), which restart the process when it
+ * fails. "" follows readiness when the server has a readiness check.
+ */
+export const LIVENESS_SERVICE = "liveness";
+
 /** Upper bound on List's answer size, from the health-checking spec. */
 const LIST_MAX_SERVICES = 100;
 

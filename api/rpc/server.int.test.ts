@@ -11,6 +11,7 @@ import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
+import postgres from "postgres";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import {
   AuthenticateResponseSchema,
@@ -18,7 +19,7 @@ import {
   GetUserResponseSchema,
   UserService,
 } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
-import { type RpcServer, startRpcServer } from "./index.ts";
+import { LIVENESS_SERVICE, postgresReadiness, type RpcServer, startRpcServer } from "./index.ts";
 
 const root = fileURLToPath(new URL("../..", import.meta.url));
 const bufBin = `${root}node_modules/.bin/buf`;
@@ -327,6 +328,136 @@ describe("RPC server shutdown", () => {
       await expect(fetch(`${server.url}/healthz`)).rejects.toThrow();
     } finally {
       health.close();
+    }
+  });
+});
+
+describe("RPC server readiness", () => {
+  it('reports the readiness check\'s answer for "" and each service (a hung check is not ready, and told so); liveness stays SERVING', async () => {
+    let answer: "yes" | "no" | "hang" = "no";
+    const abandoned: unknown[] = [];
+    const server = await startRpcServer({
+      // Asked only at start and through checkReadiness() here.
+      readinessIntervalMs: 3_600_000,
+      readiness: (signal) =>
+        answer === "hang"
+          ? new Promise<boolean>((_, reject) => {
+              signal.addEventListener("abort", () => {
+                abandoned.push(signal.reason);
+                reject(signal.reason);
+              });
+            })
+          : answer === "yes",
+      routes: (router) => router.service(UserService, {}),
+    });
+    const health = grpcClient<HealthClient>("grpc.health.v1.Health", `127.0.0.1:${server.port}`);
+    const statuses = async () => {
+      const of = (service: string) => unary(health.check.bind(health), { service }).then((res) => res.status);
+      return [await of(""), await of(USER_SVC), await of(LIVENESS_SERVICE)];
+    };
+    try {
+      // Asked before startRpcServer resolved: the first probe already sees the answer.
+      expect(await statuses()).toEqual(["NOT_SERVING", "NOT_SERVING", "SERVING"]);
+      answer = "yes";
+      expect(await server.checkReadiness()).toBe(true);
+      expect(await statuses()).toEqual(["SERVING", "SERVING", "SERVING"]);
+      answer = "hang";
+      expect(await server.checkReadiness()).toBe(false);
+      expect(abandoned).toHaveLength(1);
+      expect(await statuses()).toEqual(["NOT_SERVING", "NOT_SERVING", "SERVING"]);
+    } finally {
+      health.close();
+      await server.close();
+    }
+    expect(await server.checkReadiness()).toBe(false);
+  });
+
+  it("postgresReadiness: a database that refuses connections is not ready", async () => {
+    const sql = postgres("postgres://postgres@127.0.0.1:1/none", { max: 1, onnotice: () => {} });
+    const server = await startRpcServer({ readiness: postgresReadiness(sql), routes: () => {} });
+    try {
+      expect(server.health.getStatus("")).toBe("NOT_SERVING");
+      expect(await server.checkReadiness()).toBe(false);
+    } finally {
+      await server.close();
+      await sql.end({ timeout: 1 });
+    }
+  });
+});
+
+describe("RPC server shutdown of unary calls", () => {
+  it("close() lets unary calls in progress finish within the grace, their signal untouched, while streams end at once", async () => {
+    const held = new Set<string>();
+    let release: () => void = () => {};
+    const released = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const signalled: string[] = [];
+    const server = await startRpcServer({
+      closeGraceMs: 30_000,
+      routes(router) {
+        router.service(UserService, {
+          async getUser(req, ctx) {
+            held.add(req.userId);
+            // As the gateway's UserService proxy does with the call upstream: the signal firing
+            // ends the call.
+            let done = false;
+            await new Promise<void>((resolve, reject) => {
+              void released.then(() => {
+                done = true;
+                resolve();
+              });
+              // Not once the call is over: connect-es fires every call's signal at its end.
+              ctx.signal.addEventListener("abort", () => {
+                if (done) return;
+                signalled.push(req.userId);
+                reject(ctx.signal.reason);
+              });
+            });
+            return create(GetUserResponseSchema, { user: { userId: req.userId } });
+          },
+        });
+      },
+    });
+    const address = `127.0.0.1:${server.port}`;
+    const users = grpcClient<UserClient>(USER_SVC, address);
+    const health = grpcClient<HealthClient>("grpc.health.v1.Health", address);
+    try {
+      // Settled to values: on a failure the test still gets to its assertions.
+      const overGrpc = unary(users.getUser.bind(users), { userId: "grpc" }).then(
+        (res) => res.user.userId,
+        (error: grpc.ServiceError) => `failed: ${error.details}`,
+      );
+      const overHttp1 = fetch(`${server.url}/${USER_SVC}/GetUser`, {
+        method: "POST",
+        headers: { "content-type": "application/json" },
+        body: JSON.stringify({ userId: "connect" }),
+      }).then((res) => res.json());
+      const watch = health.watch({ service: "" });
+      const watchEnded = new Promise<void>((resolve) => {
+        watch.on("data", () => {});
+        watch.on("error", () => resolve());
+        watch.on("end", () => resolve());
+      });
+      await new Promise<void>((resolve) => watch.once("data", () => resolve()));
+      await expect.poll(() => held.size, { timeout: 5_000 }).toBe(2);
+
+      const closed = server.close();
+      // The stream ends while both unary calls are still held: close() is past the point where
+      // it ends streams.
+      await watchEnded;
+      release();
+      expect(await overGrpc).toBe("grpc");
+      expect(await overHttp1).toEqual({ user: { userId: "connect" } });
+      expect(signalled).toEqual([]);
+      users.close();
+      health.close();
+      await closed;
+    } finally {
+      release();
+      users.close();
+      health.close();
+      await server.close();
     }
   });
 });

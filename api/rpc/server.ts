@@ -14,17 +14,23 @@ import * as http from "node:http";
 import * as http2 from "node:http2";
 import * as net from "node:net";
 import { setImmediate as nextMacrotask } from "node:timers/promises";
-import type { DescService } from "@bufbuild/protobuf";
+import type { DescMethod, DescService } from "@bufbuild/protobuf";
 import {
   Code,
   ConnectError,
   type ConnectRouter,
   type ContextValues,
+  createServiceImplSpec,
   type Interceptor,
+  type MethodImplSpec,
 } from "@connectrpc/connect";
 import { type ConnectNodeAdapterOptions, connectNodeAdapter } from "@connectrpc/connect-node";
-import { createHealthService, type HealthControl, type ServingStatus } from "./health.ts";
+import { createHealthService, type HealthControl, LIVENESS_SERVICE, type ServingStatus } from "./health.ts";
+import type { ReadinessCheck } from "./readiness.ts";
 import { createReflectionIndex, reflectionServices, registerReflection } from "./reflection.ts";
+
+/** Options of one route registration (`router.service(…, options)`). */
+type RouteOptions = Parameters<ConnectRouter["rpc"]>[2];
 
 /** A Node request handler for paths that are not RPCs (/healthz, /metrics, static files). */
 export type FallbackHandler = NonNullable<ConnectNodeAdapterOptions["fallback"]>;
@@ -47,20 +53,38 @@ export interface RpcServerOptions {
    */
   writeMaxBytes?: number;
   /**
-   * Service names grpc.health.v1.Health reports, in addition to "" (the whole server). Default: every
-   * service registered by `routes`. All start as `healthInitialStatus`.
+   * Service names grpc.health.v1.Health reports, in addition to "" (the whole server) and
+   * {@link LIVENESS_SERVICE}. Default: every service registered by `routes`. All start as
+   * `healthInitialStatus`.
    */
   healthServices?: readonly string[];
   /** Initial status of every health entry; default "SERVING". Use "NOT_SERVING" when readiness comes later. */
   healthInitialStatus?: ServingStatus;
-  /** Interceptors for every RPC (auth, logging, metrics), outermost first. */
+  /**
+   * Interceptors for every RPC (tracing, logging, metrics), outermost first; those a service
+   * registers with (`router.service(…, { interceptors })`) run inside them.
+   */
   interceptors?: Interceptor[];
   /** Extracts context values (e.g. the authenticated user) from the raw request for handlers. */
   contextValues?: (req: NodeServerRequest) => ContextValues;
   /** Handles requests whose path is not an RPC; default: 404. */
   fallback?: FallbackHandler;
-  /** How long close() lets in-flight calls finish before cutting connections; default 5000 ms. */
+  /**
+   * How long close() lets unary calls in flight finish before their signal fires and connections
+   * are cut; default 5000 ms. Streaming calls end at once.
+   */
   closeGraceMs?: number;
+  /**
+   * Whether the server should get traffic. When set, it decides what grpc.health.v1 reports for ""
+   * and every other entry but {@link LIVENESS_SERVICE}: SERVING while it answers true, NOT_SERVING
+   * while it answers false, throws or takes longer than a second (its signal fires then, to cancel
+   * what it waits for). See ./readiness.ts for checks. It is asked before startRpcServer resolves, then every
+   * `readinessIntervalMs` and on each {@link RpcServer.checkReadiness}, so an HTTP /readyz that
+   * answers from checkReadiness and the gRPC health checks cannot disagree for longer than that.
+   */
+  readiness?: ReadinessCheck;
+  /** How often `readiness` is asked, ms; default 1000. */
+  readinessIntervalMs?: number;
   /**
    * How many cancelled streams (HTTP/2 RST_STREAM frames) one connection may send: `burst` at
    * once, then `perSecond`. Past it the server closes the connection (GOAWAY) and every call on
@@ -90,11 +114,19 @@ export interface RpcServer {
   readonly url: string;
   /** The bound port (the ephemeral one when port 0 was requested). */
   readonly port: number;
-  /** Sets what grpc.health.v1.Health reports. */
+  /** Sets what grpc.health.v1.Health reports (overwritten by the `readiness` check when there is one). */
   readonly health: HealthControl;
   /**
-   * Graceful stop: reports NOT_SERVING, stops accepting connections, aborts handler signals (streams
-   * end with UNAVAILABLE), lets unary calls finish for up to closeGraceMs, then cuts what is left.
+   * Asks the `readiness` check now, sets the health entries from its answer and resolves with it;
+   * false from close() on. Without a check: whether health reports "" SERVING. Concurrent calls
+   * share one check, so a flood of probes costs one.
+   */
+  checkReadiness(): Promise<boolean>;
+  /**
+   * Graceful stop: reports NOT_SERVING, stops accepting connections, ends streaming calls at once
+   * (their signals fire, they end with UNAVAILABLE), lets unary calls finish for up to
+   * closeGraceMs, then fires their signals too, gives them up to 250 ms to answer, and cuts what
+   * is left.
    */
   close(): Promise<void>;
 }
@@ -110,12 +142,19 @@ const FIRST_BYTES_TIMEOUT_MS = 10_000;
 const MAX_HEADER_BYTES = 16 * 1024;
 /** Default of maxStreamsPerConnection: far above what one client needs, still a bound on its memory. */
 const MAX_STREAMS_PER_CONNECTION = 256;
+/** How long close() waits for calls to answer once their signal fired at the end of the grace. */
+const ANSWER_AFTER_ABORT_MS = 250;
+/** A readiness check slower than this counts as not ready: Kubernetes' default probe timeout. */
+const READINESS_TIMEOUT_MS = 1000;
 
 /** Starts the RPC server and resolves once it is listening. */
 export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer> {
   const host = opts.host ?? "127.0.0.1";
   const closeGraceMs = opts.closeGraceMs ?? 5000;
-  const shutdown = new AbortController();
+  // Two stages: streams (watches) would hold a draining server for ever, so they end at once;
+  // unary calls (a forwarded CreateUser, a PlaceOrder) get the grace (see serverRouter).
+  const streamsEnd = new AbortController();
+  const callsEnd = new AbortController();
 
   // The health service needs the registered service names, which exist only once routes have run
   // inside connectNodeAdapter; it is created there and captured here.
@@ -123,16 +162,21 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
   const handler = connectNodeAdapter({
     readMaxBytes: opts.readMaxBytes ?? MiB,
     writeMaxBytes: opts.writeMaxBytes ?? 4 * MiB,
-    shutdownSignal: shutdown.signal,
-    ...(opts.interceptors ? { interceptors: opts.interceptors } : {}),
+    shutdownSignal: callsEnd.signal,
     ...(opts.contextValues ? { contextValues: opts.contextValues } : {}),
     ...(opts.fallback ? { fallback: opts.fallback } : {}),
-    routes(router) {
+    routes(adapterRouter) {
+      const router = serverRouter(adapterRouter, opts.interceptors ?? [], streamsEnd.signal);
       opts.routes(router);
       const appServices = uniqueServices(router.handlers.map((h) => h.service));
       const names = opts.healthServices ?? appServices.map((s) => s.typeName);
       const status = opts.healthInitialStatus ?? "SERVING";
-      const healthService = createHealthService(Object.fromEntries(["", ...names].map((n) => [n, status])));
+      const healthService = createHealthService({
+        ...Object.fromEntries(["", ...names].map((n) => [n, status])),
+        // Always SERVING until close(): what a liveness probe asks, so a dependency that is away
+        // (readiness) takes the server out of rotation without getting the process restarted.
+        [LIVENESS_SERVICE]: "SERVING",
+      });
       healthService.register(router);
       health = healthService.control;
       registerReflection(
@@ -206,6 +250,38 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
     });
   });
 
+  let closing: Promise<void> | undefined;
+  let readinessRun: Promise<boolean> | undefined;
+  const readiness = opts.readiness;
+  const checkReadiness = (): Promise<boolean> => {
+    if (!readiness) return Promise.resolve(!closing && healthControl.getStatus("") === "SERVING");
+    readinessRun ??= (async () => {
+      let ready: boolean;
+      try {
+        ready = await withTimeout(readiness, READINESS_TIMEOUT_MS);
+      } catch {
+        ready = false;
+      }
+      // After close() began, health is NOT_SERVING for good (shutdown() ignores setStatus).
+      if (closing) return false;
+      for (const service of healthControl.services()) {
+        if (service === LIVENESS_SERVICE) continue;
+        healthControl.setStatus(service, ready ? "SERVING" : "NOT_SERVING");
+      }
+      return ready;
+    })().finally(() => {
+      readinessRun = undefined;
+    });
+    return readinessRun;
+  };
+  let readinessTimer: ReturnType<typeof setInterval> | undefined;
+  if (readiness) {
+    // The first answer is in place before the port opens: no probe sees a status nobody checked.
+    await checkReadiness();
+    readinessTimer = setInterval(() => void checkReadiness(), opts.readinessIntervalMs ?? 1000);
+    readinessTimer.unref();
+  }
+
   await new Promise<void>((resolve, reject) => {
     tcp.once("error", reject);
     tcp.listen(opts.port ?? 0, host, () => {
@@ -218,38 +294,117 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
   const port = address.port;
   const url = `http://${host.includes(":") ? `[${host}]` : host}:${port}`;
 
-  let closing: Promise<void> | undefined;
+  /** Resolves when every connection is closed, or after `ms`. */
+  const drain = (ms: number): Promise<void> =>
+    new Promise<void>((resolve) => {
+      const poll = setInterval(() => {
+        // HTTP/1.1 keep-alive connections close only when idle; calls may still finish on the others.
+        h1.closeIdleConnections();
+        if (sockets.size === 0) {
+          clearInterval(poll);
+          resolve();
+        }
+      }, 20);
+      setTimeout(() => {
+        clearInterval(poll);
+        resolve();
+      }, ms).unref();
+    });
+
   const close = (): Promise<void> => {
     closing ??= (async () => {
+      clearInterval(readinessTimer);
       healthControl.shutdown();
       // Let Watch streams send NOT_SERVING (their generators resume in microtasks) before the
       // shutdown signal ends them.
       await nextMacrotask();
       const listenerClosed = new Promise<void>((resolve) => tcp.close(() => resolve()));
-      shutdown.abort(new ConnectError("server is shutting down", Code.Unavailable));
+      const reason = new ConnectError("server is shutting down", Code.Unavailable);
+      streamsEnd.abort(reason);
       for (const s of sessions) s.close();
-      const drained = new Promise<void>((resolve) => {
-        const poll = setInterval(() => {
-          // HTTP/1.1 keep-alive connections close only when idle; calls may still finish on the others.
-          h1.closeIdleConnections();
-          if (sockets.size === 0) {
-            clearInterval(poll);
-            resolve();
-          }
-        }, 20);
-        setTimeout(() => {
-          clearInterval(poll);
-          resolve();
-        }, closeGraceMs).unref();
-      });
-      await drained;
+      await drain(closeGraceMs);
+      // Handlers still running get their signal, and a moment to answer with it (UNAVAILABLE
+      // rather than a reset stream), before their connection goes.
+      callsEnd.abort(reason);
+      if (sockets.size > 0) await drain(ANSWER_AFTER_ABORT_MS);
       for (const s of sockets) s.destroy();
       await listenerClosed;
     })();
     return closing;
   };
 
-  return { url, port, health: healthControl, close };
+  return { url, port, health: healthControl, checkReadiness, close };
+}
+
+/**
+ * The router `routes` and the built-in services register on: method by method, because connect-es
+ * takes a service registration's options as they come, so a service's own `interceptors` would
+ * replace the server's instead of running inside them, and one shutdownSignal would cover unary
+ * and streaming methods alike. Streaming methods get `streamsEnd`; unary ones keep the server's.
+ */
+function serverRouter(
+  router: ConnectRouter,
+  interceptors: Interceptor[],
+  streamsEnd: AbortSignal,
+): ConnectRouter {
+  const optionsFor = (kind: DescMethod["methodKind"], options: RouteOptions | undefined): RouteOptions => ({
+    ...options,
+    interceptors: [...interceptors, ...(options?.interceptors ?? [])],
+    ...(kind === "unary" ? {} : { shutdownSignal: streamsEnd }),
+  });
+  const register = (spec: MethodImplSpec, options: RouteOptions | undefined): void => {
+    const routeOptions = optionsFor(spec.kind, options);
+    // One case per kind: rpc() ties the implementation's type to the method's.
+    switch (spec.kind) {
+      case "unary":
+        router.rpc(spec.method, spec.impl, routeOptions);
+        break;
+      case "server_streaming":
+        router.rpc(spec.method, spec.impl, routeOptions);
+        break;
+      case "client_streaming":
+        router.rpc(spec.method, spec.impl, routeOptions);
+        break;
+      case "bidi_streaming":
+        router.rpc(spec.method, spec.impl, routeOptions);
+        break;
+    }
+  };
+  const wrapped: ConnectRouter = {
+    get handlers() {
+      return router.handlers;
+    },
+    service(service, implementation, options) {
+      // Methods left out answer UNIMPLEMENTED, as router.service() would have them.
+      for (const spec of Object.values(createServiceImplSpec(service, implementation).methods)) {
+        register(spec, options);
+      }
+      return wrapped;
+    },
+    rpc(method, impl, options) {
+      router.rpc(method, impl, optionsFor(method.methodKind, options));
+      return wrapped;
+    },
+  };
+  return wrapped;
+}
+
+/** What `check` answers, or a rejection once `ms` have passed; its signal fires then. */
+async function withTimeout<T>(check: (signal: AbortSignal) => T | Promise<T>, ms: number): Promise<T> {
+  const controller = new AbortController();
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => {
+      const error = new Error(`no answer within ${ms} ms`);
+      controller.abort(error);
+      reject(error);
+    }, ms);
+  });
+  try {
+    return await Promise.race([Promise.resolve().then(() => check(controller.signal)), timeout]);
+  } finally {
+    clearTimeout(timer);
+  }
 }
 
 /** Services in first-seen order without duplicates (the router lists one handler per method). */

@@ -24,7 +24,7 @@
  * old, the port taken) are logged as one line with their code and exit with status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import { type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
+import { postgresReadiness, type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
 import { createTracingInterceptor } from "../../api/rpc/tracing-interceptor.ts";
 import { readUserServiceConfig } from "../../api/user/config.ts";
 import { createUserService } from "../../api/user/service.ts";
@@ -106,6 +106,8 @@ async function main(): Promise<void> {
       port: userConfig.grpcPort,
       readMaxBytes: READ_MAX_BYTES,
       interceptors: [createTracingInterceptor()],
+      // Its Kubernetes readiness probe is the gRPC health check: NOT_SERVING while Postgres is away.
+      readiness: postgresReadiness(sql),
       routes: (router) => router.service(UserService, service),
       // Prometheus scrapes the same port (health is grpc.health.v1 there).
       fallback(req, res) {

@@ -1,3 +1,4 @@
+import type { PendingQuery, RowList } from "postgres";
 import type { Sql } from "../../../common/postgres.ts";
 import type { OrderStatusName } from "./projection.ts";
 
@@ -57,10 +58,21 @@ interface ItemJson {
   unit_price_cents: string;
 }
 
-/** One of the caller's orders, or undefined (also when it belongs to someone else). */
-export async function getOrder(sql: Sql, userId: string, orderId: string): Promise<OrderView | undefined> {
-  const rows = await sql<OrderRow[]>`
-    select o.*, ${withItems(sql)} from orders o where o.order_id = ${orderId} and o.user_id = ${userId}`;
+/**
+ * One of the caller's orders, or undefined (also when it belongs to someone else). When `signal`
+ * fires first (the call's deadline, its client gone), the query is cancelled: see {@link untilAborted}.
+ */
+export async function getOrder(
+  sql: Sql,
+  userId: string,
+  orderId: string,
+  signal?: AbortSignal,
+): Promise<OrderView | undefined> {
+  const rows = await untilAborted(
+    sql<OrderRow[]>`
+      select o.*, ${withItems(sql)} from orders o where o.order_id = ${orderId} and o.user_id = ${userId}`,
+    signal,
+  );
   return rows[0] && viewOf(rows[0]);
 }
 
@@ -71,21 +83,49 @@ export async function getOrder(sql: Sql, userId: string, orderId: string): Promi
 export async function listOrders(
   sql: Sql,
   query: ListOrdersQuery,
+  signal?: AbortSignal,
 ): Promise<{ orders: OrderView[]; next: PageCursor | undefined }> {
-  const rows = await sql<OrderRow[]>`
-    select o.*, ${withItems(sql)} from orders o
-    where user_id = ${query.userId}
-      ${query.statuses.length > 0 ? sql`and status in ${sql(query.statuses)}` : sql``}
-      ${query.createdAfter ? sql`and created_at >= ${query.createdAfter}` : sql``}
-      ${query.createdBefore ? sql`and created_at < ${query.createdBefore}` : sql``}
-      ${query.after ? sql`and (created_at, order_id) < (${query.after.createdAt}, ${query.after.orderId})` : sql``}
-    order by created_at desc, order_id desc
-    limit ${query.limit + 1}`;
+  const rows = await untilAborted(
+    sql<OrderRow[]>`
+      select o.*, ${withItems(sql)} from orders o
+      where user_id = ${query.userId}
+        ${query.statuses.length > 0 ? sql`and status in ${sql(query.statuses)}` : sql``}
+        ${query.createdAfter ? sql`and created_at >= ${query.createdAfter}` : sql``}
+        ${query.createdBefore ? sql`and created_at < ${query.createdBefore}` : sql``}
+        ${query.after ? sql`and (created_at, order_id) < (${query.after.createdAt}, ${query.after.orderId})` : sql``}
+      order by created_at desc, order_id desc
+      limit ${query.limit + 1}`,
+    signal,
+  );
   const page = rows.slice(0, query.limit);
   const last = page.at(-1);
   const next =
     rows.length > query.limit && last ? { createdAt: last.created_at, orderId: last.order_id } : undefined;
   return { orders: page.map(viewOf), next };
+}
+
+/**
+ * Runs `query`. When `signal` fires first, the query is cancelled in Postgres and this rejects
+ * with the signal's reason: nobody waits for the answer any more, and the backend would otherwise
+ * run on (or wait on a lock) holding one of the pool's few connections.
+ */
+async function untilAborted<T extends readonly object[]>(
+  query: PendingQuery<T>,
+  signal: AbortSignal | undefined,
+): Promise<RowList<T>> {
+  if (!signal) return query;
+  signal.throwIfAborted();
+  const cancel = (): void => void query.cancel();
+  signal.addEventListener("abort", cancel, { once: true });
+  try {
+    return await query;
+  } catch (error) {
+    // Postgres' "canceling statement due to user request", or whatever the cancel cut short.
+    if (signal.aborted) throw signal.reason;
+    throw error;
+  } finally {
+    signal.removeEventListener("abort", cancel);
+  }
 }
 
 /**
