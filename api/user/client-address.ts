@@ -40,9 +40,11 @@ export function checkClientAddress(raw: string | null | undefined): string | und
  * otherwise spend a fresh budget from each of its 256 to 65,536 /64s; a /48 shared by many people
  * (a company) costs little, because the budget is per address block AND email, so only sign-ins to
  * one account from that block share it. Anything else (an IPv4 address, a name a proxy put in) as
- * it is.
+ * it is. A port some proxies write with the address (`192.0.2.1:51234`, `[2001:db8::1]:443`) is
+ * dropped: each source port would otherwise have a budget of its own.
  */
-export function addressBucket(address: string): string {
+export function addressBucket(written: string): string {
+  const address = withoutPort(written);
   const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
   if (mapped?.[1] && isIPv4(mapped[1])) return mapped[1];
   const bare = address.split("%")[0] ?? address;
@@ -62,6 +64,15 @@ export function addressBucket(address: string): string {
   }
   const prefix = full.slice(0, 3).map((g) => Number.parseInt(g, 16).toString(16));
   return `${prefix.join(":")}::/48`;
+}
+
+/** `address` without the port written after it (`a.b.c.d:port`, `[ipv6]:port`) or the brackets. */
+function withoutPort(address: string): string {
+  const v4 = /^(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}$/.exec(address);
+  if (v4?.[1] && isIPv4(v4[1])) return v4[1];
+  const bracketed = /^\[([^\]]+)\](?::\d{1,5})?$/.exec(address);
+  if (bracketed?.[1] && isIPv6(bracketed[1].split("%")[0] ?? "")) return bracketed[1];
+  return address;
 }
 
 /** A dotted IPv4 address as the two 16-bit hex groups it is in an IPv6 address. */

@@ -50,4 +50,14 @@ describe("addressBucket", () => {
     expect(addressBucket("::1")).toBe("0:0:0::/48");
     expect(addressBucket("2001:db8::")).toBe("2001:db8:0::/48");
   });
+
+  it("drops a port a proxy wrote with the address: every source port is one budget", () => {
+    expect(addressBucket("192.0.2.1:51234")).toBe("192.0.2.1");
+    expect(addressBucket("[2001:db8:1:2::1]:443")).toBe("2001:db8:1::/48");
+    expect(addressBucket("[2001:db8:1:2::1]")).toBe("2001:db8:1::/48");
+    expect(addressBucket("[::ffff:192.0.2.1]:80")).toBe("192.0.2.1");
+    // Not an address with a port: kept as written.
+    expect(addressBucket("999.0.2.1:80")).toBe("999.0.2.1:80");
+    expect(addressBucket("host.example:80")).toBe("host.example:80");
+  });
 });

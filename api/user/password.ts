@@ -29,12 +29,18 @@ const HASH_BYTES = 32;
 const MAX_LN = 20;
 const MAX_R = 32;
 const MAX_P = 16;
+/**
+ * Memory one hash may take, 128·N·r bytes: twice the default cost's 128 MiB. Each of ln and r may
+ * be larger on its own, not both (ln=20 with r=32 would be 4 GiB per verification).
+ */
+const MAX_MEMORY_BYTES = 256 * 1024 * 1024;
 const PHC = /^\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$([A-Za-z0-9+/]+)\$([A-Za-z0-9+/]+)$/;
 
 /**
  * Hashes `password` (UTF-8) with a fresh 16-byte random salt and returns the PHC string.
  * `cost` defaults to {@link DEFAULT_SCRYPT_COST}; smaller costs are for tests only.
- * Rejects with a RangeError for cost parameters outside ln 1–20, r 1–32, p 1–16.
+ * Rejects with a RangeError for cost parameters outside ln 1–20, r 1–32, p 1–16, or needing more
+ * than 256 MiB (128·2^ln·r bytes).
  */
 export async function hashPassword(
   password: string,
@@ -164,6 +170,9 @@ function checkCost({ ln, r, p }: ScryptCost): void {
   const ok = (v: number, max: number): boolean => Number.isSafeInteger(v) && v >= 1 && v <= max;
   if (!ok(ln, MAX_LN) || !ok(r, MAX_R) || !ok(p, MAX_P)) {
     throw new RangeError(`scrypt cost out of range: ln 1–${MAX_LN}, r 1–${MAX_R}, p 1–${MAX_P}`);
+  }
+  if (128 * 2 ** ln * r > MAX_MEMORY_BYTES) {
+    throw new RangeError(`scrypt cost out of range: 128·2^ln·r must be at most ${MAX_MEMORY_BYTES} bytes`);
   }
 }
 

@@ -806,10 +806,15 @@ describe("UserService", () => {
         "",
         "plain",
         "$scrypt$ln=30,r=8,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+        // Each within its own bound, together 4 GiB per verification: refused, not computed.
+        "$scrypt$ln=20,r=32,p=1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
         a.slice(0, -10),
       ]) {
         expect(await verifyPassword(PASSWORD, bad)).toBe(false);
       }
+      await expect(hashPassword(PASSWORD, { ln: 20, r: 32, p: 1 })).rejects.toThrow(
+        /at most 268435456 bytes/,
+      );
     });
 
     it("bounds concurrent hashes: calls beyond the queue fail fast as busy", async () => {
