@@ -767,6 +767,20 @@ describe("Kubernetes manifests", () => {
     }
   });
 
+  it("lets each service stop within its grace period; RPC services keep taking connections a moment first", () => {
+    // JETSAGA_SHUTDOWN_TIMEOUT_SECONDS' default (common/config.ts): the stop must end before SIGKILL.
+    const shutdownTimeoutSeconds = 25;
+    for (const { o, d } of deployments(objects)) {
+      const pod = d.spec?.template.spec;
+      const pause = (pod?.containers ?? [])[0]?.lifecycle?.preStop?.sleep?.seconds ?? 0;
+      if (o.name === "api" || o.name === "user")
+        expect(pause, `${o.name}: preStop sleep`).toBeGreaterThanOrEqual(3);
+      expect(pod?.terminationGracePeriodSeconds ?? 30, `${o.name}: grace`).toBeGreaterThan(
+        pause + shutdownTimeoutSeconds,
+      );
+    }
+  });
+
   it("starts services with the V8 heap flags of the image (the ConfigMap's NODE_OPTIONS replaces the image's)", () => {
     expect(configMaps.get("jetsaga-config")?.NODE_OPTIONS).toBe(SERVICE_V8_FLAGS);
   });
