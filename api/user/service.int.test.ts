@@ -421,6 +421,39 @@ describe("UserService", () => {
       userId = user?.userId ?? "";
     });
 
+    it("bounds the password calls of one address whatever the email, sign-ups included", async () => {
+      const flooder = "192.0.2.200";
+      // Made-up emails: each is a hash the hasher (2 at a time, for everyone) must compute.
+      for (let i = 0; i < 60; i++) {
+        expect(
+          (await codeOf(connect().authenticate({ email: freshEmail(), password: "x" }, from(flooder)))).code,
+        ).toBe(Code.Unauthenticated);
+      }
+      const hashed = await counts();
+      const refused = await codeOf(
+        connect().createUser(
+          { email: freshEmail(), password: PASSWORD, creditLimitCents: 0n },
+          from(flooder),
+        ),
+      );
+      expect(refused).toEqual({
+        code: Code.ResourceExhausted,
+        message: "too many sign-ups and sign-ins from this address; retry in 1 s",
+      });
+      expect(await attempt(flooder, PASSWORD)).toBe(Code.ResourceExhausted);
+      expect(await counts()).toEqual(hashed);
+      // Another address, and an internal caller (no address), go on.
+      expect((await connect().authenticate({ email, password: PASSWORD }, from("198.51.100.9"))).userId).toBe(
+        userId,
+      );
+      expect((await connect().authenticate({ email, password: PASSWORD })).userId).toBe(userId);
+      // The budget refills with time.
+      clock += 60_000;
+      expect((await connect().authenticate({ email, password: PASSWORD }, from(flooder))).userId).toBe(
+        userId,
+      );
+    });
+
     it("an address that empties its own budget, even at its full rate for 40 minutes, does not lock the user out from another address", async () => {
       const attacker = "203.0.113.66";
       for (let i = 0; i < 5; i++) expect(await attempt(attacker)).toBe(Code.Unauthenticated);

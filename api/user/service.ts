@@ -59,6 +59,18 @@ export const DEFAULT_TOKEN_TTL_SECONDS = 3600;
 export const DEFAULT_AUTH_EMAIL_RATE_LIMIT: Readonly<Required<Omit<RateLimiterOptions, "now">>> =
   Object.freeze({ attempts: 30, perMs: 60_000 });
 
+/**
+ * Default of the budget of password calls (CreateUser and Authenticate, any email) per client
+ * address (`addressRateLimit`): 60 a minute. Each such call costs one scrypt hash (~0.45 s of a
+ * thread and 128 MiB), and the hasher runs 2 at a time for everyone: without it one address
+ * sending sign-ins for made-up emails, or sign-ups, would keep the hasher busy and every other
+ * user waiting or refused. Far above what one person (or one office behind one address) needs.
+ */
+export const DEFAULT_ADDRESS_RATE_LIMIT: Readonly<Required<Omit<RateLimiterOptions, "now">>> = Object.freeze({
+  attempts: 60,
+  perMs: 60_000,
+});
+
 /** The one message for a wrong email and a wrong password, so callers cannot tell them apart. */
 export const AUTH_FAILED_MESSAGE = "wrong email or password";
 
@@ -100,6 +112,12 @@ export interface UserServiceOptions {
    * `authRateLimit`'s: the ratio is how many addresses it takes to lock a user out.
    */
   authEmailRateLimit?: Omit<RateLimiterOptions, "now">;
+  /**
+   * Budget of password calls (CreateUser and Authenticate, whatever the email) per client address,
+   * for calls that carry {@link CLIENT_ADDRESS_HEADER}; checked before anything is hashed or any
+   * other budget spent. Default {@link DEFAULT_ADDRESS_RATE_LIMIT} (60 a minute).
+   */
+  addressRateLimit?: Omit<RateLimiterOptions, "now">;
   /** Clock, epoch ms (token expiry, rate limit); default Date.now. */
   now?: () => number;
   /** Logs user ids and failures; never passwords, hashes, tokens or emails. Default: silent. */
@@ -128,6 +146,9 @@ export interface UserServiceOptions {
  *   IPv6 address counts as its /48. A call without the header, or with an empty, longer than
  *   100 characters or malformed one, spends one budget per email (`authRateLimit`), as before the
  *   gateway reported addresses.
+ * - CreateUser and Authenticate calls that carry an address first spend that address's budget of
+ *   password calls, whatever the email (`addressRateLimit`, 60 a minute): RESOURCE_EXHAUSTED when
+ *   it is spent, before anything is hashed or stored.
  * - Postgres unreachable: UNAVAILABLE; anything unexpected: INTERNAL with a generic message (the
  *   cause is logged without query parameters).
  *
@@ -152,6 +173,23 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
       now,
     }),
   );
+  const perAddress = createPostgresRateLimiter(options.sql, {
+    ...DEFAULT_ADDRESS_RATE_LIMIT,
+    ...options.addressRateLimit,
+    now,
+  });
+  /** Spends the caller's address's budget of password calls; RESOURCE_EXHAUSTED when it is spent. */
+  const spendAddressBudget = async (address: string | undefined): Promise<void> => {
+    if (address === undefined) return;
+    // Its own key prefix: `pwd-addr:` can be read as none of the sign-in budgets' keys.
+    const decision = await perAddress.take(`pwd-addr:${addressBucket(address)}`);
+    if (!decision.allowed) {
+      throw new ConnectError(
+        `too many sign-ups and sign-ins from this address; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,
+        Code.ResourceExhausted,
+      );
+    }
+  };
   const createdSubject = topology(options.ns).eventSubject("user", "user.created");
   const log = options.logger;
   const edge = <T>(work: () => Promise<T>, signal: AbortSignal): Promise<T> => mapErrors(work, signal, log);
@@ -191,6 +229,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         if (credit < 0n || credit > USER_LIMITS.creditLimitMaxCents) {
           throw invalid("credit_limit_cents", `must be between 0 and ${USER_LIMITS.creditLimitMaxCents}`);
         }
+        await spendAddressBudget(checkClientAddress(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER)));
         // With the call's signal, a caller that gave up (deadline, cancel) leaves the hashing queue.
         const passwordHash = await hasher.hash(password, ctx.signal);
         // 96 random bits: a collision is not expected, but a retry costs nothing if one happens.
@@ -227,6 +266,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         // No minimum length here: the policy may change, and a short guess is simply wrong.
         const password = checkPassword(req.password, 1);
         const address = checkClientAddress(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER));
+        await spendAddressBudget(address);
         const decision = await spendSignInBudget(email, address);
         if (!decision.allowed) {
           throw new ConnectError(
