@@ -174,16 +174,20 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     await gone.close();
     // A threshold no call here reaches: each should fail on the transport, not on an open breaker.
     const { users, client } = await startProxy({ baseUrl: gone.url, failureThreshold: 10 });
-    const calls = {
-      getUser: client.getUser({ userId: "u-1" }),
-      createUser: client.createUser({ email: "new@example.com", password: "guess" }),
-      authenticate: client.authenticate({ email: "new@example.com", password: "guess" }),
-    };
-    for (const [name, call] of Object.entries(calls)) {
-      const error = await call.then(
+    // Settled into values at once: the calls run together, and one that fails while another is
+    // awaited must not be an unhandled rejection.
+    const outcome = (call: Promise<unknown>) =>
+      call.then(
         () => undefined,
         (e: unknown) => ConnectError.from(e),
       );
+    const calls = {
+      getUser: outcome(client.getUser({ userId: "u-1" })),
+      createUser: outcome(client.createUser({ email: "new@example.com", password: "guess" })),
+      authenticate: outcome(client.authenticate({ email: "new@example.com", password: "guess" })),
+    };
+    for (const [name, call] of Object.entries(calls)) {
+      const error = await call;
       expect({ name, code: error?.code, message: error?.rawMessage }).toEqual({
         name,
         code: Code.Unavailable,
