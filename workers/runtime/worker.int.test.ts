@@ -5,6 +5,7 @@ import { z } from "zod";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/runtime/topology.ts";
 import type { CommandMessage, DeadLetter, DomainEventMessage, InboxMessage } from "../../schemas/envelope.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { openHandbackLedger } from "./handbacks.ts";
 import {
   type CommandHandler,
   createWorker,
@@ -346,6 +347,37 @@ describe("createWorker (real nats-server)", () => {
     // redelivered instead of leaving the message in the work queue for ever.
     const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
     expect(info.config.max_deliver).toBe(-1);
+  });
+
+  it("does not count the runtime's own hand-backs as attempts", async () => {
+    const topo = topology(uniqueNamespace("handback"));
+    const inbox = recordInbox(topo);
+    const calls: number[] = [];
+    const strict = {
+      retry: { ...fast, maxAttempts: 1 },
+      commands: charge(async (_input, ctx) => {
+        calls.push(ctx.attempt);
+        return { type: "acct.charged" };
+      }),
+    };
+    await (await start(topo, strict)).stop();
+    const consumer = await js.consumers.get(topo.streams.commands, "acct-commands");
+    const ledger = await openHandbackLedger(nc, topo);
+    const sent = command();
+    await send(topo, sent);
+    // Two copies of the worker handed it back (stopping, say), as the runtime does: recorded, then nak'd.
+    for (let i = 0; i < 2; i++) {
+      const taken = await consumer.next({ expires: 2_000 });
+      if (!taken) throw new Error("no delivery");
+      expect(await ledger.count(taken)).toBe(i);
+      await ledger.record(taken, i);
+      taken.nak();
+    }
+    // The third delivery is the first attempt, not a spare past maxAttempts 1.
+    await start(topo, strict);
+    await inbox.next((m) => m.id === `reply.${sent.commandId}`);
+    expect(calls).toEqual([1]);
+    expect(await readDeadLetters(js, topo, { source: "acct" })).toEqual([]);
   });
 
   it("makes missing streams with the stream settings it is given, as the orchestrator would", async () => {

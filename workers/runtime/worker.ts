@@ -33,6 +33,7 @@ import {
 } from "../../schemas/envelope.ts";
 import type { DeadLetterCode } from "./dead-letters.ts";
 import { isTerminalError } from "./errors.ts";
+import { openHandbackLedger } from "./handbacks.ts";
 import type {
   CommandHandler,
   EventHandler,
@@ -114,6 +115,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   const jsm = await jetstreamManager(nc);
   await ensureTopology(jsm, topo, options.topology);
   const js = jetstream(nc);
+  const handbacks = await openHandbackLedger(nc, topo, options.topology, (error, what) =>
+    log.warn({ err: describe(error), what }, "hand-back ledger unavailable: hand-backs count as attempts"),
+  );
 
   // The configs are kept: the consume loop re-creates a consumer that was deleted under it.
   const consumers: Array<{ kind: Kind; stream: string; name: string; config: Partial<ConsumerConfig> }> = [];
@@ -166,6 +170,18 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         "cannot settle message",
       );
     }
+  }
+
+  /**
+   * Hands `msg` back for a reason that is neither the handler's nor the message's (the worker is
+   * stopping; the reply of an applied effect could not be published): recorded first, so the
+   * delivery it causes is not counted as an attempt (see handbacks.ts). `handedBack`: the count so
+   * far when known. A failed dead-lettering and a bug of ours are naks that count, or they could
+   * hand a message back for ever.
+   */
+  async function handBack(msg: JsMsg, handedBack: number | undefined, delayMs?: number): Promise<void> {
+    await handbacks.record(msg, handedBack);
+    settle(msg, "nak", delayMs);
   }
 
   /** Tells the server the message is still being worked on, restarting its ack_wait. */
@@ -226,6 +242,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         { err: describe(error), subject: msg.subject, seq: msg.seq, code },
         "cannot dead-letter message",
       );
+      // Counted as a delivery: the next one goes straight to dead-lettering again (its attempts
+      // are spent), rather than running the handler once more.
       settle(msg, "nak", IO_RETRY_DELAY_MS);
       return;
     }
@@ -245,9 +263,17 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     settle(msg, "term", `${code}: ${reason}`.slice(0, 200));
   }
 
-  /** A handler threw: retry with backoff, or give up (dead letter). */
-  async function handlerFailed(msg: JsMsg, error: unknown, target?: FailureTarget): Promise<void> {
-    const attempt = msg.info.deliveryCount;
+  /**
+   * A handler threw on its `attempt` (deliveries less hand-backs, `handedBack`): retry with
+   * backoff, or give up (dead letter).
+   */
+  async function handlerFailed(
+    msg: JsMsg,
+    error: unknown,
+    attempt: number,
+    handedBack: number,
+    target?: FailureTarget,
+  ): Promise<void> {
     const reason = error instanceof Error ? error.message : String(error);
     if (isTerminalError(error)) {
       await deadLetterMessage(msg, "HANDLER_FAILED", reason, target);
@@ -255,7 +281,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     }
     if (abort.signal.aborted) {
       // Stopping took too long and the handler gave up on our signal: not the message's fault.
-      settle(msg, "nak");
+      await handBack(msg, handedBack);
       return;
     }
     if (attempt < policy.maxAttempts) {
@@ -324,9 +350,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       await deadLetterMessage(msg, "UNKNOWN_TYPE", `no handler for command ${cmd.command}`, target);
       return;
     }
-    const attempt = msg.info.deliveryCount;
+    const handedBack = await handbacks.count(msg);
+    const attempt = msg.info.deliveryCount - handedBack;
     if (attempt > policy.maxAttempts) {
-      await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt), target);
+      await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt, handedBack), target);
       return;
     }
     const input = await handler.input.safeParseAsync(cmd.input);
@@ -344,7 +371,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         signal,
       });
     } catch (error) {
-      await handlerFailed(msg, error, target);
+      await handlerFailed(msg, error, attempt, handedBack, target);
       return;
     }
     const id = `reply.${cmd.commandId}`;
@@ -372,7 +399,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         { err: describe(error), commandId: cmd.commandId, seq: msg.seq },
         "cannot publish reply, will retry",
       );
-      settle(msg, "nak", IO_RETRY_DELAY_MS);
+      // The effect is applied: the next delivery must get to publish the reply, not be counted
+      // as a failed attempt.
+      await handBack(msg, handedBack, IO_RETRY_DELAY_MS);
       return;
     }
     stats.handled++;
@@ -429,9 +458,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       );
       return;
     }
-    const attempt = msg.info.deliveryCount;
+    const handedBack = await handbacks.count(msg);
+    const attempt = msg.info.deliveryCount - handedBack;
     if (attempt > policy.maxAttempts) {
-      await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt));
+      await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt, handedBack));
       return;
     }
     const payload = await handler.payload.safeParseAsync(ev.payload);
@@ -448,7 +478,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         signal,
       });
     } catch (error) {
-      await handlerFailed(msg, error);
+      await handlerFailed(msg, error, attempt, handedBack);
       return;
     }
     stats.handled++;
@@ -519,6 +549,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         { err: describe(error), subject: msg.subject, seq: msg.seq },
         "unexpected error handling message",
       );
+      // Counted as an attempt: the same bug would otherwise hand the message back for ever.
       settle(msg, "nak", IO_RETRY_DELAY_MS);
     } finally {
       clearInterval(keepAlive);
@@ -556,9 +587,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         for await (const msg of messages) {
           await slots.acquire();
           if (stopping) {
-            slots.release();
             // Hand it back at once instead of letting it wait out ack_wait.
-            settle(msg, "nak");
+            await handBack(msg, undefined);
+            slots.release();
             continue;
           }
           const task = processMessage(msg, kind).finally(() => {
@@ -655,8 +686,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
 // ---- helpers -------------------------------------------------------------------------------------
 
-function spareDeliveryReason(attempt: number): string {
-  return `delivered ${attempt} times: the last attempt never finished (process died or ack_wait expired)`;
+function spareDeliveryReason(attempt: number, handedBack: number): string {
+  const back = handedBack > 0 ? ` (and handed back ${handedBack} times by the runtime)` : "";
+  return `delivered for attempt ${attempt}${back}: the last attempt never finished (process died or ack_wait expired)`;
 }
 
 /** From an envelope that failed validation, the reply address if it is intact. */
