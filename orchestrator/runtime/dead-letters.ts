@@ -171,25 +171,33 @@ export function deadLetterOf(
 }
 
 /**
- * Message id of the dead letter `source` writes for message `sequence` of `stream`: a retried
- * dead-lettering stores one record. The source is part of it because several services consume
- * the one events stream, and each must keep its own letter for the same event.
+ * Message id of the dead letter `source` writes for message `sequence` of `stream`, stored at
+ * `storedAtNanos` (the message's own timestamp): a retried dead-lettering stores one record. The
+ * source is part of it because several services consume the one events stream, and each must keep
+ * its own letter for the same event; the timestamp because a stream made again restarts its
+ * sequences, and its new message 7 must not be taken for a repeat of the old one's letter.
  */
-export function deadLetterMsgId(source: string, stream: string, sequence: number): string {
-  return `dlq.${source}.${stream}.${sequence}`;
+export function deadLetterMsgId(
+  source: string,
+  stream: string,
+  sequence: number,
+  storedAtNanos: bigint,
+): string {
+  return `dlq.${source}.${stream}.${sequence}.${storedAtNanos}`;
 }
 
 /**
  * Publishes `record` to the dead-letter stream (subject `<ns>.dlq.<source>`), de-duplicated by
- * {@link deadLetterMsgId}.
+ * {@link deadLetterMsgId} of the message it keeps (`storedAtNanos`: that message's timestamp).
  */
 export async function publishDeadLetter(
   js: JetStreamClient,
   topo: Topology,
   record: DeadLetter,
+  storedAtNanos: bigint,
   source: string = record.stream,
 ): Promise<void> {
   await js.publish(topo.deadLetterSubject(source), JSON.stringify(record), {
-    msgID: deadLetterMsgId(source, record.stream, record.sequence),
+    msgID: deadLetterMsgId(source, record.stream, record.sequence, storedAtNanos),
   });
 }

@@ -625,6 +625,7 @@ class OrchestratorLoop {
           maxDeadLetterBytes(this.#options.nc),
           maxDeadLetterBytes(this.#options.nc),
         ),
+        msg.timestampNanos,
       );
       this.stats.deadLettered++;
       this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");

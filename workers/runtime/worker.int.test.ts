@@ -251,6 +251,25 @@ describe("createWorker (real nats-server)", () => {
     expect(calls).toBe(1);
   });
 
+  it("keeps the letter of a message of a stream made again, whose sequence an older letter had", async () => {
+    const { topo, inbox } = await setup("remade", {
+      commands: charge(async () => {
+        throw new TerminalError("card declined");
+      }),
+    });
+    const first = command();
+    await send(topo, first);
+    await inbox.next((m) => m.id === `failed.${first.commandId}`);
+    // The commands stream is lost and made again: its sequences restart at 1.
+    await jsm.streams.delete(topo.streams.commands);
+    await ensureTopology(jsm, topo);
+    const second = command();
+    await send(topo, second);
+    await inbox.next((m) => m.id === `failed.${second.commandId}`);
+    const letters = await deadLetters(topo, 2);
+    expect(letters.map((l) => l.sequence)).toEqual([1, 1]);
+  });
+
   it("dead-letters every kind of poison message and keeps going (one at a time, no stall)", async () => {
     const handled: string[] = [];
     const { topo, inbox, worker } = await setup("poison", {

@@ -233,7 +233,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       await publishJson(
         topo.deadLetterSubject(service),
         record,
-        deadLetterMsgId(service, msg.info.stream, msg.seq),
+        deadLetterMsgId(service, msg.info.stream, msg.seq, msg.timestampNanos),
       );
       if (target) await sendCommandFailed(target, capReason(`${code}: ${reason}`));
     } catch (error) {
