@@ -12,7 +12,7 @@ import type { Topology, TopologyOptions } from "../../orchestrator/runtime/topol
  * a command whose effect was applied but whose reply could not be published ends in
  * `command.failed`. Hand-backs are taken off the delivery count to give the attempt.
  *
- * Kept in a KV bucket (one key per stream message, `<stream>.<seq>`; kept a day, far longer than
+ * Kept in a KV bucket (one key per consumer and stream message, `<stream>.<consumer>.<seq>`; kept a day, far longer than
  * any retry schedule), so the count survives the process that handed the message back. Read only
  * for redeliveries, which are rare; written only on hand-backs. A read or write that fails (NATS
  * away) counts as no hand-back: the runtime then behaves as it did without the ledger.
@@ -45,7 +45,8 @@ export async function openHandbackLedger(
     ...(options.replicas === undefined ? {} : { replicas: options.replicas }),
     ...(options.storage === "memory" ? { storage: "memory" as const } : {}),
   });
-  const keyOf = (msg: JsMsg): string => `${msg.info.stream}.${msg.seq}`;
+  // Per consumer: several services' consumers take the same event, each with its own deliveries.
+  const keyOf = (msg: JsMsg): string => `${msg.info.stream}.${msg.info.consumer}.${msg.seq}`;
   const read = async (msg: JsMsg): Promise<number> => {
     try {
       const entry = await kv.get(keyOf(msg));
@@ -57,7 +58,9 @@ export async function openHandbackLedger(
     }
   };
   return {
-    count: (msg) => (msg.info.deliveryCount <= 1 ? Promise.resolve(0) : read(msg)),
+    // Never more than the deliveries before this one: every delivery is at least one attempt.
+    count: async (msg) =>
+      msg.info.deliveryCount <= 1 ? 0 : Math.min(await read(msg), msg.info.deliveryCount - 1),
     async record(msg, known) {
       // One holder of a message at a time: no two writers of one key race.
       const before = known ?? (await read(msg));

@@ -60,6 +60,8 @@ const IO_RETRY_DELAY_MS = 1_000;
 /** Pause before consuming again after the consume loop failed, ms; doubles while it keeps failing. */
 const RESTART_DELAY_MS = 1_000;
 const MAX_RESTART_DELAY_MS = 5_000;
+/** Hand-backs of a message after which a reply that cannot be published costs attempts again. */
+const MAX_REPLY_HANDBACKS = 3;
 /** Publishes of a reply whose handler succeeded, before the message is nak'd after all. */
 const REPLY_TRIES = 4;
 /** Pauses between them (full jitter): about 3.5 s in all on average, at most 7 s. */
@@ -400,8 +402,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         "cannot publish reply, will retry",
       );
       // The effect is applied: the next delivery must get to publish the reply, not be counted
-      // as a failed attempt.
-      await handBack(msg, handedBack, IO_RETRY_DELAY_MS);
+      // as a failed attempt; but a reply that can never be published (too large, no permission)
+      // must not go round for ever: after MAX_REPLY_HANDBACKS such hand-backs, naks count.
+      if (handedBack < MAX_REPLY_HANDBACKS) await handBack(msg, handedBack, IO_RETRY_DELAY_MS);
+      else settle(msg, "nak", IO_RETRY_DELAY_MS);
       return;
     }
     stats.handled++;

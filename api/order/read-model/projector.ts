@@ -256,7 +256,15 @@ class Projector implements OrderProjector {
       await this.#loop?.catch(() => {});
       this.#unwritten = [];
       this.#readSeq = 0;
-      const position = await this.#checkpointFor(identity);
+      let position: number;
+      try {
+        position = await this.#checkpointFor(identity);
+      } catch (error) {
+        // The rebuild failed (Postgres away, say): consume on from where it was rather than stop
+        // for good; the watch calls again at its next check.
+        if (!this.#stopping) await this.#consumeFrom(this.#position + 1);
+        throw error;
+      }
       if (this.#stopping) return;
       // Backwards on purpose: positions of the old stream name nothing in the new one.
       this.#streamCreated = identity.created;

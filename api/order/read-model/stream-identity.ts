@@ -35,7 +35,7 @@ export interface StreamIdentityWatch {
 
 /**
  * Checks `stream` every `intervalMs` and calls `onChange` once per new incarnation (after the one
- * `known` names). Calls never overlap: a check waits for the previous `onChange` to settle. A
+ * `known` names), again at the next check when it failed. Calls never overlap: a check waits for the previous `onChange` to settle. A
  * stream that is missing is waited for; a failed check (NATS away) is tried again next time.
  */
 export function watchStreamIdentity(
@@ -52,8 +52,9 @@ export function watchStreamIdentity(
   const check = async (): Promise<void> => {
     const identity = await streamIdentity(jsm, stream);
     if (stopped || identity === undefined || identity.created === current) return;
-    current = identity.created;
     await onChange(identity);
+    // Only once handled: a change whose handling failed is tried again at the next check.
+    current = identity.created;
   };
   const timer = setInterval(() => {
     if (running || stopped) return;
