@@ -209,7 +209,9 @@ class Projector implements OrderProjector {
       ...(this.#options.ns ? { ns: this.#options.ns } : {}),
       name: this.#name,
       batchSize: this.#maxBatch,
+      onlyIfStale: true,
     });
+    if (rebuilt.skipped) return rebuilt.position;
     this.stats.rebuilds++;
     this.#options.logger?.info(
       { entries: rebuilt.entries, orders: rebuilt.orders, position: rebuilt.position },

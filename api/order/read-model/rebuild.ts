@@ -8,7 +8,7 @@ import { readConfig } from "../../../common/config.ts";
 import { connectNatsFromConfig } from "../../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../../common/postgres.ts";
 import { assertCurrentHistoryFormat, JetsagaError, topology } from "../../../orchestrator/index.ts";
-import { applyBatch, type PositionedEntry, rowsOf } from "./projection.ts";
+import { applyBatch, type PositionedEntry, readCheckpoint, rowsOf } from "./projection.ts";
 import { decodeHistoryMessage } from "./projector.ts";
 
 /** Options of {@link rebuildOrderReadModel}. */
@@ -21,6 +21,11 @@ export interface RebuildOptions {
   name?: string;
   /** Entries per statement batch. Default 1000. */
   batchSize?: number;
+  /**
+   * Rebuild only if the checkpoint does not already belong to the stream as it is now (another
+   * projector rebuilt it first): checked under the tables' lock. Default false (always rebuild).
+   */
+  onlyIfStale?: boolean;
 }
 
 /** What a rebuild did. */
@@ -33,6 +38,8 @@ export interface RebuildResult {
   position: number;
   /** The incarnation of the history stream replayed (see stream-identity.ts), stored with it. */
   streamCreated: string;
+  /** With `onlyIfStale`: the checkpoint already belonged to the stream, nothing was rebuilt. */
+  skipped?: true;
 }
 
 /** Where migrations of the order read model live (for `migrate(sql, { name: "order", dir })`). */
@@ -75,6 +82,20 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
 
   return sql.begin(async (tx) => {
     await tx`lock table orders, order_items, order_status_history, projection_checkpoints in share row exclusive mode`;
+    if (options.onlyIfStale) {
+      // Several gateway replicas notice a stream made again at once: the first rebuilds, the
+      // others find its checkpoint here and go on from it.
+      const current = await readCheckpoint(tx, name);
+      if (current.streamCreated === info.created) {
+        const [count] = await tx<{ n: string }[]>`select count(*) as n from orders`;
+        return {
+          entries: 0,
+          orders: Number(count?.n ?? 0),
+          position: current.position,
+          streamCreated: info.created,
+        };
+      }
+    }
     await tx`delete from order_status_history`;
     await tx`delete from order_items`;
     await tx`delete from orders`;
