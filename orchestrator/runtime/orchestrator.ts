@@ -612,19 +612,14 @@ class OrchestratorLoop {
   }
 
   async #deadLetter(msg: JsMsg, code: string, reason: string): Promise<void> {
+    const maxRecordBytes = maxDeadLetterBytes(this.#options.nc);
     try {
       await publishDeadLetter(
         this.#js,
         this.#topo,
         // Data kept up to the record's own limit, as the workers do: a TOO_LARGE message stays
         // whole when it fits, and can be redriven once the limit is raised.
-        deadLetterOf(
-          msg,
-          { code, reason },
-          this.#clock(),
-          maxDeadLetterBytes(this.#options.nc),
-          maxDeadLetterBytes(this.#options.nc),
-        ),
+        deadLetterOf(msg, { code, reason }, this.#clock(), maxRecordBytes, maxRecordBytes),
         msg.timestampNanos,
       );
       this.stats.deadLettered++;

@@ -1,7 +1,7 @@
 import type { StateValue } from "xstate";
 import { z } from "zod";
 import type { Sql, TransactionSql } from "../../../common/postgres.ts";
-import type { HistoryEntry, InstanceState } from "../../../orchestrator/index.ts";
+import { type HistoryEntry, type InstanceState, isTerminal } from "../../../orchestrator/index.ts";
 
 /** Business status of an order as the API shows it (the proto's OrderStatus without the prefix). */
 export type OrderStatusName = "PENDING" | "CONFIRMED" | "SHIPPED" | "CANCELLED";
@@ -116,7 +116,7 @@ export function reachesStatus(
   state: Pick<InstanceState, "status" | "value" | "context">,
   until: ReadonlySet<OrderStatusName>,
 ): boolean {
-  if (state.status !== "running") return true;
+  if (isTerminal(state)) return true;
   return !COMPENSATION_STATES.has(topState(state.value)) && until.has(orderStatusOf(state));
 }
 

@@ -1,4 +1,4 @@
-import type { JetStreamManager } from "@nats-io/jetstream";
+import { JetStreamApiCodes, JetStreamApiError, type JetStreamManager } from "@nats-io/jetstream";
 
 /**
  * Which incarnation of a stream a position belongs to. A stream deleted and made again under the
@@ -23,7 +23,9 @@ export async function streamIdentity(
     const info = await jsm.streams.info(stream);
     return { created: info.created, lastSeq: info.state.last_seq };
   } catch (error) {
-    if (/stream not found/i.test(String(error))) return undefined;
+    // As streamExists (orchestrator/runtime/topology.ts) tells it: by the API's error code.
+    if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound)
+      return undefined;
     throw error;
   }
 }
