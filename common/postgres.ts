@@ -56,6 +56,34 @@ export async function connectPostgres(url: string, opts: PostgresOptions = {}): 
   return sql;
 }
 
+/**
+ * Runs `query`. When `signal` fires first, the query is cancelled in Postgres and this rejects
+ * with the signal's reason: nobody waits for the answer any more, and the backend would otherwise
+ * run on (or wait on a lock) holding one of the pool's few connections. The cancel opens a
+ * connection of its own; its failure (Postgres gone meanwhile) is dropped, not left unhandled:
+ * the query's own outcome is what the caller sees.
+ */
+export async function queryUntilAborted<T>(
+  query: PromiseLike<T> & { cancel(): unknown },
+  signal?: AbortSignal,
+): Promise<T> {
+  if (!signal) return query;
+  signal.throwIfAborted();
+  const cancel = (): void => {
+    Promise.resolve(query.cancel()).catch(() => {});
+  };
+  signal.addEventListener("abort", cancel, { once: true });
+  try {
+    return await query;
+  } catch (error) {
+    // Postgres' "canceling statement due to user request", or whatever the cancel cut short.
+    if (signal.aborted) throw signal.reason;
+    throw error;
+  } finally {
+    signal.removeEventListener("abort", cancel);
+  }
+}
+
 /** `host:port/database` of a connection URL, without user or password (safe to log). */
 export function describeUrl(url: string): string {
   try {

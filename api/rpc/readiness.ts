@@ -4,7 +4,7 @@
  * (`isClosed()` is false) yet every publish waits or fails.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
-import type { Sql } from "../../common/postgres.ts";
+import { queryUntilAborted, type Sql } from "../../common/postgres.ts";
 
 /**
  * Whether a server should get traffic. `signal` fires when the server stops waiting for the
@@ -31,15 +31,8 @@ export async function natsAnswers(nc: NatsConnection): Promise<boolean> {
  * a database that hangs do not pile up in the pool; an error (refused connection) is thrown.
  */
 export async function postgresAnswers(sql: Sql, signal?: AbortSignal): Promise<boolean> {
-  const query = sql`select 1`;
-  const cancel = (): void => void query.cancel();
-  signal?.addEventListener("abort", cancel, { once: true });
-  try {
-    await query;
-    return true;
-  } finally {
-    signal?.removeEventListener("abort", cancel);
-  }
+  await queryUntilAborted(sql`select 1`, signal);
+  return true;
 }
 
 /** The readiness of a server whose calls need `sql` only (the user service). */

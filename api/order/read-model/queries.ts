@@ -1,5 +1,4 @@
-import type { PendingQuery, RowList } from "postgres";
-import type { Sql } from "../../../common/postgres.ts";
+import { queryUntilAborted, type Sql } from "../../../common/postgres.ts";
 import type { OrderStatusName } from "./projection.ts";
 
 /** One order as the read model holds it. Amounts in cents; times as Dates (ms precision). */
@@ -60,7 +59,7 @@ interface ItemJson {
 
 /**
  * One of the caller's orders, or undefined (also when it belongs to someone else). When `signal`
- * fires first (the call's deadline, its client gone), the query is cancelled: see {@link untilAborted}.
+ * fires first (the call's deadline, its client gone), the query is cancelled: see {@link queryUntilAborted}.
  */
 export async function getOrder(
   sql: Sql,
@@ -68,7 +67,7 @@ export async function getOrder(
   orderId: string,
   signal?: AbortSignal,
 ): Promise<OrderView | undefined> {
-  const rows = await untilAborted(
+  const rows = await queryUntilAborted(
     sql<OrderRow[]>`
       select o.*, ${withItems(sql)} from orders o where o.order_id = ${orderId} and o.user_id = ${userId}`,
     signal,
@@ -85,7 +84,7 @@ export async function listOrders(
   query: ListOrdersQuery,
   signal?: AbortSignal,
 ): Promise<{ orders: OrderView[]; next: PageCursor | undefined }> {
-  const rows = await untilAborted(
+  const rows = await queryUntilAborted(
     sql<OrderRow[]>`
       select o.*, ${withItems(sql)} from orders o
       where user_id = ${query.userId}
@@ -102,30 +101,6 @@ export async function listOrders(
   const next =
     rows.length > query.limit && last ? { createdAt: last.created_at, orderId: last.order_id } : undefined;
   return { orders: page.map(viewOf), next };
-}
-
-/**
- * Runs `query`. When `signal` fires first, the query is cancelled in Postgres and this rejects
- * with the signal's reason: nobody waits for the answer any more, and the backend would otherwise
- * run on (or wait on a lock) holding one of the pool's few connections.
- */
-async function untilAborted<T extends readonly object[]>(
-  query: PendingQuery<T>,
-  signal: AbortSignal | undefined,
-): Promise<RowList<T>> {
-  if (!signal) return query;
-  signal.throwIfAborted();
-  const cancel = (): void => void query.cancel();
-  signal.addEventListener("abort", cancel, { once: true });
-  try {
-    return await query;
-  } catch (error) {
-    // Postgres' "canceling statement due to user request", or whatever the cancel cut short.
-    if (signal.aborted) throw signal.reason;
-    throw error;
-  } finally {
-    signal.removeEventListener("abort", cancel);
-  }
 }
 
 /**
