@@ -31,10 +31,12 @@ export type FullPathResult =
       levels: LoadReport[];
       /** Process names in the CPU columns, in order. */
       processNames: string[];
-      /** GetOrder calls per order, p50: 1 (the confirmation's position; no polling). */
+      /** Read-model reads per order, p50: 1 (the answer, or one GetOrder at its position; no polling). */
       readsPerOrder: number;
       /** {@link FullPathOptions.connectLevels}, measured with the same processes after `levels`. */
       overConnect?: LoadReport[];
+      /** {@link FullPathOptions.twoCallLevels}, measured with the same processes after `levels`. */
+      twoCalls?: LoadReport[];
       /**
        * Postgres's durability settings as the server reported them (`fsync`, `full_page_writes`,
        * `synchronous_commit`); absent in results of runs before they were recorded, which ran
@@ -58,7 +60,16 @@ export interface OrderLoadOptions extends LoadOptions {
    * the same port.
    */
   protocol?: RpcProtocol;
+  /**
+   * How the order is read back from the read model: `answer` (default), PlaceOrder's own answer
+   * with `answer_from_read_model`, one call per order; or `getOrder`, a GetOrder with the
+   * outcome's position as `min_position` after PlaceOrder, two calls (as before that flag).
+   */
+  readBack?: ReadBack;
 }
+
+/** See {@link OrderLoadOptions.readBack}. */
+export type ReadBack = "answer" | "getOrder";
 
 /** The protocols the gateway serves that the benchmark can drive it with. */
 export type RpcProtocol = "grpc" | "connect";
@@ -75,9 +86,11 @@ const OUTCOME = [OrderStatus.CONFIRMED, OrderStatus.CANCELLED];
 
 /**
  * Places orders over gRPC, `concurrency` at a time, each with PlaceOrder waiting for the outcome
- * (`wait_for_statuses`: the server answers once the order has left PENDING) and then ONE GetOrder
- * with `min_position` = the position of that outcome, so the read model is asked only once it can
- * show it. An order counts when the read model says CONFIRMED.
+ * (`wait_for_statuses`: the server answers once the order has left PENDING) and answering from the
+ * read model once it includes the outcome (`answer_from_read_model`); or, with `readBack:
+ * "getOrder"`, answering from the history and then ONE GetOrder with `min_position` = the position
+ * of that outcome. Either way the read model is asked once, when it can show the outcome. An order
+ * counts when the read model says CONFIRMED.
  */
 export async function driveOrders(
   options: OrderLoadOptions,
@@ -87,6 +100,7 @@ export async function driveOrders(
   const headers = { authorization: `Bearer ${options.token}` };
   const timeoutMs = options.timeoutMs ?? 60_000;
   const reads: number[] = [];
+  const readBack = options.readBack ?? "answer";
   const order = async (key: string): Promise<boolean> => {
     const placedAt = Date.now();
     const settled = await orders.placeOrder(
@@ -94,6 +108,7 @@ export async function driveOrders(
         idempotencyKey: key,
         items: [{ sku: "bench-sku", quantity: 1, unitPriceCents: 1n }],
         waitForStatuses: OUTCOME,
+        answerFromReadModel: readBack === "answer",
       },
       { headers, timeoutMs },
     );
@@ -108,6 +123,10 @@ export async function driveOrders(
     if (settled.order?.status !== OrderStatus.CONFIRMED) {
       reads.push(0);
       return false;
+    }
+    if (readBack === "answer") {
+      reads.push(1);
+      return true;
     }
     const got = await orders.getOrder(
       { orderId: settled.order.orderId, minPosition: settled.position },
@@ -145,6 +164,12 @@ export interface FullPathOptions {
    * the Connect protocol instead of gRPC: what the protocol alone costs on both sides. Default none.
    */
   connectLevels?: readonly Level[];
+  /**
+   * Levels measured again after `levels` (and `connectLevels`), on the same processes, over gRPC
+   * with two calls per order (PlaceOrder, then GetOrder with `min_position`) instead of PlaceOrder
+   * answering from the read model: what the second call costs. Default none.
+   */
+  twoCallLevels?: readonly Level[];
   /**
    * Postgres settings over its own defaults (which fsync every commit). Unlike the tests' throwaway
    * clusters, the benchmark's is durable: the user service's rows are authoritative.
@@ -222,13 +247,21 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
       api: api.pid,
       ...(options.natsPid ? { nats: options.natsPid } : {}),
     };
-    const run = async (level: Level, warmup: boolean, protocol: RpcProtocol = "grpc") =>
+    const run = async (
+      level: Level,
+      warmup: boolean,
+      protocol: RpcProtocol = "grpc",
+      readBack: ReadBack = "answer",
+    ) =>
       (await runLoadProcess({
         mode: "full",
         protocol,
+        readBack,
         ...levelLoad(options, level),
-        // Keys apart from the gRPC levels' (a reused key answers with the order it made).
-        ...(protocol === "grpc" ? {} : { idPrefix: `${protocol}-c${level.concurrency}-` }),
+        // Keys apart from the main levels' (a reused key answers with the order it made).
+        ...(protocol === "grpc" && readBack === "answer"
+          ? {}
+          : { idPrefix: `${protocol}-${readBack}-c${level.concurrency}-` }),
         // Ids apart from every level's (`c<in flight>-…`).
         ...(warmup ? { idPrefix: "warm-" } : {}),
         pids,
@@ -246,9 +279,17 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
           { name: "full path over Connect", unit: "orders" },
         )
       : undefined;
+    const twoCalls = options.twoCallLevels?.length
+      ? await runLevels(
+          { levels: options.twoCallLevels, ...(options.progress ? { progress: options.progress } : {}) },
+          (level, warmup) => run(level, warmup, "grpc", "getOrder"),
+          { name: "full path with two calls per order", unit: "orders" },
+        )
+      : undefined;
     return {
       levels,
       ...(overConnect ? { overConnect } : {}),
+      ...(twoCalls ? { twoCalls } : {}),
       processNames: ["orchestrator", "user", "api", "nats", "postgres", "client"],
       postgresDurability,
       readsPerOrder: reads.sort((a, b) => a - b)[Math.floor(reads.length / 2)] ?? Number.NaN,

@@ -421,7 +421,7 @@ export function renderMarkdown(results: BenchResults): string {
       continue;
     }
     out.push(
-      `**Full path** (${s.name}; Postgres ${describeDurability(f.postgresDurability)}: gRPC PlaceOrder → order saga → user service → CONFIRMED answered by PlaceOrder waiting for the outcome (wait_for_statuses), then visible in the read model via one GetOrder with its position as min_position):`,
+      `**Full path** (${s.name}; Postgres ${describeDurability(f.postgresDurability)}: gRPC PlaceOrder → order saga → user service → CONFIRMED answered by PlaceOrder waiting for the outcome (wait_for_statuses) ${f.twoCalls || !f.overConnect ? "and answering from the read model once it shows it (answer_from_read_model): one call per order" : "then visible in the read model via one GetOrder with its position as min_position"}):`,
       "",
     );
     // Postgres is a process tree, measured for CPU only.
@@ -467,12 +467,28 @@ export function renderMarkdown(results: BenchResults): string {
           (grpc ? ` (gRPC: ${fmt(grpc.perSecond)} orders/s, ${cpu(grpc)}).` : "."),
       );
     }
+    for (const level of f.twoCalls ?? []) {
+      const one = f.levels.find((l) => l.concurrency === level.concurrency);
+      const cpu = (r: LoadReport): string =>
+        `API gateway ${fmt(r.cpuMsPerItem.api, 2)}, load generator ${fmt(r.cpuMsPerItem.client, 2)}, Postgres ${fmt(r.cpuMsPerItem.postgres, 2)}, all ${fmt(cpuPerItem(r), 2)}`;
+      out.push(
+        "",
+        `**Full path with two calls per order** (${s.name}, ${level.concurrency} in flight; gRPC PlaceOrder answering from the history, then GetOrder with min_position, to the same processes, measured after the other levels): ` +
+          `${fmt(level.perSecond)} orders/s, p50 ${fmt(level.latencyMs.p50)} ms, p99 ${fmt(level.latencyMs.p99)} ms, CPU ms/order ${cpu(level)}, errors ${level.errors}` +
+          (one ? ` (one call: ${fmt(one.perSecond)} orders/s, ${cpu(one)}).` : "."),
+      );
+    }
   }
   for (const s of series) {
     if (!s.failures?.length) continue;
     out.push("", `**Failed parts** (${s.name}):`, "", ...s.failures.map((f) => `- ${f}`));
   }
   return out.join("\n");
+}
+
+/** CPU ms per item over every process measured. */
+function cpuPerItem(r: LoadReport): number {
+  return Object.values(r.cpuMsPerItem).reduce((sum, ms) => sum + ms, 0);
 }
 
 /** Start and end markers of the generated part of docs/BENCHMARKS.md. */

@@ -375,8 +375,10 @@ async function runSeries(
               levels: FULL_LEVELS,
               processWarmup: FULL_WARMUP,
               postgresSettings,
-              // Only in full runs: a soak (`--full-levels`) measures gRPC alone.
-              ...(args["full-levels"] === undefined ? { connectLevels: at64(FULL_LEVELS) } : {}),
+              // Only in full runs: a soak (`--full-levels`) measures the main way alone.
+              ...(args["full-levels"] === undefined
+                ? { connectLevels: at64(FULL_LEVELS), twoCallLevels: at64(FULL_LEVELS) }
+                : {}),
             }),
           ),
         );
@@ -450,8 +452,10 @@ async function runSeries(
         const overConnect = measuredRuns.flatMap((r) =>
           "overConnect" in r && r.overConnect ? [r.overConnect] : [],
         );
+        const twoCalls = measuredRuns.flatMap((r) => ("twoCalls" in r && r.twoCalls ? [r.twoCalls] : []));
         series.fullPath = {
           ...(overConnect.length ? { overConnect: medianLevels(overConnect) } : {}),
+          ...(twoCalls.length ? { twoCalls: medianLevels(twoCalls) } : {}),
           levels: medianLevels(levelsOf),
           processNames: one && "processNames" in one ? one.processNames : [],
           ...(one && "postgresDurability" in one && one.postgresDurability

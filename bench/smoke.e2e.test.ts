@@ -79,7 +79,7 @@ describe("benchmark smoke", () => {
     }
   });
 
-  it("runs the full path over gRPC and over Connect: every order is confirmed and read back from the read model", async () => {
+  it("runs the full path over gRPC, over Connect and with two calls per order: every order is confirmed and read back from the read model", async () => {
     const result = await measureFullPath({
       natsUrl: natsUrl(),
       ns: uniqueNamespace("full"),
@@ -90,6 +90,7 @@ describe("benchmark smoke", () => {
       processWarmup: { concurrency: 2, count: 4 },
       // The same in-flight count as a gRPC level: its orders must still be new ones.
       connectLevels: [{ concurrency: 4, count: 8, warmup: 4 }],
+      twoCallLevels: [{ concurrency: 4, count: 8, warmup: 4 }],
       postgresSettings: { synchronous_commit: "off" },
     });
     if ("skipped" in result) throw new Error(`full path skipped: ${result.skipped}`);
@@ -101,11 +102,12 @@ describe("benchmark smoke", () => {
     });
     expect(result.levels.map((l) => l.concurrency)).toEqual([1, 4]);
     expect(result.overConnect?.map((l) => l.concurrency)).toEqual([4]);
-    for (const level of [...result.levels, ...(result.overConnect ?? [])]) {
+    expect(result.twoCalls?.map((l) => l.concurrency)).toEqual([4]);
+    for (const level of [...result.levels, ...(result.overConnect ?? []), ...(result.twoCalls ?? [])]) {
       expect(level.kind).toBe("full");
       expectFiniteReport(level, ["orchestrator", "user", "api"]);
     }
-    // One GetOrder per order: the watch said CONFIRMED and the read model agreed at its position.
+    // One read-model read per order: the answer (or the GetOrder) at the outcome's position.
     expect(result.readsPerOrder).toBe(1);
   });
 

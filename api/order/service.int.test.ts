@@ -263,7 +263,7 @@ describe("OrderService", () => {
    * server answers it (the client's own deadline does not show there).
    */
   async function withOrderService(
-    options: Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs">,
+    options: Partial<Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs" | "readModel">>,
     body: (
       client: Client<typeof OrderService>,
       service: OrderServiceHandle,
@@ -735,6 +735,43 @@ describe("OrderService", () => {
         ),
       ),
     ).toBe(Code.AlreadyExists);
+  });
+
+  it("answers PlaceOrder with answer_from_read_model from the read model, once it includes the state answered", async () => {
+    const { token } = await signUp("readback");
+    const key = randomUUID();
+    const request = {
+      idempotencyKey: key,
+      items: [item()],
+      waitForStatuses: [OrderStatus.CONFIRMED, OrderStatus.CANCELLED],
+      answerFromReadModel: true,
+    };
+    const settled = await orders.placeOrder(request, auth(token));
+    const orderId = settled.order?.orderId ?? "";
+    expect(settled.order).toMatchObject({ status: OrderStatus.CONFIRMED, items: [item()] });
+    // The same answer as GetOrder at the outcome's position: one call instead of two.
+    const read = await orders.getOrder({ orderId, minPosition: settled.position }, auth(token));
+    expect(settled.order).toEqual(read.order);
+    // It is the read model's row, not the history's state: a row changed in Postgres shows in a
+    // retry's answer with the flag, and not in one without it.
+    const marker = new Date("2031-01-02T03:04:05.000Z");
+    await sql`update orders set updated_at = ${marker} where order_id = ${orderId}`;
+    const fromReadModel = await orders.placeOrder(request, auth(token));
+    expect(fromReadModel.order?.updatedAt?.seconds).toBe(BigInt(marker.getTime() / 1000));
+    expect(fromReadModel.position).toBe(settled.position);
+    const fromHistory = await orders.placeOrder({ ...request, answerFromReadModel: false }, auth(token));
+    expect(fromHistory.order?.updatedAt?.seconds).toBe(settled.order?.updatedAt?.seconds);
+    // A read model that does not catch up within the call fails it with DEADLINE_EXCEEDED; the
+    // order is placed all the same.
+    const lagging = { position: () => 0, waitFor: async () => false };
+    await withOrderService({ readModel: lagging }, async (client) => {
+      const other = await signUp("readback-lag");
+      const lagKey = randomUUID();
+      const call = client.placeOrder({ ...request, idempotencyKey: lagKey }, auth(other.token));
+      expect(await codeOf(call)).toBe(Code.DeadlineExceeded);
+      const retried = await orders.placeOrder({ ...request, idempotencyKey: lagKey }, auth(other.token));
+      expect(retried.order).toMatchObject({ status: OrderStatus.CONFIRMED, userId: other.userId });
+    });
   });
 
   it("ends a PlaceOrder wait at a final status it did not name, and refuses unknown statuses", async () => {
