@@ -55,6 +55,12 @@ const DEFAULTS = {
 
 /** How long `stop()` waits for handlers in progress, ms. */
 const STOP_TIMEOUT_MS = 10_000;
+/**
+ * How long a hand-back's ledger write may take once the worker is stopping, ms. NATS may be
+ * unreachable then, and a read and a write could each wait out a request timeout (5 s) for every
+ * message handed back; past this the write is given up (the hand-back then counts as an attempt).
+ */
+const STOP_LEDGER_WRITE_MS = 1_500;
 /** Delay before redelivery when our own IO (a publish) failed, ms. */
 const IO_RETRY_DELAY_MS = 1_000;
 /** Pause before consuming again after the consume loop failed, ms; doubles while it keeps failing. */
@@ -117,8 +123,13 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   const jsm = await jetstreamManager(nc);
   await ensureTopology(jsm, topo, options.topology);
   const js = jetstream(nc);
-  const handbacks = await openHandbackLedger(nc, topo, options.topology, (error, what) =>
-    log.warn({ err: describe(error), what }, "hand-back ledger unavailable: hand-backs count as attempts"),
+  const handbacks = await openHandbackLedger(
+    nc,
+    topo,
+    options.topology,
+    (error, what) =>
+      log.warn({ err: describe(error), what }, "hand-back ledger unavailable: hand-backs count as attempts"),
+    (context, message) => log.warn(context, message),
   );
 
   // The configs are kept: the consume loop re-creates a consumer that was deleted under it.
@@ -179,10 +190,12 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
    * stopping; the reply of an applied effect could not be published): recorded first, so the
    * delivery it causes is not counted as an attempt (see handbacks.ts). `handedBack`: the count so
    * far when known. A failed dead-lettering and a bug of ours are naks that count, or they could
-   * hand a message back for ever.
+   * hand a message back for ever. Once stopping, the ledger write is bounded (STOP_LEDGER_WRITE_MS):
+   * the nak follows it, and stop() must not wait out request timeouts when NATS is unreachable.
    */
   async function handBack(msg: JsMsg, handedBack: number | undefined, delayMs?: number): Promise<void> {
-    await handbacks.record(msg, handedBack);
+    const bound = stopping ? AbortSignal.timeout(STOP_LEDGER_WRITE_MS) : undefined;
+    await handbacks.record(msg, handedBack, bound);
     settle(msg, "nak", delayMs);
   }
 
@@ -568,6 +581,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     name: string,
     config: Partial<ConsumerConfig>,
   ): Promise<void> {
+    /** Hand-backs of messages that arrived once stopping; the loop ends when they are done. */
+    const handingBack: Array<Promise<void>> = [];
     for (let restarts = 0, failing = 0; !stopping && !nc.isClosed(); restarts++) {
       let messages: ConsumerMessages | undefined;
       try {
@@ -589,18 +604,22 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         if (stopping) void messages.close();
         void watchStatus(messages, name);
         for await (const msg of messages) {
-          await slots.acquire();
-          if (stopping) {
-            // Hand it back at once instead of letting it wait out ack_wait.
-            await handBack(msg, undefined);
+          if (!stopping) {
+            await slots.acquire();
+            if (!stopping) {
+              const task = processMessage(msg, kind).finally(() => {
+                slots.release();
+                inFlight.delete(task);
+              });
+              inFlight.add(task);
+              continue;
+            }
             slots.release();
-            continue;
           }
-          const task = processMessage(msg, kind).finally(() => {
-            slots.release();
-            inFlight.delete(task);
-          });
-          inFlight.add(task);
+          // Stopping: hand it back at once instead of letting it wait out ack_wait (nor for a slot
+          // a slow handler holds), and without waiting for the previous hand-backs: each ledger
+          // write is bounded, and concurrent they do not add up.
+          handingBack.push(handBack(msg, undefined));
         }
       } catch (error) {
         log.error({ err: describe(error), consumer: name }, "consume loop failed, restarting");
@@ -618,6 +637,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       const pause = Math.min(MAX_RESTART_DELAY_MS, RESTART_DELAY_MS * 2 ** Math.min(failing++, 3));
       await sleep(pause * (0.5 + Math.random() / 2));
     }
+    // stop() waits for the loops: the messages are nak'd before it returns.
+    await Promise.allSettled(handingBack);
   }
 
   async function watchStatus(messages: ConsumerMessages, name: string): Promise<void> {

@@ -1,0 +1,200 @@
+/**
+ * The hand-back ledger (handbacks.ts) against a real nats-server: a bucket that exists with other
+ * settings is reported and left as it is; a worker stopping while its server does not answer
+ * (stopped with SIGSTOP: connections stay open, nothing is answered) hands the messages it holds
+ * back without waiting out the ledger's request timeouts.
+ */
+import { type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import { Kvm } from "@nats-io/kv";
+import { connect, type NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { z } from "zod";
+import { topology } from "../../orchestrator/runtime/topology.ts";
+import type { DomainEventMessage } from "../../schemas/envelope.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { type NatsServerHandle, startNatsServer } from "../../test/support/servers.ts";
+import { handbackBucket, openHandbackLedger } from "./handbacks.ts";
+import { createWorker, type EventHandler, type RunningWorker, type WorkerLogger } from "./index.ts";
+
+/** A logger keeping each entry's message (warnings and errors) and fields. */
+function recordingLogger() {
+  const entries: Array<{ level: string; msg: string; obj: Record<string, unknown> }> = [];
+  const logger: WorkerLogger = {
+    info() {},
+    warn: (obj, msg) => entries.push({ level: "warn", msg, obj }),
+    error: (obj, msg) => entries.push({ level: "error", msg, obj }),
+  };
+  return { entries, logger, messages: () => entries.map((e) => e.msg) };
+}
+
+async function waitFor<T>(probe: () => T | undefined, what: string, ms = 10_000): Promise<T> {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const value = probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
+    await new Promise((resolve) => setTimeout(resolve, 15));
+  }
+}
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
+describe("hand-back ledger bucket settings (real nats-server)", () => {
+  let nc: NatsConnection;
+  let jsm: JetStreamManager;
+  const running: RunningWorker[] = [];
+
+  beforeAll(async () => {
+    nc = await connect({ servers: natsUrl() });
+    jsm = await jetstreamManager(nc);
+  });
+
+  afterAll(async () => {
+    await Promise.all(running.map((w) => w.stop()));
+    await nc?.close();
+  });
+
+  const events: Record<string, EventHandler<z.ZodType>> = {
+    "order.confirmed": { workflow: "order", payload: z.unknown(), handle: async () => {} },
+  };
+
+  it("reports a bucket made with other settings (no TTL, more history) and leaves it as it is", async () => {
+    const topo = topology(uniqueNamespace("hbsettings"));
+    const bucket = handbackBucket(topo);
+    // Made by hand, or by a version with other settings: no TTL, 5 values per key.
+    await new Kvm(nc).create(bucket, { history: 5 });
+
+    const warnings: Array<{ context: Record<string, unknown>; message: string }> = [];
+    await openHandbackLedger(nc, topo, {}, undefined, (context, message) =>
+      warnings.push({ context, message }),
+    );
+    expect(warnings).toHaveLength(1);
+    expect(warnings[0]?.message).toContain(bucket);
+    expect(warnings[0]?.message).toMatch(/ttl none \(entries kept for ever\) instead of 86400000 ms/);
+    expect(warnings[0]?.message).toMatch(/history 5 instead of 1/);
+    expect(warnings[0]?.context).toMatchObject({
+      bucket,
+      stream: `KV_${bucket}`,
+      ttlMs: 0,
+      wantedTtlMs: 86_400_000,
+      history: 5,
+      wantedHistory: 1,
+    });
+    // Left as it is (two versions at once must not undo each other's settings at every start).
+    const { config } = await jsm.streams.info(`KV_${bucket}`);
+    expect([config.max_age, config.max_msgs_per_subject]).toEqual([0, 5]);
+
+    // A worker says so in its log.
+    const log = recordingLogger();
+    running.push(await createWorker({ nc, ns: topo.ns, service: "acct", logger: log.logger, events }));
+    expect(log.entries.filter((e) => e.msg.includes(`bucket ${bucket} exists with other settings`))).toEqual([
+      expect.objectContaining({ level: "warn", obj: expect.objectContaining({ bucket, history: 5 }) }),
+    ]);
+  });
+
+  it("says nothing of a bucket it made itself", async () => {
+    const topo = topology(uniqueNamespace("hbfresh"));
+    const log = recordingLogger();
+    running.push(await createWorker({ nc, ns: topo.ns, service: "acct", logger: log.logger, events }));
+    const { config } = await jsm.streams.info(`KV_${handbackBucket(topo)}`);
+    expect([config.max_age, config.max_msgs_per_subject]).toEqual([86_400_000_000_000, 1]);
+    const warnings: string[] = [];
+    await openHandbackLedger(nc, topo, {}, undefined, (_context, message) => warnings.push(message));
+    expect([...warnings, ...log.messages()]).toEqual([]);
+  });
+});
+
+describe("a worker stopping while its NATS server does not answer", () => {
+  let nats: NatsServerHandle;
+  let nc: NatsConnection | undefined;
+
+  beforeAll(async () => {
+    nats = await startNatsServer();
+  });
+
+  afterAll(async () => {
+    await nats?.kill("SIGCONT");
+    await nc?.close();
+    await nats?.stop();
+  });
+
+  it("hands back the messages it holds without waiting out the ledger's requests; they are redelivered", async () => {
+    nc = await connect({ servers: nats.url });
+    const js = jetstream(nc);
+    const topo = topology(uniqueNamespace("hbpaused"));
+    const handled: string[] = [];
+    let started = 0;
+    let release: () => void = () => {};
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const gated: Record<string, EventHandler<z.ZodType>> = {
+      "order.confirmed": {
+        workflow: "order",
+        payload: z.unknown(),
+        handle: async (_payload, ctx) => {
+          started++;
+          await gate;
+          handled.push(ctx.eventId);
+        },
+      },
+    };
+    const log = recordingLogger();
+    // A minute of ack_wait: what comes back within the test was nak'd, not left to expire.
+    const options = { nc, ns: topo.ns, service: "acct", concurrency: 3, ackWaitMs: 60_000 };
+    const worker = await createWorker({ ...options, logger: log.logger, events: gated });
+    const ids = Array.from({ length: 9 }, (_, i) => `e${i + 1}`);
+    for (const eventId of ids) {
+      const event: DomainEventMessage = {
+        eventId,
+        event: "order.confirmed",
+        payload: {},
+        source: { workflow: "order", instanceId: "o1", revision: 1 },
+        at: Date.now(),
+      };
+      await js.publish(topo.eventSubject("order", "order.confirmed"), JSON.stringify(event));
+    }
+    // Three handlers run; the consume loop and the client's buffer hold more.
+    await waitFor(() => (started === 3 ? true : undefined), "three handlers running");
+    await sleep(300);
+
+    await nats.kill("SIGSTOP");
+    const stopping = worker.stop();
+    // The handlers finish (their acks wait in the socket); the messages the worker still holds
+    // are handed back, each hand-back's ledger write getting no answer.
+    release();
+    await stopping;
+    expect(handled).toHaveLength(3);
+    // Every message was settled before stop() returned: it did not give up on its consume loop,
+    // stuck in ledger writes one after the other, each waiting out its request timeouts.
+    expect(log.messages()).not.toContain(
+      "handlers still running at stop; their messages will be redelivered",
+    );
+    const given = log.entries.filter(
+      (e) => e.msg === "hand-back ledger unavailable: hand-backs count as attempts",
+    );
+    expect(given.length).toBeGreaterThan(0);
+    expect(given.every((e) => e.obj.what === "write")).toBe(true);
+
+    await nats.kill("SIGCONT");
+    const next = await createWorker({
+      ...options,
+      logger: recordingLogger().logger,
+      events: {
+        "order.confirmed": {
+          workflow: "order",
+          payload: z.unknown(),
+          handle: async (_payload, ctx) => {
+            handled.push(ctx.eventId);
+          },
+        },
+      },
+    });
+    try {
+      await waitFor(() => (new Set(handled).size === ids.length ? true : undefined), "every event handled");
+    } finally {
+      await next.stop();
+    }
+    expect(new Set(handled)).toEqual(new Set(ids));
+  });
+});
