@@ -22,7 +22,7 @@ import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { ConfigMap, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
-import { defaultV8Flags, SERVICE_ENV, SERVICE_V8_FLAGS } from "./local/service-process.ts";
+import { SERVICE_ENV, SERVICE_V8_FLAGS } from "./local/service-process.ts";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const K8S = join(ROOT, "deploy/k8s");
@@ -789,10 +789,9 @@ describe("Kubernetes manifests", () => {
     const configMapFlags = configMaps.get("jetsaga-config")?.NODE_OPTIONS;
     for (const { o, d } of deployments(objects)) {
       for (const c of d.spec?.template.spec?.containers ?? []) {
-        const entry = entryOf(c.args ?? []) ?? "";
         // A container's own env entry wins over its envFrom ConfigMap.
         const own = (c.env ?? []).find((e) => e.name === "NODE_OPTIONS")?.value;
-        expect(own ?? configMapFlags, `${o.name}: NODE_OPTIONS`).toBe(defaultV8Flags(entry));
+        expect(own ?? configMapFlags, `${o.name}: NODE_OPTIONS`).toBe(SERVICE_V8_FLAGS);
       }
     }
   });
@@ -893,8 +892,7 @@ describe("docker compose", () => {
     for (const [name, raw] of jetsaga) {
       const s = docOf(raw);
       const options = String(docOf(s.environment).NODE_OPTIONS);
-      const flags = defaultV8Flags(entryOf(listOf(s.command)) ?? "");
-      expect(options, `${name}: NODE_OPTIONS`).toBe(`${flags} \${JETSAGA_NODE_OPTIONS:-}`);
+      expect(options, `${name}: NODE_OPTIONS`).toBe(`${SERVICE_V8_FLAGS} \${JETSAGA_NODE_OPTIONS:-}`);
     }
   });
 

@@ -11,31 +11,14 @@ import { fileURLToPath } from "node:url";
  * above the live heap: a smaller limit makes V8 collect the old space sooner.
  *
  * The local launcher (`npm start`), the tests and the benchmark start services with them; the
- * image, compose file and Kubernetes ConfigMap set the same in NODE_OPTIONS, and compose and the
- * API's Deployment set {@link API_V8_FLAGS} for the gateway (checked by deploy/manifests.unit.test.ts).
+ * image, compose file and Kubernetes ConfigMap set the same in NODE_OPTIONS (checked by deploy/manifests.unit.test.ts).
+ *
+ * The API gateway ran with 4 MiB semi-spaces for a while (to keep it under 150 MiB at 64 orders in
+ * flight, for ~15 % more of its CPU). Since PlaceOrder answers from the read model in one call, it
+ * peaks at 132–134 MiB there with 8 and spends 1.1–1.2 ms of CPU per order against 1.3–1.4 with 4
+ * (three interleaved pairs, docs/BENCHMARKS.md fix 27): every service takes the same flags again.
  */
 export const SERVICE_V8_FLAGS = "--max-semi-space-size=8 --max-old-space-size=256";
-
-/**
- * The API gateway's V8 flags: 4 MiB semi-spaces instead of 8. With 8 the gateway peaked at
- * 144–156 MiB at 64 orders in flight, against a budget of 150 per process; with 4 at 135–144 MiB,
- * for ~15 % more gateway CPU per order and ~10 % fewer orders/s (median of interleaved full-path
- * pairs, docs/BENCHMARKS.md fix 22).
- * The orchestrator and the workers keep 8: with 4 their CPU per saga rose ~12 % and sagas/s fell
- * ~8 %, while their RSS is well under the budget anyway.
- * Compose and the API's Kubernetes Deployment set the same (checked by deploy/manifests.unit.test.ts).
- */
-export const API_V8_FLAGS = "--max-semi-space-size=4 --max-old-space-size=256";
-
-/** The entry (path relative to the repository, as in the manifests) of the API gateway. */
-export const API_ENTRY = "api/main.ts";
-
-/** The V8 flags the service whose entry file is `entry` runs with unless `JETSAGA_V8_FLAGS` is set. */
-export function defaultV8Flags(entry: string): string {
-  return entry.replaceAll("\\", "/").endsWith(`/${API_ENTRY}`) || entry === API_ENTRY
-    ? API_V8_FLAGS
-    : SERVICE_V8_FLAGS;
-}
 
 /**
  * Environment every service starts with, under the caller's own (a variable set by the caller
@@ -66,10 +49,10 @@ export function serviceEnv(
 
 /**
  * The V8 flags to start the service `entry` with: `JETSAGA_V8_FLAGS` when set (empty = V8's own
- * sizing), else {@link defaultV8Flags}.
+ * sizing), else {@link SERVICE_V8_FLAGS}.
  */
-function serviceV8Flags(entry: string, env: Readonly<Record<string, string | undefined>>): string[] {
-  return (env.JETSAGA_V8_FLAGS ?? defaultV8Flags(entry)).split(/\s+/).filter((flag) => flag !== "");
+function serviceV8Flags(env: Readonly<Record<string, string | undefined>>): string[] {
+  return (env.JETSAGA_V8_FLAGS ?? SERVICE_V8_FLAGS).split(/\s+/).filter((flag) => flag !== "");
 }
 
 /**
@@ -85,7 +68,7 @@ export function serviceArgs(
   env: Readonly<Record<string, string | undefined>>,
   nodeFlags: readonly string[] = [],
 ): string[] {
-  const flags = serviceV8Flags(entry, env);
+  const flags = serviceV8Flags(env);
   if (runtime === "node") return [...flags, ...nodeFlags, entry];
   return ["run", "-A", ...(flags.length ? [`--v8-flags=${flags.join(",")}`] : []), entry];
 }

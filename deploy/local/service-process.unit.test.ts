@@ -1,22 +1,11 @@
 /** Which V8 flags each service starts with, and how they reach Node and Deno. */
 import { describe, expect, it } from "vitest";
-import { API_V8_FLAGS, defaultV8Flags, SERVICE_V8_FLAGS, serviceArgs } from "./service-process.ts";
-
-describe("defaultV8Flags", () => {
-  it("gives the API gateway its own flags and every other service the shared ones", () => {
-    expect(defaultV8Flags("api/main.ts")).toBe(API_V8_FLAGS);
-    expect(defaultV8Flags("/srv/jetsaga/api/main.ts")).toBe(API_V8_FLAGS);
-    expect(defaultV8Flags("/srv/jetsaga/orchestrator/service/main.ts")).toBe(SERVICE_V8_FLAGS);
-    expect(defaultV8Flags("/srv/jetsaga/workers/user/main.ts")).toBe(SERVICE_V8_FLAGS);
-    expect(defaultV8Flags("/srv/jetsaga/notapi/main.ts")).toBe(SERVICE_V8_FLAGS);
-    expect(API_V8_FLAGS).not.toBe(SERVICE_V8_FLAGS);
-  });
-});
+import { SERVICE_V8_FLAGS, serviceArgs } from "./service-process.ts";
 
 describe("serviceArgs", () => {
   it("passes a service's flags before its entry under Node and as one --v8-flags under Deno", () => {
     expect(serviceArgs("node", "/r/api/main.ts", {}, ["--enable-source-maps"])).toEqual([
-      ...API_V8_FLAGS.split(" "),
+      ...SERVICE_V8_FLAGS.split(" "),
       "--enable-source-maps",
       "/r/api/main.ts",
     ]);
