@@ -185,6 +185,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
       readModel: projector,
       users,
       ...(options.ns ? { ns: options.ns } : {}),
+      ...(logger ? { logger } : {}),
       ...options.order,
     });
   } catch (error) {

@@ -5,13 +5,19 @@
  * the history subjects; the follower only reads their instance id.
  */
 import { randomUUID } from "node:crypto";
-import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  type ConsumeOptions,
+  type Consumer,
+  type Consumers,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { connectNats } from "../../common/nats.ts";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/index.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
-import { HistoryFollower, type SequencedEntry } from "./history-follower.ts";
+import { HistoryFollower, type HistoryFollowerLogger, type SequencedEntry } from "./history-follower.ts";
 
 const WORKFLOW = "order";
 
@@ -34,6 +40,37 @@ async function appendEntry(
   return (await jetstream(nc).publish(subject, JSON.stringify(entry))).seq;
 }
 
+/**
+ * Makes the next ordered consumer started in this process end as nats.js ends one for good (its
+ * iterator stops with the error) as soon as its stream or consumer is missing, instead of after
+ * 30 failed attempts to make it again (about 2 minutes): nats.js's own `abort_on_missing_resource`,
+ * with short heartbeats so that a missing consumer is noticed within a second or two.
+ */
+async function endNextConsumerWhenMissing(nc: NatsConnection, stream: string): Promise<void> {
+  const probe = await jetstream(nc).consumers.get(stream);
+  await probe.delete();
+  // nats.js's pull consumer class is not exported: its prototype, through one of its consumers.
+  const proto = Object.getPrototypeOf(probe) as Consumer;
+  const consume = proto.consume;
+  vi.spyOn(proto, "consume").mockImplementationOnce(function (this: Consumer, opts?: ConsumeOptions) {
+    return consume.call(this, {
+      ...opts,
+      abort_on_missing_resource: true,
+      idle_heartbeat: 500,
+      expires: 1000,
+    });
+  });
+}
+
+/** A logger keeping each line as `message: err`. */
+function recordingLogger(): HistoryFollowerLogger & { lines: string[] } {
+  const lines: string[] = [];
+  const record = (obj: Record<string, unknown>, msg: string): void => {
+    lines.push(obj.err === undefined ? msg : `${msg}: ${String(obj.err)}`);
+  };
+  return { lines, info: record, warn: record };
+}
+
 describe("HistoryFollower.watch", () => {
   let nc: NatsConnection;
   let topo: Topology;
@@ -48,6 +85,9 @@ describe("HistoryFollower.watch", () => {
   afterAll(async () => {
     await follower?.close();
     await nc?.close();
+  });
+  afterEach(() => {
+    vi.restoreAllMocks();
   });
 
   const append = (instanceId: string, revision: number): Promise<number> =>
@@ -210,5 +250,117 @@ describe("HistoryFollower.watch", () => {
     } finally {
       await own.close();
     }
+  });
+  it("makes its consumer again after the last entry it saw when nats.js ends it; waits and watches carry on", async () => {
+    const ownTopo = topology(uniqueNamespace("follower-resume"));
+    const stream = ownTopo.streams.history;
+    const jsm = await jetstreamManager(nc);
+    await ensureTopology(jsm, ownTopo, { storage: "memory" });
+    const appendTo = (instanceId: string, revision: number): Promise<number> =>
+      appendEntry(nc, ownTopo, instanceId, revision);
+    await endNextConsumerWhenMissing(nc, stream);
+    const logger = recordingLogger();
+    const own = await HistoryFollower.start(nc, ownTopo, WORKFLOW, {
+      restartBackoff: { initialDelayMs: 20, maxDelayMs: 200 },
+      logger,
+    });
+    try {
+      // Every entry of "a" the follower hands out, for as long as the test runs.
+      const seenOfA: number[] = [];
+      const ofA = own.expect(
+        "a",
+        () => false,
+        50_000,
+        (found) => seenOfA.push(found.seq),
+      );
+      const heard = own.expect("a", (entry) => entry.revision === 1, 10_000);
+      const a1 = await appendTo("a", 1);
+      expect(await heard.done).toMatchObject({ seq: a1 });
+      const b1 = await appendTo("b", 1);
+      const watch = own.watch("b")[Symbol.asyncIterator]();
+      expect(await watch.next()).toMatchObject({ done: false, value: { seq: b1 } });
+      const nextOfWatch = watch.next();
+      const waited = own.expect("b", (entry) => entry.revision === 3, 50_000);
+
+      // The new consumer is made only after more entries were appended: one of the entries
+      // appended from then on would miss them, one from the start would hand out "a" again.
+      const consumers = Object.getPrototypeOf(jetstream(nc).consumers) as Consumers;
+      const get = consumers.get;
+      let closedMeanwhile: boolean | undefined;
+      const appended: number[] = [];
+      vi.spyOn(consumers, "get").mockImplementationOnce(async function (this: Consumers, ...args) {
+        closedMeanwhile = own.closed;
+        appended.push(await appendTo("b", 2), await appendTo("b", 3));
+        return get.apply(this, args);
+      });
+      // The follower's consumer deleted: nats.js ends it (as after 30 failed attempts).
+      const names: string[] = [];
+      for await (const info of jsm.consumers.list(stream)) names.push(info.name);
+      expect(names).toHaveLength(1);
+      await jsm.consumers.delete(stream, names[0] ?? "");
+
+      const found = await waited.done;
+      expect(appended).toHaveLength(2);
+      const [b2, b3] = appended;
+      expect(found).toMatchObject({ seq: b3, entry: { revision: 3 } });
+      expect(await nextOfWatch).toMatchObject({ done: false, value: { seq: b2 } });
+      expect(await watch.next()).toMatchObject({ done: false, value: { seq: b3 } });
+      await watch.return?.();
+      expect(closedMeanwhile).toBe(true);
+      expect(own.closed).toBe(false);
+      expect(seenOfA).toEqual([a1]);
+      ofA.cancel();
+      expect(logger.lines).toContainEqual(
+        expect.stringMatching(/^history consumer failed: making it again: /),
+      );
+      expect(logger.lines).toContain("history consumer made again after the last entry seen");
+    } finally {
+      await own.close();
+    }
+  });
+
+  it("is not ready while its history stream is missing for longer than nats.js tries, and follows the stream made again", async () => {
+    const ownTopo = topology(uniqueNamespace("follower-gone"));
+    const stream = ownTopo.streams.history;
+    const jsm = await jetstreamManager(nc);
+    await ensureTopology(jsm, ownTopo, { storage: "memory" });
+    const appendTo = (instanceId: string, revision: number): Promise<number> =>
+      appendEntry(nc, ownTopo, instanceId, revision);
+    await endNextConsumerWhenMissing(nc, stream);
+    const logger = recordingLogger();
+    const own = await HistoryFollower.start(nc, ownTopo, WORKFLOW, {
+      streamCheckMs: 100,
+      restartBackoff: { initialDelayMs: 20, maxDelayMs: 200 },
+      logger,
+    });
+    try {
+      const heard = own.expect("old", (entry) => entry.revision === 1, 10_000);
+      const old = await appendTo("old", 1);
+      expect(await heard.done).toMatchObject({ seq: old });
+      // Registered before the stream goes: it waits through the outage.
+      const waited = own.expect("new", (entry) => entry.revision === 1, 50_000);
+
+      await jsm.streams.delete(stream);
+      await expect.poll(() => own.closed, { timeout: 20_000 }).toBe(true);
+      const failed = () =>
+        logger.lines.filter((line) => line.startsWith("history consumer could not be made again"));
+      await expect.poll(() => failed().length, { timeout: 20_000 }).toBeGreaterThanOrEqual(3);
+      expect(failed()[0]).toMatch(/does not exist/);
+      expect(own.closed).toBe(true);
+
+      await ensureTopology(jsm, ownTopo, { storage: "memory" });
+      await expect.poll(() => own.closed, { timeout: 20_000 }).toBe(false);
+      const watch = own.watch("new")[Symbol.asyncIterator]();
+      const nextOfWatch = watch.next();
+      const seq = await appendTo("new", 1);
+      expect(seq).toBe(1);
+      expect(await waited.done).toMatchObject({ seq, entry: { revision: 1 } });
+      expect(await nextOfWatch).toMatchObject({ done: false, value: { seq } });
+      await watch.return?.();
+      expect(own.closed).toBe(false);
+    } finally {
+      await own.close();
+    }
+    expect(own.closed).toBe(true);
   });
 });

@@ -6,6 +6,7 @@ import {
   jetstreamManager,
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { type BackoffPolicy, backoffDelay } from "../../common/backoff.ts";
 import {
   getHistoryMessage,
   type HistoryEntry,
@@ -14,10 +15,32 @@ import {
 } from "../../orchestrator/index.ts";
 import { decodeHistoryMessage } from "./read-model/projector.ts";
 import {
+  type StreamIdentity,
   type StreamIdentityWatch,
   streamIdentity,
   watchStreamIdentity,
 } from "./read-model/stream-identity.ts";
+
+/** Structured log sink; pino loggers fit. */
+export interface HistoryFollowerLogger {
+  info(obj: Record<string, unknown>, msg: string): void;
+  warn(obj: Record<string, unknown>, msg: string): void;
+}
+
+/** Options of {@link HistoryFollower.start}. */
+export interface HistoryFollowerOptions {
+  /**
+   * How often the history stream is checked for having been made again, ms (default 5000): the
+   * consumer nats.js resumes after its last sequence would hear nothing until the new stream grew
+   * past it.
+   */
+  streamCheckMs?: number;
+  /** Delays between attempts to make the consumer again after it ended. Default 200 ms up to 5 s. */
+  restartBackoff?: BackoffPolicy;
+  logger?: HistoryFollowerLogger;
+}
+
+const RESTART_BACKOFF: BackoffPolicy = { initialDelayMs: 200, maxDelayMs: 5_000 };
 
 /** A history entry with its stream sequence (the position a command returns). */
 export interface SequencedEntry {
@@ -67,14 +90,27 @@ export class HistoryFollower {
   readonly #topo: Topology;
   readonly #workflow: string;
   readonly #nc: NatsConnection;
+  readonly #options: HistoryFollowerOptions;
+  /** The consumer followed; replaced when the stream was made again or the consumer ended. */
   #messages: ConsumerMessages;
   #streamWatch: StreamIdentityWatch | undefined;
-  /** Set while the consumer is replaced after the stream was made again. */
-  #replacing = false;
+  /** The incarnation of the history stream {@link #lastSeq} belongs to (`StreamInfo.created`). */
+  #streamCreated: string;
+  /** Stream sequence of the last entry the consumer delivered: a consumer made again goes on after it. */
+  #lastSeq: number;
+  /** Consumers made one at a time: each switch waits for the one before. */
+  #switching: Promise<unknown> = Promise.resolve();
+  /** Attempts to make the consumer again since one last delivered an entry (for the backoff). */
+  #restarts = 0;
+  /** Cuts short the wait before the next attempt to make the consumer again. */
+  #wake: (() => void) | undefined;
   readonly #waiters = new Map<string, Set<Waiter>>();
   readonly #watchers = new Map<string, Set<Watcher>>();
   #openWatches = 0;
-  #closed = false;
+  /** Set by {@link close} (for good). */
+  #stopped = false;
+  /** False while the consumer that ended is being made again. */
+  #consuming = true;
   #failure: unknown;
 
   private constructor(
@@ -83,32 +119,43 @@ export class HistoryFollower {
     topo: Topology,
     workflow: string,
     messages: ConsumerMessages,
+    identity: StreamIdentity | undefined,
+    options: HistoryFollowerOptions,
   ) {
     this.#nc = nc;
     this.#jsm = jsm;
     this.#topo = topo;
     this.#workflow = workflow;
     this.#messages = messages;
+    this.#streamCreated = identity?.created ?? "";
+    // The consumer starts with the entries after this one (a few appended meanwhile would be
+    // delivered once more by a consumer made again: waits and watches take them twice alike).
+    this.#lastSeq = identity?.lastSeq ?? 0;
+    this.#options = options;
   }
 
   /**
-   * Starts following the histories of `workflow`. `streamCheckMs` (default 5000): how often the
-   * history stream is checked for having been made again, after which the consumer nats.js
-   * resumes after its last sequence would hear nothing until the new stream grew past it.
+   * Starts following the histories of `workflow` (see {@link HistoryFollowerOptions}).
+   *
+   * nats.js makes an ordered consumer again by itself when it lost it, but ends it for good after
+   * 30 failed attempts in a row (about 2 minutes: a history stream missing, JetStream away) when
+   * it had not delivered a message yet, and on errors such as a refused subscription. The follower
+   * then makes its own consumer again, after the last entry it saw, with backoff until it works
+   * or {@link close} is called; meanwhile it is {@link closed} (the gateway not ready), and waits
+   * and watches carry on.
    */
   static async start(
     nc: NatsConnection,
     topo: Topology,
     workflow: string,
-    options: { streamCheckMs?: number } = {},
+    options: HistoryFollowerOptions = {},
   ): Promise<HistoryFollower> {
     const jsm = await jetstreamManager(nc);
     const identity = await streamIdentity(jsm, topo.streams.history);
     const messages = await HistoryFollower.#consume(nc, topo, workflow);
-    const follower = new HistoryFollower(nc, jsm, topo, workflow, messages);
-    // The consumer can end with an error (a refused pull, a consumer it cannot make again): the
-    // follower is then closed (see #run) and the gateway not ready, rather than the process
-    // brought down by an unhandled rejection.
+    const follower = new HistoryFollower(nc, jsm, topo, workflow, messages, identity, options);
+    // Only a bug of ours ends the loop before close(): the follower is then closed and the
+    // gateway not ready, rather than the process brought down by an unhandled rejection.
     follower.#run().catch((error: unknown) => {
       follower.#failure = error;
     });
@@ -117,7 +164,7 @@ export class HistoryFollower {
       topo.streams.history,
       identity?.created ?? "",
       options.streamCheckMs ?? 5_000,
-      () => follower.#replaceConsumer(),
+      (next) => follower.#replaceConsumer(next),
       () => {
         // NATS away: the next check tries again.
       },
@@ -125,47 +172,161 @@ export class HistoryFollower {
     return follower;
   }
 
-  static async #consume(nc: NatsConnection, topo: Topology, workflow: string): Promise<ConsumerMessages> {
+  /** An ordered consumer from stream sequence `start`, or of the entries appended from now on. */
+  static async #consume(
+    nc: NatsConnection,
+    topo: Topology,
+    workflow: string,
+    start?: number,
+  ): Promise<ConsumerMessages> {
     const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
       filter_subjects: topo.historyFilter(workflow),
-      deliver_policy: DeliverPolicy.New,
+      ...(start === undefined
+        ? { deliver_policy: DeliverPolicy.New }
+        : { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start }),
     });
     return consumer.consume();
   }
 
-  /** A consumer of the new stream's new entries in place of the old one (see {@link start}). */
-  async #replaceConsumer(): Promise<void> {
-    if (this.#closed) return;
-    const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow);
-    if (this.#closed) {
-      await next.close();
-      return;
-    }
-    const previous = this.#messages;
-    this.#replacing = true;
-    this.#messages = next;
-    await previous.close();
+  /** Runs `fn` once every consumer switch started before it has settled. */
+  #exclusive<T>(fn: () => Promise<T>): Promise<T> {
+    const result = this.#switching.then(fn);
+    this.#switching = result.catch(() => {});
+    return result;
+  }
+
+  /**
+   * A consumer of the new stream's new entries in place of the old one (see {@link start}). While
+   * the consumer is being made again, that attempt reads the stream's incarnation itself.
+   */
+  #replaceConsumer(identity: StreamIdentity): Promise<void> {
+    return this.#exclusive(async () => {
+      if (this.#stopped || !this.#consuming || identity.created === this.#streamCreated) return;
+      const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow);
+      if (this.#stopped) {
+        await next.close();
+        return;
+      }
+      const previous = this.#messages;
+      this.#messages = next;
+      this.#streamCreated = identity.created;
+      this.#lastSeq = identity.lastSeq;
+      await previous.close();
+    });
   }
 
   async #run(): Promise<void> {
     try {
-      for (;;) {
+      while (!this.#stopped) {
         const messages = this.#messages;
-        await this.#follow(messages);
-        // Ended because it was replaced: go on with the new consumer; else the follower is done.
-        if (this.#closed || !this.#replacing || this.#messages === messages) break;
-        this.#replacing = false;
+        let reason: unknown;
+        try {
+          await this.#follow(messages);
+        } catch (error) {
+          reason = error;
+        }
+        // Replaced (the stream was made again): go on with the new consumer.
+        if (this.#stopped || this.#messages !== messages) continue;
+        this.#consuming = false;
+        if (reason !== undefined) this.#failure = reason;
+        this.#options.logger?.warn(
+          { err: reason, stream: this.#topo.streams.history, lastSeq: this.#lastSeq },
+          reason === undefined
+            ? "history consumer ended: making it again"
+            : "history consumer failed: making it again",
+        );
+        await this.#restart(messages);
       }
     } finally {
-      // Without the consumer a watch would never see another entry, nor a wait its entry: end
-      // them (and any started later) rather than hang.
-      this.#closed = true;
+      // Stopped (or a bug of ours): a watch would never see another entry, nor a wait its entry:
+      // end them (and any started later) rather than hang.
+      this.#stopped = true;
+      this.#consuming = false;
       this.#endWaitsAndWatches();
     }
   }
 
+  /** Makes the consumer that ended (`ended`) again, trying with backoff until it works or close(). */
+  async #restart(ended: ConsumerMessages): Promise<void> {
+    const policy = this.#options.restartBackoff ?? RESTART_BACKOFF;
+    while (!this.#stopped) {
+      // Also before the first attempt: a consumer that ends as soon as it is made must not be
+      // made again in a tight loop, nor every gateway's at once when JetStream is back.
+      this.#restarts++;
+      await this.#sleep(backoffDelay(this.#restarts, policy));
+      if (this.#stopped) return;
+      try {
+        if (await this.#exclusive(() => this.#resume(ended))) return;
+      } catch (error) {
+        this.#failure = error;
+        this.#options.logger?.warn(
+          { err: error, stream: this.#topo.streams.history, attempt: this.#restarts },
+          "history consumer could not be made again: retrying",
+        );
+      }
+    }
+  }
+
+  /**
+   * One attempt to follow on after the consumer `ended`: after the last entry seen when the stream
+   * is the one it was read from; the new entries of a stream made again (as {@link #replaceConsumer}).
+   * True once a consumer follows; throws while the stream is missing or JetStream away.
+   */
+  async #resume(ended: ConsumerMessages): Promise<boolean> {
+    if (this.#stopped) return true;
+    // Already replaced by a check that found the stream made again.
+    if (this.#messages !== ended) {
+      this.#consuming = true;
+      return true;
+    }
+    const stream = this.#topo.streams.history;
+    const identity = await streamIdentity(this.#jsm, stream);
+    if (identity === undefined) throw new Error(`history stream ${stream} does not exist`);
+    const same = identity.created === this.#streamCreated;
+    const start = same ? this.#lastSeq + 1 : undefined;
+    const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow, start);
+    if (this.#stopped) {
+      await next.close();
+      return true;
+    }
+    if (!same) {
+      this.#streamCreated = identity.created;
+      this.#lastSeq = identity.lastSeq;
+    }
+    this.#messages = next;
+    this.#consuming = true;
+    this.#options.logger?.info(
+      same
+        ? { stream, fromSeq: start }
+        : { stream, streamCreated: identity.created, afterSeq: identity.lastSeq },
+      same
+        ? "history consumer made again after the last entry seen"
+        : "history consumer made again on the stream made again, from its new entries",
+    );
+    return true;
+  }
+
+  /** Waits `ms`, or less when {@link close} is called meanwhile. */
+  #sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const done = (): void => {
+        clearTimeout(timer);
+        this.#wake = undefined;
+        resolve();
+      };
+      const timer = setTimeout(done, ms);
+      // A retry must not keep a process alive that is otherwise done.
+      (timer as { unref?: () => void }).unref?.();
+      this.#wake = done;
+    });
+  }
+
   async #follow(messages: ConsumerMessages): Promise<void> {
     for await (const msg of messages) {
+      if (this.#messages === messages) {
+        this.#lastSeq = msg.seq;
+        this.#restarts = 0;
+      }
       // Only the orchestrator writes history, but one malformed entry must not end the loop
       // that every command and watch of this gateway waits on: such entries are skipped here
       // as the projector skips (and logs) them.
@@ -193,9 +354,9 @@ export class HistoryFollower {
 
   /**
    * Registers a wait for the first entry of `instanceId` that `match`es. `onEntry` sees every new
-   * entry of the instance meanwhile (to give up early when the instance moved elsewhere). Once the
-   * follower has stopped ({@link closed}), waits resolve undefined at once unless an offer matches
-   * first.
+   * entry of the instance meanwhile (to give up early when the instance moved elsewhere). Once
+   * {@link close} was called, waits resolve undefined at once unless an offer matches first; while
+   * the consumer is being made again, they wait on (it goes on after the last entry seen).
    */
   expect(
     instanceId: string,
@@ -221,7 +382,7 @@ export class HistoryFollower {
     };
     const waiter: Waiter = { match, resolve: finish, ...(onEntry ? { onEntry } : {}) };
     // A stopped follower will deliver nothing: such a wait gets no time.
-    const timer = setTimeout(() => finish(undefined), this.#closed ? 0 : timeoutMs);
+    const timer = setTimeout(() => finish(undefined), this.#stopped ? 0 : timeoutMs);
     waiters.add(waiter);
     return {
       done,
@@ -267,22 +428,24 @@ export class HistoryFollower {
   }
 
   /**
-   * True once {@link close} was called or the consumer ended: watches end and waits resolve
-   * undefined.
+   * True while no consumer follows the histories: once {@link close} was called (watches end and
+   * waits resolve undefined), and while a consumer that ended is being made again (they carry
+   * on). The gateway is not ready meanwhile.
    */
   get closed(): boolean {
-    return this.#closed;
+    return this.#stopped || !this.#consuming;
   }
 
-  /** Why the consumer ended, when it ended with an error. */
+  /** Why the consumer last ended, or an attempt to make it again failed, when with an error. */
   get failure(): unknown {
     return this.#failure;
   }
 
   /**
    * Follows one instance: yields its latest entry, then every later one in stream order, until
-   * `signal` aborts or the follower stops. Without entries yet, it waits for the first one, or
-   * with `onlyExisting` ends at once (the caller tells "no such instance" from an empty watch).
+   * `signal` aborts or {@link close} is called (a consumer made again goes on where the last one
+   * ended). Without entries yet, it waits for the first one, or with `onlyExisting` ends at once
+   * (the caller tells "no such instance" from an empty watch).
    */
   async *watch(
     instanceId: string,
@@ -290,7 +453,7 @@ export class HistoryFollower {
     options: { onlyExisting?: boolean } = {},
   ): AsyncIterable<SequencedEntry> {
     const backlog: SequencedEntry[] = [];
-    let ended = this.#closed;
+    let ended = this.#stopped;
     let wake = (): void => {};
     const watcher: Watcher = {
       push: (found) => {
@@ -347,9 +510,11 @@ export class HistoryFollower {
 
   /** Stops following; pending waits resolve undefined and open watches end. */
   async close(): Promise<void> {
-    this.#closed = true;
+    this.#stopped = true;
+    this.#wake?.();
     await this.#streamWatch?.stop();
     this.#endWaitsAndWatches();
+    // A consumer being made meanwhile is closed by whoever makes it (they check #stopped).
     await this.#messages.close();
   }
 }

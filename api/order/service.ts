@@ -41,7 +41,12 @@ import {
   WatchOrderResponseSchema,
 } from "../../proto/gen/jetsaga/order/v1/order_pb.ts";
 import { toConnectError } from "../errors.ts";
-import { type EntryWait, HistoryFollower, type SequencedEntry } from "./history-follower.ts";
+import {
+  type EntryWait,
+  HistoryFollower,
+  type HistoryFollowerLogger,
+  type SequencedEntry,
+} from "./history-follower.ts";
 import {
   COMPENSATION_STATES,
   cancelReasonOf,
@@ -168,6 +173,8 @@ export interface OrderServiceOptions {
   sagaTimeouts?: { confirmMs?: number; shipMs?: number };
   /** How long PlaceOrder trusts that a user it has seen exists, ms. Default 30_000; 0 asks every time. */
   userExistsTtlMs?: number;
+  /** Where the history follower says that it makes its consumer again. Default: nowhere. */
+  logger?: HistoryFollowerLogger;
 }
 
 /** A created OrderService. */
@@ -217,7 +224,12 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     workflows: [saga],
     ...(options.ns ? { ns: options.ns } : {}),
   });
-  const follower = await HistoryFollower.start(options.nc, client.topology, saga.name);
+  const follower = await HistoryFollower.start(
+    options.nc,
+    client.topology,
+    saga.name,
+    options.logger ? { logger: options.logger } : {},
+  );
   const commandTimeoutMs = options.commandTimeoutMs ?? 5000;
   const maxReadWaitMs = options.maxReadWaitMs ?? 5000;
   const maxOutcomeWaitMs = options.maxOutcomeWaitMs ?? 30_000;
