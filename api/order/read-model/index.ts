@@ -48,8 +48,12 @@ export {
   rebuildOrderReadModel,
 } from "./rebuild.ts";
 export {
+  identityOf,
   type StreamIdentity,
   type StreamIdentityWatch,
+  type StreamMark,
+  sameIncarnation,
   streamIdentity,
+  watchStream,
   watchStreamIdentity,
 } from "./stream-identity.ts";

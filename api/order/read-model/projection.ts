@@ -318,6 +318,7 @@ export async function applyBatch(
   checkpoint: Checkpoint,
 ): Promise<void> {
   const stream = checkpoint.streamCreated ?? null;
+  const firstTs = checkpoint.streamFirstTs ?? null;
   await sql`
     with
     upserted_orders as (
@@ -349,10 +350,11 @@ export async function applyBatch(
         history_seq bigint)
       on conflict do nothing),
     moved_checkpoint as (
-      insert into projection_checkpoints (name, position, stream_created)
-      values (${checkpoint.name}, ${checkpoint.position}, ${stream})
+      insert into projection_checkpoints (name, position, stream_created, stream_first_ts)
+      values (${checkpoint.name}, ${checkpoint.position}, ${stream}, ${firstTs})
       on conflict (name) do update set position = excluded.position,
-        stream_created = coalesce(excluded.stream_created, projection_checkpoints.stream_created)
+        stream_created = coalesce(excluded.stream_created, projection_checkpoints.stream_created),
+        stream_first_ts = coalesce(excluded.stream_first_ts, projection_checkpoints.stream_first_ts)
       where projection_checkpoints.position < excluded.position
         -- A projector still following an older incarnation of the stream must not move the
         -- checkpoint of the new one (its rows are guarded by revision, its position is not).
@@ -370,6 +372,12 @@ export interface Checkpoint {
   name: string;
   position: number;
   streamCreated?: string | undefined;
+  /**
+   * When the first message of that incarnation was stored (`StreamInfo.state.first_ts`), which
+   * tells whether a changed `created` is still the same stream (see stream-identity.ts);
+   * undefined: not known (the stream was empty). Kept when a batch does not give it.
+   */
+  streamFirstTs?: string | undefined;
 }
 
 /** The NOTIFY payload announcing `checkpoint`: `<name>:<position>[:<stream created>]`. */
@@ -394,26 +402,36 @@ export function parseCheckpointNotice(payload: string): Checkpoint | undefined {
 
 /** The checkpoint of projection `name` (position 0 when it has never run). */
 export async function readCheckpoint(sql: Sql | TransactionSql, name: string): Promise<Checkpoint> {
-  const [row] = await sql<{ position: string; stream_created: string | null }[]>`
-    select position, stream_created from projection_checkpoints where name = ${name}`;
+  const [row] = await sql<
+    { position: string; stream_created: string | null; stream_first_ts: string | null }[]
+  >`
+    select position, stream_created, stream_first_ts from projection_checkpoints where name = ${name}`;
   return {
     name,
     position: row ? Number(row.position) : 0,
     streamCreated: row?.stream_created ?? undefined,
+    streamFirstTs: row?.stream_first_ts ?? undefined,
   };
 }
 
 /**
- * Records that the checkpoint `name`, written before the stream's incarnation was recorded,
- * belongs to the stream created at `streamCreated` (the caller checked that its position is
- * within that stream).
+ * Records that the checkpoint `name` belongs to the stream created at `streamCreated`, whose
+ * first message was stored at `firstTs` (when known; a time already recorded is kept). Only a
+ * checkpoint recorded on the incarnation `from` changes; without `from`, one written before the
+ * incarnation was recorded. The caller checked that it is the same stream: for a checkpoint of
+ * before, that its position is within the stream; for another `created`, with sameIncarnation
+ * (stream-identity.ts); for the same `created`, nothing (this then records the first message).
  */
 export async function adoptCheckpointStream(
   sql: Sql | TransactionSql,
   name: string,
   streamCreated: string,
+  options: { from?: string | undefined; firstTs?: string | undefined } = {},
 ): Promise<void> {
+  const from = options.from ?? null;
   await sql`
-    update projection_checkpoints set stream_created = ${streamCreated}
-    where name = ${name} and stream_created is null`;
+    update projection_checkpoints
+    set stream_created = ${streamCreated},
+      stream_first_ts = coalesce(stream_first_ts, ${options.firstTs ?? null})
+    where name = ${name} and stream_created is not distinct from ${from}`;
 }

@@ -4,7 +4,7 @@
  * incrementally built read model row for row.
  */
 import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import type { Msg, NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../../common/nats.ts";
 import { connectPostgres, migrate, type Sql } from "../../../common/postgres.ts";
@@ -13,6 +13,7 @@ import {
   createWorker,
   createWorkflowClient,
   type HistoryEntry,
+  JetsagaError,
   type RunningOrchestrator,
   type RunningWorker,
   startOrchestrator,
@@ -73,6 +74,40 @@ async function allEntries(nc: NatsConnection, client: WorkflowClient): Promise<P
   }
   await messages.close();
   return entries;
+}
+
+/**
+ * `nc`, except that the replies of the JetStream API to stream info requests for `stream` are
+ * what `rewrite` makes of them (undefined: unchanged): a server that reports otherwise.
+ */
+function rewritingStreamInfo(
+  nc: NatsConnection,
+  stream: string,
+  rewrite: (reply: Record<string, unknown>) => Record<string, unknown> | undefined,
+): NatsConnection {
+  const subject = `$JS.API.STREAM.INFO.${stream}`;
+  const request = async (...args: Parameters<NatsConnection["request"]>): Promise<Msg> => {
+    const reply = await nc.request(...args);
+    const rewritten = args[0] === subject ? rewrite(reply.json<Record<string, unknown>>()) : undefined;
+    if (rewritten === undefined) return reply;
+    const data = new TextEncoder().encode(JSON.stringify(rewritten));
+    return new Proxy(reply, {
+      get(target, prop) {
+        if (prop === "data") return data;
+        if (prop === "json") return () => JSON.parse(new TextDecoder().decode(data));
+        if (prop === "string") return () => new TextDecoder().decode(data);
+        const value: unknown = Reflect.get(target, prop, target);
+        return typeof value === "function" ? value.bind(target) : value;
+      },
+    });
+  };
+  return new Proxy(nc, {
+    get(target, prop) {
+      if (prop === "request") return request;
+      const value: unknown = Reflect.get(target, prop, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
 }
 
 /** A history entry of an order saga as the read model reads it, with `state` fields replaced. */
@@ -291,10 +326,31 @@ describe("order read model projector", () => {
 
   it("a rebuild equals the incrementally built read model, row for row", async () => {
     const incremental = await dump(sql);
-    const result = await rebuildOrderReadModel({ nc, sql, ns, batchSize: 13 });
+    const progress: Array<{ entries: number; position: number; lastSeq: number }> = [];
+    const result = await rebuildOrderReadModel({
+      nc,
+      sql,
+      ns,
+      batchSize: 13,
+      progressIntervalMs: 0,
+      onProgress: (entries, position, lastSeq) => progress.push({ entries, position, lastSeq }),
+    });
     expect(result.orders).toBe(30);
     expect(result.position).toBe(await lastOrderSeq(nc, client));
+    expect(result.skippedEntries).toBe(0);
     expect(await dump(sql)).toEqual(incremental);
+    // Progress after every batch (no interval): further each time, up to the end.
+    expect(progress.length).toBe(Math.ceil(result.entries / 13));
+    for (const [i, p] of progress.entries()) {
+      expect(p.lastSeq).toBe(result.position);
+      if (i > 0) expect(p.position).toBeGreaterThan(progress[i - 1]?.position ?? 0);
+      if (i > 0) expect(p.entries).toBeGreaterThan(progress[i - 1]?.entries ?? 0);
+    }
+    expect(progress.at(-1)).toEqual({
+      entries: result.entries,
+      position: result.position,
+      lastSeq: result.position,
+    });
 
     // And the live projector carries on after the rebuild: a new order appears.
     await client.start("order", "o-after", {
@@ -426,6 +482,102 @@ describe("order read model projector", () => {
       input: { items: [{ sku: "s", quantity: 1, unitPriceCents: -1 }] },
     };
     expect(rowsOf([{ seq: 1, entry: start }]).items).toEqual([]);
+  });
+
+  it("a rebuild skips an entry Postgres refuses as the projector does, instead of failing", async () => {
+    // As in the test above: refused every time by a check the entry's data fails. The entry of
+    // that test is refused again, as the projector refused it.
+    await sql`alter table order_items add constraint test_refused_again check (sku not like 'refused%')`;
+    try {
+      const refused = orderShapedEntry("o-refused-again", 1);
+      refused.event = {
+        type: "xstate.init",
+        input: { items: [{ sku: "refused-again", quantity: 1, unitPriceCents: 5 }] },
+      };
+      const { seq } = await jetstream(nc).publish(
+        client.topology.historySubject("order", "o-refused-again", "running"),
+        JSON.stringify(refused),
+      );
+      await startAndAwaitConfirmed("o-after-refused-again");
+      await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(await lastOrderSeq(nc, client));
+      const incremental = await dump(sql);
+      const result = await rebuildOrderReadModel({ nc, sql, ns, batchSize: 13 });
+      // The rest of the refused entries' batches is there: the same rows as the projector's.
+      expect(await dump(sql)).toEqual(incremental);
+      expect(result.position).toBe(await lastOrderSeq(nc, client));
+      expect(result.skippedSeqs).toContain(seq);
+      expect(result.skippedEntries).toBe(result.skippedSeqs.length);
+      // This test's refused entry, the one above, and the malformed ones of the tests before.
+      expect(result.skippedEntries).toBeGreaterThanOrEqual(9);
+      expect(result.skippedSeqs).toEqual([...result.skippedSeqs].sort((a, b) => a - b));
+    } finally {
+      await sql`alter table order_items drop constraint test_refused_again`;
+    }
+  });
+
+  it("a rebuild tells a missing stream by the API's error code, not by the message's text", async () => {
+    const missing = rebuildOrderReadModel({ nc, sql, ns: uniqueNamespace("missing") });
+    await expect(missing).rejects.toBeInstanceOf(JetsagaError);
+    await expect(missing).rejects.toMatchObject({ code: "INVALID_ARGUMENT" });
+    // A server that words it otherwise: the code says "not found" all the same.
+    const otherWords = rewritingStreamInfo(nc, client.topology.streams.history, () => ({
+      type: "io.nats.jetstream.api.v1.stream_info_response",
+      error: { code: 404, err_code: 10059, description: "no such stream" },
+    }));
+    await expect(rebuildOrderReadModel({ nc: otherWords, sql, ns })).rejects.toMatchObject({
+      code: "INVALID_ARGUMENT",
+    });
+  });
+
+  it("keeps the read model when the server reports another creation time for the same stream", async () => {
+    const history = client.topology.streams.history;
+    const jsm = await jetstream(nc).jetstreamManager();
+    const real = await jsm.streams.info(history);
+    // Reported by the server from now on, as nats-server#8449 and #8470 did for a stream that was
+    // not made again.
+    let reported: string | undefined;
+    const shifting = rewritingStreamInfo(nc, history, (info) =>
+      reported === undefined || info.error ? undefined : { ...info, created: reported },
+    );
+    const storedStream = async () =>
+      (
+        await sql`select stream_created, stream_first_ts from projection_checkpoints where name = 'orders'`
+      )[0];
+    await projector.stop();
+    projector = await startOrderProjector({ nc: shifting, sql, ns, maxBatch: 50, streamCheckMs: 50, logger });
+    // The first message's time is recorded with the incarnation (by the first projector, once the
+    // stream had one).
+    expect(await storedStream()).toEqual({
+      stream_created: real.created,
+      stream_first_ts: real.state.first_ts,
+    });
+    logged.length = 0;
+
+    // While it runs: adopted at the next check, no rebuild, and it projects on.
+    reported = "2001-02-03T04:05:06.789Z";
+    await expect.poll(async () => (await storedStream())?.stream_created, { timeout: 10_000 }).toBe(reported);
+    expect(projector.stats.rebuilds).toBe(0);
+    expect(logged.some((l) => /holds the same first message/.test(l.msg))).toBe(true);
+    await startAndAwaitConfirmed("o-after-created-moved");
+    expect(projector.stats.rebuilds).toBe(0);
+    const position = await lastOrderSeq(nc, client);
+    await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(position);
+    await expect
+      .poll(async () => (await sql`select position from projection_checkpoints where name = 'orders'`)[0])
+      .toEqual({ position: String(position) });
+
+    // At a start: the stored creation time differs from the one reported again; no rebuild either.
+    await projector.stop();
+    reported = undefined;
+    projector = await startOrderProjector({ nc, sql, ns, maxBatch: 50, streamCheckMs: 100, logger });
+    expect(projector.stats.rebuilds).toBe(0);
+    expect(projector.position()).toBe(position);
+    expect(await storedStream()).toEqual({
+      stream_created: real.created,
+      stream_first_ts: real.state.first_ts,
+    });
+    await startAndAwaitConfirmed("o-after-created-back");
+    expect(projector.stats.rebuilds).toBe(0);
   });
 
   // Last: it deletes the history stream under everything else.

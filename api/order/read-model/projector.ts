@@ -21,8 +21,10 @@ import { rebuildOrderReadModel } from "./rebuild.ts";
 import {
   type StreamIdentity,
   type StreamIdentityWatch,
+  type StreamMark,
+  sameIncarnation,
   streamIdentity,
-  watchStreamIdentity,
+  watchStream,
 } from "./stream-identity.ts";
 
 /** Structured log sink; pino loggers fit. */
@@ -134,7 +136,7 @@ class Projector implements OrderProjector {
   #consuming = false;
   #unlisten: (() => Promise<void>) | undefined;
   /** The incarnation of the history stream the position belongs to (undefined: stream missing at start). */
-  #streamCreated: string | undefined;
+  #stream: StreamMark | undefined;
   /** Set while the consumer is replaced after the stream was made again. */
   #resyncing = false;
   #streamWatch: StreamIdentityWatch | undefined;
@@ -155,26 +157,68 @@ class Projector implements OrderProjector {
     const stream = topology(this.#options.ns).streams.history;
     const identity = await streamIdentity(jsm, stream);
     this.#advance(await this.#checkpointFor(identity));
-    this.#streamCreated = identity?.created;
+    this.#stream = identity && { created: identity.created, firstTs: identity.firstTs };
     // Another projector on the same tables (another replica, a rebuild) announces its commits:
     // read-your-writes then also holds for positions this process did not write itself.
     const listener = await sql.listen(CHECKPOINT_CHANNEL, (payload) => {
       const notice = parseCheckpointNotice(payload);
       if (notice?.name !== this.#name) return;
       // A position of another incarnation of the stream names other entries.
-      const other = notice.streamCreated !== undefined && this.#streamCreated !== undefined;
-      if (other && notice.streamCreated !== this.#streamCreated) return;
+      const other = notice.streamCreated !== undefined && this.#stream !== undefined;
+      if (other && notice.streamCreated !== this.#stream?.created) return;
       this.#advance(notice.position);
     });
     this.#unlisten = () => listener.unlisten();
     await this.#consumeFrom(this.#position + 1);
-    this.#streamWatch = watchStreamIdentity(
+    this.#streamWatch = watchStream(
       jsm,
       stream,
-      identity?.created ?? "",
       this.#options.streamCheckMs ?? 5_000,
-      (next) => this.#resync(next),
+      (next) => this.#checkStream(next),
       (error) => this.#options.logger?.warn({ err: error }, "history stream check failed"),
+    );
+  }
+
+  /**
+   * One check of the history stream: a new incarnation is resynced (see {@link #resync}), a
+   * changed `created` of the same stream adopted (see stream-identity.ts). Until handled, the
+   * next check finds it again.
+   */
+  async #checkStream(identity: StreamIdentity): Promise<void> {
+    const known = this.#stream;
+    const { sql } = this.#options;
+    if (known?.created === identity.created) {
+      if (known.firstTs === undefined && identity.firstTs !== undefined) {
+        // Empty when its incarnation was recorded: from now on its first message identifies it.
+        await adoptCheckpointStream(sql, this.#name, identity.created, {
+          from: identity.created,
+          firstTs: identity.firstTs,
+        });
+        this.#stream = { created: identity.created, firstTs: identity.firstTs };
+      }
+      return;
+    }
+    if (known !== undefined && sameIncarnation(known, identity, Math.max(this.#position, this.#readSeq))) {
+      await adoptCheckpointStream(sql, this.#name, identity.created, {
+        from: known.created,
+        firstTs: known.firstTs,
+      });
+      this.#stream = { created: identity.created, firstTs: known.firstTs };
+      this.#logSameStream(known.created, identity);
+      return;
+    }
+    await this.#resync(identity);
+  }
+
+  #logSameStream(previous: string, identity: StreamIdentity): void {
+    this.#options.logger?.warn(
+      {
+        stream: topology(this.#options.ns).streams.history,
+        previousCreated: previous,
+        streamCreated: identity.created,
+        streamFirstTs: identity.firstTs,
+      },
+      "history stream reports another creation time but holds the same first message: the same stream, read model kept",
     );
   }
 
@@ -188,9 +232,24 @@ class Projector implements OrderProjector {
     const { sql } = this.#options;
     const checkpoint = await readCheckpoint(sql, this.#name);
     if (identity === undefined) return checkpoint.position;
-    if (checkpoint.streamCreated === identity.created) return checkpoint.position;
+    const { firstTs } = identity;
+    if (checkpoint.streamCreated === identity.created) {
+      // Recorded while the stream was empty (or before the time was kept): record it now.
+      if (checkpoint.streamFirstTs === undefined && firstTs !== undefined)
+        await adoptCheckpointStream(sql, this.#name, identity.created, { from: identity.created, firstTs });
+      return checkpoint.position;
+    }
     if (checkpoint.streamCreated === undefined && checkpoint.position <= identity.lastSeq) {
-      await adoptCheckpointStream(sql, this.#name, identity.created);
+      await adoptCheckpointStream(sql, this.#name, identity.created, { firstTs });
+      return checkpoint.position;
+    }
+    const recorded = checkpoint.streamCreated && {
+      created: checkpoint.streamCreated,
+      firstTs: checkpoint.streamFirstTs,
+    };
+    if (recorded && sameIncarnation(recorded, identity, checkpoint.position)) {
+      await adoptCheckpointStream(sql, this.#name, identity.created, { from: recorded.created, firstTs });
+      this.#logSameStream(recorded.created, identity);
       return checkpoint.position;
     }
     this.#options.logger?.error(
@@ -214,7 +273,13 @@ class Projector implements OrderProjector {
     if (rebuilt.skipped) return rebuilt.position;
     this.stats.rebuilds++;
     this.#options.logger?.info(
-      { entries: rebuilt.entries, orders: rebuilt.orders, position: rebuilt.position },
+      {
+        entries: rebuilt.entries,
+        orders: rebuilt.orders,
+        position: rebuilt.position,
+        skippedEntries: rebuilt.skippedEntries,
+        skippedSeqs: rebuilt.skippedSeqs,
+      },
       "read model rebuilt from the history stream",
     );
     return rebuilt.position;
@@ -269,7 +334,7 @@ class Projector implements OrderProjector {
       }
       if (this.#stopping) return;
       // Backwards on purpose: positions of the old stream name nothing in the new one.
-      this.#streamCreated = identity.created;
+      this.#stream = { created: identity.created, firstTs: identity.firstTs };
       this.#position = 0;
       this.#advance(position);
       await this.#consumeFrom(position + 1);
@@ -374,7 +439,8 @@ class Projector implements OrderProjector {
         await applyBatch(this.#options.sql, rows, {
           name: this.#name,
           position,
-          streamCreated: this.#streamCreated,
+          streamCreated: this.#stream?.created,
+          streamFirstTs: this.#stream?.firstTs,
         });
         return "applied";
       } catch (error) {
@@ -433,8 +499,11 @@ class Projector implements OrderProjector {
   }
 }
 
-/** SQLSTATE class 22 (data exception) or 23 (integrity constraint violation): the data itself. */
-function isRefusedData(error: unknown): boolean {
+/**
+ * SQLSTATE class 22 (data exception) or 23 (integrity constraint violation): the data itself.
+ * The projector and the rebuild skip the entries Postgres refuses so, so their rows match.
+ */
+export function isRefusedData(error: unknown): boolean {
   const code = (error as { code?: unknown } | null)?.code;
   return typeof code === "string" && /^2[23]/.test(code);
 }

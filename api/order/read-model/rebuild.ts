@@ -6,10 +6,24 @@ import { DeliverPolicy, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { readConfig } from "../../../common/config.ts";
 import { connectNatsFromConfig } from "../../../common/nats.ts";
-import { connectPostgres, describeUrl, migrate, type Sql } from "../../../common/postgres.ts";
+import {
+  connectPostgres,
+  describeUrl,
+  migrate,
+  type Sql,
+  type TransactionSql,
+} from "../../../common/postgres.ts";
 import { assertCurrentHistoryFormat, JetsagaError, topology } from "../../../orchestrator/index.ts";
-import { applyBatch, type PositionedEntry, readCheckpoint, rowsOf } from "./projection.ts";
-import { decodeHistoryMessage } from "./projector.ts";
+import {
+  applyBatch,
+  type BatchRows,
+  type Checkpoint,
+  type PositionedEntry,
+  readCheckpoint,
+  rowsOf,
+} from "./projection.ts";
+import { decodeHistoryMessage, isRefusedData } from "./projector.ts";
+import { streamIdentity } from "./stream-identity.ts";
 
 /** Options of {@link rebuildOrderReadModel}. */
 export interface RebuildOptions {
@@ -26,7 +40,19 @@ export interface RebuildOptions {
    * projector rebuilt it first): checked under the tables' lock. Default false (always rebuild).
    */
   onlyIfStale?: boolean;
+  /**
+   * Called as the replay goes on, at most every `progressIntervalMs`: entries replayed so far, the
+   * history stream sequence reached, and the stream's last sequence when the rebuild began (the
+   * position ends there or a little past it, or short of it when the last entries are not
+   * orders'). Not called for a rebuild that ends sooner. A throw ends the rebuild.
+   */
+  onProgress?: (entries: number, position: number, lastSeq: number) => void;
+  /** Least time between two `onProgress` calls, ms. Default 1000. */
+  progressIntervalMs?: number;
 }
+
+/** Most skipped sequences a {@link RebuildResult} lists. */
+const MAX_LISTED_SKIPPED = 100;
 
 /** What a rebuild did. */
 export interface RebuildResult {
@@ -40,6 +66,14 @@ export interface RebuildResult {
   streamCreated: string;
   /** With `onlyIfStale`: the checkpoint already belonged to the stream, nothing was rebuilt. */
   skipped?: true;
+  /**
+   * Entries left out of the rows, as the projector leaves them out (and logs them): not JSON or
+   * malformed, not an order saga's, or refused by Postgres (a data error, SQLSTATE class 22 or
+   * 23: a value its checks or types do not take).
+   */
+  skippedEntries: number;
+  /** History stream sequences of the first 100 of those, ascending. */
+  skippedSeqs: number[];
 }
 
 /** Where migrations of the order read model live (for `migrate(sql, { name: "order", dir })`). */
@@ -57,6 +91,11 @@ export const orderReadModelMigrations = new URL("./migrations/", import.meta.url
  * checkpoint (revision guard) and it carries on from there — nothing is lost or applied twice.
  * Cost: the transaction holds every row of the read model; fine for millions of entries, and the
  * place to switch to shadow tables + rename if it ever is not.
+ *
+ * An entry Postgres refuses (see {@link RebuildResult.skippedEntries}) is skipped as the live
+ * projector skips it, so both arrive at the same rows: each batch runs under a savepoint, and a
+ * batch refused is rolled back to it and applied entry by entry, each under its own savepoint,
+ * rather than aborting the whole transaction.
  */
 export async function rebuildOrderReadModel(options: RebuildOptions): Promise<RebuildResult> {
   const { nc, sql } = options;
@@ -65,17 +104,16 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
   const topo = topology(options.ns);
   const filter = topo.historyFilter("order");
   const jsm = await jetstreamManager(nc);
-  const info = await jsm.streams.info(topo.streams.history).catch((error: unknown) => {
-    if (!/stream not found/i.test(String(error))) throw error;
+  // Missing is told by the API's error code (see streamIdentity), not by the message's text.
+  const identity = await streamIdentity(jsm, topo.streams.history);
+  if (identity === undefined) {
     throw new JetsagaError(
       "INVALID_ARGUMENT",
       `stream ${topo.streams.history} does not exist: is JETSAGA_NS right?`,
-      {
-        context: { stream: topo.streams.history },
-        cause: error,
-      },
+      { context: { stream: topo.streams.history } },
     );
-  });
+  }
+  const stream = { streamCreated: identity.created, streamFirstTs: identity.firstTs };
   // Entries on the subjects of before the phase token would be left out of the rebuilt rows.
   await assertCurrentHistoryFormat(jsm, topo);
   const first = await jsm.direct.getMessage(topo.streams.history, { seq: 1, next_by_subj: filter });
@@ -86,13 +124,16 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
       // Several gateway replicas notice a stream made again at once: the first rebuilds, the
       // others find its checkpoint here and go on from it.
       const current = await readCheckpoint(tx, name);
-      if (current.streamCreated === info.created) {
+      if (current.streamCreated === identity.created) {
         const [count] = await tx<{ n: string }[]>`select count(*) as n from orders`;
         return {
           entries: 0,
           orders: Number(count?.n ?? 0),
           position: current.position,
-          streamCreated: info.created,
+          streamCreated: identity.created,
+          skipped: true,
+          skippedEntries: 0,
+          skippedSeqs: [],
         };
       }
     }
@@ -102,24 +143,35 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
     await tx`delete from projection_checkpoints where name = ${name}`;
     let entries = 0;
     let position = 0;
+    const skipped = new Skipped();
     if (first) {
       const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
         filter_subjects: filter,
         deliver_policy: DeliverPolicy.All,
       });
       const messages = await consumer.consume({ max_messages: batchSize });
+      const progressIntervalMs = options.progressIntervalMs ?? 1000;
+      let reportedAt = Date.now();
       let batch: PositionedEntry[] = [];
+      let undecodable: number[] = [];
       try {
         for await (const msg of messages) {
           // What the projector skips (not JSON, malformed) is skipped here too: the rows must match.
           const positioned = decodeHistoryMessage(msg);
           if (positioned) batch.push(positioned);
+          else undecodable.push(msg.seq);
           const done = msg.info.pending === 0;
           if (done || batch.length >= batchSize) {
-            await applyBatch(tx, rowsOf(batch), { name, position: msg.seq, streamCreated: info.created });
+            const left = await replayBatch(tx, batch, { name, position: msg.seq, ...stream });
+            for (const seq of [...undecodable, ...left].sort((a, b) => a - b)) skipped.add(seq);
             entries += batch.length;
             position = msg.seq;
             batch = [];
+            undecodable = [];
+            if (options.onProgress && Date.now() - reportedAt >= progressIntervalMs) {
+              reportedAt = Date.now();
+              options.onProgress(entries, position, identity.lastSeq);
+            }
           }
           if (done) break;
         }
@@ -127,11 +179,67 @@ export async function rebuildOrderReadModel(options: RebuildOptions): Promise<Re
         await messages.close();
       }
     } else {
-      await applyBatch(tx, rowsOf([]), { name, position: 0, streamCreated: info.created });
+      await applyBatch(tx, rowsOf([]), { name, position: 0, ...stream });
     }
     const [count] = await tx<{ n: string }[]>`select count(*) as n from orders`;
-    return { entries, orders: Number(count?.n ?? 0), position, streamCreated: info.created };
+    return {
+      entries,
+      orders: Number(count?.n ?? 0),
+      position,
+      streamCreated: identity.created,
+      skippedEntries: skipped.count,
+      skippedSeqs: skipped.seqs,
+    };
   });
+}
+
+/** Entries left out of a rebuild: how many, and the first sequences. */
+class Skipped {
+  count = 0;
+  readonly seqs: number[] = [];
+  add(seq: number): void {
+    this.count++;
+    if (this.seqs.length < MAX_LISTED_SKIPPED) this.seqs.push(seq);
+  }
+}
+
+/**
+ * Applies one batch of the replay and moves the checkpoint over it, as the projector's #flush
+ * does: the batch at once, or, when Postgres refuses its data, entry by entry, leaving out the
+ * entries refused. Savepoints keep a refused statement from aborting the rebuild's transaction.
+ * Returns the sequences of the entries left out (not an order's, or refused).
+ */
+async function replayBatch(
+  tx: TransactionSql,
+  batch: PositionedEntry[],
+  checkpoint: Checkpoint,
+): Promise<number[]> {
+  const rows = rowsOf(batch);
+  const left = rows.skipped.map((entry) => entry.seq);
+  if (await applyUnlessRefused(tx, rows, checkpoint)) return left;
+  const notRows = new Set(left);
+  for (const positioned of batch) {
+    if (notRows.has(positioned.seq)) continue;
+    if (!(await applyUnlessRefused(tx, rowsOf([positioned]), checkpoint))) left.push(positioned.seq);
+  }
+  // The checkpoint, also when every entry was refused (a no-op when it moved already).
+  await applyBatch(tx, rowsOf([]), checkpoint);
+  return left;
+}
+
+/** {@link applyBatch} under a savepoint; false (rolled back to it) when Postgres refuses the data. */
+async function applyUnlessRefused(
+  tx: TransactionSql,
+  rows: BatchRows,
+  checkpoint: Checkpoint,
+): Promise<boolean> {
+  try {
+    await tx.savepoint((sp) => applyBatch(sp, rows, checkpoint));
+    return true;
+  } catch (error) {
+    if (isRefusedData(error)) return false;
+    throw error;
+  }
 }
 
 async function main(): Promise<void> {
@@ -146,10 +254,26 @@ async function main(): Promise<void> {
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-read-model-rebuild" });
     await migrate(sql, { name: "order", dir: orderReadModelMigrations });
     nc = await connectNatsFromConfig(config, "jetsaga-read-model-rebuild");
-    const result = await rebuildOrderReadModel({ nc, sql, ns: config.ns });
+    const result = await rebuildOrderReadModel({
+      nc,
+      sql,
+      ns: config.ns,
+      onProgress: (entries, position, lastSeq) => {
+        const percent = lastSeq > 0 ? Math.min(100, Math.floor((position * 100) / lastSeq)) : 100;
+        console.log(
+          `read-model:rebuild: ${entries} entries replayed, at ${position} of ${lastSeq} (${percent}%)`,
+        );
+      },
+    });
     console.log(
-      `read model rebuilt in ${describeUrl(config.databaseUrl)}: ${result.entries} entries, ${result.orders} orders, checkpoint ${result.position}`,
+      `read model rebuilt in ${describeUrl(config.databaseUrl)}: ${result.entries} entries, ${result.orders} orders, checkpoint ${result.position}, ${result.skippedEntries} entries skipped`,
     );
+    if (result.skippedEntries > 0) {
+      const more = result.skippedEntries > result.skippedSeqs.length ? ", …" : "";
+      console.log(
+        `skipped (not JSON, malformed, not an order's, or refused by the tables; the projector logs them the same way), history sequences: ${result.skippedSeqs.join(", ")}${more}`,
+      );
+    }
   } catch (error) {
     console.error(`read-model:rebuild failed: ${error instanceof Error ? error.message : String(error)}`);
     process.exitCode = 1;

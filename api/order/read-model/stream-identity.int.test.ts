@@ -1,11 +1,37 @@
-/** watchStreamIdentity against a real nats-server: a change whose handling failed is handled again. */
-import { jetstreamManager } from "@nats-io/jetstream";
+/**
+ * watchStreamIdentity against a real nats-server: a change whose handling failed is handled
+ * again; a changed creation time of the same stream is no change, a stream made again is.
+ */
+import { type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../../common/nats.ts";
 import { ensureTopology, topology } from "../../../orchestrator/index.ts";
 import { natsUrl, uniqueNamespace } from "../../../test/support/context.ts";
-import { streamIdentity, watchStreamIdentity } from "./stream-identity.ts";
+import { type StreamIdentity, streamIdentity, watchStreamIdentity } from "./stream-identity.ts";
+
+/**
+ * `jsm`, except that stream info reports `created()` as the creation time when it gives one: as
+ * the servers of nats-server#8449 and #8470 did for a stream that was not made again.
+ */
+function reportingCreated(jsm: JetStreamManager, created: () => string | undefined): JetStreamManager {
+  const streams = new Proxy(jsm.streams, {
+    get(target, prop) {
+      if (prop === "info") {
+        return async (...args: Parameters<typeof target.info>) => {
+          const info = await target.info(...args);
+          const reported = created();
+          return reported === undefined ? info : { ...info, created: reported };
+        };
+      }
+      const value: unknown = Reflect.get(target, prop, target);
+      return typeof value === "function" ? value.bind(target) : value;
+    },
+  });
+  return new Proxy(jsm, {
+    get: (target, prop) => (prop === "streams" ? streams : Reflect.get(target, prop, target)),
+  });
+}
 
 describe("watchStreamIdentity", () => {
   let nc: NatsConnection;
@@ -39,6 +65,49 @@ describe("watchStreamIdentity", () => {
       // Handled: later checks see no change.
       await new Promise((resolve) => setTimeout(resolve, 200));
       expect(calls).toEqual([now?.created, now?.created]);
+    } finally {
+      await watch.stop();
+    }
+  });
+
+  it("takes a changed creation time of the same stream as no change, and a stream made again as one", async () => {
+    const topo = topology(uniqueNamespace("identity"));
+    const real = await jetstreamManager(nc);
+    await ensureTopology(real, topo, { storage: "memory" });
+    const history = topo.streams.history;
+    const append = () => jetstream(nc).publish(topo.historySubject("order", "i-1", "running"), "{}");
+    await append();
+    let reported: string | undefined;
+    const jsm = reportingCreated(real, () => reported);
+    const known = await streamIdentity(jsm, history);
+    const calls: StreamIdentity[] = [];
+    const watch = watchStreamIdentity(
+      jsm,
+      history,
+      known?.created ?? "",
+      20,
+      async (identity) => {
+        calls.push(identity);
+      },
+      () => {},
+    );
+    try {
+      await new Promise((resolve) => setTimeout(resolve, 100));
+      // The server reports another creation time for the stream it had: its first message is the same.
+      reported = "2001-02-03T04:05:06.789Z";
+      await append();
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(calls).toEqual([]);
+
+      // Deleted and made again: another first message.
+      reported = undefined;
+      await real.streams.delete(history);
+      await ensureTopology(real, topo, { storage: "memory" });
+      await append();
+      await expect.poll(() => calls.length).toBe(1);
+      expect(calls[0]?.created).toBe((await real.streams.info(history)).created);
+      await new Promise((resolve) => setTimeout(resolve, 200));
+      expect(calls).toHaveLength(1);
     } finally {
       await watch.stop();
     }
