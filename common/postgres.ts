@@ -57,31 +57,46 @@ export async function connectPostgres(url: string, opts: PostgresOptions = {}): 
 }
 
 /**
- * Runs `query`. When `signal` fires first, the query is cancelled in Postgres and this rejects
- * with the signal's reason: nobody waits for the answer any more, and the backend would otherwise
- * run on (or wait on a lock) holding one of the pool's few connections. The cancel opens a
- * connection of its own; its failure (Postgres gone meanwhile) is dropped, not left unhandled:
- * the query's own outcome is what the caller sees.
+ * Runs `query`. When `signal` fires first, this rejects at once with the signal's reason, and the
+ * query is cancelled in Postgres: nobody waits for the answer any more, and the backend would
+ * otherwise run on (or wait on a lock) holding one of the pool's few connections. The connection
+ * stays taken until Postgres answers the query or the cancel; a Postgres that answers neither
+ * (host gone, sockets half-open) holds it, not the caller.
  */
-export async function queryUntilAborted<T>(
+export function queryUntilAborted<T>(
   query: PromiseLike<T> & { cancel(): unknown },
   signal?: AbortSignal,
 ): Promise<T> {
-  if (!signal) return query;
-  signal.throwIfAborted();
-  const cancel = (): void => {
-    Promise.resolve(query.cancel()).catch(() => {});
-  };
-  signal.addEventListener("abort", cancel, { once: true });
-  try {
-    return await query;
-  } catch (error) {
-    // Postgres' "canceling statement due to user request", or whatever the cancel cut short.
-    if (signal.aborted) throw signal.reason;
-    throw error;
-  } finally {
-    signal.removeEventListener("abort", cancel);
+  if (!signal) return Promise.resolve(query);
+  if (signal.aborted) return Promise.reject(signal.reason);
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = (): void => {
+      reject(signal.reason);
+      cancelQuietly(query);
+    };
+    signal.addEventListener("abort", onAbort, { once: true });
+    query
+      .then(resolve, (error: unknown) => reject(signal.aborted ? signal.reason : error))
+      .then(() => signal.removeEventListener("abort", onAbort));
+  });
+}
+
+/**
+ * Cancels a postgres.js query without leaving its failure unhandled. postgres.js' `cancel()` opens
+ * a connection of its own to send the cancel request and drops that promise (3.4: it returns
+ * null), so a cancel that cannot connect (Postgres gone meanwhile) would be an unhandled rejection,
+ * which ends a Node process. The query's `canceller` is that same step with its promise; it is
+ * called the way `cancel()` calls it (once). Anything else with a `cancel()` is cancelled as is.
+ */
+function cancelQuietly(query: { cancel(): unknown }): void {
+  const internal = query as { canceller?: ((query: unknown) => Promise<unknown>) | null };
+  const canceller = internal.canceller;
+  if (typeof canceller === "function") {
+    internal.canceller = null;
+    canceller(query).catch(() => {});
+    return;
   }
+  Promise.resolve(query.cancel()).catch(() => {});
 }
 
 /** `host:port/database` of a connection URL, without user or password (safe to log). */
