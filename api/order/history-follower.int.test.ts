@@ -17,6 +17,7 @@ import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest
 import { connectNats } from "../../common/nats.ts";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/index.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { rewritingStreamInfo } from "../../test/support/stream-info.ts";
 import { HistoryFollower, type HistoryFollowerLogger, type SequencedEntry } from "./history-follower.ts";
 
 const WORKFLOW = "order";
@@ -251,73 +252,91 @@ describe("HistoryFollower.watch", () => {
       await own.close();
     }
   });
-  it("makes its consumer again after the last entry it saw when nats.js ends it; waits and watches carry on", async () => {
-    const ownTopo = topology(uniqueNamespace("follower-resume"));
-    const stream = ownTopo.streams.history;
-    const jsm = await jetstreamManager(nc);
-    await ensureTopology(jsm, ownTopo, { storage: "memory" });
-    const appendTo = (instanceId: string, revision: number): Promise<number> =>
-      appendEntry(nc, ownTopo, instanceId, revision);
-    await endNextConsumerWhenMissing(nc, stream);
-    const logger = recordingLogger();
-    const own = await HistoryFollower.start(nc, ownTopo, WORKFLOW, {
-      restartBackoff: { initialDelayMs: 20, maxDelayMs: 200 },
-      logger,
-    });
-    try {
-      // Every entry of "a" the follower hands out, for as long as the test runs.
-      const seenOfA: number[] = [];
-      const ofA = own.expect(
-        "a",
-        () => false,
-        50_000,
-        (found) => seenOfA.push(found.seq),
+  // nats-server#8449: a server may report another creation time for the same stream. The first
+  // message tells that it is the same one, and the follower must resume after its last entry all
+  // the same (not from the entries appended from then on, as for a stream made again).
+  it.each([
+    ["", false],
+    [" (the server reporting another creation time for the same stream meanwhile)", true],
+  ])(
+    "makes its consumer again after the last entry it saw when nats.js ends it; waits and watches carry on%s",
+    async (_, createdShifts) => {
+      const ownTopo = topology(uniqueNamespace("follower-resume"));
+      const stream = ownTopo.streams.history;
+      const jsm = await jetstreamManager(nc);
+      await ensureTopology(jsm, ownTopo, { storage: "memory" });
+      const appendTo = (instanceId: string, revision: number): Promise<number> =>
+        appendEntry(nc, ownTopo, instanceId, revision);
+      // The follower learns the stream's first message time from a check that shows the created it
+      // started with: one entry before it starts.
+      await appendTo("z", 1);
+      await endNextConsumerWhenMissing(nc, stream);
+      const logger = recordingLogger();
+      let shifted = false;
+      const followerNc = rewritingStreamInfo(nc, stream, (info) =>
+        shifted ? { ...info, created: "2001-01-01T00:00:00Z" } : undefined,
       );
-      const heard = own.expect("a", (entry) => entry.revision === 1, 10_000);
-      const a1 = await appendTo("a", 1);
-      expect(await heard.done).toMatchObject({ seq: a1 });
-      const b1 = await appendTo("b", 1);
-      const watch = own.watch("b")[Symbol.asyncIterator]();
-      expect(await watch.next()).toMatchObject({ done: false, value: { seq: b1 } });
-      const nextOfWatch = watch.next();
-      const waited = own.expect("b", (entry) => entry.revision === 3, 50_000);
-
-      // The new consumer is made only after more entries were appended: one of the entries
-      // appended from then on would miss them, one from the start would hand out "a" again.
-      const consumers = Object.getPrototypeOf(jetstream(nc).consumers) as Consumers;
-      const get = consumers.get;
-      let closedMeanwhile: boolean | undefined;
-      const appended: number[] = [];
-      vi.spyOn(consumers, "get").mockImplementationOnce(async function (this: Consumers, ...args) {
-        closedMeanwhile = own.closed;
-        appended.push(await appendTo("b", 2), await appendTo("b", 3));
-        return get.apply(this, args);
+      const own = await HistoryFollower.start(followerNc, ownTopo, WORKFLOW, {
+        restartBackoff: { initialDelayMs: 20, maxDelayMs: 200 },
+        streamCheckMs: 50,
+        logger,
       });
-      // The follower's consumer deleted: nats.js ends it (as after 30 failed attempts).
-      const names: string[] = [];
-      for await (const info of jsm.consumers.list(stream)) names.push(info.name);
-      expect(names).toHaveLength(1);
-      await jsm.consumers.delete(stream, names[0] ?? "");
+      shifted = createdShifts;
+      try {
+        // Every entry of "a" the follower hands out, for as long as the test runs.
+        const seenOfA: number[] = [];
+        const ofA = own.expect(
+          "a",
+          () => false,
+          50_000,
+          (found) => seenOfA.push(found.seq),
+        );
+        const heard = own.expect("a", (entry) => entry.revision === 1, 10_000);
+        const a1 = await appendTo("a", 1);
+        expect(await heard.done).toMatchObject({ seq: a1 });
+        const b1 = await appendTo("b", 1);
+        const watch = own.watch("b")[Symbol.asyncIterator]();
+        expect(await watch.next()).toMatchObject({ done: false, value: { seq: b1 } });
+        const nextOfWatch = watch.next();
+        const waited = own.expect("b", (entry) => entry.revision === 3, 50_000);
 
-      const found = await waited.done;
-      expect(appended).toHaveLength(2);
-      const [b2, b3] = appended;
-      expect(found).toMatchObject({ seq: b3, entry: { revision: 3 } });
-      expect(await nextOfWatch).toMatchObject({ done: false, value: { seq: b2 } });
-      expect(await watch.next()).toMatchObject({ done: false, value: { seq: b3 } });
-      await watch.return?.();
-      expect(closedMeanwhile).toBe(true);
-      expect(own.closed).toBe(false);
-      expect(seenOfA).toEqual([a1]);
-      ofA.cancel();
-      expect(logger.lines).toContainEqual(
-        expect.stringMatching(/^history consumer failed: making it again: /),
-      );
-      expect(logger.lines).toContain("history consumer made again after the last entry seen");
-    } finally {
-      await own.close();
-    }
-  });
+        // The new consumer is made only after more entries were appended: one of the entries
+        // appended from then on would miss them, one from the start would hand out "a" again.
+        const consumers = Object.getPrototypeOf(jetstream(nc).consumers) as Consumers;
+        const get = consumers.get;
+        let closedMeanwhile: boolean | undefined;
+        const appended: number[] = [];
+        vi.spyOn(consumers, "get").mockImplementationOnce(async function (this: Consumers, ...args) {
+          closedMeanwhile = own.closed;
+          appended.push(await appendTo("b", 2), await appendTo("b", 3));
+          return get.apply(this, args);
+        });
+        // The follower's consumer deleted: nats.js ends it (as after 30 failed attempts).
+        const names: string[] = [];
+        for await (const info of jsm.consumers.list(stream)) names.push(info.name);
+        expect(names).toHaveLength(1);
+        await jsm.consumers.delete(stream, names[0] ?? "");
+
+        const found = await waited.done;
+        expect(appended).toHaveLength(2);
+        const [b2, b3] = appended;
+        expect(found).toMatchObject({ seq: b3, entry: { revision: 3 } });
+        expect(await nextOfWatch).toMatchObject({ done: false, value: { seq: b2 } });
+        expect(await watch.next()).toMatchObject({ done: false, value: { seq: b3 } });
+        await watch.return?.();
+        expect(closedMeanwhile).toBe(true);
+        expect(own.closed).toBe(false);
+        expect(seenOfA).toEqual([a1]);
+        ofA.cancel();
+        expect(logger.lines).toContainEqual(
+          expect.stringMatching(/^history consumer failed: making it again: /),
+        );
+        expect(logger.lines).toContain("history consumer made again after the last entry seen");
+      } finally {
+        await own.close();
+      }
+    },
+  );
 
   it("is not ready while its history stream is missing for longer than nats.js tries, and follows the stream made again", async () => {
     const ownTopo = topology(uniqueNamespace("follower-gone"));

@@ -17,6 +17,8 @@ import { decodeHistoryMessage } from "./read-model/projector.ts";
 import {
   type StreamIdentity,
   type StreamIdentityWatch,
+  type StreamMark,
+  sameIncarnation,
   streamIdentity,
   watchStreamIdentity,
 } from "./read-model/stream-identity.ts";
@@ -94,8 +96,8 @@ export class HistoryFollower {
   /** The consumer followed; replaced when the stream was made again or the consumer ended. */
   #messages: ConsumerMessages;
   #streamWatch: StreamIdentityWatch | undefined;
-  /** The incarnation of the history stream {@link #lastSeq} belongs to (`StreamInfo.created`). */
-  #streamCreated: string;
+  /** The incarnation of the history stream {@link #lastSeq} belongs to (see stream-identity.ts). */
+  #stream: StreamMark;
   /** Stream sequence of the last entry the consumer delivered: a consumer made again goes on after it. */
   #lastSeq: number;
   /** Consumers made one at a time: each switch waits for the one before. */
@@ -127,7 +129,7 @@ export class HistoryFollower {
     this.#topo = topo;
     this.#workflow = workflow;
     this.#messages = messages;
-    this.#streamCreated = identity?.created ?? "";
+    this.#stream = { created: identity?.created ?? "", firstTs: identity?.firstTs };
     // The consumer starts with the entries after this one (a few appended meanwhile would be
     // delivered once more by a consumer made again: waits and watches take them twice alike).
     this.#lastSeq = identity?.lastSeq ?? 0;
@@ -188,6 +190,17 @@ export class HistoryFollower {
     return consumer.consume();
   }
 
+  /**
+   * True when `identity` shows the incarnation the follower reads (the same `created`, or another
+   * `created` with the same first message: nats-server#8449, see stream-identity.ts), whose
+   * `created` and first message time are then taken as known; false for a stream made again.
+   */
+  #isCurrent(identity: StreamIdentity): boolean {
+    if (!sameIncarnation(this.#stream, identity, this.#lastSeq)) return false;
+    this.#stream = { created: identity.created, firstTs: this.#stream.firstTs ?? identity.firstTs };
+    return true;
+  }
+
   /** Runs `fn` once every consumer switch started before it has settled. */
   #exclusive<T>(fn: () => Promise<T>): Promise<T> {
     const result = this.#switching.then(fn);
@@ -201,7 +214,7 @@ export class HistoryFollower {
    */
   #replaceConsumer(identity: StreamIdentity): Promise<void> {
     return this.#exclusive(async () => {
-      if (this.#stopped || !this.#consuming || identity.created === this.#streamCreated) return;
+      if (this.#stopped || !this.#consuming || this.#isCurrent(identity)) return;
       const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow);
       if (this.#stopped) {
         await next.close();
@@ -209,7 +222,7 @@ export class HistoryFollower {
       }
       const previous = this.#messages;
       this.#messages = next;
-      this.#streamCreated = identity.created;
+      this.#stream = { created: identity.created, firstTs: identity.firstTs };
       this.#lastSeq = identity.lastSeq;
       await previous.close();
     });
@@ -282,7 +295,7 @@ export class HistoryFollower {
     const stream = this.#topo.streams.history;
     const identity = await streamIdentity(this.#jsm, stream);
     if (identity === undefined) throw new Error(`history stream ${stream} does not exist`);
-    const same = identity.created === this.#streamCreated;
+    const same = this.#isCurrent(identity);
     const start = same ? this.#lastSeq + 1 : undefined;
     const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow, start);
     if (this.#stopped) {
@@ -290,7 +303,7 @@ export class HistoryFollower {
       return true;
     }
     if (!same) {
-      this.#streamCreated = identity.created;
+      this.#stream = { created: identity.created, firstTs: identity.firstTs };
       this.#lastSeq = identity.lastSeq;
     }
     this.#messages = next;

@@ -4,7 +4,7 @@
  * incrementally built read model row for row.
  */
 import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
-import type { Msg, NatsConnection } from "@nats-io/transport-node";
+import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../../common/nats.ts";
 import { connectPostgres, migrate, type Sql } from "../../../common/postgres.ts";
@@ -27,6 +27,7 @@ import {
   type TestDatabase,
   uniqueNamespace,
 } from "../../../test/support/context.ts";
+import { rewritingStreamInfo } from "../../../test/support/stream-info.ts";
 import {
   applyBatch,
   CHECKPOINT_CHANNEL,
@@ -74,40 +75,6 @@ async function allEntries(nc: NatsConnection, client: WorkflowClient): Promise<P
   }
   await messages.close();
   return entries;
-}
-
-/**
- * `nc`, except that the replies of the JetStream API to stream info requests for `stream` are
- * what `rewrite` makes of them (undefined: unchanged): a server that reports otherwise.
- */
-function rewritingStreamInfo(
-  nc: NatsConnection,
-  stream: string,
-  rewrite: (reply: Record<string, unknown>) => Record<string, unknown> | undefined,
-): NatsConnection {
-  const subject = `$JS.API.STREAM.INFO.${stream}`;
-  const request = async (...args: Parameters<NatsConnection["request"]>): Promise<Msg> => {
-    const reply = await nc.request(...args);
-    const rewritten = args[0] === subject ? rewrite(reply.json<Record<string, unknown>>()) : undefined;
-    if (rewritten === undefined) return reply;
-    const data = new TextEncoder().encode(JSON.stringify(rewritten));
-    return new Proxy(reply, {
-      get(target, prop) {
-        if (prop === "data") return data;
-        if (prop === "json") return () => JSON.parse(new TextDecoder().decode(data));
-        if (prop === "string") return () => new TextDecoder().decode(data);
-        const value: unknown = Reflect.get(target, prop, target);
-        return typeof value === "function" ? value.bind(target) : value;
-      },
-    });
-  };
-  return new Proxy(nc, {
-    get(target, prop) {
-      if (prop === "request") return request;
-      const value: unknown = Reflect.get(target, prop, target);
-      return typeof value === "function" ? value.bind(target) : value;
-    },
-  });
 }
 
 /** A history entry of an order saga as the read model reads it, with `state` fields replaced. */
