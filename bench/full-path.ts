@@ -33,6 +33,11 @@ export type FullPathResult =
       processNames: string[];
       /** Read-model reads per order, p50: 1 (the answer, or one GetOrder at its position; no polling). */
       readsPerOrder: number;
+      /**
+       * How `levels` read the order back; absent in results from before `answer_from_read_model`,
+       * which made two calls (`getOrder`).
+       */
+      readBack?: ReadBack;
       /** {@link FullPathOptions.connectLevels}, measured with the same processes after `levels`. */
       overConnect?: LoadReport[];
       /** {@link FullPathOptions.twoCallLevels}, measured with the same processes after `levels`. */
@@ -125,8 +130,9 @@ export async function driveOrders(
       return false;
     }
     if (readBack === "answer") {
-      reads.push(1);
-      return true;
+      // A gateway that ignored the flag answered from the history: not read back, a failure.
+      reads.push(settled.answeredFromReadModel ? 1 : 0);
+      return settled.answeredFromReadModel;
     }
     const got = await orders.getOrder(
       { orderId: settled.order.orderId, minPosition: settled.position },
@@ -288,6 +294,7 @@ export async function measureFullPath(options: FullPathOptions): Promise<FullPat
       : undefined;
     return {
       levels,
+      readBack: "answer",
       ...(overConnect ? { overConnect } : {}),
       ...(twoCalls ? { twoCalls } : {}),
       processNames: ["orchestrator", "user", "api", "nats", "postgres", "client"],

@@ -421,7 +421,7 @@ export function renderMarkdown(results: BenchResults): string {
       continue;
     }
     out.push(
-      `**Full path** (${s.name}; Postgres ${describeDurability(f.postgresDurability)}: gRPC PlaceOrder → order saga → user service → CONFIRMED answered by PlaceOrder waiting for the outcome (wait_for_statuses) ${f.twoCalls || !f.overConnect ? "and answering from the read model once it shows it (answer_from_read_model): one call per order" : "then visible in the read model via one GetOrder with its position as min_position"}):`,
+      `**Full path** (${s.name}; Postgres ${describeDurability(f.postgresDurability)}: gRPC PlaceOrder → order saga → user service → CONFIRMED answered by PlaceOrder waiting for the outcome (wait_for_statuses) ${f.readBack === "answer" ? "and answering from the read model once it shows it (answer_from_read_model): one call per order" : "then visible in the read model via one GetOrder with its position as min_position"}):`,
       "",
     );
     // Postgres is a process tree, measured for CPU only.

@@ -457,6 +457,7 @@ async function runSeries(
           ...(overConnect.length ? { overConnect: medianLevels(overConnect) } : {}),
           ...(twoCalls.length ? { twoCalls: medianLevels(twoCalls) } : {}),
           levels: medianLevels(levelsOf),
+          ...(one && "readBack" in one && one.readBack ? { readBack: one.readBack } : {}),
           processNames: one && "processNames" in one ? one.processNames : [],
           ...(one && "postgresDurability" in one && one.postgresDurability
             ? { postgresDurability: one.postgresDurability }

@@ -107,7 +107,9 @@ describe("benchmark smoke", () => {
       expect(level.kind).toBe("full");
       expectFiniteReport(level, ["orchestrator", "user", "api"]);
     }
-    // One read-model read per order: the answer (or the GetOrder) at the outcome's position.
+    // One read-model read per order: the answer (which says it was read from the read model), or
+    // the GetOrder at the outcome's position.
+    expect(result.readBack).toBe("answer");
     expect(result.readsPerOrder).toBe(1);
   });
 

@@ -749,6 +749,7 @@ describe("OrderService", () => {
     const settled = await orders.placeOrder(request, auth(token));
     const orderId = settled.order?.orderId ?? "";
     expect(settled.order).toMatchObject({ status: OrderStatus.CONFIRMED, items: [item()] });
+    expect(settled.answeredFromReadModel).toBe(true);
     // The same answer as GetOrder at the outcome's position: one call instead of two.
     const read = await orders.getOrder({ orderId, minPosition: settled.position }, auth(token));
     expect(settled.order).toEqual(read.order);
@@ -761,6 +762,7 @@ describe("OrderService", () => {
     expect(fromReadModel.position).toBe(settled.position);
     const fromHistory = await orders.placeOrder({ ...request, answerFromReadModel: false }, auth(token));
     expect(fromHistory.order?.updatedAt?.seconds).toBe(settled.order?.updatedAt?.seconds);
+    expect(fromHistory.answeredFromReadModel).toBe(false);
     // A read model that does not catch up within the call fails it with DEADLINE_EXCEEDED; the
     // order is placed all the same.
     const lagging = { position: () => 0, waitFor: async () => false };
@@ -771,6 +773,24 @@ describe("OrderService", () => {
       expect(await codeOf(call)).toBe(Code.DeadlineExceeded);
       const retried = await orders.placeOrder({ ...request, idempotencyKey: lagKey }, auth(other.token));
       expect(retried.order).toMatchObject({ status: OrderStatus.CONFIRMED, userId: other.userId });
+    });
+    // A read model that has not caught up when the gateway shuts down: UNAVAILABLE (another replica
+    // may answer at once), not DEADLINE_EXCEEDED.
+    let waiting = 0;
+    const stuck = {
+      position: () => 0,
+      waitFor: (_position: number, _timeoutMs: number, signal?: AbortSignal) =>
+        new Promise<boolean>((resolve) => {
+          waiting++;
+          signal?.addEventListener("abort", () => resolve(false), { once: true });
+        }),
+    };
+    await withOrderService({ readModel: stuck }, async (client, _service, server) => {
+      const other = await signUp("readback-shutdown");
+      const call = codeOf(client.placeOrder({ ...request, idempotencyKey: randomUUID() }, auth(other.token)));
+      await expect.poll(() => waiting).toBe(1);
+      await server.close();
+      expect(await call).toBe(Code.Unavailable);
     });
   });
 

@@ -307,14 +307,24 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       : new ConnectError(`${what}; ${retry}`, Code.DeadlineExceeded);
   }
 
-  /** Waits (bounded by the call's deadline) until the read model includes `min_position`. */
-  async function awaitReadModel(ctx: HandlerContext, minPosition: string | undefined): Promise<void> {
+  /**
+   * Waits (bounded by the call's deadline) until the read model includes `minPosition`; else
+   * DEADLINE_EXCEEDED saying "the read model has not reached `what` yet", or UNAVAILABLE when the
+   * gateway is shutting down (another replica may answer at once).
+   */
+  async function awaitReadModel(
+    ctx: HandlerContext,
+    minPosition: string | undefined,
+    what = "min_position",
+  ): Promise<void> {
     const position = checkPosition(minPosition);
     if (position === undefined) return;
     const waitMs = Math.max(0, Math.min(ctx.timeoutMs() ?? maxReadWaitMs, maxReadWaitMs));
-    if (!(await readModel.waitFor(position, waitMs))) {
-      throw new ConnectError("the read model has not reached min_position yet; retry", Code.DeadlineExceeded);
+    if (await readModel.waitFor(position, waitMs, ctx.signal)) return;
+    if (isShutdown(ctx.signal)) {
+      throw new ConnectError("the gateway is shutting down; retry", Code.Unavailable);
     }
+    throw new ConnectError(`the read model has not reached ${what} yet; retry`, Code.DeadlineExceeded);
   }
 
   /**
@@ -325,8 +335,8 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     ctx: HandlerContext,
     userId: string,
     answer: { order: Order; position: string },
-  ): Promise<{ order: Order; position: string }> {
-    await awaitReadModel(ctx, answer.position);
+  ): Promise<{ order: Order; position: string; answeredFromReadModel: true }> {
+    await awaitReadModel(ctx, answer.position, "the order's answer");
     const view = await readModelQuery(ctx, (signal) => getOrder(sql, userId, answer.order.orderId, signal));
     // The projector skips an entry Postgres refuses (logged there): the order is then not in it.
     if (!view) {
@@ -335,7 +345,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         Code.Internal,
       );
     }
-    return { order: orderFromView(view), position: answer.position };
+    return { order: orderFromView(view), position: answer.position, answeredFromReadModel: true };
   }
 
   /**

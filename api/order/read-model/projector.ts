@@ -76,7 +76,7 @@ export interface ProjectionPosition {
    * Resolves true once the read model includes `position`, false when `timeoutMs` passes first
    * (never rejects).
    */
-  waitFor(position: number, timeoutMs: number): Promise<boolean>;
+  waitFor(position: number, timeoutMs: number, signal?: AbortSignal): Promise<boolean>;
 }
 
 /** A running order projector. */
@@ -469,17 +469,24 @@ class Projector implements OrderProjector {
     }
   }
 
-  waitFor(position: number, timeoutMs: number): Promise<boolean> {
+  waitFor(position: number, timeoutMs: number, signal?: AbortSignal): Promise<boolean> {
     if (position <= this.#position) return Promise.resolve(true);
+    if (signal?.aborted) return Promise.resolve(false);
     return new Promise<boolean>((resolve) => {
+      const giveUp = (): void => {
+        clearTimeout(waiter.timer);
+        this.#waiters.delete(waiter);
+        waiter.resolve(false);
+      };
       const waiter: Waiter = {
         position,
-        resolve,
-        timer: setTimeout(() => {
-          this.#waiters.delete(waiter);
-          resolve(false);
-        }, timeoutMs),
+        resolve: (reached) => {
+          signal?.removeEventListener("abort", giveUp);
+          resolve(reached);
+        },
+        timer: setTimeout(giveUp, timeoutMs),
       };
+      signal?.addEventListener("abort", giveUp, { once: true });
       this.#waiters.add(waiter);
     });
   }

@@ -78,7 +78,12 @@ describe("watchStreamIdentity", () => {
     const append = () => jetstream(nc).publish(topo.historySubject("order", "i-1", "running"), "{}");
     await append();
     let reported: string | undefined;
-    const jsm = reportingCreated(real, () => reported);
+    /** Stream info replies so far; checks never overlap, so n replies mean n - 1 checks done. */
+    let replies = 0;
+    const jsm = reportingCreated(real, () => {
+      replies++;
+      return reported;
+    });
     const known = await streamIdentity(jsm, history);
     const calls: StreamIdentity[] = [];
     const watch = watchStreamIdentity(
@@ -92,11 +97,13 @@ describe("watchStreamIdentity", () => {
       () => {},
     );
     try {
-      await new Promise((resolve) => setTimeout(resolve, 100));
+      // One check done with the creation time it knows: the watch has learnt the first message.
+      await expect.poll(() => replies, { timeout: 10_000 }).toBeGreaterThanOrEqual(3);
       // The server reports another creation time for the stream it had: its first message is the same.
       reported = "2001-02-03T04:05:06.789Z";
       await append();
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      const after = replies;
+      await expect.poll(() => replies, { timeout: 10_000 }).toBeGreaterThanOrEqual(after + 3);
       expect(calls).toEqual([]);
 
       // Deleted and made again: another first message.
