@@ -2,7 +2,7 @@
  * The hand-back ledger (handbacks.ts) against a real nats-server: a bucket that exists with other
  * settings is reported and left as it is; a worker stopping while its server does not answer
  * (stopped with SIGSTOP: connections stay open, nothing is answered) hands the messages it holds
- * back without waiting out the ledger's request timeouts.
+ * (waiting for a slot) back without waiting out the ledger's request timeouts.
  */
 import { type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
@@ -10,11 +10,17 @@ import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { topology } from "../../orchestrator/runtime/topology.ts";
-import type { DomainEventMessage } from "../../schemas/envelope.ts";
+import type { CommandMessage, DomainEventMessage } from "../../schemas/envelope.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import { type NatsServerHandle, startNatsServer } from "../../test/support/servers.ts";
 import { handbackBucket, openHandbackLedger } from "./handbacks.ts";
-import { createWorker, type EventHandler, type RunningWorker, type WorkerLogger } from "./index.ts";
+import {
+  type CommandHandler,
+  createWorker,
+  type EventHandler,
+  type RunningWorker,
+  type WorkerLogger,
+} from "./index.ts";
 
 /** A logger keeping each entry's message (warnings and errors) and fields. */
 function recordingLogger() {
@@ -27,10 +33,14 @@ function recordingLogger() {
   return { entries, logger, messages: () => entries.map((e) => e.msg) };
 }
 
-async function waitFor<T>(probe: () => T | undefined, what: string, ms = 10_000): Promise<T> {
+async function waitFor<T>(
+  probe: () => T | undefined | Promise<T | undefined>,
+  what: string,
+  ms = 10_000,
+): Promise<T> {
   const deadline = Date.now() + ms;
   for (;;) {
-    const value = probe();
+    const value = await probe();
     if (value !== undefined) return value;
     if (Date.now() > deadline) throw new Error(`timed out waiting for ${what}`);
     await new Promise((resolve) => setTimeout(resolve, 15));
@@ -121,6 +131,7 @@ describe("a worker stopping while its NATS server does not answer", () => {
   it("hands back the messages it holds without waiting out the ledger's requests; they are redelivered", async () => {
     nc = await connect({ servers: nats.url });
     const js = jetstream(nc);
+    const jsm = await jetstreamManager(nc);
     const topo = topology(uniqueNamespace("hbpaused"));
     const handled: string[] = [];
     let started = 0;
@@ -139,10 +150,32 @@ describe("a worker stopping while its NATS server does not answer", () => {
         },
       },
     };
+    const charge = {
+      input: z.unknown(),
+      handle: async (_input: unknown, ctx: { commandId: string }) => {
+        handled.push(ctx.commandId);
+        return { type: "acct.charged" };
+      },
+    } satisfies CommandHandler<z.ZodType>;
     const log = recordingLogger();
     // A minute of ack_wait: what comes back within the test was nak'd, not left to expire.
     const options = { nc, ns: topo.ns, service: "acct", concurrency: 3, ackWaitMs: 60_000 };
-    const worker = await createWorker({ ...options, logger: log.logger, events: gated });
+    const worker = await createWorker({
+      ...options,
+      logger: log.logger,
+      events: gated,
+      commands: { "acct.charge": charge },
+    });
+    // Each consumer asks for as many messages as there are free slots: both have asked.
+    for (const [stream, consumer] of [
+      [topo.streams.events, "acct-events"],
+      [topo.streams.commands, "acct-commands"],
+    ] as const) {
+      await waitFor(
+        async () => ((await jsm.consumers.info(stream, consumer)).num_waiting > 0 ? true : undefined),
+        `${consumer} pulling`,
+      );
+    }
     const ids = Array.from({ length: 9 }, (_, i) => `e${i + 1}`);
     for (const eventId of ids) {
       const event: DomainEventMessage = {
@@ -154,8 +187,27 @@ describe("a worker stopping while its NATS server does not answer", () => {
       };
       await js.publish(topo.eventSubject("order", "order.confirmed"), JSON.stringify(event));
     }
-    // Three handlers run; the consume loop and the client's buffer hold more.
+    // Three handlers run, in every slot.
     await waitFor(() => (started === 3 ? true : undefined), "three handlers running");
+    // The commands consumer's request delivers three commands, which wait for a slot.
+    const commandIds = ["c1", "c2", "c3"];
+    for (const commandId of commandIds) {
+      const cmd: CommandMessage = {
+        commandId,
+        command: "acct.charge",
+        input: {},
+        replyTo: { workflow: "order", instanceId: `o-${commandId}` },
+        at: Date.now(),
+      };
+      await js.publish(topo.commandSubject("acct.charge"), JSON.stringify(cmd));
+    }
+    await waitFor(
+      async () =>
+        (await jsm.consumers.info(topo.streams.commands, "acct-commands")).num_ack_pending === 3
+          ? true
+          : undefined,
+      "three commands held",
+    );
     await sleep(300);
 
     await nats.kill("SIGSTOP");
@@ -189,12 +241,14 @@ describe("a worker stopping while its NATS server does not answer", () => {
           },
         },
       },
+      commands: { "acct.charge": charge },
     });
+    const all = [...ids, ...commandIds];
     try {
-      await waitFor(() => (new Set(handled).size === ids.length ? true : undefined), "every event handled");
+      await waitFor(() => (new Set(handled).size === all.length ? true : undefined), "every message handled");
     } finally {
       await next.stop();
     }
-    expect(new Set(handled)).toEqual(new Set(ids));
+    expect(new Set(handled)).toEqual(new Set(all));
   });
 });

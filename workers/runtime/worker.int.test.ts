@@ -452,6 +452,103 @@ describe("createWorker (real nats-server)", () => {
     expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0 });
   });
 
+  /**
+   * A handler of `acct.charge` that holds its slot (kept alive) on the account "slow" until the
+   * test lets it go, and records every call by commandId and attempt.
+   */
+  function slowOnAccount() {
+    const calls: Array<{ commandId: string; attempt: number }> = [];
+    let release: () => void = () => {};
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let began: () => void = () => {};
+    const started = new Promise<void>((resolve) => {
+      began = resolve;
+    });
+    const commands = charge(async (input, ctx) => {
+      calls.push({ commandId: ctx.commandId, attempt: ctx.attempt });
+      if (input.account === "slow") {
+        began();
+        await gate;
+      }
+      return { type: "acct.charged" };
+    });
+    return { calls, commands, release, started };
+  }
+
+  // Kept alive for up to maxAttempts × ackWait = 6 s: longer than the slow handler is held.
+  const shortAckWait = { ackWaitMs: 300, retry: { ...fast, maxAttempts: 20 } };
+  /** Several ack_waits of the options above. */
+  const severalAckWaits = 1_500;
+
+  it("keeps a message that waits for a slot held by a slow handler: delivered once, attempt 1", async () => {
+    const slow = slowOnAccount();
+    const { topo, inbox, worker } = await setup("slotwait", {
+      ...shortAckWait,
+      concurrency: 1,
+      commands: slow.commands,
+    });
+    const first = command({ input: { account: "slow", amount: 1 } });
+    const second = command();
+    await send(topo, first);
+    await slow.started;
+    await send(topo, second);
+    // The only slot stays held for several ack_waits while the second command waits.
+    await new Promise((resolve) => setTimeout(resolve, severalAckWaits));
+    slow.release();
+    await inbox.next((m) => m.id === `reply.${first.commandId}`, 15_000);
+    await inbox.next((m) => m.id === `reply.${second.commandId}`, 15_000);
+    // Both acked: a redelivery (a second copy of the waiting command) would have shown up by now.
+    await waitFor(
+      async () => ((await jsm.streams.info(topo.streams.commands)).state.messages === 0 ? true : undefined),
+      "empty queue",
+    );
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    expect(slow.calls).toEqual([
+      { commandId: first.commandId, attempt: 1 },
+      { commandId: second.commandId, attempt: 1 },
+    ]);
+    // Each command was delivered once: nothing timed out waiting in the worker.
+    const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
+    expect(info.delivered.consumer_seq).toBe(2);
+    expect(worker.stats).toEqual({ handled: 2, retried: 0, deadLettered: 0, abandoned: 0 });
+    expect(await readDeadLetters(js, topo)).toEqual([]);
+  });
+
+  it("leaves a command to another replica rather than holding it while its slots are busy", async () => {
+    const slow = slowOnAccount();
+    const topo = topology(uniqueNamespace("replica"));
+    const inbox = recordInbox(topo);
+    const options = { ...shortAckWait, concurrency: 1, commands: slow.commands };
+    const busy = await start(topo, options);
+    const first = command({ input: { account: "slow", amount: 1 } });
+    const second = command();
+    await send(topo, first);
+    await slow.started;
+    await send(topo, second);
+    // The busy replica's slot stays held for several ack_waits; an idle replica comes up.
+    await new Promise((resolve) => setTimeout(resolve, severalAckWaits / 2));
+    const idle = await start(topo, options);
+    await inbox.next((m) => m.id === `reply.${second.commandId}`, 15_000);
+    await new Promise((resolve) => setTimeout(resolve, severalAckWaits / 2));
+    slow.release();
+    await inbox.next((m) => m.id === `reply.${first.commandId}`, 15_000);
+    await waitFor(
+      async () => ((await jsm.streams.info(topo.streams.commands)).state.messages === 0 ? true : undefined),
+      "empty queue",
+    );
+    await new Promise((resolve) => setTimeout(resolve, 1_000));
+    // The second command ran once, on its first attempt, on the idle replica.
+    expect(slow.calls).toEqual([
+      { commandId: first.commandId, attempt: 1 },
+      { commandId: second.commandId, attempt: 1 },
+    ]);
+    expect(busy.stats).toMatchObject({ handled: 1, deadLettered: 0 });
+    expect(idle.stats).toMatchObject({ handled: 1, deadLettered: 0 });
+    expect(await readDeadLetters(js, topo)).toEqual([]);
+  });
+
   it("lets a handler that hangs past maxAttempts × ack_wait lose its message to another run, and signals it", async () => {
     const calls: number[] = [];
     const signalled: number[] = [];

@@ -1,4 +1,5 @@
 import {
+  type Consumer,
   type ConsumerConfig,
   type ConsumerMessages,
   type JetStreamManager,
@@ -63,6 +64,8 @@ const STOP_TIMEOUT_MS = 10_000;
 const STOP_LEDGER_WRITE_MS = 1_500;
 /** Delay before redelivery when our own IO (a publish) failed, ms. */
 const IO_RETRY_DELAY_MS = 1_000;
+/** How long a pull request waits for messages, ms (nats.js's default for consume and fetch). */
+const FETCH_EXPIRES_MS = 30_000;
 /** Pause before consuming again after the consume loop failed, ms; doubles while it keeps failing. */
 const RESTART_DELAY_MS = 1_000;
 const MAX_RESTART_DELAY_MS = 5_000;
@@ -164,10 +167,29 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   // and the attempts it spends end in a dead letter and command.failed, so the saga compensates.
   const keepAliveForMs = policy.maxAttempts * ackWaitMs;
   const abort = new AbortController();
+  /** Fires when stop() is called (`abort` fires once it gave up waiting for the handlers). */
+  const stopRequested = new AbortController();
   const slots = semaphore(concurrency);
+  /** Messages received and not yet done with: running, or waiting for a slot. */
+  let held = 0;
+  /** Pull requests are renewed once this many more messages can be asked for (see pull()). */
+  const refillAt = Math.max(1, Math.ceil(concurrency / 4));
   const inFlight = new Set<Promise<void>>();
+  /** The pull requests open (of both consumers): stop() closes them. */
   const open = new Set<ConsumerMessages>();
   let stopping = false;
+  // The pull loops wait for a change (a message done, a request ended, stop()) before asking again.
+  let wakeUp: () => void = () => {};
+  let woken = new Promise<void>((resolve) => {
+    wakeUp = resolve;
+  });
+  function wake(): void {
+    wakeUp();
+    woken = new Promise<void>((resolve) => {
+      wakeUp = resolve;
+    });
+  }
+  const changed = (): Promise<void> => woken;
 
   // ---- settling a message ------------------------------------------------------------------
 
@@ -575,6 +597,131 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     }
   }
 
+  /**
+   * Starts `msg` at once when a slot is free. Else (the other consumer's messages hold the slots:
+   * each consumer's pulls count only its own requests) it waits, kept alive, for at most as long as
+   * a handler is kept; then, or when stop() comes, it is handed back.
+   */
+  function accept(msg: JsMsg, kind: Kind, handingBack: Array<Promise<void>>): void {
+    if (stopping) {
+      // Hand it back at once instead of letting it wait out ack_wait, and without waiting for the
+      // previous hand-backs: each ledger write is bounded, and concurrent they do not add up.
+      handingBack.push(handBack(msg, undefined));
+      return;
+    }
+    held++;
+    const task = (async () => {
+      if (!slots.tryAcquire()) {
+        const keepAlive = setInterval(() => progress(msg), keepAliveMs);
+        const waited = new AbortController();
+        const timer = setTimeout(() => waited.abort(), keepAliveForMs);
+        const onStop = () => waited.abort();
+        stopRequested.signal.addEventListener("abort", onStop, { once: true });
+        let acquired: boolean;
+        try {
+          acquired = await slots.acquire(waited.signal);
+        } finally {
+          clearInterval(keepAlive);
+          clearTimeout(timer);
+          stopRequested.signal.removeEventListener("abort", onStop);
+        }
+        if (!acquired) return await handBack(msg, undefined);
+      }
+      try {
+        await processMessage(msg, kind);
+      } finally {
+        slots.release();
+      }
+    })().finally(() => {
+      held--;
+      inFlight.delete(task);
+      wake();
+    });
+    inFlight.add(task);
+  }
+
+  /**
+   * Pulls from `consumer` only what can start at once: its pull requests ask for no more messages
+   * than are free slots less the messages it already asked for. A message is never left waiting in
+   * the client's buffer or ours without a keep-alive (a slot held by a slow handler, kept alive up
+   * to maxAttempts × ack_wait, would let its ack_wait run out: the server gives it to another copy
+   * while this one still holds it, and each such delivery spends an attempt). Requests are renewed
+   * before they run out, once a quarter of the slots can be asked for, so the worker never waits
+   * for a round trip while busy. Returns when stopping; throws when a pull request fails (consumer
+   * or stream deleted, heartbeats missed), after closing the others: pump() then starts again.
+   * `delivered` is told when a request delivered a message or ran its course.
+   */
+  async function pull(
+    consumer: Consumer,
+    kind: Kind,
+    handingBack: Array<Promise<void>>,
+    delivered: () => void,
+  ): Promise<void> {
+    const batches = new Set<ConsumerMessages>();
+    const draining = new Set<Promise<void>>();
+    /** Messages asked for and not yet received. */
+    let requested = 0;
+    let failure: { error: unknown } | undefined;
+    let ending = false;
+
+    async function drain(batch: ConsumerMessages, size: number, since: number): Promise<void> {
+      let received = 0;
+      try {
+        for await (const msg of batch) {
+          // More than asked for (a request repeated after a reconnect) only waits for a slot.
+          if (received++ < size) requested--;
+          delivered();
+          accept(msg, kind, handingBack);
+        }
+        // A request that ends early without a message (and without an error) would be renewed in
+        // a tight loop: taken as a failure, so that pump() pauses first.
+        const early = Date.now() - since < FETCH_EXPIRES_MS / 2;
+        if (received === 0 && early && !ending && !stopping && !nc.isClosed()) {
+          throw new Error("pull request ended early without messages");
+        }
+        if (received === 0) delivered();
+      } catch (error) {
+        failure ??= { error };
+      } finally {
+        requested -= Math.max(0, size - received);
+        batches.delete(batch);
+        open.delete(batch);
+        wake();
+      }
+    }
+
+    try {
+      while (!stopping && !failure && !nc.isClosed()) {
+        const want = concurrency - held - requested;
+        if (want <= 0 || (requested > 0 && want < refillAt)) {
+          await changed();
+          continue;
+        }
+        requested += want;
+        let batch: ConsumerMessages;
+        try {
+          batch = await consumer.fetch({ max_messages: want, expires: FETCH_EXPIRES_MS });
+        } catch (error) {
+          requested -= want;
+          throw error;
+        }
+        batches.add(batch);
+        open.add(batch);
+        // stop() came while fetch() was starting: close, then hand back what arrived (drain).
+        if (stopping) void batch.close().catch(() => undefined);
+        const drained: Promise<void> = drain(batch, want, Date.now()).finally(() => draining.delete(drained));
+        draining.add(drained);
+      }
+      if (failure) throw failure.error;
+    } finally {
+      ending = true;
+      // close() resolves once the batch's iterator has run to its end: drain() never waits, so
+      // what arrived before the close is accepted (or, once stopping, handed back) first.
+      for (const batch of batches) batch.close().catch(() => undefined);
+      await Promise.allSettled([...draining]);
+    }
+  }
+
   async function pump(
     kind: Kind,
     stream: string,
@@ -583,8 +730,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   ): Promise<void> {
     /** Hand-backs of messages that arrived once stopping; the loop ends when they are done. */
     const handingBack: Array<Promise<void>> = [];
-    for (let restarts = 0, failing = 0; !stopping && !nc.isClosed(); restarts++) {
-      let messages: ConsumerMessages | undefined;
+    let failing = 0;
+    for (let restarts = 0; !stopping && !nc.isClosed(); restarts++) {
       try {
         // The loop ends when the consumer was deleted (an operator, a re-created stream): make it
         // again, or consumers.get() fails on every restart and the worker stalls for ever.
@@ -595,40 +742,11 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         // fails and the loop retries.
         if (restarts > 0) await ensureConsumer(jsm, stream, config, { update: false });
         const consumer = await js.consumers.get(stream, name);
-        // The client pulls more only as the loop takes messages, and the loop takes one only when
-        // a slot is free: at most `concurrency` run and about as many wait in the client buffer.
-        messages = await consumer.consume({ max_messages: concurrency });
-        failing = 0;
-        open.add(messages);
-        // stop() came while consume() was starting: close, then drain what arrived (below).
-        if (stopping) void messages.close();
-        void watchStatus(messages, name);
-        for await (const msg of messages) {
-          if (!stopping) {
-            await slots.acquire();
-            if (!stopping) {
-              const task = processMessage(msg, kind).finally(() => {
-                slots.release();
-                inFlight.delete(task);
-              });
-              inFlight.add(task);
-              continue;
-            }
-            slots.release();
-          }
-          // Stopping: hand it back at once instead of letting it wait out ack_wait (nor for a slot
-          // a slow handler holds), and without waiting for the previous hand-backs: each ledger
-          // write is bounded, and concurrent they do not add up.
-          handingBack.push(handBack(msg, undefined));
-        }
+        await pull(consumer, kind, handingBack, () => {
+          failing = 0;
+        });
       } catch (error) {
         log.error({ err: describe(error), consumer: name }, "consume loop failed, restarting");
-      } finally {
-        if (messages) {
-          open.delete(messages);
-          // close() resolves only once the iterator has run to its end; never wait for it here.
-          messages.close().catch(() => undefined);
-        }
       }
       // Ended without stop(): consume again, but never in a tight loop, and less often while the
       // consumer cannot be made (its stream is gone).
@@ -639,34 +757,6 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     }
     // stop() waits for the loops: the messages are nak'd before it returns.
     await Promise.allSettled(handingBack);
-  }
-
-  async function watchStatus(messages: ConsumerMessages, name: string): Promise<void> {
-    try {
-      for await (const status of messages.status()) {
-        if (
-          status.type === "heartbeats_missed" ||
-          status.type === "consumer_not_found" ||
-          status.type === "stream_not_found" ||
-          status.type === "consumer_deleted" ||
-          status.type === "exceeded_limits"
-        ) {
-          log.warn({ consumer: name, status }, "consumer status");
-        }
-        // In consume mode nats.js waits for a missing consumer or stream for ever; end the loop
-        // instead, so that pump() makes the consumer again.
-        if (
-          status.type === "consumer_deleted" ||
-          status.type === "consumer_not_found" ||
-          status.type === "stream_not_found"
-        ) {
-          messages.close().catch(() => undefined);
-          return;
-        }
-      }
-    } catch {
-      // The status iterator ends with the consumer; nothing to do.
-    }
   }
 
   const loops = consumers.map(({ kind, stream, name, config }) => pump(kind, stream, name, config));
@@ -683,8 +773,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     stop() {
       stopped ??= (async () => {
         stopping = true;
-        // Not awaited: close() resolves when the loop reaches the end of the iterator, and the
-        // loop may be waiting for a slot held by a slow handler. The wait below is bounded.
+        stopRequested.abort();
+        wake();
+        // Not awaited: the pull loops hand back what the closed requests still deliver, and the
+        // messages waiting for a slot are handed back (stopRequested). The wait below is bounded.
         for (const messages of open) messages.close().catch(() => undefined);
         let timer: ReturnType<typeof setTimeout> | undefined;
         const drained = await Promise.race([
@@ -796,17 +888,42 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** A counting semaphore: `acquire` resolves when one of `size` slots is free. */
-function semaphore(size: number): { acquire(): Promise<void>; release(): void } {
+/**
+ * A counting semaphore: `tryAcquire` takes one of `size` slots if one is free and nobody waits;
+ * `acquire` resolves true when it took one, false when `signal` aborted first.
+ */
+function semaphore(size: number): {
+  tryAcquire(): boolean;
+  acquire(signal: AbortSignal): Promise<boolean>;
+  release(): void;
+} {
   let free = size;
   const waiting: Array<() => void> = [];
   return {
-    acquire() {
-      if (free > 0) {
+    tryAcquire() {
+      if (free === 0 || waiting.length > 0) return false;
+      free--;
+      return true;
+    },
+    acquire(signal) {
+      if (free > 0 && waiting.length === 0) {
         free--;
-        return Promise.resolve();
+        return Promise.resolve(true);
       }
-      return new Promise<void>((resolve) => waiting.push(resolve));
+      if (signal.aborted) return Promise.resolve(false);
+      return new Promise<boolean>((resolve) => {
+        const grant = () => {
+          signal.removeEventListener("abort", cancel);
+          resolve(true);
+        };
+        const cancel = () => {
+          const at = waiting.indexOf(grant);
+          if (at >= 0) waiting.splice(at, 1);
+          resolve(false);
+        };
+        waiting.push(grant);
+        signal.addEventListener("abort", cancel, { once: true });
+      });
     },
     release() {
       const next = waiting.shift();
