@@ -477,10 +477,11 @@ describe("createWorker (real nats-server)", () => {
     return { calls, commands, release, started };
   }
 
-  // Kept alive for up to maxAttempts × ackWait = 6 s: longer than the slow handler is held.
-  const shortAckWait = { ackWaitMs: 300, retry: { ...fast, maxAttempts: 20 } };
+  // Kept alive for up to maxAttempts × ackWait = 20 s: longer than the slow handler is held. A
+  // second: the keep-alive (every third of it) must not lose to a stall of two busy CI cores.
+  const shortAckWait = { ackWaitMs: 1_000, retry: { ...fast, maxAttempts: 20 } };
   /** Several ack_waits of the options above. */
-  const severalAckWaits = 1_500;
+  const severalAckWaits = 4_000;
 
   it("keeps a message that waits for a slot held by a slow handler: delivered once, attempt 1", async () => {
     const slow = slowOnAccount();

@@ -2,6 +2,7 @@ import {
   type Consumer,
   type ConsumerConfig,
   type ConsumerMessages,
+  JetStreamError,
   type JetStreamManager,
   type JsMsg,
   jetstream,
@@ -681,7 +682,15 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         }
         if (received === 0) delivered();
       } catch (error) {
-        failure ??= { error };
+        // Missed heartbeats end only this request (nats.js gives a fetch up after two; a consumer
+        // leader that moved, a stalled server): the loop asks again, the other requests carry on.
+        // Tearing them all down would drop what the server already sent them: it waits out
+        // ack_wait and spends an attempt. A deleted consumer or stream fails the loop (pump()).
+        if (isHeartbeatMiss(error) && !stopping) {
+          log.warn({ err: describe(error), kind }, "pull request lost its heartbeats; asking again");
+        } else {
+          failure ??= { error };
+        }
       } finally {
         requested -= Math.max(0, size - received);
         batches.delete(batch);
@@ -882,6 +891,11 @@ function issues(error: z.ZodError): string {
 function describe(error: unknown): { name: string; message: string } {
   if (error instanceof Error) return { name: error.name, message: error.message };
   return { name: typeof error, message: String(error) };
+}
+
+/** A fetch that nats.js ended because two idle heartbeats did not come (lib/consumer.js). */
+function isHeartbeatMiss(error: unknown): boolean {
+  return error instanceof JetStreamError && /heartbeats missed/i.test(error.message);
 }
 
 function sleep(ms: number): Promise<void> {
