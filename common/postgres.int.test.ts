@@ -64,33 +64,23 @@ describe("queryUntilAborted", () => {
     await db?.drop();
   });
 
+  /** Backends of this cluster running the test's `pg_sleep`. */
+  const sleepingBackends = async (): Promise<number | undefined> =>
+    (
+      await sql<
+        { n: number }[]
+      >`select count(*)::int as n from pg_stat_activity where query like 'select pg_sleep%'`
+    )[0]?.n;
+
   it("cancels a running query in Postgres when the signal fires, and rejects with its reason", async () => {
     const controller = new AbortController();
     const running = queryUntilAborted(sql`select pg_sleep(30)`, controller.signal);
     // Running in Postgres before it is cancelled.
-    await expect
-      .poll(
-        async () =>
-          (await sql`select count(*)::int as n from pg_stat_activity where query like 'select pg_sleep%'`)[0]
-            ?.n,
-        {
-          timeout: 10_000,
-        },
-      )
-      .toBe(1);
+    await expect.poll(sleepingBackends, { timeout: 10_000 }).toBe(1);
     controller.abort(new Error("deadline"));
     await expect(running).rejects.toThrow("deadline");
     // The backend stopped: the pool's connection is free for the next query.
-    await expect
-      .poll(
-        async () =>
-          (await sql`select count(*)::int as n from pg_stat_activity where query like 'select pg_sleep%'`)[0]
-            ?.n,
-        {
-          timeout: 10_000,
-        },
-      )
-      .toBe(0);
+    await expect.poll(sleepingBackends, { timeout: 10_000 }).toBe(0);
   });
 
   it("answers at the signal and leaves nothing unhandled when Postgres answers neither the query nor the cancel", async () => {
