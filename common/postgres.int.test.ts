@@ -2,53 +2,10 @@
  * queryUntilAborted against a real Postgres, reached through a TCP relay the test can stall (the
  * host gone with its sockets half-open: nothing answers) and close (new connections refused).
  */
-import net from "node:net";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { createTestDatabase, type TestDatabase } from "../test/support/context.ts";
+import { startTcpRelay } from "../test/support/tcp-relay.ts";
 import { connectPostgres, queryUntilAborted, type Sql } from "./postgres.ts";
-
-/** A TCP relay to `target` that can stop relaying and stop accepting. */
-async function startRelay(target: URL) {
-  const sockets = new Set<net.Socket>();
-  let stalled = false;
-  let held = 0;
-  const server = net.createServer((client) => {
-    const upstream = net.connect(Number(target.port || 5432), target.hostname);
-    for (const [from, to] of [
-      [client, upstream],
-      [upstream, client],
-    ] as const) {
-      sockets.add(from);
-      from.on("data", (chunk: Buffer) => {
-        if (stalled) held += chunk.length;
-        else to.write(chunk);
-      });
-      from.on("error", () => to.destroy());
-      from.on("close", () => {
-        sockets.delete(from);
-        to.destroy();
-      });
-    }
-  });
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  const url = new URL(target);
-  url.hostname = "127.0.0.1";
-  url.port = String((server.address() as net.AddressInfo).port);
-  return {
-    url: url.toString(),
-    /** Nothing passes any more either way; new connections are refused. */
-    stallAndRefuse(): void {
-      stalled = true;
-      // Stops listening at once; its callback would wait for the open connections to end.
-      server.close();
-    },
-    /** Bytes that arrived since the stall and went nowhere (a query sent into the void). */
-    held: () => held,
-    destroy(): void {
-      for (const socket of sockets) socket.destroy();
-    },
-  };
-}
 
 describe("queryUntilAborted", () => {
   let db: TestDatabase;
@@ -89,7 +46,7 @@ describe("queryUntilAborted", () => {
       unhandled.push(reason);
     };
     process.on("unhandledRejection", onUnhandled);
-    const relay = await startRelay(new URL(db.url));
+    const relay = await startTcpRelay(new URL(db.url), 5432);
     const viaRelay = await connectPostgres(relay.url, { max: 1 });
     try {
       relay.stallAndRefuse();

@@ -91,6 +91,12 @@ export interface WorkerOptions {
    * long it takes (the worker reports progress every third of it). Default 30_000.
    */
   ackWaitMs?: number;
+  /**
+   * How long each pull request waits for messages before it is renewed, ms (at least 1,000). The
+   * server sends a heartbeat every half of it while a request waits; a request that misses two is
+   * asked again (a stalled server, a consumer leader that moved). Default 30_000 (nats.js's own).
+   */
+  pullExpiresMs?: number;
   logger?: WorkerLogger;
 }
 

@@ -5,6 +5,7 @@ import { z } from "zod";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/runtime/topology.ts";
 import type { CommandMessage, DeadLetter, DomainEventMessage, InboxMessage } from "../../schemas/envelope.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { startTcpRelay } from "../../test/support/tcp-relay.ts";
 import { openHandbackLedger } from "./handbacks.ts";
 import {
   type CommandHandler,
@@ -429,6 +430,62 @@ describe("createWorker (real nats-server)", () => {
     await waitFor(() => (worker.stats.handled === 2 ? true : undefined), "two commands handled");
     const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
     expect(info.config).toMatchObject({ ack_wait: 30_000_000_000, max_deliver: -1 });
+  });
+
+  it("asks again when a pull request misses its heartbeats, without restarting its consumer loop", async () => {
+    // The worker's own connection goes through a relay that can hold back what the server sends:
+    // its pull requests hear no heartbeat, while the connection stays up (no reconnect).
+    const relay = await startTcpRelay(new URL(natsUrl()), 4222);
+    const relayed = await connect({ servers: relay.url });
+    const logged: Array<{ level: "warn" | "error"; message: string }> = [];
+    try {
+      const { topo, inbox, worker } = await setup("heartbeats", {
+        nc: relayed,
+        // Heartbeats every second: nats.js gives a request up after two missed.
+        pullExpiresMs: 2_000,
+        logger: {
+          info() {},
+          warn: (_context, message) => logged.push({ level: "warn", message }),
+          error: (_context, message) => logged.push({ level: "error", message }),
+        },
+        commands: charge(async () => ({ type: "acct.charged" })),
+      });
+      const before = command();
+      await send(topo, before);
+      await inbox.next((m) => m.id === `reply.${before.commandId}`);
+
+      relay.holdAnswers();
+      await waitFor(
+        () => (logged.some((l) => /lost its heartbeats/.test(l.message)) ? true : undefined),
+        "a missed-heartbeats warning",
+        15_000,
+      );
+      relay.resume();
+
+      const after = command();
+      await send(topo, after);
+      await inbox.next((m) => m.id === `reply.${after.commandId}`, 15_000);
+      await waitFor(() => (worker.stats.handled === 2 ? true : undefined), "two commands handled");
+      // Only the requests that lost their heartbeats ended: the consumer loop itself went on.
+      expect(logged.filter((l) => l.level === "error")).toEqual([]);
+    } finally {
+      await Promise.all(running.splice(0).map((w) => w.stop()));
+      await relayed.close().catch(() => undefined);
+      relay.destroy();
+    }
+  });
+
+  it("refuses pull requests shorter than nats.js allows", async () => {
+    await expect(
+      createWorker({
+        nc,
+        ns: uniqueNamespace("expires"),
+        service: "acct",
+        logger: quiet,
+        pullExpiresMs: 999,
+        commands: charge(async () => ({ type: "x" })),
+      }),
+    ).rejects.toMatchObject({ code: "INVALID_ARGUMENT", message: expect.stringContaining("pullExpiresMs") });
   });
 
   it("keeps a handler slower than ack_wait to itself: it runs once, not once per ack_wait", async () => {

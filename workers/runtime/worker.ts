@@ -53,6 +53,8 @@ const DEFAULTS = {
   concurrency: 64,
   maxMessageBytes: 256 * 1024,
   ackWaitMs: 30_000,
+  /** nats.js's default for consume and fetch. */
+  pullExpiresMs: 30_000,
 } as const;
 
 /** How long `stop()` waits for handlers in progress, ms. */
@@ -65,8 +67,8 @@ const STOP_TIMEOUT_MS = 10_000;
 const STOP_LEDGER_WRITE_MS = 1_500;
 /** Delay before redelivery when our own IO (a publish) failed, ms. */
 const IO_RETRY_DELAY_MS = 1_000;
-/** How long a pull request waits for messages, ms (nats.js's default for consume and fetch). */
-const FETCH_EXPIRES_MS = 30_000;
+/** nats.js refuses pull requests that expire sooner, ms. */
+const MIN_PULL_EXPIRES_MS = 1_000;
 /** Pause before consuming again after the consume loop failed, ms; doubles while it keeps failing. */
 const RESTART_DELAY_MS = 1_000;
 const MAX_RESTART_DELAY_MS = 5_000;
@@ -121,7 +123,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   const concurrency = options.concurrency ?? DEFAULTS.concurrency;
   const maxMessageBytes = options.maxMessageBytes ?? DEFAULTS.maxMessageBytes;
   const ackWaitMs = options.ackWaitMs ?? DEFAULTS.ackWaitMs;
-  validate(service, commands, events, { ...policy, concurrency, maxMessageBytes, ackWaitMs });
+  const pullExpiresMs = options.pullExpiresMs ?? DEFAULTS.pullExpiresMs;
+  validate(service, commands, events, { ...policy, concurrency, maxMessageBytes, ackWaitMs, pullExpiresMs });
 
   const topo = topology(options.ns);
   const jsm = await jetstreamManager(nc);
@@ -676,7 +679,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         }
         // A request that ends early without a message (and without an error) would be renewed in
         // a tight loop: taken as a failure, so that pump() pauses first.
-        const early = Date.now() - since < FETCH_EXPIRES_MS / 2;
+        const early = Date.now() - since < pullExpiresMs / 2;
         if (received === 0 && early && !ending && !stopping && !nc.isClosed()) {
           throw new Error("pull request ended early without messages");
         }
@@ -709,7 +712,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         requested += want;
         let batch: ConsumerMessages;
         try {
-          batch = await consumer.fetch({ max_messages: want, expires: FETCH_EXPIRES_MS });
+          batch = await consumer.fetch({ max_messages: want, expires: pullExpiresMs });
         } catch (error) {
           requested -= want;
           throw error;
@@ -875,7 +878,12 @@ function validate(
     }
   }
   for (const [key, value] of Object.entries(numbers)) {
-    const min = key === "initialDelayMs" || key === "maxDelayMs" ? 0 : 1;
+    const min =
+      key === "initialDelayMs" || key === "maxDelayMs"
+        ? 0
+        : key === "pullExpiresMs"
+          ? MIN_PULL_EXPIRES_MS
+          : 1;
     if (!Number.isSafeInteger(value) || value < min)
       fail(`${key} must be an integer ≥ ${min}`, { [key]: value });
   }
