@@ -475,19 +475,6 @@ describe("createWorker (real nats-server)", () => {
     }
   });
 
-  it("refuses pull requests shorter than nats.js allows", async () => {
-    await expect(
-      createWorker({
-        nc,
-        ns: uniqueNamespace("expires"),
-        service: "acct",
-        logger: quiet,
-        pullExpiresMs: 999,
-        commands: charge(async () => ({ type: "x" })),
-      }),
-    ).rejects.toMatchObject({ code: "INVALID_ARGUMENT", message: expect.stringContaining("pullExpiresMs") });
-  });
-
   it("keeps a handler slower than ack_wait to itself: it runs once, not once per ack_wait", async () => {
     const calls: number[] = [];
     const { topo, inbox, worker } = await setup("slow", {
@@ -843,15 +830,20 @@ describe("createWorker (real nats-server)", () => {
     }
   });
 
-  it("rejects handler keys outside the service", async () => {
+  it.each([
+    {
+      what: "handler keys outside the service",
+      options: { commands: { "user.verify": charge(async () => ({ type: "x" }))["acct.charge"] } },
+      naming: "user.verify",
+    },
+    {
+      what: "pull requests shorter than nats.js allows",
+      options: { pullExpiresMs: 999, commands: charge(async () => ({ type: "x" })) },
+      naming: "pullExpiresMs",
+    },
+  ])("rejects $what, naming the culprit", async ({ options, naming }) => {
     await expect(
-      createWorker({
-        nc,
-        ns: uniqueNamespace("bad"),
-        service: "acct",
-        logger: quiet,
-        commands: { "user.verify": charge(async () => ({ type: "x" }))["acct.charge"] },
-      }),
-    ).rejects.toMatchObject({ code: "INVALID_ARGUMENT" });
+      createWorker({ nc, ns: uniqueNamespace("bad"), service: "acct", logger: quiet, ...options }),
+    ).rejects.toMatchObject({ code: "INVALID_ARGUMENT", message: expect.stringContaining(naming) });
   });
 });
