@@ -9,7 +9,7 @@ import type { Effect } from "./effects.ts";
 import { JetsagaError, type JetsagaErrorCode } from "./errors.ts";
 import { legacyTimerKey, timerKey } from "./names.ts";
 import { type InstanceState, isTerminal, type PendingTimer, RECENT_CAUSATIONS } from "./state.ts";
-import { type AnySchema, type AnyWorkflowDefinition, SAGA_ACTION } from "./workflow.ts";
+import { type AnySchema, type AnyWorkflowDefinition, refusedActionReason, SAGA_ACTION } from "./workflow.ts";
 
 /** An event as the engine applies it: a `type` and any payload fields. */
 export type WorkflowEvent = { type: string } & Record<string, unknown>;
@@ -273,9 +273,14 @@ function settle(
         }
         break;
       }
-      default:
+      default: {
+        // sendTo, emit: under a running actor they would deliver an event; here nothing would,
+        // and the instance would wait for it for ever (enqueueActions hides them from defineWorkflow).
+        const refused = refusedActionReason(action.type);
+        if (refused) throw definitionError(definition, refused);
         // Other actions (the author's own, logging) have no effect outside the chart.
         break;
+      }
     }
   });
 

@@ -1,5 +1,16 @@
 import { describe, expect, it } from "vitest";
-import { assign, cancel, fromPromise, raise, setup, spawnChild } from "xstate";
+import {
+  assign,
+  cancel,
+  emit,
+  enqueueActions,
+  fromPromise,
+  raise,
+  sendParent,
+  sendTo,
+  setup,
+  spawnChild,
+} from "xstate";
 import { z } from "zod";
 import { decide } from "./decide.ts";
 import { JetsagaError } from "./errors.ts";
@@ -190,6 +201,49 @@ describe("decide", () => {
       outcome: "rejected",
       code: "INVALID_DEFINITION",
       reason: expect.stringMatching(/spawns actor "kid"/),
+    });
+  });
+
+  it("refuses a chart that sends or emits events no actor would receive: sendTo, sendParent, emit", () => {
+    const chart = (id: string, action: unknown) =>
+      setup({}).createMachine({
+        id,
+        initial: "idle",
+        states: { idle: { on: { bump: { target: "waiting", actions: action as never } } }, waiting: {} },
+      });
+    const refused = {
+      toSelf: sendTo(({ self }) => self, { type: "finish" }, { delay: 1_000 }),
+      toParent: sendParent({ type: "finish" }),
+      emitting: emit({ type: "finish" }),
+    };
+    for (const [name, action] of Object.entries(refused)) {
+      expect(() =>
+        defineWorkflow({ ...counterConfig, name: name.toLowerCase(), machine: chart(name, action) }),
+      ).toThrow(
+        name === "emitting"
+          ? /state "emitting.idle" emits an event/
+          : new RegExp(`state "${name}.idle" sends an event`),
+      );
+    }
+
+    // Queued by enqueueActions, a sendTo is only seen when it runs: the input is refused then,
+    // instead of leaving the instance waiting for an event that never comes.
+    const queued = defineWorkflow({
+      ...counterConfig,
+      name: "queued",
+      machine: chart(
+        "queued",
+        enqueueActions(({ enqueue }) => {
+          enqueue.sendTo(({ self }) => self, { type: "finish" });
+        }),
+      ),
+    });
+    const start = decide(queued, undefined, { kind: "start", instanceId: "q", input: { n: 1 } }, ctx("q1"));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    expect(decide(queued, start.state, { kind: "event", event: { type: "bump" } }, ctx("q2"))).toMatchObject({
+      outcome: "rejected",
+      code: "INVALID_DEFINITION",
+      reason: expect.stringMatching(/sends an event to an actor/),
     });
   });
 

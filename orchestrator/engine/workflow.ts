@@ -111,14 +111,13 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
       });
     }
   }
-  const spawning = findSpawn(config.machine);
-  if (spawning) {
-    // Same reason as invoke below; `spawn` inside `assign` is only seen when it runs (decide).
-    throw new JetsagaError(
-      "INVALID_DEFINITION",
-      `state "${spawning}" spawns an actor; workflows do their work through commands (the dispatch action), not child actors`,
-      { context: { workflow: config.name, state: spawning } },
-    );
+  const refused = findRefusedAction(config.machine);
+  if (refused) {
+    // `spawn` inside `assign`, and actions queued by `enqueueActions`, are only seen when they run
+    // (decide refuses them there).
+    throw new JetsagaError("INVALID_DEFINITION", `state "${refused.state}" ${refused.reason}`, {
+      context: { workflow: config.name, state: refused.state, action: refused.type },
+    });
   }
   const invoking = findInvoke(config.machine.root);
   if (invoking) {
@@ -143,17 +142,40 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
   });
 }
 
-/** The id of the first state node whose entry, exit or transitions run xstate's `spawnChild`, if any. */
-function findSpawn(machine: AnyStateMachine): string | undefined {
+/**
+ * xstate's built-in actions a workflow cannot use, with the reason. The orchestrator decides with
+ * pure transitions and runs no actors: a child would never run, and an event sent to an actor
+ * (the instance itself included) or emitted would go nowhere, leaving the instance waiting for
+ * what never comes.
+ */
+const REFUSED_ACTIONS: Readonly<Record<string, string>> = {
+  "xstate.spawnChild":
+    "spawns an actor; workflows do their work through commands (the dispatch action), not child actors",
+  "xstate.sendTo":
+    "sends an event to an actor (sendTo, sendParent, forwardTo); the engine runs no actors: raise the instance's own events (with a delay for a timer) and publish events for others (the publish action)",
+  "xstate.emit":
+    "emits an event, which nothing receives from a workflow; publish it instead (the publish action)",
+};
+
+/** Why a workflow cannot use the xstate action of type `type`; undefined when it can. */
+export function refusedActionReason(type: string): string | undefined {
+  return Object.hasOwn(REFUSED_ACTIONS, type) ? REFUSED_ACTIONS[type] : undefined;
+}
+
+/** The first state node whose entry, exit or transitions run a refused action, if any. */
+function findRefusedAction(
+  machine: AnyStateMachine,
+): { state: string; type: string; reason: string } | undefined {
   const named = (machine.implementations.actions ?? {}) as Record<string, unknown>;
-  const isSpawn = (action: unknown): boolean => {
+  const refusedType = (action: unknown, depth = 0): string | undefined => {
     const resolved = typeof action === "string" ? named[action] : action;
     const type = (resolved as { type?: unknown } | null | undefined)?.type;
+    if (typeof type !== "string") return undefined;
+    if (refusedActionReason(type)) return type;
     // A named action given as `{ type: "name" }` resolves through the implementations too.
-    if (typeof type === "string" && type !== SPAWN_CHILD && type in named) return isSpawn(named[type]);
-    return type === SPAWN_CHILD;
+    return type in named && depth < 8 ? refusedType(named[type], depth + 1) : undefined;
   };
-  const visit = (node: AnyStateNode): string | undefined => {
+  const visit = (node: AnyStateNode): { state: string; type: string; reason: string } | undefined => {
     const transitions = [...node.transitions.values()].flat();
     const actions = [
       ...node.entry,
@@ -162,7 +184,10 @@ function findSpawn(machine: AnyStateMachine): string | undefined {
       ...(node.always ?? []).flatMap((t) => t.actions),
       ...transitions.flatMap((t) => t.actions),
     ];
-    if (actions.some(isSpawn)) return node.id;
+    for (const action of actions) {
+      const type = refusedType(action);
+      if (type) return { state: node.id, type, reason: REFUSED_ACTIONS[type] ?? type };
+    }
     for (const child of Object.values(node.states)) {
       const found = visit(child);
       if (found) return found;
@@ -171,9 +196,6 @@ function findSpawn(machine: AnyStateMachine): string | undefined {
   };
   return visit(machine.root);
 }
-
-/** `type` of the action xstate's `spawnChild(...)` returns. */
-const SPAWN_CHILD = "xstate.spawnChild";
 
 /** The id of the first state node that invokes an actor, if any. */
 function findInvoke(node: AnyStateNode): string | undefined {
