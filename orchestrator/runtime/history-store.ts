@@ -69,12 +69,20 @@ export class HistoryStore {
 
   /**
    * Appends `entry` if the instance's last stream sequence is still `expectedSeq` (0: no history).
-   * Returns the new sequence and the entry's stored size. Throws `JetsagaError("CONFLICT")` when
-   * someone else appended first.
+   * Returns the new sequence, the entry's stored size and its state's JSON as stored (what a
+   * reload would give: a value JSON cannot hold, a Date or a Map, is not in it). Throws
+   * `JetsagaError("CONFLICT")` when someone else appended first.
    */
-  async append(entry: HistoryEntry, expectedSeq: number): Promise<{ seq: number; bytes: number }> {
+  async append(
+    entry: HistoryEntry,
+    expectedSeq: number,
+  ): Promise<{ seq: number; bytes: number; stateJson: string }> {
     const { workflow, instanceId } = entry.state;
-    const data = encoder.encode(JSON.stringify(entry));
+    // The state is encoded on its own, so the caller can keep exactly what was stored without
+    // encoding it twice; it goes last in the entry (readers take fields by name).
+    const { state, ...rest } = entry;
+    const stateJson = JSON.stringify(state);
+    const data = encoder.encode(`${JSON.stringify(rest).slice(0, -1)},"state":${stateJson}}`);
     try {
       const ack = await this.#js.publish(
         this.#topo.historySubject(workflow, instanceId, isTerminal(entry.state) ? "ended" : "running"),
@@ -95,7 +103,7 @@ export class HistoryStore {
           context: { workflow, instanceId, revision: entry.revision },
         });
       }
-      return { seq: ack.seq, bytes: data.length };
+      return { seq: ack.seq, bytes: data.length, stateJson };
     } catch (error) {
       if (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamWrongLastSequence) {
         throw new JetsagaError("CONFLICT", "instance changed since it was read", {

@@ -107,10 +107,20 @@ export interface RunningOrchestrator {
   stop(): Promise<void>;
 }
 
-/** What the orchestrator keeps in memory per running instance. */
+/** An instance's state, and the stream sequence of the entry holding it: what the next append expects. */
 interface CachedState {
   state: InstanceState;
-  /** Stream sequence of the entry holding `state`: what the next append expects. */
+  seq: number;
+}
+
+/**
+ * What the orchestrator keeps in memory per running instance: the state as stored, in JSON. Each
+ * decision decodes its own copy, so it sees what a reload (another orchestrator, a restart, an
+ * eviction) would see, never a value JSON cannot hold (a Date the chart made), and a chart that
+ * changes its context in place cannot change the copy kept for the next decision.
+ */
+interface CachedEntry {
+  stateJson: string;
   seq: number;
 }
 
@@ -302,7 +312,7 @@ class OrchestratorLoop {
    * Latest state and its stream sequence of running instances. Only what the next decision needs
    * (not the entry's event and effects), and ended instances are dropped: they accept nothing more.
    */
-  readonly #cache: LruCache<string, CachedState>;
+  readonly #cache: LruCache<string, CachedEntry>;
   readonly #chains = new Map<string, Promise<void>>();
   readonly #concurrency: number;
   readonly #log: OrchestratorLogger;
@@ -453,7 +463,11 @@ class OrchestratorLoop {
     let fresh = false;
     let searched = false;
     for (let attempt = 0; ; attempt++) {
-      const cached = fresh ? undefined : this.#cache.get(key);
+      const kept = fresh ? undefined : this.#cache.get(key);
+      const cached: CachedState | undefined = kept && {
+        state: JSON.parse(kept.stateJson) as InstanceState,
+        seq: kept.seq,
+      };
       // A first delivery of a start is nearly always a new instance: skip reading its history and
       // let the append's expected sequence (0: no history yet) check that. For an existing
       // instance the append fails and the state is read from the leader, as after any conflict.
@@ -494,7 +508,7 @@ class OrchestratorLoop {
             effects: decision.effects,
             at: now,
           };
-          let appended: { seq: number; bytes: number };
+          let appended: Awaited<ReturnType<HistoryStore["append"]>>;
           try {
             appended = await this.#store.append(entry, current?.seq ?? 0);
           } catch (error) {
@@ -510,7 +524,7 @@ class OrchestratorLoop {
           }
           this.stats.appended++;
           if (entry.state.status === "running") {
-            this.#cache.set(key, { state: entry.state, seq: appended.seq }, appended.bytes);
+            this.#cache.set(key, { stateJson: appended.stateJson, seq: appended.seq }, appended.bytes);
           } else this.#cache.delete(key);
           await executeEffects(this.#effects, entry);
           msg.ack();
