@@ -2,6 +2,7 @@ import {
   AckPolicy,
   type ConsumerMessages,
   DeliverPolicy,
+  JetStreamApiCodes,
   JetStreamApiError,
   type JetStreamClient,
   type JetStreamManager,
@@ -665,13 +666,15 @@ class OrchestratorLoop {
   }
 
   /**
-   * A publish no stream took (nats.js's `JetStreamNotEnabled`: nothing answered on its subject)
-   * means a stream of the topology is gone, deleted by hand or lost with its storage: make what is
-   * missing again, one repair at a time and at most every few seconds, so the message's retry finds
-   * it. Without this the orchestrator retried into the void until it was restarted.
+   * A publish no stream took (nats.js's `JetStreamNotEnabled`: nothing answered on its subject), a
+   * direct get nothing answered (`NoResponders`) or a stream the API does not know means a stream
+   * of the topology is gone, deleted by hand or lost with its storage: make what is missing again,
+   * one repair at a time and at most every few seconds, so the message's retry finds it. Without
+   * this the orchestrator retried into the void until it was restarted (or, for the history
+   * stream, until a start's append happened to find it gone).
    */
   #repairIfStreamMissing(error: unknown): void {
-    if (this.#stopping || !causedBy(error, "JetStreamNotEnabled") || this.#repairing) return;
+    if (this.#stopping || !streamMissing(error) || this.#repairing) return;
     const now = Date.now();
     if (now - this.#lastRepairAt < TOPOLOGY_REPAIR_INTERVAL_MS) return;
     this.#lastRepairAt = now;
@@ -684,6 +687,18 @@ class OrchestratorLoop {
         this.#repairing = undefined;
       });
   }
+}
+
+/**
+ * True when `error` says a stream is not there. NoResponders can also be JetStream briefly without
+ * a leader; a repair then only re-checks streams that exist (and is rate-limited).
+ */
+function streamMissing(error: unknown): boolean {
+  return (
+    causedBy(error, "JetStreamNotEnabled") ||
+    causedBy(error, "NoResponders") ||
+    (error instanceof JetStreamApiError && error.code === JetStreamApiCodes.StreamNotFound)
+  );
 }
 
 /** True when `error` or an error in its `cause` chain is named `name`. */

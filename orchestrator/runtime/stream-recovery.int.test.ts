@@ -2,7 +2,8 @@
  * Streams deleted under running services (by hand, or lost with their storage) are made again by
  * the orchestrator, and sagas started afterwards finish: the commands stream (its command publish
  * finds no stream; the worker, whose consumer went with the stream, re-creates it once the stream is
- * back) and the inbox stream (the orchestrator's consumer goes with it).
+ * back), the inbox stream (the orchestrator's consumer goes with it) and the history stream (a read
+ * of an instance's state finds nothing answering).
  */
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
@@ -102,5 +103,23 @@ describe("streams deleted under running services", () => {
       )
       .toBe(true);
     await finishes("after-inbox");
+  });
+
+  it("makes the history stream again when a read of an instance's state finds it gone", async () => {
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.delete(client.topology.streams.history);
+    // Only a signal: no start, whose append would also find the stream gone. The instance is not
+    // in the orchestrator's cache, so its state is read from the stream first.
+    await client
+      .signal("ping", "never-started", { type: "pong.sent", commandId: "c" })
+      .catch(() => undefined);
+    await expect
+      .poll(
+        async () =>
+          (await jsm.streams.info(client.topology.streams.history).catch(() => undefined)) !== undefined,
+        { timeout: 20_000, interval: 100 },
+      )
+      .toBe(true);
+    await finishes("after-history");
   });
 });
