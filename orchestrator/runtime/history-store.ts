@@ -117,11 +117,42 @@ export class HistoryStore {
 
   /** Every entry of an instance, oldest first. Cost grows with history length: for reads, not the hot path. */
   async all(workflow: string, instanceId: string): Promise<HistoryEntry[]> {
+    const entries: HistoryEntry[] = [];
+    await this.#scan(workflow, instanceId, (entry) => {
+      entries.push(entry);
+      return false;
+    });
+    return entries;
+  }
+
+  /** The entry caused by inbox message `causationId`, or undefined. Reads the history up to it. */
+  async byCausation(
+    workflow: string,
+    instanceId: string,
+    causationId: string,
+  ): Promise<HistoryEntry | undefined> {
+    return await this.#scan(workflow, instanceId, (entry) => entry.causationId === causationId);
+  }
+
+  /** The entry with the given revision, or undefined. Reads the history up to it. */
+  async revision(workflow: string, instanceId: string, revision: number): Promise<HistoryEntry | undefined> {
+    return await this.#scan(workflow, instanceId, (entry) => entry.revision === revision);
+  }
+
+  /**
+   * Reads an instance's entries oldest first until `found` says so, keeping none of the others:
+   * the lookups of redeliveries run on histories that may be long (a compensation retried for
+   * days), and holding every entry with its full state at once could fill the service's heap.
+   */
+  async #scan(
+    workflow: string,
+    instanceId: string,
+    found: (entry: HistoryEntry) => boolean,
+  ): Promise<HistoryEntry | undefined> {
     const subject = this.#topo.instanceHistoryFilter(workflow, instanceId);
     // From the leader: the scan stops at this entry, so it must be the true last one.
     const last = await this.latest(workflow, instanceId, { fromLeader: true });
-    if (!last) return [];
-    const entries: HistoryEntry[] = [];
+    if (!last) return undefined;
     const consumer = await this.#js.consumers.get(this.#topo.streams.history, {
       filter_subjects: subject,
       deliver_policy: DeliverPolicy.All,
@@ -130,29 +161,16 @@ export class HistoryStore {
     const messages = await consumer.consume();
     try {
       for await (const msg of messages) {
-        entries.push(JSON.parse(msg.string()) as HistoryEntry);
+        const entry = JSON.parse(msg.string()) as HistoryEntry;
+        if (found(entry)) return entry;
         if (msg.seq >= last.seq) break;
       }
+      return undefined;
     } finally {
       // Not awaited: nats.js settles close() only once the iterator has drained.
       void messages.close();
       await consumer.delete().catch(() => false);
     }
-    return entries;
-  }
-
-  /** The entry caused by inbox message `causationId`, or undefined. Reads the whole history. */
-  async byCausation(
-    workflow: string,
-    instanceId: string,
-    causationId: string,
-  ): Promise<HistoryEntry | undefined> {
-    return (await this.all(workflow, instanceId)).find((entry) => entry.causationId === causationId);
-  }
-
-  /** The entry with the given revision, or undefined. */
-  async revision(workflow: string, instanceId: string, revision: number): Promise<HistoryEntry | undefined> {
-    return (await this.all(workflow, instanceId)).find((entry) => entry.revision === revision);
   }
 }
 
