@@ -7,6 +7,7 @@ import {
   inboxMessage,
 } from "../../schemas/envelope.ts";
 import type { Effect } from "../engine/effects.ts";
+import type { PendingTimer } from "../engine/state.ts";
 import type { HistoryEntry } from "./history-store.ts";
 import type { OrchestratorLogger } from "./orchestrator.ts";
 import type { Topology } from "./topology.ts";
@@ -20,6 +21,39 @@ import type { Topology } from "./topology.ts";
 export async function executeEffects(target: EffectTarget, entry: HistoryEntry): Promise<void> {
   if (entry.effects.length === 0) return;
   await Promise.all(entry.effects.map((effect) => executeEffect(target, entry, effect)));
+}
+
+/**
+ * Publishes the schedule of an instance's pending timer: the server publishes its message to the
+ * instance's inbox when due (at once when the due time has passed). Its message id is the timer's
+ * (instance, key, token), so scheduling it again within the duplicate window stores it once.
+ */
+export async function scheduleTimer(
+  target: Pick<EffectTarget, "js" | "topo">,
+  workflow: string,
+  instanceId: string,
+  timerKey: string,
+  timer: Pick<PendingTimer, "token" | "dueAt">,
+  at: number,
+  headers = traceHeadersIfActive(),
+): Promise<void> {
+  const { js, topo } = target;
+  const id = `timer.${workflow}.${instanceId}.${timerKey}.${timer.token}`;
+  const message = inboxMessage.parse({
+    id,
+    workflow,
+    instanceId,
+    // The instance takes the event from its pending timer, not from here; xstate's delayed
+    // event type (`xstate.after.<delay>.<state id>`) can outgrow an inbox event's 200 characters.
+    event: { type: `timer.${timerKey}` },
+    timer: { key: timerKey, token: timer.token },
+    at,
+  });
+  await js.publish(topo.timerSubject(workflow, instanceId, timerKey, timer.token), JSON.stringify(message), {
+    msgID: id,
+    schedule: { specification: new Date(timer.dueAt), target: topo.inboxSubject(workflow, instanceId) },
+    ...(headers ? { headers } : {}),
+  });
 }
 
 /** Where effects go: the NATS clients, the names, and a logger for best-effort failures. */
@@ -67,32 +101,9 @@ async function executeEffect(target: EffectTarget, entry: HistoryEntry, effect: 
       );
       return;
     }
-    case "schedule": {
-      const id = `timer.${workflow}.${instanceId}.${effect.timerKey}.${effect.token}`;
-      const message = inboxMessage.parse({
-        id,
-        workflow,
-        instanceId,
-        // The instance takes the event from its pending timer, not from here; xstate's delayed
-        // event type (`xstate.after.<delay>.<state id>`) can outgrow an inbox event's 200 characters.
-        event: { type: `timer.${effect.timerKey}` },
-        timer: { key: effect.timerKey, token: effect.token },
-        at: entry.at,
-      });
-      // The server publishes the message to the instance's inbox when due.
-      await js.publish(
-        topo.timerSubject(workflow, instanceId, effect.timerKey, effect.token),
-        JSON.stringify(message),
-        withHeaders({
-          msgID: id,
-          schedule: {
-            specification: new Date(effect.dueAt),
-            target: topo.inboxSubject(workflow, instanceId),
-          },
-        }),
-      );
+    case "schedule":
+      await scheduleTimer(target, workflow, instanceId, effect.timerKey, effect, entry.at, headers);
       return;
-    }
     case "cancelTimer": {
       // Best effort: a timer that fires anyway carries a token the instance no longer holds.
       try {

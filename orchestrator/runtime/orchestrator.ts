@@ -23,6 +23,7 @@ import { deadLetterOf, maxDeadLetterBytes, publishDeadLetter, readJsonBody } fro
 import { type EffectTarget, executeEffects } from "./effects.ts";
 import { type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
+import { rearmPendingTimers } from "./timer-recovery.ts";
 import { ensureTopology, streamExists, type Topology, type TopologyOptions, topology } from "./topology.ts";
 
 /** Structured log sink; pino loggers fit. */
@@ -231,8 +232,7 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
           // The inbox stream itself may be what went (deleted by hand, lost with its storage):
           // then make the topology again, as at start, before the consumer. Only then: a restart
           // after missed heartbeats must not re-apply this version's settings during a rollout.
-          if (!(await streamExists(jsm, topo.streams.inbox)))
-            await ensureTopology(jsm, topo, options.topology);
+          await loop.remakeIfInboxMissing();
           await ensureConsumer();
         }
         const consumer = await js.consumers.get(topo.streams.inbox, consumerName);
@@ -306,6 +306,8 @@ class OrchestratorLoop {
   /** Set while the topology is made again after a publish found its stream missing. */
   #repairing: Promise<void> | undefined;
   #lastRepairAt = Number.NEGATIVE_INFINITY;
+  /** Set when the inbox stream was made again, until its pending timers are scheduled again. */
+  #timersLost = false;
   readonly #effects: EffectTarget;
   readonly #store: HistoryStore;
   readonly #definitions: Map<string, AnyWorkflowDefinition>;
@@ -666,6 +668,29 @@ class OrchestratorLoop {
   }
 
   /**
+   * Makes the topology again if the inbox stream is gone, as at start (only then: after missed
+   * heartbeats a restart must not re-apply this version's settings during a rollout), and
+   * schedules again the pending timers a lost inbox took with it. Throws when either fails; the
+   * timers stay owed until a later call succeeds.
+   */
+  async remakeIfInboxMissing(): Promise<void> {
+    if (!(await streamExists(this.#jsm, this.#topo.streams.inbox))) {
+      await ensureTopology(this.#jsm, this.#topo, this.#options.topology);
+      this.#timersLost = true;
+    }
+    await this.#rearmLostTimers();
+  }
+
+  /** The inbox stream was made again: its scheduled timers went with the old one. */
+  async #rearmLostTimers(): Promise<void> {
+    if (!this.#timersLost) return;
+    this.#log.warn({}, "inbox stream made again: scheduling the running instances' pending timers again");
+    const rearmed = await rearmPendingTimers({ js: this.#js, topo: this.#topo });
+    this.#timersLost = false;
+    this.#log.warn({ ...rearmed }, "pending timers scheduled again");
+  }
+
+  /**
    * A publish no stream took (nats.js's `JetStreamNotEnabled`: nothing answered on its subject), a
    * direct get nothing answered (`NoResponders`) or a stream the API does not know means a stream
    * of the topology is gone, deleted by hand or lost with its storage: make what is missing again,
@@ -679,7 +704,12 @@ class OrchestratorLoop {
     if (now - this.#lastRepairAt < TOPOLOGY_REPAIR_INTERVAL_MS) return;
     this.#lastRepairAt = now;
     this.#log.warn({ error: String(error) }, "a publish found no stream: making the topology again");
-    this.#repairing = ensureTopology(this.#jsm, this.#topo, this.#options.topology)
+    this.#repairing = (async () => {
+      const inboxLost = !(await streamExists(this.#jsm, this.#topo.streams.inbox));
+      await ensureTopology(this.#jsm, this.#topo, this.#options.topology);
+      if (inboxLost) this.#timersLost = true;
+      await this.#rearmLostTimers();
+    })()
       .catch((repairError: unknown) => {
         this.#log.error({ err: String(repairError) }, "could not make the topology again");
       })

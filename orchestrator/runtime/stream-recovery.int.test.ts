@@ -2,8 +2,9 @@
  * Streams deleted under running services (by hand, or lost with their storage) are made again by
  * the orchestrator, and sagas started afterwards finish: the commands stream (its command publish
  * finds no stream; the worker, whose consumer went with the stream, re-creates it once the stream is
- * back), the inbox stream (the orchestrator's consumer goes with it) and the history stream (a read
- * of an instance's state finds nothing answering).
+ * back), the inbox stream (the orchestrator's consumer goes with it; the pending timers it held are
+ * scheduled again from the histories) and the history stream (a read of an instance's state finds
+ * nothing answering).
  */
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
@@ -11,6 +12,7 @@ import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { setup } from "xstate";
 import { z } from "zod";
 import { connectNats } from "../../common/nats.ts";
+import { reminderWorkflow } from "../../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import {
   commandHandler,
@@ -52,7 +54,7 @@ describe("streams deleted under running services", () => {
 
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
-    orchestrator = await startOrchestrator({ nc, ns, workflows: [ping] });
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [ping, reminderWorkflow] });
     worker = await createWorker({
       nc,
       ns,
@@ -61,7 +63,7 @@ describe("streams deleted under running services", () => {
         "pong.send": commandHandler({ input: z.object({}), handle: async () => ({ type: "pong.sent" }) }),
       },
     });
-    client = await createWorkflowClient({ nc, ns, workflows: [ping] });
+    client = await createWorkflowClient({ nc, ns, workflows: [ping, reminderWorkflow] });
   });
 
   afterAll(async () => {
@@ -103,6 +105,16 @@ describe("streams deleted under running services", () => {
       )
       .toBe(true);
     await finishes("after-inbox");
+  });
+
+  it("schedules the pending timers again when the inbox stream is lost with them", async () => {
+    await client.start("reminder", "lost-timer", { delayMs: 3_000 });
+    await expect.poll(async () => (await client.getState("reminder", "lost-timer"))?.revision).toBe(1);
+    const jsm = await jetstreamManager(nc);
+    await jsm.streams.delete(client.topology.streams.inbox);
+    // The timer's schedule went with the stream; the instance still has it pending.
+    const final = await client.awaitCompletion("reminder", "lost-timer", { timeoutMs: 30_000 });
+    expect(final.status).toBe("completed");
   });
 
   it("makes the history stream again when a read of an instance's state finds it gone", async () => {
