@@ -5,6 +5,7 @@ import { z } from "zod";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/runtime/topology.ts";
 import type { CommandMessage, DeadLetter, DomainEventMessage, InboxMessage } from "../../schemas/envelope.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { type NatsServerHandle, startNatsServer } from "../../test/support/servers.ts";
 import { startTcpRelay } from "../../test/support/tcp-relay.ts";
 import { openHandbackLedger } from "./handbacks.ts";
 import {
@@ -117,6 +118,10 @@ async function deadLetters(topo: Topology, count: number): Promise<DeadLetter[]>
     const letters = await readDeadLetters(js, topo, { source: "acct" });
     return letters.length >= count ? letters : undefined;
   }, `${count} dead letters`);
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
 const charge = (handle: CommandHandler<typeof chargeInput>["handle"]) => ({
@@ -758,6 +763,69 @@ describe("createWorker (real nats-server)", () => {
     expect(worker.stats.handled).toBe(1);
   });
 
+  it("stops under load leaving no message to wait out ack_wait: each is handled or back in the queue", async () => {
+    const commands = charge(async () => {
+      await sleep(2 + Math.random() * 5);
+      return { type: "acct.charged" };
+    });
+    // A stop that drops what its pull requests have on their way leaves it to the 30 s ack_wait,
+    // and the fetch below ends without it. Some stops find nothing on its way: several rounds.
+    for (const delayMs of [5, 10, 15, 20, 25, 30, 40, 50]) {
+      const topo = topology(uniqueNamespace("stopload"));
+      const own = await connect({ servers: natsUrl() });
+      try {
+        const worker = await start(topo, { nc: own, concurrency: 16, commands });
+        const sent = 1_000;
+        await Promise.all(Array.from({ length: sent }, () => send(topo, command())));
+        await sleep(delayMs);
+        await worker.stop();
+        // The worker's acks and naks have reached the server.
+        await own.flush();
+        const left = sent - worker.stats.handled;
+        expect(left, `round ${delayMs}`).toBeGreaterThan(0);
+        const consumer = await js.consumers.get(topo.streams.commands, "acct-commands");
+        const batch = await consumer.fetch({ max_messages: left, expires: 3_000 });
+        let back = 0;
+        for await (const msg of batch) {
+          back++;
+          msg.ack();
+        }
+        expect(worker.stats.handled + back, `round ${delayMs}`).toBe(sent);
+      } finally {
+        await own.close();
+      }
+    }
+  });
+
+  it("stop() ends a pause between restarts of its consume loop at once", async () => {
+    // Set once started: the logger, made before the worker, stops it.
+    const started: { worker?: RunningWorker } = {};
+    let failures = 0;
+    // What came first: stop() resolving, or 1 s into the pause after the third failure in a row
+    // (1 s doubled twice, jittered down to half at most: 2 to 4 s).
+    let first: string | undefined;
+    const onError = (_context: Record<string, unknown>, message: string) => {
+      if (!/consume loop failed/.test(message) || ++failures !== 3) return;
+      // The pause starts right after the failure is logged.
+      setImmediate(() => {
+        void Promise.race([
+          (started.worker?.stop() ?? Promise.resolve()).then(() => "stopped"),
+          sleep(1_000).then(() => "still pausing"),
+        ]).then((outcome) => {
+          first = outcome;
+        });
+      });
+    };
+    const { topo, worker } = await setup("pausestop", {
+      logger: { info() {}, warn() {}, error: onError },
+      commands: charge(async () => ({ type: "acct.charged" })),
+    });
+    started.worker = worker;
+    // Every restart fails to make the consumer again until the stream is back (never, here).
+    await jsm.streams.delete(topo.streams.commands);
+    expect(await waitFor(() => first, "a stop during the third pause", 15_000)).toBe("stopped");
+  });
+
   it("delivers domain events to event handlers and dead-letters bad payloads (no command.failed)", async () => {
     const got: Array<{ payload: unknown; ctx: Omit<EventContext, "signal"> }> = [];
     const { topo, inbox, worker } = await setup("events", {
@@ -845,5 +913,61 @@ describe("createWorker (real nats-server)", () => {
     await expect(
       createWorker({ nc, ns: uniqueNamespace("bad"), service: "acct", logger: quiet, ...options }),
     ).rejects.toMatchObject({ code: "INVALID_ARGUMENT", message: expect.stringContaining(naming) });
+  });
+});
+
+describe("a worker whose NATS server comes back without JetStream at first", () => {
+  let server: NatsServerHandle | undefined;
+  let plain: NatsServerHandle | undefined;
+  let own: NatsConnection | undefined;
+
+  afterAll(async () => {
+    await own?.close();
+    await plain?.stop();
+    await server?.stop();
+  });
+
+  it("asks for messages again after the reconnect instead of waiting for nats.js's recovery", async () => {
+    server = await startNatsServer();
+    own = await connect({ servers: server.url, maxReconnectAttempts: -1, reconnectTimeWait: 250 });
+    let reconnects = 0;
+    void (async () => {
+      for await (const status of own.status()) if (status.type === "reconnect") reconnects++;
+    })();
+    const ownJs = jetstream(own);
+    const topo = topology(uniqueNamespace("reconnect"));
+    const handled: string[] = [];
+    await start(topo, {
+      nc: own,
+      commands: charge(async (_input, ctx) => {
+        handled.push(ctx.commandId);
+        return { type: "acct.charged" };
+      }),
+    });
+    const publish = (cmd: CommandMessage) =>
+      ownJs.publish(topo.commandSubject(cmd.command), JSON.stringify(cmd)).then(
+        () => true,
+        () => undefined,
+      );
+    const before = command();
+    await waitFor(() => publish(before), "the first command accepted");
+    await waitFor(() => (handled.includes(before.commandId) ? true : undefined), "the first command handled");
+
+    // The server goes; one without JetStream takes its port, and the worker reconnects to it:
+    // nats.js's recovery of the open fetch finds no JetStream and backs off for 15 to 45 s.
+    await server.kill("SIGKILL");
+    plain = await startNatsServer({ port: server.port, args: ["-js=false"] });
+    await waitFor(() => (reconnects === 1 ? true : undefined), "a reconnect to the server without JetStream");
+    await plain.stop();
+    await server.restart();
+    await waitFor(() => (reconnects === 2 ? true : undefined), "a reconnect to the server with JetStream");
+    const after = command();
+    await waitFor(() => publish(after), "the second command accepted", 15_000);
+    // Well within nats.js's backoff: the worker asked again itself.
+    await waitFor(
+      () => (handled.includes(after.commandId) ? true : undefined),
+      "the second command handled",
+      8_000,
+    );
   });
 });

@@ -8,6 +8,7 @@ import {
   jetstream,
   jetstreamManager,
 } from "@nats-io/jetstream";
+import type { Status } from "@nats-io/nats-core";
 import { SpanKind } from "@opentelemetry/api";
 import type { z } from "zod";
 import { backoffDelay } from "../../common/backoff.ts";
@@ -65,6 +66,11 @@ const STOP_TIMEOUT_MS = 10_000;
  * message handed back; past this the write is given up (the hand-back then counts as an attempt).
  */
 const STOP_LEDGER_WRITE_MS = 1_500;
+/**
+ * How long ending a pull request may wait for the server to confirm it (see endRequest()), ms: a
+ * round trip normally; a server that does not answer (stalled, unreachable) sends nothing either.
+ */
+const END_REQUEST_MS = 2_000;
 /** Delay before redelivery when our own IO (a publish) failed, ms. */
 const IO_RETRY_DELAY_MS = 1_000;
 /** nats.js refuses pull requests that expire sooner, ms. */
@@ -179,8 +185,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   /** Pull requests are renewed once this many more messages can be asked for (see pull()). */
   const refillAt = Math.max(1, Math.ceil(concurrency / 4));
   const inFlight = new Set<Promise<void>>();
-  /** The pull requests open (of both consumers): stop() closes them. */
+  /** The pull requests open (of both consumers): stop() and a reconnect end them. */
   const open = new Set<ConsumerMessages>();
+  /** Requests ended because the connection was re-established: asked again, not failures. */
+  const superseded = new WeakSet<ConsumerMessages>();
   let stopping = false;
   // The pull loops wait for a change (a message done, a request ended, stop()) before asking again.
   let wakeUp: () => void = () => {};
@@ -680,7 +688,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         // A request that ends early without a message (and without an error) would be renewed in
         // a tight loop: taken as a failure, so that pump() pauses first.
         const early = Date.now() - since < pullExpiresMs / 2;
-        if (received === 0 && early && !ending && !stopping && !nc.isClosed()) {
+        if (received === 0 && early && !ending && !stopping && !nc.isClosed() && !superseded.has(batch)) {
           throw new Error("pull request ended early without messages");
         }
         if (received === 0) delivered();
@@ -719,17 +727,17 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         }
         batches.add(batch);
         open.add(batch);
-        // stop() came while fetch() was starting: close, then hand back what arrived (drain).
-        if (stopping) void batch.close().catch(() => undefined);
+        // stop() came while fetch() was starting: end it, then hand back what arrived (drain).
+        if (stopping) endRequest(batch);
         const drained: Promise<void> = drain(batch, want, Date.now()).finally(() => draining.delete(drained));
         draining.add(drained);
       }
       if (failure) throw failure.error;
     } finally {
       ending = true;
-      // close() resolves once the batch's iterator has run to its end: drain() never waits, so
-      // what arrived before the close is accepted (or, once stopping, handed back) first.
-      for (const batch of batches) batch.close().catch(() => undefined);
+      // What arrives until a request has ended is accepted (or, once stopping, handed back):
+      // drain() never waits, and the iterators end once the server has seen the requests go.
+      for (const batch of batches) endRequest(batch);
       await Promise.allSettled([...draining]);
     }
   }
@@ -765,11 +773,30 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       if (stopping) break;
       // Jittered: replicas that lost their consumers together must not come back in step.
       const pause = Math.min(MAX_RESTART_DELAY_MS, RESTART_DELAY_MS * 2 ** Math.min(failing++, 3));
-      await sleep(pause * (0.5 + Math.random() / 2));
+      await sleep(pause * (0.5 + Math.random() / 2), stopRequested.signal);
     }
     // stop() waits for the loops: the messages are nak'd before it returns.
     await Promise.allSettled(handingBack);
   }
+
+  // After a reconnect nats.js recovers each fetch itself: a consumer info, and when that fails
+  // (JetStream not ready yet on the server we reconnected to) a pause of 15-45 s, its heartbeat
+  // check off. Those requests still count as asked for, so the loops would not ask again and
+  // commands would wait about as long. The requests are ended instead, and the loops ask anew.
+  // nats.js types status() as a bare AsyncIterable: its iterator's stop() ends the watch at once,
+  // where a `break` would wait for the next status.
+  const statuses: AsyncIterable<Status> & { stop?: () => void } = nc.status();
+  void (async () => {
+    for await (const status of statuses) {
+      if (stopping) return;
+      if (status.type !== "reconnect" || open.size === 0) continue;
+      log.info({ requests: open.size }, "reconnected: asking for messages again");
+      for (const batch of open) {
+        superseded.add(batch);
+        endRequest(batch);
+      }
+    }
+  })().catch((error: unknown) => log.error({ err: describe(error) }, "cannot watch the connection"));
 
   const loops = consumers.map(({ kind, stream, name, config }) => pump(kind, stream, name, config));
   log.info(
@@ -787,9 +814,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         stopping = true;
         stopRequested.abort();
         wake();
-        // Not awaited: the pull loops hand back what the closed requests still deliver, and the
+        statuses.stop?.();
+        // Not awaited: the pull loops hand back what the ended requests still deliver, and the
         // messages waiting for a slot are handed back (stopRequested). The wait below is bounded.
-        for (const messages of open) messages.close().catch(() => undefined);
+        for (const messages of open) endRequest(messages);
         let timer: ReturnType<typeof setTimeout> | undefined;
         const drained = await Promise.race([
           Promise.allSettled([...inFlight, ...loops]).then(() => true),
@@ -906,8 +934,61 @@ function isHeartbeatMiss(error: unknown): boolean {
   return error instanceof JetStreamError && /heartbeats missed/i.test(error.message);
 }
 
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
+/**
+ * Resolves after `ms`, or at once when `signal` fires; the timer is then cleared, or it would keep
+ * the process alive until it fires.
+ */
+function sleep(ms: number, signal?: AbortSignal): Promise<void> {
+  return new Promise((resolve) => {
+    if (signal?.aborted) return resolve();
+    const done = () => {
+      clearTimeout(timer);
+      signal?.removeEventListener("abort", done);
+      resolve();
+    };
+    const timer = setTimeout(done, ms);
+    signal?.addEventListener("abort", done, { once: true });
+  });
+}
+
+/**
+ * The subscription behind a fetch: nats.js 3.4 internals (PullConsumerMessagesImpl's field `sub`,
+ * not in its types; package.json pins 3.4.0). Only what endRequest() needs, checked at run time.
+ */
+interface FetchSubscription {
+  drain(): Promise<void>;
+  isClosed(): boolean;
+}
+
+function subscriptionOf(batch: ConsumerMessages): FetchSubscription | undefined {
+  const { sub } = batch as ConsumerMessages & { sub?: Partial<FetchSubscription> };
+  if (typeof sub?.drain !== "function" || typeof sub.isClosed !== "function") return undefined;
+  return sub as FetchSubscription;
+}
+
+/**
+ * Ends a pull request without losing what the server already sent it. `close()` unsubscribes at
+ * once: the messages on their way are dropped by the client, wait out ack_wait and spend a
+ * delivery the hand-back ledger does not know of (a dead letter on a last attempt). Draining the
+ * request's subscription lets them arrive until the server has seen the unsubscribe, and nats.js
+ * ends the fetch's iterator once a draining subscription closes. close() is the fallback: when the
+ * field is missing (another nats.js), and when the server does not confirm within END_REQUEST_MS.
+ */
+function endRequest(batch: ConsumerMessages): void {
+  const close = () => void batch.close().catch(() => undefined);
+  const sub = subscriptionOf(batch);
+  if (!sub || sub.isClosed()) {
+    close();
+    return;
+  }
+  const timer = setTimeout(close, END_REQUEST_MS);
+  sub.drain().then(
+    () => clearTimeout(timer),
+    () => {
+      clearTimeout(timer);
+      close();
+    },
+  );
 }
 
 /**
