@@ -5,18 +5,13 @@
  * the history subjects; the follower only reads their instance id.
  */
 import { randomUUID } from "node:crypto";
-import {
-  type ConsumeOptions,
-  type Consumer,
-  type Consumers,
-  jetstream,
-  jetstreamManager,
-} from "@nats-io/jetstream";
+import { type Consumers, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { connectNats } from "../../common/nats.ts";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/index.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { endNextConsumerWhenMissing } from "../../test/support/ordered-consumer.ts";
 import { rewritingStreamInfo } from "../../test/support/stream-info.ts";
 import { HistoryFollower, type HistoryFollowerLogger, type SequencedEntry } from "./history-follower.ts";
 
@@ -39,28 +34,6 @@ async function appendEntry(
   };
   const subject = topo.historySubject(WORKFLOW, instanceId, "running");
   return (await jetstream(nc).publish(subject, JSON.stringify(entry))).seq;
-}
-
-/**
- * Makes the next ordered consumer started in this process end as nats.js ends one for good (its
- * iterator stops with the error) as soon as its stream or consumer is missing, instead of after
- * 30 failed attempts to make it again (about 2 minutes): nats.js's own `abort_on_missing_resource`,
- * with short heartbeats so that a missing consumer is noticed within a second or two.
- */
-async function endNextConsumerWhenMissing(nc: NatsConnection, stream: string): Promise<void> {
-  const probe = await jetstream(nc).consumers.get(stream);
-  await probe.delete();
-  // nats.js's pull consumer class is not exported: its prototype, through one of its consumers.
-  const proto = Object.getPrototypeOf(probe) as Consumer;
-  const consume = proto.consume;
-  vi.spyOn(proto, "consume").mockImplementationOnce(function (this: Consumer, opts?: ConsumeOptions) {
-    return consume.call(this, {
-      ...opts,
-      abort_on_missing_resource: true,
-      idle_heartbeat: 500,
-      expires: 1000,
-    });
-  });
 }
 
 /** A logger keeping each line as `message: err`. */
@@ -225,28 +198,48 @@ describe("HistoryFollower.watch", () => {
     expect(await own.watch(id)[Symbol.asyncIterator]().next()).toEqual({ done: true, value: undefined });
   });
 
-  it("hears the entries of a history stream made again, whose sequences restarted", async () => {
+  it("hears every entry of a history stream made again, also those appended before it noticed, and ends the old stream's watches with UNAVAILABLE", async () => {
     // A namespace of its own: the stream is deleted under it.
     const ownTopo = topology(uniqueNamespace("follower-remade"));
+    const stream = ownTopo.streams.history;
     const jsm = await jetstreamManager(nc);
     await ensureTopology(jsm, ownTopo, { storage: "memory" });
-    const own = await HistoryFollower.start(nc, ownTopo, WORKFLOW, { streamCheckMs: 100 });
     const appendTo = (instanceId: string, revision: number): Promise<number> =>
       appendEntry(nc, ownTopo, instanceId, revision);
+    for (let i = 0; i < 20; i++) await appendTo("old", i + 1);
+    // The follower is told of the old stream (its first reply) until the new one holds entries:
+    // the check that notices the new stream comes after them.
+    let oldStream: Record<string, unknown> | undefined;
+    let hidden = true;
+    const followerNc = rewritingStreamInfo(nc, stream, (info) => {
+      oldStream ??= info;
+      return hidden ? oldStream : undefined;
+    });
+    const own = await HistoryFollower.start(followerNc, ownTopo, WORKFLOW, { streamCheckMs: 50 });
     try {
-      for (let i = 0; i < 20; i++) await appendTo("old", i + 1);
-      await jsm.streams.delete(ownTopo.streams.history);
+      const watch = own.watch("old")[Symbol.asyncIterator]();
+      expect(await watch.next()).toMatchObject({ done: false, value: { seq: 20 } });
+      // Its outcome taken at once: it may fail before the test looks.
+      const nextOfWatch = watch.next().catch((error: unknown) => error);
+      const waited = own.expect("new", (entry) => entry.revision === 1, 10_000);
+
+      await jsm.streams.delete(stream);
       await ensureTopology(jsm, ownTopo, { storage: "memory" });
-      // The follower needs a check to notice; until then an entry may go unheard, so wait on fresh
-      // entries until one is heard.
-      let heard: SequencedEntry | undefined;
-      for (let revision = 1; heard === undefined && revision <= 100; revision++) {
-        const wait = own.expect("new", (entry) => entry.revision === revision, 200);
-        const seq = await appendTo("new", revision);
-        expect(seq).toBe(revision);
-        heard = await wait.done;
-      }
-      expect(heard?.seq).toBeLessThan(20);
+      const seq = await appendTo("new", 1);
+      expect(seq).toBe(1);
+      hidden = false;
+
+      expect(await waited.done).toMatchObject({ seq, entry: { revision: 1 } });
+      expect(await nextOfWatch).toMatchObject({ code: "UNAVAILABLE" });
+      // A watch from now on follows the new stream.
+      const again = own.watch("new")[Symbol.asyncIterator]();
+      expect(await again.next()).toMatchObject({ done: false, value: { seq } });
+      const later = await appendTo("new", 2);
+      expect(await again.next()).toMatchObject({
+        done: false,
+        value: { seq: later, entry: { revision: 2 } },
+      });
+      await again.return?.();
       expect(own.closed).toBe(false);
     } finally {
       await own.close();
@@ -347,7 +340,17 @@ describe("HistoryFollower.watch", () => {
       appendEntry(nc, ownTopo, instanceId, revision);
     await endNextConsumerWhenMissing(nc, stream);
     const logger = recordingLogger();
-    const own = await HistoryFollower.start(nc, ownTopo, WORKFLOW, {
+    // Told that the stream is missing until the stream made again holds an entry.
+    let hidden = false;
+    const followerNc = rewritingStreamInfo(nc, stream, () =>
+      hidden
+        ? {
+            type: "io.nats.jetstream.api.v1.stream_info_response",
+            error: { code: 404, err_code: 10059, description: "stream not found" },
+          }
+        : undefined,
+    );
+    const own = await HistoryFollower.start(followerNc, ownTopo, WORKFLOW, {
       streamCheckMs: 100,
       restartBackoff: { initialDelayMs: 20, maxDelayMs: 200 },
       logger,
@@ -356,8 +359,11 @@ describe("HistoryFollower.watch", () => {
       const heard = own.expect("old", (entry) => entry.revision === 1, 10_000);
       const old = await appendTo("old", 1);
       expect(await heard.done).toMatchObject({ seq: old });
+      const watchOfOld = own.watch("old")[Symbol.asyncIterator]();
+      expect(await watchOfOld.next()).toMatchObject({ done: false, value: { seq: old } });
+      const nextOfOld = watchOfOld.next().catch((error: unknown) => error);
       // Registered before the stream goes: it waits through the outage.
-      const waited = own.expect("new", (entry) => entry.revision === 1, 50_000);
+      const waited = own.expect("new", (entry) => entry.revision === 1, 10_000);
 
       await jsm.streams.delete(stream);
       await expect.poll(() => own.closed, { timeout: 20_000 }).toBe(true);
@@ -367,14 +373,18 @@ describe("HistoryFollower.watch", () => {
       expect(failed()[0]).toMatch(/does not exist/);
       expect(own.closed).toBe(true);
 
+      hidden = true;
       await ensureTopology(jsm, ownTopo, { storage: "memory" });
-      await expect.poll(() => own.closed, { timeout: 20_000 }).toBe(false);
-      const watch = own.watch("new")[Symbol.asyncIterator]();
-      const nextOfWatch = watch.next();
       const seq = await appendTo("new", 1);
       expect(seq).toBe(1);
+      hidden = false;
+      await expect.poll(() => own.closed, { timeout: 20_000 }).toBe(false);
       expect(await waited.done).toMatchObject({ seq, entry: { revision: 1 } });
-      expect(await nextOfWatch).toMatchObject({ done: false, value: { seq } });
+      expect(await nextOfOld).toMatchObject({ code: "UNAVAILABLE" });
+      const watch = own.watch("new")[Symbol.asyncIterator]();
+      expect(await watch.next()).toMatchObject({ done: false, value: { seq } });
+      const later = await appendTo("new", 2);
+      expect(await watch.next()).toMatchObject({ done: false, value: { seq: later } });
       await watch.return?.();
       expect(own.closed).toBe(false);
     } finally {

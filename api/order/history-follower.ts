@@ -11,6 +11,7 @@ import {
   getHistoryMessage,
   type HistoryEntry,
   type HistoryMessageQuery,
+  JetsagaError,
   type Topology,
 } from "../../orchestrator/index.ts";
 import { decodeHistoryMessage } from "./read-model/projector.ts";
@@ -19,6 +20,7 @@ import {
   type StreamIdentityWatch,
   type StreamMark,
   sameIncarnation,
+  serially,
   streamIdentity,
   watchStreamIdentity,
 } from "./read-model/stream-identity.ts";
@@ -67,7 +69,8 @@ type Waiter = {
 
 type Watcher = {
   push: (found: SequencedEntry) => void;
-  end: () => void;
+  /** Ends the watch; with `error`, the watch throws it once it has yielded what it holds. */
+  end: (error?: JetsagaError) => void;
 };
 
 /**
@@ -78,9 +81,10 @@ type Watcher = {
 const MAX_WATCH_BACKLOG = 100;
 
 /**
- * Follows every order history subject with ONE ordered consumer (deliver new) and hands entries to
- * the commands waiting for them: a command's position is the stream sequence of the entry it
- * caused, known only once the orchestrator has appended it. One shared subscription instead of a
+ * Follows every order history subject with ONE ordered consumer (deliver new; a history stream
+ * made again from its start) and hands entries to the commands waiting for them: a command's
+ * position is the stream sequence of the entry it caused, known only once the orchestrator has
+ * appended it. One shared subscription instead of a
  * consumer per call keeps a command at a couple of JetStream round trips.
  *
  * A wait must be registered BEFORE the message that causes the entry is sent; entries appended
@@ -100,8 +104,8 @@ export class HistoryFollower {
   #stream: StreamMark;
   /** Stream sequence of the last entry the consumer delivered: a consumer made again goes on after it. */
   #lastSeq: number;
-  /** Consumers made one at a time: each switch waits for the one before. */
-  #switching: Promise<unknown> = Promise.resolve();
+  /** Consumers are made one at a time: each switch waits for the one before. */
+  readonly #exclusive = serially();
   /** Attempts to make the consumer again since one last delivered an entry (for the backoff). */
   #restarts = 0;
   /** Cuts short the wait before the next attempt to make the consumer again. */
@@ -201,31 +205,41 @@ export class HistoryFollower {
     return true;
   }
 
-  /** Runs `fn` once every consumer switch started before it has settled. */
-  #exclusive<T>(fn: () => Promise<T>): Promise<T> {
-    const result = this.#switching.then(fn);
-    this.#switching = result.catch(() => {});
-    return result;
-  }
-
   /**
-   * A consumer of the new stream's new entries in place of the old one (see {@link start}). While
-   * the consumer is being made again, that attempt reads the stream's incarnation itself.
+   * A consumer of the stream made again, from its first entry, in place of the old one (see
+   * {@link start}): no consumer delivered the entries appended to it before this check noticed
+   * it, and a command may wait for one of them. Waits take entries delivered again or late as
+   * they take any other (each tests what it waits for); watches cannot tell the new stream's
+   * sequences from the old one's, and end (see {@link #switched}). While the consumer is being
+   * made again, that attempt reads the stream's incarnation itself.
    */
   #replaceConsumer(identity: StreamIdentity): Promise<void> {
     return this.#exclusive(async () => {
       if (this.#stopped || !this.#consuming || this.#isCurrent(identity)) return;
-      const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow);
+      const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow, 1);
       if (this.#stopped) {
         await next.close();
         return;
       }
       const previous = this.#messages;
       this.#messages = next;
-      this.#stream = { created: identity.created, firstTs: identity.firstTs };
-      this.#lastSeq = identity.lastSeq;
+      this.#switched(identity);
       await previous.close();
     });
+  }
+
+  /**
+   * Now following `identity`, a stream made again, from its first entry. Open watches end with
+   * UNAVAILABLE: the sequences they compare restarted, and an entry of theirs may have gone
+   * unheard (their callers watch again, from the latest entry).
+   */
+  #switched(identity: StreamIdentity): void {
+    this.#stream = { created: identity.created, firstTs: identity.firstTs };
+    this.#lastSeq = 0;
+    const remade = new JetsagaError("UNAVAILABLE", "the history stream was made again; watch again", {
+      context: { stream: this.#topo.streams.history },
+    });
+    for (const watchers of this.#watchers.values()) for (const watcher of [...watchers]) watcher.end(remade);
   }
 
   async #run(): Promise<void> {
@@ -282,7 +296,7 @@ export class HistoryFollower {
 
   /**
    * One attempt to follow on after the consumer `ended`: after the last entry seen when the stream
-   * is the one it was read from; the new entries of a stream made again (as {@link #replaceConsumer}).
+   * is the one it was read from; a stream made again from its first entry (as {@link #replaceConsumer}).
    * True once a consumer follows; throws while the stream is missing or JetStream away.
    */
   async #resume(ended: ConsumerMessages): Promise<boolean> {
@@ -296,25 +310,20 @@ export class HistoryFollower {
     const identity = await streamIdentity(this.#jsm, stream);
     if (identity === undefined) throw new Error(`history stream ${stream} does not exist`);
     const same = this.#isCurrent(identity);
-    const start = same ? this.#lastSeq + 1 : undefined;
+    const start = same ? this.#lastSeq + 1 : 1;
     const next = await HistoryFollower.#consume(this.#nc, this.#topo, this.#workflow, start);
     if (this.#stopped) {
       await next.close();
       return true;
     }
-    if (!same) {
-      this.#stream = { created: identity.created, firstTs: identity.firstTs };
-      this.#lastSeq = identity.lastSeq;
-    }
     this.#messages = next;
+    if (!same) this.#switched(identity);
     this.#consuming = true;
     this.#options.logger?.info(
-      same
-        ? { stream, fromSeq: start }
-        : { stream, streamCreated: identity.created, afterSeq: identity.lastSeq },
+      same ? { stream, fromSeq: start } : { stream, streamCreated: identity.created },
       same
         ? "history consumer made again after the last entry seen"
-        : "history consumer made again on the stream made again, from its new entries",
+        : "history consumer made again on the stream made again, from its first entry",
     );
     return true;
   }
@@ -336,10 +345,10 @@ export class HistoryFollower {
 
   async #follow(messages: ConsumerMessages): Promise<void> {
     for await (const msg of messages) {
-      if (this.#messages === messages) {
-        this.#lastSeq = msg.seq;
-        this.#restarts = 0;
-      }
+      // Replaced, and closing: what it still delivers, its replacement delivers in stream order.
+      if (this.#messages !== messages) continue;
+      this.#lastSeq = msg.seq;
+      this.#restarts = 0;
       // Only the orchestrator writes history, but one malformed entry must not end the loop
       // that every command and watch of this gateway waits on: such entries are skipped here
       // as the projector skips (and logs) them.
@@ -457,8 +466,9 @@ export class HistoryFollower {
   /**
    * Follows one instance: yields its latest entry, then every later one in stream order, until
    * `signal` aborts or {@link close} is called (a consumer made again goes on where the last one
-   * ended). Without entries yet, it waits for the first one, or with `onlyExisting` ends at once
-   * (the caller tells "no such instance" from an empty watch).
+   * ended); throws JetsagaError UNAVAILABLE when the history stream was made again. Without
+   * entries yet, it waits for the first one, or with `onlyExisting` ends at once (the caller tells
+   * "no such instance" from an empty watch).
    */
   async *watch(
     instanceId: string,
@@ -467,17 +477,20 @@ export class HistoryFollower {
   ): AsyncIterable<SequencedEntry> {
     const backlog: SequencedEntry[] = [];
     let ended = this.#stopped;
+    let failure: JetsagaError | undefined;
     let wake = (): void => {};
     const watcher: Watcher = {
       push: (found) => {
         if (backlog.push(found) > MAX_WATCH_BACKLOG) backlog.shift();
         wake();
       },
-      end: () => {
+      end: (error) => {
         ended = true;
+        failure ??= error;
         wake();
       },
     };
+    const onAbort = (): void => watcher.end();
     // Registered before the latest entry is read, so an entry appended meanwhile is not missed;
     // one that both the read and the consumer return is skipped by its sequence.
     let watchers = this.#watchers.get(instanceId);
@@ -488,7 +501,7 @@ export class HistoryFollower {
     const registered = watchers;
     registered.add(watcher);
     this.#openWatches++;
-    signal?.addEventListener("abort", watcher.end, { once: true });
+    signal?.addEventListener("abort", onAbort, { once: true });
     if (signal?.aborted) watcher.end();
     try {
       let last = 0;
@@ -511,9 +524,10 @@ export class HistoryFollower {
           yield next;
         }
       }
+      if (failure) throw failure;
     } finally {
       this.#openWatches--;
-      signal?.removeEventListener("abort", watcher.end);
+      signal?.removeEventListener("abort", onAbort);
       registered.delete(watcher);
       if (registered.size === 0 && this.#watchers.get(instanceId) === registered) {
         this.#watchers.delete(instanceId);

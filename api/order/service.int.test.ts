@@ -14,7 +14,7 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { issueToken } from "../../common/auth-token.ts";
 import { connectNats } from "../../common/nats.ts";
 import { connectPostgres, type Sql } from "../../common/postgres.ts";
@@ -50,6 +50,7 @@ import {
 } from "../../test/support/context.ts";
 import { type Gateway, startGateway } from "../gateway.ts";
 import { type RpcServer, startRpcServer } from "../rpc/index.ts";
+import { HistoryFollower, type SequencedEntry } from "./history-follower.ts";
 import { createOrderService, type OrderServiceHandle, type OrderServiceOptions } from "./service.ts";
 
 const SECRET = "test-secret-that-is-at-least-32-bytes-long";
@@ -249,7 +250,7 @@ describe("OrderService", () => {
   });
 
   /** Everything a request could have left behind: stream sequences and read-model rows. */
-  async function traces(): Promise<unknown> {
+  async function traces(): Promise<{ history: number; inbox: number; rows: string | undefined }> {
     const jsm = await jetstreamManager(nc);
     const history = await jsm.streams.info(workflows.topology.streams.history);
     const inbox = await jsm.streams.info(workflows.topology.streams.inbox);
@@ -258,12 +259,42 @@ describe("OrderService", () => {
   }
 
   /**
+   * A new user's order, confirmed and then cancelled, with the entry of its confirmation: what a
+   * lagging replica or follower may still show of it.
+   */
+  async function cancelledAfterConfirmation(label: string): Promise<{
+    token: string;
+    request: { idempotencyKey: string; items: ReturnType<typeof item>[]; waitForStatuses: OrderStatus[] };
+    confirmed: PlaceOrderResponse;
+    orderId: string;
+    stale: SequencedEntry;
+  }> {
+    const { token } = await signUp(label);
+    const request = {
+      idempotencyKey: randomUUID(),
+      items: [item()],
+      waitForStatuses: [OrderStatus.CONFIRMED],
+    };
+    const confirmed = await orders.placeOrder(request, auth(token));
+    const orderId = confirmed.order?.orderId ?? "";
+    await orders.cancelOrder({ orderId, reason: "changed my mind" }, auth(token));
+    await workflows.awaitCompletion("order", orderId, { timeoutMs: 20_000 });
+    const history = await workflows.getHistory("order", orderId);
+    const entry = history.find((e) => BigInt(e.revision) === confirmed.order?.version);
+    if (!entry) throw new Error(`no entry of version ${confirmed.order?.version} in the history`);
+    const stale: SequencedEntry = { seq: Number(confirmed.position), entry };
+    return { token, request, confirmed, orderId, stale };
+  }
+
+  /**
    * Runs `body` against a second OrderService on this test's connections, built with `options`.
    * `outcomes` gets `<Method> <code name or OK>` of each call once its handler is done, as the
    * server answers it (the client's own deadline does not show there).
    */
   async function withOrderService(
-    options: Partial<Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs" | "readModel">>,
+    options: Partial<
+      Pick<OrderServiceOptions, "maxOutcomeWaitMs" | "userExistsTtlMs" | "readModel" | "commandTimeoutMs">
+    >,
     body: (
       client: Client<typeof OrderService>,
       service: OrderServiceHandle,
@@ -890,6 +921,145 @@ describe("OrderService", () => {
       expect(await watched).toBe(Code.Unavailable);
       expect(seen).toEqual([OrderStatus.PENDING]);
     }).finally(() => held.delete(userId));
+  });
+
+  it("ends a watch whose deadline passes with DEADLINE_EXCEEDED, never as if the order were final", async () => {
+    const { token, userId } = await signUp("watchdeadline");
+    held.add(userId);
+    await withOrderService({}, async (client) => {
+      const placed = await client.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token));
+      const seen: OrderStatus[] = [];
+      // A deadline sent without a timer of the client's own: the client reads what the server answers.
+      const headers = { ...auth(token).headers, "connect-timeout-ms": "300" };
+      const watched = codeOf(
+        (async () => {
+          for await (const update of client.watchOrder(
+            { orderId: placed.order?.orderId ?? "" },
+            { headers },
+          )) {
+            seen.push(update.order?.status ?? OrderStatus.UNSPECIFIED);
+          }
+        })(),
+      );
+      expect(await watched).toBe(Code.DeadlineExceeded);
+      expect(seen).toEqual([OrderStatus.PENDING]);
+    }).finally(() => held.delete(userId));
+  });
+
+  it("ends a command's wait for its entry with the call: its deadline, its client giving up, the server shutting down", async () => {
+    const { token } = await signUp("cmdwait");
+    const placed = await orders.placeOrder(
+      { idempotencyKey: randomUUID(), items: [item()], waitForStatuses: [OrderStatus.CONFIRMED] },
+      auth(token),
+    );
+    const orderId = placed.order?.orderId ?? "";
+    const inboxSeq = async () => (await traces()).inbox;
+    // The orchestrator away: no command gets its entry. Only the call can end a wait longer than
+    // the test.
+    await orchestrator.stop();
+    try {
+      await withOrderService({ commandTimeoutMs: 600_000 }, async (client, _service, server, outcomes) => {
+        const short = { ...auth(token), timeoutMs: 300 };
+        expect(await codeOf(client.cancelOrder({ orderId, reason: "" }, short))).toBe(Code.DeadlineExceeded);
+        expect(
+          await codeOf(client.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, short)),
+        ).toBe(Code.DeadlineExceeded);
+        // The server's own answers: the deadline (or the client's reset stream, when it comes first).
+        await expect.poll(() => outcomes.length, { timeout: 10_000 }).toBe(2);
+        expect(outcomes).toEqual([
+          expect.stringMatching(/^CancelOrder (DeadlineExceeded|Canceled)$/),
+          expect.stringMatching(/^PlaceOrder (DeadlineExceeded|Canceled)$/),
+        ]);
+
+        // A client that gives up (no deadline sent) once its command was sent.
+        const sentBefore = await inboxSeq();
+        const abandon = new AbortController();
+        const abandoned = codeOf(client.shipOrder({ orderId }, { ...auth(token), signal: abandon.signal }));
+        await expect.poll(inboxSeq, { timeout: 10_000 }).toBe(sentBefore + 1);
+        abandon.abort(new Error("the client's own reason"));
+        expect(await abandoned).not.toBe("ok");
+        await expect.poll(() => outcomes.length, { timeout: 10_000 }).toBe(3);
+        expect(outcomes[2]).toBe("ShipOrder Canceled");
+
+        // The server shutting down, once the order's start was sent: UNAVAILABLE.
+        const placing = codeOf(
+          client.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token)),
+        );
+        await expect.poll(inboxSeq, { timeout: 10_000 }).toBe(sentBefore + 2);
+        await server.close();
+        expect(await placing).toBe(Code.Unavailable);
+        expect(outcomes[3]).toBe("PlaceOrder Unavailable");
+      });
+    } finally {
+      orchestrator = await startOrchestrator({ nc, ns, workflows: [orderSaga] });
+    }
+  });
+
+  it("refuses to ship an order cancelled meanwhile with FAILED_PRECONDITION, also when a lagging replica shows it confirmed", async () => {
+    const { token, orderId, stale } = await cancelledAfterConfirmation("shiplag");
+    // A replica that lags: its latest entry of the order is still the confirmation.
+    const latest = HistoryFollower.prototype.latest;
+    vi.spyOn(HistoryFollower.prototype, "latest").mockImplementation(function (
+      this: HistoryFollower,
+      instanceId,
+      options,
+    ) {
+      return instanceId === orderId && !options?.fromLeader
+        ? Promise.resolve(stale)
+        : latest.call(this, instanceId, options);
+    });
+    try {
+      expect(await codeOf(orders.shipOrder({ orderId }, auth(token)))).toBe(Code.FailedPrecondition);
+    } finally {
+      vi.restoreAllMocks();
+    }
+  });
+
+  it("answers a retried PlaceOrder wait with the order's current state, not an older one its follower delivers late", async () => {
+    const { token, request, confirmed, orderId, stale } = await cancelledAfterConfirmation("waitlate");
+    // A follower that lags hands the confirmation to the retry's wait just after it was registered.
+    const expectEntry = HistoryFollower.prototype.expect;
+    vi.spyOn(HistoryFollower.prototype, "expect").mockImplementation(function (
+      this: HistoryFollower,
+      ...args
+    ) {
+      const wait = expectEntry.apply(this, args);
+      if (args[0] === orderId) wait.offer(stale);
+      return wait;
+    });
+    try {
+      const retried = await orders.placeOrder(request, auth(token));
+      expect(retried.order).toMatchObject({ status: OrderStatus.CANCELLED, cancelReason: "changed my mind" });
+      expect(BigInt(retried.position)).toBeGreaterThan(BigInt(confirmed.position));
+    } finally {
+      vi.restoreAllMocks();
+    }
+  });
+
+  it("fails PlaceOrder with answer_from_read_model with INTERNAL when the read model skipped the state answered", async () => {
+    const { token } = await signUp("readbackskip");
+    // Postgres refuses the confirmation's status row (as a constraint of an operator's would): the
+    // projector skips that entry, and the read model keeps the order as it was before it.
+    await sql`alter table order_status_history add constraint test_refused_confirmed check (status <> 'CONFIRMED') not valid`;
+    try {
+      const request = {
+        idempotencyKey: randomUUID(),
+        items: [item()],
+        waitForStatuses: [OrderStatus.CONFIRMED],
+        answerFromReadModel: true,
+      };
+      expect(await codeOf(orders.placeOrder(request, auth(token)))).toBe(Code.Internal);
+      // The history has it: the same call answered from there.
+      const fromHistory = await orders.placeOrder({ ...request, answerFromReadModel: false }, auth(token));
+      expect(fromHistory.order?.status).toBe(OrderStatus.CONFIRMED);
+      const read = await orders.getOrder(
+        { orderId: fromHistory.order?.orderId ?? "", minPosition: fromHistory.position },
+        auth(token),
+      );
+      expect(read.order?.version).toBeLessThan(fromHistory.order?.version ?? 0n);
+    } finally {
+      await sql`alter table order_status_history drop constraint test_refused_confirmed`;
+    }
   });
 
   it("cancels a GetOrder or ListOrders query in Postgres when the call's deadline passes or its client gives up", async () => {

@@ -296,15 +296,40 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   /**
    * The error of a command whose entry did not come in time: DEADLINE_EXCEEDED saying `what`, or
    * UNAVAILABLE when the gateway stopped following histories (shutting down, or its consumer
-   * ended). The command went through either way; `retry` says how to get its answer.
+   * ended), or CANCELED when the client went away. The command went through either way; `retry`
+   * says how to get its answer.
    */
-  function notYet(what: string, retry: string, signal?: AbortSignal): ConnectError {
-    if (signal && isShutdown(signal)) {
+  function notYet(what: string, retry: string, signal: AbortSignal): ConnectError {
+    if (isShutdown(signal)) {
       return new ConnectError(`the gateway is shutting down; ${retry}`, Code.Unavailable);
     }
-    return follower.closed
-      ? new ConnectError(`the gateway stopped following order histories; ${retry}`, Code.Unavailable)
+    if (follower.closed) {
+      return new ConnectError(`the gateway stopped following order histories; ${retry}`, Code.Unavailable);
+    }
+    const ended = signal.aborted ? callEnded(signal.reason) : undefined;
+    return ended?.code === Code.Canceled
+      ? ended
       : new ConnectError(`${what}; ${retry}`, Code.DeadlineExceeded);
+  }
+
+  /**
+   * Registers a wait for the first entry of `orderId` that `match`es (`onEntry` as for
+   * {@link HistoryFollower.expect}), bounded by the call's deadline and `maxMs`, and ended when the
+   * call ends: a caller that gave up, or a server shutting down, must not hold a wait.
+   */
+  function expectWithin(
+    ctx: HandlerContext,
+    maxMs: number,
+    orderId: string,
+    match: (entry: HistoryEntry) => boolean,
+    onEntry?: (found: SequencedEntry) => void,
+  ): EntryWait {
+    const wait = follower.expect(orderId, match, callBound(ctx, maxMs), onEntry);
+    const onAbort = () => wait.cancel();
+    if (ctx.signal.aborted) wait.cancel();
+    ctx.signal.addEventListener("abort", onAbort, { once: true });
+    void wait.done.then(() => ctx.signal.removeEventListener("abort", onAbort));
+    return wait;
   }
 
   /**
@@ -319,8 +344,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   ): Promise<void> {
     const position = checkPosition(minPosition);
     if (position === undefined) return;
-    const waitMs = Math.max(0, Math.min(ctx.timeoutMs() ?? maxReadWaitMs, maxReadWaitMs));
-    if (await readModel.waitFor(position, waitMs, ctx.signal)) return;
+    if (await readModel.waitFor(position, callBound(ctx, maxReadWaitMs), ctx.signal)) return;
     if (isShutdown(ctx.signal)) {
       throw new ConnectError("the gateway is shutting down; retry", Code.Unavailable);
     }
@@ -338,10 +362,11 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   ): Promise<{ order: Order; position: string; answeredFromReadModel: true }> {
     await awaitReadModel(ctx, answer.position, "the order's answer");
     const view = await readModelQuery(ctx, (signal) => getOrder(sql, userId, answer.order.orderId, signal));
-    // The projector skips an entry Postgres refuses (logged there): the order is then not in it.
-    if (!view) {
+    // The projector skips an entry Postgres refuses (logged there): the order is then not in it,
+    // or only as it was before that entry, which is not the answer either.
+    if (!view || BigInt(view.revision) < answer.order.version) {
       throw new ConnectError(
-        `order ${answer.order.orderId} was placed but the read model does not show it (see the gateway log); WatchOrder follows it`,
+        `order ${answer.order.orderId} was placed but the read model does not show it as answered (see the gateway log); WatchOrder follows it`,
         Code.Internal,
       );
     }
@@ -386,10 +411,11 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       found.entry.causationId !== causation &&
       !canAccept(saga, found.entry.state, event);
     let overtaken: SequencedEntry | undefined;
-    const wait = follower.expect(
+    const wait = expectWithin(
+      ctx,
+      commandTimeoutMs,
       orderId,
       (entry) => entry.causationId === causation,
-      commandTimeoutMs,
       (found) => {
         if (overtakes(found)) {
           overtaken = found;
@@ -399,7 +425,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     );
     try {
       await client.signal("order", orderId, event, { idempotencyKey: key });
-      const latest = await follower.latest(orderId);
+      // From the leader: a replica that lags may still show the entry the decision was made on
+      // and hide one that overtook the command, which the call would then wait for in vain.
+      const latest = await follower.latest(orderId, { fromLeader: true });
       wait.offer(latest);
       // The overtaking entry may have come before the wait was registered.
       if (latest && overtakes(latest)) {
@@ -424,36 +452,51 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
 
   /**
    * Registers a wait for the first entry of `orderId` whose status is in `until` or final, bounded
-   * by the call's deadline and {@link maxOutcomeWaitMs}, and ended when the caller goes away.
+   * by the call (see {@link expectWithin}). Entries count once {@link OutcomeWait.from} named the
+   * state the wait starts at (those delivered before are kept until then): a follower that lags,
+   * or replays a history stream made again, may deliver entries older than that state late.
    */
   function expectOutcome(
     ctx: HandlerContext,
     orderId: string,
     until: ReadonlySet<OrderStatusName>,
-  ): EntryWait {
-    const waitMs = Math.max(0, Math.min(ctx.timeoutMs() ?? maxOutcomeWaitMs, maxOutcomeWaitMs));
-    const wait = follower.expect(orderId, (entry) => reachesStatus(entry.state, until), waitMs);
-    const onAbort = () => wait.cancel();
-    if (ctx.signal.aborted) wait.cancel();
-    ctx.signal.addEventListener("abort", onAbort, { once: true });
-    void wait.done.then(() => ctx.signal.removeEventListener("abort", onAbort));
-    return wait;
+  ): OutcomeWait {
+    // The lowest revision that counts, once known.
+    let floor: number | undefined;
+    const early: SequencedEntry[] = [];
+    const wait = expectWithin(
+      ctx,
+      maxOutcomeWaitMs,
+      orderId,
+      (entry) => floor !== undefined && entry.revision >= floor && reachesStatus(entry.state, until),
+      (found) => {
+        if (floor === undefined) early.push(found);
+      },
+    );
+    return {
+      wait,
+      from(current) {
+        floor = current?.entry.revision ?? 0;
+        for (const found of [current, ...early]) wait.offer(found);
+      },
+    };
   }
 
   /**
    * The answer of a PlaceOrder that waits for `outcome`. `catchUp` when the order may have moved
-   * before the wait was registered (a retry, a duplicate start): its latest entry is read then,
-   * from the leader, as a lagging replica could answer with a state older than one already seen.
+   * before the wait was registered (a retry, a duplicate start): the wait then starts at its latest
+   * entry, read from the leader, as a lagging replica could answer with a state older than one
+   * already seen.
    */
   async function awaitOutcome(
     ctx: HandlerContext,
     orderId: string,
-    outcome: EntryWait,
+    outcome: OutcomeWait,
     items: readonly CheckedItem[],
     catchUp: boolean,
   ): Promise<{ order: Order; position: string }> {
-    if (catchUp) outcome.offer(await follower.latest(orderId, { fromLeader: true }));
-    const found = await outcome.done;
+    outcome.from(catchUp ? await follower.latest(orderId, { fromLeader: true }) : undefined);
+    const found = await outcome.wait.done;
     if (!found) {
       throw notYet(
         "the order was placed but has not reached any of wait_for_statuses yet",
@@ -469,11 +512,12 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
    * start had been sent before (a concurrent retry).
    */
   async function startOrder(
+    ctx: HandlerContext,
     orderId: string,
     caller: Caller,
     items: CheckedItem[],
   ): Promise<{ answer: { order: Order; position: string }; duplicate: boolean }> {
-    const wait = follower.expect(orderId, (entry) => entry.revision === 1, commandTimeoutMs);
+    const wait = expectWithin(ctx, commandTimeoutMs, orderId, (entry) => entry.revision === 1);
     try {
       const sent = await client.start("order", orderId, {
         orderId,
@@ -487,7 +531,11 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       if (sent.duplicate) wait.offer(await follower.first(orderId, { fromLeader: true }));
       const found = await wait.done;
       if (!found) {
-        throw notYet("the order was accepted but has not started yet", "retry with the same idempotency_key");
+        throw notYet(
+          "the order was accepted but has not started yet",
+          "retry with the same idempotency_key",
+          ctx.signal,
+        );
       }
       return { answer: placed(found, items), duplicate: sent.duplicate };
     } finally {
@@ -511,7 +559,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         const answer = await placeAndWait();
         return req.answerFromReadModel ? await readBack(ctx, caller.userId, answer) : answer;
       } finally {
-        outcome?.cancel();
+        outcome?.wait.cancel();
       }
 
       async function placeAndWait(): Promise<{ order: Order; position: string }> {
@@ -522,7 +570,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
           return outcome ? await awaitOutcome(ctx, orderId, outcome, items, true) : first;
         }
         await ensureUserExists(caller, ctx.signal);
-        const { answer, duplicate } = await startOrder(orderId, caller, items);
+        const { answer, duplicate } = await startOrder(ctx, orderId, caller, items);
         return outcome ? await awaitOutcome(ctx, orderId, outcome, items, duplicate) : answer;
       }
     },
@@ -597,11 +645,11 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         if (reachesStatus(found.entry.state, until)) return;
       }
       if (!items && !ctx.signal.aborted && !follower.closed) throw notFound();
-      // The follower stopped or the gateway is shutting down: ending normally would claim the
-      // order is final. (A caller that cancelled or ran out of time gets no answer anyway.)
-      if (!ctx.signal.aborted || isShutdown(ctx.signal)) {
-        throw new ConnectError("the watch was interrupted; watch again", Code.Unavailable);
-      }
+      // Never a normal end here: it would claim the order is final. The call's deadline passed or
+      // its client went away (a client that sent a deadline without a timer of its own reads this
+      // answer), or the follower stopped, or the gateway is shutting down.
+      if (ctx.signal.aborted && !isShutdown(ctx.signal)) throw callEnded(ctx.signal.reason);
+      throw new ConnectError("the watch was interrupted; watch again", Code.Unavailable);
     },
 
     async getOrderHistory(req, ctx) {
@@ -669,6 +717,21 @@ async function readModelQuery<T>(
     if (ctx.signal.aborted) throw callEnded(ctx.signal.reason);
     throw error;
   }
+}
+
+/** A wait's longest time within the call: `maxMs`, or what is left of the call's deadline when less. */
+function callBound(ctx: HandlerContext, maxMs: number): number {
+  return Math.max(0, Math.min(ctx.timeoutMs() ?? maxMs, maxMs));
+}
+
+/** A wait for an order's outcome: see `expectOutcome` in {@link createOrderService}. */
+interface OutcomeWait {
+  readonly wait: EntryWait;
+  /**
+   * Starts the wait at `current`, the order's latest entry (undefined: at its first entry, for an
+   * order just placed): it counts from there, `current` included.
+   */
+  from(current: SequencedEntry | undefined): void;
 }
 
 /** Codes of a call's signal that say why it ended: its deadline, a cancel, the server's shutdown. */

@@ -3,9 +3,9 @@
  * re-projecting the same entries changes nothing, and a rebuild from the stream equals the
  * incrementally built read model row for row.
  */
-import { DeliverPolicy, jetstream } from "@nats-io/jetstream";
+import { type ConsumeOptions, type Consumer, DeliverPolicy, jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { connectNats } from "../../../common/nats.ts";
 import { connectPostgres, migrate, type Sql } from "../../../common/postgres.ts";
 import {
@@ -27,6 +27,10 @@ import {
   type TestDatabase,
   uniqueNamespace,
 } from "../../../test/support/context.ts";
+import {
+  endNextConsumerWhenMissing,
+  orderedConsumerPrototype,
+} from "../../../test/support/ordered-consumer.ts";
 import { rewritingStreamInfo } from "../../../test/support/stream-info.ts";
 import {
   applyBatch,
@@ -496,6 +500,43 @@ describe("order read model projector", () => {
     });
   });
 
+  it("makes its consumer again after the last position written when nats.js ends it, not consuming meanwhile", async () => {
+    const history = client.topology.streams.history;
+    const jsm = await jetstream(nc).jetstreamManager();
+    const consumerNames = async (): Promise<string[]> => {
+      const names: string[] = [];
+      for await (const info of jsm.consumers.list(history)) names.push(info.name);
+      return names;
+    };
+    await projector.stop();
+    const others = await consumerNames();
+    /** `consuming` as each warning was logged. */
+    const warned: Array<{ msg: string; consuming: boolean }> = [];
+    await endNextConsumerWhenMissing(nc, history);
+    try {
+      projector = await startOrderProjector({
+        nc,
+        sql,
+        ns,
+        maxBatch: 50,
+        streamCheckMs: 100,
+        restartBackoff: { initialDelayMs: 20, maxDelayMs: 200 },
+        logger: { ...logger, warn: (_obj, msg) => warned.push({ msg, consuming: projector.consuming }) },
+      });
+    } finally {
+      vi.restoreAllMocks();
+    }
+    const own = (await consumerNames()).filter((name) => !others.includes(name));
+    expect(own).toHaveLength(1);
+    // Its consumer deleted: nats.js ends it (as after 30 failed attempts to make it again).
+    await jsm.consumers.delete(history, own[0] ?? "");
+
+    // JetStream and the stream are fine: the read model moves on.
+    await startAndAwaitConfirmed("o-after-consumer-ended");
+    expect(projector.consuming).toBe(true);
+    expect(warned[0]).toEqual({ msg: "projection consumer failed: making it again", consuming: false });
+  });
+
   it("keeps the read model when the server reports another creation time for the same stream", async () => {
     const history = client.topology.streams.history;
     const jsm = await jetstream(nc).jetstreamManager();
@@ -556,13 +597,33 @@ describe("order read model projector", () => {
     await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(before.state.last_seq);
     const [stored] = await sql`select stream_created from projection_checkpoints where name = 'orders'`;
     expect(stored?.stream_created).toBe(before.created);
+    // Its consumer on the rebuilt read model cannot be made the first time: the next check must
+    // find the stream made again all the same, and try once more.
+    const rebuildsBefore = projector.stats.rebuilds;
+    const proto = await orderedConsumerPrototype(nc, history);
+    const consume = proto.consume;
+    let refused = false;
+    vi.spyOn(proto, "consume").mockImplementation(function (this: Consumer, opts?: ConsumeOptions) {
+      if (refused || projector.stats.rebuilds === rebuildsBefore) return consume.call(this, opts);
+      refused = true;
+      return Promise.reject(new Error("consumer refused by the test"));
+    });
+    logged.length = 0;
 
     await jsm.streams.delete(history);
     // The orchestrator makes the stream again on its next append: sequences start at 1.
-    await startAndAwaitConfirmed("o-new-stream");
+    await startAndAwaitConfirmed("o-new-stream").finally(() => vi.restoreAllMocks());
+    expect(refused).toBe(true);
+    // Consuming the new stream, not only rebuilt from it.
+    await expect.poll(() => projector.consuming, { timeout: 10_000 }).toBe(true);
+    expect(logged.map((l) => [l.msg, String(l.obj.err)])).toContainEqual([
+      "history stream check failed",
+      "Error: consumer refused by the test",
+    ]);
     const after = await jsm.streams.info(history);
     expect(after.state.last_seq).toBeLessThan(before.state.last_seq);
-    expect(projector.stats.rebuilds).toBeGreaterThanOrEqual(1);
+    // Rebuilt once: the second attempt found the checkpoint rebuilt for the new stream.
+    expect(projector.stats.rebuilds).toBe(rebuildsBefore + 1);
     await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(after.state.last_seq);
     // The read model is the new stream's: orders whose histories went with the old one are gone.
     expect(await sql`select order_id from orders order by order_id`).toEqual([{ order_id: "o-new-stream" }]);

@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import {
   type ConsumerMessages,
   DeliverPolicy,
@@ -6,6 +7,7 @@ import {
   jetstreamManager,
 } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
+import { type BackoffPolicy, backoffDelay } from "../../../common/backoff.ts";
 import type { Sql } from "../../../common/postgres.ts";
 import { type HistoryEntry, topology } from "../../../orchestrator/index.ts";
 import {
@@ -23,6 +25,7 @@ import {
   type StreamIdentityWatch,
   type StreamMark,
   sameIncarnation,
+  serially,
   streamIdentity,
   watchStream,
 } from "./stream-identity.ts";
@@ -51,6 +54,11 @@ export interface OrderProjectorOptions {
    * ms. Default 5000.
    */
   streamCheckMs?: number;
+  /**
+   * Delays between attempts to make the consumer again after it ended on its own. Default 200 ms
+   * up to 5 s.
+   */
+  restartBackoff?: BackoffPolicy;
   logger?: ProjectorLogger;
 }
 
@@ -83,8 +91,9 @@ export interface ProjectionPosition {
 export interface OrderProjector extends ProjectionPosition {
   readonly stats: Readonly<OrderProjectorStats>;
   /**
-   * True while it consumes the histories. False once stopped, or when its consumer ended on its
-   * own (an error, logged): the read model then falls behind, so the gateway is not ready.
+   * True while it consumes the histories. False once stopped, and while a consumer that ended on
+   * its own (logged) is being made again: the read model then falls behind, so the gateway is not
+   * ready.
    */
   readonly consuming: boolean;
   /** Stops consuming after the batch in progress, and releases its LISTEN connection. */
@@ -118,6 +127,8 @@ type Waiter = { position: number; resolve: (reached: boolean) => void; timer: Re
 
 const MAX_RETRY_DELAY_MS = 5000;
 
+const RESTART_BACKOFF: BackoffPolicy = { initialDelayMs: 200, maxDelayMs: 5_000 };
+
 class Projector implements OrderProjector {
   readonly stats: OrderProjectorStats = { entries: 0, batches: 0, skipped: 0, retries: 0, rebuilds: 0 };
   readonly #options: OrderProjectorOptions;
@@ -133,12 +144,16 @@ class Projector implements OrderProjector {
   /** The statement loop while it runs (at most one at a time). */
   #writer: Promise<void> | undefined;
   #stopping = false;
+  /** Aborted by stop(): cuts short the wait before the next attempt to make the consumer again. */
+  readonly #stopped = new AbortController();
   #consuming = false;
+  /** Consumers are made one at a time (a resync, a consumer made again). */
+  readonly #exclusive = serially();
+  /** Attempts to make the consumer again since one last read a message (for the backoff). */
+  #restarts = 0;
   #unlisten: (() => Promise<void>) | undefined;
   /** The incarnation of the history stream the position belongs to (undefined: stream missing at start). */
   #stream: StreamMark | undefined;
-  /** Set while the consumer is replaced after the stream was made again. */
-  #resyncing = false;
   #streamWatch: StreamIdentityWatch | undefined;
 
   constructor(options: OrderProjectorOptions) {
@@ -285,8 +300,11 @@ class Projector implements OrderProjector {
     return rebuilt.position;
   }
 
-  /** Starts the ordered consumer at history sequence `start`. */
-  async #consumeFrom(start: number): Promise<void> {
+  /**
+   * Starts the ordered consumer at history sequence `start`; `stream`, the incarnation it reads,
+   * is taken once the consumer is made.
+   */
+  async #consumeFrom(start: number, stream?: StreamMark): Promise<void> {
     const topo = topology(this.#options.ns);
     const consumer = await jetstream(this.#options.nc).consumers.get(topo.streams.history, {
       filter_subjects: topo.historyFilter("order"),
@@ -295,18 +313,75 @@ class Projector implements OrderProjector {
         : { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start }),
     });
     const messages = await consumer.consume({ max_messages: this.#maxBatch });
+    if (this.#stopping) {
+      await messages.close();
+      return;
+    }
+    if (stream) this.#stream = stream;
     this.#messages = messages;
     this.#consuming = true;
     // Handled here: a consumer that ends with an error must not bring the process down through
     // an unhandled rejection.
-    this.#loop = this.#run(messages)
-      .catch((error: unknown) => {
-        if (!this.#stopping && !this.#resyncing)
-          this.#options.logger?.error({ err: error }, "projection consumer failed");
-      })
-      .finally(() => {
-        if (this.#messages === messages) this.#consuming = false;
-      });
+    this.#loop = this.#run(messages).then(
+      () => this.#ended(messages, undefined),
+      (error: unknown) => this.#ended(messages, error),
+    );
+  }
+
+  /**
+   * The consumer `messages` ended. Unless it was stopped or replaced, it ended on its own: nats.js
+   * gives an ordered consumer up after 30 failed attempts to make it again (JetStream away about
+   * 2 minutes) or on errors such as a refused subscription; without a new one the read model
+   * would stay where it is for good, in a process that is otherwise alive.
+   */
+  #ended(messages: ConsumerMessages, error: unknown): void {
+    if (this.#stopping || this.#messages !== messages) return;
+    this.#consuming = false;
+    this.#options.logger?.warn(
+      { err: error, position: this.#position },
+      error === undefined
+        ? "projection consumer ended: making it again"
+        : "projection consumer failed: making it again",
+    );
+    void this.#restart(messages);
+  }
+
+  /**
+   * Makes the consumer that ended (`ended`) again after the last position written, trying with
+   * backoff until it works, a resync replaced it or stop() is called.
+   */
+  async #restart(ended: ConsumerMessages): Promise<void> {
+    const policy = this.#options.restartBackoff ?? RESTART_BACKOFF;
+    while (!this.#stopping && this.#messages === ended) {
+      // Also before the first attempt: a consumer that ends as soon as it is made must not be made
+      // again in a tight loop.
+      this.#restarts++;
+      await sleep(backoffDelay(this.#restarts, policy), undefined, {
+        signal: this.#stopped.signal,
+        ref: false,
+      }).catch(() => {});
+      try {
+        await this.#exclusive(async () => {
+          if (this.#stopping || this.#messages !== ended) return;
+          // What was read and not written is read again: the consumer it came from is gone, and
+          // entries left unwritten would wait for a message that may not come.
+          await this.#writer;
+          this.#unwritten = [];
+          this.#readSeq = this.#position;
+          const fromSeq = this.#position + 1;
+          await this.#consumeFrom(fromSeq);
+          this.#options.logger?.info(
+            { fromSeq },
+            "projection consumer made again after the last position written",
+          );
+        });
+      } catch (error) {
+        this.#options.logger?.warn(
+          { err: error, attempt: this.#restarts, position: this.#position },
+          "projection consumer could not be made again: retrying",
+        );
+      }
+    }
   }
 
   /**
@@ -314,13 +389,16 @@ class Projector implements OrderProjector {
    * would skip everything the new stream holds. Stop it, settle the checkpoint for the new stream
    * (rebuilt, unless another projector on the tables already did), and consume from there.
    */
-  async #resync(identity: StreamIdentity): Promise<void> {
-    if (this.#stopping) return;
-    this.#resyncing = true;
-    this.#consuming = false;
-    try {
-      await this.#messages?.close();
-      await this.#loop?.catch(() => {});
+  #resync(identity: StreamIdentity): Promise<void> {
+    return this.#exclusive(async () => {
+      if (this.#stopping) return;
+      this.#consuming = false;
+      // No longer the current consumer: its end is not one to make it again after.
+      const replaced = this.#messages;
+      this.#messages = undefined;
+      await replaced?.close();
+      await this.#loop;
+      await this.#writer;
       this.#unwritten = [];
       this.#readSeq = 0;
       let position: number;
@@ -334,13 +412,12 @@ class Projector implements OrderProjector {
       }
       if (this.#stopping) return;
       // Backwards on purpose: positions of the old stream name nothing in the new one.
-      this.#stream = { created: identity.created, firstTs: identity.firstTs };
       this.#position = 0;
       this.#advance(position);
-      await this.#consumeFrom(position + 1);
-    } finally {
-      this.#resyncing = false;
-    }
+      // The new incarnation is taken only with a consumer on it: when none can be made, the next
+      // check still finds the stream made again and resyncs once more, instead of never.
+      await this.#consumeFrom(position + 1, { created: identity.created, firstTs: identity.firstTs });
+    });
   }
 
   get consuming(): boolean {
@@ -352,6 +429,7 @@ class Projector implements OrderProjector {
       const positioned = decodeHistoryMessage(msg, this.#options.logger);
       if (positioned) this.#unwritten.push(positioned);
       this.#readSeq = msg.seq;
+      this.#restarts = 0;
       // Written when caught up or full, one statement at a time: what arrives while a statement
       // runs goes into the next one (group commit), so under load a statement carries many
       // entries instead of each entry costing one.
@@ -494,9 +572,13 @@ class Projector implements OrderProjector {
   async stop(): Promise<void> {
     if (this.#stopping) return;
     this.#stopping = true;
+    this.#consuming = false;
+    this.#stopped.abort();
     await this.#streamWatch?.stop();
+    // A consumer being made meanwhile: closed at once by #consumeFrom, which checks #stopping.
+    await this.#exclusive(async () => {});
     await this.#messages?.close();
-    await this.#loop?.catch(() => {});
+    await this.#loop;
     await this.#unlisten?.().catch(() => {});
     for (const waiter of this.#waiters) {
       clearTimeout(waiter.timer);

@@ -176,3 +176,17 @@ export function watchStreamIdentity(
     onError,
   );
 }
+
+/**
+ * Runs the functions handed to it one at a time, each once the one before has settled: a
+ * consumer replaced after a stream check and one made again after it ended must not be made at
+ * the same time (one of them would be left running unseen).
+ */
+export function serially(): <T>(fn: () => Promise<T>) => Promise<T> {
+  let last: Promise<unknown> = Promise.resolve();
+  return (fn) => {
+    const result = last.then(fn);
+    last = result.catch(() => {});
+    return result;
+  };
+}
