@@ -4,7 +4,13 @@ import type { Sql } from "../../common/postgres.ts";
 import { releaseCreditInput, reserveCreditInput, verifyUserInput } from "../../schemas/user.ts";
 import { TerminalError } from "../runtime/errors.ts";
 import { createWorker } from "../runtime/index.ts";
-import type { CommandHandler, RunningWorker, WorkerLogger, WorkerOptions } from "../runtime/types.ts";
+import type {
+  CommandHandler,
+  RetryPolicy,
+  RunningWorker,
+  WorkerLogger,
+  WorkerOptions,
+} from "../runtime/types.ts";
 import { isUserStoreError } from "./errors.ts";
 import { createUserStore, type UserStore } from "./store.ts";
 
@@ -63,12 +69,26 @@ export interface UserWorkerOptions {
 }
 
 /**
+ * The user service's retries: every command needs Postgres, and the runtime's default (5 attempts
+ * within ~1.5 s) spent them all during a database restart or failover of a second or two, failing
+ * (cancelling) every order in flight. Seven pauses of at most 1, 2, 4 and then 5 s (full jitter:
+ * ~13 s on average, 27 s at most), inside the order saga's 30 s confirmation timeout;
+ * `worker.retry` overrides it.
+ */
+export const USER_RETRY: Required<RetryPolicy> = {
+  maxAttempts: 8,
+  initialDelayMs: 1_000,
+  maxDelayMs: 5_000,
+};
+
+/**
  * Starts the user service's worker: consumes `<ns>.cmd.user.>` and replies to each instance's
  * inbox. Stop it with `stop()` before closing `nc` and `sql`.
  */
 export async function startUserWorker(options: UserWorkerOptions): Promise<RunningWorker> {
   return await createWorker({
     ...options.worker,
+    retry: { ...USER_RETRY, ...options.worker?.retry },
     nc: options.nc,
     ...(options.ns === undefined ? {} : { ns: options.ns }),
     ...(options.logger === undefined ? {} : { logger: options.logger }),
