@@ -4,6 +4,7 @@
  * client sees. Unknown errors never leak their message: it may hold internals (SQL, subjects).
  */
 import { Code, ConnectError } from "@connectrpc/connect";
+import { isDatabaseUnavailable } from "../common/postgres.ts";
 import { isJetsagaError, type JetsagaErrorCode } from "../orchestrator/index.ts";
 
 const codeOf: Readonly<Record<JetsagaErrorCode, Code>> = {
@@ -72,12 +73,8 @@ export function toConnectError(error: unknown): ConnectError {
 /** Errors that mean "a server is away" rather than "this request is wrong". */
 function isConnectionTrouble(error: unknown): boolean {
   if (!(error instanceof Error)) return false;
-  const code = (error as { code?: unknown }).code;
-  if (
-    typeof code === "string" &&
-    /^(ECONNREFUSED|ECONNRESET|ETIMEDOUT|EPIPE|CONNECTION_|CONNECT_TIMEOUT)/.test(code)
-  )
-    return true;
+  // Postgres away (a restart, a failover, too many clients) or the connection to it lost.
+  if (isDatabaseUnavailable((error as { code?: unknown }).code)) return true;
   // nats.js: closed/draining connection, no responders, request timeouts.
   return /connection (closed|draining)|no responders|timeout/i.test(`${error.name} ${error.message}`);
 }

@@ -212,3 +212,16 @@ async function migrationFiles(dir: string): Promise<Array<Migration & { file: st
   }
   return found;
 }
+
+/**
+ * Whether a postgres.js error `code` means the database is away rather than the request wrong:
+ * Postgres's connection exceptions (08xxx), shutdowns and restarts (57P01-57P03), insufficient
+ * resources (53xxx, e.g. too many clients), and the client's own connection failures. A retry
+ * later may succeed: callers answer UNAVAILABLE, not INTERNAL.
+ */
+export function isDatabaseUnavailable(code: unknown): boolean {
+  return (
+    typeof code === "string" &&
+    (/^(08|57P0|53)/.test(code) || /^(ECONN|ETIMEDOUT|EPIPE|CONNECT_TIMEOUT|CONNECTION_)/.test(code))
+  );
+}

@@ -13,7 +13,7 @@ import {
   TokenError,
   verifyToken,
 } from "../../common/auth-token.ts";
-import type { JsonObject, Sql } from "../../common/postgres.ts";
+import { isDatabaseUnavailable, type JsonObject, type Sql } from "../../common/postgres.ts";
 import { topology } from "../../orchestrator/runtime/topology.ts";
 import type { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { domainEventMessage, subjectToken } from "../../schemas/envelope.ts";
@@ -421,7 +421,7 @@ async function mapErrors<T>(
         log?.warn(detail, "input rejected by the database");
         throw new ConnectError("invalid input", Code.InvalidArgument);
       }
-      if (/^(08|57P0|53)/.test(pgCode) || /^(ECONN|ETIMEDOUT|CONNECT_TIMEOUT|CONNECTION_)/.test(pgCode)) {
+      if (isDatabaseUnavailable(pgCode)) {
         log?.warn(detail, "database unavailable");
         throw new ConnectError("user database unavailable", Code.Unavailable);
       }
