@@ -36,14 +36,14 @@ export function checkClientAddress(raw: string | null | undefined): string | und
 /**
  * The part of a client address a sign-in budget is kept for: an IPv4-mapped IPv6 address as the
  * IPv4 address (a dual-stack listener reports `::ffff:192.0.2.1` for 192.0.2.1), and an IPv6
- * address as its /48 prefix. A subscriber is commonly given a /56 or a /48, not one /64, and would
+ * address as its /48 prefix (or /64 with `ipv6PrefixBits`, for a budget not per email). A subscriber is commonly given a /56 or a /48, not one /64, and would
  * otherwise spend a fresh budget from each of its 256 to 65,536 /64s; a /48 shared by many people
  * (a company) costs little, because the budget is per address block AND email, so only sign-ins to
  * one account from that block share it. Anything else (an IPv4 address, a name a proxy put in) as
  * it is. A port some proxies write with the address (`192.0.2.1:51234`, `[2001:db8::1]:443`) is
  * dropped: each source port would otherwise have a budget of its own.
  */
-export function addressBucket(written: string): string {
+export function addressBucket(written: string, options: { ipv6PrefixBits?: 48 | 64 } = {}): string {
   const address = withoutPort(written);
   const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
   if (mapped?.[1] && isIPv4(mapped[1])) return mapped[1];
@@ -62,8 +62,9 @@ export function addressBucket(written: string): string {
     const [high = 0, low = 0] = value.slice(6);
     return [high >> 8, high & 0xff, low >> 8, low & 0xff].join(".");
   }
-  const prefix = full.slice(0, 3).map((g) => Number.parseInt(g, 16).toString(16));
-  return `${prefix.join(":")}::/48`;
+  const bits = options.ipv6PrefixBits ?? 48;
+  const prefix = full.slice(0, bits / 16).map((g) => Number.parseInt(g, 16).toString(16));
+  return `${prefix.join(":")}::/${bits}`;
 }
 
 /** `address` without the port written after it (`a.b.c.d:port`, `[ipv6]:port`) or the brackets. */

@@ -51,6 +51,12 @@ describe("addressBucket", () => {
     expect(addressBucket("2001:db8::")).toBe("2001:db8:0::/48");
   });
 
+  it("cuts IPv6 to its /64 when asked, leaving IPv4 as it is", () => {
+    expect(addressBucket("2001:db8:1:aa::1", { ipv6PrefixBits: 64 })).toBe("2001:db8:1:aa::/64");
+    expect(addressBucket("[2001:db8::7]:443", { ipv6PrefixBits: 64 })).toBe("2001:db8:0:0::/64");
+    expect(addressBucket("192.0.2.1", { ipv6PrefixBits: 64 })).toBe("192.0.2.1");
+  });
+
   it("drops a port a proxy wrote with the address: every source port is one budget", () => {
     expect(addressBucket("192.0.2.1:51234")).toBe("192.0.2.1");
     expect(addressBucket("[2001:db8:1:2::1]:443")).toBe("2001:db8:1::/48");

@@ -454,6 +454,26 @@ describe("UserService", () => {
       );
     });
 
+    it("bounds the password calls of an IPv6 /64, not of its neighbours in the same /48", async () => {
+      for (let i = 0; i < 60; i++) {
+        expect(
+          (
+            await codeOf(
+              connect().authenticate({ email: freshEmail(), password: "x" }, from("2001:db8:1:aa::1")),
+            )
+          ).code,
+        ).toBe(Code.Unauthenticated);
+      }
+      // Another address of the same /64 (one host's, usually) shares the budget.
+      expect(await attempt("2001:db8:1:aa::2", PASSWORD)).toBe(Code.ResourceExhausted);
+      // A neighbour in another /64 of the /48 (another household of the same provider) signs up.
+      const neighbour = await connect().createUser(
+        { email: freshEmail(), password: PASSWORD, creditLimitCents: 0n },
+        from("2001:db8:1:ff00::7"),
+      );
+      expect(neighbour.user?.userId).toBeTruthy();
+    });
+
     it("an address that empties its own budget, even at its full rate for 40 minutes, does not lock the user out from another address", async () => {
       const attacker = "203.0.113.66";
       for (let i = 0; i < 5; i++) expect(await attempt(attacker)).toBe(Code.Unauthenticated);

@@ -181,8 +181,10 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
   /** Spends the caller's address's budget of password calls; RESOURCE_EXHAUSTED when it is spent. */
   const spendAddressBudget = async (address: string | undefined): Promise<void> => {
     if (address === undefined) return;
-    // Its own key prefix: `pwd-addr:` can be read as none of the sign-in budgets' keys.
-    const decision = await perAddress.take(`pwd-addr:${addressBucket(address)}`);
+    // Its own key prefix: `pwd-addr:` can be read as none of the sign-in budgets' keys. Per IPv6
+    // /64, not /48: this budget is not per email, so a /48 key would let one customer of a
+    // provider spend it for up to 65,536 others.
+    const decision = await perAddress.take(`pwd-addr:${addressBucket(address, { ipv6PrefixBits: 64 })}`);
     if (!decision.allowed) {
       throw new ConnectError(
         `too many sign-ups and sign-ins from this address; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,
