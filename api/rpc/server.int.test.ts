@@ -6,6 +6,7 @@
 
 import { execFile } from "node:child_process";
 import * as http2 from "node:http2";
+import * as net from "node:net";
 import { fileURLToPath } from "node:url";
 import { create } from "@bufbuild/protobuf";
 import { timestampFromDate } from "@bufbuild/protobuf/wkt";
@@ -330,6 +331,42 @@ describe("RPC server shutdown", () => {
       health.close();
     }
   });
+
+  it("close() closes an idle HTTP/1.1 keep-alive connection at once, not after the grace", async () => {
+    // A grace far longer than the test: only closeIdleConnections() ends the idle connection early.
+    const server = await startRpcServer({
+      closeGraceMs: 120_000,
+      routes() {},
+      fallback: (_req, res) => res.end("ok"),
+    });
+    const socket = net.connect(server.port, "127.0.0.1");
+    try {
+      const socketClosed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+      socket.on("error", () => {});
+      let received = "";
+      const answered = new Promise<void>((resolve) => {
+        socket.on("data", (chunk: Buffer) => {
+          received += chunk.toString();
+          if (received.includes("\r\n\r\nok")) resolve();
+        });
+      });
+      socket.write("GET /x HTTP/1.1\r\nHost: a\r\n\r\n");
+      await answered;
+      expect(received).toMatch(/^HTTP\/1\.1 200 /);
+      expect(received.toLowerCase()).toContain("connection: keep-alive");
+
+      // Node's keepAliveTimeout (5 s) would close it anyway: wait well short of that.
+      const closing = server.close();
+      const fate = await Promise.race([
+        socketClosed.then(() => "closed"),
+        new Promise<string>((resolve) => setTimeout(() => resolve("still open"), 2000)),
+      ]);
+      expect(fate).toBe("closed");
+      await closing;
+    } finally {
+      socket.destroy();
+    }
+  }, 10_000);
 });
 
 describe("RPC server readiness", () => {

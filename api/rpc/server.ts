@@ -213,6 +213,10 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
         }
       : handler,
   );
+  // h1 never listens: sockets are handed to it. Node starts its connection tracking (headersTimeout,
+  // requestTimeout, closeIdleConnections()) on "listening", so without this a client that never
+  // finishes its headers holds the socket for ever. h1.close() in close() stops the tracking timer.
+  h1.emit("listening");
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (s: http2.ServerHttp2Session) => {
     sessions.add(s);
@@ -328,6 +332,7 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
       callsEnd.abort(reason);
       if (sockets.size > 0) await drain(ANSWER_AFTER_ABORT_MS);
       for (const s of sockets) s.destroy();
+      h1.close();
       await listenerClosed;
     })();
     return closing;
