@@ -28,6 +28,8 @@ const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
 const K8S = join(ROOT, "deploy/k8s");
 const COMPOSE = join(ROOT, "deploy/compose");
 const DOCKERFILE = join(ROOT, "deploy/docker/Dockerfile");
+/** JETSAGA_SHUTDOWN_TIMEOUT_SECONDS' default (common/config.ts): a stop must end before SIGKILL. */
+const SHUTDOWN_TIMEOUT_SECONDS = 25;
 
 /** Variables the code reads that a deployment may leave unset, with the reason ("*": any entry). */
 const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> = {
@@ -768,15 +770,13 @@ describe("Kubernetes manifests", () => {
   });
 
   it("lets each service stop within its grace period; RPC services keep taking connections a moment first", () => {
-    // JETSAGA_SHUTDOWN_TIMEOUT_SECONDS' default (common/config.ts): the stop must end before SIGKILL.
-    const shutdownTimeoutSeconds = 25;
     for (const { o, d } of deployments(objects)) {
       const pod = d.spec?.template.spec;
       const pause = (pod?.containers ?? [])[0]?.lifecycle?.preStop?.sleep?.seconds ?? 0;
       if (o.name === "api" || o.name === "user")
         expect(pause, `${o.name}: preStop sleep`).toBeGreaterThanOrEqual(3);
       expect(pod?.terminationGracePeriodSeconds ?? 30, `${o.name}: grace`).toBeGreaterThan(
-        pause + shutdownTimeoutSeconds,
+        pause + SHUTDOWN_TIMEOUT_SECONDS,
       );
     }
   });
@@ -815,6 +815,15 @@ describe("Kubernetes manifests", () => {
     expect(replicas).toBeLessThanOrEqual(Number(docOf(config.cluster).replicas));
   });
 });
+
+/** A compose duration ("30s", "1m30s", "1500ms") in seconds; NaN for anything else. */
+function composeSeconds(value: unknown): number {
+  const text = String(value);
+  const units: Record<string, number> = { h: 3600, m: 60, s: 1, ms: 0.001, us: 1e-6 };
+  const parts = [...text.matchAll(/(\d+(?:\.\d+)?)(h|ms|us|m|s)/g)];
+  if (parts.length === 0 || parts.map((p) => p[0]).join("") !== text) return Number.NaN;
+  return parts.reduce((sum, [, n, unit]) => sum + Number(n) * (units[unit ?? ""] ?? Number.NaN), 0);
+}
 
 describe("docker compose", () => {
   const [composeDoc] = parseYaml(join(COMPOSE, "compose.yaml"));
@@ -893,6 +902,17 @@ describe("docker compose", () => {
       const s = docOf(raw);
       const options = String(docOf(s.environment).NODE_OPTIONS);
       expect(options, `${name}: NODE_OPTIONS`).toBe(`${SERVICE_V8_FLAGS} \${JETSAGA_NODE_OPTIONS:-}`);
+    }
+  });
+
+  it("lets each service stop within its stop_grace_period (compose's default is 10 s)", () => {
+    for (const [name, raw] of jetsaga) {
+      const s = docOf(raw);
+      const own = docOf(s.environment).JETSAGA_SHUTDOWN_TIMEOUT_SECONDS;
+      const timeout = own === undefined ? SHUTDOWN_TIMEOUT_SECONDS : Number(own);
+      expect(composeSeconds(s.stop_grace_period ?? "10s"), `${name}: stop_grace_period`).toBeGreaterThan(
+        timeout,
+      );
     }
   });
 

@@ -269,6 +269,21 @@ describe("dead-letter commands", () => {
     await run(["drop", String(seq)], captured());
   });
 
+  it("lists a letter whose time is outside the Date range as its number, and the letters after it", async () => {
+    const letter = { stream: topo.streams.inbox, subject: topo.inboxSubject("counter", "far-1"), data: "{}" };
+    const far = await forge({ ...letter, at: 9e15 });
+    const next = await forge(letter);
+    try {
+      const output = captured();
+      expect(await run(["list", "--source", "forged"], output)).toEqual({ ok: true });
+      expect(output.outLines).toHaveLength(2);
+      expect(output.outLines[0]).toMatch(new RegExp(`^${far}  9000000000000000  MAX_DELIVERIES  `));
+      expect(output.outLines[1]).toMatch(new RegExp(`^${next}  \\d{4}-\\d{2}-\\d{2}T`));
+    } finally {
+      await run(["drop", String(far), String(next)], captured());
+    }
+  });
+
   it("sends an event back only while the events stream still holds it, byte for byte", async () => {
     const subject = topo.eventSubject("order", "paid");
     const event = JSON.stringify({ eventId: "e-1", event: "order.paid", payload: {}, at: 1 });

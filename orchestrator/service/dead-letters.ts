@@ -142,7 +142,7 @@ export async function runDeadLetterCommand(
         output.out(
           [
             seq,
-            new Date(letter.at).toISOString(),
+            timestamp(letter.at),
             letter.code,
             oneLine(letter.subject),
             `deliveries ${letter.deliveries}`,
@@ -230,6 +230,12 @@ function positiveInteger(text: string, what: string): number {
 /** C0 and C1 control characters (ESC starts a terminal escape sequence). */
 function isControl(code: number): boolean {
   return code < 0x20 || (code >= 0x7f && code <= 0x9f);
+}
+
+/** `at` as an ISO time; as the bare number when outside what a Date holds (the schema takes any integer). */
+function timestamp(at: number): string {
+  const date = new Date(at);
+  return Number.isNaN(date.getTime()) ? String(at) : date.toISOString();
 }
 
 /** One line of plain text: a reason may carry a handler's error text, escape sequences included. */

@@ -1,8 +1,15 @@
 import { jetstreamManager } from "@nats-io/jetstream";
-import { integerSetting, onShutdown, readConfig, streamTopology } from "../../common/config.ts";
+import type { NatsConnection } from "@nats-io/transport-node";
+import {
+  exitOnStartFailure,
+  integerSetting,
+  onShutdown,
+  readConfig,
+  streamTopology,
+} from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNatsFromConfig } from "../../common/nats.ts";
-import { createMetricsRegistry, startProbeServer } from "../../common/probes.ts";
+import { createMetricsRegistry, type ProbeServer, startProbeServer } from "../../common/probes.ts";
 import { countDeadLetters } from "../../workers/runtime/dead-letters.ts";
 import { type RunningOrchestrator, startOrchestrator } from "../runtime/orchestrator.ts";
 import { topology } from "../runtime/topology.ts";
@@ -11,11 +18,21 @@ import { registerOrchestratorMetrics } from "./metrics.ts";
 
 const log = createLogger("orchestrator");
 
+/** What start-up opened so far, for {@link stopStarted} when it then fails. */
+const started: { nc?: NatsConnection; probes?: ProbeServer; orchestrator?: RunningOrchestrator } = {};
+
+async function stopStarted(): Promise<void> {
+  await started.orchestrator?.stop().catch(() => {});
+  await started.probes?.close().catch(() => {});
+  await started.nc?.close().catch(() => {});
+}
+
 async function main(): Promise<void> {
   const env = process.env;
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
   const nc = await connectNatsFromConfig(config, "jetsaga-orchestrator");
+  started.nc = nc;
   // Probes answer (not ready) while the orchestrator starts, and again once it stops.
   const running: { orchestrator?: RunningOrchestrator; stopping?: boolean } = {};
   const registry = createMetricsRegistry("orchestrator");
@@ -32,6 +49,7 @@ async function main(): Promise<void> {
     integerSetting(env, "PROBE_PORT", { min: 0, max: 65_535, fallback: 9464 }),
     config.probeHost,
   );
+  started.probes = probes;
   const orchestrator = await startOrchestrator({
     nc,
     ns: config.ns,
@@ -48,6 +66,7 @@ async function main(): Promise<void> {
     logger: log,
   });
   running.orchestrator = orchestrator;
+  started.orchestrator = orchestrator;
   log.info(
     { ns: config.ns, workflows: workflows.map((w) => `${w.name}@${w.version}`), probes: probes.url },
     "orchestrator ready",
@@ -68,11 +87,6 @@ async function main(): Promise<void> {
 
 // Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.
 if (import.meta.main) {
-  main().catch((error: unknown) => {
-    log.fatal(
-      { err: error },
-      `orchestrator failed to start: ${error instanceof Error ? error.message : String(error)}`,
-    );
-    process.exit(1);
-  });
+  // One fatal line without a stack, like the other services; what started so far is stopped first.
+  await main().catch((error: unknown) => exitOnStartFailure(log, "orchestrator", error, stopStarted));
 }

@@ -243,14 +243,17 @@ async function applyUnlessRefused(
 }
 
 async function main(): Promise<void> {
-  const config = readConfig();
-  if (!config.databaseUrl) {
-    console.error("read-model:rebuild: DATABASE_URL is not set (the order read model's PostgreSQL database)");
-    process.exit(1);
-  }
   let sql: Sql | undefined;
   let nc: NatsConnection | undefined;
   try {
+    // Inside the try: a malformed setting is reported as one line, without a stack.
+    const config = readConfig();
+    if (!config.databaseUrl) {
+      console.error(
+        "read-model:rebuild: DATABASE_URL is not set (the order read model's PostgreSQL database)",
+      );
+      process.exit(1);
+    }
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-read-model-rebuild" });
     await migrate(sql, { name: "order", dir: orderReadModelMigrations });
     nc = await connectNatsFromConfig(config, "jetsaga-read-model-rebuild");
