@@ -92,7 +92,7 @@ pick_port() {
 APP_PID= NATS_PID= PG_STARTED=
 cleanup() {
   rc=$?
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM HUP
   if [ -n "$APP_PID" ] && kill -0 "$APP_PID" 2>/dev/null; then
     kill -TERM "$APP_PID" 2>/dev/null || true
     wait "$APP_PID" 2>/dev/null || true
@@ -111,6 +111,7 @@ trap cleanup EXIT
 # Until the app runs, a signal just ends the script (cleanup stops what was started so far).
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'exit 129' HUP
 
 if [ -z "${NATS_URL:-}" ]; then
   NATS_PID_FILE="$DATA/nats-server.pid"
@@ -164,7 +165,7 @@ export NATS_URL DATABASE_URL
 
 # The app runs in the background so this shell can forward signals and clean up after it.
 # (Background jobs of a non-interactive shell ignore SIGINT, so Ctrl-C arrives via the trap.)
-trap '[ -z "$APP_PID" ] || kill -TERM "$APP_PID" 2>/dev/null || true' INT TERM
+trap '[ -z "$APP_PID" ] || kill -TERM "$APP_PID" 2>/dev/null || true' INT TERM HUP
 if [ "${JETSAGA_RUNTIME:-node}" = deno ]; then
   say "services run under Deno $(deno --version | head -n1 | cut -d' ' -f2)"
   deno run -A deploy/local/start.ts &

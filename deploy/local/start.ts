@@ -170,6 +170,9 @@ function main(): void {
 
   process.on("SIGINT", () => shutdown("SIGINT"));
   process.on("SIGTERM", () => shutdown("SIGTERM"));
+  // A closed terminal or a lost ssh session: the services run in sessions of their own and get no
+  // HUP, and Node's default (exit, no "exit" handler on a signal) would leave them running.
+  process.on("SIGHUP", () => shutdown("SIGHUP"));
   // If this process dies some other way, do not leave services behind.
   process.on("exit", () => {
     for (const r of running) signalService(r, "SIGKILL");
