@@ -114,6 +114,17 @@ describe("notification handlers", () => {
     expect(await rows("e-retry")).toBe(1);
   });
 
+  it("marks a retryable failure on the last attempt failed: the event is dead-lettered, no retry comes", async () => {
+    const channel = testChannel();
+    const cancelled = notificationEventHandlers(store, channel, 3)["order.cancelled"]!;
+    const payload = cancelled.payload.parse({ orderId: "o7", userId: "u2", reason: "late" });
+    channel.failWith = new RetryableError("smtp down");
+    await expect(cancelled.handle(payload, ctx("e-last", "order.cancelled", 2))).rejects.toThrow("smtp down");
+    expect(await store.get("e-last")).toMatchObject({ status: "pending" });
+    await expect(cancelled.handle(payload, ctx("e-last", "order.cancelled", 3))).rejects.toThrow("smtp down");
+    expect(await store.get("e-last")).toMatchObject({ status: "failed", lastError: "smtp down" });
+  });
+
   it("marks a terminal failure failed; a replay of the event still delivers", async () => {
     const channel = testChannel();
     const confirmed = notificationEventHandlers(store, channel)["order.confirmed"]!;

@@ -55,6 +55,8 @@ const messages: { [K in NotificationKind]: (p: Payload<K>) => string } = {
 export function notificationEventHandlers(
   store: NotificationStore,
   channel: NotificationChannel,
+  /** The worker's retry limit: a retryable failure on the last attempt is final (dead-lettered). */
+  maxAttempts: number = NOTIFICATION_RETRY.maxAttempts,
 ): Record<string, EventHandler<z.ZodType>> {
   const handler = <K extends NotificationKind>(kind: K): EventHandler<(typeof orderPublishedEvents)[K]> => ({
     workflow: ORDER_WORKFLOW,
@@ -67,7 +69,7 @@ export function notificationEventHandlers(
         userId: payload.userId,
         message: messages[kind](payload),
       };
-      await notify(store, channel, n, ctx);
+      await notify(store, channel, n, ctx, maxAttempts);
     },
   });
   return {
@@ -81,7 +83,8 @@ async function notify(
   store: NotificationStore,
   channel: NotificationChannel,
   n: Notification,
-  ctx: Pick<EventContext, "signal">,
+  ctx: Pick<EventContext, "signal" | "attempt">,
+  maxAttempts: number,
 ): Promise<void> {
   const stored = await store.record(n, channel.name);
   if (stored.status === "delivered") return;
@@ -92,7 +95,10 @@ async function notify(
     const reason = error instanceof Error ? error.message : String(error);
     // The delivery's error decides what happens next (a TerminalError is dead-lettered at once, not
     // retried): a failure to record it must not replace it; the row is then only less informative.
-    await store.markAttemptFailed(n.eventId, reason, isTerminalError(error)).catch(() => undefined);
+    // On the last attempt the runtime dead-letters the event, so the row is final too: left
+    // pending, it would say a retry is coming that never does.
+    const final = isTerminalError(error) || ctx.attempt >= maxAttempts;
+    await store.markAttemptFailed(n.eventId, reason, final).catch(() => undefined);
     throw error;
   }
   await store.markDelivered(n.eventId, channel.name);
@@ -127,14 +133,15 @@ export const NOTIFICATION_RETRY: Required<RetryPolicy> = {
 /** Starts the notification worker on the order saga's domain events. Stop it before closing `nc`/`sql`. */
 export async function startNotificationWorker(options: NotificationWorkerOptions): Promise<RunningWorker> {
   const channel = options.channel ?? logChannel(options.logger ?? stderrLogger);
+  const retry: Required<RetryPolicy> = { ...NOTIFICATION_RETRY, ...options.worker?.retry };
   return await createWorker({
     ...options.worker,
-    retry: { ...NOTIFICATION_RETRY, ...options.worker?.retry },
+    retry,
     nc: options.nc,
     ...(options.ns === undefined ? {} : { ns: options.ns }),
     ...(options.logger === undefined ? {} : { logger: options.logger }),
     service: NOTIFICATION_SERVICE,
-    events: notificationEventHandlers(createNotificationStore(options.sql), channel),
+    events: notificationEventHandlers(createNotificationStore(options.sql), channel, retry.maxAttempts),
   });
 }
 
