@@ -43,7 +43,6 @@ export async function rearmPendingTimers(target: {
   topo: Topology;
 }): Promise<RearmedTimers> {
   const pending = await pendingTimers(target);
-  let timers = 0;
   const schedules = [...pending.values()].flatMap((instance) =>
     Object.entries(instance.timers).map(([key, timer]) => ({ instance, key, timer })),
   );
@@ -55,9 +54,8 @@ export async function rearmPendingTimers(target: {
           scheduleTimer(target, instance.workflow, instance.instanceId, key, timer, instance.at),
         ),
     );
-    timers = Math.min(i + PARALLEL_SCHEDULES, schedules.length);
   }
-  return { instances: pending.size, timers };
+  return { instances: pending.size, timers: schedules.length };
 }
 
 /** The pending timers of the running instances, by instance, from their latest entries. */

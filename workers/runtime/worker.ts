@@ -1,3 +1,4 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import {
   type Consumer,
   type ConsumerConfig,
@@ -773,7 +774,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       if (stopping) break;
       // Jittered: replicas that lost their consumers together must not come back in step.
       const pause = Math.min(MAX_RESTART_DELAY_MS, RESTART_DELAY_MS * 2 ** Math.min(failing++, 3));
-      await sleep(pause * (0.5 + Math.random() / 2), stopRequested.signal);
+      // Cut short by stop(): it would otherwise wait out the pause (and keep the process up).
+      await sleep(pause * (0.5 + Math.random() / 2), undefined, { signal: stopRequested.signal }).catch(
+        () => {},
+      );
     }
     // stop() waits for the loops: the messages are nak'd before it returns.
     await Promise.allSettled(handingBack);
@@ -932,23 +936,6 @@ function describe(error: unknown): { name: string; message: string } {
 /** A fetch that nats.js ended because two idle heartbeats did not come (lib/consumer.js). */
 function isHeartbeatMiss(error: unknown): boolean {
   return error instanceof JetStreamError && /heartbeats missed/i.test(error.message);
-}
-
-/**
- * Resolves after `ms`, or at once when `signal` fires; the timer is then cleared, or it would keep
- * the process alive until it fires.
- */
-function sleep(ms: number, signal?: AbortSignal): Promise<void> {
-  return new Promise((resolve) => {
-    if (signal?.aborted) return resolve();
-    const done = () => {
-      clearTimeout(timer);
-      signal?.removeEventListener("abort", done);
-      resolve();
-    };
-    const timer = setTimeout(done, ms);
-    signal?.addEventListener("abort", done, { once: true });
-  });
 }
 
 /**
