@@ -13,14 +13,22 @@ export interface ServiceSpec {
   env?: Record<string, string>;
 }
 
-/** All services of a local deployment. */
-const userPort = process.env.USER_GRPC_PORT ?? "50061";
-
-export const services: readonly ServiceSpec[] = [
-  { name: "orchestrator", entry: "orchestrator/service/main.ts" },
-  { name: "user", entry: "workers/user/main.ts", env: { USER_GRPC_PORT: userPort } },
-  // Its probes next to the orchestrator's (both default to 9464).
-  { name: "notification", entry: "workers/notification/main.ts", env: { PROBE_PORT: "9465" } },
-  { name: "api", entry: "api/main.ts", env: { USER_SERVICE_URL: `http://127.0.0.1:${userPort}` } },
-  { name: "visualiser", entry: "visualiser/main.ts" },
-];
+/**
+ * All services of a local deployment, each with the port variables `portEnv` gives it (by service
+ * name, from ./ports.ts). The API is pointed at the user service's port.
+ */
+export function localServices(portEnv: ReadonlyMap<string, Record<string, string>>): ServiceSpec[] {
+  const env = (service: string): Record<string, string> => ({ ...portEnv.get(service) });
+  const userPort = portEnv.get("user")?.USER_GRPC_PORT ?? "50061";
+  return [
+    { name: "orchestrator", entry: "orchestrator/service/main.ts", env: env("orchestrator") },
+    { name: "user", entry: "workers/user/main.ts", env: env("user") },
+    { name: "notification", entry: "workers/notification/main.ts", env: env("notification") },
+    {
+      name: "api",
+      entry: "api/main.ts",
+      env: { ...env("api"), USER_SERVICE_URL: `http://127.0.0.1:${userPort}` },
+    },
+    { name: "visualiser", entry: "visualiser/main.ts", env: env("visualiser") },
+  ];
+}

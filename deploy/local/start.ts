@@ -5,6 +5,10 @@
  * each output line with the service name, and prints where everything is: NATS_URL, DATABASE_URL
  * (password removed), pids, and any `JETSAGA_<X>_URL=<url>` line a service prints.
  *
+ * Ports: each service's default (./ports.ts), or a free one when the default is busy (said), or
+ * the one its variable sets (`API_PORT`, `USER_GRPC_PORT`, `VISUALISER_PORT`,
+ * `ORCHESTRATOR_PROBE_PORT`, `NOTIFICATION_PROBE_PORT`; 0 = any free port).
+ *
  * Nothing is restarted: when a service dies the others are stopped and the exit code is 1.
  * SIGINT/SIGTERM stop all services (SIGTERM, SIGKILL after 10 s) and exit 0.
  */
@@ -14,8 +18,9 @@ import { existsSync, mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { createInterface } from "node:readline";
 import { fileURLToPath } from "node:url";
+import { choosePorts, PortSettingError, portEnv } from "./ports.ts";
 import { serviceArgs, serviceEnv } from "./service-process.ts";
-import { type ServiceSpec, services } from "./services.ts";
+import { localServices, type ServiceSpec } from "./services.ts";
 
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /** Grace period between SIGTERM and SIGKILL on shutdown, in milliseconds. */
@@ -160,8 +165,22 @@ function printSummary(): void {
   for (const [k, v] of rows) process.stdout.write(`  ${k.padEnd(width)}  ${v}\n`);
 }
 
-function main(): void {
-  const present = services.filter((s) => {
+async function main(): Promise<void> {
+  let chosen: Awaited<ReturnType<typeof choosePorts>>;
+  try {
+    chosen = await choosePorts(process.env);
+  } catch (error) {
+    say(error instanceof PortSettingError ? error.message : `choosing ports failed: ${String(error)}`);
+    process.exit(1);
+  }
+  for (const { setting, port, source } of chosen) {
+    if (source === "replaced") {
+      say(
+        `port ${setting.defaultPort} is busy: ${setting.service} ${setting.serves} on ${port} instead (set ${setting.envName} to choose)`,
+      );
+    }
+  }
+  const present = localServices(portEnv(chosen)).filter((s) => {
     if (existsSync(join(ROOT, s.entry))) return true;
     say(`skipping ${s.name}: ${s.entry} does not exist yet`);
     return false;
@@ -190,4 +209,4 @@ function main(): void {
   }, SUMMARY_DELAY_MS);
 }
 
-main();
+await main();
