@@ -262,9 +262,11 @@ export const UserService: GenService<{
   },
   /**
    * Authenticate exchanges an email and password for a bearer token. Fails with UNAUTHENTICATED
-   * on a wrong email or password (the two cases are not distinguished) and with RESOURCE_EXHAUSTED
+   * on a wrong email or password (the two cases are not distinguished), with RESOURCE_EXHAUSTED
    * when too many attempts were made for the email (5 per minute by default) or too many password
-   * hashes are in progress.
+   * hashes are in progress, and with INVALID_ARGUMENT when the email is not an address (the
+   * CreateUser rules) or the password is empty, longer than 1024 characters or holds NUL; such a
+   * call spends no attempt.
    *
    * @generated from rpc jetsaga.user.v1.UserService.Authenticate
    */
