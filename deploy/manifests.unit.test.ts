@@ -59,6 +59,9 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
   "workers/user/main.ts": {
     JETSAGA_RETENTION_DAYS: "default 14 days of processed-command replies and published outbox rows",
   },
+  "workers/notification/main.ts": {
+    JETSAGA_RETENTION_DAYS: "default 14 days (at least 8) of delivered and failed notifications",
+  },
 };
 
 function isOptional(entry: string, name: string): boolean {

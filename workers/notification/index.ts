@@ -10,12 +10,24 @@ export {
   webhookChannel,
 } from "./channels.ts";
 export {
+  DEFAULT_RETENTION_DAYS,
+  DEFAULT_RETENTION_MS,
+  MIN_RETENTION_DAYS,
+  MIN_RETENTION_MS,
+  type NotificationPruneResult,
+  type NotificationPruner,
+  type NotificationPrunerOptions,
+  startNotificationPruner,
+} from "./pruner.ts";
+export {
+  type Claim,
   createNotificationStore,
   type NotificationStatus,
   type NotificationStore,
   type StoredNotification,
 } from "./store.ts";
 export {
+  DEFAULT_CLAIM_LEASE_MS,
   NOTIFICATION_SERVICE,
   type NotificationWorkerOptions,
   notificationEventHandlers,

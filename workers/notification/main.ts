@@ -5,8 +5,10 @@
  * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`, and
  * `NOTIFY_WEBHOOK_URL`: when set, notifications are POSTed there (see `webhookChannel`);
  * otherwise they are logged; `PROBE_PORT` (default 9464, 0 = any free port) and `PROBE_HOST`
- * (default 127.0.0.1) for `/healthz`, `/readyz` and `/metrics`. Applies the service's migrations,
- * starts the worker, logs `notification worker ready` and prints
+ * (default 127.0.0.1) for `/healthz`, `/readyz` and `/metrics`; `JETSAGA_RETENTION_DAYS` (default
+ * 14, at least 8: delivered and failed notifications older than this are deleted every hour; they
+ * must outlive their events in the 7-day events stream, see `pruner.ts`). Applies the service's
+ * migrations, starts the pruner and the worker, logs `notification worker ready` and prints
  * `JETSAGA_NOTIFICATION_PROBES_URL=<url>` (stdout). SIGINT/SIGTERM stop it gracefully. Start-up
  * failures are logged as one line with their code and exit with status 1.
  */
@@ -26,6 +28,12 @@ import { registerWorkerMetrics } from "../runtime/metrics.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { logChannel, type NotificationChannel, webhookChannel } from "./channels.ts";
 import { notificationMigrationsDir } from "./index.ts";
+import {
+  DEFAULT_RETENTION_DAYS,
+  MIN_RETENTION_DAYS,
+  type NotificationPruner,
+  startNotificationPruner,
+} from "./pruner.ts";
 import { startNotificationWorker } from "./worker.ts";
 
 const logger = createLogger("notification");
@@ -35,9 +43,11 @@ let sql: Sql | undefined;
 let nc: NatsConnection | undefined;
 let worker: RunningWorker | undefined;
 let probes: ProbeServer | undefined;
+let pruner: NotificationPruner | undefined;
 
 async function stop(): Promise<void> {
   await worker?.stop();
+  await pruner?.stop();
   await probes?.close();
   await nc?.drain().catch(() => {});
   await sql?.end({ timeout: 5 });
@@ -57,6 +67,11 @@ async function main(): Promise<void> {
         },
       );
     }
+    const retentionDays = integerSetting(env, "JETSAGA_RETENTION_DAYS", {
+      min: MIN_RETENTION_DAYS,
+      max: 3650,
+      fallback: DEFAULT_RETENTION_DAYS,
+    });
     let channel: NotificationChannel;
     try {
       channel = webhookUrl ? webhookChannel({ url: webhookUrl }) : logChannel(logger);
@@ -77,6 +92,7 @@ async function main(): Promise<void> {
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
     const { applied, version } = await migrate(sql, { name: "notification", dir: notificationMigrationsDir });
     logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
+    pruner = startNotificationPruner({ sql, retentionMs: retentionDays * 24 * 3600 * 1000, logger });
     nc = await connectNatsFromConfig(config, "jetsaga-notification");
     worker = await startNotificationWorker({
       nc,

@@ -76,17 +76,20 @@ describe("notification handlers", () => {
     expect(await store.get("e-twice")).toMatchObject({ status: "delivered", attempts: 1, channel: "test" });
   });
 
-  it("keeps one row when duplicate deliveries race", async () => {
+  it("keeps one row and sends once when duplicate deliveries race", async () => {
     const channel = testChannel();
     const shipped = notificationEventHandlers(store, channel)["order.shipped"]!;
     const payload = shipped.payload.parse({ orderId: "o2", userId: "u1", trackingId: "T-9" });
-    await Promise.all(
+    const outcomes = await Promise.allSettled(
       Array.from({ length: 10 }, () => shipped.handle(payload, ctx("e-race", "order.shipped"))),
     );
     expect(await rows("e-race")).toBe(1);
-    // At least once: racing deliveries may each send before either marks the row.
-    expect(channel.delivered.length).toBeGreaterThanOrEqual(1);
-    expect(await store.get("e-race")).toMatchObject({ status: "delivered" });
+    // One copy claims the row and sends; each other one finds it delivered or claimed (to be retried).
+    expect(channel.delivered).toHaveLength(1);
+    for (const outcome of outcomes) {
+      if (outcome.status === "rejected") expect(outcome.reason).toBeInstanceOf(RetryableError);
+    }
+    expect(await store.get("e-race")).toMatchObject({ status: "delivered", attempts: 1 });
   });
 
   it("leaves the row pending when the channel fails, and a retry delivers it", async () => {
@@ -134,9 +137,181 @@ describe("notification handlers", () => {
       TerminalError,
     );
     expect(await store.get("e-term")).toMatchObject({ status: "failed", attempts: 1 });
+    expect((await store.get("e-term"))?.failedAt).toBeInstanceOf(Date);
     channel.failWith = undefined;
     await confirmed.handle(payload, ctx("e-term", "order.confirmed"));
-    expect(await store.get("e-term")).toMatchObject({ status: "delivered", attempts: 2 });
+    expect(await store.get("e-term")).toMatchObject({
+      status: "delivered",
+      attempts: 2,
+      failedAt: undefined,
+      claimedUntil: undefined,
+    });
     expect(channel.delivered.map((n) => n.message)).toEqual(["Your order o4 is confirmed. Total: 0.05."]);
+  });
+});
+
+/** A channel whose first delivery waits inside `deliver` until `release()`; later ones go through. */
+function heldChannel(): NotificationChannel & {
+  calls: number;
+  delivered: Notification[];
+  entered: Promise<void>;
+  release(): void;
+} {
+  let release!: () => void;
+  const gate = new Promise<void>((resolve) => {
+    release = resolve;
+  });
+  let enter!: () => void;
+  const entered = new Promise<void>((resolve) => {
+    enter = resolve;
+  });
+  const channel = {
+    name: "test",
+    calls: 0,
+    delivered: [] as Notification[],
+    entered,
+    release,
+    async deliver(n: Notification): Promise<void> {
+      channel.calls++;
+      if (channel.calls === 1) {
+        enter();
+        await gate;
+      }
+      channel.delivered.push(n);
+    },
+  };
+  return channel;
+}
+
+/** `store`, counting the claims made through it (a waiting last attempt claims again and again). */
+function countingClaims(): NotificationStore & { claims: number } {
+  const counted = {
+    ...store,
+    claims: 0,
+    async claim(eventId: string, leaseMs: number) {
+      counted.claims++;
+      return await store.claim(eventId, leaseMs);
+    },
+  };
+  return counted;
+}
+
+/** The row as a delivery leaves it when its process dies after claiming, before sending. */
+async function claimAndCrash(eventId: string, leaseMs: number): Promise<void> {
+  await store.record(
+    { eventId, kind: "order.confirmed", orderId: "o9", userId: "u9", message: "Your order o9 is confirmed." },
+    "test",
+  );
+  expect(await store.claim(eventId, leaseMs)).toEqual({ outcome: "owned" });
+}
+
+describe("delivery claims", () => {
+  const payload = { orderId: "o9", userId: "u9", totalCents: 900 };
+
+  it("keeps a copy arriving while another is sending from sending too: the event is delivered once", async () => {
+    const channel = heldChannel();
+    const confirmed = notificationEventHandlers(store, channel)["order.confirmed"]!;
+    const first = confirmed.handle(payload, ctx("e-held", "order.confirmed"));
+    await channel.entered;
+
+    const second = confirmed.handle(payload, ctx("e-held", "order.confirmed"));
+    await expect(second).rejects.toBeInstanceOf(RetryableError);
+    await expect(second).rejects.toThrow("being delivered by another attempt");
+    expect(channel.calls).toBe(1);
+    // The copy backed off without touching the row: no attempt counted, still claimed.
+    expect(await store.get("e-held")).toMatchObject({ status: "pending", attempts: 0, lastError: undefined });
+
+    channel.release();
+    await first;
+    // The runtime's retry of the second copy finds the row delivered.
+    await confirmed.handle(payload, ctx("e-held", "order.confirmed", 2));
+    expect(channel.calls).toBe(1);
+    expect(channel.delivered.map((n) => n.eventId)).toEqual(["e-held"]);
+    expect(await store.get("e-held")).toMatchObject({
+      status: "delivered",
+      attempts: 1,
+      claimedUntil: undefined,
+    });
+  });
+
+  it("lets a later copy deliver once the claim of a crashed delivery has expired", async () => {
+    await claimAndCrash("e-crash", 60_000);
+    const channel = testChannel();
+    const confirmed = notificationEventHandlers(store, channel)["order.confirmed"]!;
+    await expect(confirmed.handle(payload, ctx("e-crash", "order.confirmed", 2))).rejects.toBeInstanceOf(
+      RetryableError,
+    );
+    expect(channel.delivered).toHaveLength(0);
+
+    // The lease runs out (moved rather than waited for).
+    await sql`update notifications set claimed_until = now() - interval '1 second' where event_id = 'e-crash'`;
+    await confirmed.handle(payload, ctx("e-crash", "order.confirmed", 3));
+    expect(channel.delivered.map((n) => n.eventId)).toEqual(["e-crash"]);
+    expect(await store.get("e-crash")).toMatchObject({ status: "delivered", attempts: 1 });
+  });
+
+  it("has the last attempt wait for a live claim instead of sending or failing the row", async () => {
+    const channel = heldChannel();
+    const claims = countingClaims();
+    const confirmed = notificationEventHandlers(claims, channel, 3)["order.confirmed"]!;
+    const first = confirmed.handle(payload, ctx("e-last-held", "order.confirmed", 1));
+    await channel.entered;
+
+    let lastDone = false;
+    const last = confirmed.handle(payload, ctx("e-last-held", "order.confirmed", 3)).finally(() => {
+      lastDone = true;
+    });
+    // Claims of its own after the first copy's: the last attempt is polling, not backing off.
+    await expect.poll(() => claims.claims, { timeout: 10_000 }).toBeGreaterThanOrEqual(3);
+    expect(lastDone).toBe(false);
+    expect(channel.calls).toBe(1);
+    expect(await claims.get("e-last-held")).toMatchObject({ status: "pending", attempts: 0 });
+
+    channel.release();
+    await first;
+    await last;
+    expect(channel.calls).toBe(1);
+    expect(await store.get("e-last-held")).toMatchObject({ status: "delivered", attempts: 1 });
+  });
+
+  it("has the last attempt deliver once the claim of a crashed delivery has expired", async () => {
+    await claimAndCrash("e-last-crash", 60_000);
+    const channel = testChannel();
+    const claims = countingClaims();
+    const confirmed = notificationEventHandlers(claims, channel, 3)["order.confirmed"]!;
+    const last = confirmed.handle(payload, ctx("e-last-crash", "order.confirmed", 3));
+    await expect.poll(() => claims.claims, { timeout: 10_000 }).toBeGreaterThanOrEqual(2);
+    expect(channel.delivered).toHaveLength(0);
+
+    await sql`update notifications set claimed_until = now() - interval '1 second' where event_id = 'e-last-crash'`;
+    await last;
+    expect(channel.delivered.map((n) => n.eventId)).toEqual(["e-last-crash"]);
+    expect(await store.get("e-last-crash")).toMatchObject({ status: "delivered", attempts: 1 });
+  });
+});
+
+describe("notification store claims", () => {
+  it("gives a row to one claimant at a time, not once delivered, and again once released", async () => {
+    await store.record(
+      { eventId: "e-claim", kind: "order.shipped", orderId: "o8", userId: "u8", message: "shipped" },
+      "test",
+    );
+    const results = await Promise.all(Array.from({ length: 8 }, () => store.claim("e-claim", 60_000)));
+    expect(results.filter((r) => r.outcome === "owned")).toHaveLength(1);
+    for (const r of results) {
+      if (r.outcome === "held") expect(r.remainingMs).toBeGreaterThan(0);
+      else expect(r.outcome).toBe("owned");
+    }
+
+    await store.markAttemptFailed("e-claim", "receiver down", true);
+    expect(await store.get("e-claim")).toMatchObject({ status: "failed", claimedUntil: undefined });
+    // A replay claiming a failed row retries it: pending again, so the pruner leaves it alone.
+    expect(await store.claim("e-claim", 60_000)).toEqual({ outcome: "owned" });
+    expect(await store.get("e-claim")).toMatchObject({ status: "pending", failedAt: undefined });
+
+    await store.markDelivered("e-claim", "test");
+    expect(await store.claim("e-claim", 60_000)).toEqual({ outcome: "delivered" });
+    await expect(store.claim("e-claim", 0)).rejects.toBeInstanceOf(RangeError);
+    await expect(store.claim("e-none", 1_000)).rejects.toThrow("no notification recorded");
   });
 });

@@ -15,7 +15,20 @@ export interface StoredNotification extends Notification {
   lastError: string | undefined;
   createdAt: Date;
   deliveredAt: Date | undefined;
+  /** When the row became `failed` (what the pruner ages failed rows by). */
+  failedAt: Date | undefined;
+  /** End of the lease of the delivery that last claimed it; past or undefined: unclaimed. */
+  claimedUntil: Date | undefined;
 }
+
+/** What {@link NotificationStore.claim} found. */
+export type Claim =
+  /** The caller holds the row until the lease ends, or until it marks the row. */
+  | { outcome: "owned" }
+  /** Another delivery got there first: nothing to send. */
+  | { outcome: "delivered" }
+  /** Another delivery holds a live claim, for about `remainingMs` more. */
+  | { outcome: "held"; remainingMs: number };
 
 /**
  * The notification service's data: one row per domain event (primary key `event_id`).
@@ -28,11 +41,24 @@ export interface NotificationStore {
    * makes a second row.
    */
   record(n: Notification, channel: string): Promise<StoredNotification>;
-  /** Marks delivered by `channel` and counts the attempt. Idempotent (the first time wins). */
+  /**
+   * Claims the row of `eventId` for `leaseMs` before sending it, atomically: only while it is not
+   * delivered and no other claim is live, so of two copies of an event racing only one sends. A
+   * `failed` row claimed (a replay of its event) becomes `pending` again: it is being retried, and
+   * the pruner leaves pending rows alone. The claim ends with {@link markDelivered} or
+   * {@link markAttemptFailed}, or when the lease runs out (the claimant crashed). The clock is the
+   * database's. Throws a RangeError when `leaseMs` is not a positive integer, and an Error when
+   * there is no row (it must be {@link record}ed first).
+   */
+  claim(eventId: string, leaseMs: number): Promise<Claim>;
+  /**
+   * Marks delivered by `channel`, counts the attempt and ends the claim. Idempotent (the first
+   * time wins).
+   */
   markDelivered(eventId: string, channel: string): Promise<void>;
   /**
-   * Counts a failed attempt and keeps its error. `final` marks the row `failed` (a terminal
-   * error); otherwise it stays `pending`. Does nothing to a delivered row.
+   * Counts a failed attempt, keeps its error and ends the claim. `final` marks the row `failed`
+   * (a terminal error); otherwise it is `pending`. Does nothing to a delivered row.
    */
   markAttemptFailed(eventId: string, error: string, final: boolean): Promise<void>;
   /** The notification of `eventId`, or undefined. */
@@ -51,6 +77,8 @@ interface Row {
   last_error: string | null;
   created_at: Date;
   delivered_at: Date | null;
+  failed_at: Date | null;
+  claimed_until: Date | null;
 }
 
 /** Longest error text kept per row, characters. */
@@ -60,22 +88,54 @@ const MAX_ERROR_CHARS = 1_000;
 export function createNotificationStore(sql: Sql): NotificationStore {
   return {
     async record(n, channel) {
-      const [inserted] = await sql<Row[]>`
-        insert into notifications (event_id, order_id, user_id, kind, channel, message)
-        values (${n.eventId}, ${n.orderId}, ${n.userId}, ${n.kind}, ${channel}, ${pgText(n.message)})
-        on conflict (event_id) do nothing
-        returning *`;
-      if (inserted) return toNotification(inserted);
-      const [existing] = await sql<Row[]>`select * from notifications where event_id = ${n.eventId}`;
-      // The row cannot vanish (nothing deletes notifications), so a conflict means it is there.
-      return toNotification(existing!);
+      // Twice at most: the pruner may delete a finished row between the conflict and the select.
+      for (let tries = 1; ; tries++) {
+        const [inserted] = await sql<Row[]>`
+          insert into notifications (event_id, order_id, user_id, kind, channel, message)
+          values (${n.eventId}, ${n.orderId}, ${n.userId}, ${n.kind}, ${channel}, ${pgText(n.message)})
+          on conflict (event_id) do nothing
+          returning *`;
+        if (inserted) return toNotification(inserted);
+        const [existing] = await sql<Row[]>`select * from notifications where event_id = ${n.eventId}`;
+        if (existing || tries >= 2) {
+          if (!existing) throw new Error(`notification of event ${n.eventId} vanished while recorded`);
+          return toNotification(existing);
+        }
+      }
+    },
+
+    async claim(eventId, leaseMs) {
+      if (!Number.isSafeInteger(leaseMs) || leaseMs < 1) {
+        throw new RangeError("leaseMs must be a positive integer");
+      }
+      // A claim released or expired between the update and the look that follows: claim again.
+      for (let tries = 1; ; tries++) {
+        const claimed = await sql`
+          update notifications
+          set claimed_until = now() + ${leaseMs} * interval '1 millisecond', status = 'pending',
+              failed_at = null
+          where event_id = ${eventId} and status <> 'delivered'
+            and (claimed_until is null or claimed_until <= now())
+          returning event_id`;
+        if (claimed.length > 0) return { outcome: "owned" };
+        const [row] = await sql<{ status: NotificationStatus; remaining_ms: number }[]>`
+          select status,
+                 greatest(0, extract(epoch from coalesce(claimed_until, now()) - now()) * 1000)::float8
+                   as remaining_ms
+          from notifications where event_id = ${eventId}`;
+        if (!row) throw new Error(`no notification recorded for event ${eventId}`);
+        if (row.status === "delivered") return { outcome: "delivered" };
+        if (row.remaining_ms > 0 || tries >= 3) {
+          return { outcome: "held", remainingMs: Math.ceil(row.remaining_ms) };
+        }
+      }
     },
 
     async markDelivered(eventId, channel) {
       await sql`
         update notifications
         set status = 'delivered', delivered_at = now(), channel = ${channel}, attempts = attempts + 1,
-            last_error = null
+            last_error = null, failed_at = null, claimed_until = null
         where event_id = ${eventId} and status <> 'delivered'`;
     },
 
@@ -83,7 +143,8 @@ export function createNotificationStore(sql: Sql): NotificationStore {
       await sql`
         update notifications
         set attempts = attempts + 1, last_error = ${pgText(error).slice(0, MAX_ERROR_CHARS)},
-            status = ${final ? "failed" : "pending"}
+            status = ${final ? "failed" : "pending"}, failed_at = ${final ? sql`now()` : null},
+            claimed_until = null
         where event_id = ${eventId} and status <> 'delivered'`;
     },
 
@@ -107,6 +168,8 @@ function toNotification(row: Row): StoredNotification {
     lastError: row.last_error ?? undefined,
     createdAt: row.created_at,
     deliveredAt: row.delivered_at ?? undefined,
+    failedAt: row.failed_at ?? undefined,
+    claimedUntil: row.claimed_until ?? undefined,
   };
 }
 

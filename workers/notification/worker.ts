@@ -1,8 +1,9 @@
+import { setTimeout as sleep } from "node:timers/promises";
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { z } from "zod";
 import type { Sql } from "../../common/postgres.ts";
 import { orderPublishedEvents } from "../../schemas/order.ts";
-import { isTerminalError } from "../runtime/errors.ts";
+import { isTerminalError, RetryableError } from "../runtime/errors.ts";
 import { createWorker } from "../runtime/index.ts";
 import type {
   EventContext,
@@ -39,14 +40,39 @@ const messages: { [K in NotificationKind]: (p: Payload<K>) => string } = {
 };
 
 /**
+ * Default lease of a delivery's claim on its row, ms: well above the longest a delivery takes when
+ * all is well — the webhook channel gives up a request after 5 s (`timeoutMs`), and marking the row
+ * is one query — so a slow send is not taken for a crash; and short enough that after a real crash
+ * the notification waits half a minute, not more, before another copy sends it.
+ */
+export const DEFAULT_CLAIM_LEASE_MS = 30_000;
+
+/** How often the last attempt looks again at a row another delivery holds, ms (at most). */
+const CLAIM_POLL_MS = 500;
+
+/**
  * Handlers for the order saga's `order.confirmed`, `order.shipped` and `order.cancelled`
  * events. Each event becomes one row in `notifications` and is then delivered through `channel`.
  *
  * Guarantee: a notification is **persisted exactly once** per event id (insert … on conflict
- * (event_id) do nothing), and **delivered at least once**: a redelivered event whose row is
- * already `delivered` is not sent again, but a crash between the channel accepting it and the
- * row being marked — or two deliveries of the event racing — sends it twice. Webhook receivers
- * drop such repeats by the `Idempotency-Key` header (= event id); the log channel may log twice.
+ * (event_id) do nothing), and **delivered at least once**. A redelivered event whose row is
+ * already `delivered` is not sent again, and of two copies of an event racing (a redelivery while
+ * the first is still sending, a re-published event) only one sends: a delivery first claims the
+ * row for `claimLeaseMs`, and a copy that finds a live claim sends nothing and fails with a
+ * `RetryableError`, so the runtime tries it again later — by then the row is delivered (a no-op),
+ * or the claim ended without a delivery (a failure, or a crash once the lease ran out) and that
+ * copy sends. It is still sent twice after a crash between the channel accepting it and the row
+ * being marked, or when a send outlasts the lease (keep `claimLeaseMs` above the channel's
+ * timeout). Webhook receivers drop such repeats by the `Idempotency-Key` header (= event id); the
+ * log channel may log twice.
+ *
+ * On the last attempt (`maxAttempts`) backing off is not an option: the runtime would dead-letter
+ * the event, and if the claimant had crashed — its claim is often this very message's earlier
+ * delivery — nothing would send the notification. So the last attempt waits for the claim it found
+ * to end (a few polls, at most its remaining lease) and then delivers, or does nothing if it was
+ * delivered meanwhile. Only if by then another delivery has made a new claim does it give up with
+ * the `RetryableError`, leaving the row as it is: not `failed`, since that delivery is alive and
+ * decides the outcome.
  *
  * A failing delivery leaves the row `pending` with the attempt counted and rethrows, so the
  * runtime redelivers the event and a later attempt delivers it. A `TerminalError` from the
@@ -57,7 +83,12 @@ export function notificationEventHandlers(
   channel: NotificationChannel,
   /** The worker's retry limit: a retryable failure on the last attempt is final (dead-lettered). */
   maxAttempts: number = NOTIFICATION_RETRY.maxAttempts,
+  /** Lease of a delivery's claim on its row, ms. Default {@link DEFAULT_CLAIM_LEASE_MS}. */
+  claimLeaseMs: number = DEFAULT_CLAIM_LEASE_MS,
 ): Record<string, EventHandler<z.ZodType>> {
+  if (!Number.isSafeInteger(claimLeaseMs) || claimLeaseMs < 1) {
+    throw new RangeError("claimLeaseMs must be a positive integer");
+  }
   const handler = <K extends NotificationKind>(kind: K): EventHandler<(typeof orderPublishedEvents)[K]> => ({
     workflow: ORDER_WORKFLOW,
     payload: orderPublishedEvents[kind],
@@ -69,7 +100,7 @@ export function notificationEventHandlers(
         userId: payload.userId,
         message: messages[kind](payload),
       };
-      await notify(store, channel, n, ctx, maxAttempts);
+      await notify(store, channel, n, ctx, maxAttempts, claimLeaseMs);
     },
   });
   return {
@@ -85,16 +116,19 @@ async function notify(
   n: Notification,
   ctx: Pick<EventContext, "signal" | "attempt">,
   maxAttempts: number,
+  claimLeaseMs: number,
 ): Promise<void> {
   const stored = await store.record(n, channel.name);
   if (stored.status === "delivered") return;
+  if (!(await claim(store, n.eventId, claimLeaseMs, ctx, ctx.attempt >= maxAttempts))) return;
   try {
     // Deliver what was stored first: the row is the notification, even if the text template changed.
     await channel.deliver({ ...n, message: stored.message }, { signal: ctx.signal });
   } catch (error) {
     const reason = error instanceof Error ? error.message : String(error);
     // The delivery's error decides what happens next (a TerminalError is dead-lettered at once, not
-    // retried): a failure to record it must not replace it; the row is then only less informative.
+    // retried): a failure to record it must not replace it; the row is then only less informative,
+    // and stays claimed until the lease runs out.
     // On the last attempt the runtime dead-letters the event, so the row is final too: left
     // pending, it would say a retry is coming that never does.
     const final = isTerminalError(error) || ctx.attempt >= maxAttempts;
@@ -102,6 +136,32 @@ async function notify(
     throw error;
   }
   await store.markDelivered(n.eventId, channel.name);
+}
+
+/**
+ * Claims the row for this delivery: true when it is ours to send, false when it was delivered
+ * meanwhile. A live claim of another delivery is a RetryableError, at once or — on the last
+ * attempt — once the claim seen first has had time to end and a newer one holds the row.
+ */
+async function claim(
+  store: NotificationStore,
+  eventId: string,
+  leaseMs: number,
+  ctx: Pick<EventContext, "signal">,
+  lastAttempt: boolean,
+): Promise<boolean> {
+  /** When the claim first seen ends, by this process's clock (plus a poll, for clock steps and latency). */
+  let firstClaimEnds: number | undefined;
+  for (;;) {
+    const found = await store.claim(eventId, leaseMs);
+    if (found.outcome === "owned") return true;
+    if (found.outcome === "delivered") return false;
+    firstClaimEnds ??= Date.now() + found.remainingMs + CLAIM_POLL_MS;
+    if (!lastAttempt || Date.now() > firstClaimEnds) {
+      throw new RetryableError(`notification of event ${eventId} is being delivered by another attempt`);
+    }
+    await sleep(Math.max(1, Math.min(found.remainingMs, CLAIM_POLL_MS)), undefined, { signal: ctx.signal });
+  }
 }
 
 /** Options of {@link startNotificationWorker}. */
@@ -114,6 +174,11 @@ export interface NotificationWorkerOptions {
   logger?: WorkerLogger;
   /** Where notifications go. Default: {@link logChannel} on `logger` (or stderr without one). */
   channel?: NotificationChannel;
+  /**
+   * Lease of a delivery's claim on its row, ms: keep it above the longest a delivery may take (the
+   * channel's timeout). Default {@link DEFAULT_CLAIM_LEASE_MS}.
+   */
+  claimLeaseMs?: number;
   /** Runtime settings passed through (retry policy, concurrency, ack wait…). */
   worker?: Omit<WorkerOptions, "nc" | "ns" | "service" | "commands" | "events" | "logger">;
 }
@@ -141,7 +206,12 @@ export async function startNotificationWorker(options: NotificationWorkerOptions
     ...(options.ns === undefined ? {} : { ns: options.ns }),
     ...(options.logger === undefined ? {} : { logger: options.logger }),
     service: NOTIFICATION_SERVICE,
-    events: notificationEventHandlers(createNotificationStore(options.sql), channel, retry.maxAttempts),
+    events: notificationEventHandlers(
+      createNotificationStore(options.sql),
+      channel,
+      retry.maxAttempts,
+      options.claimLeaseMs,
+    ),
   });
 }
 

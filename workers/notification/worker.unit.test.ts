@@ -15,7 +15,10 @@ describe("notification event handlers", () => {
         lastError: undefined,
         createdAt: new Date(0),
         deliveredAt: undefined,
+        failedAt: undefined,
+        claimedUntil: undefined,
       }),
+      claim: async () => ({ outcome: "owned" }),
       markAttemptFailed: async () => {
         throw new Error("database unavailable");
       },

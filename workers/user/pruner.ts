@@ -13,15 +13,12 @@
  */
 import { IDLE_BUCKET_MS } from "../../api/user/rate-limit.ts";
 import type { Sql } from "../../common/postgres.ts";
+import { type PrunerLogger, type RunningPruner, startPruneLoop } from "../runtime/pruner.ts";
 
 /** Default age after which processed commands and published outbox rows are deleted: 14 days. */
 export const DEFAULT_RETENTION_MS = 14 * 24 * 3600 * 1000;
 
-/** Logging the pruner does (a pino logger fits). */
-export interface PrunerLogger {
-  info(obj: Record<string, unknown>, msg: string): void;
-  warn(obj: Record<string, unknown>, msg: string): void;
-}
+export type { PrunerLogger } from "../runtime/pruner.ts";
 
 /** Options of {@link startPruner}. */
 export interface PrunerOptions {
@@ -53,82 +50,46 @@ export interface PruneResult {
 }
 
 /** A running pruner. */
-export interface Pruner {
-  /** Runs one pass now (also what the timer does). */
-  runOnce(): Promise<PruneResult>;
-  /** Stops the timer and waits for a pass in progress. Idempotent. */
-  stop(): Promise<void>;
-}
+export type Pruner = RunningPruner<PruneResult>;
 
 /** Starts pruning: one pass at once, then every `intervalMs`. A failed pass is logged and retried at the next. */
 export function startPruner(options: PrunerOptions): Pruner {
-  const { sql, logger } = options;
+  const { logger } = options;
   const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
-  const intervalMs = options.intervalMs ?? 3_600_000;
-  const batchSize = options.batchSize ?? 5000;
-  for (const [name, value] of Object.entries({ retentionMs, intervalMs, batchSize })) {
-    if (!Number.isSafeInteger(value) || value < 1) throw new RangeError(`${name} must be a positive integer`);
+  if (!Number.isSafeInteger(retentionMs) || retentionMs < 1) {
+    throw new RangeError("retentionMs must be a positive integer");
   }
   const cutoff = (): Date => new Date(Date.now() - retentionMs);
-  let stopped = false;
-
-  /** Deletes `table` rows whose `column` is older than `before`, in batches until one comes back short. */
-  const prune = async (table: string, key: string, column: string, before = cutoff()): Promise<number> => {
-    let total = 0;
-    for (;;) {
-      const { count } = await sql`
-        delete from ${sql(table)} where ${sql(key)} in (
-          select ${sql(key)} from ${sql(table)} where ${sql(column)} < ${before} limit ${batchSize})`;
-      total += count;
-      if (count < batchSize || stopped) return total;
-    }
-  };
-
-  const runOnce = async (): Promise<PruneResult> => {
-    const processedCommands = await prune("processed_commands", "command_id", "processed_at");
-    // `published_at < …` is false for unpublished rows (null): they are never pruned.
-    const outbox = await prune("outbox", "id", "published_at");
-    // Sign-in buckets idle for an hour are full again (no window is longer): a missing row means the same.
-    const rateLimits = await prune(
-      "auth_rate_limits",
-      "key",
-      "updated_at",
-      new Date(Date.now() - IDLE_BUCKET_MS),
-    );
-    // `released_at < …` is false for held reservations (null): they are never pruned.
-    const releasedReservations = await prune("credit_reservations", "reservation_id", "released_at");
-    if (processedCommands + outbox + rateLimits + releasedReservations > 0) {
-      logger?.info(
-        { processedCommands, outbox, rateLimits, releasedReservations, retentionMs },
-        "pruned old processed commands, outbox rows, idle sign-in buckets and released reservations",
+  return startPruneLoop({
+    sql: options.sql,
+    intervalMs: options.intervalMs,
+    batchSize: options.batchSize,
+    logger,
+    async pass(prune): Promise<PruneResult> {
+      const processedCommands = await prune("processed_commands", "command_id", "processed_at", cutoff());
+      // `published_at < …` is false for unpublished rows (null): they are never pruned.
+      const outbox = await prune("outbox", "id", "published_at", cutoff());
+      // Sign-in buckets idle for an hour are full again (no window is longer): a missing row means the same.
+      const rateLimits = await prune(
+        "auth_rate_limits",
+        "key",
+        "updated_at",
+        new Date(Date.now() - IDLE_BUCKET_MS),
       );
-    }
-    return { processedCommands, outbox, rateLimits, releasedReservations };
-  };
-
-  let running: Promise<unknown> | undefined;
-  const pass = (): void => {
-    // A pass still deleting a large backlog when the next one is due: let it finish.
-    if (running) return;
-    running = runOnce()
-      .catch((error: unknown) => {
-        logger?.warn({ err: error }, "pruning failed; trying again at the next pass");
-      })
-      .finally(() => {
-        running = undefined;
-      });
-  };
-  pass();
-  const timer = setInterval(pass, intervalMs);
-  // A pruning pass never keeps the process alive on its own.
-  timer.unref?.();
-
-  return {
-    runOnce,
-    async stop() {
-      stopped = true;
-      clearInterval(timer);
-      await running;
+      // `released_at < …` is false for held reservations (null): they are never pruned.
+      const releasedReservations = await prune(
+        "credit_reservations",
+        "reservation_id",
+        "released_at",
+        cutoff(),
+      );
+      if (processedCommands + outbox + rateLimits + releasedReservations > 0) {
+        logger?.info(
+          { processedCommands, outbox, rateLimits, releasedReservations, retentionMs },
+          "pruned old processed commands, outbox rows, idle sign-in buckets and released reservations",
+        );
+      }
+      return { processedCommands, outbox, rateLimits, releasedReservations };
     },
-  };
+  });
 }

@@ -1,0 +1,92 @@
+/**
+ * Keeps the `notifications` table bounded: it gets a row per order event for ever otherwise.
+ * `delivered` rows older than the retention (by `delivered_at`) and `failed` rows (by `failed_at`)
+ * are deleted in small batches; `pending` rows never are, whatever their age — they are
+ * notifications still on their way.
+ *
+ * The retention must outlast the events: a delivered row is what stops a second copy of its event
+ * from notifying again, and copies keep coming as long as the event is in the events stream — a
+ * consumer re-created (a new namespace, a deleted consumer) replays the whole stream, the
+ * orchestrator re-publishes after a crash. The stream keeps events 7 days (`max_age` in
+ * `orchestrator/runtime/topology.ts`), so a retention below {@link MIN_RETENTION_MS} (8 days: the
+ * stream's 7 and a day for events re-published late) is refused with a RangeError rather than
+ * running into duplicate notifications nobody would notice. Failed rows hold back no repeat (a
+ * replay of their event is meant to try again); they are kept as long so the failures can be looked
+ * into.
+ */
+import type { Sql } from "../../common/postgres.ts";
+import { type PrunerLogger, type RunningPruner, startPruneLoop } from "../runtime/pruner.ts";
+
+const DAY_MS = 24 * 3600 * 1000;
+
+/** Default retention of delivered and failed notifications, days. */
+export const DEFAULT_RETENTION_DAYS = 14;
+
+/** Default retention of delivered and failed notifications, ms: 14 days. */
+export const DEFAULT_RETENTION_MS = DEFAULT_RETENTION_DAYS * DAY_MS;
+
+/** How long the events stream keeps a domain event, ms (its default `max_age`). */
+export const EVENTS_MAX_AGE_MS = 7 * DAY_MS;
+
+/** Shortest retention accepted, days: the events stream's 7 days and one more. */
+export const MIN_RETENTION_DAYS = 8;
+
+/** Shortest retention accepted, ms (see the module comment). */
+export const MIN_RETENTION_MS = MIN_RETENTION_DAYS * DAY_MS;
+
+/** Options of {@link startNotificationPruner}. */
+export interface NotificationPrunerOptions {
+  /** A pool on the notification service's database. */
+  sql: Sql;
+  /**
+   * Delivered and failed rows older than this are deleted, ms. Default {@link DEFAULT_RETENTION_MS};
+   * at least {@link MIN_RETENTION_MS}.
+   */
+  retentionMs?: number;
+  /** Time between passes, ms. Default 1 hour; the first pass runs at start. */
+  intervalMs?: number;
+  /** Rows per delete statement. Default 5000. */
+  batchSize?: number;
+  logger?: PrunerLogger;
+}
+
+/** Rows one pass deleted. */
+export interface NotificationPruneResult {
+  delivered: number;
+  failed: number;
+}
+
+/** A running notification pruner. */
+export type NotificationPruner = RunningPruner<NotificationPruneResult>;
+
+/**
+ * Starts pruning: one pass at once, then every `intervalMs`; a failed pass is logged and retried at
+ * the next. Throws a RangeError for a retention shorter than {@link MIN_RETENTION_MS}, or an
+ * interval or batch size that is not a positive integer.
+ */
+export function startNotificationPruner(options: NotificationPrunerOptions): NotificationPruner {
+  const { logger } = options;
+  const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
+  if (!Number.isSafeInteger(retentionMs) || retentionMs < MIN_RETENTION_MS) {
+    throw new RangeError(
+      `retentionMs must be an integer of at least ${MIN_RETENTION_MS} (${MIN_RETENTION_DAYS} days): delivered rows must outlive their events in the stream, or a replay notifies again`,
+    );
+  }
+  return startPruneLoop({
+    sql: options.sql,
+    intervalMs: options.intervalMs,
+    batchSize: options.batchSize,
+    logger,
+    async pass(prune): Promise<NotificationPruneResult> {
+      const before = new Date(Date.now() - retentionMs);
+      // Each column is null unless the row has that status (checks in the migrations): pending
+      // rows match neither and stay.
+      const delivered = await prune("notifications", "event_id", "delivered_at", before);
+      const failed = await prune("notifications", "event_id", "failed_at", before);
+      if (delivered + failed > 0) {
+        logger?.info({ delivered, failed, retentionMs }, "pruned old delivered and failed notifications");
+      }
+      return { delivered, failed };
+    },
+  });
+}
