@@ -45,7 +45,7 @@ import {
   startRpcServer,
 } from "./rpc/index.ts";
 import { createTracingInterceptor } from "./rpc/tracing-interceptor.ts";
-import { CLIENT_ADDRESS_HEADER, checkClientAddress } from "./user/client-address.ts";
+import { CLIENT_ADDRESS_HEADER, parseClientAddress } from "./user/client-address.ts";
 
 /** Options of {@link startGateway}. */
 export interface GatewayOptions {
@@ -81,8 +81,9 @@ export interface GatewayOptions {
   streamWaitMs?: number;
   /**
    * Request header that names the client's address when the gateway runs behind a proxy or load
-   * balancer (e.g. `x-forwarded-for`): its last comma-separated entry, the one the proxy
-   * appended, is used. Unset (the default): the TCP peer's address. See {@link clientAddressOf}.
+   * balancer (e.g. `x-forwarded-for`, or `forwarded`, whose `for=` is read): its last
+   * comma-separated entry, the one the proxy appended, is used when it is an IP address. Unset
+   * (the default): the TCP peer's address. See {@link clientAddressOf}.
    */
   clientAddressHeader?: string;
 }
@@ -108,21 +109,30 @@ export const clientAddressKey = createContextKey<string | undefined>(undefined, 
 });
 
 /**
- * The address of the client that sent `req`: with `header` (lowercase) set, the last
- * comma-separated entry of that header, which the proxy in front of the gateway appended (the
- * entries before it are whatever the client sent, so never trusted); the TCP peer's address when
- * `header` is unset, absent from the request, or its last entry is empty or not an address
- * ({@link checkClientAddress}). Undefined only when the socket has no address (already closed).
+ * The address of the client that sent `req`, as {@link parseClientAddress} spells it: with
+ * `header` (lowercase) set, the last comma-separated entry of that header, which the proxy in
+ * front of the gateway appended (the entries before it are whatever the client sent, so never
+ * trusted); the TCP peer's address when `header` is unset, absent from the request, or its last
+ * entry is empty or not an IP address. Undefined only when the socket has no address (already
+ * closed).
+ *
+ * An entry that is not an address (`unknown`, a name, an RFC 7239 `_obfuscated` id, garbage) falls
+ * back to the peer, the proxy, rather than being used as written or as one `unknown` for all:
+ * written text would be a budget of its own per string, so a client whose text reaches the last
+ * entry (a proxy that passes the header on instead of appending to it) would get a fresh budget
+ * per made-up string. As the proxy's address, such requests share one budget per proxy, the one
+ * requests without the header already use: they can only exhaust it for each other, never for a
+ * client the proxy reported properly.
  */
 export function clientAddressOf(req: NodeServerRequest, header?: string): string | undefined {
   if (header) {
     const value = req.headers[header];
     // Several lines of the header are one list, in order (RFC 9110 §5.3).
     const list = Array.isArray(value) ? value.join(",") : (value ?? "");
-    const last = checkClientAddress(list.split(",").at(-1));
+    const last = parseClientAddress(list.split(",").at(-1));
     if (last) return last;
   }
-  return checkClientAddress(req.socket.remoteAddress);
+  return parseClientAddress(req.socket.remoteAddress);
 }
 
 /** The RPC server's `contextValues` hook that records {@link clientAddressOf} under {@link clientAddressKey}. */

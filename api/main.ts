@@ -17,8 +17,9 @@
  * - `API_MAX_STREAMS_PER_CONNECTION`: calls (streams) one HTTP/2 connection may have open at once,
  *   1-1000000 (default 256); further calls wait in the client.
  * - `API_CLIENT_ADDRESS_HEADER`: behind a proxy or load balancer, the request header in which it
- *   reports the client's address, e.g. `x-forwarded-for`; the last comma-separated entry (the one
- *   the proxy appended) is used. Unset (default): the TCP peer's address. Either way the address is
+ *   reports the client's address, e.g. `x-forwarded-for` or `forwarded` (its `for=`); the last
+ *   comma-separated entry (the one the proxy appended) is used when it is an IP address, else the
+ *   TCP peer's (the proxy's). Unset (default): the TCP peer's address. Either way the address is
  *   sent to the user service, whose per-address sign-in budget keeps one address from locking a
  *   user out. Set it only when every request comes through a proxy that appends to the header:
  *   otherwise clients write it themselves and get a fresh budget per made-up address.

@@ -369,6 +369,137 @@ describe("RPC server shutdown", () => {
   }, 10_000);
 });
 
+describe("RPC server shutdown drain: clients are told to go elsewhere", () => {
+  /** A server whose GetUser holds until released; `entered` resolves once one is held. */
+  async function startHeld(): Promise<{ server: RpcServer; entered: Promise<void>; release: () => void }> {
+    let release: () => void = () => {};
+    const released = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    let enter: () => void = () => {};
+    const entered = new Promise<void>((resolve) => {
+      enter = resolve;
+    });
+    const server = await startRpcServer({
+      // Far longer than the test: close() ends only once the clients have gone.
+      closeGraceMs: 120_000,
+      routes(router) {
+        router.service(UserService, {
+          async getUser(req) {
+            enter();
+            await released;
+            return create(GetUserResponseSchema, { user: { userId: req.userId } });
+          },
+        });
+      },
+      fallback: (_req, res) => res.end("ok"),
+    });
+    return { server, entered, release };
+  }
+
+  /** Reads from `socket` until `done` says the text so far is complete. */
+  const readUntil = (socket: net.Socket, done: (text: string) => boolean): Promise<string> =>
+    new Promise((resolve, reject) => {
+      let text = "";
+      const onData = (chunk: Buffer) => {
+        text += chunk.toString("latin1");
+        if (!done(text)) return;
+        socket.off("data", onData);
+        resolve(text);
+      };
+      socket.on("data", onData);
+      socket.once("close", () => reject(new Error(`closed after ${JSON.stringify(text)}`)));
+    });
+
+  it("answers an HTTP/1.1 call that finishes during the drain with connection: close, and the connection ends", async () => {
+    const { server, entered, release } = await startHeld();
+    const socket = net.connect(server.port, "127.0.0.1");
+    socket.on("error", () => {});
+    const socketClosed = new Promise<void>((resolve) => socket.once("close", () => resolve()));
+    try {
+      const body = JSON.stringify({ userId: "h1" });
+      const answer = readUntil(socket, (text) => text.endsWith('{"user":{"userId":"h1"}}'));
+      socket.write(
+        `POST /${USER_SVC}/GetUser HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n` +
+          `Content-Length: ${body.length}\r\n\r\n${body}`,
+      );
+      await entered;
+      const closed = server.close();
+      release();
+      const head = (await answer).split("\r\n\r\n")[0]?.toLowerCase() ?? "";
+      expect(head).toMatch(/^http\/1\.1 200 /);
+      // Without it a keep-alive client sends its next call on a connection the server is dropping.
+      expect(head.split("\r\n")).toContain("connection: close");
+      await socketClosed;
+      await closed;
+    } finally {
+      release();
+      socket.destroy();
+      await server.close();
+    }
+  });
+
+  /**
+   * A connection the server has accepted but not read from yet. The listener accepts connections
+   * in order: one answered after this one connected means this one was accepted too, so close()
+   * cannot reset it unaccepted.
+   */
+  async function acceptedSilent(server: RpcServer): Promise<net.Socket> {
+    const socket = net.connect(server.port, "127.0.0.1");
+    socket.on("error", () => {});
+    await new Promise<void>((resolve) => socket.once("connect", () => resolve()));
+    expect(await (await fetch(`${server.url}/probe`)).text()).toBe("ok");
+    return socket;
+  }
+
+  it("answers an HTTP/1.1 request on a connection whose first bytes come after close() began with connection: close", async () => {
+    const { server, release } = await startHeld();
+    const late = await acceptedSilent(server);
+    try {
+      const closed = server.close();
+      const answer = readUntil(late, (text) => text.endsWith("\r\n\r\nok"));
+      late.write("GET /probe HTTP/1.1\r\nHost: a\r\n\r\n");
+      const head = (await answer).split("\r\n\r\n")[0]?.toLowerCase() ?? "";
+      expect(head).toMatch(/^http\/1\.1 200 /);
+      expect(head.split("\r\n")).toContain("connection: close");
+      await closed;
+    } finally {
+      release();
+      late.destroy();
+      await server.close();
+    }
+  });
+
+  it("sends GOAWAY on an HTTP/2 connection whose first bytes come after close() began, refusing its calls", async () => {
+    const { server, release } = await startHeld();
+    const late = await acceptedSilent(server);
+    try {
+      const closed = server.close();
+      const session = http2.connect(server.url, { createConnection: () => late });
+      session.on("error", () => {});
+      const goaway = new Promise<number>((resolve) =>
+        session.once("goaway", (code: number) => resolve(code)),
+      );
+      const stream = session.request({ ":path": "/probe" });
+      const fate = new Promise<string>((resolve) => {
+        stream.on("response", (headers) => resolve(`status ${headers[":status"]}`));
+        stream.on("close", () => resolve(`reset ${stream.rstCode}`));
+        stream.on("error", () => {});
+      });
+      stream.resume();
+      stream.end();
+      // Refused, not processed: a client may send it again to another server.
+      expect(await fate).toBe(`reset ${http2.constants.NGHTTP2_REFUSED_STREAM}`);
+      expect(await goaway).toBe(http2.constants.NGHTTP2_NO_ERROR);
+      await closed;
+    } finally {
+      release();
+      late.destroy();
+      await server.close();
+    }
+  });
+});
+
 describe("RPC server readiness", () => {
   it('reports the readiness check\'s answer for "" and each service (a hung check is not ready, and told so); liveness stays SERVING', async () => {
     let answer: "yes" | "no" | "hang" = "no";

@@ -126,7 +126,9 @@ export interface RpcServer {
    * Graceful stop: reports NOT_SERVING, stops accepting connections, ends streaming calls at once
    * (their signals fire, they end with UNAVAILABLE), lets unary calls finish for up to
    * closeGraceMs, then fires their signals too, gives them up to 250 ms to answer, and cuts what
-   * is left.
+   * is left. Meanwhile clients are sent elsewhere: HTTP/2 connections get GOAWAY (one whose first
+   * bytes come only now has its calls refused), HTTP/1.1 answers say `connection: close`, and idle
+   * HTTP/1.1 connections are closed.
    */
   close(): Promise<void>;
 }
@@ -202,23 +204,39 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
     },
     handler,
   );
-  const h1 = http.createServer(
-    { maxHeaderSize: MAX_HEADER_BYTES },
-    IS_DENO
-      ? (req, res) => {
-          // Under Deno a socket handed over by "connection" is not kept alive properly: a client
-          // reusing it gets EPIPE. One request per HTTP/1.1 connection there (HTTP/2 is unaffected).
-          res.setHeader("connection", "close");
-          handler(req, res);
-        }
-      : handler,
-  );
+  // Set by close(). From then on every HTTP/1.1 answer says `connection: close` and every new
+  // HTTP/2 connection gets GOAWAY: clients send their next calls to another server instead of to
+  // this one, which is about to cut their connections.
+  let draining = false;
+  // HTTP/1.1 requests not answered yet: one answered after close() began must not offer keep-alive.
+  const h1Responses = new Set<http.ServerResponse>();
+  const closeAfterAnswer = (res: http.ServerResponse): void => {
+    if (!res.headersSent) res.setHeader("connection", "close");
+  };
+  const h1 = http.createServer({ maxHeaderSize: MAX_HEADER_BYTES }, (req, res) => {
+    // Under Deno a socket handed over by "connection" is not kept alive properly: a client
+    // reusing it gets EPIPE. One request per HTTP/1.1 connection there (HTTP/2 is unaffected).
+    if (IS_DENO || draining) closeAfterAnswer(res);
+    else {
+      h1Responses.add(res);
+      // Also emitted when the client goes away before the answer.
+      res.once("close", () => h1Responses.delete(res));
+    }
+    handler(req, res);
+  });
   // h1 never listens: sockets are handed to it. Node starts its connection tracking (headersTimeout,
   // requestTimeout, closeIdleConnections()) on "listening", so without this a client that never
   // finishes its headers holds the socket for ever. h1.close() in close() stops the tracking timer.
   h1.emit("listening");
   const sessions = new Set<http2.ServerHttp2Session>();
   h2.on("session", (s: http2.ServerHttp2Session) => {
+    if (draining) {
+      // A connection accepted before the listener closed whose first bytes came after: GOAWAY
+      // before anything it sent is read, so the calls on it are refused (REFUSED_STREAM, safe to
+      // retry elsewhere), not left to hang or served by a server about to cut them.
+      s.close();
+      return;
+    }
     sessions.add(s);
     s.on("close", () => sessions.delete(s));
   });
@@ -317,6 +335,8 @@ export async function startRpcServer(opts: RpcServerOptions): Promise<RpcServer>
 
   const close = (): Promise<void> => {
     closing ??= (async () => {
+      draining = true;
+      for (const res of h1Responses) closeAfterAnswer(res);
       clearInterval(readinessTimer);
       healthControl.shutdown();
       // Let Watch streams send NOT_SERVING (their generators resume in microtasks) before the

@@ -34,6 +34,34 @@ export function checkClientAddress(raw: string | null | undefined): string | und
 }
 
 /**
+ * `raw` as an IP address in one spelling per address, else undefined. What the gateway reports,
+ * so one client cannot be several budgets by writing its address several ways. Accepted, around
+ * optional whitespace: an IPv4 address; an IPv6 address (any case, with or without zero groups
+ * or a zone id, which is dropped); either with a port (`192.0.2.1:51234`, `[2001:db8::1]:443`)
+ * or in brackets; and a `for=` parameter of an RFC 7239 `Forwarded` element
+ * (`for="[2001:db8::1]:4711";proto=https`). Given as: an IPv4 address (an IPv4-mapped IPv6
+ * address too, as dual-stack listeners report IPv4 peers) in dotted decimal, an IPv6 address as
+ * RFC 5952 writes it (lowercase, `::` for the longest run of zero groups).
+ */
+export function parseClientAddress(raw: string | null | undefined): string | undefined {
+  // No length bound needed: every step is linear, and request headers are bounded (16 KiB).
+  let value = raw?.trim() ?? "";
+  if (value.includes("=")) {
+    const pair = value
+      .split(";")
+      .map((p) => p.trim())
+      .find((p) => p.slice(0, 4).toLowerCase() === "for=");
+    if (!pair) return undefined;
+    value = pair.slice(4).replace(/^"(.*)"$/, "$1");
+  }
+  const address = withoutPort(value);
+  if (isIPv4(address)) return address;
+  const groups = ipv6Groups(address);
+  if (!groups) return undefined;
+  return mappedIPv4(groups) ?? formatIPv6(groups);
+}
+
+/**
  * The part of a client address a sign-in budget is kept for: an IPv4-mapped IPv6 address as the
  * IPv4 address (a dual-stack listener reports `::ffff:192.0.2.1` for 192.0.2.1), and an IPv6
  * address as its /48 prefix (or /64 with `ipv6PrefixBits`, for a budget not per email). A subscriber is commonly given a /56 or a /48, not one /64, and would
@@ -45,39 +73,64 @@ export function checkClientAddress(raw: string | null | undefined): string | und
  */
 export function addressBucket(written: string, options: { ipv6PrefixBits?: 48 | 64 } = {}): string {
   const address = withoutPort(written);
-  const mapped = /^::ffff:(\d{1,3}(?:\.\d{1,3}){3})$/i.exec(address);
-  if (mapped?.[1] && isIPv4(mapped[1])) return mapped[1];
-  const bare = address.split("%")[0] ?? address;
-  if (!isIPv6(bare)) return address;
-  // Expand `::` to the zero groups it stands for; an IPv4 tail (`::1.2.3.4`) is two groups.
-  const groups = (part: string): string[] =>
-    part === "" ? [] : part.split(":").flatMap((g) => (g.includes(".") ? ipv4Groups(g) : [g]));
-  const [head = "", tail] = bare.split("::");
-  const front = groups(head);
-  const back = tail === undefined ? [] : groups(tail);
-  const full = [...front, ...Array<string>(8 - front.length - back.length).fill("0"), ...back];
-  const value = full.map((g) => Number.parseInt(g, 16));
-  // An IPv4-mapped address however written (`::ffff:c000:201`, `0:0:0:0:0:ffff:1.2.3.4`).
-  if (value.slice(0, 5).every((g) => g === 0) && value[5] === 0xffff) {
-    const [high = 0, low = 0] = value.slice(6);
-    return [high >> 8, high & 0xff, low >> 8, low & 0xff].join(".");
-  }
+  if (isIPv4(address)) return address;
+  const groups = ipv6Groups(address);
+  if (!groups) return address;
+  const mapped = mappedIPv4(groups);
+  if (mapped) return mapped;
   const bits = options.ipv6PrefixBits ?? 48;
-  const prefix = full.slice(0, bits / 16).map((g) => Number.parseInt(g, 16).toString(16));
+  const prefix = groups.slice(0, bits / 16).map((g) => g.toString(16));
   return `${prefix.join(":")}::/${bits}`;
 }
 
 /** `address` without the port written after it (`a.b.c.d:port`, `[ipv6]:port`) or the brackets. */
 function withoutPort(address: string): string {
-  const v4 = /^(\d{1,3}(?:\.\d{1,3}){3}):\d{1,5}$/.exec(address);
-  if (v4?.[1] && isIPv4(v4[1])) return v4[1];
-  const bracketed = /^\[([^\]]+)\](?::\d{1,5})?$/.exec(address);
-  if (bracketed?.[1] && isIPv6(bracketed[1].split("%")[0] ?? "")) return bracketed[1];
+  const port = (digits: string | undefined): boolean => digits === undefined || Number(digits) <= 65535;
+  const v4 = /^(\d{1,3}(?:\.\d{1,3}){3}):(\d{1,5})$/.exec(address);
+  if (v4?.[1] && isIPv4(v4[1]) && port(v4[2])) return v4[1];
+  const bracketed = /^\[([^\]]+)\](?::(\d{1,5}))?$/.exec(address);
+  if (bracketed?.[1] && isIPv6(bracketed[1].split("%")[0] ?? "") && port(bracketed[2])) return bracketed[1];
   return address;
 }
 
-/** A dotted IPv4 address as the two 16-bit hex groups it is in an IPv6 address. */
-function ipv4Groups(dotted: string): string[] {
+/** The eight 16-bit groups of an IPv6 address (its zone id ignored), or undefined for anything else. */
+function ipv6Groups(address: string): number[] | undefined {
+  const bare = address.split("%")[0] ?? address;
+  if (!isIPv6(bare)) return undefined;
+  // Expand `::` to the zero groups it stands for; an IPv4 tail (`::1.2.3.4`) is two groups.
+  const groups = (part: string): number[] =>
+    part === ""
+      ? []
+      : part.split(":").flatMap((g) => (g.includes(".") ? ipv4Groups(g) : [Number.parseInt(g, 16)]));
+  const [head = "", tail] = bare.split("::");
+  const front = groups(head);
+  const back = tail === undefined ? [] : groups(tail);
+  return [...front, ...Array<number>(8 - front.length - back.length).fill(0), ...back];
+}
+
+/** The IPv4 address an IPv4-mapped IPv6 address (`::ffff:a.b.c.d`) stands for; undefined for others. */
+function mappedIPv4(groups: readonly number[]): string | undefined {
+  if (!groups.slice(0, 5).every((g) => g === 0) || groups[5] !== 0xffff) return undefined;
+  const [high = 0, low = 0] = groups.slice(6);
+  return [high >> 8, high & 0xff, low >> 8, low & 0xff].join(".");
+}
+
+/** Eight groups as RFC 5952 §4 writes them: the longest run of two or more zeros (the first of equals) as `::`. */
+function formatIPv6(groups: readonly number[]): string {
+  let best = { at: -1, length: 1 };
+  for (let at = 0; at < groups.length; ) {
+    let end = at;
+    while (groups[end] === 0) end++;
+    if (end - at > best.length) best = { at, length: end - at };
+    at = end + 1;
+  }
+  const hex = (part: readonly number[]): string => part.map((g) => g.toString(16)).join(":");
+  if (best.at < 0) return hex(groups);
+  return `${hex(groups.slice(0, best.at))}::${hex(groups.slice(best.at + best.length))}`;
+}
+
+/** A dotted IPv4 address as the two 16-bit groups it is in an IPv6 address. */
+function ipv4Groups(dotted: string): number[] {
   const [a = 0, b = 0, c = 0, d = 0] = dotted.split(".").map(Number);
-  return [((a << 8) | b).toString(16), ((c << 8) | d).toString(16)];
+  return [(a << 8) | b, (c << 8) | d];
 }

@@ -1,6 +1,11 @@
 /** What counts as a client address, and which budget an address spends (Node and Deno). */
 import { describe, expect, it } from "vitest";
-import { addressBucket, checkClientAddress, MAX_CLIENT_ADDRESS_LENGTH } from "./client-address.ts";
+import {
+  addressBucket,
+  checkClientAddress,
+  MAX_CLIENT_ADDRESS_LENGTH,
+  parseClientAddress,
+} from "./client-address.ts";
 
 describe("checkClientAddress", () => {
   it("accepts visible ASCII up to the limit, trimmed; anything else is no address", () => {
@@ -65,5 +70,68 @@ describe("addressBucket", () => {
     // Not an address with a port: kept as written.
     expect(addressBucket("999.0.2.1:80")).toBe("999.0.2.1:80");
     expect(addressBucket("host.example:80")).toBe("host.example:80");
+  });
+});
+
+describe("parseClientAddress", () => {
+  it("spells each IPv4 and IPv6 address one way, whatever the port, brackets, case, zeros, zone or spaces", () => {
+    const spellings: Record<string, string[]> = {
+      "192.0.2.1": [
+        "192.0.2.1",
+        " 192.0.2.1\t",
+        "192.0.2.1:51234",
+        "::ffff:192.0.2.1",
+        "[::FFFF:c000:201]:80",
+      ],
+      "2001:db8:1:2::1": [
+        "2001:db8:1:2::1",
+        "2001:DB8:1:2:0:0:0:1",
+        "2001:0db8:0001:0002:0000:0000:0000:0001",
+        "[2001:db8:1:2::1]:443",
+        "[2001:db8:1:2::1]",
+        "2001:db8:1:2::1%eth0",
+        " 2001:db8:1:2::0.0.0.1 ",
+      ],
+      // RFC 5952: the longest run of zeros is the one shortened, the first of two as long…
+      "2001:0:0:1::1": ["2001:0:0:1:0:0:0:1"],
+      "2001:db8::1:0:0:1": ["2001:db8:0:0:1:0:0:1"],
+      // …and never a single zero group.
+      "2001:db8:0:1:1:1:1:1": ["2001:db8::1:1:1:1:1"],
+      "::": ["0:0:0:0:0:0:0:0"],
+      "::1": ["0:0:0:0:0:0:0:1"],
+      "fe80::": ["FE80:0:0:0:0:0:0:0"],
+    };
+    for (const [address, written] of Object.entries(spellings)) {
+      for (const w of written) expect(parseClientAddress(w), w).toBe(address);
+    }
+  });
+
+  it("reads the for= of an RFC 7239 Forwarded element", () => {
+    expect(parseClientAddress("for=192.0.2.60;proto=http;by=203.0.113.43")).toBe("192.0.2.60");
+    expect(parseClientAddress('proto=https; For="[2001:db8:cafe::17]:4711"')).toBe("2001:db8:cafe::17");
+    expect(parseClientAddress("for=unknown")).toBeUndefined();
+    expect(parseClientAddress("for=_hidden")).toBeUndefined();
+    expect(parseClientAddress("proto=https")).toBeUndefined();
+  });
+
+  it("is undefined for anything that is not an IP address", () => {
+    for (const bad of [
+      null,
+      undefined,
+      "",
+      " ",
+      "unknown",
+      "host.example",
+      "host.example:80",
+      "01.2.3.4",
+      "999.0.2.1",
+      "192.0.2.1:99999",
+      "1.2.3.4.5",
+      "2001:db8::1::2",
+      "[192.0.2.1]:80",
+      "192.0.2.1|x",
+    ]) {
+      expect(parseClientAddress(bad), String(bad)).toBeUndefined();
+    }
   });
 });

@@ -7,6 +7,7 @@ export {
   CLIENT_ADDRESS_HEADER,
   checkClientAddress,
   MAX_CLIENT_ADDRESS_LENGTH,
+  parseClientAddress,
 } from "./client-address.ts";
 export { DEFAULT_USER_GRPC_PORT, readUserServiceConfig, type UserServiceConfig } from "./config.ts";
 export {
