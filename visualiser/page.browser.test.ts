@@ -1,7 +1,8 @@
 /**
  * The visualiser page in a real browser (Debian chromium driven by playwright-core) against a real
- * orchestrator and nats-server: the current state is lit, time travel relights the chart, and the
- * page follows the instance live. Saves `.data/visualiser.png` (and `-rev1.png`) for a human look.
+ * orchestrator and nats-server: the current state is lit, time travel relights the chart (loading
+ * earlier pages of a long history), the page follows the instance live (reconnecting after the
+ * stream fails) and picks up an instance that starts after it was opened. Saves `.data/visualiser.png` (and `-rev1.png`) for a human look.
  *
  * Not in the default suite: run with `npm run test:browser` (vitest project `browser`).
  */
@@ -30,6 +31,7 @@ import {
   type WorkflowClient,
 } from "../orchestrator/index.ts";
 import { orderSaga } from "../orchestrator/workflows/index.ts";
+import { counterWorkflow } from "../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../test/support/context.ts";
 import { createChartLayouts } from "./layout.ts";
 import { createVisualiserHandler, serveVisualiser, type VisualiserServer } from "./server.ts";
@@ -61,7 +63,7 @@ const stoppable = defineWorkflow({
     states: { working: {}, stopped: { type: "final" } },
   }),
 });
-const workflows = [orderSaga, stoppable];
+const workflows = [orderSaga, stoppable, counterWorkflow];
 
 describe("visualiser page in chromium", () => {
   let nc: NatsConnection;
@@ -75,6 +77,22 @@ describe("visualiser page in chromium", () => {
   const ns = uniqueNamespace("visbrowser");
   const orderId = "o-vis-1";
   const consoleErrors: string[] = [];
+
+  /** The revisions the history list shows, top to bottom. */
+  const listedRevisions = (): Promise<number[]> =>
+    page.$$eval("#history > li", (items) => items.map((li) => Number(li.getAttribute("data-revision"))));
+  const waitForRevision = async (workflow: string, id: string, revision: number): Promise<void> => {
+    const deadline = Date.now() + 10_000;
+    while (((await client.getState(workflow, id))?.revision ?? 0) < revision) {
+      if (Date.now() > deadline) throw new Error(`${workflow}/${id} did not reach revision ${revision}`);
+      await new Promise((resolve) => setTimeout(resolve, 25));
+    }
+  };
+  /** Console errors the browser reports itself for answers the page expects (404, 503). */
+  const unexpectedConsoleErrors = (): string[] =>
+    consoleErrors.filter(
+      (text) => !/\b(404|503)\b/.test(text) && !text.includes("EventSource's response has a MIME type"),
+    );
 
   /** The ids of the states marked current on the page. */
   const currentStates = (): Promise<string[]> =>
@@ -360,5 +378,114 @@ describe("visualiser page in chromium", () => {
       await page.unrouteAll();
     }
     expect(consoleErrors.filter((text) => !text.includes("404"))).toEqual([]);
+  });
+
+  it("reconnects the live stream with backoff after a 503, says so, and resumes without gaps or doubles", async () => {
+    await client.start("counter", "c-retry", { expected: 100 });
+    await waitForRevision("counter", "c-retry", 1);
+    let failing = true;
+    let refused = 0;
+    await page.route(/\/api\/instances\/counter\/c-retry\/live/, async (route) => {
+      if (!failing) return route.continue();
+      refused++;
+      return route.fulfill({
+        status: 503,
+        headers: { "retry-after": "5" },
+        json: { error: { code: "UNAVAILABLE", message: "too many live streams" } },
+      });
+    });
+    try {
+      await page.goto(`${server.url}/?workflow=counter&id=c-retry`);
+      await page.waitForSelector("#following[data-live='reconnecting']");
+      expect(await page.locator("#following").textContent()).toContain("reconnecting");
+      expect(await page.locator("#status").textContent()).toContain("reconnecting");
+      // Appended while the page cannot follow: they must still arrive, once each.
+      await client.signal("counter", "c-retry", { type: "bump", by: 1 });
+      await client.signal("counter", "c-retry", { type: "bump", by: 2 });
+      await waitForRevision("counter", "c-retry", 3);
+      // Kept refusing for another attempt: the page retries more than once.
+      await expect.poll(() => refused, { timeout: 30_000 }).toBeGreaterThanOrEqual(2);
+      failing = false;
+      await page.waitForSelector("#following[data-live='live']", { timeout: 30_000 });
+      await page.waitForFunction(() => document.querySelector("#revision-out")?.textContent === "3 / 3");
+      expect(await listedRevisions()).toEqual([1, 2, 3]);
+      // The resumed stream is live.
+      await client.signal("counter", "c-retry", { type: "bump", by: 3 });
+      await page.waitForFunction(() => document.querySelector("#revision-out")?.textContent === "4 / 4");
+      expect(await listedRevisions()).toEqual([1, 2, 3, 4]);
+      expect(JSON.parse((await page.locator("#context").textContent()) ?? "")).toMatchObject({
+        seen: 3,
+        total: 6,
+      });
+      expect(await page.locator("#status").textContent()).toBe(
+        "counter/c-retry: counting (running), revision 4.",
+      );
+    } finally {
+      await page.unrouteAll();
+    }
+    expect(unexpectedConsoleErrors()).toEqual([]);
+  });
+
+  it("picks up an instance that starts after the page was opened, and follows it", async () => {
+    await page.goto(`${server.url}/?workflow=counter&id=c-late`);
+    await page.waitForFunction(() =>
+      document.querySelector("#status")?.textContent?.includes("waiting for it to start"),
+    );
+    await client.start("counter", "c-late", { expected: 100 });
+    await page.waitForSelector("[data-state='counting'][aria-current='true']", { timeout: 30_000 });
+    expect(await listedRevisions()).toEqual([1]);
+    await client.signal("counter", "c-late", { type: "bump", by: 4 });
+    await page.waitForFunction(() => document.querySelector("#revision-out")?.textContent === "2 / 2");
+    expect(await listedRevisions()).toEqual([1, 2]);
+    expect(await page.locator("#following").textContent()).toContain("live");
+    expect(unexpectedConsoleErrors()).toEqual([]);
+  });
+
+  it("time travels over a history longer than one page, loading earlier entries on demand", async () => {
+    await client.start("counter", "c-paged", { expected: 100 });
+    for (let by = 1; by <= 6; by++) await client.signal("counter", "c-paged", { type: "bump", by });
+    await waitForRevision("counter", "c-paged", 7);
+    // Pages of two, so seven entries need four of them.
+    const asked: string[] = [];
+    await page.route(/\/api\/instances\/counter\/c-paged\/history/, (route) => {
+      const url = new URL(route.request().url());
+      asked.push(url.search);
+      url.searchParams.set("limit", "2");
+      return route.continue({ url: url.toString() });
+    });
+    try {
+      await page.goto(`${server.url}/?workflow=counter&id=c-paged`);
+      await page.waitForSelector("[data-state='counting'][aria-current='true']");
+      expect(await listedRevisions()).toEqual([6, 7]);
+      expect(await page.locator("#revision").getAttribute("min")).toBe("1");
+      expect(await page.locator("#revision").getAttribute("max")).toBe("7");
+      expect(await page.locator("#revision-out").textContent()).toBe("7 / 7");
+
+      await page.locator("#earlier").click();
+      await page.waitForFunction(() => document.querySelectorAll("#history > li").length === 4);
+      expect(await listedRevisions()).toEqual([4, 5, 6, 7]);
+      // Still on the latest revision, and still following.
+      expect(await page.locator("#revision-out").textContent()).toBe("7 / 7");
+
+      // The slider reaches revisions not loaded yet: they are loaded, then shown.
+      await page.locator("#revision").fill("1");
+      await page.waitForFunction(() => document.querySelector("#revision-out")?.textContent === "1 / 7");
+      expect(await listedRevisions()).toEqual([1, 2, 3, 4, 5, 6, 7]);
+      expect(JSON.parse((await page.locator("#context").textContent()) ?? "")).toEqual({
+        expected: 100,
+        seen: 0,
+        total: 0,
+      });
+      expect(await page.locator("#earlier").isHidden()).toBe(true);
+      expect(asked).toEqual(["", "?before=6&limit=500", "?before=4&limit=500", "?before=2&limit=500"]);
+
+      // Clicks pick the entry clicked, whatever was loaded before it.
+      await page.locator("#history > li").nth(4).locator(".entry-pick").click();
+      await page.waitForFunction(() => document.querySelector("#revision-out")?.textContent === "5 / 7");
+      expect(JSON.parse((await page.locator("#context").textContent()) ?? "")).toMatchObject({ seen: 4 });
+    } finally {
+      await page.unrouteAll();
+    }
+    expect(unexpectedConsoleErrors()).toEqual([]);
   });
 });

@@ -26,6 +26,9 @@ import { type Runtime, spawnService } from "../test/support/processes.ts";
 import { createChartLayouts } from "./layout.ts";
 import {
   createVisualiserHandler,
+  DEFAULT_HISTORY_LIMIT,
+  type HistoryPage,
+  MAX_HISTORY_LIMIT,
   serveVisualiser,
   type VisualiserHandler,
   type VisualiserServer,
@@ -261,6 +264,127 @@ describe("visualiser HTTP API", () => {
       [2, "bump", "counting"],
     ]);
     expect(body.entries[1]?.state.context).toEqual({ expected: 3, seen: 1, total: 5 });
+  });
+
+  it("pages a history: the latest entries by default, earlier ones with before, later ones with after", async () => {
+    // 1 + DEFAULT_HISTORY_LIMIT + 1 entries: one more than the default page after the start.
+    const bumps = DEFAULT_HISTORY_LIMIT + 1;
+    await client.start("counter", "c-long", { expected: bumps + 1 });
+    await waitForRevision("c-long", 1);
+    for (let i = 0; i < bumps; i += 50) {
+      await Promise.all(
+        Array.from({ length: Math.min(50, bumps - i) }, () =>
+          client.signal("counter", "c-long", { type: "bump", by: 1 }),
+        ),
+      );
+    }
+    const latest = bumps + 1;
+    await waitForRevision("c-long", latest);
+    const page = async (query: string): Promise<HistoryPage> => {
+      const response = await get(`/api/instances/counter/c-long/history${query}`);
+      expect(response.status, query).toBe(200);
+      return (await response.json()) as HistoryPage;
+    };
+    const revisions = (p: HistoryPage): number[] => p.entries.map((e) => e.revision);
+    const range = (from: number, to: number): number[] =>
+      Array.from({ length: to - from + 1 }, (_, i) => from + i);
+
+    const first = await page("");
+    expect(first).toMatchObject({
+      workflow: "counter",
+      instanceId: "c-long",
+      oldestRevision: 1,
+      latestRevision: latest,
+      hasEarlier: true,
+      hasLater: false,
+    });
+    expect(revisions(first)).toEqual(range(latest - DEFAULT_HISTORY_LIMIT + 1, latest));
+
+    expect(await page("?limit=3")).toMatchObject({ hasEarlier: true, hasLater: false });
+    expect(revisions(await page("?limit=3"))).toEqual([latest - 2, latest - 1, latest]);
+    const middle = await page("?before=5&limit=3");
+    expect(revisions(middle)).toEqual([2, 3, 4]);
+    expect(middle).toMatchObject({ hasEarlier: true, hasLater: true });
+    const start = await page("?before=3&limit=3");
+    expect(revisions(start)).toEqual([1, 2]);
+    expect(start).toMatchObject({ hasEarlier: false, hasLater: true });
+    const oldest = await page("?after=0&limit=2");
+    expect(revisions(oldest)).toEqual([1, 2]);
+    expect(oldest).toMatchObject({ hasEarlier: false, hasLater: true });
+    const end = await page(`?after=${latest - 2}&limit=${MAX_HISTORY_LIMIT}`);
+    expect(revisions(end)).toEqual([latest - 1, latest]);
+    expect(end).toMatchObject({ hasEarlier: true, hasLater: false });
+    // Nothing newer yet: an empty page, not a 404, so a client can ask again later.
+    const none = await page(`?after=${latest}`);
+    expect(none.entries).toEqual([]);
+    expect(none).toMatchObject({ hasEarlier: true, hasLater: false, latestRevision: latest });
+
+    // Walking back page by page gives every entry once, as the whole history does.
+    const walked: number[] = [];
+    let before = "";
+    for (;;) {
+      const p = await page(`?limit=200${before}`);
+      walked.unshift(...revisions(p));
+      if (!p.hasEarlier) break;
+      before = `&before=${p.entries[0]!.revision}`;
+    }
+    expect(walked).toEqual(range(1, latest));
+    expect(revisions(await page(`?limit=${MAX_HISTORY_LIMIT}`))).toEqual(range(1, latest));
+  });
+
+  it("refuses bad history page parameters with 400 before reading NATS", async () => {
+    let reads = 0;
+    const counting = await createVisualiserHandler({
+      client: {
+        getHistory: (workflow, id) => {
+          reads++;
+          return client.getHistory(workflow, id);
+        },
+        getState: (workflow, id) => {
+          reads++;
+          return client.getState(workflow, id);
+        },
+        watch: (workflow, id, options) => {
+          reads++;
+          return client.watch(workflow, id, options);
+        },
+      },
+      workflows,
+      layouts: createChartLayouts(),
+      publicDir,
+    });
+    const at = (query: string): Promise<Response> =>
+      counting(new Request(`http://visualiser.local/api/instances/counter/c-1/history${query}`));
+    const cases: Array<[string, RegExp]> = [
+      ["?limit=0", /^limit must be one integer from 1 to 2000$/],
+      [`?limit=${MAX_HISTORY_LIMIT + 1}`, /^limit must/],
+      ["?limit=", /^limit must/],
+      ["?limit=x", /^limit must/],
+      ["?limit=1.5", /^limit must/],
+      ["?limit=1e2", /^limit must/],
+      ["?limit=%205", /^limit must/],
+      ["?limit=0x10", /^limit must/],
+      ["?limit=1&limit=2", /^limit must/],
+      ["?after=-1", /^after must be one non-negative integer revision$/],
+      ["?after=99999999999999999", /^after must/],
+      ["?before=0", /^before must be one positive integer revision$/],
+      ["?before=x", /^before must/],
+      ["?after=1&before=5", /^give after or before, not both$/],
+    ];
+    for (const [query, message] of cases) {
+      const response = await at(query);
+      expect(response.status, query).toBe(400);
+      const body = (await response.json()) as { error: { code: string; message: string } };
+      expect(body.error.code, query).toBe("INVALID_ARGUMENT");
+      expect(body.error.message, query).toMatch(message);
+    }
+    expect(reads).toBe(0);
+    // Good ones are read; parameters it does not know are ignored, as before pages existed.
+    for (const query of ["?limit=1", `?limit=${MAX_HISTORY_LIMIT}`, "?after=0", "?before=2", "?other=x"]) {
+      expect((await at(query)).status, query).toBe(200);
+    }
+    expect(reads).toBe(5);
+    counting.close();
   });
 
   it("lists an instance's dead letters: a start refused before the instance had any history", async () => {

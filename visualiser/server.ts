@@ -6,7 +6,13 @@
  * - `/` and static files from `public/` — the page.
  * - `/healthz` — 200 while connected to NATS.
  * - `/api/workflows` — names, versions, signals and laid-out charts.
- * - `/api/instances/:workflow/:id/history` — every history entry, oldest first.
+ * - `/api/instances/:workflow/:id/history` — one page of history entries, oldest first, as
+ *   `{ workflow, instanceId, entries, oldestRevision, latestRevision, hasEarlier, hasLater }`.
+ *   `?limit=N` (1–{@link MAX_HISTORY_LIMIT}, default {@link DEFAULT_HISTORY_LIMIT}) entries:
+ *   without a position the latest ones; `?before=R` the latest ones older than revision R;
+ *   `?after=R` the oldest ones newer than revision R (empty when there are none yet). A bad or
+ *   repeated parameter, or `before` with `after`, is a 400. A history no longer than the limit
+ *   comes back whole, as before pages existed.
  * - `/api/instances/:workflow/:id/dead-letters` — the instance's dead letters (see
  *   {@link VisualiserOptions.deadLetters}); `{ deadLetters: [], complete: true }` when not wired.
  * - `/api/instances/:workflow/:id/live` — Server-Sent Events: one `entry` event per history entry
@@ -76,7 +82,28 @@ export interface WorkflowSummary {
   chart: ChartLayout;
 }
 
+/** History entries per `/history` answer when the request does not say. */
+export const DEFAULT_HISTORY_LIMIT = 500;
+/** The most history entries one `/history` answer may hold: each carries a whole state. */
+export const MAX_HISTORY_LIMIT = 2_000;
+
+/** One `/history` answer. */
+export interface HistoryPage {
+  workflow: string;
+  instanceId: string;
+  /** Oldest first. */
+  entries: HistoryEntry[];
+  /** The instance's first and latest revisions when it was read: the range pages can cover. */
+  oldestRevision: number;
+  latestRevision: number;
+  /** Entries older than the first in `entries` (or, when it is empty, than `after`) exist. */
+  hasEarlier: boolean;
+  /** Entries newer than the last in `entries` existed when it was read. */
+  hasLater: boolean;
+}
+
 const WORKFLOW_NAME = /^[a-z][a-z0-9-]{0,63}$/;
+const REVISION_TEXT = /^\d{1,15}$/;
 const STATIC_NAME = /^[A-Za-z0-9_-]+\.(html|js|css|svg|ico|png)$/;
 const CONTENT_TYPES: Record<string, string> = {
   ".html": "text/html; charset=utf-8",
@@ -130,10 +157,36 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
     return json(200, { workflows: list });
   };
 
-  const history = async (workflow: string, id: string): Promise<Response> => {
-    const entries = await client.getHistory(workflow, id);
-    if (entries.length === 0) return problem(404, "NOT_FOUND", `no instance ${workflow}/${id}`);
-    return json(200, { workflow, instanceId: id, entries });
+  const history = async (request: Request, workflow: string, id: string): Promise<Response> => {
+    const query = historyQuery(new URL(request.url).searchParams);
+    if (typeof query === "string") return problem(400, "INVALID_ARGUMENT", query);
+    // WorkflowClient has no ranged read, so this process still holds the whole history for a
+    // moment; pages bound what is sent and what the browser keeps.
+    const all = await client.getHistory(workflow, id);
+    const oldest = all[0];
+    const latest = all.at(-1);
+    if (!oldest || !latest) return problem(404, "NOT_FOUND", `no instance ${workflow}/${id}`);
+    let start: number;
+    let end: number;
+    if (query.after !== undefined) {
+      const after = query.after;
+      start = firstIndex(all, (entry) => entry.revision > after);
+      end = Math.min(all.length, start + query.limit);
+    } else {
+      const before = query.before;
+      end = before === undefined ? all.length : firstIndex(all, (entry) => entry.revision >= before);
+      start = Math.max(0, end - query.limit);
+    }
+    const page: HistoryPage = {
+      workflow,
+      instanceId: id,
+      entries: all.slice(start, end),
+      oldestRevision: oldest.revision,
+      latestRevision: latest.revision,
+      hasEarlier: start > 0,
+      hasLater: end < all.length,
+    };
+    return json(200, page);
   };
 
   const live = async (request: Request, workflow: string, id: string): Promise<Response> => {
@@ -261,7 +314,7 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
       }
       if (action === "history" || action === "live") {
         if (!definitions.has(workflow)) return problem(404, "NOT_FOUND", `unknown workflow ${workflow}`);
-        return action === "history" ? history(workflow, id) : live(request, workflow, id);
+        return action === "history" ? history(request, workflow, id) : live(request, workflow, id);
       }
       // No definition check: a start refused for an unknown workflow leaves only its dead letter.
       if (action === "dead-letters") return deadLetters(workflow, id);
@@ -407,6 +460,50 @@ function drained(res: ServerResponse, gone: AbortSignal): Promise<void> {
     gone.addEventListener("abort", done, { once: true });
     if (gone.aborted || res.destroyed) done();
   });
+}
+
+/** Which entries a `/history` request asks for. */
+interface HistoryQuery {
+  limit: number;
+  after?: number;
+  before?: number;
+}
+
+/** A `/history` request's page, or why it is refused. */
+function historyQuery(params: URLSearchParams): HistoryQuery | string {
+  const refusals: string[] = [];
+  const read = (name: string, min: number, max: number, rule: string): number | undefined => {
+    const values = params.getAll(name);
+    if (values.length === 0) return undefined;
+    const text = values[0] ?? "";
+    // Number() alone would take "", " 5", "1e3" and "0x10".
+    const value = REVISION_TEXT.test(text) ? Number(text) : Number.NaN;
+    if (values.length === 1 && value >= min && value <= max) return value;
+    refusals.push(`${name} must be ${rule}`);
+    return undefined;
+  };
+  const limit = read("limit", 1, MAX_HISTORY_LIMIT, `one integer from 1 to ${MAX_HISTORY_LIMIT}`);
+  const after = read("after", 0, Number.MAX_SAFE_INTEGER, "one non-negative integer revision");
+  const before = read("before", 1, Number.MAX_SAFE_INTEGER, "one positive integer revision");
+  if (refusals[0] !== undefined) return refusals[0];
+  if (after !== undefined && before !== undefined) return "give after or before, not both";
+  return {
+    limit: limit ?? DEFAULT_HISTORY_LIMIT,
+    ...(after === undefined ? {} : { after }),
+    ...(before === undefined ? {} : { before }),
+  };
+}
+
+/** The index of the first entry (revisions ascend) that `is`, or `entries.length`. */
+function firstIndex(entries: readonly HistoryEntry[], is: (entry: HistoryEntry) => boolean): number {
+  let low = 0;
+  let high = entries.length;
+  while (low < high) {
+    const middle = (low + high) >>> 1;
+    if (is(entries[middle] as HistoryEntry)) high = middle;
+    else low = middle + 1;
+  }
+  return low;
 }
 
 function decode(segment: string): string | undefined {

@@ -6,6 +6,13 @@ const SVG = "http://www.w3.org/2000/svg";
 const ID_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
 // The machine itself as the source of top-level transitions (ROOT_ID in chart.ts).
 const ROOT_ID = "(machine)";
+// Entries asked for per request for earlier ones (the server's default page; its maximum is larger).
+const PAGE_SIZE = 500;
+// Reconnecting the live stream: exponential from base to cap, so a struggling server is not
+// hammered; a stream that stayed up this long counts as healthy and starts the backoff over.
+const LIVE_RETRY = { baseMs: 1_000, capMs: 30_000, stableMs: 10_000 };
+// Waiting for an instance that has not started: polled more gently the longer it takes.
+const START_POLL = { baseMs: 1_000, capMs: 10_000 };
 
 // The page's state: the loaded charts, the instance's entries and which one is shown.
 const view = {
@@ -17,6 +24,20 @@ const view = {
   source: undefined,
   workflow: "",
   id: "",
+  // The instance's first revision and whether entries before view.entries[0] are still unloaded.
+  oldestRevision: 1,
+  hasEarlier: false,
+  // The one /history request for earlier entries in flight, if any.
+  earlier: undefined,
+  // The revision the slider last asked for: a request it had to wait on must not override a newer one.
+  wanted: undefined,
+  // Bumped whenever the shown instance changes: replies and timers of the old one are dropped.
+  generation: 0,
+  // A pending reconnect of the live stream, { timer, text }, and how many failed in a row.
+  retry: undefined,
+  liveAttempt: 0,
+  // A pending retry of the first /history load (the instance has not started, or the server failed).
+  loadTimer: undefined,
 };
 
 const $ = (id) => document.getElementById(id);
@@ -32,12 +53,23 @@ const el = {
   snapshot: $("snapshot"),
   context: $("context"),
   history: $("history"),
+  earlier: $("earlier"),
   deadLetters: $("dead-letters"),
   deadLettersSection: $("dead-letters-section"),
 };
 
 function setStatus(text) {
   el.status.textContent = text;
+}
+
+/** Milliseconds before retry `attempt` (0-based): doubling up to the cap, then 50–100% of that. */
+function backoff(attempt, { baseMs, capMs }) {
+  // Random, so pages cut off by one server restart do not all come back at the same moment.
+  return Math.min(capMs, baseMs * 2 ** attempt) * (0.5 + Math.random() / 2);
+}
+
+function instancePath(workflow, id) {
+  return `/api/instances/${encodeURIComponent(workflow)}/${encodeURIComponent(id)}`;
 }
 
 async function getJson(url) {
@@ -292,7 +324,7 @@ function eventName(entry) {
   return entry.event?.type ?? "?";
 }
 
-function historyItem(entry, index) {
+function historyItem(entry) {
   const li = document.createElement("li");
   li.className = "entry";
   li.dataset.revision = String(entry.revision);
@@ -313,7 +345,8 @@ function historyItem(entry, index) {
   time.title = isoTime(entry.at);
   time.textContent = formatTime(entry.at);
   pick.append(rev, type, time);
-  pick.addEventListener("click", () => select(index, false));
+  // By revision, not index: loading earlier entries shifts every index.
+  pick.addEventListener("click", () => select(indexOfRevision(entry.revision), false));
   row.append(pick);
 
   const details = document.createElement("details");
@@ -408,8 +441,10 @@ function select(index, follow) {
   const entry = entries[i];
   lightChart(entry, entries[i - 1]);
 
-  el.slider.max = String(entries.length);
-  el.slider.value = String(i + 1);
+  // The slider spans the whole history, loaded or not: picking an unloaded revision loads it.
+  el.slider.min = String(Math.min(view.oldestRevision, entries[0].revision));
+  el.slider.max = String(entries.at(-1).revision);
+  el.slider.value = String(entry.revision);
   el.slider.disabled = false;
   el.slider.setAttribute(
     "aria-valuetext",
@@ -454,50 +489,203 @@ function renderFollowing() {
   const where = view.following ? "Showing the latest revision" : "Time travelling";
   const how = finished
     ? `instance ${last.state.status}`
-    : live
-      ? "live: new events appear as they happen"
-      : "not live";
+    : view.retry
+      ? view.retry.text
+      : live
+        ? "live: new events appear as they happen"
+        : "not live";
   el.following.textContent = `${where} — ${how}.`;
   el.following.dataset.following = String(view.following);
+  el.following.dataset.live = finished ? "ended" : view.retry ? "reconnecting" : live ? "live" : "off";
+}
+
+function showLatestStatus() {
+  const last = view.entries.at(-1);
+  if (!last) return;
+  setStatus(
+    `${view.workflow}/${view.id}: ${describeValue(last.state.value)} (${last.state.status}), revision ${last.revision}.`,
+  );
 }
 
 function addEntry(entry) {
   const last = view.entries.at(-1);
   if (last && entry.revision <= last.revision) return; // already shown (reconnect overlap)
   // Row first: if building it throws, entries and the list still match.
-  const item = historyItem(entry, view.entries.length);
+  const item = historyItem(entry);
   view.entries.push(entry);
   el.history.append(item);
   if (view.following) select(view.entries.length - 1, true);
   else select(view.selected, false);
-  setStatus(
-    `${view.workflow}/${view.id}: ${describeValue(entry.state.value)} (${entry.state.status}), revision ${entry.revision}.`,
-  );
+  showLatestStatus();
+}
+
+/** The index of the latest loaded entry at or before `revision` (0 when all are after it). */
+function indexOfRevision(revision) {
+  const entries = view.entries;
+  let low = 0;
+  let high = entries.length;
+  while (low < high) {
+    const middle = (low + high) >>> 1;
+    if (entries[middle].revision <= revision) low = middle + 1;
+    else high = middle;
+  }
+  return Math.max(0, low - 1);
+}
+
+function renderEarlier() {
+  el.earlier.hidden = !view.hasEarlier;
+  el.earlier.disabled = Boolean(view.earlier);
+  el.earlier.textContent = view.earlier ? "Loading earlier entries…" : "Load earlier entries";
+}
+
+/** Loads the page of entries before the first loaded one; concurrent callers share one request. */
+function loadEarlier() {
+  if (!view.hasEarlier || view.entries.length === 0) return Promise.resolve();
+  if (view.earlier) return view.earlier;
+  const generation = view.generation;
+  const first = view.entries[0].revision;
+  const request = (async () => {
+    try {
+      const body = await getJson(
+        `${instancePath(view.workflow, view.id)}/history?before=${first}&limit=${PAGE_SIZE}`,
+      );
+      if (generation !== view.generation) return;
+      const older = body.entries.filter((entry) => entry.revision < view.entries[0].revision);
+      el.history.prepend(...older.map((entry) => historyItem(entry)));
+      view.entries = [...older, ...view.entries];
+      view.hasEarlier = body.hasEarlier === true && older.length > 0;
+      if (typeof body.oldestRevision === "number") view.oldestRevision = body.oldestRevision;
+      select(view.selected + older.length, view.following);
+    } catch (error) {
+      if (generation === view.generation) setStatus(`Could not load earlier entries: ${error.message}`);
+      throw error;
+    } finally {
+      if (generation === view.generation) {
+        view.earlier = undefined;
+        renderEarlier();
+      }
+    }
+  })();
+  view.earlier = request;
+  renderEarlier();
+  return request;
+}
+
+/** Time travel to `revision`, loading the entries before the loaded ones first if it is among them. */
+async function travelTo(revision, follow) {
+  view.wanted = revision;
+  const generation = view.generation;
+  try {
+    while (view.hasEarlier && view.entries[0]?.revision > revision) await loadEarlier();
+  } catch {
+    // Reported by loadEarlier; show the oldest loaded entry instead.
+  }
+  if (generation !== view.generation || view.wanted !== revision) return;
+  select(indexOfRevision(revision), follow);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Loading and live updates.
 
-function follow(workflow, id, after) {
+/** Follows the instance live from the last loaded entry, reconnecting with backoff when the stream fails. */
+function follow() {
+  const { workflow, id, generation } = view;
   view.source?.close();
-  const url = `/api/instances/${encodeURIComponent(workflow)}/${encodeURIComponent(id)}/live?after=${after}`;
-  const source = new EventSource(url);
+  clearTimeout(view.retry?.timer);
+  view.retry = undefined;
+  // From the last entry shown, not EventSource's Last-Event-ID: this is also a fresh EventSource
+  // after a failed one, and the server fills in what was appended meanwhile.
+  const after = view.entries.at(-1).revision;
+  const source = new EventSource(`${instancePath(workflow, id)}/live?after=${after}`);
   view.source = source;
+  let openedAt;
   source.addEventListener("entry", (event) => addEntry(JSON.parse(event.data)));
   source.addEventListener("end", () => {
     source.close();
     renderFollowing();
   });
-  source.addEventListener("open", renderFollowing);
-  source.addEventListener("error", renderFollowing);
+  source.addEventListener("open", () => {
+    openedAt = Date.now();
+    if (view.source === source) showLatestStatus();
+    renderFollowing();
+  });
+  source.addEventListener("error", () => {
+    if (view.source !== source || generation !== view.generation) return;
+    // EventSource gives up for good on an answer other than 200 (a 503 from a busy or restarting
+    // server) and retries a dropped stream at the server's fixed pace: both go through the one
+    // backoff here instead.
+    source.close();
+    if (view.entries.at(-1)?.state.status !== "running") {
+      renderFollowing();
+      return;
+    }
+    if (openedAt !== undefined && Date.now() - openedAt >= LIVE_RETRY.stableMs) view.liveAttempt = 0;
+    const delay = backoff(view.liveAttempt, LIVE_RETRY);
+    view.liveAttempt += 1;
+    const seconds = Math.max(1, Math.round(delay / 1_000));
+    const text = `live updates interrupted: reconnecting in ${seconds} s (attempt ${view.liveAttempt})`;
+    view.retry = { timer: setTimeout(follow, delay), text };
+    setStatus(`${workflow}/${id}: ${text}…`);
+    renderFollowing();
+  });
 }
 
-async function loadInstance(workflow, id) {
+/** Shows the latest page of the instance's history and follows it; waits for it if it has not started. */
+async function loadLatest(attempt) {
+  const { workflow, id, generation } = view;
+  view.loadTimer = undefined;
+  let body;
+  try {
+    // The server's default page: the latest entries.
+    body = await getJson(`${instancePath(workflow, id)}/history`);
+  } catch (error) {
+    if (generation !== view.generation) return;
+    const notYet = error.status === 404;
+    // Other 4xx answers will not change by asking again.
+    if (!notYet && error.status !== undefined && error.status < 500) {
+      setStatus(`Could not load ${workflow}/${id}: ${error.message}`);
+      return;
+    }
+    // Polled rather than pushed: /live is for instances that exist, and one read per poll is cheap.
+    view.loadTimer = setTimeout(() => loadLatest(attempt + 1), backoff(attempt, START_POLL));
+    setStatus(
+      notYet
+        ? `No instance ${workflow}/${id} yet: waiting for it to start…`
+        : `Could not load ${workflow}/${id}: ${error.message}. Trying again…`,
+    );
+    return;
+  }
+  if (generation !== view.generation) return;
+  view.entries = body.entries;
+  view.oldestRevision = body.oldestRevision ?? body.entries[0].revision;
+  view.hasEarlier = body.hasEarlier === true;
+  el.history.replaceChildren(...body.entries.map((entry) => historyItem(entry)));
+  renderEarlier();
+  select(view.entries.length - 1, true);
+  showLatestStatus();
+  if (view.entries.at(-1).state.status === "running") follow();
+  renderFollowing();
+}
+
+function loadInstance(workflow, id) {
+  view.generation += 1;
+  view.workflow = workflow;
+  view.id = id;
   view.source?.close();
   view.source = undefined;
+  clearTimeout(view.retry?.timer);
+  view.retry = undefined;
+  view.liveAttempt = 0;
+  clearTimeout(view.loadTimer);
+  view.loadTimer = undefined;
   view.entries = [];
   view.selected = -1;
   view.following = true;
+  view.oldestRevision = 1;
+  view.hasEarlier = false;
+  view.earlier = undefined;
+  view.wanted = undefined;
+  renderEarlier();
   el.history.replaceChildren();
   el.deadLetters.replaceChildren();
   el.deadLettersSection.hidden = true;
@@ -508,36 +696,15 @@ async function loadInstance(workflow, id) {
   if (!id) {
     setStatus(`Chart of ${workflow}. Enter an instance id to see its state.`);
     renderFollowing();
-    return;
+    return Promise.resolve();
   }
   if (!ID_PATTERN.test(id)) {
     setStatus("Instance ids are 1–128 letters, digits, _ or -.");
-    return;
+    return Promise.resolve();
   }
   setStatus(`Loading ${workflow}/${id}…`);
   void loadDeadLetters(workflow, id);
-  try {
-    const body = await getJson(
-      `/api/instances/${encodeURIComponent(workflow)}/${encodeURIComponent(id)}/history`,
-    );
-    view.entries = body.entries;
-    body.entries.forEach((entry, index) => {
-      el.history.append(historyItem(entry, index));
-    });
-    select(view.entries.length - 1, true);
-    const last = view.entries.at(-1);
-    setStatus(
-      `${workflow}/${id}: ${describeValue(last.state.value)} (${last.state.status}), revision ${last.revision}.`,
-    );
-    if (last.state.status === "running") follow(workflow, id, last.revision);
-    renderFollowing();
-  } catch (error) {
-    setStatus(
-      error.status === 404
-        ? `No instance ${workflow}/${id} (yet).`
-        : `Could not load ${workflow}/${id}: ${error.message}`,
-    );
-  }
+  return loadLatest(0);
 }
 
 function showWorkflow(name) {
@@ -576,20 +743,24 @@ async function start() {
   }
   el.workflow.value = workflow;
   el.instance.value = id;
-  view.workflow = workflow;
-  view.id = id;
   await loadInstance(workflow, id);
 }
 
-el.slider.addEventListener("input", () => select(Number(el.slider.value) - 1));
+el.slider.addEventListener("input", () => void travelTo(Number(el.slider.value)));
 el.latest.addEventListener("click", () => select(view.entries.length - 1, true));
+el.earlier.addEventListener("click", () => void loadEarlier().catch(() => {}));
 document.addEventListener("keydown", (event) => {
   // Arrow keys step through revisions while the history list has focus.
   if (!el.history.contains(document.activeElement)) return;
   if (event.key === "ArrowUp" || event.key === "ArrowDown") {
     event.preventDefault();
-    select(view.selected + (event.key === "ArrowUp" ? -1 : 1));
-    el.history.children[view.selected]?.querySelector(".entry-pick")?.focus();
+    const entry = view.entries[view.selected];
+    if (!entry) return;
+    // Up from the oldest loaded entry loads the ones before it.
+    const revision = entry.revision + (event.key === "ArrowUp" ? -1 : 1);
+    void travelTo(revision).then(() =>
+      el.history.children[view.selected]?.querySelector(".entry-pick")?.focus(),
+    );
   }
 });
 
