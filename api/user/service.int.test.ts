@@ -364,6 +364,24 @@ describe("UserService", () => {
       expect(unknown).toEqual(wrong);
     });
 
+    it("answers INVALID_ARGUMENT for a malformed email or password, without spending an attempt", async () => {
+      const client = connect();
+      const malformed = [
+        { email: "not an email", password: PASSWORD },
+        { email, password: "" },
+        { email, password: "x".repeat(2049) },
+        { email, password: "nul\u0000inside" },
+      ];
+      for (const request of malformed) {
+        expect((await codeOf(client.authenticate(request))).code).toBe(Code.InvalidArgument);
+      }
+      // More malformed calls than the email's budget of 5, and the right password still signs in.
+      for (let i = 0; i < 5; i++) {
+        expect((await codeOf(client.authenticate({ email, password: "" }))).code).toBe(Code.InvalidArgument);
+      }
+      expect((await client.authenticate({ email, password: PASSWORD })).userId).toBe(userId);
+    });
+
     it("allows 5 attempts per minute per email, then RESOURCE_EXHAUSTED even with the right password", async () => {
       const client = connect();
       for (let i = 0; i < 5; i++) {
