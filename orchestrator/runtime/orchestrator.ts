@@ -1,3 +1,4 @@
+import { setTimeout as pause } from "node:timers/promises";
 import {
   AckPolicy,
   type ConsumerMessages,
@@ -23,7 +24,7 @@ import { deadLetterOf, maxDeadLetterBytes, publishDeadLetter, readJsonBody } fro
 import { type EffectTarget, executeEffects } from "./effects.ts";
 import { type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
-import { rearmPendingTimers } from "./timer-recovery.ts";
+import { ensureTimersArmed } from "./timer-recovery.ts";
 import { ensureTopology, streamExists, type Topology, type TopologyOptions, topology } from "./topology.ts";
 
 /** Structured log sink; pino loggers fit. */
@@ -150,6 +151,8 @@ const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
 const UNRECOVERABLE_MAX_DELIVERIES = 3;
 /** Least time between two attempts to make missing streams again, ms. */
 const TOPOLOGY_REPAIR_INTERVAL_MS = 2_000;
+/** Pause before scheduling the pending timers again after that failed, ms. */
+const TIMER_REARM_RETRY_MS = 5_000;
 /** JetStream API error: the message is larger than the stream's `max_msg_size`. */
 const MESSAGE_SIZE_EXCEEDS_MAXIMUM = 10054;
 
@@ -221,6 +224,8 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   await ensureConsumer();
   const log = options.logger ?? noopLogger;
   const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency);
+  // In the background: the inbox is consumed meanwhile (a re-arm reads every instance's latest entry).
+  loop.armTimers();
   let stopping = false;
   let messages: ConsumerMessages | undefined;
   // The consume loop is supervised: if it ends or fails while the orchestrator should run (the
@@ -233,6 +238,9 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
           // then make the topology again, as at start, before the consumer. Only then: a restart
           // after missed heartbeats must not re-apply this version's settings during a rollout.
           await loop.remakeIfInboxMissing();
+          // Whoever made the inbox again (this process, a worker starting, an operator), its
+          // timers went with the old one.
+          loop.armTimers();
           await ensureConsumer();
         }
         const consumer = await js.consumers.get(topo.streams.inbox, consumerName);
@@ -306,8 +314,12 @@ class OrchestratorLoop {
   /** Set while the topology is made again after a publish found its stream missing. */
   #repairing: Promise<void> | undefined;
   #lastRepairAt = Number.NEGATIVE_INFINITY;
-  /** Set when the inbox stream was made again, until its pending timers are scheduled again. */
-  #timersLost = false;
+  /** Set while the pending timers are checked, and scheduled again if the inbox lost them. */
+  #arming: Promise<void> | undefined;
+  /** Asked to check the timers again (while a check ran, or after one failed). */
+  #armWanted = false;
+  /** Aborted by stop(): ends the pause before a failed re-arm is tried again. */
+  readonly #stopped = new AbortController();
   readonly #effects: EffectTarget;
   readonly #store: HistoryStore;
   readonly #definitions: Map<string, AnyWorkflowDefinition>;
@@ -349,6 +361,7 @@ class OrchestratorLoop {
   /** From now on, messages still buffered by the consumer go back to the server unhandled. */
   stop(): void {
     this.#stopping = true;
+    this.#stopped.abort();
   }
 
   async run(messages: ConsumerMessages): Promise<void> {
@@ -364,6 +377,11 @@ class OrchestratorLoop {
           this.#slotFreed = resolve;
         });
       }
+      // stop() may have come while this one waited for a slot: hand it back too.
+      if (this.#stopping) {
+        nakQuietly(msg);
+        continue;
+      }
       this.#accept(msg);
     }
   }
@@ -374,8 +392,9 @@ class OrchestratorLoop {
     while (this.#chains.size > 0 && Date.now() < deadline) {
       await Promise.race([...this.#chains.values(), sleep(50)]);
     }
-    // A repair still making streams would otherwise outlive stop() and the connection.
+    // A repair still making streams, or a re-arm, would otherwise outlive stop() and the connection.
     if (this.#repairing) await settledWithin(this.#repairing, Math.max(0, deadline - Date.now()));
+    if (this.#arming) await settledWithin(this.#arming, Math.max(0, deadline - Date.now()));
   }
 
   #accept(msg: JsMsg): void {
@@ -669,25 +688,55 @@ class OrchestratorLoop {
 
   /**
    * Makes the topology again if the inbox stream is gone, as at start (only then: after missed
-   * heartbeats a restart must not re-apply this version's settings during a rollout), and
-   * schedules again the pending timers a lost inbox took with it. Throws when either fails; the
-   * timers stay owed until a later call succeeds.
+   * heartbeats a restart must not re-apply this version's settings during a rollout). Throws when
+   * that fails.
    */
   async remakeIfInboxMissing(): Promise<void> {
     if (!(await streamExists(this.#jsm, this.#topo.streams.inbox))) {
       await ensureTopology(this.#jsm, this.#topo, this.#options.topology);
-      this.#timersLost = true;
     }
-    await this.#rearmLostTimers();
   }
 
-  /** The inbox stream was made again: its scheduled timers went with the old one. */
-  async #rearmLostTimers(): Promise<void> {
-    if (!this.#timersLost) return;
-    this.#log.warn({}, "inbox stream made again: scheduling the running instances' pending timers again");
-    const rearmed = await rearmPendingTimers({ js: this.#js, topo: this.#topo });
-    this.#timersLost = false;
-    this.#log.warn({ ...rearmed }, "pending timers scheduled again");
+  /**
+   * Makes sure the inbox holds the running instances' pending timers, in the background: one read
+   * when it does; when it was made again without them (timer-recovery.ts), they are scheduled
+   * again. A failure is tried again after a pause until it succeeds or the loop stops. Asked while
+   * a check runs, it checks once more after that one.
+   */
+  armTimers(): void {
+    this.#armWanted = true;
+    if (this.#arming || this.#stopping) return;
+    this.#arming = (async () => {
+      while (this.#armWanted && !this.#stopping) {
+        this.#armWanted = false;
+        try {
+          const rearmed = await ensureTimersArmed({
+            js: this.#js,
+            jsm: this.#jsm,
+            topo: this.#topo,
+            maxPayload: this.#options.nc.info?.max_payload,
+          });
+          // Quiet on a new namespace (no marker yet, nothing pending); loud when timers were owed.
+          if (rearmed) {
+            (rearmed.timers > 0 ? this.#log.warn : this.#log.info).call(
+              this.#log,
+              { ...rearmed },
+              "inbox stream without its timers (made again, or from before the marker): pending timers scheduled again",
+            );
+          }
+        } catch (error) {
+          this.#log.error(
+            { err: String(error), retryMs: TIMER_REARM_RETRY_MS },
+            "could not check or schedule again the pending timers; trying again",
+          );
+          this.#armWanted = true;
+          // Ends at once on stop(): a pending pause would hold the process up after it.
+          await pause(TIMER_REARM_RETRY_MS, undefined, { signal: this.#stopped.signal }).catch(() => {});
+        }
+      }
+    })().finally(() => {
+      this.#arming = undefined;
+    });
   }
 
   /**
@@ -705,10 +754,15 @@ class OrchestratorLoop {
     this.#lastRepairAt = now;
     this.#log.warn({ error: String(error) }, "a publish found no stream: making the topology again");
     this.#repairing = (async () => {
-      const inboxLost = !(await streamExists(this.#jsm, this.#topo.streams.inbox));
+      // Only a stream that is really gone: NoResponders may also be JetStream briefly without a
+      // leader, and ensureTopology would then re-apply this version's explicit settings (replicas)
+      // to streams an operator or another version set otherwise.
+      const exists = await Promise.all(
+        Object.values(this.#topo.streams).map((name) => streamExists(this.#jsm, name)),
+      );
+      if (exists.every(Boolean)) return;
       await ensureTopology(this.#jsm, this.#topo, this.#options.topology);
-      if (inboxLost) this.#timersLost = true;
-      await this.#rearmLostTimers();
+      this.armTimers();
     })()
       .catch((repairError: unknown) => {
         this.#log.error({ err: String(repairError) }, "could not make the topology again");
@@ -721,7 +775,7 @@ class OrchestratorLoop {
 
 /**
  * True when `error` says a stream is not there. NoResponders can also be JetStream briefly without
- * a leader; a repair then only re-checks streams that exist (and is rate-limited).
+ * a leader; a repair then only looks whether every stream exists (and is rate-limited).
  */
 function streamMissing(error: unknown): boolean {
   return (

@@ -18,7 +18,7 @@ import { JetsagaError } from "../engine/errors.ts";
  * | stream        | subjects                                   | retention  | holds |
  * |---------------|--------------------------------------------|------------|-------|
  * | `<NS>_HISTORY`| `<ns>.history.<workflow>.<instanceId>.<phase>` | limits | per instance: accepted events with the state they led to; `<phase>` is `ended` on the entry that ends it, else `running`; no delete, no purge |
- * | `<NS>_INBOX`  | `<ns>.inbox.<workflow>.<instanceId>`, `<ns>.timer.<workflow>.<instanceId>.<key>.<token>` | work queue | starts, replies, signals, and the timers' schedules (a schedule's target must be in its own stream) |
+ * | `<NS>_INBOX`  | `<ns>.inbox.<workflow>.<instanceId>`, `<ns>.timer.<workflow>.<instanceId>.<key>.<token>`, `<ns>.timer._armed` | work queue | starts, replies, signals, the timers' schedules (a schedule's target must be in its own stream) and the marker that they are all scheduled |
  * | `<NS>_COMMANDS` | `<ns>.cmd.<command>`                     | work queue | commands for workers |
  * | `<NS>_EVENTS` | `<ns>.events.<workflow>.<event>`           | limits     | domain events for projections and notifications |
  * | `<NS>_DLQ`    | `<ns>.dlq.<source>`                        | limits     | dead letters with their reason |
@@ -51,6 +51,11 @@ export interface Topology {
   deadLetterSubject(source: string): string;
   /** Core NATS subject where the history stream republishes the entry that ends an instance. */
   completionSubject(workflow: string, instanceId: string): string;
+  /**
+   * Subject of the inbox stream's marker that its pending timers are all scheduled
+   * (`<ns>.timer._armed`; no workflow name starts with `_`). See timer-recovery.ts.
+   */
+  readonly timersArmedSubject: string;
   /** Filter matching every inbox subject (timers excluded). */
   readonly inboxFilter: string;
   /** Filter matching every history subject of one workflow, or of all with `*`. */
@@ -92,6 +97,7 @@ export function topology(ns: string = DEFAULT_NAMESPACE): Topology {
     eventSubject: (workflow, event) => `${ns}.events.${workflow}.${event}`,
     deadLetterSubject: (source) => `${ns}.dlq.${source}`,
     completionSubject: (workflow, instanceId) => `${ns}.done.${workflow}.${instanceId}`,
+    timersArmedSubject: `${ns}.timer._armed`,
     inboxFilter: `${ns}.inbox.>`,
     historyFilter: (workflow = "*") => `${ns}.history.${workflow}.*.*`,
     commandFilter: (service) => `${ns}.cmd.${service}.>`,
