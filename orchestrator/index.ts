@@ -71,6 +71,7 @@ export {
   getHistoryMessage,
   type HistoryEntry,
   type HistoryMessageQuery,
+  MAX_HISTORY_RANGE,
 } from "./runtime/history-store.ts";
 export {
   type OrchestratorLogger,

@@ -332,13 +332,70 @@ describe("visualiser HTTP API", () => {
     expect(revisions(await page(`?limit=${MAX_HISTORY_LIMIT}`))).toEqual(range(1, latest));
   });
 
+  it("reads only the page, and a live stream's gap in chunks: never the whole history", async () => {
+    // c-long: the history of the test above, one entry longer than the default page.
+    const latest = DEFAULT_HISTORY_LIMIT + 2;
+    await waitForRevision("c-long", latest);
+    const wholeReads: string[] = [];
+    const ranges: Array<[number, number]> = [];
+    const recording: Pick<WorkflowClient, "getHistory" | "getHistoryRange" | "getState" | "watch"> = {
+      getHistory: (workflow, id) => {
+        wholeReads.push(id);
+        return client.getHistory(workflow, id);
+      },
+      getHistoryRange: (workflow, id, range) => {
+        ranges.push([range.fromRevision, range.toRevision]);
+        return client.getHistoryRange(workflow, id, range);
+      },
+      getState: (workflow, id) => client.getState(workflow, id),
+      watch: (workflow, id, options) => client.watch(workflow, id, options),
+    };
+    const paging = await createVisualiserHandler({
+      client: recording,
+      workflows,
+      layouts: createChartLayouts(),
+      publicDir,
+    });
+    const at = (path: string): Promise<Response> =>
+      paging(new Request(`http://visualiser.local/api/instances/counter/c-long/${path}`));
+    const page = async (query: string): Promise<HistoryPage> =>
+      (await (await at(`history${query}`)).json()) as HistoryPage;
+
+    expect((await page("?limit=3")).entries.map((e) => e.revision)).toEqual([latest - 2, latest - 1, latest]);
+    expect((await page("?before=5&limit=3")).entries.map((e) => e.revision)).toEqual([2, 3, 4]);
+    expect(await page(`?after=${latest}`)).toMatchObject({ entries: [], hasEarlier: true, hasLater: false });
+    expect((await page("")).entries).toHaveLength(DEFAULT_HISTORY_LIMIT);
+    expect(wholeReads).toEqual([]);
+    expect(ranges).toEqual([
+      [latest - 2, latest],
+      [2, 4],
+      [latest - DEFAULT_HISTORY_LIMIT + 1, latest],
+    ]);
+
+    // From the start: watch gives the latest entry, and everything before it is the gap.
+    ranges.length = 0;
+    const response = await at("live?after=0");
+    const events = sseReader(response);
+    for (let revision = 1; revision <= latest; revision++) {
+      expect((await events.next())?.id).toBe(String(revision));
+    }
+    // The reader holds the body: closing the handler ends the stream instead.
+    paging.close();
+    await expect.poll(() => paging.openStreams(), { timeout: 5_000 }).toBe(0);
+    expect(ranges).toEqual([
+      [1, 500],
+      [501, latest - 1],
+    ]);
+    expect(wholeReads).toEqual([]);
+  });
+
   it("refuses bad history page parameters with 400 before reading NATS", async () => {
     let reads = 0;
     const counting = await createVisualiserHandler({
       client: {
-        getHistory: (workflow, id) => {
+        getHistoryRange: (workflow, id, range) => {
           reads++;
-          return client.getHistory(workflow, id);
+          return client.getHistoryRange(workflow, id, range);
         },
         getState: (workflow, id) => {
           reads++;
@@ -383,7 +440,8 @@ describe("visualiser HTTP API", () => {
     for (const query of ["?limit=1", `?limit=${MAX_HISTORY_LIMIT}`, "?after=0", "?before=2", "?other=x"]) {
       expect((await at(query)).status, query).toBe(200);
     }
-    expect(reads).toBe(5);
+    // Each: the state (for the latest revision), then the page's range.
+    expect(reads).toBe(10);
     counting.close();
   });
 

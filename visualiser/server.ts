@@ -40,7 +40,7 @@ import type { ChartLayout, ChartLayouts } from "./layout.ts";
 /** What the visualiser needs to answer requests. */
 export interface VisualiserOptions {
   /** Reads histories and follows instances. */
-  client: Pick<WorkflowClient, "getHistory" | "getState" | "watch">;
+  client: Pick<WorkflowClient, "getHistoryRange" | "getState" | "watch">;
   /** The workflows whose charts and instances can be shown. */
   workflows: readonly AnyWorkflowDefinition[];
   layouts: ChartLayouts;
@@ -81,6 +81,9 @@ export interface WorkflowSummary {
   signals: string[];
   chart: ChartLayout;
 }
+
+/** Entries per read when a live stream fills the gap after a reconnect. */
+const LIVE_CATCH_UP_CHUNK = 500;
 
 /** History entries per `/history` answer when the request does not say. */
 export const DEFAULT_HISTORY_LIMIT = 500;
@@ -160,31 +163,30 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
   const history = async (request: Request, workflow: string, id: string): Promise<Response> => {
     const query = historyQuery(new URL(request.url).searchParams);
     if (typeof query === "string") return problem(400, "INVALID_ARGUMENT", query);
-    // WorkflowClient has no ranged read, so this process still holds the whole history for a
-    // moment; pages bound what is sent and what the browser keeps.
-    const all = await client.getHistory(workflow, id);
-    const oldest = all[0];
-    const latest = all.at(-1);
-    if (!oldest || !latest) return problem(404, "NOT_FOUND", `no instance ${workflow}/${id}`);
-    let start: number;
-    let end: number;
+    // The state's revision is the latest entry's, and revisions run 1..latest without gaps (the
+    // history is never purged): the page is known before reading, and only the page is read.
+    const state = await client.getState(workflow, id);
+    if (!state) return problem(404, "NOT_FOUND", `no instance ${workflow}/${id}`);
+    const latest = state.revision;
+    let from: number;
+    let to: number;
     if (query.after !== undefined) {
-      const after = query.after;
-      start = firstIndex(all, (entry) => entry.revision > after);
-      end = Math.min(all.length, start + query.limit);
+      from = query.after + 1;
+      to = Math.min(latest, query.after + query.limit);
     } else {
-      const before = query.before;
-      end = before === undefined ? all.length : firstIndex(all, (entry) => entry.revision >= before);
-      start = Math.max(0, end - query.limit);
+      to = query.before === undefined ? latest : Math.min(latest, query.before - 1);
+      from = Math.max(1, to - query.limit + 1);
     }
+    const entries =
+      from <= to ? await client.getHistoryRange(workflow, id, { fromRevision: from, toRevision: to }) : [];
     const page: HistoryPage = {
       workflow,
       instanceId: id,
-      entries: all.slice(start, end),
-      oldestRevision: oldest.revision,
-      latestRevision: latest.revision,
-      hasEarlier: start > 0,
-      hasLater: end < all.length,
+      entries,
+      oldestRevision: 1,
+      latestRevision: latest,
+      hasEarlier: Math.min(from, latest + 1) > 1,
+      hasLater: to < latest,
     };
     return json(200, page);
   };
@@ -208,10 +210,25 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
     request.signal.addEventListener("abort", () => abort.abort(), { once: true });
     // A client gone during getState aborted before the listener existed: it would never fire.
     if (request.signal.aborted) abort.abort();
+    /** Wakes a pump waiting for the client to take what was queued (see `taken`). */
+    let wake: (() => void) | undefined;
+    const wakeUp = (): void => {
+      wake?.();
+      wake = undefined;
+    };
+    abort.signal.addEventListener("abort", wakeUp, { once: true });
     const body = new ReadableStream<Uint8Array>({
       start(controller) {
         const write = (text: string): void => {
           if (!abort.signal.aborted) controller.enqueue(encoder.encode(text));
+        };
+        /** Resolves once the reader has taken everything queued, or the stream is over. */
+        const taken = async (): Promise<void> => {
+          while (!abort.signal.aborted && (controller.desiredSize ?? 1) <= 0) {
+            await new Promise<void>((resolve) => {
+              wake = resolve;
+            });
+          }
         };
         const send = (entry: HistoryEntry): void =>
           write(`id: ${entry.revision}\nevent: entry\ndata: ${JSON.stringify(entry)}\n\n`);
@@ -224,13 +241,24 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
           for await (const entry of client.watch(workflow, id, { signal: abort.signal })) {
             if (abort.signal.aborted) break;
             // watch starts at the latest entry: entries appended between the page's history read
-            // and this stream would be skipped, so fill the gap from the full history once.
+            // and this stream would be skipped, so fill the gap once, a chunk at a time, each
+            // read only once the client has taken the one before (a long gap is not held at once).
             if (first && after !== undefined && entry.revision > after + 1) {
-              for (const missed of await client.getHistory(workflow, id)) {
-                if (missed.revision > last && missed.revision < entry.revision) {
-                  send(missed);
-                  last = missed.revision;
+              while (last + 1 < entry.revision && !abort.signal.aborted) {
+                const chunk = await client.getHistoryRange(workflow, id, {
+                  fromRevision: last + 1,
+                  toRevision: Math.min(entry.revision - 1, last + LIVE_CATCH_UP_CHUNK),
+                });
+                const before = last;
+                for (const missed of chunk) {
+                  if (missed.revision > last && missed.revision < entry.revision) {
+                    send(missed);
+                    last = missed.revision;
+                  }
                 }
+                // Not there (a replica behind the one watch read from): the rest is not either.
+                if (last === before) break;
+                await taken();
               }
             }
             first = false;
@@ -260,6 +288,10 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
               // Already cancelled by the reader.
             }
           });
+      },
+      // Called when the reader wants more and the queue is below its mark.
+      pull() {
+        wakeUp();
       },
       cancel() {
         abort.abort();
@@ -492,18 +524,6 @@ function historyQuery(params: URLSearchParams): HistoryQuery | string {
     ...(after === undefined ? {} : { after }),
     ...(before === undefined ? {} : { before }),
   };
-}
-
-/** The index of the first entry (revisions ascend) that `is`, or `entries.length`. */
-function firstIndex(entries: readonly HistoryEntry[], is: (entry: HistoryEntry) => boolean): number {
-  let low = 0;
-  let high = entries.length;
-  while (low < high) {
-    const middle = (low + high) >>> 1;
-    if (is(entries[middle] as HistoryEntry)) high = middle;
-    else low = middle + 1;
-  }
-  return low;
 }
 
 function decode(segment: string): string | undefined {

@@ -58,8 +58,23 @@ export interface WorkflowClient {
   ): Promise<Sent>;
   /** The instance's current state, or undefined when it has not started (yet). One read. */
   getState(workflow: string, instanceId: string): Promise<InstanceState | undefined>;
-  /** The instance's full history, oldest first. */
+  /**
+   * The instance's full history, oldest first. Its cost grows with the history: for a long one,
+   * read what is needed with {@link getHistoryRange}.
+   */
   getHistory(workflow: string, instanceId: string): Promise<HistoryEntry[]>;
+  /**
+   * The instance's entries with `fromRevision <= revision <= toRevision`, oldest first (revisions
+   * count from 1, one per entry; the state's `revision` is the latest). Clamped to the entries
+   * that exist: empty past the latest or for an instance not started. At most 10,000 revisions
+   * per call (`MAX_HISTORY_RANGE`), else INVALID_ARGUMENT, as for a range that is not integers
+   * `1 <= fromRevision <= toRevision`. Its cost does not grow with the history's length.
+   */
+  getHistoryRange(
+    workflow: string,
+    instanceId: string,
+    range: { fromRevision: number; toRevision: number },
+  ): Promise<HistoryEntry[]>;
   /**
    * Resolves with the instance's state once it is completed or failed. Rejects with TIMEOUT
    * after `timeoutMs` (default 30 s).
@@ -220,6 +235,15 @@ class Client implements WorkflowClient {
   async getHistory(workflow: string, instanceId: string): Promise<HistoryEntry[]> {
     assertId(instanceId);
     return this.#store.all(workflow, instanceId);
+  }
+
+  async getHistoryRange(
+    workflow: string,
+    instanceId: string,
+    range: { fromRevision: number; toRevision: number },
+  ): Promise<HistoryEntry[]> {
+    assertId(instanceId);
+    return this.#store.range(workflow, instanceId, range.fromRevision, range.toRevision);
   }
 
   async awaitCompletion(
