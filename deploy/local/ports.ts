@@ -19,6 +19,8 @@ export interface PortSetting {
   envName: string;
   /** The variable the service itself reads (several services read `PROBE_PORT`). */
   serviceEnvName: string;
+  /** The variable naming the address the service listens on (default 127.0.0.1). */
+  hostEnvName: string;
   defaultPort: number;
 }
 
@@ -29,6 +31,7 @@ export const PORT_SETTINGS: readonly PortSetting[] = [
     serves: "probes",
     envName: "ORCHESTRATOR_PROBE_PORT",
     serviceEnvName: "PROBE_PORT",
+    hostEnvName: "PROBE_HOST",
     defaultPort: 9464,
   },
   {
@@ -36,6 +39,7 @@ export const PORT_SETTINGS: readonly PortSetting[] = [
     serves: "gRPC",
     envName: "USER_GRPC_PORT",
     serviceEnvName: "USER_GRPC_PORT",
+    hostEnvName: "USER_GRPC_HOST",
     defaultPort: 50061,
   },
   {
@@ -43,6 +47,7 @@ export const PORT_SETTINGS: readonly PortSetting[] = [
     serves: "probes",
     envName: "NOTIFICATION_PROBE_PORT",
     serviceEnvName: "PROBE_PORT",
+    hostEnvName: "PROBE_HOST",
     defaultPort: 9465,
   },
   {
@@ -50,6 +55,7 @@ export const PORT_SETTINGS: readonly PortSetting[] = [
     serves: "gRPC/Connect",
     envName: "API_PORT",
     serviceEnvName: "API_PORT",
+    hostEnvName: "API_HOST",
     defaultPort: 8080,
   },
   {
@@ -57,6 +63,7 @@ export const PORT_SETTINGS: readonly PortSetting[] = [
     serves: "HTTP",
     envName: "VISUALISER_PORT",
     serviceEnvName: "VISUALISER_PORT",
+    hostEnvName: "VISUALISER_HOST",
     defaultPort: 8090,
   },
 ];
@@ -89,17 +96,20 @@ export class PortSettingError extends Error {
  */
 export async function choosePorts(
   env: Readonly<Record<string, string | undefined>>,
-  bind: (port: number) => Promise<number | undefined> = tryListen,
+  bind: (port: number, host: string) => Promise<number | undefined> = tryListen,
   settings: readonly PortSetting[] = PORT_SETTINGS,
 ): Promise<ChosenPort[]> {
   const taken = new Set<number>();
   /** A port bind(0) finds that no earlier setting was given. */
-  const freePort = async (service: string): Promise<number> => {
+  // Probed where the service will listen: a port another program holds on 0.0.0.0 only, or on
+  // another address, is free on 127.0.0.1 but not for a service told to listen everywhere.
+  const hostOf = (setting: PortSetting): string => env[setting.hostEnvName] || "127.0.0.1";
+  const freePort = async (setting: PortSetting): Promise<number> => {
     for (let tries = 0; tries < 20; tries++) {
-      const port = await bind(0);
+      const port = await bind(0, hostOf(setting));
       if (port !== undefined && !taken.has(port)) return port;
     }
-    throw new Error(`no free port found for the ${service} service`);
+    throw new Error(`no free port found for the ${setting.service} service`);
   };
   const byService = new Map<PortSetting, ChosenPort>();
   // Ports the user set first: a default or a found port must not take one of them.
@@ -113,14 +123,14 @@ export async function choosePorts(
     const port = Number(env[setting.envName]?.trim());
     // 0 (any free port) is chosen here, so that a service's clients (the API calls the user
     // service) know where it is.
-    const chosenPort = port === 0 ? await freePort(setting.service) : port;
+    const chosenPort = port === 0 ? await freePort(setting) : port;
     taken.add(chosenPort);
     byService.set(setting, { setting, port: chosenPort, source: "env" });
   }
   for (const setting of settings) {
     if (byService.has(setting)) continue;
-    const got = taken.has(setting.defaultPort) ? undefined : await bind(setting.defaultPort);
-    const port = got ?? (await freePort(setting.service));
+    const got = taken.has(setting.defaultPort) ? undefined : await bind(setting.defaultPort, hostOf(setting));
+    const port = got ?? (await freePort(setting));
     taken.add(port);
     byService.set(setting, { setting, port, source: got === undefined ? "replaced" : "default" });
   }
@@ -139,12 +149,12 @@ export function portEnv(ports: readonly ChosenPort[]): Map<string, Record<string
   return byService;
 }
 
-/** Listens on 127.0.0.1:`port` and closes again: the port it got, or undefined when it could not. */
-export function tryListen(port: number): Promise<number | undefined> {
+/** Listens on `host`:`port` and closes again: the port it got, or undefined when it could not. */
+export function tryListen(port: number, host = "127.0.0.1"): Promise<number | undefined> {
   return new Promise((resolve) => {
     const server = createServer();
     server.once("error", () => resolve(undefined));
-    server.listen(port, "127.0.0.1", () => {
+    server.listen(port, host, () => {
       const address = server.address();
       const got = typeof address === "object" && address ? address.port : undefined;
       server.close(() => resolve(got));

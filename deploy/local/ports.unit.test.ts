@@ -4,13 +4,17 @@ import { describe, expect, it } from "vitest";
 import { choosePorts, PORT_SETTINGS, PortSettingError, portEnv, tryListen } from "./ports.ts";
 import { localServices } from "./services.ts";
 
-/** A fake `bind`: ports in `busy` cannot be had, 0 hands out `free` in turn. */
+/** A fake `bind`: ports in `busy` cannot be had, 0 hands out `free` in turn; records what was asked. */
 function fakeBind(
   busy: readonly number[],
   free: readonly number[],
-): (port: number) => Promise<number | undefined> {
+  asked: string[] = [],
+): (port: number, host: string) => Promise<number | undefined> {
   const next = [...free];
-  return async (port) => (port === 0 ? next.shift() : busy.includes(port) ? undefined : port);
+  return async (port, host) => {
+    asked.push(`${host} ${port}`);
+    return port === 0 ? next.shift() : busy.includes(port) ? undefined : port;
+  };
 }
 
 describe("choosePorts", () => {
@@ -29,6 +33,19 @@ describe("choosePorts", () => {
     const chosen = await choosePorts({ API_PORT: "8080", USER_GRPC_PORT: "0" }, fakeBind([8080], [41_001]));
     expect(chosen.find((c) => c.setting.service === "api")).toMatchObject({ port: 8080, source: "env" });
     expect(chosen.find((c) => c.setting.service === "user")).toMatchObject({ port: 41_001, source: "env" });
+  });
+
+  it("probes each port on the address its service will listen on", async () => {
+    const asked: string[] = [];
+    await choosePorts({ API_HOST: "0.0.0.0", PROBE_HOST: "::" }, fakeBind([8080], [41_002], asked));
+    expect(asked).toEqual([
+      ":: 9464",
+      "127.0.0.1 50061",
+      ":: 9465",
+      "0.0.0.0 8080",
+      "0.0.0.0 0",
+      "127.0.0.1 8090",
+    ]);
   });
 
   it("never gives two services one port", async () => {
