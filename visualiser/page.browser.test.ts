@@ -477,7 +477,9 @@ describe("visualiser page in chromium", () => {
         total: 0,
       });
       expect(await page.locator("#earlier").isHidden()).toBe(true);
-      expect(asked).toEqual(["", "?before=6&limit=500", "?before=4&limit=500", "?before=2&limit=500"]);
+      // The button asks for a page; time travel for the gap to its revision (here cut to 2 per
+      // answer by the route above, so twice).
+      expect(asked).toEqual(["", "?before=6&limit=500", "?before=4&limit=3", "?before=2&limit=1"]);
 
       // Clicks pick the entry clicked, whatever was loaded before it.
       await page.locator("#history > li").nth(4).locator(".entry-pick").click();

@@ -8,6 +8,8 @@ const ID_PATTERN = /^[A-Za-z0-9_-]{1,128}$/;
 const ROOT_ID = "(machine)";
 // Entries asked for per request for earlier ones (the server's default page; its maximum is larger).
 const PAGE_SIZE = 500;
+// The server's largest page (MAX_HISTORY_LIMIT in visualiser/server.ts): time travel asks for whole gaps.
+const MAX_PAGE_SIZE = 2000;
 // Reconnecting the live stream: exponential from base to cap, so a struggling server is not
 // hammered; a stream that stayed up this long counts as healthy and starts the backoff over.
 const LIVE_RETRY = { baseMs: 1_000, capMs: 30_000, stableMs: 10_000 };
@@ -538,8 +540,11 @@ function renderEarlier() {
   el.earlier.textContent = view.earlier ? "Loading earlier entries…" : "Load earlier entries";
 }
 
-/** Loads the page of entries before the first loaded one; concurrent callers share one request. */
-function loadEarlier() {
+/**
+ * Loads up to `limit` entries before the first loaded one (at most the server's page limit);
+ * concurrent callers share one request.
+ */
+function loadEarlier(limit = PAGE_SIZE) {
   if (!view.hasEarlier || view.entries.length === 0) return Promise.resolve();
   if (view.earlier) return view.earlier;
   const generation = view.generation;
@@ -547,7 +552,7 @@ function loadEarlier() {
   const request = (async () => {
     try {
       const body = await getJson(
-        `${instancePath(view.workflow, view.id)}/history?before=${first}&limit=${PAGE_SIZE}`,
+        `${instancePath(view.workflow, view.id)}/history?before=${first}&limit=${Math.min(limit, MAX_PAGE_SIZE)}`,
       );
       if (generation !== view.generation) return;
       const older = body.entries.filter((entry) => entry.revision < view.entries[0].revision);
@@ -576,7 +581,16 @@ async function travelTo(revision, follow) {
   view.wanted = revision;
   const generation = view.generation;
   try {
-    while (view.hasEarlier && view.entries[0]?.revision > revision) await loadEarlier();
+    // The whole gap in as few requests as the server allows, and no further once the user has
+    // moved on (a drag asks for every revision it passes).
+    while (
+      view.wanted === revision &&
+      generation === view.generation &&
+      view.hasEarlier &&
+      view.entries[0]?.revision > revision
+    ) {
+      await loadEarlier(view.entries[0].revision - revision);
+    }
   } catch {
     // Reported by loadEarlier; show the oldest loaded entry instead.
   }
