@@ -60,7 +60,7 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
     JETSAGA_RETENTION_DAYS: "default 14 days of processed-command replies and published outbox rows",
   },
   "workers/notification/main.ts": {
-    JETSAGA_RETENTION_DAYS: "default 14 days (at least 8) of delivered and failed notifications",
+    JETSAGA_RETENTION_DAYS: "default 14 days of delivered and failed notifications (1-7 is taken as 8)",
   },
 };
 

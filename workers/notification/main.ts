@@ -5,10 +5,12 @@
  * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`, and
  * `NOTIFY_WEBHOOK_URL`: when set, notifications are POSTed there (see `webhookChannel`);
  * otherwise they are logged; `PROBE_PORT` (default 9464, 0 = any free port) and `PROBE_HOST`
- * (default 127.0.0.1) for `/healthz`, `/readyz` and `/metrics`; `JETSAGA_RETENTION_DAYS` (default
- * 14, at least 8: delivered and failed notifications older than this are deleted every hour; they
- * must outlive their events in the 7-day events stream, see `pruner.ts`). Applies the service's
- * migrations, starts the pruner and the worker, logs `notification worker ready` and prints
+ * (default 127.0.0.1) for `/healthz`, `/readyz` and `/metrics`; `JETSAGA_RETENTION_DAYS` (1 to
+ * 3650, default 14: delivered and failed notifications older than this are deleted every hour;
+ * 1 to 7 is taken as 8 with a warning rather than refused: the rows must outlive their events in
+ * the 7-day events stream, see `pruner.ts`, but the user service shares the variable and accepts
+ * those values, and one service refusing to start stops them all under `npm start`). Applies the
+ * service's migrations, starts the pruner and the worker, logs `notification worker ready` and prints
  * `JETSAGA_NOTIFICATION_PROBES_URL=<url>` (stdout). SIGINT/SIGTERM stop it gracefully. Start-up
  * failures are logged as one line with their code and exit with status 1.
  */
@@ -28,12 +30,7 @@ import { registerWorkerMetrics } from "../runtime/metrics.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { logChannel, type NotificationChannel, webhookChannel } from "./channels.ts";
 import { notificationMigrationsDir } from "./index.ts";
-import {
-  DEFAULT_RETENTION_DAYS,
-  MIN_RETENTION_DAYS,
-  type NotificationPruner,
-  startNotificationPruner,
-} from "./pruner.ts";
+import { type NotificationPruner, retentionDaysSetting, startNotificationPruner } from "./pruner.ts";
 import { startNotificationWorker } from "./worker.ts";
 
 const logger = createLogger("notification");
@@ -67,11 +64,7 @@ async function main(): Promise<void> {
         },
       );
     }
-    const retentionDays = integerSetting(env, "JETSAGA_RETENTION_DAYS", {
-      min: MIN_RETENTION_DAYS,
-      max: 3650,
-      fallback: DEFAULT_RETENTION_DAYS,
-    });
+    const retentionDays = retentionDaysSetting(env, (obj, msg) => logger.warn(obj, msg));
     let channel: NotificationChannel;
     try {
       channel = webhookUrl ? webhookChannel({ url: webhookUrl }) : logChannel(logger);

@@ -1,8 +1,13 @@
 /**
  * Keeps the `notifications` table bounded: it gets a row per order event for ever otherwise.
- * `delivered` rows older than the retention (by `delivered_at`) and `failed` rows (by `failed_at`)
- * are deleted in small batches; `pending` rows never are, whatever their age — they are
- * notifications still on their way.
+ * `delivered` rows older than the retention (by `delivered_at`) and `failed` rows (by `failed_at`,
+ * or `created_at` when a row has none) are deleted in small batches; `pending` rows never are,
+ * whatever their age — they are notifications still on their way.
+ *
+ * Each status is aged by its own column only, whatever the others hold: during a rolling update
+ * pods of the previous version mark rows without knowing `failed_at` (a failed row without one, a
+ * row failed by this version and then delivered by that one still carrying it), and a delivered
+ * row must never go before `delivered_at` + retention.
  *
  * The retention must outlast the events: a delivered row is what stops a second copy of its event
  * from notifying again, and copies keep coming as long as the event is in the events stream — a
@@ -10,10 +15,11 @@
  * orchestrator re-publishes after a crash. The stream keeps events 7 days (`max_age` in
  * `orchestrator/runtime/topology.ts`), so a retention below {@link MIN_RETENTION_MS} (8 days: the
  * stream's 7 and a day for events re-published late) is refused with a RangeError rather than
- * running into duplicate notifications nobody would notice. Failed rows hold back no repeat (a
- * replay of their event is meant to try again); they are kept as long so the failures can be looked
- * into.
+ * running into duplicate notifications nobody would notice (`main.ts` raises a shorter setting to
+ * the floor instead, see {@link retentionDaysSetting}). Failed rows hold back no repeat (a replay
+ * of their event is meant to try again); they are kept as long so the failures can be looked into.
  */
+import { integerSetting } from "../../common/config.ts";
 import type { Sql } from "../../common/postgres.ts";
 import { type PrunerLogger, type RunningPruner, startPruneLoop } from "../runtime/pruner.ts";
 
@@ -33,6 +39,34 @@ export const MIN_RETENTION_DAYS = 8;
 
 /** Shortest retention accepted, ms (see the module comment). */
 export const MIN_RETENTION_MS = MIN_RETENTION_DAYS * DAY_MS;
+
+/** Largest retention accepted, days: the user service's bound for the same variable. */
+const MAX_RETENTION_DAYS = 3650;
+
+/**
+ * The retention in days from `JETSAGA_RETENTION_DAYS` in `env` (default
+ * {@link DEFAULT_RETENTION_DAYS}). The variable is shared with the user service, which accepts
+ * 1 to 3650: a value it takes must not stop this service from starting (under `npm start` one
+ * service failing stops them all). So 1 to 7 is raised to {@link MIN_RETENTION_DAYS}, told
+ * through `warn`: notifications must outlive their events in the 7-day events stream. Anything
+ * else outside 1 to 3650, or not a whole number, is a CONFIG error as for every setting.
+ */
+export function retentionDaysSetting(
+  env: Record<string, string | undefined>,
+  warn: (obj: Record<string, unknown>, msg: string) => void,
+): number {
+  const days = integerSetting(env, "JETSAGA_RETENTION_DAYS", {
+    min: 1,
+    max: MAX_RETENTION_DAYS,
+    fallback: DEFAULT_RETENTION_DAYS,
+  });
+  if (days >= MIN_RETENTION_DAYS) return days;
+  warn(
+    { JETSAGA_RETENTION_DAYS: days, retentionDays: MIN_RETENTION_DAYS },
+    `JETSAGA_RETENTION_DAYS=${days} is shorter than the events stream keeps events (7 days): notifications are kept ${MIN_RETENTION_DAYS} days, or a replayed event would be notified again`,
+  );
+  return MIN_RETENTION_DAYS;
+}
 
 /** Options of {@link startNotificationPruner}. */
 export interface NotificationPrunerOptions {
@@ -72,17 +106,24 @@ export function startNotificationPruner(options: NotificationPrunerOptions): Not
       `retentionMs must be an integer of at least ${MIN_RETENTION_MS} (${MIN_RETENTION_DAYS} days): delivered rows must outlive their events in the stream, or a replay notifies again`,
     );
   }
+  const { sql } = options;
   return startPruneLoop({
-    sql: options.sql,
+    sql,
     intervalMs: options.intervalMs,
     batchSize: options.batchSize,
     logger,
     async pass(prune): Promise<NotificationPruneResult> {
       const before = new Date(Date.now() - retentionMs);
-      // Each column is null unless the row has that status (checks in the migrations): pending
-      // rows match neither and stay.
+      // delivered_at is set exactly on delivered rows (the check in migration 001, kept by every
+      // version). Written as the indexes of migration 002 are, so that batches are found by them.
       const delivered = await prune("notifications", "event_id", "delivered_at", before);
-      const failed = await prune("notifications", "event_id", "failed_at", before);
+      const failed = await prune(
+        "notifications",
+        "event_id",
+        sql`coalesce(failed_at, created_at)`,
+        before,
+        sql`status = 'failed'`,
+      );
       if (delivered + failed > 0) {
         logger?.info({ delivered, failed, retentionMs }, "pruned old delivered and failed notifications");
       }

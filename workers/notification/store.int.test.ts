@@ -202,7 +202,7 @@ async function claimAndCrash(eventId: string, leaseMs: number): Promise<void> {
     { eventId, kind: "order.confirmed", orderId: "o9", userId: "u9", message: "Your order o9 is confirmed." },
     "test",
   );
-  expect(await store.claim(eventId, leaseMs)).toEqual({ outcome: "owned" });
+  expect(await store.claim(eventId, leaseMs)).toMatchObject({ outcome: "owned" });
 }
 
 describe("delivery claims", () => {
@@ -303,15 +303,63 @@ describe("notification store claims", () => {
       else expect(r.outcome).toBe("owned");
     }
 
-    await store.markAttemptFailed("e-claim", "receiver down", true);
+    const owned = results.find((r) => r.outcome === "owned");
+    if (owned?.outcome !== "owned") throw new Error("no claim owned");
+    await store.markAttemptFailed("e-claim", owned.token, "receiver down", true);
     expect(await store.get("e-claim")).toMatchObject({ status: "failed", claimedUntil: undefined });
     // A replay claiming a failed row retries it: pending again, so the pruner leaves it alone.
-    expect(await store.claim("e-claim", 60_000)).toEqual({ outcome: "owned" });
+    expect(await store.claim("e-claim", 60_000)).toMatchObject({ outcome: "owned" });
     expect(await store.get("e-claim")).toMatchObject({ status: "pending", failedAt: undefined });
 
     await store.markDelivered("e-claim", "test");
     expect(await store.claim("e-claim", 60_000)).toEqual({ outcome: "delivered" });
     await expect(store.claim("e-claim", 0)).rejects.toBeInstanceOf(RangeError);
     await expect(store.claim("e-none", 1_000)).rejects.toThrow("no notification recorded");
+  });
+
+  it("lets only the delivery holding the claim end it by failing: a stale one's failure is not recorded", async () => {
+    await store.record(
+      { eventId: "e-stale", kind: "order.confirmed", orderId: "o10", userId: "u10", message: "confirmed" },
+      "test",
+    );
+    // A claims and stalls past its lease (moved rather than waited for); B claims and is sending.
+    const a = await store.claim("e-stale", 60_000);
+    if (a.outcome !== "owned") throw new Error(`A did not claim: ${a.outcome}`);
+    await sql`update notifications set claimed_until = now() - interval '1 second' where event_id = 'e-stale'`;
+    const b = await store.claim("e-stale", 60_000);
+    if (b.outcome !== "owned") throw new Error(`B did not claim: ${b.outcome}`);
+    expect(b.token).not.toBe(a.token);
+
+    // A's send fails: B's claim stands, so a third copy does not send beside B.
+    await store.markAttemptFailed("e-stale", a.token, "timeout", false);
+    expect(await store.claim("e-stale", 60_000)).toMatchObject({ outcome: "held" });
+    expect(await store.get("e-stale")).toMatchObject({
+      status: "pending",
+      attempts: 0,
+      lastError: undefined,
+    });
+    // Nor may a stale failure on the last attempt fail the row B is delivering.
+    await store.markAttemptFailed("e-stale", a.token, "timeout", true);
+    expect(await store.get("e-stale")).toMatchObject({ status: "pending", attempts: 0, failedAt: undefined });
+
+    // B's own failure is recorded and ends its claim.
+    await store.markAttemptFailed("e-stale", b.token, "receiver down", false);
+    expect(await store.get("e-stale")).toMatchObject({
+      status: "pending",
+      attempts: 1,
+      lastError: "receiver down",
+      claimedUntil: undefined,
+    });
+    const c = await store.claim("e-stale", 60_000);
+    expect(c).toMatchObject({ outcome: "owned" });
+
+    // A delivery that lost its claim and still got through marks the row delivered all the same.
+    await store.markDelivered("e-stale", "test");
+    expect(await store.get("e-stale")).toMatchObject({
+      status: "delivered",
+      attempts: 2,
+      claimedUntil: undefined,
+    });
+    expect(await store.claim("e-stale", 60_000)).toEqual({ outcome: "delivered" });
   });
 });

@@ -1,3 +1,4 @@
+import { randomUUID } from "node:crypto";
 import type { Sql } from "../../common/postgres.ts";
 import type { Notification, NotificationKind } from "./channels.ts";
 
@@ -15,7 +16,11 @@ export interface StoredNotification extends Notification {
   lastError: string | undefined;
   createdAt: Date;
   deliveredAt: Date | undefined;
-  /** When the row became `failed` (what the pruner ages failed rows by). */
+  /**
+   * When the row became `failed` (what the pruner ages failed rows by); undefined on a failed row
+   * from before migration 002 or failed by a pod of an older version (the pruner then goes by
+   * `createdAt`). Means nothing unless `status` is `failed`.
+   */
   failedAt: Date | undefined;
   /** End of the lease of the delivery that last claimed it; past or undefined: unclaimed. */
   claimedUntil: Date | undefined;
@@ -23,8 +28,11 @@ export interface StoredNotification extends Notification {
 
 /** What {@link NotificationStore.claim} found. */
 export type Claim =
-  /** The caller holds the row until the lease ends, or until it marks the row. */
-  | { outcome: "owned" }
+  /**
+   * The caller holds the row until the lease ends, or until it marks the row; `token` names this
+   * claim to {@link NotificationStore.markAttemptFailed}.
+   */
+  | { outcome: "owned"; token: string }
   /** Another delivery got there first: nothing to send. */
   | { outcome: "delivered" }
   /** Another delivery holds a live claim, for about `remainingMs` more. */
@@ -53,14 +61,19 @@ export interface NotificationStore {
   claim(eventId: string, leaseMs: number): Promise<Claim>;
   /**
    * Marks delivered by `channel`, counts the attempt and ends the claim. Idempotent (the first
-   * time wins).
+   * time wins). Whoever holds the claim: the notification was sent, and that is what the row must
+   * say. Ending another delivery's claim with it costs nothing — a delivered row is never claimed
+   * again (claim answers `delivered`), and the other delivery's own mark is then a no-op.
    */
   markDelivered(eventId: string, channel: string): Promise<void>;
   /**
-   * Counts a failed attempt, keeps its error and ends the claim. `final` marks the row `failed`
-   * (a terminal error); otherwise it is `pending`. Does nothing to a delivered row.
+   * Counts a failed attempt, keeps its error and ends the claim `token` (from {@link claim}).
+   * `final` marks the row `failed` (a terminal error); otherwise it is `pending`. Does nothing to
+   * a delivered row, nor when the claim is no longer `token`'s: a delivery that outlived its lease
+   * and whose row another delivery claimed since must not end that one's claim (a third copy
+   * would send while it still is) nor decide the row's outcome, so its failure is not recorded.
    */
-  markAttemptFailed(eventId: string, error: string, final: boolean): Promise<void>;
+  markAttemptFailed(eventId: string, token: string, error: string, final: boolean): Promise<void>;
   /** The notification of `eventId`, or undefined. */
   get(eventId: string): Promise<StoredNotification | undefined>;
 }
@@ -79,6 +92,7 @@ interface Row {
   delivered_at: Date | null;
   failed_at: Date | null;
   claimed_until: Date | null;
+  claim_token: string | null;
 }
 
 /** Longest error text kept per row, characters. */
@@ -108,16 +122,19 @@ export function createNotificationStore(sql: Sql): NotificationStore {
       if (!Number.isSafeInteger(leaseMs) || leaseMs < 1) {
         throw new RangeError("leaseMs must be a positive integer");
       }
+      // Random rather than the lease's end: a JS Date (ms) and timestamptz (µs) do not compare
+      // reliably, and two claims may end at the same moment.
+      const token = randomUUID();
       // A claim released or expired between the update and the look that follows: claim again.
       for (let tries = 1; ; tries++) {
         const claimed = await sql`
           update notifications
-          set claimed_until = now() + ${leaseMs} * interval '1 millisecond', status = 'pending',
-              failed_at = null
+          set claimed_until = now() + ${leaseMs} * interval '1 millisecond', claim_token = ${token},
+              status = 'pending', failed_at = null
           where event_id = ${eventId} and status <> 'delivered'
             and (claimed_until is null or claimed_until <= now())
           returning event_id`;
-        if (claimed.length > 0) return { outcome: "owned" };
+        if (claimed.length > 0) return { outcome: "owned", token };
         const [row] = await sql<{ status: NotificationStatus; remaining_ms: number }[]>`
           select status,
                  greatest(0, extract(epoch from coalesce(claimed_until, now()) - now()) * 1000)::float8
@@ -135,17 +152,19 @@ export function createNotificationStore(sql: Sql): NotificationStore {
       await sql`
         update notifications
         set status = 'delivered', delivered_at = now(), channel = ${channel}, attempts = attempts + 1,
-            last_error = null, failed_at = null, claimed_until = null
+            last_error = null, failed_at = null, claimed_until = null, claim_token = null
         where event_id = ${eventId} and status <> 'delivered'`;
     },
 
-    async markAttemptFailed(eventId, error, final) {
+    async markAttemptFailed(eventId, token, error, final) {
+      // The token only, not the lease: a claim past its lease that nobody took over is still this
+      // delivery's, and its failure the row's latest news.
       await sql`
         update notifications
         set attempts = attempts + 1, last_error = ${pgText(error).slice(0, MAX_ERROR_CHARS)},
             status = ${final ? "failed" : "pending"}, failed_at = ${final ? sql`now()` : null},
-            claimed_until = null
-        where event_id = ${eventId} and status <> 'delivered'`;
+            claimed_until = null, claim_token = null
+        where event_id = ${eventId} and status <> 'delivered' and claim_token = ${token}`;
     },
 
     async get(eventId) {

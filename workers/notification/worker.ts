@@ -120,7 +120,8 @@ async function notify(
 ): Promise<void> {
   const stored = await store.record(n, channel.name);
   if (stored.status === "delivered") return;
-  if (!(await claim(store, n.eventId, claimLeaseMs, ctx, ctx.attempt >= maxAttempts))) return;
+  const token = await claim(store, n.eventId, claimLeaseMs, ctx, ctx.attempt >= maxAttempts);
+  if (token === undefined) return;
   try {
     // Deliver what was stored first: the row is the notification, even if the text template changed.
     await channel.deliver({ ...n, message: stored.message }, { signal: ctx.signal });
@@ -130,17 +131,19 @@ async function notify(
     // retried): a failure to record it must not replace it; the row is then only less informative,
     // and stays claimed until the lease runs out.
     // On the last attempt the runtime dead-letters the event, so the row is final too: left
-    // pending, it would say a retry is coming that never does.
+    // pending, it would say a retry is coming that never does. Unless the send outlasted the
+    // lease and another delivery claimed the row since: then nothing is recorded (the token no
+    // longer matches) and that delivery, alive, decides the row's outcome.
     const final = isTerminalError(error) || ctx.attempt >= maxAttempts;
-    await store.markAttemptFailed(n.eventId, reason, final).catch(() => undefined);
+    await store.markAttemptFailed(n.eventId, token, reason, final).catch(() => undefined);
     throw error;
   }
   await store.markDelivered(n.eventId, channel.name);
 }
 
 /**
- * Claims the row for this delivery: true when it is ours to send, false when it was delivered
- * meanwhile. A live claim of another delivery is a RetryableError, at once or — on the last
+ * Claims the row for this delivery: the claim's token when it is ours to send, undefined when it
+ * was delivered meanwhile. A live claim of another delivery is a RetryableError, at once or — on the last
  * attempt — once the claim seen first has had time to end and a newer one holds the row.
  */
 async function claim(
@@ -149,13 +152,13 @@ async function claim(
   leaseMs: number,
   ctx: Pick<EventContext, "signal">,
   lastAttempt: boolean,
-): Promise<boolean> {
+): Promise<string | undefined> {
   /** When the claim first seen ends, by this process's clock (plus a poll, for clock steps and latency). */
   let firstClaimEnds: number | undefined;
   for (;;) {
     const found = await store.claim(eventId, leaseMs);
-    if (found.outcome === "owned") return true;
-    if (found.outcome === "delivered") return false;
+    if (found.outcome === "owned") return found.token;
+    if (found.outcome === "delivered") return undefined;
     firstClaimEnds ??= Date.now() + found.remainingMs + CLAIM_POLL_MS;
     if (!lastAttempt || Date.now() > firstClaimEnds) {
       throw new RetryableError(`notification of event ${eventId} is being delivered by another attempt`);

@@ -18,7 +18,7 @@ describe("notification event handlers", () => {
         failedAt: undefined,
         claimedUntil: undefined,
       }),
-      claim: async () => ({ outcome: "owned" }),
+      claim: async () => ({ outcome: "owned", token: "t1" }),
       markAttemptFailed: async () => {
         throw new Error("database unavailable");
       },

@@ -4,7 +4,14 @@
  * (stopped with SIGSTOP: connections stay open, nothing is answered) hands the messages it holds
  * (waiting for a slot) back without waiting out the ledger's request timeouts.
  */
-import { type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  AckPolicy,
+  type JetStreamManager,
+  type JsMsg,
+  jetstream,
+  jetstreamManager,
+  StorageType,
+} from "@nats-io/jetstream";
 import { Kvm } from "@nats-io/kv";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -111,6 +118,60 @@ describe("hand-back ledger bucket settings (real nats-server)", () => {
     const warnings: string[] = [];
     await openHandbackLedger(nc, topo, {}, undefined, (_context, message) => warnings.push(message));
     expect([...warnings, ...log.messages()]).toEqual([]);
+  });
+});
+
+describe("hand-back counts of a stream made again (real nats-server)", () => {
+  let nc: NatsConnection;
+
+  beforeAll(async () => {
+    nc = await connect({ servers: natsUrl() });
+  });
+
+  afterAll(async () => {
+    await nc?.close();
+  });
+
+  it("does not give a new message the count of the old stream's message at its sequence", async () => {
+    const topo = topology(uniqueNamespace("hbremade"));
+    const jsm = await jetstreamManager(nc);
+    const js = jetstream(nc);
+    const stream = `${topo.ns}_HBREMADE`;
+    const subject = `${topo.ns}.hbremade`;
+    const ledger = await openHandbackLedger(nc, topo, { storage: "memory" });
+
+    /** Makes the stream and its consumer (again), publishes one message: sequence 1. */
+    const fresh = async (): Promise<void> => {
+      await jsm.streams.add({ name: stream, subjects: [subject], storage: StorageType.Memory });
+      await jsm.consumers.add(stream, { durable_name: "acct", ack_policy: AckPolicy.Explicit });
+      await js.publish(subject, "m");
+    };
+    /** The consumer's next delivery, handed back at once (nak) unless `ack`. */
+    const next = async (ack = false): Promise<JsMsg> => {
+      const msg = await (await js.consumers.get(stream, "acct")).next({ expires: 5_000 });
+      if (!msg) throw new Error("no message delivered");
+      if (ack) msg.ack();
+      else msg.nak();
+      return msg;
+    };
+
+    await fresh();
+    await next();
+    // The second delivery is handed back by the runtime (a stop): the ledger counts it.
+    const second = await next();
+    expect(second.info.deliveryCount).toBe(2);
+    await ledger.record(second, undefined);
+    const third = await next(true);
+    expect([third.seq, third.info.deliveryCount, await ledger.count(third)]).toEqual([1, 3, 1]);
+
+    // The stream is made again within the day its counts are kept: sequences start over.
+    await jsm.streams.delete(stream);
+    await fresh();
+    await next();
+    const again = await next(true);
+    expect([again.seq, again.info.deliveryCount]).toEqual([1, 2]);
+    expect(await ledger.count(again)).toBe(0);
+    await jsm.streams.delete(stream);
   });
 });
 

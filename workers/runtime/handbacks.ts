@@ -12,8 +12,9 @@ import type { Topology, TopologyOptions } from "../../orchestrator/runtime/topol
  * a command whose effect was applied but whose reply could not be published ends in
  * `command.failed`. Hand-backs are taken off the delivery count to give the attempt.
  *
- * Kept in a KV bucket (one key per consumer and stream message, `<stream>.<consumer>.<seq>`; kept a day, far longer than
- * any retry schedule), so the count survives the process that handed the message back. Read only
+ * Kept in a KV bucket (one key per consumer and stream message, see {@link handbackKey}; kept a
+ * day, far longer than any retry schedule), so the count survives the process that handed the
+ * message back. Read only
  * for redeliveries, which are rare; written only on hand-backs. A read or write that fails (NATS
  * away) counts as no hand-back: the runtime then behaves as it did without the ledger. So does a
  * write given up on its caller's signal (a stopping worker bounds each write, so that a stop with
@@ -45,6 +46,17 @@ export function handbackBucket(topo: Topology): string {
 }
 
 /**
+ * The ledger's key of `msg`: `<stream>.<consumer>.<seq>.<timestamp ns>`. Per consumer, since
+ * several services' consumers take the same event, each with its own deliveries. With the
+ * message's timestamp, since a stream made again (within the day a count is kept) restarts its
+ * sequences: its new message 7 must not inherit the hand-backs of the old one's (it would be
+ * dead-lettered after fewer attempts), as `deadLetterMsgId` tells their dead letters apart.
+ */
+export function handbackKey(msg: Pick<JsMsg, "info" | "seq" | "timestampNanos">): string {
+  return `${msg.info.stream}.${msg.info.consumer}.${msg.seq}.${msg.timestampNanos}`;
+}
+
+/**
  * Opens (making it when missing) the hand-back ledger of `topo`. `onError` hears of failed reads
  * and writes (and of a settings check that failed); `warn` of a bucket whose settings differ from
  * the ones this version makes it with.
@@ -66,11 +78,9 @@ export async function openHandbackLedger(
     ...(options.storage === "memory" ? { storage: "memory" as const } : {}),
   });
   await checkSettings(kv, bucket, onError, warn);
-  // Per consumer: several services' consumers take the same event, each with its own deliveries.
-  const keyOf = (msg: JsMsg): string => `${msg.info.stream}.${msg.info.consumer}.${msg.seq}`;
   const read = async (msg: JsMsg): Promise<number> => {
     try {
-      const entry = await kv.get(keyOf(msg));
+      const entry = await kv.get(handbackKey(msg));
       const n = entry && entry.operation === "PUT" ? Number(entry.string()) : 0;
       return Number.isSafeInteger(n) && n > 0 ? n : 0;
     } catch (error) {
@@ -90,7 +100,7 @@ export async function openHandbackLedger(
         // One holder of a message at a time: no two writers of one key race. A first delivery
         // has no hand-backs (an entry left by an older stream's message of that sequence is stale).
         const before = known ?? (await count(msg));
-        await kv.put(keyOf(msg), String(before + 1));
+        await kv.put(handbackKey(msg), String(before + 1));
       };
       try {
         if (signal?.aborted) throw signal.reason;

@@ -4,6 +4,7 @@
  * What is old, and why it may go, is each service's business (`workers/user/pruner.ts`,
  * `workers/notification/pruner.ts`).
  */
+import type postgres from "postgres";
 import type { Sql } from "../../common/postgres.ts";
 
 /** Logging a pruner does (a pino logger fits). */
@@ -20,12 +21,23 @@ export interface RunningPruner<R> {
   stop(): Promise<void>;
 }
 
+/** A piece of SQL made with the pool's tagged template (`sql\`status = 'failed'\``). */
+export type SqlFragment = postgres.PendingQuery<postgres.Row[]>;
+
 /**
- * Deletes the rows of `table` whose `column` is before `before`, `batchSize` at a time by the key
- * column `key`, until a batch comes back short; returns how many went. A null `column` is never
- * before anything: such rows stay.
+ * Deletes the rows of `table` whose `age` (a column, or an expression such as a coalesce) is
+ * before `before` and, given `only`, that also match it, `batchSize` at a time by the key column
+ * `key`, until a batch comes back short; returns how many went. A null age is never before
+ * anything: such rows stay. For the batches to be found by an index, `age` and `only` must be
+ * written as the index's expression and predicate are.
  */
-export type PruneTable = (table: string, key: string, column: string, before: Date) => Promise<number>;
+export type PruneTable = (
+  table: string,
+  key: string,
+  age: string | SqlFragment,
+  before: Date,
+  only?: SqlFragment,
+) => Promise<number>;
 
 /** Options of {@link startPruneLoop}. */
 export interface PruneLoopOptions<R> {
@@ -52,16 +64,17 @@ export function startPruneLoop<R>(options: PruneLoopOptions<R>): RunningPruner<R
   }
   let stopped = false;
 
-  const prune: PruneTable = async (table, key, column, before) => {
+  const prune: PruneTable = async (table, key, age, before, only) => {
+    const aged = typeof age === "string" ? sql(age) : age;
+    const old = only ? sql`${aged} < ${before} and (${only})` : sql`${aged} < ${before}`;
     let total = 0;
     for (;;) {
       // The outer test again: a row changed after the inner select picked it (e.g. a notification
-      // being retried, its failed_at cleared) is looked at anew and then kept.
+      // being retried, no longer failed) is looked at anew and then kept.
       const { count } = await sql`
         delete from ${sql(table)}
-        where ${sql(key)} in (
-            select ${sql(key)} from ${sql(table)} where ${sql(column)} < ${before} limit ${batchSize})
-          and ${sql(column)} < ${before}`;
+        where ${sql(key)} in (select ${sql(key)} from ${sql(table)} where ${old} limit ${batchSize})
+          and ${old}`;
       total += count;
       // Stopping: the rest waits for the next process rather than holding up the shutdown.
       if (count < batchSize || stopped) return total;
