@@ -5,13 +5,20 @@
  * the history subjects; the follower only reads their instance id.
  */
 import { randomUUID } from "node:crypto";
-import { type Consumers, jetstream, jetstreamManager } from "@nats-io/jetstream";
+import {
+  type ConsumeOptions,
+  type Consumer,
+  type Consumers,
+  type JetStreamManager,
+  jetstream,
+  jetstreamManager,
+} from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { connectNats } from "../../common/nats.ts";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/index.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
-import { endNextConsumerWhenMissing } from "../../test/support/ordered-consumer.ts";
+import { endNextConsumerWhenMissing, orderedConsumerPrototype } from "../../test/support/ordered-consumer.ts";
 import { rewritingStreamInfo } from "../../test/support/stream-info.ts";
 import { HistoryFollower, type HistoryFollowerLogger, type SequencedEntry } from "./history-follower.ts";
 
@@ -34,6 +41,13 @@ async function appendEntry(
   };
   const subject = topo.historySubject(WORKFLOW, instanceId, "running");
   return (await jetstream(nc).publish(subject, JSON.stringify(entry))).seq;
+}
+
+/** Names of the consumers on `stream`. */
+async function consumerNames(jsm: JetStreamManager, stream: string): Promise<string[]> {
+  const names: string[] = [];
+  for await (const info of jsm.consumers.list(stream)) names.push(info.name);
+  return names;
 }
 
 /** A logger keeping each line as `message: err`. */
@@ -330,6 +344,64 @@ describe("HistoryFollower.watch", () => {
       }
     },
   );
+
+  it("goes on after the stream's last entry when nats.js makes its consumer again before it delivered any, not from the stream's start", async () => {
+    const ownTopo = topology(uniqueNamespace("follower-idle"));
+    const stream = ownTopo.streams.history;
+    const jsm = await jetstreamManager(nc);
+    await ensureTopology(jsm, ownTopo, { storage: "memory" });
+    const appendTo = (instanceId: string, revision: number): Promise<number> =>
+      appendEntry(nc, ownTopo, instanceId, revision);
+    for (let i = 0; i < 20; i++) await appendTo("old", i + 1);
+    // Short heartbeats: nats.js notices the consumer missing within a second or two (by default,
+    // after two missed heartbeats of 15 s) and makes it again by itself, the follower's loop not
+    // knowing.
+    const proto = await orderedConsumerPrototype(nc, stream);
+    const consume = proto.consume;
+    vi.spyOn(proto, "consume").mockImplementationOnce(function (this: Consumer, opts?: ConsumeOptions) {
+      return consume.call(this, { ...opts, idle_heartbeat: 500, expires: 1000 });
+    });
+    const own = await HistoryFollower.start(nc, ownTopo, WORKFLOW);
+    try {
+      // Every entry of "old" the follower hands out, for as long as the test runs.
+      const seenOfOld: number[] = [];
+      const ofOld = own.expect(
+        "old",
+        () => false,
+        60_000,
+        (found) => seenOfOld.push(found.seq),
+      );
+      const watch = own.watch("old")[Symbol.asyncIterator]();
+      expect(await watch.next()).toMatchObject({ done: false, value: { seq: 20 } });
+      const nextOfWatch = watch.next();
+
+      const [lost] = await consumerNames(jsm, stream);
+      expect(lost).toBeDefined();
+      await jsm.consumers.delete(stream, lost ?? "");
+      await expect
+        .poll(async () => (await consumerNames(jsm, stream)).filter((name) => name !== lost), {
+          timeout: 20_000,
+        })
+        .toHaveLength(1);
+
+      const waited = own.expect("new", (entry) => entry.revision === 1, 20_000);
+      const seq = await appendTo("new", 1);
+      expect(await waited.done).toMatchObject({ seq, entry: { revision: 1 } });
+      const later = await appendTo("old", 21);
+      expect(await nextOfWatch).toMatchObject({
+        done: false,
+        value: { seq: later, entry: { revision: 21 } },
+      });
+      await watch.return?.();
+      // Delivered in stream order: had the consumer gone back to the stream's start, the 20 old
+      // entries would have come before this one.
+      expect(seenOfOld).toEqual([later]);
+      ofOld.cancel();
+      expect(own.closed).toBe(false);
+    } finally {
+      await own.close();
+    }
+  });
 
   it("is not ready while its history stream is missing for longer than nats.js tries, and follows the stream made again", async () => {
     const ownTopo = topology(uniqueNamespace("follower-gone"));

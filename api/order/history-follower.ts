@@ -69,7 +69,11 @@ type Waiter = {
 
 type Watcher = {
   push: (found: SequencedEntry) => void;
-  /** Ends the watch; with `error`, the watch throws it once it has yielded what it holds. */
+  /**
+   * Ends the watch; with `error`, the watch throws it at once, dropping the entries it still holds:
+   * after a stream made again they may be the new stream's, whose sequences the watch cannot
+   * order against the old one's.
+   */
   end: (error?: JetsagaError) => void;
 };
 
@@ -81,11 +85,11 @@ type Watcher = {
 const MAX_WATCH_BACKLOG = 100;
 
 /**
- * Follows every order history subject with ONE ordered consumer (deliver new; a history stream
- * made again from its start) and hands entries to the commands waiting for them: a command's
- * position is the stream sequence of the entry it caused, known only once the orchestrator has
- * appended it. One shared subscription instead of a
- * consumer per call keeps a command at a couple of JetStream round trips.
+ * Follows every order history subject with ONE ordered consumer (from the entry after the stream's
+ * last one at start; a history stream made again from its start) and hands entries to the
+ * commands waiting for them: a command's position is the stream sequence of the entry it caused,
+ * known only once the orchestrator has appended it. One shared subscription instead of a consumer
+ * per call keeps a command at a couple of JetStream round trips.
  *
  * A wait must be registered BEFORE the message that causes the entry is sent; entries appended
  * before the follower started are found with {@link latest} / {@link first} and `offer`. WatchOrder
@@ -134,8 +138,8 @@ export class HistoryFollower {
     this.#workflow = workflow;
     this.#messages = messages;
     this.#stream = { created: identity?.created ?? "", firstTs: identity?.firstTs };
-    // The consumer starts with the entries after this one (a few appended meanwhile would be
-    // delivered once more by a consumer made again: waits and watches take them twice alike).
+    // The consumer starts with the entry after this one, also when more were appended between
+    // reading it and making the consumer: none of them is missed.
     this.#lastSeq = identity?.lastSeq ?? 0;
     this.#options = options;
   }
@@ -158,7 +162,10 @@ export class HistoryFollower {
   ): Promise<HistoryFollower> {
     const jsm = await jetstreamManager(nc);
     const identity = await streamIdentity(jsm, topo.streams.history);
-    const messages = await HistoryFollower.#consume(nc, topo, workflow);
+    // From an explicit sequence rather than "deliver new": nats.js makes a lost ordered consumer
+    // again after the last sequence it delivered, which for one made with "deliver new" that has
+    // delivered nothing yet is 0: an idle gateway would replay the whole history stream.
+    const messages = await HistoryFollower.#consume(nc, topo, workflow, (identity?.lastSeq ?? 0) + 1);
     const follower = new HistoryFollower(nc, jsm, topo, workflow, messages, identity, options);
     // Only a bug of ours ends the loop before close(): the follower is then closed and the
     // gateway not ready, rather than the process brought down by an unhandled rejection.
@@ -178,18 +185,17 @@ export class HistoryFollower {
     return follower;
   }
 
-  /** An ordered consumer from stream sequence `start`, or of the entries appended from now on. */
+  /** An ordered consumer from stream sequence `start`. */
   static async #consume(
     nc: NatsConnection,
     topo: Topology,
     workflow: string,
-    start?: number,
+    start: number,
   ): Promise<ConsumerMessages> {
     const consumer = await jetstream(nc).consumers.get(topo.streams.history, {
       filter_subjects: topo.historyFilter(workflow),
-      ...(start === undefined
-        ? { deliver_policy: DeliverPolicy.New }
-        : { deliver_policy: DeliverPolicy.StartSequence, opt_start_seq: start }),
+      deliver_policy: DeliverPolicy.StartSequence,
+      opt_start_seq: start,
     });
     return consumer.consume();
   }
@@ -456,6 +462,14 @@ export class HistoryFollower {
    */
   get closed(): boolean {
     return this.#stopped || !this.#consuming;
+  }
+
+  /**
+   * True once {@link close} was called (or the follower failed for good): unlike {@link closed},
+   * not while a consumer that ended is being made again, when reads of the stream still answer.
+   */
+  get stopped(): boolean {
+    return this.#stopped;
   }
 
   /** Why the consumer last ended, or an attempt to make it again failed, when with an error. */

@@ -1231,6 +1231,20 @@ describe("OrderService", () => {
     expect((await orders.getOrder({ orderId }, auth(alice.token))).order?.orderId).toBe(orderId);
   });
 
+  it("answers a watch of an unknown order with NOT_FOUND also while the follower makes its consumer again", async () => {
+    const { token } = await signUp("watchremade");
+    await withOrderService({}, async (client) => {
+      // What the follower shows while the consumer nats.js ended is being made again.
+      vi.spyOn(HistoryFollower.prototype, "closed", "get").mockReturnValue(true);
+      try {
+        const orderId = `o${"e".repeat(32)}`;
+        expect(await codeOf(collect(client.watchOrder({ orderId }, auth(token))))).toBe(Code.NotFound);
+      } finally {
+        vi.restoreAllMocks();
+      }
+    });
+  });
+
   it("refuses missing, malformed, expired and forged tokens with UNAUTHENTICATED", async () => {
     const { userId } = await signUp("tokens");
     const now = Date.now();

@@ -644,7 +644,9 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
         // rapid-reset protection (docs/BENCHMARKS.md, "Full path under sustained load").
         if (reachesStatus(found.entry.state, until)) return;
       }
-      if (!items && !ctx.signal.aborted && !follower.closed) throw notFound();
+      // Not `closed`: that is also true while the follower's consumer is being made again, when
+      // the watch still read that the order has no entry.
+      if (!items && !ctx.signal.aborted && !follower.stopped) throw notFound();
       // Never a normal end here: it would claim the order is final. The call's deadline passed or
       // its client went away (a client that sent a deadline without a timer of its own reads this
       // answer), or the follower stopped, or the gateway is shutting down.

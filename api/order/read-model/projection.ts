@@ -307,10 +307,11 @@ export const CHECKPOINT_CHANNEL = "jetsaga_projection";
  * Applies a batch of entries and moves the checkpoint `name` to `position` in ONE statement: the
  * inserts are data-modifying CTEs (all or nothing, like a transaction) and the checkpoint
  * announcement is delivered at its commit. Idempotent: an order row changes only for a newer
- * revision, item and status rows are inserted once, and the checkpoint never moves back. Rows
- * travel as JSON parameters, so a batch of any size is one round trip: on this kind of machine
- * each statement's socket write and wake-up of the Postgres backend cost more than the SQL itself.
- * Run it on the pool (its own implicit transaction) or inside a caller's transaction.
+ * revision, item and status rows are inserted once, and the checkpoint never moves back (and is
+ * announced only when it moved). Rows travel as JSON parameters, so a batch of any size is one
+ * round trip: on this kind of machine each statement's socket write and wake-up of the Postgres
+ * backend cost more than the SQL itself. Run it on the pool (its own implicit transaction) or
+ * inside a caller's transaction.
  */
 export async function applyBatch(
   sql: TransactionSql | Sql,
@@ -359,8 +360,11 @@ export async function applyBatch(
         -- A projector still following an older incarnation of the stream must not move the
         -- checkpoint of the new one (its rows are guarded by revision, its position is not).
         and (projection_checkpoints.stream_created is null or excluded.stream_created is null
-             or projection_checkpoints.stream_created = excluded.stream_created))
-    select pg_notify(${CHECKPOINT_CHANNEL}, ${checkpointNotice(checkpoint)})`;
+             or projection_checkpoints.stream_created = excluded.stream_created)
+      returning 1)
+    -- Announced only when it moved: a refused update (an older incarnation's position, above all)
+    -- must not move the positions of the projectors listening.
+    select pg_notify(${CHECKPOINT_CHANNEL}, ${checkpointNotice(checkpoint)}) from moved_checkpoint`;
 }
 
 /**

@@ -81,6 +81,38 @@ async function allEntries(nc: NatsConnection, client: WorkflowClient): Promise<P
   return entries;
 }
 
+/**
+ * `sql` with two test hooks: `failBatches` makes every applyBatch statement fail as a lost
+ * connection does, and `processed` lists each checkpoint notice once its listener has run.
+ */
+function instrumented(sql: Sql): { sql: Sql; processed: string[]; failBatches: { on: boolean } } {
+  const processed: string[] = [];
+  const failBatches = { on: false };
+  const wrapped = new Proxy(sql, {
+    apply(target, thisArg, args: unknown[]) {
+      const [strings] = args;
+      if (failBatches.on && Array.isArray(strings) && strings.join("").includes("moved_checkpoint")) {
+        return Promise.reject(Object.assign(new Error("connection lost (test)"), { code: "08006" }));
+      }
+      return Reflect.apply(target, thisArg, args);
+    },
+    get(target, prop, receiver) {
+      if (prop !== "listen") return Reflect.get(target, prop, receiver);
+      const listen: Sql["listen"] = (channel, onNotify, onListen) =>
+        target.listen(
+          channel,
+          (payload) => {
+            onNotify(payload);
+            processed.push(payload);
+          },
+          onListen,
+        );
+      return listen;
+    },
+  });
+  return { sql: wrapped, processed, failBatches };
+}
+
 /** A history entry of an order saga as the read model reads it, with `state` fields replaced. */
 function orderShapedEntry(id: string, revision: number, state: Record<string, unknown> = {}): HistoryEntry {
   return {
@@ -418,6 +450,51 @@ describe("order read model projector", () => {
     await startAndAwaitConfirmed("o-after-skip");
   });
 
+  it("announces a checkpoint only when it moved", async () => {
+    const name = "notify-test";
+    const received: string[] = [];
+    const listener = await sql.listen(CHECKPOINT_CHANNEL, (payload) => {
+      if (payload.startsWith(`${name}:`)) received.push(payload);
+    });
+    try {
+      const move = (position: number, streamCreated: string) =>
+        applyBatch(sql, rowsOf([]), { name, position, streamCreated });
+      await move(5, "A");
+      await move(3, "A"); // behind it
+      await move(5, "A"); // where it is
+      await move(9, "B"); // another incarnation's position
+      await move(7, "A");
+      // One session's notices arrive in the order of their commits: nothing else comes before.
+      await expect.poll(() => received.at(-1), { timeout: 10_000 }).toBe(`${name}:7:A`);
+      expect(received).toEqual([`${name}:5:A`, `${name}:7:A`]);
+    } finally {
+      await listener.unlisten();
+      await sql`delete from projection_checkpoints where name = ${name}`;
+    }
+  });
+
+  it("stops while a failed batch waits to be tried again, without waiting out the pause", async () => {
+    const failing = instrumented(sql);
+    failing.failBatches.on = true;
+    // A checkpoint of its own: it reads every entry again and tries to write them. The pause
+    // before the next attempt (an hour) is longer than any test runs: stop() must cut it.
+    const own = await startOrderProjector({
+      nc,
+      sql: failing.sql,
+      ns,
+      name: "retry-test",
+      retryDelayMs: 3_600_000,
+      streamCheckMs: 60_000,
+    });
+    try {
+      await expect.poll(() => own.stats.retries, { timeout: 10_000 }).toBe(1);
+    } finally {
+      await own.stop();
+    }
+    expect(own.stats.retries).toBe(1);
+    expect(own.position()).toBe(0);
+  });
+
   it("skips an entry Postgres refuses and projects the rest of its batch", async () => {
     // A check the entry's data fails, as an operator's own constraint or a column narrower than
     // the entry's value would: Postgres refuses the batch (SQLSTATE 23514) every time.
@@ -597,25 +674,55 @@ describe("order read model projector", () => {
     await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(before.state.last_seq);
     const [stored] = await sql`select stream_created from projection_checkpoints where name = 'orders'`;
     expect(stored?.stream_created).toBe(before.created);
+    // Its notices seen through, to tell when one was taken.
+    const listening = instrumented(sql);
+    await projector.stop();
+    projector = await startOrderProjector({
+      nc,
+      sql: listening.sql,
+      ns,
+      maxBatch: 50,
+      streamCheckMs: 100,
+      logger,
+    });
+    // A replica still on the old stream announces a position of it while this one resyncs.
+    const oldNotice = `orders:${before.state.last_seq + 1000}:${before.created}`;
+    let positionAfterOldNotice: number | undefined;
     // Its consumer on the rebuilt read model cannot be made the first time: the next check must
     // find the stream made again all the same, and try once more.
     const rebuildsBefore = projector.stats.rebuilds;
     const proto = await orderedConsumerPrototype(nc, history);
     const consume = proto.consume;
     let refused = false;
-    vi.spyOn(proto, "consume").mockImplementation(function (this: Consumer, opts?: ConsumeOptions) {
-      if (refused || projector.stats.rebuilds === rebuildsBefore) return consume.call(this, opts);
-      refused = true;
-      return Promise.reject(new Error("consumer refused by the test"));
+    vi.spyOn(proto, "consume").mockImplementation(async function (this: Consumer, opts?: ConsumeOptions) {
+      if (projector.stats.rebuilds === rebuildsBefore) return consume.call(this, opts);
+      if (!refused) {
+        refused = true;
+        throw new Error("consumer refused by the test");
+      }
+      if (positionAfterOldNotice === undefined) {
+        // The resync's consumer on the new stream is being made: the position is already the
+        // new stream's.
+        await sql`select pg_notify(${CHECKPOINT_CHANNEL}, ${oldNotice})`;
+        await expect.poll(() => listening.processed.includes(oldNotice), { timeout: 10_000 }).toBe(true);
+        positionAfterOldNotice = projector.position();
+      }
+      return consume.call(this, opts);
     });
     logged.length = 0;
 
     await jsm.streams.delete(history);
     // The orchestrator makes the stream again on its next append: sequences start at 1.
-    await startAndAwaitConfirmed("o-new-stream").finally(() => vi.restoreAllMocks());
+    try {
+      await startAndAwaitConfirmed("o-new-stream");
+      // Consuming the new stream, not only rebuilt from it.
+      await expect.poll(() => projector.consuming, { timeout: 10_000 }).toBe(true);
+    } finally {
+      vi.restoreAllMocks();
+    }
     expect(refused).toBe(true);
-    // Consuming the new stream, not only rebuilt from it.
-    await expect.poll(() => projector.consuming, { timeout: 10_000 }).toBe(true);
+    expect(positionAfterOldNotice).toBeDefined();
+    expect(positionAfterOldNotice).toBeLessThan(before.state.last_seq + 1000);
     expect(logged.map((l) => [l.msg, String(l.obj.err)])).toContainEqual([
       "history stream check failed",
       "Error: consumer refused by the test",

@@ -154,6 +154,11 @@ class Projector implements OrderProjector {
   #unlisten: (() => Promise<void>) | undefined;
   /** The incarnation of the history stream the position belongs to (undefined: stream missing at start). */
   #stream: StreamMark | undefined;
+  /**
+   * The incarnation a resync moved the position to, until a consumer on it is made (then
+   * {@link #stream}): notices are taken by it meanwhile, as the position already is its.
+   */
+  #resyncedTo: StreamMark | undefined;
   #streamWatch: StreamIdentityWatch | undefined;
 
   constructor(options: OrderProjectorOptions) {
@@ -178,9 +183,15 @@ class Projector implements OrderProjector {
     const listener = await sql.listen(CHECKPOINT_CHANNEL, (payload) => {
       const notice = parseCheckpointNotice(payload);
       if (notice?.name !== this.#name) return;
-      // A position of another incarnation of the stream names other entries.
-      const other = notice.streamCreated !== undefined && this.#stream !== undefined;
-      if (other && notice.streamCreated !== this.#stream?.created) return;
+      // A position of another incarnation of the stream names other entries (also one a replica
+      // still on the old stream announces while this one resyncs to the new).
+      const current = this.#resyncedTo ?? this.#stream;
+      if (
+        notice.streamCreated !== undefined &&
+        current !== undefined &&
+        notice.streamCreated !== current.created
+      )
+        return;
       this.#advance(notice.position);
     });
     this.#unlisten = () => listener.unlisten();
@@ -317,7 +328,10 @@ class Projector implements OrderProjector {
       await messages.close();
       return;
     }
-    if (stream) this.#stream = stream;
+    if (stream) {
+      this.#stream = stream;
+      this.#resyncedTo = undefined;
+    }
     this.#messages = messages;
     this.#consuming = true;
     // Handled here: a consumer that ends with an error must not bring the process down through
@@ -411,12 +425,16 @@ class Projector implements OrderProjector {
         throw error;
       }
       if (this.#stopping) return;
+      const next = { created: identity.created, firstTs: identity.firstTs };
+      // Before the position moves back: a notice of the old stream from here on would move it to
+      // a sequence of the old stream, and reads of the new stream's positions would pass at once.
+      this.#resyncedTo = next;
       // Backwards on purpose: positions of the old stream name nothing in the new one.
       this.#position = 0;
       this.#advance(position);
       // The new incarnation is taken only with a consumer on it: when none can be made, the next
       // check still finds the stream made again and resyncs once more, instead of never.
-      await this.#consumeFrom(position + 1, { created: identity.created, firstTs: identity.firstTs });
+      await this.#consumeFrom(position + 1, next);
     });
   }
 
@@ -513,6 +531,9 @@ class Projector implements OrderProjector {
   ): Promise<"applied" | "refused" | "stopped"> {
     let delay = this.#options.retryDelayMs ?? 100;
     for (;;) {
+      // Checked before each attempt too: once stopped, an attempt could wait for Postgres's
+      // connect timeout before its failure was seen as the end.
+      if (this.#stopping) return "stopped";
       try {
         await applyBatch(this.#options.sql, rows, {
           name: this.#name,
@@ -529,7 +550,8 @@ class Projector implements OrderProjector {
           { err: error, entries, lastSeq: position },
           "projection batch failed; retrying",
         );
-        await new Promise((resolve) => setTimeout(resolve, delay));
+        // Cut short by stop(), which would otherwise wait out the pause.
+        await sleep(delay, undefined, { signal: this.#stopped.signal }).catch(() => {});
         delay = Math.min(delay * 2, MAX_RETRY_DELAY_MS);
       }
     }
