@@ -30,7 +30,7 @@
 import { randomBytes } from "node:crypto";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { MIN_SECRET_BYTES } from "../common/auth-token.ts";
-import { exitOnStartFailure, onShutdown, readConfig } from "../common/config.ts";
+import { exitOnStartFailure, exitWhenConnectionCloses, onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
@@ -151,6 +151,7 @@ async function main(): Promise<void> {
     }
     sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-api" });
     nc = await connectNatsFromConfig(config, "jetsaga-api");
+    exitWhenConnectionCloses(nc, logger, "api");
     gateway = await startGateway({
       nc,
       sql,

@@ -1,3 +1,4 @@
+import type { NatsConnection } from "@nats-io/transport-node";
 import type { TopologyOptions } from "../orchestrator/runtime/topology.ts";
 import type { Logger } from "./logger.ts";
 import type { NatsAuth } from "./nats.ts";
@@ -23,7 +24,8 @@ export interface ServiceConfig {
   probeHost: string;
   /**
    * NATS credentials: env NATS_CREDS (path of a `.creds` file), or NATS_USER with NATS_PASSWORD,
-   * or NATS_TOKEN — at most one of the three. Unset: none (or the URL's `user:password@`).
+   * or NATS_TOKEN — at most one of the three. Unset: none (or the URL's `user:password@`, taken out
+   * of the URL by `connectNatsFromConfig`).
    */
   natsAuth: NatsAuth | undefined;
   /**
@@ -42,14 +44,18 @@ export function streamTopology(config: Pick<ServiceConfig, "streamReplicas">): T
   return config.streamReplicas === undefined ? {} : { replicas: config.streamReplicas };
 }
 
-/** Reads {@link ServiceConfig} from `env` (default: process.env). */
+/**
+ * Reads {@link ServiceConfig} from `env` (default: process.env). A setting set to "" counts as
+ * unset: compose's `${PROBE_HOST:-}` and a blank line in a `.env` give "", which would otherwise
+ * bind the probes on every interface or name a namespace "".
+ */
 export function readConfig(env: Record<string, string | undefined> = process.env): ServiceConfig {
   return {
-    natsUrl: env.NATS_URL ?? "nats://127.0.0.1:4222",
-    databaseUrl: env.DATABASE_URL,
-    ns: env.JETSAGA_NS ?? "jetsaga",
+    natsUrl: stringSetting(env, "NATS_URL") ?? "nats://127.0.0.1:4222",
+    databaseUrl: stringSetting(env, "DATABASE_URL"),
+    ns: stringSetting(env, "JETSAGA_NS") ?? "jetsaga",
     streamReplicas: replicas(env.JETSAGA_STREAM_REPLICAS),
-    probeHost: env.PROBE_HOST ?? "127.0.0.1",
+    probeHost: stringSetting(env, "PROBE_HOST") ?? "127.0.0.1",
     natsAuth: natsAuth(env),
     shutdownTimeoutMs:
       integerSetting(env, "JETSAGA_SHUTDOWN_TIMEOUT_SECONDS", { min: 1, max: 3_600, fallback: 25 }) * 1_000,
@@ -69,6 +75,12 @@ function natsAuth(env: Record<string, string | undefined>): NatsAuth | undefined
   if (user === undefined && password === undefined) return undefined;
   if (!user || !password) throw configError("NATS_USER and NATS_PASSWORD go together: set both");
   return { kind: "userPassword", user, password };
+}
+
+/** `env[name]` without surrounding blanks; undefined when unset, empty or blank. */
+export function stringSetting(env: Record<string, string | undefined>, name: string): string | undefined {
+  const value = env[name]?.trim();
+  return value === "" ? undefined : value;
 }
 
 /** An Error with `code: "CONFIG"`: the services report it as a one-line start-up failure. */
@@ -114,10 +126,34 @@ export async function exitOnStartFailure(
   error: unknown,
   stop: () => Promise<void>,
 ): Promise<never> {
+  stopping = true;
   const code = (error as { code?: unknown }).code;
   logger.fatal({ code }, `${what} cannot start: ${error instanceof Error ? error.message : String(error)}`);
   await stop().catch(() => {});
   process.exit(1);
+}
+
+/**
+ * Set once the process is on its way out (a stop signal, a failed start): connections it then
+ * closes itself are no reason for {@link exitWhenConnectionCloses} to step in.
+ */
+let stopping = false;
+
+/**
+ * Ends the process with status 1 and one fatal line with the reason when `nc` closes while the
+ * process is not stopping. nats.js closes a connection for good when it gives up reconnecting
+ * (credentials revoked or a JWT expired: the same authorization error twice in a row); the
+ * process would then stay up doing nothing, its liveness probe still passing, and only a restart
+ * (with fresh credentials) brings it back.
+ */
+export function exitWhenConnectionCloses(nc: NatsConnection, logger: Logger, what: string): void {
+  void nc.closed().then((reason) => {
+    if (stopping) return;
+    const message = reason instanceof Error ? reason.message : "closed";
+    const code = reason instanceof Error ? (reason as { code?: unknown }).code : undefined;
+    logger.fatal({ code }, `${what}: the NATS connection closed for good (${message}); exiting`);
+    process.exit(1);
+  });
 }
 
 /**
@@ -127,14 +163,15 @@ export async function exitOnStartFailure(
  * signal ends the process at once (Node's default, as the listeners are `once`).
  */
 export function onShutdown(stop: () => Promise<void>, options: { timeoutMs: number; logger?: Logger }): void {
-  let stopping = false;
+  let called = false;
   const fail = (message: string, error?: unknown): void => {
     if (options.logger) options.logger.error(error === undefined ? {} : { err: error }, message);
     else console.error(message, error ?? "");
     process.exit(1);
   };
   const handler = (): void => {
-    if (stopping) return;
+    if (called) return;
+    called = true;
     stopping = true;
     // Not unref'd: it is what ends the process if something else keeps the event loop alive.
     setTimeout(

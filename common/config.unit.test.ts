@@ -1,6 +1,6 @@
 import { describe, expect, it } from "vitest";
-import { integerSetting, readConfig } from "./config.ts";
-import { describeServers } from "./nats.ts";
+import { integerSetting, readConfig, stringSetting } from "./config.ts";
+import { describeServers, natsServersAndAuth } from "./nats.ts";
 
 describe("readConfig", () => {
   it("reads NATS credentials from one of three forms", () => {
@@ -49,6 +49,19 @@ describe("readConfig", () => {
     );
   });
 
+  it("takes an empty or blank string setting as unset", () => {
+    // Compose passes `${PROBE_HOST:-}` through as "": probes on every interface, a namespace "".
+    const empty = readConfig({ PROBE_HOST: "", NATS_URL: "", JETSAGA_NS: " ", DATABASE_URL: "" });
+    expect(empty.probeHost).toBe("127.0.0.1");
+    expect(empty.natsUrl).toBe("nats://127.0.0.1:4222");
+    expect(empty.ns).toBe("jetsaga");
+    expect(empty.databaseUrl).toBeUndefined();
+    const given = readConfig({ PROBE_HOST: "0.0.0.0", NATS_URL: "nats://n:4222", JETSAGA_NS: "prod" });
+    expect([given.probeHost, given.natsUrl, given.ns]).toEqual(["0.0.0.0", "nats://n:4222", "prod"]);
+    expect(stringSetting({ X: " v " }, "X")).toBe("v");
+    expect(stringSetting({}, "X")).toBeUndefined();
+  });
+
   it("refuses a replica count outside 1–5", () => {
     expect(readConfig({ JETSAGA_STREAM_REPLICAS: "3" }).streamReplicas).toBe(3);
     expect(() => readConfig({ JETSAGA_STREAM_REPLICAS: "9" })).toThrow(/JETSAGA_STREAM_REPLICAS/);
@@ -82,5 +95,61 @@ describe("describeServers", () => {
       "nats://a:4222,nats://b:4222,c:4222",
     );
     expect(describeServers(["tls://x:y@host"])).toBe("tls://host");
+  });
+
+  it("reads a server without a scheme as nats://, so its password is dropped too", () => {
+    expect(describeServers("jetsaga:s3cret@host:4222")).toBe("nats://host:4222");
+    expect(describeServers("tok3n@host:4222,other:4222")).toBe("nats://host:4222,other:4222");
+    expect(describeServers("nats://a:4222,host:4222")).toBe("nats://a:4222,host:4222");
+  });
+});
+
+describe("natsServersAndAuth", () => {
+  it("takes a URL's user:password@ or token@ out of the servers and into the credentials", () => {
+    expect(
+      natsServersAndAuth({
+        natsUrl: "nats://jetsaga:s3cret@a:4222, nats://jetsaga:s3cret@b:4222",
+        natsAuth: undefined,
+      }),
+    ).toEqual({
+      servers: ["nats://a:4222", "nats://b:4222"],
+      auth: { kind: "userPassword", user: "jetsaga", password: "s3cret" },
+    });
+    expect(natsServersAndAuth({ natsUrl: "tok3n@host:4222", natsAuth: undefined })).toEqual({
+      servers: ["nats://host:4222"],
+      auth: { kind: "token", token: "tok3n" },
+    });
+    // Percent-encoded as URLs need them; a server without credentials gets the same ones.
+    expect(natsServersAndAuth({ natsUrl: "nats://u%40x:p%3Aw@a:4222,b:4222", natsAuth: undefined })).toEqual({
+      servers: ["nats://a:4222", "b:4222"],
+      auth: { kind: "userPassword", user: "u@x", password: "p:w" },
+    });
+  });
+
+  it("keeps servers and configured credentials as they are when the URLs carry none", () => {
+    const natsAuth = { kind: "token", token: "t" } as const;
+    expect(natsServersAndAuth({ natsUrl: "nats://a:4222,b:4222", natsAuth })).toEqual({
+      servers: ["nats://a:4222", "b:4222"],
+      auth: natsAuth,
+    });
+  });
+
+  it("refuses credentials in the URLs beside other settings, or differing between URLs", () => {
+    for (const config of [
+      { natsUrl: "nats://u:p@a:4222", natsAuth: { kind: "token", token: "t" } as const },
+      { natsUrl: "nats://u:p@a:4222,nats://u:other@b:4222", natsAuth: undefined },
+      { natsUrl: "nats://u:p@a:4222,nats://tok@b:4222", natsAuth: undefined },
+      { natsUrl: "nats://u:p%zz@a:4222", natsAuth: undefined },
+    ]) {
+      let error: unknown;
+      try {
+        natsServersAndAuth(config);
+      } catch (caught) {
+        error = caught;
+      }
+      expect(error, config.natsUrl).toMatchObject({ code: "CONFIG" });
+      // Never the values.
+      expect((error as Error).message).not.toMatch(/:p@|other|tok\b/);
+    }
   });
 });

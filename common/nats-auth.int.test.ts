@@ -5,7 +5,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { type NatsServerHandle, startNatsServer } from "../test/support/servers.ts";
 import { readConfig } from "./config.ts";
-import { connectNats } from "./nats.ts";
+import { connectNats, connectNatsFromConfig } from "./nats.ts";
 
 describe("NATS credentials", () => {
   let withPassword: NatsServerHandle;
@@ -34,6 +34,18 @@ describe("NATS credentials", () => {
     await expect(connectNats({ servers: withToken.url, auth: wrong.natsAuth })).rejects.toMatchObject({
       code: "UNAVAILABLE",
     });
+  });
+
+  it("connects with the user:password@ or token@ of NATS_URL, which nats.js itself ignores", async () => {
+    const withUser = withPassword.url.replace("nats://", "nats://jetsaga:s3cret-pass@");
+    const nc = await connectNatsFromConfig(readConfig({ NATS_URL: withUser }), "url-credentials");
+    await nc.flush();
+    await nc.close();
+    // Without a scheme, as `host:port` servers are often written.
+    const withTokenUrl = withToken.url.replace("nats://", "t0ken-value@");
+    const tc = await connectNatsFromConfig(readConfig({ NATS_URL: withTokenUrl }), "url-token");
+    await tc.flush();
+    await tc.close();
   });
 
   it("names an unreadable credentials file instead of trying to connect", async () => {

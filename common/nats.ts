@@ -1,14 +1,20 @@
 import { readFileSync } from "node:fs";
-import { type ConnectionOptions, credsAuthenticator, type NatsConnection } from "@nats-io/transport-node";
+import {
+  type ConnectionOptions,
+  credsAuthenticator,
+  type NatsConnection,
+  type Status,
+} from "@nats-io/transport-node";
 import { JetsagaError } from "../orchestrator/engine/errors.ts";
-import type { ServiceConfig } from "./config.ts";
+import { configError, type ServiceConfig } from "./config.ts";
 import { settleAnsweredRequestsCheaply } from "./nats-request.ts";
 import { connectGathering } from "./nats-transport.ts";
 
 /**
  * How a service proves who it is to NATS: a `.creds` file (JWT + nkey seed, the operator mode of
  * production accounts), a user and password, or a token. Read from the environment by
- * `readConfig()` (common/config.ts); a URL's `user:password@` works too.
+ * `readConfig()` (common/config.ts); `connectNatsFromConfig` also takes a URL's `user:password@`
+ * (or `token@`), which nats.js itself ignores.
  */
 export type NatsAuth =
   | { kind: "creds"; file: string }
@@ -57,12 +63,84 @@ export async function connectNats(
 /**
  * Connects a process to the NATS servers and with the credentials of its configuration
  * (`readConfig()`), under the connection name `name` (shown by the server's monitoring).
+ * Credentials in the URLs are used as such (see {@link natsServersAndAuth}).
  */
 export function connectNatsFromConfig(
   config: Pick<ServiceConfig, "natsUrl" | "natsAuth">,
   name: string,
 ): Promise<NatsConnection> {
-  return connectNats({ servers: config.natsUrl.split(","), name, auth: config.natsAuth });
+  const { servers, auth } = natsServersAndAuth(config);
+  return connectNats({ servers, name, auth });
+}
+
+/**
+ * The servers of `config.natsUrl` (comma separated) without their `user:password@` or `token@`,
+ * and the credentials to use: those of the URLs, else `config.natsAuth`. nats.js ignores userinfo
+ * in server URLs (the server then refuses the connection), so it is taken out and passed as
+ * options. Throws a CONFIG error when the URLs disagree on credentials or when a URL has some and
+ * NATS_CREDS, NATS_USER/NATS_PASSWORD or NATS_TOKEN is set too.
+ */
+export function natsServersAndAuth(config: Pick<ServiceConfig, "natsUrl" | "natsAuth">): {
+  servers: string[];
+  auth: NatsAuth | undefined;
+} {
+  const servers: string[] = [];
+  let fromUrls: NatsAuth | undefined;
+  for (const raw of config.natsUrl.split(",")) {
+    const server = raw.trim();
+    if (server === "") continue;
+    const url = parseServer(server);
+    if (!url || (url.username === "" && url.password === "")) {
+      servers.push(server);
+      continue;
+    }
+    let user: string;
+    let password: string;
+    try {
+      user = decodeURIComponent(url.username);
+      password = decodeURIComponent(url.password);
+    } catch {
+      throw configError("the credentials in NATS_URL are not valid percent-encoding (e.g. %40 for @)");
+    }
+    const auth: NatsAuth =
+      password === "" ? { kind: "token", token: user } : { kind: "userPassword", user, password };
+    if (fromUrls && !sameAuth(fromUrls, auth)) {
+      throw configError(
+        "the NATS_URL servers carry different credentials: give them once, or in NATS_USER/NATS_PASSWORD",
+      );
+    }
+    fromUrls = auth;
+    servers.push(withoutUserinfo(url));
+  }
+  if (fromUrls && config.natsAuth) {
+    throw configError(
+      "NATS_URL carries credentials and NATS_CREDS, NATS_USER/NATS_PASSWORD or NATS_TOKEN is set too: set only one",
+    );
+  }
+  return { servers, auth: fromUrls ?? config.natsAuth };
+}
+
+function sameAuth(a: NatsAuth, b: NatsAuth): boolean {
+  return JSON.stringify(a) === JSON.stringify(b);
+}
+
+/**
+ * `server` as a URL, read as `nats://…` when it has no scheme (`host:4222`, `user:pw@host:4222`:
+ * WHATWG URL would otherwise take `host:` or `user:` for the scheme); undefined when unparsable.
+ */
+function parseServer(server: string): URL | undefined {
+  try {
+    return new URL(server.includes("://") ? server : `nats://${server}`);
+  } catch {
+    return undefined;
+  }
+}
+
+function withoutUserinfo(url: URL): string {
+  const copy = new URL(url.href);
+  copy.username = "";
+  copy.password = "";
+  return copy.toString().replace(/\/$/, "");
 }
 
 /**
@@ -72,21 +150,26 @@ export function connectNatsFromConfig(
 export function describeServers(servers: string | readonly string[]): string {
   const list = typeof servers === "string" ? servers.split(",") : [...servers];
   return list
-    .map((server) => {
-      try {
-        const url = new URL(server.trim());
-        url.username = "";
-        url.password = "";
-        return url.toString().replace(/\/$/, "");
-      } catch {
-        // Not a URL (e.g. `host:port`): it has no credentials to hide.
-        return server.trim();
+    .map((entry) => {
+      const server = entry.trim();
+      const url = parseServer(server);
+      if (!url) {
+        // Unparsable: only what cannot be a password is shown.
+        const at = server.lastIndexOf("@");
+        return at < 0 ? server : `<credentials>${server.slice(at)}`;
       }
+      if (url.username === "" && url.password === "") return server;
+      return withoutUserinfo(url);
     })
     .join(",");
 }
 
-/** The nats.js options for `auth`; a creds file is read now (a rotated file is picked up on restart). */
+/**
+ * The nats.js options for `auth`. A creds file is read now, so that a missing one fails the start
+ * with its name, and again on every (re)connect: a rotated file (a renewed JWT, a Kubernetes
+ * secret updated in place) is used from the next connect on, without a restart. A file that
+ * cannot be read then (mid-rotation) leaves the last good content in use.
+ */
 function authOptions(auth: NatsAuth | undefined): Partial<ConnectionOptions> {
   switch (auth?.kind) {
     case undefined:
@@ -101,7 +184,17 @@ function authOptions(auth: NatsAuth | undefined): Partial<ConnectionOptions> {
           cause: error,
         });
       }
-      return { authenticator: credsAuthenticator(creds) };
+      const file = auth.file;
+      return {
+        authenticator: credsAuthenticator(() => {
+          try {
+            creds = readFileSync(file);
+          } catch {
+            // Keep the last content read: the connect is tried with it rather than not at all.
+          }
+          return creds;
+        }),
+      };
     }
     case "userPassword":
       return { user: auth.user, pass: auth.password };
@@ -120,4 +213,39 @@ export function assertServerVersion(version: string, server = "the server"): voi
     `nats-server ${version} at ${server} is too old: jetsaga needs ${minMajor}.${minMinor} or newer (durable timers use message schedules)`,
     { context: { version } },
   );
+}
+
+/** Whether a NATS connection is up now, from its status events; see {@link connectionState}. */
+export interface ConnectionState {
+  /** False from a disconnect until the next reconnect, and once the connection is closed. */
+  readonly connected: boolean;
+  /** Stops watching (the watch also ends by itself when the connection closes). */
+  stop(): void;
+}
+
+/**
+ * Follows `nc`'s disconnects and reconnects, for readiness: `nc.isClosed()` stays false while
+ * nats.js reconnects, when no message goes through. Call it right after connecting (the
+ * connection is taken to be up then).
+ */
+export function connectionState(nc: NatsConnection): ConnectionState {
+  let up = !nc.isClosed();
+  // nats.js types status() as a bare AsyncIterable; its iterator's stop() ends the watch at once.
+  const statuses: AsyncIterable<Status> & { stop?: () => void } = nc.status();
+  void (async () => {
+    for await (const status of statuses) {
+      if (status.type === "disconnect" || status.type === "close") up = false;
+      else if (status.type === "reconnect") up = true;
+    }
+  })().catch(() => {
+    up = false;
+  });
+  return {
+    get connected() {
+      return up && !nc.isClosed();
+    },
+    stop() {
+      statuses.stop?.();
+    },
+  };
 }

@@ -96,8 +96,10 @@ export interface StatsMetricsOptions<K extends string> {
   prefix: string;
   /** Help text of each counter, by stats key (`deadLettered` → `<prefix>_dead_lettered_total`). */
   counters: Record<K, string>;
-  /** Help text of the `<prefix>_up` gauge (1 while `stats()` returns something). */
+  /** Help text of the `<prefix>_up` gauge (1 while `stats()` returns something, see `isUp`). */
   up: string;
+  /** Value of the `<prefix>_up` gauge, when more than `stats()` returning something decides it. */
+  isUp?: () => boolean;
   /** Labels on every series (e.g. `{ worker: "notification" }`). */
   labels?: Record<string, string>;
   /** The running component's counters, or undefined while it is not running. */
@@ -132,7 +134,7 @@ export function registerStatsMetrics<K extends string>(
     labelNames,
     registers: [registry],
     collect() {
-      this.set(labels, options.stats() ? 1 : 0);
+      this.set(labels, (options.isUp?.() ?? options.stats() !== undefined) ? 1 : 0);
     },
   });
 }

@@ -14,8 +14,8 @@
  * Load it before the service, so that it is active from the first line:
  * `node --import ./common/tracing-sdk.ts orchestrator/service/main.ts` or
  * `NODE_OPTIONS=--import=/app/common/tracing-sdk.ts`. At import it starts only when
- * {@link tracingRequested} says so (`OTEL_EXPORTER_OTLP_ENDPOINT` set, or `JETSAGA_TRACING=on`);
- * otherwise it does nothing and services run untraced.
+ * {@link tracingRequested} says so (`OTEL_EXPORTER_OTLP_ENDPOINT` set, or `JETSAGA_TRACING=on`, and
+ * not `OTEL_SDK_DISABLED=true`); otherwise it does nothing and services run untraced.
  *
  * Node-only (node:async_hooks is also available under Deno, but the OTLP exporter's Node transport
  * is what is tested).
@@ -39,6 +39,7 @@ import { CompositePropagator, W3CBaggagePropagator, W3CTraceContextPropagator } 
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
 import { resourceFromAttributes } from "@opentelemetry/resources";
 import {
+  AlwaysOffSampler,
   AlwaysOnSampler,
   BatchSpanProcessor,
   ParentBasedSampler,
@@ -124,8 +125,21 @@ export interface TracingHandle {
   shutdown(): Promise<void>;
 }
 
-/** True when the environment asks for tracing: `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-only variant) set, or `JETSAGA_TRACING=on`. */
-export function tracingRequested(env: Env = process.env): boolean {
+/**
+ * True when the environment asks for tracing: `OTEL_EXPORTER_OTLP_ENDPOINT` (or the traces-only
+ * variant) set, or `JETSAGA_TRACING=on` — unless `OTEL_SDK_DISABLED` is `true`, which the
+ * OpenTelemetry spec makes the switch that turns the SDK off whatever else is set.
+ */
+export function tracingRequested(
+  env: Env = process.env,
+  warn: (message: string) => void = warnOnce,
+): boolean {
+  const disabled = env.OTEL_SDK_DISABLED?.trim().toLowerCase() ?? "";
+  if (disabled === "true") return false;
+  // The spec's booleans: only "true" is true; anything but "false" or empty is worth a word.
+  if (disabled !== "" && disabled !== "false") {
+    warn(`OTEL_SDK_DISABLED="${env.OTEL_SDK_DISABLED}" is not true or false; taken as false`);
+  }
   return (
     Boolean(env.OTEL_EXPORTER_OTLP_ENDPOINT) ||
     Boolean(env.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT) ||
@@ -197,20 +211,52 @@ export function serviceNameOf(entry: string | undefined): string {
   return name && name !== "." && name !== "/" ? `jetsaga-${name}` : "jetsaga";
 }
 
-function samplerFromEnv(env: Env): Sampler {
-  // Standard OTEL_TRACES_SAMPLER names; anything else keeps every trace its parent kept.
-  const ratio = Number(env.OTEL_TRACES_SAMPLER_ARG ?? "1");
-  const validRatio = Number.isFinite(ratio) && ratio >= 0 && ratio <= 1 ? ratio : 1;
-  switch (env.OTEL_TRACES_SAMPLER) {
-    case "traceidratio":
-      return new TraceIdRatioBasedSampler(validRatio);
-    case "parentbased_traceidratio":
-      return new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(validRatio) });
+/**
+ * The sampler `OTEL_TRACES_SAMPLER` names (the spec's values, case-insensitive), with
+ * `OTEL_TRACES_SAMPLER_ARG` as the ratio of the `*traceidratio` ones (default 1). Unset, empty or
+ * unknown (e.g. `jaeger_remote`, not supported here): `parentbased_always_on`, the spec's default;
+ * an unknown sampler or a ratio that is not a number from 0 to 1 is reported through `warn`
+ * (default: once per message, on stderr) and otherwise ignored, as the spec asks.
+ */
+export function samplerFromEnv(env: Env, warn: (message: string) => void = warnOnce): Sampler {
+  const name = env.OTEL_TRACES_SAMPLER?.trim().toLowerCase() ?? "";
+  const ratio = (): number => {
+    const arg = env.OTEL_TRACES_SAMPLER_ARG?.trim() ?? "";
+    if (arg === "") return 1;
+    const n = Number(arg);
+    if (Number.isFinite(n) && n >= 0 && n <= 1) return n;
+    warn(`OTEL_TRACES_SAMPLER_ARG="${env.OTEL_TRACES_SAMPLER_ARG}" is not a ratio from 0 to 1; using 1`);
+    return 1;
+  };
+  switch (name) {
     case "always_on":
       return new AlwaysOnSampler();
+    case "always_off":
+      return new AlwaysOffSampler();
+    case "traceidratio":
+      return new TraceIdRatioBasedSampler(ratio());
+    case "parentbased_always_off":
+      return new ParentBasedSampler({ root: new AlwaysOffSampler() });
+    case "parentbased_traceidratio":
+      return new ParentBasedSampler({ root: new TraceIdRatioBasedSampler(ratio()) });
+    case "":
+    case "parentbased_always_on":
+      return new ParentBasedSampler({ root: new AlwaysOnSampler() });
     default:
+      warn(
+        `OTEL_TRACES_SAMPLER="${env.OTEL_TRACES_SAMPLER}" is not a sampler this SDK knows; using parentbased_always_on`,
+      );
       return new ParentBasedSampler({ root: new AlwaysOnSampler() });
   }
+}
+
+const warned = new Set<string>();
+
+/** console.warn (stderr, like the SDK's own diagnostics), each message once per process. */
+function warnOnce(message: string): void {
+  if (warned.has(message)) return;
+  warned.add(message);
+  console.warn(`jetsaga tracing: ${message}`);
 }
 
 function diagLevel(level: string | undefined): DiagLogLevel {

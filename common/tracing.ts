@@ -3,8 +3,9 @@
  * span wrapper. Without an SDK (see ./tracing-sdk.ts) every call here is a cheap no-op: the API's
  * default propagator injects nothing and spans are non-recording.
  *
- * Runtime-neutral: no `node:` imports, the NATS import is types only, so this runs under Node and
- * Deno alike.
+ * Runtime-neutral: no `node:` imports of its own. The NATS import is not types only: `headers()` is
+ * a value, so importing this file loads @nats-io/transport-node, which the services load anyway and
+ * which runs under Deno's Node compatibility as under Node.
  */
 import { type MsgHdrs, headers as natsHeaders } from "@nats-io/transport-node";
 import {

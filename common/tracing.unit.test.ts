@@ -11,7 +11,13 @@ import {
   tracer,
   withSpan,
 } from "./tracing.ts";
-import { serviceNameOf, startTracing, type TracingHandle, tracingRequested } from "./tracing-sdk.ts";
+import {
+  samplerFromEnv,
+  serviceNameOf,
+  startTracing,
+  type TracingHandle,
+  tracingRequested,
+} from "./tracing-sdk.ts";
 
 const exporter = new InMemorySpanExporter();
 let sdk: TracingHandle;
@@ -120,5 +126,63 @@ describe("SDK bootstrap settings", () => {
     expect(serviceNameOf("workers/user/main.ts")).toBe("jetsaga-user");
     expect(serviceNameOf("/app/api/main.ts")).toBe("jetsaga-api");
     expect(serviceNameOf(undefined)).toBe("jetsaga");
+  });
+
+  it("stays off with OTEL_SDK_DISABLED=true whatever else asks for it, and says so for a bad value", () => {
+    const endpoint = { OTEL_EXPORTER_OTLP_ENDPOINT: "http://collector:4318" };
+    const warnings: string[] = [];
+    const warn = (message: string): void => void warnings.push(message);
+    expect(tracingRequested({ ...endpoint, OTEL_SDK_DISABLED: "true" }, warn)).toBe(false);
+    expect(tracingRequested({ JETSAGA_TRACING: "on", OTEL_SDK_DISABLED: "TRUE" }, warn)).toBe(false);
+    expect(tracingRequested({ ...endpoint, OTEL_SDK_DISABLED: "false" }, warn)).toBe(true);
+    expect(tracingRequested({ ...endpoint, OTEL_SDK_DISABLED: "" }, warn)).toBe(true);
+    expect(warnings).toEqual([]);
+    expect(tracingRequested({ ...endpoint, OTEL_SDK_DISABLED: "yes" }, warn)).toBe(true);
+    expect(warnings).toEqual([expect.stringContaining('OTEL_SDK_DISABLED="yes"')]);
+  });
+
+  it("builds the sampler OTEL_TRACES_SAMPLER names, with OTEL_TRACES_SAMPLER_ARG as ratio", () => {
+    const warnings: string[] = [];
+    const sampler = (env: Record<string, string>): string =>
+      samplerFromEnv(env, (message) => void warnings.push(message)).toString();
+    const parentBased = (root: string): RegExp => new RegExp(`^ParentBased\\{root=${root},`);
+    expect(sampler({})).toMatch(parentBased("AlwaysOnSampler"));
+    expect(sampler({ OTEL_TRACES_SAMPLER: "parentbased_always_on" })).toMatch(parentBased("AlwaysOnSampler"));
+    expect(sampler({ OTEL_TRACES_SAMPLER: "always_on" })).toBe("AlwaysOnSampler");
+    expect(sampler({ OTEL_TRACES_SAMPLER: "always_off" })).toBe("AlwaysOffSampler");
+    expect(sampler({ OTEL_TRACES_SAMPLER: "ALWAYS_OFF" })).toBe("AlwaysOffSampler");
+    expect(sampler({ OTEL_TRACES_SAMPLER: "parentbased_always_off" })).toMatch(
+      parentBased("AlwaysOffSampler"),
+    );
+    expect(sampler({ OTEL_TRACES_SAMPLER: "traceidratio", OTEL_TRACES_SAMPLER_ARG: "0.25" })).toBe(
+      "TraceIdRatioBased{0.25}",
+    );
+    expect(
+      sampler({ OTEL_TRACES_SAMPLER: "parentbased_traceidratio", OTEL_TRACES_SAMPLER_ARG: "0.1" }),
+    ).toMatch(parentBased("TraceIdRatioBased\\{0.1\\}"));
+    expect(sampler({ OTEL_TRACES_SAMPLER: "traceidratio" })).toBe("TraceIdRatioBased{1}");
+    // The argument of a sampler that takes none is ignored, silently.
+    expect(sampler({ OTEL_TRACES_SAMPLER: "always_off", OTEL_TRACES_SAMPLER_ARG: "x" })).toBe(
+      "AlwaysOffSampler",
+    );
+    expect(warnings).toEqual([]);
+  });
+
+  it("warns about an unknown sampler or a bad ratio and then uses the defaults", () => {
+    const warnings: string[] = [];
+    const sampler = (env: Record<string, string>): string =>
+      samplerFromEnv(env, (message) => void warnings.push(message)).toString();
+    expect(sampler({ OTEL_TRACES_SAMPLER: "jaeger_remote" })).toMatch(/^ParentBased\{root=AlwaysOnSampler,/);
+    expect(sampler({ OTEL_TRACES_SAMPLER: "traceidratio", OTEL_TRACES_SAMPLER_ARG: "1.5" })).toBe(
+      "TraceIdRatioBased{1}",
+    );
+    expect(sampler({ OTEL_TRACES_SAMPLER: "traceidratio", OTEL_TRACES_SAMPLER_ARG: "ten" })).toBe(
+      "TraceIdRatioBased{1}",
+    );
+    expect(warnings).toEqual([
+      expect.stringContaining('OTEL_TRACES_SAMPLER="jaeger_remote"'),
+      expect.stringContaining('OTEL_TRACES_SAMPLER_ARG="1.5"'),
+      expect.stringContaining('OTEL_TRACES_SAMPLER_ARG="ten"'),
+    ]);
   });
 });

@@ -12,7 +12,7 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { onShutdown, readConfig } from "../common/config.ts";
+import { exitWhenConnectionCloses, integerSetting, onShutdown, readConfig } from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig } from "../common/nats.ts";
 import {
@@ -29,10 +29,10 @@ const log = createLogger("visualiser");
 async function main(): Promise<void> {
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
-  const port = Number(process.env.VISUALISER_PORT ?? 8090);
-  if (!Number.isInteger(port) || port < 0 || port > 65_535)
-    throw new Error("VISUALISER_PORT must be 0–65535");
+  // Empty is unset (8090), not `Number("")`, 0: any free port.
+  const port = integerSetting(process.env, "VISUALISER_PORT", { min: 0, max: 65_535, fallback: 8090 });
   const nc = await connectNatsFromConfig(config, "jetsaga-visualiser");
+  exitWhenConnectionCloses(nc, log, "visualiser");
   const client = await createWorkflowClient({ nc, ns: config.ns, workflows });
   // Instances on the subjects of before the phase token would look missing.
   await assertCurrentHistoryFormat(await jetstreamManager(nc), client.topology);
@@ -49,7 +49,7 @@ async function main(): Promise<void> {
     deadLetters: (workflow, instanceId) => instanceDeadLetters(js, client.topology, workflow, instanceId),
     logger: log,
   });
-  const server = await serveVisualiser(handler, port, process.env.VISUALISER_HOST ?? "127.0.0.1");
+  const server = await serveVisualiser(handler, port, process.env.VISUALISER_HOST || "127.0.0.1");
   log.info(
     { ns: config.ns, workflows: workflows.map((w) => `${w.name}@${w.version}`), url: server.url },
     "visualiser ready",

@@ -2,13 +2,14 @@ import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import {
   exitOnStartFailure,
+  exitWhenConnectionCloses,
   integerSetting,
   onShutdown,
   readConfig,
   streamTopology,
 } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
-import { connectNatsFromConfig } from "../../common/nats.ts";
+import { connectionState, connectNatsFromConfig } from "../../common/nats.ts";
 import { createMetricsRegistry, type ProbeServer, startProbeServer } from "../../common/probes.ts";
 import { countDeadLetters } from "../../workers/runtime/dead-letters.ts";
 import { type RunningOrchestrator, startOrchestrator } from "../runtime/orchestrator.ts";
@@ -33,6 +34,8 @@ async function main(): Promise<void> {
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
   const nc = await connectNatsFromConfig(config, "jetsaga-orchestrator");
   started.nc = nc;
+  exitWhenConnectionCloses(nc, log, "orchestrator");
+  const nats = connectionState(nc);
   // Probes answer (not ready) while the orchestrator starts, and again once it stops.
   const running: { orchestrator?: RunningOrchestrator; stopping?: boolean } = {};
   const registry = createMetricsRegistry("orchestrator");
@@ -43,9 +46,10 @@ async function main(): Promise<void> {
     registry,
     () => running.orchestrator,
     () => countDeadLetters(jsm, topo),
+    () => nats.connected,
   );
   const probes = await startProbeServer(
-    { registry, ready: () => running.orchestrator !== undefined && !running.stopping && !nc.isClosed() },
+    { registry, ready: () => running.orchestrator !== undefined && !running.stopping && nats.connected },
     integerSetting(env, "PROBE_PORT", { min: 0, max: 65_535, fallback: 9464 }),
     config.probeHost,
   );

@@ -7,12 +7,14 @@ import type { OrchestratorStats, RunningOrchestrator } from "../runtime/orchestr
  * the state cache's gauges (`jetsaga_orchestrator_state_cache_entries`, `…_bytes`) and, given
  * `deadLetters`, `jetsaga_dead_letters{source}`: the dead letters waiting in the stream, read on
  * each scrape (the `_total` counters count what one process sent; this is what is left to handle,
- * whoever sent it, and falls when letters are redriven or dropped).
+ * whoever sent it, and falls when letters are redriven or dropped). Given `connected`, `up` is 1
+ * only while it also says the NATS connection is up: a running loop without NATS does nothing.
  */
 export function registerOrchestratorMetrics(
   registry: Registry,
   running: () => RunningOrchestrator | undefined,
   deadLetters?: () => Promise<Map<string, number>>,
+  connected?: () => boolean,
 ): void {
   const stats = () => running()?.stats;
   registerStatsMetrics<keyof OrchestratorStats>(registry, {
@@ -26,7 +28,8 @@ export function registerOrchestratorMetrics(
       deadLettered: "inbox messages sent to the dead-letter stream",
       retried: "transient failures retried later",
     },
-    up: "1 while the orchestrator loop runs",
+    up: "1 while the orchestrator loop runs and its NATS connection is up",
+    isUp: () => running() !== undefined && (connected?.() ?? true),
     stats,
   });
   for (const [what, help] of [

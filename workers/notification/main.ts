@@ -17,13 +17,19 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import {
   exitOnStartFailure,
+  exitWhenConnectionCloses,
   integerSetting,
   onShutdown,
   readConfig,
   streamTopology,
 } from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
-import { connectNatsFromConfig, describeServers } from "../../common/nats.ts";
+import {
+  type ConnectionState,
+  connectionState,
+  connectNatsFromConfig,
+  describeServers,
+} from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
 import { createMetricsRegistry, type ProbeServer, startProbeServer } from "../../common/probes.ts";
 import { registerWorkerMetrics } from "../runtime/metrics.ts";
@@ -38,6 +44,7 @@ const webhookUrl = process.env.NOTIFY_WEBHOOK_URL;
 
 let sql: Sql | undefined;
 let nc: NatsConnection | undefined;
+let nats: ConnectionState | undefined;
 let worker: RunningWorker | undefined;
 let probes: ProbeServer | undefined;
 let pruner: NotificationPruner | undefined;
@@ -78,7 +85,7 @@ async function main(): Promise<void> {
     registerWorkerMetrics(registry, "notification", () => worker?.stats);
     // Probes answer (not ready) while the worker starts.
     probes = await startProbeServer(
-      { registry, ready: () => worker !== undefined && nc !== undefined && !nc.isClosed() },
+      { registry, ready: () => worker !== undefined && nats?.connected === true },
       integerSetting(env, "PROBE_PORT", { min: 0, max: 65_535, fallback: 9464 }),
       config.probeHost,
     );
@@ -87,6 +94,8 @@ async function main(): Promise<void> {
     logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
     pruner = startNotificationPruner({ sql, retentionMs: retentionDays * 24 * 3600 * 1000, logger });
     nc = await connectNatsFromConfig(config, "jetsaga-notification");
+    exitWhenConnectionCloses(nc, logger, "notification worker");
+    nats = connectionState(nc);
     worker = await startNotificationWorker({
       nc,
       sql,

@@ -28,7 +28,13 @@ import { postgresReadiness, type RpcServer, startRpcServer } from "../../api/rpc
 import { createTracingInterceptor } from "../../api/rpc/tracing-interceptor.ts";
 import { readUserServiceConfig } from "../../api/user/config.ts";
 import { createUserService } from "../../api/user/service.ts";
-import { exitOnStartFailure, onShutdown, readConfig, streamTopology } from "../../common/config.ts";
+import {
+  exitOnStartFailure,
+  exitWhenConnectionCloses,
+  onShutdown,
+  readConfig,
+  streamTopology,
+} from "../../common/config.ts";
 import { createLogger } from "../../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../../common/nats.ts";
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
@@ -78,6 +84,7 @@ async function main(): Promise<void> {
     const { applied, version } = await migrate(sql, { name: "user", dir: userMigrationsDir });
     logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
     nc = await connectNatsFromConfig(config, "jetsaga-user");
+    exitWhenConnectionCloses(nc, logger, "user service");
     // The worker ensures the streams (the relay publishes into the events stream).
     worker = await startUserWorker({
       nc,
