@@ -19,7 +19,7 @@ import { fileURLToPath } from "node:url";
 import { Deployment, StatefulSet } from "kubernetes-models/apps/v1";
 import { NetworkPolicy } from "kubernetes-models/networking.k8s.io/v1";
 import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
-import { ConfigMap, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
+import { ConfigMap, type IContainer, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
 import { SERVICE_ENV, SERVICE_V8_FLAGS } from "./local/service-process.ts";
@@ -67,8 +67,49 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
 function isOptional(entry: string, name: string): boolean {
   return name in (OPTIONAL_ENV["*"] ?? {}) || name in (OPTIONAL_ENV[entry] ?? {});
 }
-/** Variables read by the runtime or the tracing SDK preload rather than by the service's own code. */
-const RUNTIME_ENV = /^(NODE_OPTIONS|OTEL_[A-Z0-9_]+)$/;
+/**
+ * Variables read by the runtime, or by the tracing preload (`--import=/app/common/tracing-sdk.ts`
+ * in NODE_OPTIONS) and the OpenTelemetry exporter it starts, rather than by the service's own code.
+ * Named one by one: a misspelt OTEL_ variable is ignored by the SDK as silently as any other.
+ * A test below checks each is still read by tracing-sdk.ts or the installed OTLP exporter.
+ */
+const RUNTIME_ENV: ReadonlySet<string> = new Set([
+  "NODE_OPTIONS",
+  // common/tracing-sdk.ts
+  "JETSAGA_TRACING",
+  "OTEL_SDK_DISABLED",
+  "OTEL_SERVICE_NAME",
+  "OTEL_LOG_LEVEL",
+  "OTEL_TRACES_SAMPLER",
+  "OTEL_TRACES_SAMPLER_ARG",
+  // @opentelemetry/otlp-exporter-base (OTLPTraceExporter: the generic name and its TRACES_ variant)
+  ...[
+    "ENDPOINT",
+    "HEADERS",
+    "TIMEOUT",
+    "COMPRESSION",
+    "CERTIFICATE",
+    "CLIENT_CERTIFICATE",
+    "CLIENT_KEY",
+  ].flatMap((setting) => [`OTEL_EXPORTER_OTLP_${setting}`, `OTEL_EXPORTER_OTLP_TRACES_${setting}`]),
+]);
+
+/**
+ * How each service entry listens: the variables naming its port and its address, and the code's
+ * default port (every address defaults to 127.0.0.1, unreachable from outside the container):
+ * PROBE_PORT/PROBE_HOST (common/config.ts `probeHost`, the entry's `integerSetting(env, "PROBE_PORT")`),
+ * API_PORT/API_HOST (api/main.ts), USER_GRPC_PORT/USER_GRPC_HOST (api/user/config.ts),
+ * VISUALISER_PORT/VISUALISER_HOST (visualiser/main.ts). A test checks the code still reads them.
+ */
+const LISTENERS: Readonly<Record<string, { port: string; host: string; defaultPort: number }>> = {
+  "orchestrator/service/main.ts": { port: "PROBE_PORT", host: "PROBE_HOST", defaultPort: 9464 },
+  "workers/notification/main.ts": { port: "PROBE_PORT", host: "PROBE_HOST", defaultPort: 9464 },
+  "workers/user/main.ts": { port: "USER_GRPC_PORT", host: "USER_GRPC_HOST", defaultPort: 50061 },
+  "api/main.ts": { port: "API_PORT", host: "API_HOST", defaultPort: 8080 },
+  "visualiser/main.ts": { port: "VISUALISER_PORT", host: "VISUALISER_HOST", defaultPort: 8090 },
+};
+/** Addresses that accept connections to the pod's (or compose container's) own IP. */
+const ALL_INTERFACES = new Set(["0.0.0.0", "::", "[::]"]);
 /** Upper bound on any container's memory limit, in MiB (the user service's scrypt needs the most). */
 const MAX_MEMORY_LIMIT_MIB = 512;
 const MIN_NATS: readonly [number, number] = [2, 12];
@@ -171,13 +212,13 @@ function importClosure(entry: string): string[] {
   return files;
 }
 
-/** Environment variables read by the files: `env.X`, `process.env.X`, `env["X"]`, `(env, "X"`, `env.get("X")`. */
+/** Environment variables read by the files: `env.X`, `process.env.X`, `env["X"]`, `(env, "X"` or `(process.env, "X"`, `env.get("X")`. */
 function envReads(files: readonly string[]): Set<string> {
   const names = new Set<string>();
   const patterns = [
     /\benv\.([A-Z][A-Z0-9_]*)\b/g,
     /\benv\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\]/g,
-    /\(\s*env\s*,\s*["']([A-Z][A-Z0-9_]*)["']/g,
+    /\(\s*(?:process\.)?env\s*,\s*["']([A-Z][A-Z0-9_]*)["']/g,
     /\benv\.get\(\s*["']([A-Z][A-Z0-9_]*)["']/g,
   ];
   for (const file of files) {
@@ -208,7 +249,7 @@ function envProblems(
     }
   }
   for (const name of explicit) {
-    if (!reads.has(name) && !RUNTIME_ENV.test(name)) {
+    if (!reads.has(name) && !RUNTIME_ENV.has(name)) {
       problems.push(
         `${where}: sets ${name}, but nothing ${entry} loads reads it (typo, or code not wired yet)`,
       );
@@ -421,6 +462,163 @@ function labelsMatch(
   return Object.entries(selector).every(([k, v]) => labels?.[k] === v);
 }
 
+/** A variable as a container sees it: a plain value, or a field of the pod (`fieldRef`). */
+interface EnvValue {
+  value?: string;
+  fieldPath?: string;
+}
+
+/** ConfigMaps' and Secrets' keys by object name (Secret values as written: stringData, or base64 data). */
+function k8sStores(objects: readonly K8sObject[]) {
+  const configMaps = new Map(
+    objects.filter((o) => o.kind === "ConfigMap").map((o) => [o.name, docOf(o.doc.data)] as const),
+  );
+  const secrets = new Map(
+    objects
+      .filter((o) => o.kind === "Secret")
+      .map((o) => [o.name, { ...docOf(o.doc.data), ...docOf(o.doc.stringData) }] as const),
+  );
+  return { configMaps, secrets };
+}
+
+/**
+ * The environment a container's process starts with: the image's ENV, then envFrom sources in
+ * order (a later source wins), then `env` entries (which win over envFrom).
+ */
+function containerEnv(
+  c: IContainer,
+  objects: readonly K8sObject[],
+  imageEnv: ReadonlyMap<string, string>,
+): Map<string, EnvValue> {
+  const { configMaps, secrets } = k8sStores(objects);
+  const env = new Map<string, EnvValue>([...imageEnv].map(([k, v]) => [k, { value: v }]));
+  for (const from of c.envFrom ?? []) {
+    const cm = from.configMapRef?.name;
+    const source = cm !== undefined ? configMaps.get(cm) : secrets.get(from.secretRef?.name ?? "");
+    for (const [key, value] of Object.entries(source ?? {})) {
+      env.set(`${from.prefix ?? ""}${key}`, { value: String(value) });
+    }
+  }
+  for (const e of c.env ?? []) {
+    const cmRef = e.valueFrom?.configMapKeyRef;
+    const secretRef = e.valueFrom?.secretKeyRef;
+    const fromStore = cmRef
+      ? configMaps.get(cmRef.name ?? "")?.[cmRef.key]
+      : secretRef
+        ? secrets.get(secretRef.name ?? "")?.[secretRef.key]
+        : undefined;
+    if (e.valueFrom?.fieldRef) env.set(e.name, { fieldPath: e.valueFrom.fieldRef.fieldPath });
+    else if (fromStore !== undefined) env.set(e.name, { value: String(fromStore) });
+    else env.set(e.name, { value: e.value ?? "" });
+  }
+  return env;
+}
+
+/** The port a listener binds, from its variable or the code's default; NaN when not a port number. */
+function listenPort(listener: { port: string; defaultPort: number }, value: string | undefined): number {
+  if (value === undefined) return listener.defaultPort;
+  return /^\d{1,5}$/.test(value.trim()) && Number(value) <= 65_535 ? Number(value) : Number.NaN;
+}
+
+/** Whether a listen address accepts connections to the pod's IP (the default 127.0.0.1 does not). */
+function reachable(host: EnvValue | undefined): boolean {
+  if (host?.fieldPath !== undefined) return host.fieldPath === "status.podIP";
+  return host?.value !== undefined && ALL_INTERFACES.has(host.value.trim());
+}
+
+/**
+ * Each Deployment container that declares a port or has probes listens where the kubelet, the
+ * Services and Prometheus reach it: every declared port (which probes, Services and the
+ * prometheus.io/port annotation must name) is the one the entry's port variable (or the code's
+ * default) makes it bind, and the entry's address variable is not loopback.
+ */
+function listenProblems(objects: readonly K8sObject[], imageEnv: ReadonlyMap<string, string>): string[] {
+  const problems: string[] = [];
+  for (const { o, d } of deployments(objects)) {
+    const containers = d.spec?.template.spec?.containers ?? [];
+    for (const c of containers) {
+      const ports = c.ports ?? [];
+      const probes = [c.startupProbe, c.readinessProbe, c.livenessProbe].filter((p) => p !== undefined);
+      if (ports.length === 0 && probes.length === 0) continue;
+      const entry = entryOf(c.args ?? []) ?? "";
+      const listener = LISTENERS[entry];
+      if (!listener) {
+        problems.push(
+          `${o.name}: ${entry} has ports or probes, but is not in LISTENERS (add how it listens)`,
+        );
+        continue;
+      }
+      const env = containerEnv(c, objects, imageEnv);
+      const portValue = env.get(listener.port);
+      const port = portValue?.fieldPath !== undefined ? Number.NaN : listenPort(listener, portValue?.value);
+      const setting = portValue
+        ? `${listener.port}=${portValue.value ?? portValue.fieldPath}`
+        : `${listener.port} unset (default ${listener.defaultPort})`;
+      for (const p of ports) {
+        if (p.containerPort !== port) {
+          problems.push(`${o.name}: port ${p.containerPort} is declared, but ${entry} listens on ${setting}`);
+        }
+      }
+      if (!reachable(env.get(listener.host))) {
+        const host = env.get(listener.host);
+        problems.push(
+          `${o.name}: ${entry} listens on ${listener.host}=${host?.value ?? host?.fieldPath ?? "127.0.0.1 (unset)"}, ` +
+            "which the kubelet's probes and other pods cannot reach (set it to 0.0.0.0)",
+        );
+      }
+    }
+    const scraped = d.spec?.template.metadata?.annotations?.["prometheus.io/port"];
+    const declared = containers.flatMap((c) => c.ports ?? []).map((p) => String(p.containerPort));
+    if (scraped !== undefined && !declared.includes(scraped)) {
+      problems.push(`${o.name}: prometheus.io/port ${scraped} is not a declared container port`);
+    }
+  }
+  return problems;
+}
+
+/**
+ * Each container's stop ends within the pod's grace period: its preStop sleep plus its own
+ * JETSAGA_SHUTDOWN_TIMEOUT_SECONDS (as the container sees it; default 25) stay under
+ * terminationGracePeriodSeconds (default 30), or the kubelet's SIGKILL cuts the stop short.
+ */
+function graceProblems(objects: readonly K8sObject[], imageEnv: ReadonlyMap<string, string>): string[] {
+  const problems: string[] = [];
+  for (const { o, d } of deployments(objects)) {
+    const pod = d.spec?.template.spec;
+    const grace = pod?.terminationGracePeriodSeconds ?? 30;
+    for (const c of pod?.containers ?? []) {
+      const pause = c.lifecycle?.preStop?.sleep?.seconds ?? 0;
+      const own = containerEnv(c, objects, imageEnv).get("JETSAGA_SHUTDOWN_TIMEOUT_SECONDS");
+      const timeout = own === undefined ? SHUTDOWN_TIMEOUT_SECONDS : Number(own.value ?? Number.NaN);
+      if (!Number.isInteger(timeout)) {
+        problems.push(
+          `${o.name}: JETSAGA_SHUTDOWN_TIMEOUT_SECONDS=${own?.value ?? own?.fieldPath} is not a number`,
+        );
+      } else if (!(grace > pause + timeout)) {
+        problems.push(
+          `${o.name}: terminationGracePeriodSeconds ${grace} is not above preStop ${pause} s + shutdown timeout ${timeout} s`,
+        );
+      }
+    }
+  }
+  return problems;
+}
+
+/** A deep copy of the objects with one Deployment's first container changed (for the checks' own tests). */
+function withContainer(
+  objects: readonly K8sObject[],
+  deployment: string,
+  change: (container: Doc, pod: Doc) => void,
+): K8sObject[] {
+  return objects.map((o) => {
+    if (o.kind !== "Deployment" || o.name !== deployment) return o;
+    const doc = structuredClone(o.doc);
+    const pod = docOf(docOf(docOf(doc.spec).template).spec);
+    change(docOf(listOf(pod.containers)[0]), pod);
+    return { ...o, doc };
+  });
+}
+
 // ------------------------------------------------------------------------------------------ tests
 
 describe("YAML files", () => {
@@ -507,14 +705,7 @@ describe("Dockerfile and .dockerignore", () => {
 describe("Kubernetes manifests", () => {
   const objects = loadK8sObjects();
   const imageEnv = readDockerfile().env;
-  const configMaps = new Map(
-    objects.filter((o) => o.kind === "ConfigMap").map((o) => [o.name, docOf(o.doc.data)] as const),
-  );
-  const secrets = new Map(
-    objects
-      .filter((o) => o.kind === "Secret")
-      .map((o) => [o.name, { ...docOf(o.doc.data), ...docOf(o.doc.stringData) }] as const),
-  );
+  const { configMaps, secrets } = k8sStores(objects);
 
   it("lists every manifest in kustomization.yaml, and only manifests", () => {
     const listed = new Set(loadKustomization().resources.map((r) => join(K8S, r)));
@@ -607,7 +798,7 @@ describe("Kubernetes manifests", () => {
     }
     for (const [name, data] of configMaps) {
       for (const key of Object.keys(data)) {
-        if (!configKeysRead.get(name)?.has(key) && !RUNTIME_ENV.test(key)) {
+        if (!configKeysRead.get(name)?.has(key) && !RUNTIME_ENV.has(key)) {
           problems.push(`ConfigMap ${name}: ${key} is read by none of the services using it`);
         }
       }
@@ -621,14 +812,6 @@ describe("Kubernetes manifests", () => {
     for (const { o, d } of ds) {
       for (const c of d.spec?.template.spec?.containers ?? []) {
         const ports = c.ports ?? [];
-        const envValues = new Set((c.env ?? []).map((e) => e.value));
-        for (const p of ports) {
-          if (!envValues.has(String(p.containerPort))) {
-            problems.push(
-              `${o.name}: port ${p.containerPort} is declared, but no env var tells the service to use it`,
-            );
-          }
-        }
         const probes = {
           startupProbe: c.startupProbe,
           readinessProbe: c.readinessProbe,
@@ -691,7 +874,60 @@ describe("Kubernetes manifests", () => {
         }
       }
     }
+    problems.push(...listenProblems(objects, imageEnv));
     expect(problems).toEqual([]);
+  });
+
+  it("catches a service told to listen on loopback, or on another port than its probes and Services use", () => {
+    // The probe server's address (default 127.0.0.1): the kubelet's probes fail, liveness restarts the pod.
+    const noProbeHost = withContainer(objects, "orchestrator", (c) => {
+      c.env = listOf(c.env).filter((e) => docOf(e).name !== "PROBE_HOST");
+    });
+    expect(listenProblems(noProbeHost, imageEnv)).toEqual([
+      expect.stringMatching(/^orchestrator: .*PROBE_HOST=127\.0\.0\.1 \(unset\)/),
+    ]);
+    const loopbackGrpc = withContainer(objects, "user", (c) => {
+      c.env = listOf(c.env).map((e) =>
+        docOf(e).name === "USER_GRPC_HOST" ? { name: "USER_GRPC_HOST", value: "127.0.0.1" } : e,
+      );
+    });
+    expect(listenProblems(loopbackGrpc, imageEnv)).toEqual([
+      expect.stringMatching(/^user: .*USER_GRPC_HOST=127/),
+    ]);
+    // Another variable holding the port number does not make the service listen on it.
+    const portElsewhere = withContainer(objects, "orchestrator", (c) => {
+      c.env = listOf(c.env)
+        .filter((e) => docOf(e).name !== "PROBE_PORT")
+        .concat({ name: "JETSAGA_CONCURRENCY", value: "9464" }, { name: "PROBE_PORT", value: "9465" });
+    });
+    expect(listenProblems(portElsewhere, imageEnv)).toEqual([
+      "orchestrator: port 9464 is declared, but orchestrator/service/main.ts listens on PROBE_PORT=9465",
+    ]);
+    // Unset, the code's default counts: the API's 8080 matches, a declared 9090 does not.
+    const apiDefault = withContainer(objects, "api", (c) => {
+      c.env = listOf(c.env).filter((e) => docOf(e).name !== "API_PORT");
+    });
+    expect(listenProblems(apiDefault, imageEnv)).toEqual([]);
+    const apiOtherPort = withContainer(apiDefault, "api", (c) => {
+      c.ports = [{ name: "grpc", containerPort: 9090 }];
+    });
+    expect(listenProblems(apiOtherPort, imageEnv)).toEqual([
+      "api: port 9090 is declared, but api/main.ts listens on API_PORT unset (default 8080)",
+      "api: prometheus.io/port 8080 is not a declared container port",
+    ]);
+    // A host from the ConfigMap counts like one of the container's own.
+    const hostFromConfigMap = withContainer(
+      objects.map((o) =>
+        o.kind === "ConfigMap"
+          ? { ...o, doc: { ...o.doc, data: { ...docOf(o.doc.data), PROBE_HOST: "::" } } }
+          : o,
+      ),
+      "notification",
+      (c) => {
+        c.env = listOf(c.env).filter((e) => docOf(e).name !== "PROBE_HOST");
+      },
+    );
+    expect(listenProblems(hostFromConfigMap, imageEnv)).toEqual([]);
   });
 
   it("matches selectors: Deployment to its pods, every PodDisruptionBudget to a Deployment it can spare", () => {
@@ -778,10 +1014,33 @@ describe("Kubernetes manifests", () => {
       const pause = (pod?.containers ?? [])[0]?.lifecycle?.preStop?.sleep?.seconds ?? 0;
       if (o.name === "api" || o.name === "user")
         expect(pause, `${o.name}: preStop sleep`).toBeGreaterThanOrEqual(3);
-      expect(pod?.terminationGracePeriodSeconds ?? 30, `${o.name}: grace`).toBeGreaterThan(
-        pause + SHUTDOWN_TIMEOUT_SECONDS,
-      );
     }
+    expect(graceProblems(objects, imageEnv)).toEqual([]);
+  });
+
+  it("takes the shutdown timeout the container is given, not the default, against its grace period", () => {
+    const longStop = withContainer(objects, "orchestrator", (c) => {
+      c.env = [...listOf(c.env), { name: "JETSAGA_SHUTDOWN_TIMEOUT_SECONDS", value: "60" }];
+    });
+    expect(graceProblems(longStop, imageEnv)).toEqual([
+      "orchestrator: terminationGracePeriodSeconds 30 is not above preStop 0 s + shutdown timeout 60 s",
+    ]);
+    const raised = withContainer(longStop, "orchestrator", (_c, pod) => {
+      pod.terminationGracePeriodSeconds = 65;
+    });
+    expect(graceProblems(raised, imageEnv)).toEqual([]);
+    // From the ConfigMap: every service gets it, the preStop pauses count on top.
+    const shared = objects.map((o) =>
+      o.kind === "ConfigMap"
+        ? { ...o, doc: { ...o.doc, data: { ...docOf(o.doc.data), JETSAGA_SHUTDOWN_TIMEOUT_SECONDS: "31" } } }
+        : o,
+    );
+    expect(graceProblems(shared, imageEnv).sort()).toEqual([
+      "api: terminationGracePeriodSeconds 35 is not above preStop 5 s + shutdown timeout 31 s",
+      "notification: terminationGracePeriodSeconds 30 is not above preStop 0 s + shutdown timeout 31 s",
+      "orchestrator: terminationGracePeriodSeconds 30 is not above preStop 0 s + shutdown timeout 31 s",
+      "user: terminationGracePeriodSeconds 35 is not above preStop 5 s + shutdown timeout 31 s",
+    ]);
   });
 
   it("starts services with the V8 heap flags of the image (the ConfigMap's NODE_OPTIONS replaces the image's)", () => {
@@ -826,6 +1085,75 @@ function composeSeconds(value: unknown): number {
   const parts = [...text.matchAll(/(\d+(?:\.\d+)?)(h|ms|us|m|s)/g)];
   if (parts.length === 0 || parts.map((p) => p[0]).join("") !== text) return Number.NaN;
   return parts.reduce((sum, [, n, unit]) => sum + Number(n) * (units[unit ?? ""] ?? Number.NaN), 0);
+}
+
+/**
+ * Each compose jetsaga service listens where it is reached: its health check asks the port its port
+ * variable (or the code's default) makes it bind; a published port, or another service's URL
+ * naming it (USER_SERVICE_URL=http://user:50061), is that port on an address other containers and
+ * Docker's port forwarding reach (not the default 127.0.0.1).
+ */
+function composeListenProblems(services: Doc): string[] {
+  const problems: string[] = [];
+  const urls = Object.entries(services).flatMap(([from, raw]) =>
+    Object.entries(docOf(docOf(raw).environment)).flatMap(([name, value]) => {
+      try {
+        return [{ from, name, url: new URL(String(value)) }];
+      } catch {
+        return [];
+      }
+    }),
+  );
+  for (const [name, raw] of Object.entries(services)) {
+    const s = docOf(raw);
+    if (!("build" in s)) continue;
+    const entry = entryOf(listOf(s.command)) ?? "";
+    const listener = LISTENERS[entry];
+    const env = docOf(s.environment);
+    const test = listOf(docOf(s.healthcheck).test).map(String);
+    const published = listOf(s.ports).map((p) =>
+      isDoc(p) ? String(p.target) : (String(p).split(":").at(-1)?.split("/")[0] ?? ""),
+    );
+    const callers = urls.filter(({ url }) => url.hostname === name);
+    if (!listener) {
+      if (test.length > 0 || published.length > 0 || callers.length > 0) {
+        problems.push(`compose ${name}: ${entry} is reached on a port, but is not in LISTENERS`);
+      }
+      continue;
+    }
+    const value = env[listener.port];
+    const port = String(listenPort(listener, value === undefined ? undefined : String(value)));
+    const setting =
+      value === undefined
+        ? `${listener.port} unset (default ${listener.defaultPort})`
+        : `${listener.port}=${String(value)}`;
+    const healthPort = test.length > 0 ? urlPort(test[3] ?? "") : port;
+    if (healthPort !== port) {
+      problems.push(
+        `compose ${name}: health check asks port ${healthPort}, but ${entry} listens on ${setting}`,
+      );
+    }
+    for (const target of published) {
+      if (target !== port)
+        problems.push(`compose ${name}: publishes ${target}, but ${entry} listens on ${setting}`);
+    }
+    for (const { from, name: variable, url } of callers) {
+      if (url.port !== port)
+        problems.push(
+          `compose ${from}: ${variable} calls ${name} on ${url.port}, but it listens on ${setting}`,
+        );
+    }
+    const host = env[listener.host];
+    if (
+      (published.length > 0 || callers.length > 0) &&
+      !reachable(host === undefined ? undefined : { value: String(host) })
+    ) {
+      problems.push(
+        `compose ${name}: reached from outside its container, but listens on ${listener.host}=${host === undefined ? "127.0.0.1 (unset)" : String(host)}`,
+      );
+    }
+  }
+  return problems;
 }
 
 describe("docker compose", () => {
@@ -936,16 +1264,44 @@ describe("docker compose", () => {
     }
   });
 
-  it("health checks of jetsaga services ask a port the service is told to listen on", () => {
+  it("health checks, published ports and other services' URLs reach the port and address each service listens on", () => {
     for (const [name, raw] of jetsaga) {
-      const s = docOf(raw);
-      const test = listOf(docOf(s.healthcheck).test).map(String);
-      if (test.length === 0) continue;
-      expect(test.slice(0, 3), name).toEqual(["CMD", "node", "deploy/docker/healthcheck.ts"]);
-      const port = urlPort(test[3] ?? "");
-      const envValues = Object.values(docOf(s.environment)).map(String);
-      expect(port !== undefined && envValues.includes(port), `${name}: health check port ${port}`).toBe(true);
+      const test = listOf(docOf(docOf(raw).healthcheck).test).map(String);
+      if (test.length > 0) {
+        expect(test.slice(0, 3), name).toEqual(["CMD", "node", "deploy/docker/healthcheck.ts"]);
+      }
     }
+    expect(composeListenProblems(services)).toEqual([]);
+  });
+
+  it("catches a health check or a caller on another port than the service's variable, and a loopback listener", () => {
+    const changed = (service: string, change: (s: Doc) => void): Doc => {
+      const copy = structuredClone(services);
+      change(docOf(copy[service]));
+      return copy;
+    };
+    const env = (s: Doc) => docOf(s.environment);
+    // Another variable holding the port number does not make the service listen on it.
+    const portElsewhere = changed("orchestrator", (s) => {
+      env(s).PROBE_PORT = "9465";
+      env(s).JETSAGA_CONCURRENCY = "9464";
+    });
+    expect(composeListenProblems(portElsewhere)).toEqual([
+      "compose orchestrator: health check asks port 9464, but orchestrator/service/main.ts listens on PROBE_PORT=9465",
+    ]);
+    const userOnLoopback = changed("user", (s) => {
+      delete env(s).USER_GRPC_HOST;
+    });
+    expect(composeListenProblems(userOnLoopback)).toEqual([
+      "compose user: reached from outside its container, but listens on USER_GRPC_HOST=127.0.0.1 (unset)",
+    ]);
+    const apiPort = changed("api", (s) => {
+      env(s).API_PORT = "8081";
+    });
+    expect(composeListenProblems(apiPort)).toEqual([
+      "compose api: health check asks port 8080, but api/main.ts listens on API_PORT=8081",
+      "compose api: publishes 8080, but api/main.ts listens on API_PORT=8081",
+    ]);
   });
 
   it("runs NATS >= 2.12 with JetStream and a config that documents sync_interval", () => {
@@ -961,5 +1317,57 @@ describe("docker compose", () => {
     expect(existsSync(conf), "nats.conf mounted from the repository").toBe(true);
     expect(readFileSync(conf, "utf8")).toMatch(/^\s*#\s*sync_interval:/m);
     expect(String(docOf(services.postgres).image)).toBe("postgres:15");
+  });
+});
+
+describe("variables the checks above take as known", () => {
+  it("RUNTIME_ENV names only variables tracing-sdk.ts or the installed OTLP exporter reads", () => {
+    const preload = envReads(importClosure("common/tracing-sdk.ts"));
+    const exporterDir = join(ROOT, "node_modules/@opentelemetry/otlp-exporter-base/dist");
+    const exporterCode = (function read(dir: string): string {
+      return readdirSync(dir)
+        .map((name) => {
+          const path = join(dir, name);
+          if (statSync(path).isDirectory()) return read(path);
+          return name.endsWith(".mjs") ? readFileSync(path, "utf8") : "";
+        })
+        .join("\n");
+    })(exporterDir);
+    // OTLPTraceExporter reads the generic name and its signal's ("TRACES") variant.
+    const exporterReads = (name: string) =>
+      exporterCode.includes(`"${name}"`) ||
+      (name.startsWith("OTEL_EXPORTER_OTLP_TRACES_") &&
+        exporterCode.includes(
+          `\`OTEL_EXPORTER_OTLP_\${signalIdentifier}_${name.slice("OTEL_EXPORTER_OTLP_TRACES_".length)}\``,
+        ));
+    const unread = [...RUNTIME_ENV].filter(
+      (name) => name !== "NODE_OPTIONS" && !preload.has(name) && !exporterReads(name),
+    );
+    expect(unread).toEqual([]);
+    // And every variable the preload reads is known, so a manifest may set it.
+    expect([...preload].filter((name) => !RUNTIME_ENV.has(name))).toEqual([]);
+  });
+
+  it("flags a misspelt OTEL_ variable as set but read by nothing", () => {
+    const set = new Set([...envReads(importClosure("orchestrator/service/main.ts")), "OTEL_SERVICE_NAM"]);
+    expect(
+      envProblems("test", "orchestrator/service/main.ts", set, ["OTEL_SERVICE_NAM", "OTEL_SERVICE_NAME"]),
+    ).toEqual([
+      "test: sets OTEL_SERVICE_NAM, but nothing orchestrator/service/main.ts loads reads it (typo, or code not wired yet)",
+    ]);
+  });
+
+  it("LISTENERS names variables each entry reads, and its default port appears where the port is read", () => {
+    for (const [entry, listener] of Object.entries(LISTENERS)) {
+      const files = importClosure(entry);
+      const reads = envReads(files);
+      expect(reads.has(listener.port), `${entry} reads ${listener.port}`).toBe(true);
+      expect(reads.has(listener.host), `${entry} reads ${listener.host}`).toBe(true);
+      const portFile = files.filter((f) => envReads([f]).has(listener.port));
+      expect(
+        portFile.some((f) => new RegExp(`\\b${listener.defaultPort}\\b`).test(codeOf(f))),
+        `${entry}: default ${listener.port} ${listener.defaultPort}`,
+      ).toBe(true);
+    }
   });
 });

@@ -5,7 +5,10 @@
 #                                          installs Debian's `postgresql` when there is none
 #   postgres.sh start DATADIR PORT [DB]    initdb when DATADIR is empty, start on 127.0.0.1:PORT,
 #                                          wait until ready, create database DB when missing;
-#                                          prints the port it listens on (already running: its port)
+#                                          prints "PORT started" when this call started the server
+#                                          (stop it when done), "PORT running" when it was already
+#                                          running (someone else's: leave it); a start that fails
+#                                          or is interrupted stops the server it started
 #   postgres.sh stop DATADIR               fast shutdown; a no-op when not running
 #
 # Postgres refuses to run as root, so as root every server command runs as the `postgres` user,
@@ -64,8 +67,30 @@ running_port() {
   sed -n 4p "$1/postmaster.pid"
 }
 
+# Set while this `start` owns a server it has not handed over yet: its data dir, and the
+# cluster_name it was started with (its postmaster's command line says it: ours, not a server
+# another `start` launched at the same moment).
+OWN_DATADIR= OWN_MARK=
+stop_own() {
+  rc=$?
+  trap - EXIT INT TERM HUP
+  if [ -n "$OWN_DATADIR" ] && [ -f "$OWN_DATADIR/postmaster.pid" ]; then
+    pid=$(sed -n 1p "$OWN_DATADIR/postmaster.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -q "cluster_name=$OWN_MARK"; then
+      say "stopping the postgres this start began"
+      stop "$OWN_DATADIR" || true
+    fi
+  fi
+  exit "$rc"
+}
+
 start() {
   datadir=$1 port=$2 db=${3:-}
+  trap stop_own EXIT
+  trap 'exit 130' INT
+  trap 'exit 143' TERM
+  trap 'exit 129' HUP
+  state=running
   BIN=$(ensure_binaries)
   mkdir -p "$datadir"
   datadir=$(CDPATH= cd -- "$datadir" && pwd)
@@ -88,9 +113,12 @@ start() {
     sockdir=$datadir
     [ ${#datadir} -lt 80 ] || sockdir=
     say "starting postgres on 127.0.0.1:$port (log: $datadir/postgres.log)"
+    OWN_MARK="jetsaga-$$-$(date +%s)"
+    OWN_DATADIR=$datadir
     as_pg "$BIN/pg_ctl" -D "$datadir" -l "$datadir/postgres.log" -w -t 60 \
-      -o "-c listen_addresses=127.0.0.1 -p $port -k '$sockdir'" start >/dev/null ||
+      -o "-c listen_addresses=127.0.0.1 -p $port -k '$sockdir' -c cluster_name=$OWN_MARK" start >/dev/null ||
       { tail -n 20 "$datadir/postgres.log" >&2 || true; die "postgres did not start"; }
+    state=started
   fi
   if [ -n "$db" ]; then
     exists=$(as_pg "$BIN/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -Atqc \
@@ -100,7 +128,9 @@ start() {
       as_pg "$BIN/psql" -h 127.0.0.1 -p "$port" -U postgres -d postgres -qc "create database \"$db\"" >&2
     fi
   fi
-  echo "$port"
+  echo "$port $state"
+  # Handed over: from here the caller stops it.
+  OWN_DATADIR=
 }
 
 stop() {

@@ -89,7 +89,9 @@ pick_port() {
   ' "$1"
 }
 
-APP_PID= NATS_PID= PG_STARTED=
+# PG_OUT: what `postgres.sh start` printed, "PORT started" when this run started the server (and
+# stops it at the end), "PORT running" when it reuses one (another `npm start`'s: left running).
+APP_PID= NATS_PID= PG_OUT=
 cleanup() {
   rc=$?
   trap - EXIT INT TERM HUP
@@ -104,7 +106,7 @@ cleanup() {
     while kill -0 "$NATS_PID" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
     kill -KILL "$NATS_PID" 2>/dev/null || true
   fi
-  [ -z "$PG_STARTED" ] || sh deploy/local/postgres.sh stop "$PGDATA_DIR" || true
+  case "$PG_OUT" in *" started") sh deploy/local/postgres.sh stop "$PGDATA_DIR" || true ;; esac
   exit "$rc"
 }
 trap cleanup EXIT
@@ -121,7 +123,15 @@ if [ -z "${NATS_URL:-}" ]; then
     if [ -n "$old" ] && [ "$(cat "/proc/$old/comm" 2>/dev/null)" = nats-server ]; then
       say "stopping leftover nats-server (pid $old)"
       kill -TERM "$old" 2>/dev/null || true
-      while kill -0 "$old" 2>/dev/null; do sleep 0.1; done
+      i=0
+      while kill -0 "$old" 2>/dev/null && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+      if kill -0 "$old" 2>/dev/null; then
+        say "leftover nats-server (pid $old) still running after 10 s; killing it"
+        kill -KILL "$old" 2>/dev/null || true
+        # Gone once the kernel has reaped it (not our child: no wait); its store lock goes with it.
+        i=0
+        while kill -0 "$old" 2>/dev/null && [ $i -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+      fi
     fi
     rm -f "$NATS_PID_FILE"
   fi
@@ -156,9 +166,14 @@ if [ -z "${DATABASE_URL:-}" ]; then
   fi
   want=${PGPORT:-5433}
   port=$(pick_port "$want")
-  PG_STARTED=1
-  port=$(sh deploy/local/postgres.sh start "$PGDATA_DIR" "$port" jetsaga)
-  [ "$port" = "$want" ] || say "Postgres uses port $port (PGPORT $want was busy or a running cluster was reused)"
+  # A start that fails or is interrupted stops what it started itself; once it has printed, the
+  # cleanup above stops the server only if this run started it.
+  PG_OUT=$(sh deploy/local/postgres.sh start "$PGDATA_DIR" "$port" jetsaga)
+  port=${PG_OUT%% *}
+  case "$PG_OUT" in
+    *" started") [ "$port" = "$want" ] || say "Postgres uses port $port (PGPORT $want was busy)" ;;
+    *) say "that Postgres is not this run's (another npm start's?): used, and left running at exit" ;;
+  esac
   DATABASE_URL="postgres://postgres@127.0.0.1:$port/jetsaga"
 fi
 export NATS_URL DATABASE_URL
