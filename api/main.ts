@@ -6,7 +6,8 @@
  * projector. Prints `JETSAGA_API_URL=http://host:port` once it serves.
  *
  * Environment:
- * - `DATABASE_URL` (required): PostgreSQL of the order read model.
+ * - `DATABASE_URL` (required): PostgreSQL of the order read model; `DATABASE_POOL_SIZE` connections
+ *   to it (default 4).
  * - `USER_SERVICE_URL` (required): the user service's gRPC base URL, e.g. `http://127.0.0.1:8081`.
  * - `JETSAGA_TOKEN_SECRET`: HMAC secret shared with the user service (≥ 32 bytes). When unset and
  *   `NODE_ENV` is not `production`, a random one is generated with a warning (tokens issued by a
@@ -149,7 +150,10 @@ async function main(): Promise<void> {
         "DATABASE_URL is not set: the API needs the order read model's PostgreSQL database",
       );
     }
-    sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-api" });
+    sql = await connectPostgres(config.databaseUrl, {
+      applicationName: "jetsaga-api",
+      max: config.databasePoolSize,
+    });
     nc = await connectNatsFromConfig(config, "jetsaga-api");
     exitWhenConnectionCloses(nc, logger, "api");
     gateway = await startGateway({

@@ -49,6 +49,14 @@ describe("readConfig", () => {
     );
   });
 
+  it("reads the database pool size, 4 by default", () => {
+    expect(readConfig({}).databasePoolSize).toBe(4);
+    expect(readConfig({ DATABASE_POOL_SIZE: "12" }).databasePoolSize).toBe(12);
+    expect(() => readConfig({ DATABASE_POOL_SIZE: "0" })).toThrow(
+      /DATABASE_POOL_SIZE must be a whole number from 1 to 1000/,
+    );
+  });
+
   it("takes an empty or blank string setting as unset", () => {
     // Compose passes `${PROBE_HOST:-}` through as "": probes on every interface, a namespace "".
     const empty = readConfig({ PROBE_HOST: "", NATS_URL: "", JETSAGA_NS: " ", DATABASE_URL: "" });

@@ -3,6 +3,7 @@ import { join } from "node:path";
 import { fileURLToPath } from "node:url";
 import postgres from "postgres";
 import { JetsagaError } from "../orchestrator/engine/errors.ts";
+import { DEFAULT_POOL_SIZE } from "./config.ts";
 
 /** A postgres.js connection pool (also usable as the tagged-template query function). */
 export type Sql = postgres.Sql;
@@ -13,7 +14,7 @@ export type JsonObject = { [key: string]: postgres.JSONValue };
 
 /** Options for {@link connectPostgres}. */
 export interface PostgresOptions {
-  /** Connections in the pool. Default 10: enough for a worker's concurrency without starving Postgres. */
+  /** Connections in the pool. Default {@link DEFAULT_POOL_SIZE}. */
   max?: number;
   /** Close a connection idle this long, seconds. Default 30; 0 keeps idle connections forever. */
   idleTimeoutS?: number;
@@ -36,7 +37,7 @@ export interface PostgresOptions {
  */
 export async function connectPostgres(url: string, opts: PostgresOptions = {}): Promise<Sql> {
   const sql = postgres(url, {
-    max: opts.max ?? 10,
+    max: opts.max ?? DEFAULT_POOL_SIZE,
     idle_timeout: opts.idleTimeoutS ?? 30,
     connect_timeout: opts.connectTimeoutS ?? 10,
     onnotice: () => {},

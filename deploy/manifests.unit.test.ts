@@ -43,6 +43,7 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
     NATS_PASSWORD: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
     NATS_TOKEN: "one of three ways to authenticate to NATS; the sample cluster's NATS has no auth",
     JETSAGA_SHUTDOWN_TIMEOUT_SECONDS: "unset = 25 s, under the manifests' 30 s termination grace period",
+    DATABASE_POOL_SIZE: "unset = 4 connections per service with a database; raise with the database's cores",
   },
   "api/main.ts": {
     API_STREAM_RESET_LIMIT:

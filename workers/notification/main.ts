@@ -1,7 +1,7 @@
 /**
  * Process entry of the notification worker: `node workers/notification/main.ts`.
  *
- * Environment: `DATABASE_URL` (required), `NATS_URL` (default nats://127.0.0.1:4222, comma
+ * Environment: `DATABASE_URL` (required), `DATABASE_POOL_SIZE` (default 4), `NATS_URL` (default nats://127.0.0.1:4222, comma
  * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`, and
  * `NOTIFY_WEBHOOK_URL`: when set, notifications are POSTed there (see `webhookChannel`);
  * otherwise they are logged; `PROBE_PORT` (default 9464, 0 = any free port) and `PROBE_HOST`
@@ -89,7 +89,10 @@ async function main(): Promise<void> {
       integerSetting(env, "PROBE_PORT", { min: 0, max: 65_535, fallback: 9464 }),
       config.probeHost,
     );
-    sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-notification" });
+    sql = await connectPostgres(config.databaseUrl, {
+      applicationName: "jetsaga-notification",
+      max: config.databasePoolSize,
+    });
     const { applied, version } = await migrate(sql, { name: "notification", dir: notificationMigrationsDir });
     logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
     pruner = startNotificationPruner({ sql, retentionMs: retentionDays * 24 * 3600 * 1000, logger });

@@ -3,7 +3,7 @@
  * worker (commands `user.*`), the UserService gRPC/Connect/gRPC-Web API with health and
  * reflection, and the outbox relay that publishes `user.created`.
  *
- * Environment: `DATABASE_URL` (required), `NATS_URL` (default nats://127.0.0.1:4222, comma
+ * Environment: `DATABASE_URL` (required), `DATABASE_POOL_SIZE` (default 4), `NATS_URL` (default nats://127.0.0.1:4222, comma
  * separated for several servers), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`, and the user
  * service's own (see `api/user/config.ts`): `JETSAGA_TOKEN_SECRET` (required, ≥ 32 bytes),
  * `JETSAGA_TOKEN_TTL_SECONDS` (default 3600), `USER_GRPC_HOST` (default 127.0.0.1),
@@ -80,7 +80,10 @@ async function main(): Promise<void> {
         { code: "CONFIG" },
       );
     }
-    sql = await connectPostgres(config.databaseUrl, { applicationName: "jetsaga-user" });
+    sql = await connectPostgres(config.databaseUrl, {
+      applicationName: "jetsaga-user",
+      max: config.databasePoolSize,
+    });
     const { applied, version } = await migrate(sql, { name: "user", dir: userMigrationsDir });
     logger.info({ applied: applied.map((m) => `${m.version}_${m.name}`), version }, "schema up to date");
     nc = await connectNatsFromConfig(config, "jetsaga-user");
