@@ -151,7 +151,22 @@ export async function exitOnStartFailure(
   const code = (error as { code?: unknown }).code;
   logger.fatal({ code }, `${what} cannot start: ${error instanceof Error ? error.message : String(error)}`);
   await stop().catch(() => {});
+  await flushTracesWithin(EXIT_FLUSH_MS);
   process.exit(1);
+}
+
+/** How long a process ending on a fatal error waits for its pending traces to be exported, ms. */
+const EXIT_FLUSH_MS = 2_000;
+
+/**
+ * Exports the spans still buffered (the batch processor sends every 5 s), waiting at most `ms`:
+ * the spans of what led to a fatal exit are the ones worth having, but an unreachable collector
+ * must not keep a failing process alive.
+ */
+async function flushTracesWithin(ms: number): Promise<void> {
+  let timer: ReturnType<typeof setTimeout> | undefined;
+  await Promise.race([flushTraces(), new Promise<void>((resolve) => (timer = setTimeout(resolve, ms)))]);
+  clearTimeout(timer);
 }
 
 /**
@@ -168,11 +183,12 @@ let stopping = false;
  * (with fresh credentials) brings it back.
  */
 export function exitWhenConnectionCloses(nc: NatsConnection, logger: Logger, what: string): void {
-  void nc.closed().then((reason) => {
+  void nc.closed().then(async (reason) => {
     if (stopping) return;
     const message = reason instanceof Error ? reason.message : "closed";
     const code = reason instanceof Error ? (reason as { code?: unknown }).code : undefined;
     logger.fatal({ code }, `${what}: the NATS connection closed for good (${message}); exiting`);
+    await flushTracesWithin(EXIT_FLUSH_MS);
     process.exit(1);
   });
 }

@@ -111,7 +111,10 @@ export interface TracingOptions {
    * debugging — one HTTP request per span in production would be too costly).
    */
   processor?: "batch" | "simple";
-  /** Batch export interval in ms; default 1000 (the SDK's 5000 loses more spans on a hard kill). */
+  /**
+   * Batch export interval in ms; default `OTEL_BSP_SCHEDULE_DELAY` from `env`, else 1000 (the
+   * SDK's 5000 loses more spans on a hard kill).
+   */
   batchDelayMs?: number;
   /** Environment for the sampler settings; default process.env. */
   env?: Env;
@@ -163,7 +166,10 @@ export function startTracing(options: TracingOptions): TracingHandle {
   const processor: SpanProcessor =
     options.processor === "simple"
       ? new SimpleSpanProcessor({ exporter })
-      : new BatchSpanProcessor({ exporter, scheduledDelayMillis: options.batchDelayMs ?? 1000 });
+      : new BatchSpanProcessor({
+          exporter,
+          scheduledDelayMillis: options.batchDelayMs ?? batchDelayFromEnv(env),
+        });
   const provider = new TracerProvider({
     resource: resourceFromAttributes({ "service.name": options.serviceName }),
     sampler: samplerFromEnv(env),
@@ -257,6 +263,16 @@ function warnOnce(message: string): void {
   if (warned.has(message)) return;
   warned.add(message);
   console.warn(`jetsaga tracing: ${message}`);
+}
+
+/** `OTEL_BSP_SCHEDULE_DELAY` (ms, a whole number ≥ 1), else 1000 with a warning for a bad value. */
+export function batchDelayFromEnv(env: Env, warn: (message: string) => void = warnOnce): number {
+  const raw = env.OTEL_BSP_SCHEDULE_DELAY?.trim();
+  if (raw === undefined || raw === "") return 1000;
+  const ms = /^\d+$/.test(raw) ? Number(raw) : Number.NaN;
+  if (Number.isSafeInteger(ms) && ms >= 1) return ms;
+  warn(`OTEL_BSP_SCHEDULE_DELAY="${raw}" is not a whole number of ms ≥ 1; taken as 1000`);
+  return 1000;
 }
 
 function diagLevel(level: string | undefined): DiagLogLevel {

@@ -12,6 +12,7 @@ import {
   withSpan,
 } from "./tracing.ts";
 import {
+  batchDelayFromEnv,
   samplerFromEnv,
   serviceNameOf,
   startTracing,
@@ -166,6 +167,22 @@ describe("SDK bootstrap settings", () => {
       "AlwaysOffSampler",
     );
     expect(warnings).toEqual([]);
+  });
+
+  it("takes the batch export interval from OTEL_BSP_SCHEDULE_DELAY, 1000 ms otherwise", () => {
+    const warnings: string[] = [];
+    const delay = (value?: string): number =>
+      batchDelayFromEnv({ OTEL_BSP_SCHEDULE_DELAY: value }, (message) => void warnings.push(message));
+    expect(delay()).toBe(1000);
+    expect(delay(" ")).toBe(1000);
+    expect(delay("250")).toBe(250);
+    expect(warnings).toEqual([]);
+    expect(delay("0")).toBe(1000);
+    expect(delay("5s")).toBe(1000);
+    expect(warnings).toEqual([
+      expect.stringContaining('OTEL_BSP_SCHEDULE_DELAY="0"'),
+      expect.stringContaining('OTEL_BSP_SCHEDULE_DELAY="5s"'),
+    ]);
   });
 
   it("warns about an unknown sampler or a bad ratio and then uses the defaults", () => {

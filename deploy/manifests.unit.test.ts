@@ -83,6 +83,7 @@ const RUNTIME_ENV: ReadonlySet<string> = new Set([
   "OTEL_LOG_LEVEL",
   "OTEL_TRACES_SAMPLER",
   "OTEL_TRACES_SAMPLER_ARG",
+  "OTEL_BSP_SCHEDULE_DELAY",
   // @opentelemetry/otlp-exporter-base (OTLPTraceExporter: the generic name and its TRACES_ variant)
   ...[
     "ENDPOINT",
