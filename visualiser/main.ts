@@ -12,7 +12,14 @@
 import { dirname, join } from "node:path";
 import { fileURLToPath } from "node:url";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
-import { exitWhenConnectionCloses, integerSetting, onShutdown, readConfig } from "../common/config.ts";
+import type { NatsConnection } from "@nats-io/transport-node";
+import {
+  exitOnStartFailure,
+  exitWhenConnectionCloses,
+  integerSetting,
+  onShutdown,
+  readConfig,
+} from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig } from "../common/nats.ts";
 import {
@@ -26,12 +33,20 @@ import { createVisualiserHandler, serveVisualiser } from "./server.ts";
 
 const log = createLogger("visualiser");
 
+/** What start-up opened so far, for {@link stopStarted} when it then fails. */
+const started: { nc?: NatsConnection } = {};
+
+async function stopStarted(): Promise<void> {
+  await started.nc?.close().catch(() => {});
+}
+
 async function main(): Promise<void> {
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
   // Empty is unset (8090), not `Number("")`, 0: any free port.
   const port = integerSetting(process.env, "VISUALISER_PORT", { min: 0, max: 65_535, fallback: 8090 });
   const nc = await connectNatsFromConfig(config, "jetsaga-visualiser");
+  started.nc = nc;
   exitWhenConnectionCloses(nc, log, "visualiser");
   const client = await createWorkflowClient({ nc, ns: config.ns, workflows });
   // Instances on the subjects of before the phase token would look missing.
@@ -67,11 +82,6 @@ async function main(): Promise<void> {
 
 // Only as the process entry: deploy/compile-cache.ts imports every entry without starting it.
 if (import.meta.main) {
-  main().catch((error: unknown) => {
-    log.fatal(
-      { err: error },
-      `visualiser failed to start: ${error instanceof Error ? error.message : String(error)}`,
-    );
-    process.exit(1);
-  });
+  // One fatal line without a stack, like the other services; what started so far is stopped first.
+  await main().catch((error: unknown) => exitOnStartFailure(log, "visualiser", error, stopStarted));
 }

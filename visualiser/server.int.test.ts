@@ -557,6 +557,9 @@ describe("visualiser HTTP API", () => {
       ["/api/instances/counter/c-1", 404],
       ["/api/instances/counter/c-1/live?after=-1", 400],
       ["/api/instances/counter/c-1/live?after=x", 400],
+      ["/api/instances/counter/c-1/live?after=1e3", 400],
+      ["/api/instances/counter/c-1/live?after=0x10", 400],
+      ["/api/instances/counter/c-1/live?after=%205", 400],
     ];
     for (const [path, status] of cases) {
       const response = await get(path);
@@ -781,4 +784,29 @@ describe("visualiser HTTP API", () => {
       expect(await service.exited).toBe(0);
     },
   );
+
+  it("the service refuses a bad setting or an unknown workflow module with one fatal line, status 1", async () => {
+    for (const [setting, message] of [
+      [
+        { VISUALISER_PORT: "80a" },
+        'visualiser cannot start: VISUALISER_PORT must be a whole number from 0 to 65535, got \\"80a\\"',
+      ],
+      [{ JETSAGA_WORKFLOW_MODULES: "test/fixtures/missing.ts" }, "visualiser cannot start: "],
+    ] as Array<[Record<string, string>, string]>) {
+      const service = await spawnService("visualiser/main.ts", {
+        NATS_URL: natsUrl(),
+        JETSAGA_NS: ns,
+        VISUALISER_PORT: "0",
+        ...setting,
+      });
+      expect(await service.exited).toBe(1);
+      const fatal = service.lines.filter(
+        (line) => line.includes('"level":"fatal"') || /"level":60/.test(line),
+      );
+      expect(fatal, service.lines.join("\n")).toHaveLength(1);
+      expect(fatal[0]).toContain(message);
+      // A start-up failure is a setting or the environment, not a bug: no stack trace.
+      expect(service.lines.join("\n")).not.toMatch(/\n\s+at /);
+    }
+  });
 });

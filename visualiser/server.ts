@@ -196,8 +196,9 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
     const afterText = request.headers.get("last-event-id") ?? new URL(request.url).searchParams.get("after");
     let after: number | undefined;
     if (afterText !== null && afterText !== "") {
-      after = Number(afterText);
-      if (!Number.isSafeInteger(after) || after < 0) {
+      // As /history's: Number() alone would take " 5", "1e3" and "0x10".
+      after = REVISION_TEXT.test(afterText) ? Number(afterText) : Number.NaN;
+      if (!Number.isSafeInteger(after)) {
         return problem(400, "INVALID_ARGUMENT", "after must be a non-negative integer revision");
       }
     }
