@@ -116,6 +116,12 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 if [ -z "${NATS_URL:-}" ]; then
+  # One local nats-server per data dir: a second npm start here would take the first's server for
+  # a leftover and stop it. The lock is this shell's (fd 9, closed for every child below), so it
+  # goes with it however it ends, and a leftover server does not hold it.
+  mkdir -p "$DATA"
+  exec 9>"$DATA/start.lock"
+  flock -n 9 || die "another npm start is running with the data dir $DATA: stop it first, or give this one its servers (NATS_URL, DATABASE_URL) or another JETSAGA_DATA_DIR"
   NATS_PID_FILE="$DATA/nats-server.pid"
   # A nats-server left over from a killed run still holds the store: stop it first.
   if [ -f "$NATS_PID_FILE" ]; then
@@ -143,7 +149,7 @@ if [ -z "${NATS_URL:-}" ]; then
   # setsid: a Ctrl-C in the terminal must not reach the server before the services have stopped.
   SETSID=$(command -v setsid || true)
   $SETSID "$NATS_SERVER_BIN" -js -sd "$DATA/nats" -a 127.0.0.1 -p "$port" -P "$NATS_PID_FILE" \
-    >"$DATA/nats-server.log" 2>&1 &
+    >"$DATA/nats-server.log" 2>&1 9>&- &
   NATS_PID=$!
   i=0
   until grep -q "Server is ready" "$DATA/nats-server.log"; do
@@ -168,7 +174,7 @@ if [ -z "${DATABASE_URL:-}" ]; then
   port=$(pick_port "$want")
   # A start that fails or is interrupted stops what it started itself; once it has printed, the
   # cleanup above stops the server only if this run started it.
-  PG_OUT=$(sh deploy/local/postgres.sh start "$PGDATA_DIR" "$port" jetsaga)
+  PG_OUT=$(sh deploy/local/postgres.sh start "$PGDATA_DIR" "$port" jetsaga 9>&-)
   port=${PG_OUT%% *}
   case "$PG_OUT" in
     *" started") [ "$port" = "$want" ] || say "Postgres uses port $port (PGPORT $want was busy)" ;;
@@ -183,9 +189,9 @@ export NATS_URL DATABASE_URL
 trap '[ -z "$APP_PID" ] || kill -TERM "$APP_PID" 2>/dev/null || true' INT TERM HUP
 if [ "${JETSAGA_RUNTIME:-node}" = deno ]; then
   say "services run under Deno $(deno --version | head -n1 | cut -d' ' -f2)"
-  deno run -A deploy/local/start.ts &
+  deno run -A deploy/local/start.ts 9>&- &
 else
-  node deploy/local/start.ts &
+  node deploy/local/start.ts 9>&- &
 fi
 APP_PID=$!
 while :; do
