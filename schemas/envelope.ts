@@ -1,4 +1,5 @@
 import { z } from "zod";
+import { DOTTED, ID, NAME } from "../orchestrator/engine/names.ts";
 
 /**
  * The envelopes every jetsaga message travels in. Payloads (command inputs, event fields) have
@@ -7,13 +8,28 @@ import { z } from "zod";
  */
 
 /** One NATS subject token: letters, digits, `_`, `-`. Keeps ids from changing routing. */
-export const subjectToken = z.string().regex(/^[A-Za-z0-9_-]{1,128}$/, "must be 1–128 of [A-Za-z0-9_-]");
+export const subjectToken = z.string().regex(ID, "must be 1–128 of [A-Za-z0-9_-]");
 /** A workflow name (lowercase, one token). */
-export const workflowName = z.string().regex(/^[a-z][a-z0-9-]{0,63}$/, "must be a lowercase name");
+export const workflowName = z.string().regex(NAME, "must be a lowercase name");
 /** A dotted lowercase type name such as `user.verify` or `order.confirmed`. */
-export const dottedName = z
-  .string()
-  .regex(/^[a-z][a-zA-Z0-9]*(\.[a-z][a-zA-Z0-9]*){0,7}$/, "must be a dotted lowercase name");
+export const dottedName = z.string().regex(DOTTED, "must be a dotted lowercase name");
+
+/**
+ * Longest message or command id (`commandId`, `eventId`, an inbox message's `id`): ids are derived
+ * as `<workflow>.<instanceId>.<revision>.<index>` and prefixed (`reply.`, `failed.`, `timer.`).
+ */
+export const MAX_MESSAGE_ID = 300;
+/** A command id as it comes back in a reply. */
+export const commandId = z.string().min(1).max(MAX_MESSAGE_ID);
+/**
+ * Longest reason a reply may give, characters (UTF-16 units). `command.failed` repeats the error
+ * that ended the command: the worker runtime cuts it to 4,096 (orchestrator/runtime/dead-letters.ts,
+ * MAX_REASON_LENGTH), so a larger limit here would never be met and a smaller one would drop the
+ * failure. A workflow that keeps a reason in its context should cut it shorter.
+ */
+export const MAX_REPLY_REASON = 4_096;
+/** A reason given by a reply (`user.rejected`, `command.failed`). */
+export const replyReason = z.string().max(MAX_REPLY_REASON);
 
 /** An event offered to a workflow instance: its `type` and payload fields side by side. */
 export const workflowEvent = z.looseObject({ type: z.string().min(1).max(200) });
@@ -70,9 +86,11 @@ export type DomainEventMessage = z.infer<typeof domainEventMessage>;
  */
 export const commandFailedEvent = z.object({
   type: z.literal("command.failed"),
-  commandId: z.string(),
+  commandId,
+  // Not a dottedName, and not bounded here: a malformed command is answered too, with what could
+  // be read of its name (possibly nothing), and a well-formed name is bounded only by its subject.
   command: z.string(),
-  reason: z.string(),
+  reason: replyReason,
 });
 export type CommandFailedEvent = z.infer<typeof commandFailedEvent>;
 

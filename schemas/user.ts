@@ -1,5 +1,5 @@
 import { z } from "zod";
-import { subjectToken } from "./envelope.ts";
+import { commandId, subjectToken } from "./envelope.ts";
 
 /**
  * The user service's messaging contract: the commands it serves and the replies it sends.
@@ -26,34 +26,41 @@ export const userCommands = {
   "user.releaseCredit": releaseCreditInput,
 } as const;
 
-const reply = { commandId: z.string() };
+const reply = { commandId };
 
-/** Replies of the user service, keyed by event type. */
+/** Longest reason of `user.rejected`, characters (the user service says "unknown user"). */
+export const MAX_REJECTION_REASON = 1_000;
+
+/**
+ * Replies of the user service, keyed by event type. Every string is bounded: a workflow may keep
+ * what a reply says in its context, which goes into every later history entry. The ids echo the
+ * command's input, so they follow the same rule.
+ */
 export const userReplies = {
-  "user.verified": z.object({ type: z.literal("user.verified"), userId: z.string(), ...reply }),
+  "user.verified": z.object({ type: z.literal("user.verified"), userId: subjectToken, ...reply }),
   "user.rejected": z.object({
     type: z.literal("user.rejected"),
-    userId: z.string(),
-    reason: z.string(),
+    userId: subjectToken,
+    reason: z.string().max(MAX_REJECTION_REASON),
     ...reply,
   }),
   "credit.reserved": z.object({
     type: z.literal("credit.reserved"),
-    reservationId: z.string(),
+    reservationId: subjectToken,
     amountCents: cents,
     availableCents: cents,
     ...reply,
   }),
   "credit.insufficient": z.object({
     type: z.literal("credit.insufficient"),
-    reservationId: z.string(),
+    reservationId: subjectToken,
     amountCents: cents,
     availableCents: cents,
     ...reply,
   }),
   "credit.released": z.object({
     type: z.literal("credit.released"),
-    reservationId: z.string(),
+    reservationId: subjectToken,
     amountCents: cents,
     ...reply,
   }),

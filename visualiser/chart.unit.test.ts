@@ -50,7 +50,7 @@ describe("chartOf(order saga)", () => {
       "confirmed --after shipTimeout--> compensating",
       "compensating --credit.released--> cancelled",
       "compensating --credit.reserved--> compensating",
-      "compensating --command.failed--> awaitingReleaseRetry",
+      "compensating --command.failed [releaseFailed]--> awaitingReleaseRetry",
       "awaitingReleaseRetry --after releaseRetry--> compensating",
     ]);
     expect(new Set(chart.edges.map((e) => e.id)).size).toBe(chart.edges.length);

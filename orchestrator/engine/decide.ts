@@ -6,7 +6,7 @@ import {
   createActor,
 } from "xstate";
 import type { Effect } from "./effects.ts";
-import { JetsagaError, type JetsagaErrorCode } from "./errors.ts";
+import { type ErrorContext, JetsagaError, type JetsagaErrorCode } from "./errors.ts";
 import { legacyTimerKey, timerKey } from "./names.ts";
 import { type InstanceState, isTerminal, type PendingTimer, RECENT_CAUSATIONS } from "./state.ts";
 import { type AnySchema, type AnyWorkflowDefinition, refusedActionReason, SAGA_ACTION } from "./workflow.ts";
@@ -34,13 +34,18 @@ export interface DecideContext {
  * - `ignored`: valid, but it changes nothing now (stale timer, event not handled in this state,
  *   instance already ended, second start of the same instance).
  * - `rejected`: the message can never be applied (schema violation, unknown event, no instance, a
- *   chart that throws); it belongs in the dead-letter stream with `reason`.
+ *   chart that throws); it belongs in the dead-letter stream with `reason`. `context` names the
+ *   workflow, instance and event, and what the error itself recorded (the command, the field).
+ *
+ * A timer firing whose arming the instance still holds is always `accepted`: the firing uses the
+ * arming up even when the chart does nothing with it (a guarded `after` whose guard is false), so
+ * the accepted state no longer holds the timer (nothing re-arms it).
  */
 export type Decision =
   | { outcome: "accepted"; state: InstanceState; event: WorkflowEvent; effects: Effect[] }
   | { outcome: "duplicate"; revision: number }
   | { outcome: "ignored"; reason: string }
-  | { outcome: "rejected"; code: JetsagaErrorCode; reason: string };
+  | { outcome: "rejected"; code: JetsagaErrorCode; reason: string; context?: ErrorContext };
 
 /** The last time a JavaScript Date can hold, ms from the epoch. */
 const MAX_DATE_MS = 8.64e15;
@@ -65,12 +70,38 @@ export function decide(
       ? decideStart(definition, state, message, context)
       : decideEvent(definition, state, message, context);
   } catch (error) {
+    const where = whereOf(definition, state, message);
     if (error instanceof JetsagaError)
-      return { outcome: "rejected", code: error.code, reason: error.message };
+      return {
+        outcome: "rejected",
+        code: error.code,
+        reason: error.message,
+        context: { ...where, ...error.context },
+      };
     // A guard, assign or params function of the chart threw: the chart cannot take this message.
     const reason = error instanceof Error ? error.message : String(error);
-    return { outcome: "rejected", code: "INVALID_DEFINITION", reason: `the chart threw: ${reason}` };
+    return {
+      outcome: "rejected",
+      code: "INVALID_DEFINITION",
+      reason: `the chart threw: ${reason}`,
+      context: where,
+    };
   }
+}
+
+/** What a refusal is about: the workflow, the instance and the event (a timer's is its key). */
+function whereOf(
+  definition: AnyWorkflowDefinition,
+  state: InstanceState | undefined,
+  message: WorkflowMessage,
+): ErrorContext {
+  const instanceId = message.kind === "start" ? message.instanceId : state?.instanceId;
+  const event = message.kind === "start" ? START_EVENT : message.event?.type;
+  return {
+    workflow: definition.name,
+    ...(instanceId === undefined ? {} : { instanceId }),
+    ...(typeof event === "string" ? { event: event.slice(0, 200) } : {}),
+  };
 }
 
 function decideStart(
@@ -107,7 +138,12 @@ function decideEvent(
   context: DecideContext,
 ): Decision {
   if (!state) {
-    return { outcome: "rejected", code: "INSTANCE_NOT_FOUND", reason: "no such instance" };
+    return {
+      outcome: "rejected",
+      code: "INSTANCE_NOT_FOUND",
+      reason: "no such instance",
+      context: whereOf(definition, state, message),
+    };
   }
   if (isTerminal(state)) return { outcome: "ignored", reason: `instance is ${state.status}` };
 
@@ -118,7 +154,8 @@ function decideEvent(
     if (!pending || pending.token !== message.timer.token) {
       return { outcome: "ignored", reason: `stale timer ${message.timer.key}` };
     }
-    event = { type: pending.event };
+    // Timers armed by earlier versions kept only the event's type.
+    event = pending.payload ? { ...pending.payload, type: pending.event } : { type: pending.event };
     // A firing uses its arming up: the same schedule firing again (its effect carried out once more
     // after the duplicate window, say) must find it stale, and leaving the state owes it no cancel.
     const { [message.timer.key]: _fired, ...remaining } = state.timers;
@@ -131,16 +168,26 @@ function decideEvent(
         outcome: "rejected",
         code: "UNKNOWN_EVENT",
         reason: `workflow does not accept event "${type}"`,
+        context: whereOf(definition, state, message),
       };
     }
-    event = parse(schema, message.event, `event ${type}`) as WorkflowEvent;
+    const parsed = parse(schema, message.event, `event ${type}`);
+    if (typeof parsed !== "object" || parsed === null || Array.isArray(parsed)) {
+      throw definitionError(definition, `event schema of "${type}" does not produce an object`);
+    }
+    // The chart matches events by `type`: a schema that does not declare it (zod strips unknown
+    // keys) would leave an event without one, which no transition takes.
+    const fields = parsed as Record<string, unknown>;
+    event = fields.type === type ? (fields as WorkflowEvent) : { ...fields, type };
   }
 
   const current = definition.machine.resolveState({ value: state.value, context: state.context });
   const [snapshot, actions] = pureStep(definition.machine, (scope) =>
     definition.machine.transition(current, event, scope),
   );
-  if (snapshot === current && actions.length === 0) {
+  // A timer firing that the chart does nothing with still uses its arming up (`before` no longer
+  // holds it): left pending, recovery would schedule it again and a test clock would fire it for ever.
+  if (snapshot === current && actions.length === 0 && !message.timer) {
     return { outcome: "ignored", reason: `event "${event.type}" is not handled in state ${describe(state)}` };
   }
   return settle(definition, before, snapshot, actions, event, context);
@@ -220,7 +267,9 @@ function settle(
         const command = String(params.command);
         const schema = definition.commands[command];
         if (!schema) throw definitionError(definition, `dispatches undeclared command "${command}"`);
-        const input = parse(schema, params.input, `input of command ${command}`, "INVALID_DEFINITION");
+        const input = parse(schema, params.input, `input of command ${command}`, "INVALID_DEFINITION", {
+          command,
+        });
         effects.push({ type: "dispatch", commandId: `${prefix}.${index}`, command, input });
         break;
       }
@@ -228,7 +277,9 @@ function settle(
         const name = String(params.event);
         const schema = definition.publishes[name];
         if (!schema) throw definitionError(definition, `publishes undeclared event "${name}"`);
-        const payload = parse(schema, params.payload, `payload of event ${name}`, "INVALID_DEFINITION");
+        const payload = parse(schema, params.payload, `payload of event ${name}`, "INVALID_DEFINITION", {
+          published: name,
+        });
         effects.push({ type: "publish", eventId: `${prefix}.${index}`, event: name, payload });
         break;
       }
@@ -237,10 +288,23 @@ function settle(
         if (params.details !== undefined) failure.details = params.details;
         break;
       case "xstate.raise": {
-        // Only delayed raises come out of the pure transition; immediate ones are applied inside it.
-        const delay = Number(params.delay);
-        const raised = params.event as { type?: unknown } | undefined;
-        if (!Number.isFinite(delay) || typeof raised?.type !== "string") break;
+        // xstate raises an event whose delay is not a number (none, a string, null) at once, inside
+        // the transition, as a running actor does: only a number arms a timer.
+        const delay = params.delay;
+        if (typeof delay !== "number") break;
+        const raised = params.event as ({ type?: unknown } & Record<string, unknown>) | undefined;
+        if (typeof raised?.type !== "string") {
+          throw definitionError(definition, "raises a delayed event without a string type");
+        }
+        // NaN (a delay computed from a missing context field), Infinity or a negative delay would
+        // arm no timer the instance could ever wait for: a chart bug, refused rather than silently
+        // leaving the instance waiting.
+        if (!Number.isFinite(delay) || delay < 0) {
+          throw definitionError(
+            definition,
+            `raises "${raised.type}" with a delay of ${delay}; a delay must be a finite number of ms, 0 or more`,
+          );
+        }
         // A Date ends at ±8.64e15 ms: a due time beyond it cannot be scheduled (the effect would
         // fail after the append, on every try). A chart bug, refused before anything is stored.
         if (Math.abs(context.now + delay) > MAX_DATE_MS) {
@@ -259,9 +323,13 @@ function settle(
           delete timers[replacedKey];
           effects.push({ type: "cancelTimer", timerKey: replacedKey, token: replaced.token });
         }
-        const timer = { token: `${revision}-${index}`, event: raised.type, dueAt: context.now + delay, id };
-        timers[key] = timer;
-        effects.push({ type: "schedule", timerKey: key, ...timer });
+        const type = raised.type;
+        const { type: _type, ...fields } = raised;
+        const payload = timerPayload(definition, type, fields);
+        const armed = { token: `${revision}-${index}`, event: type, dueAt: context.now + delay, id };
+        timers[key] = payload ? { ...armed, payload } : armed;
+        // The schedule carries no payload: the firing takes the event from the pending timer.
+        effects.push({ type: "schedule", timerKey: key, ...armed });
         break;
       }
       case "xstate.cancel": {
@@ -324,14 +392,75 @@ function parse(
   value: unknown,
   what: string,
   code: JetsagaErrorCode = "SCHEMA_VIOLATION",
+  context?: ErrorContext,
 ): unknown {
   const result = schema.safeParse(value);
   if (result.success) return result.data;
+  const path = (issue: { path: readonly PropertyKey[] }) =>
+    issue.path.length ? issue.path.map(String).join(".") : "(root)";
   const issues = result.error.issues
     .slice(0, 5)
-    .map((issue) => `${issue.path.length ? issue.path.join(".") : "(root)"}: ${issue.message}`)
+    .map((issue) => `${path(issue)}: ${issue.message}`)
     .join("; ");
-  throw new JetsagaError(code, `invalid ${what}: ${issues}`);
+  const first = result.error.issues[0];
+  throw new JetsagaError(code, `invalid ${what}: ${issues}`, {
+    context: { ...context, ...(first ? { field: path(first).slice(0, 200) } : {}) },
+  });
+}
+
+/**
+ * The fields of a delayed event besides its type, as stored with the pending timer (absent when
+ * there are none). They must be JSON: the state is stored as JSON and the firing delivers what was
+ * stored, so a Date, a Map or a function would arrive as something else, or not at all. Fields
+ * that are `undefined` are dropped, as JSON drops them.
+ */
+function timerPayload(
+  definition: AnyWorkflowDefinition,
+  type: string,
+  fields: Record<string, unknown>,
+): Record<string, unknown> | undefined {
+  if (Object.keys(fields).length === 0) return undefined;
+  const bad = notJson(fields, [], new Set());
+  if (bad !== undefined) {
+    throw definitionError(
+      definition,
+      `raises delayed event "${type}" whose field ${bad} is not JSON; a timer's event is stored with the instance`,
+    );
+  }
+  const payload = JSON.parse(JSON.stringify(fields)) as Record<string, unknown>;
+  return Object.keys(payload).length > 0 ? payload : undefined;
+}
+
+/** The path of the first part of `value` that JSON would not keep as it is, if any. */
+function notJson(value: unknown, path: string[], open: Set<object>): string | undefined {
+  const here = () => (path.length ? path.join(".") : "(root)");
+  switch (typeof value) {
+    case "string":
+    case "boolean":
+      return undefined;
+    case "number":
+      return Number.isFinite(value) ? undefined : here();
+    case "object": {
+      if (value === null) return undefined;
+      if (open.has(value)) return here();
+      const isArray = Array.isArray(value);
+      const proto = Object.getPrototypeOf(value);
+      if (!isArray && proto !== Object.prototype && proto !== null) return here();
+      open.add(value);
+      // JSON drops an undefined field; in an array (a hole included) it would become null.
+      const entries: Array<[string, unknown]> = isArray
+        ? Array.from(value as unknown[], (item, index) => [String(index), item])
+        : Object.entries(value).filter(([, item]) => item !== undefined);
+      for (const [key, item] of entries) {
+        const bad = item === undefined ? [...path, key].join(".") : notJson(item, [...path, key], open);
+        if (bad !== undefined) return bad;
+      }
+      open.delete(value);
+      return undefined;
+    }
+    default:
+      return here();
+  }
 }
 
 /**

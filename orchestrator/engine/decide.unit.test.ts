@@ -12,6 +12,7 @@ import {
   spawnChild,
 } from "xstate";
 import { z } from "zod";
+import { workflowSpec } from "../testing/workflow-spec.ts";
 import { decide } from "./decide.ts";
 import { JetsagaError } from "./errors.ts";
 import { defineWorkflow, sagaActions } from "./workflow.ts";
@@ -455,5 +456,291 @@ describe("timers", () => {
       const kept = decide(twoTimers, current, { kind: "event", event: { type: "stop" } }, ctx("m3", 10));
       expect(kept.outcome === "accepted" ? kept.state.timers : kept).toEqual(current.timers);
     });
+  });
+});
+
+describe("charts the engine cannot run as written", () => {
+  it("refuses a history state, which the stored state (value and context) cannot resume", () => {
+    const remembering = setup({}).createMachine({
+      id: "remembering",
+      initial: "working",
+      states: {
+        working: {
+          initial: "first",
+          states: { first: { on: { bump: "second" } }, second: {}, back: { type: "history" } },
+          on: { pause: "paused" },
+        },
+        paused: { on: { resume: "working.back" } },
+      },
+    });
+    let error: unknown;
+    try {
+      defineWorkflow({ ...counterConfig, name: "remembering", machine: remembering });
+    } catch (caught) {
+      error = caught;
+    }
+    expect(error).toBeInstanceOf(JetsagaError);
+    expect(error).toMatchObject({
+      code: "INVALID_DEFINITION",
+      message: expect.stringMatching(/state "remembering.working.back" is a history state/),
+      context: { workflow: "remembering", state: "remembering.working.back" },
+    });
+  });
+});
+
+describe("events", () => {
+  it("keeps the type of an event whose schema does not declare it", () => {
+    const typeless = defineWorkflow({
+      ...counterConfig,
+      name: "typeless",
+      // No `type` in the schema: zod strips it, and the chart would never see a `bump`.
+      events: { bump: z.object({ note: z.string().optional() }) },
+    });
+    const start = decide(typeless, undefined, { kind: "start", instanceId: "t", input: { n: 3 } }, ctx("t1"));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    expect(
+      decide(typeless, start.state, { kind: "event", event: { type: "bump", note: "x" } }, ctx("t2")),
+    ).toMatchObject({
+      outcome: "accepted",
+      event: { type: "bump", note: "x" },
+      effects: [{ type: "dispatch", command: "svc.note" }],
+    });
+  });
+
+  it("names the workflow, the instance, the event and the field of a refusal", () => {
+    const start = decide(counter, undefined, { kind: "start", instanceId: "c1", input: { n: 1 } }, ctx("m1"));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    expect(
+      decide(counter, undefined, { kind: "start", instanceId: "c2", input: { n: "x" } }, ctx("m2")),
+    ).toEqual({
+      outcome: "rejected",
+      code: "SCHEMA_VIOLATION",
+      reason: expect.stringMatching(/^invalid input: n: /),
+      context: { workflow: "counter", instanceId: "c2", event: "xstate.init", field: "n" },
+    });
+    expect(decide(counter, start.state, { kind: "event", event: { type: "nope" } }, ctx("m3"))).toMatchObject(
+      { code: "UNKNOWN_EVENT", context: { workflow: "counter", instanceId: "c1", event: "nope" } },
+    );
+    const sloppy = defineWorkflow({
+      ...counterConfig,
+      commands: { "svc.note": z.object({ n: z.string() }) },
+    });
+    expect(decide(sloppy, start.state, { kind: "event", event: { type: "bump" } }, ctx("m4"))).toMatchObject({
+      outcome: "rejected",
+      code: "INVALID_DEFINITION",
+      context: { workflow: "counter", instanceId: "c1", event: "bump", command: "svc.note", field: "n" },
+    });
+  });
+});
+
+describe("delayed events", () => {
+  type DelayContext = { delay: unknown; ticks: number };
+  /** Counts `tick`s; `tick` is raised with the delay the input gives (any value). */
+  const delayed = defineWorkflow({
+    name: "delayed",
+    version: 1,
+    input: z.object({ delay: z.unknown() }),
+    events: {},
+    machine: setup({
+      types: { context: {} as DelayContext, input: {} as { delay: unknown } },
+      delays: { wait: ({ context }) => context.delay as number },
+    }).createMachine({
+      id: "delayed",
+      context: ({ input }) => ({ delay: input.delay, ticks: 0 }),
+      initial: "waiting",
+      states: {
+        waiting: {
+          entry: raise({ type: "tick" }, { id: "tick", delay: "wait" }),
+          on: { tick: { actions: assign({ ticks: ({ context }) => context.ticks + 1 }) } },
+        },
+      },
+    }),
+  });
+  const startWith = (delay: unknown) =>
+    decide(delayed, undefined, { kind: "start", instanceId: "d", input: { delay } }, ctx("s", 0));
+
+  it("raises an event whose delay is not a number at once, as xstate does, and arms no timer", () => {
+    for (const delay of ["5000", null, undefined]) {
+      const start = startWith(delay);
+      expect(start, String(delay)).toMatchObject({ outcome: "accepted", state: { context: { ticks: 1 } } });
+      if (start.outcome !== "accepted") continue;
+      // A timer as well would deliver the event a second time.
+      expect(start.state.timers, String(delay)).toEqual({});
+      expect(start.effects, String(delay)).toEqual([]);
+    }
+  });
+
+  it("refuses a delay that is not a finite number of ms, 0 or more, instead of arming nothing", () => {
+    for (const delay of [Number.NaN, Number.POSITIVE_INFINITY, -1]) {
+      expect(startWith(delay), String(delay)).toMatchObject({
+        outcome: "rejected",
+        code: "INVALID_DEFINITION",
+        reason: expect.stringMatching(/a delay must be a finite number of ms, 0 or more/),
+      });
+    }
+    expect(startWith(0)).toMatchObject({ outcome: "accepted", effects: [{ type: "schedule", dueAt: 0 }] });
+  });
+
+  /** Raises `remind` with the payload the input gives, 100 ms later. */
+  const reminding = defineWorkflow({
+    name: "reminding",
+    version: 1,
+    input: z.object({ payload: z.unknown() }),
+    events: {},
+    machine: setup({
+      types: {
+        context: {} as { payload: unknown; got?: unknown },
+        input: {} as { payload: unknown },
+        events: {} as { type: "remind"; [field: string]: unknown },
+      },
+    }).createMachine({
+      id: "reminding",
+      context: ({ input }) => ({ payload: input.payload }),
+      initial: "waiting",
+      states: {
+        waiting: {
+          entry: raise(({ context }) => ({ ...(context.payload as object), type: "remind" as const }), {
+            id: "remind",
+            delay: 100,
+          }),
+          on: { remind: { target: "reminded", actions: assign({ got: ({ event }) => event }) } },
+        },
+        reminded: {},
+      },
+    }),
+  });
+
+  it("delivers the whole raised event when its timer fires, and stores only JSON", () => {
+    const start = decide(
+      reminding,
+      undefined,
+      { kind: "start", instanceId: "r", input: { payload: { orderId: "o-1", attempt: 2, gone: undefined } } },
+      ctx("s", 0),
+    );
+    if (start.outcome !== "accepted") throw new Error("not started");
+    const [armed] = start.effects;
+    if (armed?.type !== "schedule") throw new Error("no timer");
+    expect(start.state.timers[armed.timerKey]).toEqual({
+      token: armed.token,
+      event: "remind",
+      dueAt: 100,
+      id: "remind",
+      payload: { orderId: "o-1", attempt: 2 },
+    });
+    // The schedule itself carries no payload: the firing takes the event from the pending timer.
+    expect(armed).not.toHaveProperty("payload");
+    const firing = {
+      kind: "event" as const,
+      event: { type: `timer.${armed.timerKey}` },
+      timer: { key: armed.timerKey, token: armed.token },
+    };
+    // As stored: through JSON.
+    const stored = JSON.parse(JSON.stringify(start.state)) as typeof start.state;
+    expect(decide(reminding, stored, firing, ctx("t", 100))).toMatchObject({
+      outcome: "accepted",
+      event: { type: "remind", orderId: "o-1", attempt: 2 },
+      state: { value: "reminded", context: { got: { type: "remind", orderId: "o-1", attempt: 2 } } },
+    });
+    // A timer armed by an earlier version has only the type: it is delivered as before.
+    const { payload: _payload, ...legacy } = stored.timers[armed.timerKey] ?? { payload: undefined };
+    const old = { ...stored, timers: { [armed.timerKey]: legacy as (typeof stored.timers)[string] } };
+    expect(decide(reminding, old, firing, ctx("t", 100))).toMatchObject({
+      outcome: "accepted",
+      event: { type: "remind" },
+      state: { value: "reminded", context: { got: { type: "remind" } } },
+    });
+  });
+
+  it("refuses a delayed event that JSON would not keep as it is", () => {
+    const cyclic: Record<string, unknown> = {};
+    cyclic.self = cyclic;
+    const payloads: Record<string, unknown> = {
+      at: new Date(0),
+      nested: { counts: new Map() },
+      list: [1, undefined],
+      big: 1n,
+      inf: { n: Number.POSITIVE_INFINITY },
+      cyclic,
+    };
+    for (const [field, value] of Object.entries(payloads)) {
+      expect(
+        decide(
+          reminding,
+          undefined,
+          { kind: "start", instanceId: "r", input: { payload: { [field]: value } } },
+          ctx("s", 0),
+        ),
+        field,
+      ).toMatchObject({
+        outcome: "rejected",
+        code: "INVALID_DEFINITION",
+        reason: expect.stringMatching(new RegExp(`raises delayed event "remind" whose field ${field}\\b`)),
+      });
+    }
+  });
+});
+
+describe("timer firings the chart does nothing with", () => {
+  /** A guarded `after`: the guard decides whether the timer's firing does anything. */
+  const guarded = (guard: () => boolean) =>
+    defineWorkflow({
+      name: "guarded",
+      version: 1,
+      input: z.object({}),
+      events: {},
+      machine: setup({ guards: { open: () => guard() } }).createMachine({
+        id: "guarded",
+        initial: "waiting",
+        states: { waiting: { after: { 1000: { guard: "open", target: "done" } } }, done: { type: "final" } },
+      }),
+    });
+
+  it("uses the arming up: accepted, with the timer removed and nothing else changed", () => {
+    let calls = 0;
+    // Closed on the first call. (Open after many calls, so that a test clock that fires it over and
+    // over, as it once did, ends instead of hanging.)
+    const shut = guarded(() => ++calls > 50);
+    const start = decide(shut, undefined, { kind: "start", instanceId: "g", input: {} }, ctx("s", 0));
+    if (start.outcome !== "accepted") throw new Error("not started");
+    const [armed] = start.effects;
+    if (armed?.type !== "schedule") throw new Error("no timer");
+    const fired = decide(
+      shut,
+      start.state,
+      {
+        kind: "event",
+        event: { type: `timer.${armed.timerKey}` },
+        timer: { key: armed.timerKey, token: armed.token },
+      },
+      ctx("t", 1000),
+    );
+    expect(fired).toMatchObject({
+      outcome: "accepted",
+      effects: [],
+      state: { revision: 2, status: "running", value: "waiting", timers: {} },
+    });
+
+    calls = 0;
+    const spec = workflowSpec(shut, "g2", 0);
+    spec.start({});
+    expect(spec.advance(5_000).map((decision) => decision.outcome)).toEqual(["accepted"]);
+    expect(calls).toBe(1);
+    expect(spec.state).toMatchObject({ value: "waiting", timers: {} });
+  });
+
+  it("a test clock fires each arming once, even one a rejected firing leaves pending", () => {
+    let calls = 0;
+    const throwing = guarded(() => {
+      calls++;
+      if (calls > 50) return true;
+      throw new Error("guard broke");
+    });
+    const spec = workflowSpec(throwing, "g", 0);
+    spec.start({});
+    const decisions = spec.advance(5_000);
+    expect(decisions).toMatchObject([{ outcome: "rejected", code: "INVALID_DEFINITION" }]);
+    expect(calls).toBe(1);
+    // Rejected: nothing is stored, the timer is still pending (a redrive after the fix applies it).
+    expect(Object.keys(spec.state.timers)).toHaveLength(1);
   });
 });

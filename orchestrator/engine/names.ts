@@ -4,11 +4,14 @@ import { JetsagaError } from "./errors.ts";
  * Names that end up inside NATS subjects. A `.` adds a token, `*` and `>` are wildcards and white
  * space ends the subject, so anything user-supplied is checked against these before use.
  */
-const NAME = /^[a-z][a-z0-9-]{0,63}$/;
+export const NAME = /^[a-z][a-z0-9-]{0,63}$/;
 /** Dotted names such as `user.verify` or `order.confirmed`: each part a lowercase identifier. */
-const DOTTED = /^[a-z][a-zA-Z0-9]*(\.[a-z][a-zA-Z0-9]*){0,7}$/;
-/** Instance ids and similar keys: one subject token of letters, digits, `_` and `-`. */
-const ID = /^[A-Za-z0-9_-]{1,128}$/;
+export const DOTTED = /^[a-z][a-zA-Z0-9]*(\.[a-z][a-zA-Z0-9]*){0,7}$/;
+/**
+ * Instance ids and similar keys: one subject token of letters, digits, `_` and `-`. The message
+ * schemas (schemas/envelope.ts) use these same patterns.
+ */
+export const ID = /^[A-Za-z0-9_-]{1,128}$/;
 
 /** True when `value` can be an instance id (one subject token: `[A-Za-z0-9_-]{1,128}`). */
 export function isValidId(value: string): boolean {

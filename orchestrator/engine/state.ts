@@ -9,6 +9,12 @@ export interface PendingTimer {
   token: string;
   /** The xstate event type delivered when it fires. */
   event: string;
+  /**
+   * The other fields of the raised event (`raise({ type: "remind", orderId }, { delay })`), as
+   * JSON; delivered with `event` as its type when the timer fires. Absent when the event has no
+   * other fields, and on timers armed by earlier versions, which kept only the type.
+   */
+  payload?: Record<string, unknown>;
   /** Due time, epoch milliseconds. */
   dueAt: number;
   /**

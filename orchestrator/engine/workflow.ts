@@ -90,7 +90,9 @@ export type AnyWorkflowDefinition = WorkflowDefinition<AnyStateMachine, AnySchem
 
 /**
  * Declares a workflow. Throws `JetsagaError("INVALID_DEFINITION")` when a name is not usable in
- * subjects, the version is not a positive integer, or a signal is not among the events.
+ * subjects, the version is not a positive integer, a signal is not among the events, or the chart
+ * uses what the engine cannot run: invoked or spawned actors, events sent to actors or emitted,
+ * history states (`type: "history"`).
  */
 export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends AnySchema>(
   config: WorkflowConfig<TMachine, TInput>,
@@ -127,6 +129,17 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
       "INVALID_DEFINITION",
       `state "${invoking}" invokes an actor; workflows do their work through commands (the dispatch action), not invoked actors`,
       { context: { workflow: config.name, state: invoking } },
+    );
+  }
+  const history = findHistory(config.machine.root);
+  if (history) {
+    // The stored state is the state value and the context; xstate keeps what a history state
+    // remembers elsewhere in its snapshot, so an instance resumed from the store would enter the
+    // history state's default instead of the child it left.
+    throw new JetsagaError(
+      "INVALID_DEFINITION",
+      `state "${history}" is a history state, which workflows cannot use: the stored state does not keep what it remembers; target the child state explicitly (keep the one to return to in the context)`,
+      { context: { workflow: config.name, state: history } },
     );
   }
   return Object.freeze({
@@ -195,6 +208,16 @@ function findRefusedAction(
     return undefined;
   };
   return visit(machine.root);
+}
+
+/** The id of the first history state node, if any. */
+function findHistory(node: AnyStateNode): string | undefined {
+  if (node.type === "history") return node.id;
+  for (const child of Object.values(node.states)) {
+    const found = findHistory(child);
+    if (found) return found;
+  }
+  return undefined;
 }
 
 /** The id of the first state node that invokes an actor, if any. */

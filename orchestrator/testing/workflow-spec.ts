@@ -28,7 +28,11 @@ export interface WorkflowSpec {
   send(event: WorkflowEvent): Decision;
   /** Delivers a timer firing as the server would (for stale or duplicate firings). */
   fire(key: string, token: string): Decision;
-  /** Moves the clock forward and fires every timer that is due by then, in due order. */
+  /**
+   * Moves the clock forward and fires every timer that is due by then, in due order (a timer armed
+   * by a firing and due by then fires too). Each arming fires once: one the instance still holds
+   * after its firing (the firing was rejected, say) is not fired again.
+   */
   advance(ms: number): Decision[];
   /** The latest dispatch of `command` (throws if there is none). */
   lastCommand(command: string): Extract<Effect, { type: "dispatch" }>;
@@ -58,6 +62,13 @@ export function workflowSpec(
     return decision;
   };
 
+  // As the runtime sends it: the instance takes the event from its pending timer, not from here.
+  const firing = (key: string, token: string): WorkflowMessage => ({
+    kind: "event",
+    event: { type: `timer.${key}` },
+    timer: { key, token },
+  });
+
   return {
     get state() {
       if (!state) throw new JetsagaError("INSTANCE_NOT_FOUND", "not started");
@@ -69,23 +80,21 @@ export function workflowSpec(
     },
     start: (input) => offer({ kind: "start", instanceId, input }),
     send: (event) => offer({ kind: "event", event }),
-    fire(key, token) {
-      const event = state?.timers[key]?.event ?? "xstate.after.unknown";
-      return offer({ kind: "event", event: { type: event }, timer: { key, token } });
-    },
+    fire: (key, token) => offer(firing(key, token)),
     advance(ms) {
       const until = now + ms;
       const decisions: Decision[] = [];
+      // Armings fired so far, by key and token: the server fires each schedule once.
+      const fired = new Set<string>();
       for (;;) {
         const due = Object.entries(state?.timers ?? {})
-          .filter(([, timer]) => timer.dueAt <= until)
+          .filter(([key, timer]) => timer.dueAt <= until && !fired.has(`${key}\u0000${timer.token}`))
           .sort(([, a], [, b]) => a.dueAt - b.dueAt)[0];
         if (!due) break;
         const [key, timer] = due;
+        fired.add(`${key}\u0000${timer.token}`);
         now = Math.max(now, timer.dueAt);
-        decisions.push(
-          offer({ kind: "event", event: { type: timer.event }, timer: { key, token: timer.token } }),
-        );
+        decisions.push(offer(firing(key, timer.token)));
       }
       now = until;
       return decisions;

@@ -1,5 +1,6 @@
 import { assign, setup } from "xstate";
 import {
+  MAX_ORDER_REASON,
   type OrderInput,
   orderEvents,
   orderInput,
@@ -27,6 +28,16 @@ export interface OrderContext {
   releaseAttempts: number;
   cancelReason?: string;
   trackingId?: string;
+}
+
+/**
+ * `reason` cut to {@link MAX_ORDER_REASON} UTF-16 units (never half a surrogate pair): a reason
+ * kept in the context is stored with every later history entry.
+ */
+export function cutReason(reason: string): string {
+  if (reason.length <= MAX_ORDER_REASON) return reason;
+  const marker = " …";
+  return `${reason.slice(0, MAX_ORDER_REASON - marker.length).toWellFormed()}${marker}`;
 }
 
 type OrderEvent =
@@ -72,6 +83,10 @@ export const orderMachine = setup({
     output: {} as { orderId: string; outcome: "shipped" | "cancelled"; reason?: string },
   },
   actions: sagaActions,
+  guards: {
+    /** The failure is the release's own (not a late one of the step being undone). */
+    releaseFailed: ({ event }) => event.type === "command.failed" && event.command === "user.releaseCredit",
+  },
   delays: {
     confirmTimeout: ({ context }) => context.confirmMs,
     shipTimeout: ({ context }) => context.shipMs,
@@ -115,15 +130,19 @@ export const orderMachine = setup({
             "user.verified": "reservingCredit",
             "user.rejected": {
               target: "#order.cancelled",
-              actions: assign({ cancelReason: ({ event }) => `user rejected: ${event.reason}` }),
+              actions: assign({ cancelReason: ({ event }) => cutReason(`user rejected: ${event.reason}`) }),
             },
             "command.failed": {
               target: "#order.cancelled",
-              actions: assign({ cancelReason: ({ event }) => `user check failed: ${event.reason}` }),
+              actions: assign({
+                cancelReason: ({ event }) => cutReason(`user check failed: ${event.reason}`),
+              }),
             },
             "order.cancel": {
               target: "#order.cancelled",
-              actions: assign({ cancelReason: ({ event }) => event.reason || "cancelled by customer" }),
+              actions: assign({
+                cancelReason: ({ event }) => cutReason(event.reason || "cancelled by customer"),
+              }),
             },
           },
         },
@@ -147,11 +166,15 @@ export const orderMachine = setup({
             },
             "command.failed": {
               target: "#order.compensating",
-              actions: assign({ cancelReason: ({ event }) => `credit reservation failed: ${event.reason}` }),
+              actions: assign({
+                cancelReason: ({ event }) => cutReason(`credit reservation failed: ${event.reason}`),
+              }),
             },
             "order.cancel": {
               target: "#order.compensating",
-              actions: assign({ cancelReason: ({ event }) => event.reason || "cancelled by customer" }),
+              actions: assign({
+                cancelReason: ({ event }) => cutReason(event.reason || "cancelled by customer"),
+              }),
             },
           },
         },
@@ -175,7 +198,9 @@ export const orderMachine = setup({
         },
         "order.cancel": {
           target: "compensating",
-          actions: assign({ cancelReason: ({ event }) => event.reason || "cancelled by customer" }),
+          actions: assign({
+            cancelReason: ({ event }) => cutReason(event.reason || "cancelled by customer"),
+          }),
         },
       },
     },
@@ -193,8 +218,10 @@ export const orderMachine = setup({
         // Late answers of the step being undone change nothing: release covers them.
         "credit.reserved": {},
         // A compensation never gives up: held credit would stay held for ever. The release is
-        // idempotent (by reservation id), so it is simply sent again after a growing pause.
+        // idempotent (by reservation id), so it is simply sent again after a growing pause. Only
+        // the release's failure counts: a late failure of the step being undone changes nothing.
         "command.failed": {
+          guard: "releaseFailed",
           target: "awaitingReleaseRetry",
           actions: assign({ releaseAttempts: ({ context }) => context.releaseAttempts + 1 }),
         },

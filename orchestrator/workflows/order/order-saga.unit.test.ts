@@ -1,4 +1,6 @@
 import { describe, expect, it } from "vitest";
+import { MAX_REPLY_REASON } from "../../../schemas/envelope.ts";
+import { MAX_CONFIRM_TIMEOUT_MS, MAX_ORDER_REASON, MAX_SHIP_TIMEOUT_MS } from "../../../schemas/order.ts";
 import { workflowSpec } from "../../testing/workflow-spec.ts";
 import { orderSaga } from "./order-saga.ts";
 
@@ -174,6 +176,107 @@ describe("order saga", () => {
       outcome: "cancelled",
       reason: "credit reservation failed: db down",
     });
+  });
+
+  it("compensating: only the release's failure is retried, a late failure of the step undone is ignored", () => {
+    const spec = verified();
+    const reserve = spec.lastCommand("user.reserveCredit");
+    spec.send({ type: "order.cancel", reason: "changed my mind" });
+    expect(spec.state.value).toBe("compensating");
+    // The reservation's own failure arrives after the cancel: the release already covers it.
+    expect(
+      spec.send({
+        type: "command.failed",
+        commandId: reserve.commandId,
+        command: reserve.command,
+        reason: "late",
+      }),
+    ).toMatchObject({ outcome: "ignored" });
+    expect(spec.state).toMatchObject({ value: "compensating", context: { releaseAttempts: 0 } });
+    expect(spec.commands().filter((c) => c === "user.releaseCredit")).toHaveLength(1);
+    const release = spec.lastCommand("user.releaseCredit");
+    spec.send({
+      type: "command.failed",
+      commandId: release.commandId,
+      command: release.command,
+      reason: "db",
+    });
+    expect(spec.state).toMatchObject({ value: "awaitingReleaseRetry", context: { releaseAttempts: 1 } });
+  });
+
+  it("keeps at most MAX_ORDER_REASON characters of a reason, and refuses an oversized reply", () => {
+    const spec = verified();
+    const reserve = spec.lastCommand("user.reserveCredit");
+    // The worker runtime cuts a failure's reason to 4,096 characters: that much is accepted…
+    const long = `${"x".repeat(MAX_ORDER_REASON - 30)}😀`.padEnd(MAX_REPLY_REASON, "y");
+    expect(
+      spec.send({
+        type: "command.failed",
+        commandId: reserve.commandId,
+        command: reserve.command,
+        reason: long,
+      }),
+    ).toMatchObject({ outcome: "accepted" });
+    const reason = (spec.state.context as { cancelReason: string }).cancelReason;
+    expect(reason.length).toBeLessThanOrEqual(MAX_ORDER_REASON);
+    expect(reason.isWellFormed()).toBe(true);
+    expect(reason.startsWith("credit reservation failed: xxx")).toBe(true);
+    const { commandId } = spec.lastCommand("user.releaseCredit");
+    spec.send({ type: "credit.released", reservationId: "o-1", amountCents: 3250, commandId });
+    expect(spec.state.output).toMatchObject({ outcome: "cancelled", reason });
+
+    // …but not a reply far beyond the contract (every later history entry would carry it).
+    const other = started();
+    const verify = other.lastCommand("user.verify");
+    expect(
+      other.send({
+        type: "user.rejected",
+        userId: "u-1",
+        reason: "r".repeat(600_000),
+        commandId: verify.commandId,
+      }),
+    ).toMatchObject({ outcome: "rejected", code: "SCHEMA_VIOLATION" });
+    expect(
+      other.send({
+        type: "command.failed",
+        commandId: verify.commandId,
+        command: "user.verify",
+        reason: long + long,
+      }),
+    ).toMatchObject({ outcome: "rejected", code: "SCHEMA_VIOLATION" });
+    expect(other.state.value).toEqual({ pending: "verifyingUser" });
+  });
+
+  it("refuses at start a total or timeouts the saga could not carry through", () => {
+    const maxPrice = Number.MAX_SAFE_INTEGER;
+    const refused = {
+      // Each line is a safe integer; their total is not.
+      total: {
+        ...input,
+        items: [
+          { sku: "a", quantity: 1, unitPriceCents: maxPrice },
+          { sku: "b", quantity: 1, unitPriceCents: 1 },
+        ],
+      },
+      product: { ...input, items: [{ sku: "a", quantity: 2, unitPriceCents: Math.ceil(maxPrice / 2) }] },
+      confirm: { ...input, timeouts: { confirmMs: MAX_CONFIRM_TIMEOUT_MS + 1 } },
+      ship: { ...input, timeouts: { shipMs: 9e15 } },
+    };
+    for (const [name, bad] of Object.entries(refused)) {
+      const decision = workflowSpec(orderSaga, "o-3").start(bad);
+      expect(decision, name).toMatchObject({ outcome: "rejected", code: "SCHEMA_VIOLATION" });
+    }
+    const largest = {
+      ...input,
+      items: [
+        { sku: "a", quantity: 1, unitPriceCents: maxPrice - 1 },
+        { sku: "b", quantity: 1, unitPriceCents: 1 },
+      ],
+      timeouts: { confirmMs: MAX_CONFIRM_TIMEOUT_MS, shipMs: MAX_SHIP_TIMEOUT_MS },
+    };
+    const spec = workflowSpec(orderSaga, "o-4");
+    expect(spec.start(largest).outcome).toBe("accepted");
+    expect(spec.state.context).toMatchObject({ totalCents: maxPrice });
   });
 
   it("ship before confirmation is not accepted", () => {
