@@ -60,6 +60,8 @@ export {
   sagaActions,
   type WorkflowConfig,
   type WorkflowDefinition,
+  type WorkflowRegistry,
+  workflowRegistry,
 } from "./engine/workflow.ts";
 export {
   createWorkflowClient,

@@ -33,6 +33,7 @@ import {
   isTerminal,
   isValidId,
   type WorkflowClient,
+  workflowRegistry,
 } from "../orchestrator/index.ts";
 import type { InstanceDeadLetter } from "../workers/runtime/dead-letters.ts";
 import type { ChartLayout, ChartLayouts } from "./layout.ts";
@@ -128,7 +129,9 @@ const encoder = new TextEncoder();
 /** Creates the visualiser's request handler. Static files are listed once, at creation. */
 export async function createVisualiserHandler(options: VisualiserOptions): Promise<VisualiserHandler> {
   const { client, layouts } = options;
-  const definitions = new Map(options.workflows.map((w) => [w.name, w]));
+  // Charts of the latest version of each workflow (instances of older ones are shown on it).
+  const latest = workflowRegistry(options.workflows).latestVersions;
+  const definitions = new Map(latest.map((w) => [w.name, w]));
   // An allowlist of file names (no paths): nothing outside publicDir can be asked for.
   const statics = new Set((await readdir(options.publicDir)).filter((name) => STATIC_NAME.test(name)));
   const streams = new Set<AbortController>();
@@ -150,7 +153,7 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
 
   const workflows = async (): Promise<Response> => {
     const list: WorkflowSummary[] = await Promise.all(
-      options.workflows.map(async (w) => ({
+      latest.map(async (w) => ({
         name: w.name,
         version: w.version,
         signals: [...w.signals],

@@ -156,6 +156,67 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
 }
 
 /**
+ * The workflow definitions a process runs, by name and version. Several versions of one workflow
+ * may be registered at once: an instance keeps running on the version it started with (its state's
+ * `definitionVersion`), so a chart can change (states renamed, steps added) while instances of the
+ * old one are still under way; new instances start on the latest.
+ */
+export interface WorkflowRegistry {
+  /** Every registered definition, each workflow's versions oldest first. */
+  readonly all: readonly AnyWorkflowDefinition[];
+  /** The latest version of each workflow, in the order the workflows were first registered. */
+  readonly latestVersions: readonly AnyWorkflowDefinition[];
+  /** The latest registered version of `name` (what new instances start on). */
+  latest(name: string): AnyWorkflowDefinition | undefined;
+  /**
+   * The definition that runs an instance of `name` whose state was made by `version`: that version
+   * when registered; the latest when `version` is older than every registered one or missing in
+   * between (as when only one version is ever registered: the chart must still take its states);
+   * `"newer"` when `version` is newer than every registered one (a process of a later release
+   * must take it); undefined for an unknown workflow.
+   */
+  forInstance(name: string, version: number): AnyWorkflowDefinition | "newer" | undefined;
+}
+
+/**
+ * Builds the {@link WorkflowRegistry} of `workflows`. Throws `JetsagaError("INVALID_ARGUMENT")`
+ * when two definitions share a name and a version.
+ */
+export function workflowRegistry(workflows: readonly AnyWorkflowDefinition[]): WorkflowRegistry {
+  const byName = new Map<string, Map<number, AnyWorkflowDefinition>>();
+  for (const definition of workflows) {
+    const versions = byName.get(definition.name) ?? new Map<number, AnyWorkflowDefinition>();
+    if (versions.has(definition.version)) {
+      throw new JetsagaError(
+        "INVALID_ARGUMENT",
+        `two definitions of workflow ${definition.name} have version ${definition.version}`,
+        { context: { workflow: definition.name, version: definition.version } },
+      );
+    }
+    versions.set(definition.version, definition);
+    byName.set(definition.name, versions);
+  }
+  const latest = new Map<string, AnyWorkflowDefinition>();
+  const all: AnyWorkflowDefinition[] = [];
+  for (const [name, versions] of byName) {
+    const sorted = [...versions.values()].sort((a, b) => a.version - b.version);
+    all.push(...sorted);
+    latest.set(name, sorted[sorted.length - 1] as AnyWorkflowDefinition);
+  }
+  return {
+    all,
+    latestVersions: [...latest.values()],
+    latest: (name) => latest.get(name),
+    forInstance(name, version) {
+      const newest = latest.get(name);
+      if (!newest) return undefined;
+      if (version > newest.version) return "newer";
+      return byName.get(name)?.get(version) ?? newest;
+    },
+  };
+}
+
+/**
  * xstate's built-in actions a workflow cannot use, with the reason. The orchestrator decides with
  * pure transitions and runs no actors: a child would never run, and an event sent to an actor
  * (the instance itself included) or emitted would go nowhere, leaving the instance waiting for

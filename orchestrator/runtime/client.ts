@@ -12,7 +12,7 @@ import type { WorkflowEvent } from "../engine/decide.ts";
 import { JetsagaError } from "../engine/errors.ts";
 import { assertId } from "../engine/names.ts";
 import { type InstanceState, isTerminal } from "../engine/state.ts";
-import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
+import { type AnyWorkflowDefinition, type WorkflowRegistry, workflowRegistry } from "../engine/workflow.ts";
 import { decodeEntry, type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
 import { type Topology, topology } from "./topology.ts";
@@ -108,7 +108,7 @@ class Client implements WorkflowClient {
   readonly topology: Topology;
   readonly #js: JetStreamClient;
   readonly #store: HistoryStore;
-  readonly #definitions: Map<string, AnyWorkflowDefinition>;
+  readonly #definitions: WorkflowRegistry;
   readonly #nc: NatsConnection;
   /** One core subscription per workflow feeds every awaitCompletion of that workflow. */
   readonly #completions = new Map<string, Promise<void>>();
@@ -134,12 +134,12 @@ class Client implements WorkflowClient {
     this.topology = topo;
     this.#js = js;
     this.#store = new HistoryStore(js, jsm, topo);
-    this.#definitions = new Map(workflows.map((definition) => [definition.name, definition]));
+    this.#definitions = workflowRegistry(workflows);
   }
 
   async start(workflow: string, instanceId: string, input: unknown): Promise<Sent> {
     assertId(instanceId);
-    const definition = this.#definitions.get(workflow);
+    const definition = this.#definitions.latest(workflow);
     if (definition) {
       const result = definition.input.safeParse(input);
       if (!result.success) {
@@ -183,7 +183,7 @@ class Client implements WorkflowClient {
     options: { idempotencyKey?: string } = {},
   ): Promise<Sent> {
     assertId(instanceId);
-    const definition = this.#definitions.get(workflow);
+    const definition = this.#definitions.latest(workflow);
     if (definition) {
       const schema = definition.events[event.type];
       if (!schema) {

@@ -19,7 +19,7 @@ import { type InboxMessage, inboxMessage } from "../../schemas/envelope.ts";
 import { type Decision, decide, type WorkflowMessage } from "../engine/decide.ts";
 import { isJetsagaError, JetsagaError } from "../engine/errors.ts";
 import type { InstanceState } from "../engine/state.ts";
-import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
+import { type AnyWorkflowDefinition, type WorkflowRegistry, workflowRegistry } from "../engine/workflow.ts";
 import { deadLetterOf, maxDeadLetterBytes, publishDeadLetter, readJsonBody } from "./dead-letters.ts";
 import { type EffectTarget, executeEffects } from "./effects.ts";
 import { type HistoryEntry, HistoryStore } from "./history-store.ts";
@@ -142,6 +142,8 @@ const NOT_STARTED_MAX_DELIVERIES = 20;
  */
 const MAYBE_VERSION_SKEW: ReadonlySet<string> = new Set([
   "UNKNOWN_TYPE",
+  // An instance of a workflow version newer than this process's (its state was made by one).
+  "UNKNOWN_WORKFLOW",
   "UNKNOWN_EVENT",
   "INVALID_DEFINITION",
 ]);
@@ -322,7 +324,7 @@ class OrchestratorLoop {
   readonly #stopped = new AbortController();
   readonly #effects: EffectTarget;
   readonly #store: HistoryStore;
-  readonly #definitions: Map<string, AnyWorkflowDefinition>;
+  readonly #definitions: WorkflowRegistry;
   /**
    * Latest state and its stream sequence of running instances. Only what the next decision needs
    * (not the entry's event and effects), and ended instances are dropped: they accept nothing more.
@@ -349,7 +351,7 @@ class OrchestratorLoop {
     this.#js = js;
     this.#jsm = jsm;
     this.#store = new HistoryStore(js, jsm, topo);
-    this.#definitions = new Map(options.workflows.map((definition) => [definition.name, definition]));
+    this.#definitions = workflowRegistry(options.workflows);
     this.#cache = new LruCache(options.cacheSize ?? 10_000, options.cacheBytes ?? 16 * 2 ** 20);
     this.#concurrency = concurrency;
     this.#log = options.logger ?? noopLogger;
@@ -418,7 +420,7 @@ class OrchestratorLoop {
             "jetsaga.instance_id": parsed.message.instanceId,
             "jetsaga.message_id": parsed.message.id,
           },
-          () => this.#handle(msg, parsed.message, parsed.definition, key),
+          () => this.#handle(msg, parsed.message, key),
           { kind: SpanKind.CONSUMER, parent: extractTraceContext(msg.headers) },
         ),
       )
@@ -438,11 +440,7 @@ class OrchestratorLoop {
     wake?.();
   }
 
-  #parse(
-    msg: JsMsg,
-  ):
-    | { ok: true; message: InboxMessage; definition: AnyWorkflowDefinition }
-    | { ok: false; code: string; reason: string } {
+  #parse(msg: JsMsg): { ok: true; message: InboxMessage } | { ok: false; code: string; reason: string } {
     const body = readJsonBody(msg.data, this.#maxMessageBytes);
     if (!body.ok) return body;
     const result = inboxMessage.safeParse(body.value);
@@ -458,21 +456,15 @@ class OrchestratorLoop {
     if (msg.subject !== this.#topo.inboxSubject(message.workflow, message.instanceId)) {
       return { ok: false, code: "SCHEMA_VIOLATION", reason: "subject does not match workflow and instance" };
     }
-    const definition = this.#definitions.get(message.workflow);
-    if (!definition)
+    if (!this.#definitions.latest(message.workflow))
       return { ok: false, code: "UNKNOWN_TYPE", reason: `unknown workflow ${message.workflow}` };
     if (!message.start && !message.event) {
       return { ok: false, code: "SCHEMA_VIOLATION", reason: "inbox message has neither start nor event" };
     }
-    return { ok: true, message, definition };
+    return { ok: true, message };
   }
 
-  async #handle(
-    msg: JsMsg,
-    message: InboxMessage,
-    definition: AnyWorkflowDefinition,
-    key: string,
-  ): Promise<void> {
+  async #handle(msg: JsMsg, message: InboxMessage, key: string): Promise<void> {
     const input: WorkflowMessage = message.start
       ? { kind: "start", instanceId: message.instanceId, input: message.start.input }
       : {
@@ -503,10 +495,7 @@ class OrchestratorLoop {
       const current: CachedState | undefined =
         cached ?? (stored && { state: stored.entry.state, seq: stored.seq });
       const now = this.#clock();
-      const decision: Decision = decide(definition, current?.state, input, {
-        now,
-        causationId: message.id,
-      });
+      const decision: Decision = this.#decide(message, current?.state, input, now);
       switch (decision.outcome) {
         case "accepted": {
           if (msg.info.deliveryCount > 1 && !searched) {
@@ -613,6 +602,32 @@ class OrchestratorLoop {
           return;
       }
     }
+  }
+
+  /**
+   * Decides `input` with the definition of the instance's own version (the latest for a start, or
+   * when the instance's version is no longer registered). An instance of a version newer than any
+   * this process knows is refused as `UNKNOWN_WORKFLOW`, which goes back to the server for a process of
+   * that version during a rolling update (see MAYBE_VERSION_SKEW).
+   */
+  #decide(
+    message: InboxMessage,
+    state: InstanceState | undefined,
+    input: WorkflowMessage,
+    now: number,
+  ): Decision {
+    const definition = state
+      ? this.#definitions.forInstance(message.workflow, state.definitionVersion)
+      : this.#definitions.latest(message.workflow);
+    if (definition === "newer" || definition === undefined) {
+      const known = this.#definitions.latest(message.workflow)?.version;
+      return {
+        outcome: "rejected",
+        code: "UNKNOWN_WORKFLOW",
+        reason: `instance ${message.instanceId} runs version ${state?.definitionVersion} of workflow ${message.workflow}; this process knows versions up to ${known}`,
+      };
+    }
+    return decide(definition, state, input, { now, causationId: message.id });
   }
 
   /**

@@ -6,10 +6,13 @@
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { setup } from "xstate";
+import { z } from "zod";
 import { connectNats } from "../../common/nats.ts";
 import { counterWorkflow, reminderWorkflow } from "../../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import { readStoredDeadLetters } from "../../workers/runtime/dead-letters.ts";
+import { defineWorkflow } from "../engine/workflow.ts";
 import { createWorkflowClient, type WorkflowClient } from "./client.ts";
 import { type RunningOrchestrator, startOrchestrator } from "./orchestrator.ts";
 import { topology } from "./topology.ts";
@@ -73,5 +76,91 @@ describe("a message for a workflow this process does not know", () => {
     } finally {
       await other.close();
     }
+  });
+});
+
+/** Version `version` of workflow "steps": its states are named `names`, each left on `go`. */
+function steps(version: number, names: readonly string[]) {
+  const states: Record<string, { on?: { go: string }; type?: "final" }> = {};
+  names.forEach((name, index) => {
+    const next = names[index + 1];
+    states[name] = next ? { on: { go: next } } : { type: "final" };
+  });
+  return defineWorkflow({
+    name: "steps",
+    version,
+    input: z.object({}),
+    events: { go: z.object({ type: z.literal("go") }) },
+    signals: ["go"],
+    machine: setup({}).createMachine({ id: "steps", initial: names[0] ?? "", states }),
+  });
+}
+
+describe("a workflow whose chart changed between versions", () => {
+  const ns = uniqueNamespace("versions");
+  // Version 2 renamed the states and added one: version 1's instances cannot run on it.
+  const v1 = steps(1, ["one", "two"]);
+  const v2 = steps(2, ["first", "second", "third"]);
+  let nc: NatsConnection;
+  let client: WorkflowClient;
+  const running: RunningOrchestrator[] = [];
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    client = await createWorkflowClient({ nc, ns });
+  });
+
+  afterAll(async () => {
+    await Promise.all(running.map((orchestrator) => orchestrator.stop()));
+    await client?.close();
+    await nc?.close();
+  });
+
+  const stateOf = async (id: string) => {
+    const state = await client.getState("steps", id);
+    return { value: state?.value, version: state?.definitionVersion, revision: state?.revision };
+  };
+
+  it("runs each instance on the version it started with, new ones on the latest", async () => {
+    const before = await startOrchestrator({ nc, ns, workflows: [v1] });
+    running.push(before);
+    await client.start("steps", "old-1", {});
+    await expect.poll(() => stateOf("old-1")).toEqual({ value: "one", version: 1, revision: 1 });
+    await before.stop();
+
+    // The new release registers both versions.
+    const after = await startOrchestrator({ nc, ns, workflows: [v2, v1], versionSkew: { retryMs: 50 } });
+    running.push(after);
+    await client.signal("steps", "old-1", { type: "go" });
+    await expect.poll(() => stateOf("old-1")).toEqual({ value: "two", version: 1, revision: 2 });
+    await client.start("steps", "new-1", {});
+    await client.signal("steps", "new-1", { type: "go" });
+    await expect.poll(() => stateOf("new-1")).toEqual({ value: "second", version: 2, revision: 2 });
+    expect(after.stats.deadLettered).toBe(0);
+    expect(await readStoredDeadLetters(jetstream(nc), topology(ns))).toEqual([]);
+  });
+
+  it("hands an instance of a newer version back until a process of that version takes it", async () => {
+    await running.pop()?.stop();
+    // Pauses long enough that its deliveries last (8 in ~10 s) until the newer process is up.
+    const older = await startOrchestrator({ nc, ns, workflows: [v1], versionSkew: { retryMs: 300 } });
+    running.push(older);
+    await client.signal("steps", "new-1", { type: "go" });
+    await expect.poll(() => older.stats.retried, { timeout: 10_000 }).toBeGreaterThanOrEqual(1);
+    expect(await stateOf("new-1")).toEqual({ value: "second", version: 2, revision: 2 });
+    expect(older.stats.deadLettered).toBe(0);
+
+    await running.pop()?.stop();
+    const newer = await startOrchestrator({ nc, ns, workflows: [v1, v2] });
+    running.push(newer);
+    await expect
+      .poll(() => stateOf("new-1"), { timeout: 15_000 })
+      .toEqual({
+        value: "third",
+        version: 2,
+        revision: 3,
+      });
+    expect(older.stats.deadLettered).toBe(0);
+    expect(await readStoredDeadLetters(jetstream(nc), topology(ns))).toEqual([]);
   });
 });

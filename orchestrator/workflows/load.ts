@@ -1,7 +1,7 @@
 import { resolve } from "node:path";
 import { pathToFileURL } from "node:url";
 import { JetsagaError } from "../engine/errors.ts";
-import type { AnyWorkflowDefinition } from "../engine/workflow.ts";
+import { type AnyWorkflowDefinition, workflowRegistry } from "../engine/workflow.ts";
 import { builtInWorkflows } from "./index.ts";
 
 /**
@@ -9,7 +9,8 @@ import { builtInWorkflows } from "./index.ts";
  * modules listed in `modules` — comma-separated paths, relative to the working directory, as in
  * the JETSAGA_WORKFLOW_MODULES setting that the orchestrator and the visualiser share.
  *
- * Throws INVALID_ARGUMENT when a module does not export `workflows` or two workflows share a name.
+ * Throws INVALID_ARGUMENT when a module does not export `workflows` or two definitions share a
+ * name and a version (several versions of one workflow may be listed: see `workflowRegistry`).
  */
 export async function loadWorkflows(modules: string | undefined): Promise<AnyWorkflowDefinition[]> {
   const workflows = [...builtInWorkflows];
@@ -28,11 +29,8 @@ export async function loadWorkflows(modules: string | undefined): Promise<AnyWor
     }
     workflows.push(...loaded.workflows);
   }
-  const names = workflows.map((workflow) => workflow.name);
-  const twice = names.find((name, index) => names.indexOf(name) !== index);
-  if (twice)
-    throw new JetsagaError("INVALID_ARGUMENT", `two workflows are named ${twice}`, {
-      context: { workflow: twice },
-    });
+  // Several versions of one workflow may be listed (instances run on the version they started
+  // with); the same name and version twice is a mistake.
+  workflowRegistry(workflows);
   return workflows;
 }
