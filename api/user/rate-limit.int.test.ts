@@ -2,6 +2,7 @@
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectPostgres, migrate, type Sql } from "../../common/postgres.ts";
 import { createTestDatabase, type TestDatabase } from "../../test/support/context.ts";
+import { holdTransaction } from "../../test/support/held-transaction.ts";
 import { userMigrationsDir } from "../../workers/user/index.ts";
 import { createPostgresRateLimiter, IDLE_BUCKET_MS } from "./rate-limit.ts";
 
@@ -50,24 +51,14 @@ describe("Postgres rate limiter", () => {
     const key = "new@example.com";
     // Another attempt's row, not committed yet: the attempts below find no row to lock and wait
     // on its key. Without a row made first, each would then write a full bucket less one.
-    let inserted = (): void => {};
-    const insertedNow = new Promise<void>((resolve) => {
-      inserted = resolve;
-    });
-    let commit = (): void => {};
-    const committing = new Promise<void>((resolve) => {
-      commit = resolve;
-    });
-    const other = sql.begin(async (tx) => {
-      await tx`insert into auth_rate_limits (key, tokens, updated_at) values (${key}, 5, ${new Date(at)})`;
-      inserted();
-      await committing;
-    });
-    await insertedNow;
+    const other = await holdTransaction(
+      sql,
+      (tx) => tx`insert into auth_rate_limits (key, tokens, updated_at) values (${key}, 5, ${new Date(at)})`,
+    );
     const raced = Promise.all(Array.from({ length: 8 }, () => limiter.take(key)));
     await new Promise((resolve) => setTimeout(resolve, 300));
-    commit();
-    await other;
+    other.release();
+    await other.ended;
     expect((await raced).filter((decision) => decision.allowed)).toHaveLength(5);
   });
 

@@ -20,8 +20,12 @@
  * of their event is meant to try again); they are kept as long so the failures can be looked into.
  */
 import { integerSetting } from "../../common/config.ts";
-import type { Sql } from "../../common/postgres.ts";
-import { type PrunerLogger, type RunningPruner, startPruneLoop } from "../runtime/pruner.ts";
+import {
+  type BasePrunerOptions,
+  checkedRetentionMs,
+  type RunningPruner,
+  startPruneLoop,
+} from "../runtime/pruner.ts";
 
 const DAY_MS = 24 * 3600 * 1000;
 
@@ -69,19 +73,12 @@ export function retentionDaysSetting(
 }
 
 /** Options of {@link startNotificationPruner}. */
-export interface NotificationPrunerOptions {
-  /** A pool on the notification service's database. */
-  sql: Sql;
+export interface NotificationPrunerOptions extends BasePrunerOptions {
   /**
    * Delivered and failed rows older than this are deleted, ms. Default {@link DEFAULT_RETENTION_MS};
    * at least {@link MIN_RETENTION_MS}.
    */
   retentionMs?: number;
-  /** Time between passes, ms. Default 1 hour; the first pass runs at start. */
-  intervalMs?: number;
-  /** Rows per delete statement. Default 5000. */
-  batchSize?: number;
-  logger?: PrunerLogger;
 }
 
 /** Rows one pass deleted. */
@@ -100,12 +97,10 @@ export type NotificationPruner = RunningPruner<NotificationPruneResult>;
  */
 export function startNotificationPruner(options: NotificationPrunerOptions): NotificationPruner {
   const { logger } = options;
-  const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
-  if (!Number.isSafeInteger(retentionMs) || retentionMs < MIN_RETENTION_MS) {
-    throw new RangeError(
-      `retentionMs must be an integer of at least ${MIN_RETENTION_MS} (${MIN_RETENTION_DAYS} days): delivered rows must outlive their events in the stream, or a replay notifies again`,
-    );
-  }
+  const retentionMs = checkedRetentionMs(options, DEFAULT_RETENTION_MS, {
+    ms: MIN_RETENTION_MS,
+    why: `${MIN_RETENTION_DAYS} days, delivered rows must outlive their events in the stream, or a replay notifies again`,
+  });
   const { sql } = options;
   return startPruneLoop({
     sql,

@@ -13,6 +13,40 @@ export interface PrunerLogger {
   warn(obj: Record<string, unknown>, msg: string): void;
 }
 
+/**
+ * The options every service's pruner takes (`workers/user/pruner.ts`, `workers/notification/pruner.ts`
+ * extend them). What `retentionMs` defaults to, and how short it may be, is the service's.
+ */
+export interface BasePrunerOptions {
+  /** A pool on the service's database. */
+  sql: Sql;
+  /** Rows older than this are deleted, ms. */
+  retentionMs?: number;
+  /** Time between passes, ms. Default 1 hour; the first pass runs at start. */
+  intervalMs?: number;
+  /** Rows per delete statement. Default 5000. */
+  batchSize?: number;
+  logger?: PrunerLogger;
+}
+
+/**
+ * The retention of a pruner's `options`, `fallbackMs` when not given. Throws a RangeError when it is
+ * not a safe integer of at least `min.ms` (default 1), with `min.why` (why shorter is refused) in
+ * the message.
+ */
+export function checkedRetentionMs(
+  options: Pick<BasePrunerOptions, "retentionMs">,
+  fallbackMs: number,
+  min: { ms: number; why: string } = { ms: 1, why: "" },
+): number {
+  const retentionMs = options.retentionMs ?? fallbackMs;
+  if (!Number.isSafeInteger(retentionMs) || retentionMs < min.ms) {
+    const floor = min.ms <= 1 ? "a positive integer" : `an integer of at least ${min.ms}`;
+    throw new RangeError(`retentionMs must be ${floor}${min.why ? `: ${min.why}` : ""}`);
+  }
+  return retentionMs;
+}
+
 /** A running pruner. */
 export interface RunningPruner<R> {
   /** Runs one pass now (also what the timer does). */

@@ -15,7 +15,10 @@ export interface CommandContext {
   attempt: number;
   /** The instance that dispatched the command (the reply goes there). */
   replyTo: InstanceAddress;
-  /** Aborted when the worker is stopping. */
+  /**
+   * Aborted when the worker is stopping, and when the runtime stops keeping the message (after
+   * maxAttempts × ackWait): pass it on (e.g. `queryUntilAborted`), so the work is cancelled too.
+   */
   signal: AbortSignal;
 }
 

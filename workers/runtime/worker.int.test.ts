@@ -682,6 +682,79 @@ describe("createWorker (real nats-server)", () => {
     }
   });
 
+  it("ignores the late outcome of a handler given up on: no dead letter, no command.failed", async () => {
+    const late: Array<Record<string, unknown>> = [];
+    const logger: WorkerLogger = {
+      ...quiet,
+      info: (obj, msg) => {
+        if (msg.startsWith("late outcome")) late.push(obj);
+      },
+    };
+    let release = (): void => {};
+    const released = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    // One slot, ack_wait 300 ms: attempt 1 is signalled after 900 ms and given up on 300 ms later.
+    const { topo, inbox, worker } = await setup("late", {
+      concurrency: 1,
+      ackWaitMs: 300,
+      logger,
+      commands: charge(async (_input, ctx) => {
+        if (ctx.attempt > 1) return { type: "acct.charged" };
+        // Ignores its signal; fails for good once the redelivered copy has answered.
+        await released;
+        throw new TerminalError("late failure of a run given up on");
+      }),
+    });
+    const cmd = command();
+    try {
+      await send(topo, cmd);
+      await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+      expect(worker.stats.abandoned).toBe(1);
+    } finally {
+      release();
+    }
+    // Either outcome of the late TerminalError: skipped (logged), or dead-lettered (the old way).
+    const letters = async () => await readDeadLetters(js, topo, { source: "acct" });
+    await waitFor(
+      async () => (late.length > 0 || (await letters()).length > 0 ? true : undefined),
+      "late outcome",
+    );
+    expect(await letters()).toEqual([]);
+    expect(inbox.received.map((m) => m.id)).toEqual([`reply.${cmd.commandId}`]);
+    expect(late[0]).toMatchObject({ skipped: "dead letter HANDLER_FAILED" });
+    expect(worker.stats.deadLettered).toBe(0);
+  });
+
+  it("logs the cause of a handler's error with it", async () => {
+    const retries: Array<Record<string, unknown>> = [];
+    const { topo, inbox } = await setup("cause", {
+      logger: {
+        ...quiet,
+        info: (obj, msg) => {
+          if (msg === "handler failed, retrying") retries.push(obj);
+        },
+      },
+      commands: charge(async (_input, ctx) => {
+        if (ctx.attempt === 1) {
+          const cause = Object.assign(new Error("connect ECONNREFUSED 127.0.0.1:5432"), {
+            code: "ECONNREFUSED",
+          });
+          throw new RetryableError("database unavailable", { cause });
+        }
+        return { type: "acct.charged" };
+      }),
+    });
+    const cmd = command();
+    await send(topo, cmd);
+    await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+    expect(retries[0]?.err).toEqual({
+      name: "RetryableError",
+      message: "database unavailable",
+      cause: { name: "Error", message: "connect ECONNREFUSED 127.0.0.1:5432" },
+    });
+  });
+
   it("retries a failed reply publish itself instead of running the handler again", async () => {
     const topo = topology(uniqueNamespace("replyretry"));
     const calls: number[] = [];

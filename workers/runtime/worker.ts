@@ -203,10 +203,28 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     });
   }
   const changed = (): Promise<void> => woken;
+  /**
+   * Deliveries given up on: their keep-alive stopped (maxAttempts × ack_wait) and one ack_wait has
+   * passed since the last progress, so the server may have given the message to another run
+   * (another copy, or this one again). A handler still running for such a delivery (it ignored its
+   * signal) must not settle, dead-letter or send command.failed when it ends: the live run owns the
+   * message now, and a late term or command.failed would undo a success it replies.
+   */
+  const expired = new WeakSet<JsMsg>();
+  /** True (and logged) when `msg`'s delivery was given up on: `what` is skipped. */
+  function givenUpOn(msg: JsMsg, what: string): boolean {
+    if (!expired.has(msg)) return false;
+    log.info(
+      { subject: msg.subject, seq: msg.seq, deliveries: msg.info.deliveryCount, skipped: what },
+      "late outcome of a delivery given up on: ignored, the message went back to the queue",
+    );
+    return true;
+  }
 
   // ---- settling a message ------------------------------------------------------------------
 
   function settle(msg: JsMsg, action: "ack" | "nak" | "term", arg?: number | string): void {
+    if (givenUpOn(msg, action)) return;
     try {
       if (action === "ack") msg.ack();
       else if (action === "nak") msg.nak(typeof arg === "number" ? arg : undefined);
@@ -229,6 +247,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
    * the nak follows it, and stop() must not wait out request timeouts when NATS is unreachable.
    */
   async function handBack(msg: JsMsg, handedBack: number | undefined, delayMs?: number): Promise<void> {
+    // Recorded, it would take an attempt off the run that now holds the message.
+    if (givenUpOn(msg, "hand-back")) return;
     const bound = stopping ? AbortSignal.timeout(STOP_LEDGER_WRITE_MS) : undefined;
     await handbacks.record(msg, handedBack, bound);
     settle(msg, "nak", delayMs);
@@ -236,8 +256,9 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
   /** Tells the server the message is still being worked on, restarting its ack_wait. */
   function progress(msg: JsMsg): void {
-    // Once stop() has given up on a handler, its message is left to ack_wait and another process.
-    if (abort.signal.aborted) return;
+    // Once stop() has given up on a handler, its message is left to ack_wait and another process;
+    // a delivery given up on is another run's now (its late reply retries must not keep it).
+    if (abort.signal.aborted || expired.has(msg)) return;
     try {
       // A no-op once the message is settled (nats.js ignores it after ack, nak or term).
       msg.working();
@@ -275,6 +296,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     reason: string,
     target?: FailureTarget,
   ): Promise<void> {
+    if (givenUpOn(msg, `dead letter ${code}`)) return;
     // The data may be kept up to the record's own limit: a TOO_LARGE message, over our
     // maxMessageBytes, is then kept whole when it fits, and can be redriven once the limit is raised.
     const maxRecordBytes = maxDeadLetterBytes(nc);
@@ -285,6 +307,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         record,
         deadLetterMsgId(service, msg.info.stream, msg.seq, msg.timestampNanos),
       );
+      // Given up on while the record was published: the live run decides what the instance hears.
+      if (givenUpOn(msg, `command.failed and term after dead letter ${code}`)) return;
       if (target) await sendCommandFailed(target, capReason(`${code}: ${reason}`));
     } catch (error) {
       // Redelivery retries the whole step; the msgIDs make the repeated publishes no-ops.
@@ -553,12 +577,23 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       giveUp = () => resolve("given up");
     });
     let giveUpTimer: ReturnType<typeof setTimeout> | undefined;
+    let expireTimer: ReturnType<typeof setTimeout> | undefined;
+    /** When the server was last told the message is in progress (accept() kept it alive till now). */
+    let lastProgress = Date.now();
     const keepAlive = setInterval(() => {
-      if (Date.now() < keptUntil) return progress(msg);
+      if (Date.now() < keptUntil) {
+        lastProgress = Date.now();
+        return progress(msg);
+      }
       clearInterval(keepAlive);
       delivery.abort(new Error(`handler still running after maxAttempts x ackWait (${keepAliveForMs} ms)`));
+      // From one ack_wait after the last progress on, the server may redeliver: what this run does
+      // then is ignored (see `expired`). The server's clock for it starts when the progress
+      // arrives, after we sent it, so this is never later than the redelivery.
+      expireTimer = setTimeout(() => expired.add(msg), Math.max(0, lastProgress + ackWaitMs - Date.now()));
       // A handler that ignores its signal would hold its slot for ever, and enough of them stop the
-      // worker. One ack_wait later its slot is freed (it may still finish: effects are idempotent).
+      // worker. One ack_wait later its slot is freed (it may still finish: effects are idempotent,
+      // and its late settle, dead letter or command.failed is ignored).
       giveUpTimer = setTimeout(giveUp, ackWaitMs);
     }, keepAliveMs);
     try {
@@ -606,6 +641,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     } finally {
       clearInterval(keepAlive);
       clearTimeout(giveUpTimer);
+      // Abandoned: fired already (it comes before giveUp). Finished in time: the outcome stands.
+      clearTimeout(expireTimer);
       abort.signal.removeEventListener("abort", onStop);
     }
   }
@@ -928,7 +965,22 @@ function issues(error: z.ZodError): string {
     .join("; ");
 }
 
-function describe(error: unknown): { name: string; message: string } {
+/** An error as logged: name and message, and its cause's (one level: the cause's own cause is left out). */
+interface ErrorDescription {
+  name: string;
+  message: string;
+  cause?: { name: string; message: string };
+}
+
+function describe(error: unknown): ErrorDescription {
+  const own = describeOne(error);
+  // A wrapped error (a TerminalError around a Postgres error, a JetsagaError around a socket
+  // error) often says what failed but not why: the cause does.
+  if (error instanceof Error && error.cause !== undefined) return { ...own, cause: describeOne(error.cause) };
+  return own;
+}
+
+function describeOne(error: unknown): { name: string; message: string } {
   if (error instanceof Error) return { name: error.name, message: error.message };
   return { name: typeof error, message: String(error) };
 }

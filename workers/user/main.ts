@@ -19,9 +19,11 @@
  *
  * Applies the service's migrations, starts worker, relay and API, logs `user worker ready` and
  * then prints `JETSAGA_USER_SERVICE_URL=http://<host>:<port>` on a line of its own (stdout) for
- * supervisors and tests. SIGINT/SIGTERM stop it gracefully (API first, so no call is cut by a
- * closing pool). Start-up failures (missing or malformed settings, a server unreachable or too
- * old, the port taken) are logged as one line with their code and exit with status 1.
+ * supervisors and tests. SIGINT/SIGTERM stop it gracefully: API, worker, relay and pruner at once
+ * (the worker takes no more commands while the others finish), then NATS and the pool, so no call
+ * or command is cut by a closing pool. Start-up failures (missing or malformed settings, a server
+ * unreachable or too old, the port taken) are logged as one line with their code and exit with
+ * status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { postgresReadiness, type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
@@ -60,10 +62,10 @@ let pruner: Pruner | undefined;
 let server: RpcServer | undefined;
 
 async function stop(): Promise<void> {
-  await server?.close();
-  await relay?.stop();
-  await pruner?.stop();
-  await worker?.stop();
+  // At once and together: a worker stopped last went on taking commands while the API, relay and
+  // pruner finished (each may wait on Postgres), and could run out of the shutdown time before
+  // handing its messages back. None of them needs another; the pool and NATS close after all.
+  await Promise.all([server?.close(), worker?.stop(), relay?.stop(), pruner?.stop()]);
   await nc?.drain().catch(() => {});
   await sql?.end({ timeout: 5 });
 }

@@ -16,7 +16,7 @@ import {
   uniqueNamespace,
 } from "../../test/support/context.ts";
 import { userMigrationsDir } from "./index.ts";
-import { type OutboxRelay, startOutboxRelay } from "./outbox-relay.ts";
+import { CLAIM_BATCH_SQL, type OutboxRelay, startOutboxRelay } from "./outbox-relay.ts";
 import { createUserStore } from "./store.ts";
 
 describe("outbox relay", () => {
@@ -150,5 +150,74 @@ describe("outbox relay", () => {
     await expect.poll(() => unpublished(subject), { timeout: 30_000 }).toBe(0);
     expect(await stored(topo.streams.events, subject)).toBe(1);
     expect(await unpublished(foreignSubject)).toBe(1);
+  });
+});
+
+/** A node of `explain (format json)`'s plan, with the fields the test reads. */
+interface PlanNode {
+  "Node Type": string;
+  "Relation Name"?: string;
+  "Index Name"?: string;
+  "Actual Rows"?: number;
+  "Rows Removed by Filter"?: number;
+  Plans?: PlanNode[];
+}
+
+function planNodes(node: PlanNode): PlanNode[] {
+  return [node, ...(node.Plans ?? []).flatMap(planNodes)];
+}
+
+describe("the relay's batch query", () => {
+  it("reads only the rows it takes, none of those still backing off, however many", async () => {
+    const db = await createTestDatabase("relayplan");
+    const sql = await connectPostgres(db.url, { max: 1 });
+    try {
+      await migrate(sql, { name: "user", dir: userMigrationsDir });
+      await sql`
+        insert into outbox (subject, msg_id, payload, published_at)
+        select 'ns.events.user.user.created', 'published-' || g, '{}', now() from generate_series(1, 5000) g`;
+      // Rows that cannot be published pile up, each backing off.
+      await sql`
+        insert into outbox (subject, msg_id, payload, attempts, next_attempt_at)
+        select 'ns.nowhere', 'waiting-' || g, '{}', 3, now() + interval '1 hour' from generate_series(1, 2000) g`;
+      // Due again: the longest due first (due-3).
+      await sql`
+        insert into outbox (subject, msg_id, payload, attempts, next_attempt_at)
+        select 'ns.nowhere', 'due-' || g, '{}', 1, now() - g * interval '1 second' from generate_series(1, 3) g`;
+      await sql`
+        insert into outbox (subject, msg_id, payload)
+        select 'ns.events.user.user.created', 'new-' || g, '{}' from generate_series(1, 4) g`;
+      await sql`analyze outbox`;
+
+      const [explained] = await sql.unsafe<Array<{ "QUERY PLAN": Array<{ Plan: PlanNode }> }>>(
+        `explain (analyze, format json) ${CLAIM_BATCH_SQL}`,
+        ["ns.%", 100],
+      );
+      const nodes = planNodes(explained?.["QUERY PLAN"][0]?.Plan as PlanNode);
+      const scans = nodes.filter((node) => node["Relation Name"] === "outbox");
+      // The table is read through the two partial indexes, and only the 7 rows taken are read.
+      expect(scans.map((node) => node["Index Name"]).sort()).toEqual([
+        "outbox_unpublished_new",
+        "outbox_unpublished_retry",
+      ]);
+      expect(scans.reduce((sum, node) => sum + (node["Actual Rows"] ?? 0), 0)).toBe(7);
+      expect(nodes.reduce((sum, node) => sum + (node["Rows Removed by Filter"] ?? 0), 0)).toBe(0);
+
+      const claimed = async (limit: number) =>
+        (await sql.begin((tx) => tx.unsafe<Array<{ msg_id: string }>>(CLAIM_BATCH_SQL, ["ns.%", limit]))).map(
+          (row) => row.msg_id,
+        );
+      expect(await claimed(100)).toEqual(["due-1", "due-2", "due-3", "new-1", "new-2", "new-3", "new-4"]);
+      // New rows first, then the longest due; published in id order.
+      expect(await claimed(5)).toEqual(["due-3", "new-1", "new-2", "new-3", "new-4"]);
+      expect(await claimed(2)).toEqual(["new-1", "new-2"]);
+      // Migration 007 also drops an index no query used.
+      expect(await sql`select 1 from pg_indexes where indexname = 'credit_reservations_user_held'`).toEqual(
+        [],
+      );
+    } finally {
+      await sql.end({ timeout: 5 });
+      await db.drop();
+    }
   });
 });

@@ -3,7 +3,8 @@
  *
  * Delivery is at least once into JetStream and, in practice, exactly once in the stream:
  * 1. In one transaction, lock up to `batchSize` unpublished rows (`for update skip locked`, so
- *    several relays share the work without publishing a row twice at the same time).
+ *    several relays share the work without publishing a row twice at the same time): rows never
+ *    tried, then rows whose pause after a failure is over (see {@link CLAIM_BATCH_SQL}).
  * 2. Publish each with `Nats-Msg-Id = msg_id` and wait for the PubAcks.
  * 3. Mark the acknowledged rows `published_at = now()` and commit.
  *
@@ -72,6 +73,31 @@ export interface OutboxRelay {
   stop(): Promise<void>;
 }
 
+/**
+ * Locks and returns up to `$2` rows to publish whose subject is `like $1`, by id: rows never tried
+ * first (`outbox_unpublished_new`, in id order), then rows whose pause after a failure is over
+ * (`outbox_unpublished_retry`, the longest due first). Two index scans that only see rows they
+ * take: one query on `next_attempt_at is null or next_attempt_at <= now()` walked every unpublished
+ * row in id order, including all those still backing off (rows that can never be published pile
+ * up there), on every pass. `for update skip locked` in each part, under its limit: rows another
+ * relay holds are passed over, not counted. Exported for the plan test (migration 007).
+ */
+export const CLAIM_BATCH_SQL = `
+  with fresh as (
+    select id, subject, msg_id, payload from outbox
+    where published_at is null and next_attempt_at is null and subject like $1
+    order by id
+    limit $2
+    for update skip locked
+  ), due as (
+    select id, subject, msg_id, payload from outbox
+    where published_at is null and next_attempt_at <= now() and subject like $1
+    order by next_attempt_at
+    limit $2 - (select count(*) from fresh)
+    for update skip locked
+  )
+  select * from fresh union all select * from due order by id`;
+
 interface OutboxRow {
   id: string;
   subject: string;
@@ -134,13 +160,7 @@ export async function startOutboxRelay(options: OutboxRelayOptions): Promise<Out
   /** One transaction: publishes up to batchSize rows. Returns rows published and whether any failed. */
   const pass = async (): Promise<{ published: number; failed: number }> =>
     await sql.begin(async (tx) => {
-      const rows = await tx<OutboxRow[]>`
-        select id, subject, msg_id, payload from outbox
-        where published_at is null and subject like ${subjectPattern}
-          and (next_attempt_at is null or next_attempt_at <= now())
-        order by id
-        limit ${batchSize}
-        for update skip locked`;
+      const rows = await tx.unsafe<OutboxRow[]>(CLAIM_BATCH_SQL, [subjectPattern, batchSize]);
       if (rows.length === 0) return { published: 0, failed: 0 };
       // All publishes of the batch in flight at once (one connection keeps their order), then
       // one update for the acknowledged ones.

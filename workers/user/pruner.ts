@@ -12,25 +12,23 @@
  * outbox rows are never pruned.
  */
 import { IDLE_BUCKET_MS } from "../../api/user/rate-limit.ts";
-import type { Sql } from "../../common/postgres.ts";
-import { type PrunerLogger, type RunningPruner, startPruneLoop } from "../runtime/pruner.ts";
+import {
+  type BasePrunerOptions,
+  checkedRetentionMs,
+  type RunningPruner,
+  startPruneLoop,
+} from "../runtime/pruner.ts";
 
 /** Default age after which processed commands and published outbox rows are deleted: 14 days. */
 export const DEFAULT_RETENTION_MS = 14 * 24 * 3600 * 1000;
 
 export type { PrunerLogger } from "../runtime/pruner.ts";
 
-/** Options of {@link startPruner}. */
-export interface PrunerOptions {
-  sql: Sql;
-  /** Rows older than this are deleted, ms. Default {@link DEFAULT_RETENTION_MS}. */
-  retentionMs?: number;
-  /** Time between passes, ms. Default 1 hour; the first pass runs at start. */
-  intervalMs?: number;
-  /** Rows per delete statement. Default 5000. */
-  batchSize?: number;
-  logger?: PrunerLogger;
-}
+/**
+ * Options of {@link startPruner}: `retentionMs` defaults to {@link DEFAULT_RETENTION_MS} and must be a
+ * positive integer.
+ */
+export type PrunerOptions = BasePrunerOptions;
 
 /** Rows one pass deleted. */
 export interface PruneResult {
@@ -55,10 +53,7 @@ export type Pruner = RunningPruner<PruneResult>;
 /** Starts pruning: one pass at once, then every `intervalMs`. A failed pass is logged and retried at the next. */
 export function startPruner(options: PrunerOptions): Pruner {
   const { logger } = options;
-  const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
-  if (!Number.isSafeInteger(retentionMs) || retentionMs < 1) {
-    throw new RangeError("retentionMs must be a positive integer");
-  }
+  const retentionMs = checkedRetentionMs(options, DEFAULT_RETENTION_MS);
   const cutoff = (): Date => new Date(Date.now() - retentionMs);
   return startPruneLoop({
     sql: options.sql,

@@ -1,5 +1,6 @@
 import type { z } from "zod";
-import type { JsonObject, Sql } from "../../common/postgres.ts";
+import { type JsonObject, queryUntilAborted, type Sql } from "../../common/postgres.ts";
+import { JetsagaError } from "../../orchestrator/engine/errors.ts";
 import type {
   releaseCreditInput,
   reserveCreditInput,
@@ -68,7 +69,9 @@ export type ReleaseReply = Reply<"credit.released">;
  * with the effect, under a transaction-scoped advisory lock on the command id, so a redelivered
  * command (even one delivered twice at the same moment) returns the first reply and has no second
  * effect. Postgres errors (connection lost, serialization) are thrown as they are: the statement
- * rolled back, so retrying the call is safe.
+ * rolled back, so retrying the call is safe. Given a `signal`, a command call rejects with its
+ * reason when it fires and the statement is cancelled in Postgres (see `queryUntilAborted`), so a
+ * command stuck on a lock does not hold one of the pool's few connections after its handler gave up.
  */
 export interface UserStore {
   /**
@@ -84,7 +87,11 @@ export interface UserStore {
   /** The user with this email (compared lowercased), or undefined. */
   findByEmail(email: string): Promise<User | undefined>;
   /** `user.verified` when the user exists, else `user.rejected` with reason "unknown user". */
-  verify(commandId: string, input: z.output<typeof verifyUserInput>): Promise<VerifyReply>;
+  verify(
+    commandId: string,
+    input: z.output<typeof verifyUserInput>,
+    signal?: AbortSignal,
+  ): Promise<VerifyReply>;
   /**
    * Holds `amountCents` for `reservationId`: `credit.reserved` (with the balance after), or
    * `credit.insufficient` when the balance is too low — nothing is held then, and a later command
@@ -97,14 +104,22 @@ export interface UserStore {
    * Throws `NOT_FOUND` for an unknown user and `RESERVATION_CONFLICT` when the id is held for
    * another user or amount.
    */
-  reserveCredit(commandId: string, input: z.output<typeof reserveCreditInput>): Promise<ReserveReply>;
+  reserveCredit(
+    commandId: string,
+    input: z.output<typeof reserveCreditInput>,
+    signal?: AbortSignal,
+  ): Promise<ReserveReply>;
   /**
    * Releases what `reservationId` holds for `userId` and returns it to the balance:
    * `credit.released` with the amount given back, 0 when nothing was held (never reserved, already
    * released, unknown user, or another user's reservation). Releasing an id that was never
    * reserved leaves a released marker, so a reservation arriving later holds nothing.
    */
-  releaseCredit(commandId: string, input: z.output<typeof releaseCreditInput>): Promise<ReleaseReply>;
+  releaseCredit(
+    commandId: string,
+    input: z.output<typeof releaseCreditInput>,
+    signal?: AbortSignal,
+  ): Promise<ReleaseReply>;
 }
 
 /**
@@ -175,19 +190,27 @@ export function createUserStore(sql: Sql): UserStore {
       return row ? toUser(row) : undefined;
     },
 
-    verify(commandId, { userId }) {
-      return command<VerifyReply>(sql`select user_verify(${commandId}, ${userId}) as reply`);
-    },
-
-    reserveCredit(commandId, { userId, reservationId, amountCents }) {
-      return command<ReserveReply>(
-        sql`select user_reserve_credit(${commandId}, ${userId}, ${reservationId}, ${amountCents}) as reply`,
+    verify(commandId, { userId }, signal) {
+      return command<VerifyReply>(
+        sql`select user_verify(${commandId}, ${userId}) as reply`,
+        { commandId, fn: "user_verify" },
+        signal,
       );
     },
 
-    releaseCredit(commandId, { userId, reservationId }) {
+    reserveCredit(commandId, { userId, reservationId, amountCents }, signal) {
+      return command<ReserveReply>(
+        sql`select user_reserve_credit(${commandId}, ${userId}, ${reservationId}, ${amountCents}) as reply`,
+        { commandId, fn: "user_reserve_credit" },
+        signal,
+      );
+    },
+
+    releaseCredit(commandId, { userId, reservationId }, signal) {
       return command<ReleaseReply>(
         sql`select user_release_credit(${commandId}, ${userId}, ${reservationId}) as reply`,
+        { commandId, fn: "user_release_credit" },
+        signal,
       );
     },
   };
@@ -199,11 +222,26 @@ interface CommandRefusal {
   message: string;
 }
 
-/** Runs one command function (migrations/002_command_functions.sql) and maps its refusals. */
-async function command<R>(query: PromiseLike<{ reply: R | CommandRefusal }[]>): Promise<R> {
-  const [row] = await query;
+/**
+ * Runs one command function (migrations/002_command_functions.sql) and maps its refusals. When
+ * `signal` fires first, rejects with its reason and cancels the statement in Postgres.
+ *
+ * @throws JetsagaError `INTERNAL` (with the command id and function in its context) when the
+ *   function returned no reply: a schema that does not match this code. Not terminal: the runtime
+ *   retries it like any other error, so a rollout that fixes the schema lets it through.
+ */
+async function command<R>(
+  query: PromiseLike<{ reply: R | CommandRefusal }[]> & { cancel(): unknown },
+  call: { commandId: string; fn: string },
+  signal: AbortSignal | undefined,
+): Promise<R> {
+  const [row] = await queryUntilAborted(query, signal);
   const reply = row?.reply;
-  if (reply === undefined || reply === null) throw new Error("command function returned no reply");
+  if (reply === undefined || reply === null) {
+    throw new JetsagaError("INTERNAL", `${call.fn} returned no reply for command ${call.commandId}`, {
+      context: { commandId: call.commandId, function: call.fn },
+    });
+  }
   if (typeof reply === "object" && "error" in reply) throw new UserStoreError(reply.error, reply.message);
   return reply;
 }

@@ -11,10 +11,11 @@ import {
   type TestDatabase,
   uniqueNamespace,
 } from "../../test/support/context.ts";
+import { type HeldTransaction, holdTransaction } from "../../test/support/held-transaction.ts";
 import type { RunningWorker, WorkerLogger } from "../runtime/types.ts";
 import { userMigrationsDir } from "./index.ts";
 import { createUserStore, type UserStore } from "./store.ts";
-import { startUserWorker } from "./worker.ts";
+import { startUserWorker, userCommandHandlers } from "./worker.ts";
 
 let db: TestDatabase;
 let sql: Sql;
@@ -179,6 +180,64 @@ describe("user worker over NATS", () => {
     });
     expect((await inbox(cmd))[0]?.event).toMatchObject({ type: "command.failed" });
     expect(await available()).toBe(10_000);
+  });
+});
+
+describe("user command handlers and their signal", () => {
+  it("cancel a statement stuck on the command's lock when the signal fires, freeing its connection", async () => {
+    const applicationName = "jetsaga-user-stuck";
+    // The handlers' pool has one connection: a statement left waiting would hold it.
+    const pool = await connectPostgres(db.url, { max: 1, applicationName });
+    const holder = await connectPostgres(db.url, { max: 1 });
+    const commandId = "stuck-reserve";
+    let lock: HeldTransaction | undefined;
+    try {
+      // Another transaction holds the command's advisory lock (a twin delivery that hangs).
+      lock = await holdTransaction(
+        holder,
+        (tx) => tx`select pg_advisory_xact_lock(1970496882, hashtext(${commandId}))`,
+      );
+      const handler = userCommandHandlers(createUserStore(pool))["user.reserveCredit"];
+      const giveUp = new AbortController();
+      const handling = handler?.handle(
+        { userId: "alice", reservationId: "stuck-1", amountCents: 100 },
+        {
+          commandId,
+          command: "user.reserveCredit",
+          attempt: 1,
+          replyTo: { workflow: "order", instanceId: "o-stuck" },
+          signal: giveUp.signal,
+        },
+      );
+      const outcome = handling?.then(
+        () => "replied",
+        (error: unknown) => error,
+      );
+      const activeStatements = async () => {
+        const [row] = await sql<{ n: string }[]>`
+          select count(*) as n from pg_stat_activity
+          where application_name = ${applicationName} and state = 'active'`;
+        return Number(row?.n);
+      };
+      // The statement waits for the lock in Postgres.
+      await waitUntil(async () => (await activeStatements()) === 1);
+      const reason = new Error("handler given up on");
+      giveUp.abort(reason);
+      // Cancelled in Postgres: the backend is idle again while the lock is still held.
+      await waitUntil(async () => (await activeStatements()) === 0);
+      expect(await outcome).toBe(reason);
+      // The pool's only connection is free for the next command.
+      expect(await pool`select 1 as one`).toEqual([{ one: 1 }]);
+      lock.release();
+      await lock.ended;
+      // Nothing was applied or stored: a redelivery carries the command out.
+      expect(await sql`select 1 from processed_commands where command_id = ${commandId}`).toHaveLength(0);
+      expect(await sql`select 1 from credit_reservations where reservation_id = 'stuck-1'`).toHaveLength(0);
+    } finally {
+      lock?.release();
+      await pool.end({ timeout: 5 });
+      await holder.end({ timeout: 5 });
+    }
   });
 });
 

@@ -23,15 +23,18 @@ export const USER_SERVICE = "user";
  * cannot go away on a retry (unknown user on `user.reserveCredit`, a reservation id reused for
  * another amount, data Postgres rejects) become `TerminalError`, so the saga gets
  * `command.failed` at once; anything else (Postgres away, a deadlock) is retried by the runtime.
+ * Each passes the runtime's signal to the store: when the runtime gives up on a handler (stop, or
+ * a command stuck past its keep-alive) its statement is cancelled in Postgres, rather than holding
+ * a pool connection while the redelivery waits on the same advisory lock with another one.
  */
 export function userCommandHandlers(store: UserStore): Record<string, CommandHandler<z.ZodType>> {
   return {
-    "user.verify": handler(verifyUserInput, (input, ctx) => store.verify(ctx.commandId, input)),
+    "user.verify": handler(verifyUserInput, (input, ctx) => store.verify(ctx.commandId, input, ctx.signal)),
     "user.reserveCredit": handler(reserveCreditInput, (input, ctx) =>
-      store.reserveCredit(ctx.commandId, input),
+      store.reserveCredit(ctx.commandId, input, ctx.signal),
     ),
     "user.releaseCredit": handler(releaseCreditInput, (input, ctx) =>
-      store.releaseCredit(ctx.commandId, input),
+      store.releaseCredit(ctx.commandId, input, ctx.signal),
     ),
   };
 }
@@ -48,7 +51,10 @@ function handler<T extends z.ZodType>(input: T, run: CommandHandler<T>["handle"]
         // SQLSTATE class 22 (data exception): the same input is rejected on every attempt.
         const code = (error as { code?: unknown } | undefined)?.code;
         if (typeof code === "string" && code.startsWith("22")) {
-          throw new TerminalError(`postgres rejected the input (${code})`, { cause: error });
+          // Postgres's message says what was wrong (e.g. "value too long for type …"): it ends up in
+          // the dead letter and in command.failed, where the SQLSTATE alone told nobody anything.
+          const detail = error instanceof Error && error.message ? `: ${error.message}` : "";
+          throw new TerminalError(`postgres rejected the input (${code})${detail}`, { cause: error });
         }
         throw error;
       }
