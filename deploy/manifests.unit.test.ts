@@ -58,7 +58,8 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
       "unset = 8 deliveries (about a minute) for a message only a newer version knows, during a rolling update",
   },
   "workers/user/main.ts": {
-    JETSAGA_RETENTION_DAYS: "default 14 days of processed-command replies and published outbox rows",
+    JETSAGA_RETENTION_DAYS:
+      "default 14 days of processed-command replies and published outbox rows (1-7 is taken as 8)",
   },
   "workers/notification/main.ts": {
     JETSAGA_RETENTION_DAYS: "default 14 days of delivered and failed notifications (1-7 is taken as 8)",

@@ -18,11 +18,6 @@ export interface UserServiceConfig {
   grpcPort: number;
   /** Env JETSAGA_OUTBOX_RELAY, default on; `off` leaves outbox rows unpublished (tests, or a relay run elsewhere). */
   outboxRelay: boolean;
-  /**
-   * Env JETSAGA_RETENTION_DAYS, default 14: processed-command replies and published outbox rows
-   * older than this are deleted (see `workers/user/pruner.ts` for why it must outlast redeliveries).
-   */
-  retentionDays: number;
 }
 
 /** Default port of the user service's gRPC/Connect API. */
@@ -49,7 +44,6 @@ export function readUserServiceConfig(
     grpcHost: env.USER_GRPC_HOST || "127.0.0.1",
     grpcPort: integer(env, "USER_GRPC_PORT", DEFAULT_USER_GRPC_PORT, 0, 65535),
     outboxRelay: relay === "on",
-    retentionDays: integer(env, "JETSAGA_RETENTION_DAYS", 14, 1, 3650),
   };
 }
 

@@ -33,10 +33,11 @@ import {
 import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/postgres.ts";
 import { createMetricsRegistry, type ProbeServer, startProbeServer } from "../../common/probes.ts";
 import { registerWorkerMetrics } from "../runtime/metrics.ts";
+import { retentionDaysSetting } from "../runtime/pruner.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { logChannel, type NotificationChannel, webhookChannel } from "./channels.ts";
 import { notificationMigrationsDir } from "./index.ts";
-import { type NotificationPruner, retentionDaysSetting, startNotificationPruner } from "./pruner.ts";
+import { NOTIFICATION_RETENTION_FLOOR, type NotificationPruner, startNotificationPruner } from "./pruner.ts";
 import { startNotificationWorker } from "./worker.ts";
 
 const logger = createLogger("notification");
@@ -71,7 +72,11 @@ async function main(): Promise<void> {
         },
       );
     }
-    const retentionDays = retentionDaysSetting(env, (obj, msg) => logger.warn(obj, msg));
+    const retentionDays = retentionDaysSetting(
+      env,
+      (obj, msg) => logger.warn(obj, msg),
+      NOTIFICATION_RETENTION_FLOOR,
+    );
     let channel: NotificationChannel;
     try {
       channel = webhookUrl ? webhookChannel({ url: webhookUrl }) : logChannel(logger);

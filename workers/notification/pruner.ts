@@ -16,21 +16,22 @@
  * `orchestrator/runtime/topology.ts`), so a retention below {@link MIN_RETENTION_MS} (8 days: the
  * stream's 7 and a day for events re-published late) is refused with a RangeError rather than
  * running into duplicate notifications nobody would notice (`main.ts` raises a shorter setting to
- * the floor instead, see {@link retentionDaysSetting}). Failed rows hold back no repeat (a replay
+ * the floor instead, see `retentionDaysSetting` with {@link NOTIFICATION_RETENTION_FLOOR}). Failed rows hold back no repeat (a replay
  * of their event is meant to try again); they are kept as long so the failures can be looked into.
  */
-import { integerSetting } from "../../common/config.ts";
 import {
   type BasePrunerOptions,
   checkedRetentionMs,
+  DAY_MS,
+  DEFAULT_RETENTION_DAYS,
+  MIN_RETENTION_DAYS,
+  type RetentionFloor,
   type RunningPruner,
   startPruneLoop,
 } from "../runtime/pruner.ts";
 
-const DAY_MS = 24 * 3600 * 1000;
-
 /** Default retention of delivered and failed notifications, days. */
-export const DEFAULT_RETENTION_DAYS = 14;
+export { DEFAULT_RETENTION_DAYS, MIN_RETENTION_DAYS };
 
 /** Default retention of delivered and failed notifications, ms: 14 days. */
 export const DEFAULT_RETENTION_MS = DEFAULT_RETENTION_DAYS * DAY_MS;
@@ -38,39 +39,14 @@ export const DEFAULT_RETENTION_MS = DEFAULT_RETENTION_DAYS * DAY_MS;
 /** How long the events stream keeps a domain event, ms (its default `max_age`). */
 export const EVENTS_MAX_AGE_MS = 7 * DAY_MS;
 
-/** Shortest retention accepted, days: the events stream's 7 days and one more. */
-export const MIN_RETENTION_DAYS = 8;
-
 /** Shortest retention accepted, ms (see the module comment). */
 export const MIN_RETENTION_MS = MIN_RETENTION_DAYS * DAY_MS;
 
-/** Largest retention accepted, days: the user service's bound for the same variable. */
-const MAX_RETENTION_DAYS = 3650;
-
-/**
- * The retention in days from `JETSAGA_RETENTION_DAYS` in `env` (default
- * {@link DEFAULT_RETENTION_DAYS}). The variable is shared with the user service, which accepts
- * 1 to 3650: a value it takes must not stop this service from starting (under `npm start` one
- * service failing stops them all). So 1 to 7 is raised to {@link MIN_RETENTION_DAYS}, told
- * through `warn`: notifications must outlive their events in the 7-day events stream. Anything
- * else outside 1 to 3650, or not a whole number, is a CONFIG error as for every setting.
- */
-export function retentionDaysSetting(
-  env: Record<string, string | undefined>,
-  warn: (obj: Record<string, unknown>, msg: string) => void,
-): number {
-  const days = integerSetting(env, "JETSAGA_RETENTION_DAYS", {
-    min: 1,
-    max: MAX_RETENTION_DAYS,
-    fallback: DEFAULT_RETENTION_DAYS,
-  });
-  if (days >= MIN_RETENTION_DAYS) return days;
-  warn(
-    { JETSAGA_RETENTION_DAYS: days, retentionDays: MIN_RETENTION_DAYS },
-    `JETSAGA_RETENTION_DAYS=${days} is shorter than the events stream keeps events (7 days): notifications are kept ${MIN_RETENTION_DAYS} days, or a replayed event would be notified again`,
-  );
-  return MIN_RETENTION_DAYS;
-}
+/** Why notifications are kept at least 8 days: `retentionDaysSetting`'s warning. */
+export const NOTIFICATION_RETENTION_FLOOR: RetentionFloor = {
+  outlive: "the events stream keeps events (7 days)",
+  kept: `notifications are kept ${MIN_RETENTION_DAYS} days, or a replayed event would be notified again`,
+};
 
 /** Options of {@link startNotificationPruner}. */
 export interface NotificationPrunerOptions extends BasePrunerOptions {

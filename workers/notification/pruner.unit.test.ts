@@ -1,10 +1,15 @@
 import { describe, expect, it } from "vitest";
-import { DEFAULT_RETENTION_DAYS, MIN_RETENTION_DAYS, retentionDaysSetting } from "./pruner.ts";
+import { retentionDaysSetting } from "../runtime/pruner.ts";
+import { DEFAULT_RETENTION_DAYS, MIN_RETENTION_DAYS, NOTIFICATION_RETENTION_FLOOR } from "./pruner.ts";
 
-describe("retentionDaysSetting", () => {
+describe("retentionDaysSetting with the notification floor", () => {
   const read = (value: string | undefined) => {
     const warnings: Array<Record<string, unknown>> = [];
-    const days = retentionDaysSetting({ JETSAGA_RETENTION_DAYS: value }, (obj) => warnings.push(obj));
+    const days = retentionDaysSetting(
+      { JETSAGA_RETENTION_DAYS: value },
+      (obj) => warnings.push(obj),
+      NOTIFICATION_RETENTION_FLOOR,
+    );
     return { days, warnings };
   };
 

@@ -5,7 +5,54 @@
  * `workers/notification/pruner.ts`).
  */
 import type postgres from "postgres";
+import { integerSetting } from "../../common/config.ts";
 import type { Sql } from "../../common/postgres.ts";
+
+/** A day in ms. */
+export const DAY_MS = 24 * 3600 * 1000;
+/** Default of `JETSAGA_RETENTION_DAYS`, shared by the services that prune. */
+export const DEFAULT_RETENTION_DAYS = 14;
+/**
+ * Shortest retention the services keep, days: what they keep must outlive what can bring it back
+ * within 7 days (the events stream replays events for 7 days; dead letters, kept 7 days, can be
+ * redriven), and a day more for what arrives late.
+ */
+export const MIN_RETENTION_DAYS = 8;
+/** Longest `JETSAGA_RETENTION_DAYS` accepted. */
+export const MAX_RETENTION_DAYS = 3650;
+
+/** Why a service keeps its rows at least {@link MIN_RETENTION_DAYS}, for the warning. */
+export interface RetentionFloor {
+  /** What must not be gone sooner, e.g. "the events stream keeps events (7 days)". */
+  outlive: string;
+  /** The rows kept and what goes wrong without them, e.g. "notifications are kept 8 days, or …". */
+  kept: string;
+}
+
+/**
+ * The retention in days from `JETSAGA_RETENTION_DAYS` in `env` (default
+ * {@link DEFAULT_RETENTION_DAYS}). The services share the variable, and a value one of them takes
+ * must not stop another from starting (under `npm start` one service failing stops them all): 1 to
+ * 7 is raised to {@link MIN_RETENTION_DAYS}, told through `warn` with the service's `floor`.
+ * Anything else outside 1 to 3650, or not a whole number, is a CONFIG error as for every setting.
+ */
+export function retentionDaysSetting(
+  env: Record<string, string | undefined>,
+  warn: (obj: Record<string, unknown>, msg: string) => void,
+  floor: RetentionFloor,
+): number {
+  const days = integerSetting(env, "JETSAGA_RETENTION_DAYS", {
+    min: 1,
+    max: MAX_RETENTION_DAYS,
+    fallback: DEFAULT_RETENTION_DAYS,
+  });
+  if (days >= MIN_RETENTION_DAYS) return days;
+  warn(
+    { JETSAGA_RETENTION_DAYS: days, retentionDays: MIN_RETENTION_DAYS },
+    `JETSAGA_RETENTION_DAYS=${days} is shorter than ${floor.outlive}: ${floor.kept}`,
+  );
+  return MIN_RETENTION_DAYS;
+}
 
 /** Logging a pruner does (a pino logger fits). */
 export interface PrunerLogger {

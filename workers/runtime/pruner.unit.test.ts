@@ -1,5 +1,5 @@
 import { describe, expect, it } from "vitest";
-import { checkedRetentionMs } from "./pruner.ts";
+import { checkedRetentionMs, retentionDaysSetting } from "./pruner.ts";
 
 describe("checkedRetentionMs", () => {
   it("takes the given retention, else the service's default", () => {
@@ -18,5 +18,26 @@ describe("checkedRetentionMs", () => {
     expect(() => checkedRetentionMs({ retentionMs: 99 }, 200, floor)).toThrow(
       new RangeError("retentionMs must be an integer of at least 100: rows must outlive their events"),
     );
+  });
+});
+
+describe("retentionDaysSetting", () => {
+  it("raises 1 to 7 days to the 8-day floor with the service's warning, and takes the rest as given", () => {
+    const warnings: Array<{ obj: Record<string, unknown>; msg: string }> = [];
+    const read = (value?: string) =>
+      retentionDaysSetting({ JETSAGA_RETENTION_DAYS: value }, (obj, msg) => warnings.push({ obj, msg }), {
+        outlive: "the stream",
+        kept: "rows are kept 8 days",
+      });
+    expect([read(), read("8"), read("30")]).toEqual([14, 8, 30]);
+    expect(warnings).toEqual([]);
+    expect(read("3")).toBe(8);
+    expect(warnings).toEqual([
+      {
+        obj: { JETSAGA_RETENTION_DAYS: 3, retentionDays: 8 },
+        msg: "JETSAGA_RETENTION_DAYS=3 is shorter than the stream: rows are kept 8 days",
+      },
+    ]);
+    expect(() => read("0")).toThrow("JETSAGA_RETENTION_DAYS must be a whole number from 1 to 3650");
   });
 });

@@ -8,8 +8,8 @@
  * service's own (see `api/user/config.ts`): `JETSAGA_TOKEN_SECRET` (required, ≥ 32 bytes),
  * `JETSAGA_TOKEN_TTL_SECONDS` (default 3600), `USER_GRPC_HOST` (default 127.0.0.1),
  * `USER_GRPC_PORT` (default 50061, 0 = any free port), `JETSAGA_OUTBOX_RELAY` (`on` | `off`,
- * default on), `JETSAGA_RETENTION_DAYS` (default 14: age at which processed-command replies,
- * published outbox rows and released credit reservations are pruned).
+ * default on), `JETSAGA_RETENTION_DAYS` (default 14, 1 to 7 taken as 8 with a warning: age at which
+ * processed-command replies, published outbox rows and released credit reservations are pruned).
  *
  * Prometheus metrics (worker counters, process metrics) are served at `/metrics` on the same port.
  *
@@ -43,10 +43,11 @@ import { connectPostgres, describeUrl, migrate, type Sql } from "../../common/po
 import { createMetricsRegistry, sendMetrics } from "../../common/probes.ts";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { registerWorkerMetrics } from "../runtime/metrics.ts";
+import { retentionDaysSetting } from "../runtime/pruner.ts";
 import type { RunningWorker } from "../runtime/types.ts";
 import { userMigrationsDir } from "./index.ts";
 import { type OutboxRelay, startOutboxRelay } from "./outbox-relay.ts";
-import { type Pruner, startPruner } from "./pruner.ts";
+import { type Pruner, startPruner, USER_RETENTION_FLOOR } from "./pruner.ts";
 import { startUserWorker } from "./worker.ts";
 
 /** Requests of UserService are a few hundred bytes; 64 KiB leaves room and bounds memory per call. */
@@ -76,6 +77,11 @@ async function main(): Promise<void> {
     // Inside the try: a malformed setting is reported as one line like the other start-up errors.
     const config = readConfig();
     const userConfig = readUserServiceConfig();
+    const retentionDays = retentionDaysSetting(
+      process.env,
+      (obj, msg) => logger.warn(obj, msg),
+      USER_RETENTION_FLOOR,
+    );
     if (!config.databaseUrl) {
       throw Object.assign(
         new Error("DATABASE_URL is not set: the user service needs its PostgreSQL database"),
@@ -103,7 +109,7 @@ async function main(): Promise<void> {
     } else {
       logger.warn("outbox relay is off (JETSAGA_OUTBOX_RELAY=off): user.created stays in the outbox");
     }
-    pruner = startPruner({ sql, retentionMs: userConfig.retentionDays * 24 * 3600 * 1000, logger });
+    pruner = startPruner({ sql, retentionMs: retentionDays * 24 * 3600 * 1000, logger });
     const service = createUserService({
       sql,
       ns: config.ns,

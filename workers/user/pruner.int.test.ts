@@ -92,6 +92,8 @@ describe("pruner", () => {
 
   it("refuses a retention, interval or batch size that is not a positive integer", () => {
     expect(() => startPruner({ sql, retentionMs: 0 })).toThrow(RangeError);
+    // A redriven dead letter (kept 7 days) must still find its command's reply.
+    expect(() => startPruner({ sql, retentionMs: 7 * DAY_MS })).toThrow(/dead letters/);
     expect(() => startPruner({ sql, intervalMs: 1.5 })).toThrow(RangeError);
     expect(() => startPruner({ sql, batchSize: -1 })).toThrow(RangeError);
   });

@@ -15,18 +15,35 @@ import { IDLE_BUCKET_MS } from "../../api/user/rate-limit.ts";
 import {
   type BasePrunerOptions,
   checkedRetentionMs,
+  DAY_MS,
+  DEFAULT_RETENTION_DAYS,
+  MIN_RETENTION_DAYS,
+  type RetentionFloor,
   type RunningPruner,
   startPruneLoop,
 } from "../runtime/pruner.ts";
 
 /** Default age after which processed commands and published outbox rows are deleted: 14 days. */
-export const DEFAULT_RETENTION_MS = 14 * 24 * 3600 * 1000;
+export const DEFAULT_RETENTION_MS = DEFAULT_RETENTION_DAYS * DAY_MS;
+/**
+ * Shortest retention accepted, ms: 8 days. Dead letters are kept 7 days and can be redriven; a
+ * command redriven after its reply (or its release marker) was pruned would be applied again.
+ */
+export const MIN_RETENTION_MS = MIN_RETENTION_DAYS * DAY_MS;
+const MIN_RETENTION_WHY =
+  "command replies and release markers must outlive the dead letters (7 days) a command can be redriven from";
+
+/** Why command replies are kept at least 8 days: `retentionDaysSetting`'s warning. */
+export const USER_RETENTION_FLOOR: RetentionFloor = {
+  outlive: "dead letters are kept (7 days)",
+  kept: `command replies are kept ${MIN_RETENTION_DAYS} days, or a command redriven after its reply was pruned would be applied again`,
+};
 
 export type { PrunerLogger } from "../runtime/pruner.ts";
 
 /**
- * Options of {@link startPruner}: `retentionMs` defaults to {@link DEFAULT_RETENTION_MS} and must be a
- * positive integer.
+ * Options of {@link startPruner}: `retentionMs` defaults to {@link DEFAULT_RETENTION_MS} and must be
+ * at least {@link MIN_RETENTION_MS}.
  */
 export type PrunerOptions = BasePrunerOptions;
 
@@ -53,7 +70,10 @@ export type Pruner = RunningPruner<PruneResult>;
 /** Starts pruning: one pass at once, then every `intervalMs`. A failed pass is logged and retried at the next. */
 export function startPruner(options: PrunerOptions): Pruner {
   const { logger } = options;
-  const retentionMs = checkedRetentionMs(options, DEFAULT_RETENTION_MS);
+  const retentionMs = checkedRetentionMs(options, DEFAULT_RETENTION_MS, {
+    ms: MIN_RETENTION_MS,
+    why: MIN_RETENTION_WHY,
+  });
   const cutoff = (): Date => new Date(Date.now() - retentionMs);
   return startPruneLoop({
     sql: options.sql,
