@@ -64,6 +64,23 @@ const stoppable = defineWorkflow({
   }),
 });
 const workflows = [orderSaga, stoppable, counterWorkflow];
+/**
+ * A later version of `stoppable` with other states, known to the visualiser only: the instances
+ * (started by an orchestrator with version 1) must be drawn on version 1's chart.
+ */
+const stoppableV2 = defineWorkflow({
+  name: "stoppable",
+  version: 2,
+  input: z.object({}),
+  events: { stop: z.object({ type: z.literal("stop") }) },
+  signals: ["stop"],
+  machine: setup({ types: { events: {} as { type: "stop" } }, actions: sagaActions }).createMachine({
+    id: "stoppable",
+    initial: "busy",
+    on: { stop: ".halted" },
+    states: { busy: {}, halted: { type: "final" } },
+  }),
+});
 
 describe("visualiser page in chromium", () => {
   let nc: NatsConnection;
@@ -133,7 +150,7 @@ describe("visualiser page in chromium", () => {
     client = await createWorkflowClient({ nc, ns, workflows });
     const handler = await createVisualiserHandler({
       client,
-      workflows,
+      workflows: [...workflows, stoppableV2],
       layouts: createChartLayouts(),
       publicDir: join(here, "public"),
       deadLetters: (workflow, id) => instanceDeadLetters(jetstream(nc), client.topology, workflow, id),
@@ -306,7 +323,10 @@ describe("visualiser page in chromium", () => {
       await new Promise((resolve) => setTimeout(resolve, 50));
     }
     await page.goto(`${server.url}/?workflow=stoppable&id=s-1`);
+    // Drawn on the chart of the version it ran on (1), not the latest's (2).
     await page.waitForSelector("[data-state='stopped'][aria-current='true']");
+    expect(await page.locator("[data-state='halted']").count()).toBe(0);
+    expect(await page.locator("#workflow option[value='stoppable']").textContent()).toBe("stoppable (v2)");
     expect(await page.locator("g.edge.taken").count()).toBe(1);
     expect(await page.locator("g.edge.taken").getAttribute("data-event")).toBe("stop");
     expect(await page.locator("g.edge.taken title").textContent()).toContain("(machine) → stopped");

@@ -10,9 +10,12 @@ import { fileURLToPath } from "node:url";
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { setup } from "xstate";
+import { z } from "zod";
 import { connectNats } from "../common/nats.ts";
 import {
   createWorkflowClient,
+  defineWorkflow,
   type HistoryEntry,
   instanceDeadLetters,
   type RunningOrchestrator,
@@ -251,6 +254,30 @@ describe("visualiser HTTP API", () => {
       "after shipTimeout",
       "after releaseRetry",
     ]);
+  });
+
+  it("lists each workflow once, by its latest version, with every registered version's chart", async () => {
+    const counterV2 = defineWorkflow({
+      name: "counter",
+      version: 2,
+      input: z.object({}),
+      events: {},
+      machine: setup({}).createMachine({ id: "counter", initial: "idle", states: { idle: {} } }),
+    });
+    const versioned = await createVisualiserHandler({
+      client,
+      workflows: [...workflows, counterV2],
+      layouts: createChartLayouts(),
+      publicDir,
+    });
+    const response = await versioned(new Request("http://visualiser.local/api/workflows"));
+    const { workflows: list } = (await response.json()) as { workflows: WorkflowSummary[] };
+    expect(list.map((w) => `${w.name}@${w.version}`)).toEqual(["order@1", "counter@2"]);
+    const counter = list[1]!;
+    expect(counter.chart.nodes.map((n) => n.id)).toEqual(["idle"]);
+    expect(counter.versions.map((v) => v.version)).toEqual([1, 2]);
+    expect(counter.versions[0]?.chart.nodes.map((n) => n.id)).toContain("counting");
+    expect(counter.versions[1]?.chart).toEqual(counter.chart);
   });
 
   it("returns an instance's history, oldest first", async () => {

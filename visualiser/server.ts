@@ -80,7 +80,13 @@ export interface WorkflowSummary {
   version: number;
   /** Events clients may send (shown as hints). */
   signals: string[];
+  /** The latest version's chart (new instances start on it). */
   chart: ChartLayout;
+  /**
+   * Every registered version's chart, oldest first (the latest's included): an instance keeps the
+   * version it started with, and the page draws that one.
+   */
+  versions: Array<{ version: number; chart: ChartLayout }>;
 }
 
 /** Entries per read when a live stream fills the gap after a reconnect. */
@@ -129,8 +135,9 @@ const encoder = new TextEncoder();
 /** Creates the visualiser's request handler. Static files are listed once, at creation. */
 export async function createVisualiserHandler(options: VisualiserOptions): Promise<VisualiserHandler> {
   const { client, layouts } = options;
-  // Charts of the latest version of each workflow (instances of older ones are shown on it).
-  const latest = workflowRegistry(options.workflows).latestVersions;
+  // Each workflow's latest version names it; instances are drawn on their own version's chart.
+  const registry = workflowRegistry(options.workflows);
+  const latest = registry.latestVersions;
   const definitions = new Map(latest.map((w) => [w.name, w]));
   // An allowlist of file names (no paths): nothing outside publicDir can be asked for.
   const statics = new Set((await readdir(options.publicDir)).filter((name) => STATIC_NAME.test(name)));
@@ -158,6 +165,11 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
         version: w.version,
         signals: [...w.signals],
         chart: await layouts.get(w),
+        versions: await Promise.all(
+          registry.all
+            .filter((other) => other.name === w.name)
+            .map(async (other) => ({ version: other.version, chart: await layouts.get(other) })),
+        ),
       })),
     );
     return json(200, { workflows: list });

@@ -441,6 +441,12 @@ function select(index, follow) {
   view.selected = i;
   view.following = follow ?? i === entries.length - 1;
   const entry = entries[i];
+  // An instance runs on the version it started with: draw that version's chart when it differs.
+  const chart = chartFor(entry.state.definitionVersion);
+  if (chart && chart !== view.chart) {
+    view.chart = chart;
+    drawChart(chart);
+  }
   lightChart(entry, entries[i - 1]);
 
   // The slider spans the whole history, loaded or not: picking an unloaded revision loads it.
@@ -719,6 +725,12 @@ function loadInstance(workflow, id) {
   setStatus(`Loading ${workflow}/${id}…`);
   void loadDeadLetters(workflow, id);
   return loadLatest(0);
+}
+
+/** The chart of `version` of the workflow shown: its own when served, else the latest version's. */
+function chartFor(version) {
+  const workflow = view.workflows.get(view.workflow);
+  return workflow?.versions?.find((v) => v.version === version)?.chart ?? workflow?.chart;
 }
 
 function showWorkflow(name) {
