@@ -194,6 +194,19 @@ describe("the gateway with the real user service, NATS and Postgres", () => {
     return email;
   }
 
+  it("writes the read model on a connection of its own, apart from the API's reads", async () => {
+    // The two gateways spawned as processes (Node and Deno): the projector's LISTEN connection
+    // each, and its writer while not idle.
+    const projectors = async () =>
+      Number(
+        (
+          await readModelSql<{ n: string }[]>`
+            select count(*) as n from pg_stat_activity where application_name = 'jetsaga-api-projector'`
+        )[0]?.n,
+      );
+    await expect.poll(projectors, { timeout: 10_000 }).toBeGreaterThanOrEqual(2);
+  });
+
   it("sends the TCP peer's address (HTTP/2 and HTTP/1.1) and never the client's own x-jetsaga-client-address", async () => {
     const email = await signUp(gateway.url);
     const spoofed = (i: number) => ({ headers: { [CLIENT_ADDRESS_HEADER]: `203.0.113.${i}` } });

@@ -52,6 +52,12 @@ export interface GatewayOptions {
   nc: NatsConnection;
   /** The order read model's database (migrated at start). */
   sql: Sql;
+  /**
+   * A pool for the projector's writes and rebuilds (default `sql`). One connection of its own
+   * (`max: 1`: it writes one batch at a time) keeps the API's reads from queueing behind a write
+   * that waits on a lock, such as the tables' lock of a rebuild run by another replica.
+   */
+  projectorSql?: Sql;
   /** Stream namespace. Default `jetsaga`. */
   ns?: string;
   /** HMAC secret shared with the user service, which issues the tokens (≥ 32 bytes). */
@@ -182,7 +188,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
   await waitForHistoryStream(nc, options.ns, options.streamWaitMs ?? 30_000, logger);
   const projector = await startOrderProjector({
     nc,
-    sql,
+    sql: options.projectorSql ?? sql,
     ...(options.ns ? { ns: options.ns } : {}),
     ...(logger ? { logger } : {}),
   });

@@ -7,7 +7,7 @@
  *
  * Environment:
  * - `DATABASE_URL` (required): PostgreSQL of the order read model; `DATABASE_POOL_SIZE` connections
- *   to it (default 4).
+ *   to it for the API's reads (default 4), and one more for the projector's writes.
  * - `USER_SERVICE_URL` (required): the user service's gRPC base URL, e.g. `http://127.0.0.1:8081`.
  * - `JETSAGA_TOKEN_SECRET`: HMAC secret shared with the user service (≥ 32 bytes). When unset and
  *   `NODE_ENV` is not `production`, a random one is generated with a warning (tokens issued by a
@@ -131,13 +131,14 @@ function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
 }
 
 let sql: Sql | undefined;
+let projectorSql: Sql | undefined;
 let nc: NatsConnection | undefined;
 let gateway: Gateway | undefined;
 
 async function stop(): Promise<void> {
   await gateway?.close();
   await nc?.drain().catch(() => {});
-  await sql?.end({ timeout: 5 });
+  await Promise.all([sql?.end({ timeout: 5 }), projectorSql?.end({ timeout: 5 })]);
 }
 
 /** Starts the gateway; bad configuration or an unreachable server exits with status 1. */
@@ -154,11 +155,19 @@ async function main(): Promise<void> {
       applicationName: "jetsaga-api",
       max: config.databasePoolSize,
     });
+    // The projector writes one batch at a time, on a connection of its own: a write waiting on a
+    // lock (another replica's rebuild holds the tables) must not hold up the reads pipelined
+    // behind it on a shared connection.
+    projectorSql = await connectPostgres(config.databaseUrl, {
+      applicationName: "jetsaga-api-projector",
+      max: 1,
+    });
     nc = await connectNatsFromConfig(config, "jetsaga-api");
     exitWhenConnectionCloses(nc, logger, "api");
     gateway = await startGateway({
       nc,
       sql,
+      projectorSql,
       ns: config.ns,
       tokenSecret: api.tokenSecret,
       userService: { baseUrl: api.userServiceUrl },

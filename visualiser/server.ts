@@ -166,8 +166,8 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
         signals: [...w.signals],
         chart: await layouts.get(w),
         versions: await Promise.all(
-          registry.all
-            .filter((other) => other.name === w.name)
+          registry
+            .versions(w.name)
             .map(async (other) => ({ version: other.version, chart: await layouts.get(other) })),
         ),
       })),

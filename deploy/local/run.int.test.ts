@@ -4,7 +4,7 @@
  * under the first session's services. Now the second start refuses, naming the way out, and
  * leaves the first one's server alone.
  */
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, spawn, spawnSync } from "node:child_process";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { dirname, join, resolve } from "node:path";
@@ -76,7 +76,10 @@ describe("run.sh start with another start running on the same data dir", () => {
   it("refuses, saying what to do, and leaves the first one's nats-server running", async () => {
     // The first session: holds the data dir's lock as run.sh does, and its nats-server's pid file
     // names a live process that passes for a nats-server (a script so named: its comm).
-    first = spawn("flock", [join(dir, "start.lock"), "sleep", "120"], { stdio: "ignore", detached: true });
+    const lock = join(dir, "start.lock");
+    first = spawn("flock", [lock, "sleep", "120"], { stdio: "ignore", detached: true });
+    // Held once a try of our own fails (flock -n exits 1).
+    await expect.poll(() => spawnSync("flock", ["-n", lock, "true"]).status).toBe(1);
     const fakeServer = join(dir, "nats-server");
     writeFileSync(fakeServer, "#!/bin/sh\nsleep 120\n", { mode: 0o755 });
     const server = spawn(fakeServer, [], { stdio: "ignore", detached: true });

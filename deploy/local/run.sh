@@ -120,8 +120,12 @@ if [ -z "${NATS_URL:-}" ]; then
   # a leftover and stop it. The lock is this shell's (fd 9, closed for every child below), so it
   # goes with it however it ends, and a leftover server does not hold it.
   mkdir -p "$DATA"
-  exec 9>"$DATA/start.lock"
-  flock -n 9 || die "another npm start is running with the data dir $DATA: stop it first, or give this one its servers (NATS_URL, DATABASE_URL) or another JETSAGA_DATA_DIR"
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>"$DATA/start.lock"
+    flock -n 9 || die "another npm start is running with the data dir $DATA: stop it first, or give this one its servers (NATS_URL, DATABASE_URL) or another JETSAGA_DATA_DIR"
+  else
+    say "warning: flock not found (util-linux): a second npm start on $DATA would stop this one's nats-server"
+  fi
   NATS_PID_FILE="$DATA/nats-server.pid"
   # A nats-server left over from a killed run still holds the store: stop it first.
   if [ -f "$NATS_PID_FILE" ]; then

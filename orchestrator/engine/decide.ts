@@ -325,7 +325,7 @@ function settle(
         }
         const type = raised.type;
         const { type: _type, ...fields } = raised;
-        const payload = timerPayload(definition, type, fields);
+        const payload = timerPayload(fields);
         const armed = { token: `${revision}-${index}`, event: type, dueAt: context.now + delay, id };
         timers[key] = payload ? { ...armed, payload } : armed;
         // The schedule carries no payload: the firing takes the event from the pending timer.
@@ -410,57 +410,21 @@ function parse(
 
 /**
  * The fields of a delayed event besides its type, as stored with the pending timer (absent when
- * there are none). They must be JSON: the state is stored as JSON and the firing delivers what was
- * stored, so a Date, a Map or a function would arrive as something else, or not at all. Fields
- * that are `undefined` are dropped, as JSON drops them.
+ * there are none): as JSON keeps them, since the state is stored as JSON (a Date becomes its ISO
+ * string, an undefined field goes, as with the context). Fields JSON cannot hold at all (a BigInt,
+ * a cycle) leave the event with its type only, as timers were delivered before they kept fields:
+ * refusing them would stop, at run time, instances of charts that never read them.
  */
-function timerPayload(
-  definition: AnyWorkflowDefinition,
-  type: string,
-  fields: Record<string, unknown>,
-): Record<string, unknown> | undefined {
+function timerPayload(fields: Record<string, unknown>): Record<string, unknown> | undefined {
   if (Object.keys(fields).length === 0) return undefined;
-  const bad = notJson(fields, [], new Set());
-  if (bad !== undefined) {
-    throw definitionError(
-      definition,
-      `raises delayed event "${type}" whose field ${bad} is not JSON; a timer's event is stored with the instance`,
-    );
+  let payload: unknown;
+  try {
+    payload = JSON.parse(JSON.stringify(fields));
+  } catch {
+    return undefined;
   }
-  const payload = JSON.parse(JSON.stringify(fields)) as Record<string, unknown>;
-  return Object.keys(payload).length > 0 ? payload : undefined;
-}
-
-/** The path of the first part of `value` that JSON would not keep as it is, if any. */
-function notJson(value: unknown, path: string[], open: Set<object>): string | undefined {
-  const here = () => (path.length ? path.join(".") : "(root)");
-  switch (typeof value) {
-    case "string":
-    case "boolean":
-      return undefined;
-    case "number":
-      return Number.isFinite(value) ? undefined : here();
-    case "object": {
-      if (value === null) return undefined;
-      if (open.has(value)) return here();
-      const isArray = Array.isArray(value);
-      const proto = Object.getPrototypeOf(value);
-      if (!isArray && proto !== Object.prototype && proto !== null) return here();
-      open.add(value);
-      // JSON drops an undefined field; in an array (a hole included) it would become null.
-      const entries: Array<[string, unknown]> = isArray
-        ? Array.from(value as unknown[], (item, index) => [String(index), item])
-        : Object.entries(value).filter(([, item]) => item !== undefined);
-      for (const [key, item] of entries) {
-        const bad = item === undefined ? [...path, key].join(".") : notJson(item, [...path, key], open);
-        if (bad !== undefined) return bad;
-      }
-      open.delete(value);
-      return undefined;
-    }
-    default:
-      return here();
-  }
+  if (typeof payload !== "object" || payload === null) return undefined;
+  return Object.keys(payload).length > 0 ? (payload as Record<string, unknown>) : undefined;
 }
 
 /**

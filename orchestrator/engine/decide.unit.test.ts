@@ -651,32 +651,25 @@ describe("delayed events", () => {
     });
   });
 
-  it("refuses a delayed event that JSON would not keep as it is", () => {
+  it("keeps a delayed event's fields as JSON keeps them, and only the type when JSON cannot", () => {
     const cyclic: Record<string, unknown> = {};
     cyclic.self = cyclic;
-    const payloads: Record<string, unknown> = {
-      at: new Date(0),
-      nested: { counts: new Map() },
-      list: [1, undefined],
-      big: 1n,
-      inf: { n: Number.POSITIVE_INFINITY },
-      cyclic,
+    const stored = (payload: Record<string, unknown>) => {
+      const start = decide(
+        reminding,
+        undefined,
+        { kind: "start", instanceId: "r", input: { payload } },
+        ctx("s", 0),
+      );
+      if (start.outcome !== "accepted") throw new Error(`not started: ${JSON.stringify(start)}`);
+      return Object.values(start.state.timers)[0]?.payload;
     };
-    for (const [field, value] of Object.entries(payloads)) {
-      expect(
-        decide(
-          reminding,
-          undefined,
-          { kind: "start", instanceId: "r", input: { payload: { [field]: value } } },
-          ctx("s", 0),
-        ),
-        field,
-      ).toMatchObject({
-        outcome: "rejected",
-        code: "INVALID_DEFINITION",
-        reason: expect.stringMatching(new RegExp(`raises delayed event "remind" whose field ${field}\\b`)),
-      });
-    }
+    expect(
+      stored({ at: new Date(0), counts: new Map(), list: [1, undefined], inf: Number.POSITIVE_INFINITY }),
+    ).toEqual({ at: "1970-01-01T00:00:00.000Z", counts: {}, list: [1, null], inf: null });
+    // Charts that never read such fields kept working before timers stored fields: they still do.
+    expect(stored({ big: 1n })).toBeUndefined();
+    expect(stored({ cyclic })).toBeUndefined();
   });
 });
 

@@ -168,6 +168,8 @@ export interface WorkflowRegistry {
   readonly latestVersions: readonly AnyWorkflowDefinition[];
   /** The latest registered version of `name` (what new instances start on). */
   latest(name: string): AnyWorkflowDefinition | undefined;
+  /** Every registered version of `name`, oldest first (none for an unknown workflow). */
+  versions(name: string): readonly AnyWorkflowDefinition[];
   /**
    * The definition that runs an instance of `name` whose state was made by `version`: that version
    * when registered; the latest when `version` is older than every registered one or missing in
@@ -197,16 +199,19 @@ export function workflowRegistry(workflows: readonly AnyWorkflowDefinition[]): W
     byName.set(definition.name, versions);
   }
   const latest = new Map<string, AnyWorkflowDefinition>();
+  const sortedByName = new Map<string, readonly AnyWorkflowDefinition[]>();
   const all: AnyWorkflowDefinition[] = [];
   for (const [name, versions] of byName) {
     const sorted = [...versions.values()].sort((a, b) => a.version - b.version);
     all.push(...sorted);
+    sortedByName.set(name, sorted);
     latest.set(name, sorted[sorted.length - 1] as AnyWorkflowDefinition);
   }
   return {
     all,
     latestVersions: [...latest.values()],
     latest: (name) => latest.get(name),
+    versions: (name) => sortedByName.get(name) ?? [],
     forInstance(name, version) {
       const newest = latest.get(name);
       if (!newest) return undefined;

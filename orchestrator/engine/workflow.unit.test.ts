@@ -25,6 +25,8 @@ describe("workflowRegistry", () => {
     expect(registry.latest("c")).toBeUndefined();
     expect(registry.latestVersions).toEqual([a4, b1]);
     expect(registry.all).toEqual([a1, a2, a4, b1]);
+    expect(registry.versions("a")).toEqual([a1, a2, a4]);
+    expect(registry.versions("c")).toEqual([]);
   });
 
   it("runs an instance on the version it started with, the latest when that one is gone, and names a newer one", () => {

@@ -183,21 +183,24 @@ class Client implements WorkflowClient {
     options: { idempotencyKey?: string } = {},
   ): Promise<Sent> {
     assertId(instanceId);
-    const definition = this.#definitions.latest(workflow);
-    if (definition) {
-      const schema = definition.events[event.type];
-      if (!schema) {
+    // The instance may run on any registered version (the orchestrator decides with its own): the
+    // event is refused here only when no version takes it.
+    const versions = this.#definitions.versions(workflow);
+    if (versions.length > 0) {
+      const declaring = versions.filter((definition) => Object.hasOwn(definition.events, event.type));
+      if (declaring.length === 0) {
         throw new JetsagaError("UNKNOWN_EVENT", `workflow ${workflow} does not accept "${event.type}"`, {
           context: { workflow, type: event.type },
         });
       }
-      const result = schema.safeParse(event);
-      if (!result.success) {
+      const results = declaring.map((definition) => definition.events[event.type]?.safeParse(event));
+      const failed = results.find((result) => result && !result.success);
+      if (!results.some((result) => result?.success) && failed && !failed.success) {
         throw new JetsagaError(
           "SCHEMA_VIOLATION",
-          `invalid event: ${result.error.issues[0]?.message ?? "?"}`,
+          `invalid event: ${failed.error.issues[0]?.message ?? "?"}`,
           {
-            context: { workflow, type: event.type, field: result.error.issues[0]?.path.join(".") },
+            context: { workflow, type: event.type, field: failed.error.issues[0]?.path.join(".") },
           },
         );
       }

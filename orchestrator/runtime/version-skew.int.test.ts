@@ -163,4 +163,32 @@ describe("a workflow whose chart changed between versions", () => {
     expect(older.stats.deadLettered).toBe(0);
     expect(await readStoredDeadLetters(jetstream(nc), topology(ns))).toEqual([]);
   });
+
+  it("lets a client send an event that only an older registered version declares", async () => {
+    // Version 3 takes `next` instead of `go`; instances of version 1 still take `go`.
+    const v3 = defineWorkflow({
+      name: "steps",
+      version: 3,
+      input: z.object({}),
+      events: { next: z.object({ type: z.literal("next") }) },
+      signals: ["next"],
+      machine: setup({}).createMachine({
+        id: "steps",
+        initial: "a",
+        states: { a: { on: { next: "b" } }, b: {} },
+      }),
+    });
+    const versioned = await createWorkflowClient({ nc, ns, workflows: [v1, v3] });
+    try {
+      // old-1 has ended: the orchestrator ignores it; the client must only let it through.
+      await expect(versioned.signal("steps", "old-1", { type: "go" })).resolves.toMatchObject({
+        seq: expect.any(Number),
+      });
+      await expect(versioned.signal("steps", "old-1", { type: "stop" })).rejects.toMatchObject({
+        code: "UNKNOWN_EVENT",
+      });
+    } finally {
+      await versioned.close();
+    }
+  });
 });

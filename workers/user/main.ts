@@ -66,9 +66,12 @@ async function stop(): Promise<void> {
   // At once and together: a worker stopped last went on taking commands while the API, relay and
   // pruner finished (each may wait on Postgres), and could run out of the shutdown time before
   // handing its messages back. None of them needs another; the pool and NATS close after all.
-  await Promise.all([server?.close(), worker?.stop(), relay?.stop(), pruner?.stop()]);
+  const stopped = await Promise.allSettled([server?.close(), worker?.stop(), relay?.stop(), pruner?.stop()]);
   await nc?.drain().catch(() => {});
   await sql?.end({ timeout: 5 });
+  // All were given their time: a failure of one (reported as the stop's) cut none of the others short.
+  const failed = stopped.find((result) => result.status === "rejected");
+  if (failed) throw failed.reason;
 }
 
 /** Starts the user service; bad configuration or an unreachable server exits with status 1. */

@@ -210,6 +210,9 @@ describe("the relay's batch query", () => {
       expect(await claimed(100)).toEqual(["due-1", "due-2", "due-3", "new-1", "new-2", "new-3", "new-4"]);
       // New rows first, then the longest due; published in id order.
       expect(await claimed(5)).toEqual(["due-3", "new-1", "new-2", "new-3", "new-4"]);
+      // A full batch of new rows still takes a quarter of a batch of due retries: new rows coming
+      // all the time must not hold retries back for ever.
+      expect(await claimed(4)).toEqual(["due-3", "new-1", "new-2", "new-3", "new-4"]);
       expect(await claimed(2)).toEqual(["new-1", "new-2"]);
       // Migration 007 also drops an index no query used.
       expect(await sql`select 1 from pg_indexes where indexname = 'credit_reservations_user_held'`).toEqual(

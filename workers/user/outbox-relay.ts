@@ -76,7 +76,9 @@ export interface OutboxRelay {
 /**
  * Locks and returns up to `$2` rows to publish whose subject is `like $1`, by id: rows never tried
  * first (`outbox_unpublished_new`, in id order), then rows whose pause after a failure is over
- * (`outbox_unpublished_retry`, the longest due first). Two index scans that only see rows they
+ * (`outbox_unpublished_retry`, the longest due first), at least a quarter of a batch of them so
+ * that a steady stream of new rows does not hold retries back for ever (a batch may then hold up to
+ * 5/4 × `$2` rows). Two index scans that only see rows they
  * take: one query on `next_attempt_at is null or next_attempt_at <= now()` walked every unpublished
  * row in id order, including all those still backing off (rows that can never be published pile
  * up there), on every pass. `for update skip locked` in each part, under its limit: rows another
@@ -93,7 +95,7 @@ export const CLAIM_BATCH_SQL = `
     select id, subject, msg_id, payload from outbox
     where published_at is null and next_attempt_at <= now() and subject like $1
     order by next_attempt_at
-    limit $2 - (select count(*) from fresh)
+    limit greatest($2 / 4, $2 - (select count(*) from fresh))
     for update skip locked
   )
   select * from fresh union all select * from due order by id`;
