@@ -22,6 +22,7 @@ import type { InstanceState } from "../engine/state.ts";
 import { type AnyWorkflowDefinition, type WorkflowRegistry, workflowRegistry } from "../engine/workflow.ts";
 import { deadLetterOf, maxDeadLetterBytes, publishDeadLetter, readJsonBody } from "./dead-letters.ts";
 import { type EffectTarget, executeEffects } from "./effects.ts";
+import { type HandbackLedger, noHandbackLedger, openHandbackLedger } from "./handbacks.ts";
 import { type HistoryEntry, HistoryStore } from "./history-store.ts";
 import { LruCache } from "./lru.ts";
 import { ensureTimersArmed } from "./timer-recovery.ts";
@@ -151,6 +152,12 @@ const MAYBE_VERSION_SKEW: ReadonlySet<string> = new Set([
 const INBOX_RETRY: BackoffPolicy = { initialDelayMs: 100, maxDelayMs: 5_000 };
 /** Deliveries after which a message whose handling fails in a way retries cannot cure is dead-lettered. */
 const UNRECOVERABLE_MAX_DELIVERIES = 3;
+/**
+ * How long a stopping orchestrator tries to record the hand-back of a message it took and did not
+ * start, ms: the nak follows the write, and a stop with NATS unreachable must not wait out request
+ * timeouts (the worker runtime bounds its stop's writes the same).
+ */
+const STOP_LEDGER_WRITE_MS = 1_500;
 /** Least time between two attempts to make missing streams again, ms. */
 const TOPOLOGY_REPAIR_INTERVAL_MS = 2_000;
 /** Pause before scheduling the pending timers again after that failed, ms. */
@@ -225,7 +232,8 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   };
   await ensureConsumer();
   const log = options.logger ?? noopLogger;
-  const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency);
+  const handbacks = await openLedger(options, topo, log);
+  const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency, handbacks);
   // In the background: the inbox is consumed meanwhile (a re-arm reads every instance's latest entry).
   loop.armTimers();
   let stopping = false;
@@ -295,6 +303,37 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   };
 }
 
+/**
+ * The hand-back ledger (handbacks.ts), shared with the workers: what a stop handed back is not
+ * counted against a message's delivery budgets. One that cannot be opened counts no hand-backs,
+ * as before it existed: the orchestrator runs without it rather than not at all.
+ */
+async function openLedger(
+  options: OrchestratorOptions,
+  topo: Topology,
+  log: OrchestratorLogger,
+): Promise<HandbackLedger> {
+  try {
+    return await openHandbackLedger(
+      options.nc,
+      topo,
+      options.topology,
+      (error, what) =>
+        log.warn(
+          { err: String(error), what },
+          "hand-back ledger unavailable: hand-backs count as deliveries",
+        ),
+      (context, message) => log.warn(context, message),
+    );
+  } catch (error) {
+    log.warn(
+      { err: String(error) },
+      "cannot open the hand-back ledger: messages handed back at a stop count as deliveries",
+    );
+    return noHandbackLedger;
+  }
+}
+
 class OrchestratorLoop {
   cacheUsage(): { entries: number; bytes: number } {
     return { entries: this.#cache.size, bytes: this.#cache.weight };
@@ -325,6 +364,9 @@ class OrchestratorLoop {
   readonly #effects: EffectTarget;
   readonly #store: HistoryStore;
   readonly #definitions: WorkflowRegistry;
+  readonly #handbacks: HandbackLedger;
+  /** Hand-backs of a stop still being recorded (their naks follow): drain() waits for them. */
+  readonly #handingBack = new Set<Promise<void>>();
   /**
    * Latest state and its stream sequence of running instances. Only what the next decision needs
    * (not the entry's event and effects), and ended instances are dropped: they accept nothing more.
@@ -345,8 +387,10 @@ class OrchestratorLoop {
     js: JetStreamClient,
     jsm: JetStreamManager,
     concurrency: number,
+    handbacks: HandbackLedger,
   ) {
     this.#options = options;
+    this.#handbacks = handbacks;
     this.#topo = topo;
     this.#js = js;
     this.#jsm = jsm;
@@ -364,28 +408,54 @@ class OrchestratorLoop {
   stop(): void {
     this.#stopping = true;
     this.#stopped.abort();
+    // A message waiting for a slot goes back at once rather than after the messages in progress.
+    const wake = this.#slotFreed;
+    this.#slotFreed = undefined;
+    wake?.();
   }
 
   async run(messages: ConsumerMessages): Promise<void> {
     for await (const msg of messages) {
-      if (this.#stopping) {
-        // close() ends the iterator only after what it already buffered (up to the consume's
-        // max_messages); another process, or this one restarted, gets those at once.
-        nakQuietly(msg);
-        continue;
-      }
-      while (this.#inFlight >= this.#concurrency) {
+      while (this.#inFlight >= this.#concurrency && !this.#stopping) {
         await new Promise<void>((resolve) => {
           this.#slotFreed = resolve;
         });
       }
-      // stop() may have come while this one waited for a slot: hand it back too.
       if (this.#stopping) {
-        nakQuietly(msg);
+        // close() ends the iterator only after what it already buffered (up to the consume's
+        // max_messages), and stop() may have come while this one waited for a slot: another
+        // process, or this one restarted, gets those at once.
+        this.#handBack(msg);
         continue;
       }
       this.#accept(msg);
     }
+  }
+
+  /**
+   * Hands back a message taken and not started, at a stop. Recorded in the hand-back ledger first,
+   * so that the delivery it causes does not count against the message's budgets (a rolling update
+   * restarts every process, and the version-skew refusals it causes have a budget of their own),
+   * then nak'd. Each write is bounded (STOP_LEDGER_WRITE_MS; given up, the hand-back counts as a
+   * delivery, as before the ledger) and not awaited here: what the consumer buffered goes back
+   * together; drain() waits for them.
+   */
+  #handBack(msg: JsMsg): void {
+    const work = this.#handbacks
+      .record(msg, undefined, AbortSignal.timeout(STOP_LEDGER_WRITE_MS))
+      .then(() => nakQuietly(msg));
+    this.#handingBack.add(work);
+    void work.finally(() => this.#handingBack.delete(work));
+  }
+
+  /**
+   * Which attempt this delivery of `msg` is: its delivery count less the hand-backs recorded for it
+   * (see #handBack). For the delivery budgets and backoff only, which are off the normal path, and
+   * a first delivery reads nothing. A ledger that cannot be read counts no hand-backs.
+   */
+  async #attempt(msg: JsMsg): Promise<number> {
+    const deliveries = msg.info.deliveryCount;
+    return deliveries <= 1 ? deliveries : deliveries - (await this.#handbacks.count(msg));
   }
 
   /** Waits until every message taken has been finished, at most `timeoutMs`. */
@@ -393,6 +463,10 @@ class OrchestratorLoop {
     const deadline = Date.now() + timeoutMs;
     while (this.#chains.size > 0 && Date.now() < deadline) {
       await Promise.race([...this.#chains.values(), sleep(50)]);
+    }
+    // Hand-backs still being recorded: their naks follow (each write is bounded).
+    if (this.#handingBack.size > 0) {
+      await settledWithin(Promise.all(this.#handingBack), Math.max(0, deadline - Date.now()));
     }
     // A repair still making streams, or a re-arm, would otherwise outlive stop() and the connection.
     if (this.#repairing) await settledWithin(this.#repairing, Math.max(0, deadline - Date.now()));
@@ -584,12 +658,15 @@ class OrchestratorLoop {
           msg.ack();
           return;
         case "rejected":
-          if (decision.code === "INSTANCE_NOT_FOUND" && msg.info.deliveryCount < NOT_STARTED_MAX_DELIVERIES) {
-            // The start may still be on its way (or held by another process): look again shortly.
-            this.#cache.delete(key);
-            this.stats.retried++;
-            msg.nak(NOT_STARTED_RETRY_MS * msg.info.deliveryCount);
-            return;
+          if (decision.code === "INSTANCE_NOT_FOUND") {
+            const tried = await this.#attempt(msg);
+            if (tried < NOT_STARTED_MAX_DELIVERIES) {
+              // The start may still be on its way (or held by another process): look again shortly.
+              this.#cache.delete(key);
+              this.stats.retried++;
+              msg.nak(NOT_STARTED_RETRY_MS * tried);
+              return;
+            }
           }
           if (!fresh && decision.code !== "INSTANCE_NOT_FOUND") {
             // As for "ignored": a refusal made on a stale state (a guard or a command's input that
@@ -647,22 +724,37 @@ class OrchestratorLoop {
     return latest?.entry.revision === revision;
   }
 
-  /** Dead-letters a refused message, or first hands it back a few times (see MAYBE_VERSION_SKEW). */
+  /**
+   * Dead-letters a refused message, or first hands it back a few times (see MAYBE_VERSION_SKEW):
+   * `maxDeliveries` attempts, not counting the deliveries that stops caused (see #attempt).
+   */
   async #refuse(msg: JsMsg, code: string, reason: string): Promise<void> {
     const { maxDeliveries = 8, retryMs = 2_000 } = this.#options.versionSkew ?? {};
-    if (MAYBE_VERSION_SKEW.has(code) && msg.info.deliveryCount < maxDeliveries) {
-      this.stats.retried++;
-      this.#log.warn(
-        { subject: msg.subject, seq: msg.seq, code, reason, deliveries: msg.info.deliveryCount },
-        "inbox message refused; handed back in case a newer version of the workflows takes it",
-      );
-      msg.nak(retryMs * msg.info.deliveryCount);
-      return;
+    if (MAYBE_VERSION_SKEW.has(code)) {
+      const tried = await this.#attempt(msg);
+      if (tried < maxDeliveries) {
+        this.stats.retried++;
+        this.#log.warn(
+          {
+            subject: msg.subject,
+            seq: msg.seq,
+            code,
+            reason,
+            deliveries: msg.info.deliveryCount,
+            attempt: tried,
+          },
+          "inbox message refused; handed back in case a newer version of the workflows takes it",
+        );
+        msg.nak(retryMs * tried);
+        return;
+      }
+      return await this.#deadLetter(msg, code, reason, tried);
     }
     await this.#deadLetter(msg, code, reason);
   }
 
-  async #deadLetter(msg: JsMsg, code: string, reason: string): Promise<void> {
+  /** `attempt`: which attempt this delivery is, when known (#attempt), for the retry's backoff. */
+  async #deadLetter(msg: JsMsg, code: string, reason: string, attempt?: number): Promise<void> {
     const maxRecordBytes = maxDeadLetterBytes(this.#options.nc);
     try {
       await publishDeadLetter(
@@ -677,23 +769,33 @@ class OrchestratorLoop {
       this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");
       msg.term(reason.slice(0, 200));
     } catch (error) {
-      this.#nakLater(msg, error);
+      this.#nakLater(msg, error, attempt ?? (await this.#attempt(msg)));
     }
   }
 
-  #retryLater(msg: JsMsg, error: unknown): void {
-    const deliveries = msg.info.deliveryCount;
-    if (isUnrecoverable(error) && deliveries >= UNRECOVERABLE_MAX_DELIVERIES) {
-      void this.#deadLetter(msg, "HANDLING_FAILED", `failed on ${deliveries} deliveries: ${String(error)}`);
+  /**
+   * A message whose handling failed: dead-lettered on its UNRECOVERABLE_MAX_DELIVERIES-th attempt
+   * if retries cannot cure it, else handed back with backoff by attempt (deliveries less the
+   * hand-backs of stops). The slot and the instance's chain are held until it is settled.
+   */
+  async #retryLater(msg: JsMsg, error: unknown): Promise<void> {
+    const tried = await this.#attempt(msg);
+    if (isUnrecoverable(error) && tried >= UNRECOVERABLE_MAX_DELIVERIES) {
+      await this.#deadLetter(
+        msg,
+        "HANDLING_FAILED",
+        `failed on ${tried} deliveries: ${String(error)}`,
+        tried,
+      );
       return;
     }
-    this.#nakLater(msg, error);
+    this.#nakLater(msg, error, tried);
   }
 
-  #nakLater(msg: JsMsg, error: unknown): void {
+  #nakLater(msg: JsMsg, error: unknown, attempt: number): void {
     this.#repairIfStreamMissing(error);
     this.stats.retried++;
-    const delay = backoffDelay(msg.info.deliveryCount, INBOX_RETRY);
+    const delay = backoffDelay(attempt, INBOX_RETRY);
     this.#log.warn(
       { subject: msg.subject, seq: msg.seq, error: String(error), delayMs: delay },
       "retrying inbox message",

@@ -1,5 +1,5 @@
 /**
- * The hand-back ledger (handbacks.ts) against a real nats-server: a bucket that exists with other
+ * The hand-back ledger (orchestrator/runtime/handbacks.ts) against a real nats-server: a bucket that exists with other
  * settings is reported and left as it is; a worker stopping while its server does not answer
  * (stopped with SIGSTOP: connections stay open, nothing is answered) hands the messages it holds
  * (waiting for a slot) back without waiting out the ledger's request timeouts.
@@ -16,11 +16,11 @@ import { Kvm } from "@nats-io/kv";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
+import { handbackBucket, openHandbackLedger } from "../../orchestrator/runtime/handbacks.ts";
 import { topology } from "../../orchestrator/runtime/topology.ts";
 import type { CommandMessage, DomainEventMessage } from "../../schemas/envelope.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import { type NatsServerHandle, startNatsServer } from "../../test/support/servers.ts";
-import { handbackBucket, openHandbackLedger } from "./handbacks.ts";
 import {
   type CommandHandler,
   createWorker,

@@ -2,12 +2,12 @@ import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManage
 import { connect, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
+import { openHandbackLedger } from "../../orchestrator/runtime/handbacks.ts";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/runtime/topology.ts";
 import type { CommandMessage, DeadLetter, DomainEventMessage, InboxMessage } from "../../schemas/envelope.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import { type NatsServerHandle, startNatsServer } from "../../test/support/servers.ts";
 import { startTcpRelay } from "../../test/support/tcp-relay.ts";
-import { openHandbackLedger } from "./handbacks.ts";
 import {
   type CommandHandler,
   createWorker,

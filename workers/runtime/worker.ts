@@ -22,6 +22,7 @@ import {
   maxDeadLetterBytes,
   readJsonBody,
 } from "../../orchestrator/runtime/dead-letters.ts";
+import { openHandbackLedger } from "../../orchestrator/runtime/handbacks.ts";
 import { consumerDefaults, ensureTopology, topology } from "../../orchestrator/runtime/topology.ts";
 import {
   type CommandMessage,
@@ -37,7 +38,6 @@ import {
 } from "../../schemas/envelope.ts";
 import type { DeadLetterCode } from "./dead-letters.ts";
 import { isTerminalError } from "./errors.ts";
-import { openHandbackLedger } from "./handbacks.ts";
 import type {
   CommandHandler,
   EventHandler,
@@ -241,8 +241,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   /**
    * Hands `msg` back for a reason that is neither the handler's nor the message's (the worker is
    * stopping; the reply of an applied effect could not be published): recorded first, so the
-   * delivery it causes is not counted as an attempt (see handbacks.ts). `handedBack`: the count so
-   * far when known. A failed dead-lettering and a bug of ours are naks that count, or they could
+   * delivery it causes is not counted as an attempt (see orchestrator/runtime/handbacks.ts).
+   * `handedBack`: the count so far when known. A failed dead-lettering and a bug of ours are naks that count, or they could
    * hand a message back for ever. Once stopping, the ledger write is bounded (STOP_LEDGER_WRITE_MS):
    * the nak follows it, and stop() must not wait out request timeouts when NATS is unreachable.
    */
@@ -255,15 +255,18 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   }
 
   /** Tells the server the message is still being worked on, restarting its ack_wait. */
-  function progress(msg: JsMsg): void {
+  /** Tells the server the message is still being worked on; true when that was sent. */
+  function progress(msg: JsMsg): boolean {
     // Once stop() has given up on a handler, its message is left to ack_wait and another process;
     // a delivery given up on is another run's now (its late reply retries must not keep it).
-    if (abort.signal.aborted || expired.has(msg)) return;
+    if (abort.signal.aborted || expired.has(msg)) return false;
     try {
       // A no-op once the message is settled (nats.js ignores it after ack, nak or term).
       msg.working();
+      return true;
     } catch {
       // Closed connection: the message is redelivered after ack_wait whatever we do.
+      return false;
     }
   }
 
@@ -582,8 +585,10 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     let lastProgress = Date.now();
     const keepAlive = setInterval(() => {
       if (Date.now() < keptUntil) {
-        lastProgress = Date.now();
-        return progress(msg);
+        // Only a progress sent restarts the server's ack_wait: the expiry below must not be later
+        // than the redelivery it allows.
+        if (progress(msg)) lastProgress = Date.now();
+        return;
       }
       clearInterval(keepAlive);
       delivery.abort(new Error(`handler still running after maxAttempts x ackWait (${keepAliveForMs} ms)`));

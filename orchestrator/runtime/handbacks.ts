@@ -1,23 +1,27 @@
 import type { JsMsg } from "@nats-io/jetstream";
 import { type KV, Kvm } from "@nats-io/kv";
 import type { NatsConnection } from "@nats-io/transport-node";
-import type { Topology, TopologyOptions } from "../../orchestrator/runtime/topology.ts";
+import type { Topology, TopologyOptions } from "./topology.ts";
 
 /**
- * How many times the worker runtime handed a message back for reasons that are neither the
- * handler's nor the message's: a stop, a reply it could not publish. JetStream counts every
- * delivery, these too,
- * and the runtime's attempts are deliveries: without this ledger a rolling deploy that catches a
- * command on its last attempt (its hand-back is one more delivery) dead-letters it unattempted, and
- * a command whose effect was applied but whose reply could not be published ends in
- * `command.failed`. Hand-backs are taken off the delivery count to give the attempt.
+ * How many times a consumer's process handed a message back for reasons that are neither the
+ * message's nor its handling's: a stop, a reply it could not publish. JetStream counts every
+ * delivery, these too, and the delivery budgets read the delivery count: without this ledger a
+ * rolling deploy that catches a command on its last attempt (its hand-back is one more delivery)
+ * dead-letters it unattempted, a command whose effect was applied but whose reply could not be
+ * published ends in `command.failed`, and an inbox message refused as version skew, or waiting
+ * for its instance's start, runs out of deliveries when a few orchestrator restarts hand it back.
+ * Hand-backs are taken off the delivery count to give the attempt.
+ *
+ * Shared by the worker runtime (`workers/runtime/worker.ts`) and the orchestrator
+ * (`orchestrator.ts`, its inbox consumer): one bucket per namespace.
  *
  * Kept in a KV bucket (one key per consumer and stream message, see {@link handbackKey}; kept a
  * day, far longer than any retry schedule), so the count survives the process that handed the
  * message back. Read only
  * for redeliveries, which are rare; written only on hand-backs. A read or write that fails (NATS
  * away) counts as no hand-back: the runtime then behaves as it did without the ledger. So does a
- * write given up on its caller's signal (a stopping worker bounds each write, so that a stop with
+ * write given up on its caller's signal (a stopping process bounds each write, so that a stop with
  * NATS unreachable does not wait out request timeouts; the write may still land later, which at
  * worst under-counts: the values written only ever derive from older reads) and a write on a
  * closed connection (skipped).
@@ -34,6 +38,12 @@ export interface HandbackLedger {
    */
   record(msg: JsMsg, known: number | undefined, signal?: AbortSignal): Promise<void>;
 }
+
+/** A ledger that counts no hand-backs and records none: the behaviour without a ledger. */
+export const noHandbackLedger: HandbackLedger = {
+  count: async () => 0,
+  record: async () => {},
+};
 
 /** How long a message's hand-back count is kept, ms: a day. */
 const KEEP_MS = 24 * 3_600_000;

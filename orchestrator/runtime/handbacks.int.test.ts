@@ -1,0 +1,147 @@
+/**
+ * The orchestrator and the hand-back ledger (handbacks.ts) against a real nats-server: a message
+ * that a stopping orchestrator hands back unstarted is recorded, and the delivery that causes does
+ * not count against its budget. The scenario is a rolling update: a message only a newer version
+ * knows (version skew) is refused by each old process, and each old process's stop catches it
+ * again. A first delivery reads no ledger.
+ */
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
+import type { NatsConnection } from "@nats-io/transport-node";
+import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { connectNats } from "../../common/nats.ts";
+import { counterWorkflow } from "../../test/fixtures/workflows.ts";
+import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
+import { readStoredDeadLetters } from "../../workers/runtime/dead-letters.ts";
+import { createWorkflowClient, type WorkflowClient } from "./client.ts";
+import { handbackBucket } from "./handbacks.ts";
+import { type RunningOrchestrator, startOrchestrator } from "./orchestrator.ts";
+import { topology } from "./topology.ts";
+
+/**
+ * A connection of its own for one orchestrator, watched: its reads of the hand-back ledger are
+ * counted, and `hold()` holds the next history append (of a `counter` instance) until released,
+ * so that the message being handled keeps the orchestrator's only slot.
+ */
+async function watchedConnection(ns: string) {
+  const nc = await connectNats({ servers: natsUrl() });
+  const bucket = handbackBucket(topology(ns));
+  const ledgerReads: string[] = [];
+  let held: { reached: () => void; released: Promise<void> } | undefined;
+  const request = nc.request.bind(nc);
+  nc.request = (subject, payload, opts) => {
+    if (
+      subject.startsWith(`$JS.API.DIRECT.GET.KV_${bucket}`) ||
+      subject.startsWith(`$JS.API.STREAM.MSG.GET.KV_${bucket}`)
+    ) {
+      ledgerReads.push(subject);
+    }
+    const hold = held;
+    if (hold && subject.startsWith(`${ns}.history.counter.`)) {
+      held = undefined;
+      hold.reached();
+      return hold.released.then(() => request(subject, payload, opts));
+    }
+    return request(subject, payload, opts);
+  };
+  return {
+    nc,
+    ledgerReads,
+    hold() {
+      let reached = () => {};
+      let release = () => {};
+      const reachedP = new Promise<void>((resolve) => {
+        reached = resolve;
+      });
+      const released = new Promise<void>((resolve) => {
+        release = resolve;
+      });
+      held = { reached, released };
+      return { reached: reachedP, release };
+    },
+  };
+}
+
+describe("a message handed back by stopping orchestrators", () => {
+  const ns = uniqueNamespace("handback");
+  const topo = topology(ns);
+  let nc: NatsConnection;
+  let client: WorkflowClient;
+  const running: RunningOrchestrator[] = [];
+  const connections: NatsConnection[] = [];
+  /** Appends still held (a failed test's): released before stopping. */
+  const holds: Array<() => void> = [];
+
+  beforeAll(async () => {
+    nc = await connectNats({ servers: natsUrl() });
+    // Without the definitions: a client of a newer version.
+    client = await createWorkflowClient({ nc, ns });
+  });
+
+  afterAll(async () => {
+    for (const release of holds) release();
+    await Promise.all(running.map((orchestrator) => orchestrator.stop()));
+    await Promise.all(connections.map((c) => c.close()));
+    await client?.close();
+    await nc?.close();
+  });
+
+  it("keeps its whole version-skew budget, and a first delivery reads no ledger", async () => {
+    const maxDeliveries = 4;
+    const jsm = await jetstreamManager(nc);
+    const delivered = async () =>
+      (await jsm.consumers.info(topo.streams.inbox, "orchestrator")).delivered.consumer_seq;
+    let refusals = 0;
+    const ledgerReads: number[] = [];
+    // Each old process refuses the message once (an attempt), then stops while it holds the
+    // message's next delivery: the hand-back is one more delivery, not an attempt.
+    for (let stop = 1; stop < maxDeliveries; stop++) {
+      const watched = await watchedConnection(ns);
+      connections.push(watched.nc);
+      const old = await startOrchestrator({
+        nc: watched.nc,
+        ns,
+        workflows: [counterWorkflow],
+        concurrency: 1,
+        versionSkew: { maxDeliveries, retryMs: 500 },
+      });
+      running.push(old);
+      if (stop === 1) await client.start("newer", "n-1", {});
+      await expect.poll(() => old.stats.retried + old.stats.deadLettered, { timeout: 10_000 }).toBe(1);
+      // With the stops' deliveries counted, the third process dead-letters it on its attempt 3.
+      expect(old.stats.deadLettered).toBe(0);
+      refusals += old.stats.retried;
+
+      // A message of a workflow it knows takes the only slot (its append is held) while the refused
+      // one's pause runs; once back, the refused one waits for the slot.
+      const append = watched.hold();
+      holds.push(append.release);
+      await client.start("counter", `slot-${stop}`, { expected: 1 });
+      await append.reached;
+      const before = await delivered();
+      await expect.poll(delivered, { timeout: 10_000 }).toBe(before + 1);
+      ledgerReads.push(watched.ledgerReads.length);
+
+      const stopped = old.stop();
+      append.release();
+      await stopped;
+      running.splice(running.indexOf(old), 1);
+    }
+    expect(refusals).toBe(maxDeliveries - 1);
+    // Until the stop: a first delivery reads no ledger (the refused message's first, the slot
+    // holder's); a redelivery refused reads it once.
+    expect(ledgerReads).toEqual([0, 1, 1]);
+
+    // Its last attempt, on the seventh delivery: dead-lettered (no process of the newer version came).
+    const last = await startOrchestrator({
+      nc,
+      ns,
+      workflows: [counterWorkflow],
+      versionSkew: { maxDeliveries, retryMs: 500 },
+    });
+    running.push(last);
+    await expect.poll(() => last.stats.deadLettered, { timeout: 10_000 }).toBe(1);
+    expect(last.stats.retried).toBe(0);
+    const [letter] = await readStoredDeadLetters(jetstream(nc), topo);
+    expect(letter?.letter).toMatchObject({ code: "UNKNOWN_TYPE", deliveries: 2 * maxDeliveries - 1 });
+  });
+});
