@@ -40,6 +40,15 @@ export interface EventContext {
 export interface CommandHandler<TInput extends z.ZodType> {
   input: TInput;
   handle(input: z.output<TInput>, ctx: CommandContext): Promise<ReplyEvent>;
+  /**
+   * The reply recorded for `commandId` by an earlier `handle` that applied the command, if any
+   * (undefined when it was never applied). Asked for a delivery past the last attempt instead of
+   * giving up at once: the last attempt may have applied the command and died before its reply was
+   * published (a crash, a kill at the shutdown limit), and the instance must then hear the reply,
+   * not `command.failed` for an effect that happened. Optional: without it such a delivery is
+   * dead-lettered as `MAX_DELIVERIES`.
+   */
+  storedReply?(commandId: string, signal: AbortSignal): Promise<ReplyEvent | undefined>;
 }
 
 /** Handles one domain event of a workflow. Must be idempotent by `ctx.eventId`. */

@@ -620,6 +620,40 @@ describe("createWorker (real nats-server)", () => {
     expect(signalled).toContain(1);
   });
 
+  it("sends the reply a command recorded when a delivery past the last attempt finds it applied", async () => {
+    // The only attempt applies the charge (recording its reply) and then hangs, as a process that
+    // died before publishing would: the redelivery, past the last attempt, must not send
+    // command.failed for a charge that happened.
+    const recorded = new Map<string, { type: string }>();
+    const asked: string[] = [];
+    const { topo, inbox } = await setup("storedreply", {
+      ackWaitMs: 300,
+      retry: { ...fast, maxAttempts: 1 },
+      commands: {
+        "acct.charge": {
+          input: chargeInput,
+          async handle(_input, ctx) {
+            recorded.set(ctx.commandId, { type: "acct.charged" });
+            await new Promise((resolve) => setTimeout(resolve, 3_000));
+            return { type: "acct.charged" };
+          },
+          async storedReply(commandId) {
+            asked.push(commandId);
+            return recorded.get(commandId);
+          },
+        } satisfies CommandHandler<typeof chargeInput>,
+      },
+    });
+    const cmd = command();
+    await send(topo, cmd);
+    const reply = await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
+    expect(reply.event).toMatchObject({ type: "acct.charged", commandId: cmd.commandId });
+    expect(asked).toEqual([cmd.commandId]);
+    await sleep(300);
+    expect(inbox.received.filter((m) => m.event?.type === "command.failed")).toEqual([]);
+    expect(await readDeadLetters(js, topo, { source: "acct" })).toEqual([]);
+  });
+
   /** A handler that hangs, ignoring its signal, on the first attempt at the accounts in `hangs`. */
   function hangingOnFirstAttempt(hangs: readonly string[]) {
     const releases = new Map<string, () => void>();

@@ -379,6 +379,22 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     );
   }
 
+  /** The handler's recorded reply to `commandId`; undefined when it has none or cannot say. */
+  async function storedReplyOf(
+    handler: CommandHandler<z.ZodType>,
+    commandId: string,
+    signal: AbortSignal,
+  ): Promise<unknown> {
+    if (!handler.storedReply) return undefined;
+    try {
+      return await handler.storedReply(commandId, signal);
+    } catch (error) {
+      // As without the lookup: the command goes to the dead letters, whence it can be redriven.
+      log.warn({ err: describe(error), commandId }, "cannot read the command's recorded reply");
+      return undefined;
+    }
+  }
+
   /** Reads the JSON body, or dead-letters the message and returns undefined. */
   async function readBody(msg: JsMsg): Promise<{ value: unknown } | undefined> {
     const body = readJsonBody(msg.data, maxMessageBytes);
@@ -429,27 +445,37 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     }
     const handedBack = await handbacks.count(msg);
     const attempt = msg.info.deliveryCount - handedBack;
-    if (attempt > policy.maxAttempts) {
-      await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt, handedBack), target);
-      return;
-    }
-    const input = await handler.input.safeParseAsync(cmd.input);
-    if (!input.success) {
-      await deadLetterMessage(msg, "SCHEMA_VIOLATION", `invalid input: ${issues(input.error)}`, target);
-      return;
-    }
     let reply: unknown;
-    try {
-      reply = await handler.handle(input.data, {
-        commandId: cmd.commandId,
-        command: cmd.command,
-        attempt,
-        replyTo: cmd.replyTo,
-        signal,
-      });
-    } catch (error) {
-      await handlerFailed(msg, error, attempt, handedBack, target);
-      return;
+    if (attempt > policy.maxAttempts) {
+      // The last attempt may have applied the command and died before publishing its reply: the
+      // instance then gets that reply rather than command.failed for an effect that happened.
+      reply = await storedReplyOf(handler, cmd.commandId, signal);
+      if (reply === undefined) {
+        await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt, handedBack), target);
+        return;
+      }
+      log.info(
+        { subject: msg.subject, seq: msg.seq, commandId: cmd.commandId, attempt },
+        "delivery past the last attempt: sending the reply the command recorded",
+      );
+    } else {
+      const input = await handler.input.safeParseAsync(cmd.input);
+      if (!input.success) {
+        await deadLetterMessage(msg, "SCHEMA_VIOLATION", `invalid input: ${issues(input.error)}`, target);
+        return;
+      }
+      try {
+        reply = await handler.handle(input.data, {
+          commandId: cmd.commandId,
+          command: cmd.command,
+          attempt,
+          replyTo: cmd.replyTo,
+          signal,
+        });
+      } catch (error) {
+        await handlerFailed(msg, error, attempt, handedBack, target);
+        return;
+      }
     }
     const id = `reply.${cmd.commandId}`;
     const message = inboxMessage.safeParse({

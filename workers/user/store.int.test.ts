@@ -140,6 +140,19 @@ describe("user.verify", () => {
     expect((await store.verify("v2", { userId: "ghost" })).type).toBe("user.rejected");
     expect((await store.verify("v3", { userId: "ghost" })).type).toBe("user.verified");
   });
+
+  it("gives the reply a command recorded, and none for a command never applied", async () => {
+    const userId = await newUser(100);
+    const verified = await store.verify("v-stored", { userId });
+    expect(await store.storedReply("v-stored")).toEqual(verified);
+    const reserved = await store.reserveCredit("r-stored", {
+      userId,
+      reservationId: "res-stored",
+      amountCents: 5,
+    });
+    expect(await store.storedReply("r-stored")).toEqual(reserved);
+    expect(await store.storedReply("never-sent")).toBeUndefined();
+  });
 });
 
 describe("user.reserveCredit", () => {

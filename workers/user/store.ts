@@ -120,6 +120,14 @@ export interface UserStore {
     input: z.output<typeof releaseCreditInput>,
     signal?: AbortSignal,
   ): Promise<ReleaseReply>;
+  /**
+   * The reply recorded with the effect of command `commandId` (one of the three above), or
+   * undefined when it was never applied (or its record was pruned after the retention).
+   */
+  storedReply(
+    commandId: string,
+    signal?: AbortSignal,
+  ): Promise<VerifyReply | ReserveReply | ReleaseReply | undefined>;
 }
 
 /**
@@ -204,6 +212,15 @@ export function createUserStore(sql: Sql): UserStore {
         { commandId, fn: "user_reserve_credit" },
         signal,
       );
+    },
+
+    async storedReply(commandId, signal) {
+      const [row] = await queryUntilAborted(
+        sql<{ reply: VerifyReply | ReserveReply | ReleaseReply }[]>`
+          select reply from processed_commands where command_id = ${commandId}`,
+        signal,
+      );
+      return row?.reply;
     },
 
     releaseCredit(commandId, { userId, reservationId }, signal) {

@@ -29,19 +29,32 @@ export const USER_SERVICE = "user";
  */
 export function userCommandHandlers(store: UserStore): Record<string, CommandHandler<z.ZodType>> {
   return {
-    "user.verify": handler(verifyUserInput, (input, ctx) => store.verify(ctx.commandId, input, ctx.signal)),
-    "user.reserveCredit": handler(reserveCreditInput, (input, ctx) =>
-      store.reserveCredit(ctx.commandId, input, ctx.signal),
+    "user.verify": handler(
+      verifyUserInput,
+      (input, ctx) => store.verify(ctx.commandId, input, ctx.signal),
+      store,
     ),
-    "user.releaseCredit": handler(releaseCreditInput, (input, ctx) =>
-      store.releaseCredit(ctx.commandId, input, ctx.signal),
+    "user.reserveCredit": handler(
+      reserveCreditInput,
+      (input, ctx) => store.reserveCredit(ctx.commandId, input, ctx.signal),
+      store,
+    ),
+    "user.releaseCredit": handler(
+      releaseCreditInput,
+      (input, ctx) => store.releaseCredit(ctx.commandId, input, ctx.signal),
+      store,
     ),
   };
 }
 
-function handler<T extends z.ZodType>(input: T, run: CommandHandler<T>["handle"]): CommandHandler<T> {
+function handler<T extends z.ZodType>(
+  input: T,
+  run: CommandHandler<T>["handle"],
+  store: Pick<UserStore, "storedReply">,
+): CommandHandler<T> {
   return {
     input,
+    storedReply: (commandId, signal) => store.storedReply(commandId, signal),
     async handle(value, ctx) {
       try {
         return await run(value, ctx);

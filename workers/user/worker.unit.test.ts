@@ -25,6 +25,10 @@ function storeDoing(then: () => Promise<never> | Promise<{ type: string }>, sign
     verify: call,
     reserveCredit: call,
     releaseCredit: call,
+    storedReply: async (_id: string, signal?: AbortSignal) => {
+      signals.push(signal);
+      return undefined;
+    },
   };
 }
 
