@@ -165,11 +165,23 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
         version: w.version,
         signals: [...w.signals],
         chart: await layouts.get(w),
-        versions: await Promise.all(
-          registry
-            .versions(w.name)
-            .map(async (other) => ({ version: other.version, chart: await layouts.get(other) })),
-        ),
+        versions: (
+          await Promise.all(
+            registry.versions(w.name).map(async (other) => {
+              // An older version whose chart cannot be laid out is left out (the page then draws
+              // the latest's) rather than failing the whole list; the latest's is laid out above.
+              try {
+                return { version: other.version, chart: await layouts.get(other) };
+              } catch (error) {
+                options.logger?.warn(
+                  { workflow: other.name, version: other.version, err: String(error) },
+                  "cannot lay out an older version's chart",
+                );
+                return undefined;
+              }
+            }),
+          )
+        ).filter((entry) => entry !== undefined),
       })),
     );
     return json(200, { workflows: list });

@@ -367,6 +367,8 @@ class OrchestratorLoop {
   readonly #handbacks: HandbackLedger;
   /** Hand-backs of a stop still being recorded (their naks follow): drain() waits for them. */
   readonly #handingBack = new Set<Promise<void>>();
+  /** Refusals of messages that name no instance (outside every chain): drain() waits for them. */
+  readonly #refusing = new Set<Promise<void>>();
   /**
    * Latest state and its stream sequence of running instances. Only what the next decision needs
    * (not the entry's event and effects), and ended instances are dropped: they accept nothing more.
@@ -464,6 +466,9 @@ class OrchestratorLoop {
     while (this.#chains.size > 0 && Date.now() < deadline) {
       await Promise.race([...this.#chains.values(), sleep(50)]);
     }
+    if (this.#refusing.size > 0) {
+      await settledWithin(Promise.all(this.#refusing), Math.max(0, deadline - Date.now()));
+    }
     // Hand-backs still being recorded: their naks follow (each write is bounded).
     if (this.#handingBack.size > 0) {
       await settledWithin(Promise.all(this.#handingBack), Math.max(0, deadline - Date.now()));
@@ -477,7 +482,14 @@ class OrchestratorLoop {
     const parsed = this.#parse(msg);
     if (!parsed.ok) {
       this.#inFlight++;
-      void this.#refuse(msg, parsed.code, parsed.reason).finally(() => this.#release());
+      // Not in an instance's chain (it has none): tracked so that drain() waits for it too.
+      const refusing = this.#refuse(msg, parsed.code, parsed.reason)
+        .catch((error: unknown) => this.#log.warn({ err: String(error) }, "refusing a message failed"))
+        .finally(() => {
+          this.#refusing.delete(refusing);
+          this.#release();
+        });
+      this.#refusing.add(refusing);
       return;
     }
     const key = `${parsed.message.workflow}.${parsed.message.instanceId}`;
@@ -745,7 +757,7 @@ class OrchestratorLoop {
           },
           "inbox message refused; handed back in case a newer version of the workflows takes it",
         );
-        msg.nak(retryMs * tried);
+        nakQuietly(msg, retryMs * tried);
         return;
       }
       return await this.#deadLetter(msg, code, reason, tried);
@@ -769,18 +781,25 @@ class OrchestratorLoop {
       this.#log.warn({ subject: msg.subject, seq: msg.seq, code, reason }, "inbox message dead-lettered");
       msg.term(reason.slice(0, 200));
     } catch (error) {
-      this.#nakLater(msg, error, attempt ?? (await this.#attempt(msg)));
+      // Publishing failed (NATS, most likely): no ledger read for the backoff.
+      this.#nakLater(msg, error, attempt ?? msg.info.deliveryCount);
     }
   }
 
   /**
    * A message whose handling failed: dead-lettered on its UNRECOVERABLE_MAX_DELIVERIES-th attempt
-   * if retries cannot cure it, else handed back with backoff by attempt (deliveries less the
-   * hand-backs of stops). The slot and the instance's chain are held until it is settled.
+   * (deliveries less the hand-backs of stops) if retries cannot cure it, else handed back with
+   * backoff by delivery. The slot and the instance's chain are held until it is settled.
    */
   async #retryLater(msg: JsMsg, error: unknown): Promise<void> {
+    // The ledger is read only where a budget is at stake: with NATS failing (the usual cause of
+    // a transient error) a read would only hold the slot longer, and the backoff needs no precision.
+    if (!isUnrecoverable(error)) {
+      this.#nakLater(msg, error, msg.info.deliveryCount);
+      return;
+    }
     const tried = await this.#attempt(msg);
-    if (isUnrecoverable(error) && tried >= UNRECOVERABLE_MAX_DELIVERIES) {
+    if (tried >= UNRECOVERABLE_MAX_DELIVERIES) {
       await this.#deadLetter(
         msg,
         "HANDLING_FAILED",

@@ -443,7 +443,7 @@ function select(index, follow) {
   const entry = entries[i];
   // An instance runs on the version it started with: draw that version's chart when it differs.
   const chart = chartFor(entry.state.definitionVersion);
-  if (chart && chart !== view.chart) {
+  if (chart && chart.version !== view.chart?.version) {
     view.chart = chart;
     drawChart(chart);
   }

@@ -654,6 +654,32 @@ describe("createWorker (real nats-server)", () => {
     expect(await readDeadLetters(js, topo, { source: "acct" })).toEqual([]);
   });
 
+  it("asks again when the recorded reply cannot be read, then dead-letters: no lookups for ever", async () => {
+    const asked: number[] = [];
+    const { topo } = await setup("storedfails", {
+      ackWaitMs: 300,
+      retry: { ...fast, maxAttempts: 1 },
+      commands: {
+        "acct.charge": {
+          input: chargeInput,
+          async handle() {
+            await new Promise((resolve) => setTimeout(resolve, 3_000));
+            return { type: "acct.charged" };
+          },
+          async storedReply() {
+            asked.push(asked.length + 1);
+            throw new Error("database away");
+          },
+        } satisfies CommandHandler<typeof chargeInput>,
+      },
+    });
+    await send(topo, command());
+    const [letter] = await deadLetters(topo, 1);
+    expect(letter?.code).toBe("MAX_DELIVERIES");
+    // Two deliveries past the last attempt asked; the third was dead-lettered without asking.
+    expect(asked).toEqual([1, 2]);
+  });
+
   /** A handler that hangs, ignoring its signal, on the first attempt at the accounts in `hangs`. */
   function hangingOnFirstAttempt(hangs: readonly string[]) {
     const releases = new Map<string, () => void>();

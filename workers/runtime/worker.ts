@@ -117,6 +117,13 @@ type Kind = "command" | "event";
  * Fails with `JetsagaError("INVALID_ARGUMENT")` for a bad service name, handler key or option,
  * and with the nats.js error when the streams or consumers cannot be created.
  */
+/**
+ * Deliveries past the last attempt that look for the reply the command recorded (see
+ * `CommandHandler.storedReply`) before the message is dead-lettered: one for the lookup, one more
+ * if it failed or its reply could not be published.
+ */
+const STORED_REPLY_DELIVERIES = 2;
+
 export async function createWorker(options: WorkerOptions): Promise<RunningWorker> {
   const { nc, service } = options;
   const log = options.logger ?? jsonLogger(service);
@@ -379,19 +386,18 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     );
   }
 
-  /** The handler's recorded reply to `commandId`; undefined when it has none or cannot say. */
+  /** The handler's recorded reply to `commandId` (`found` undefined: none), or that it cannot say. */
   async function storedReplyOf(
     handler: CommandHandler<z.ZodType>,
     commandId: string,
     signal: AbortSignal,
-  ): Promise<unknown> {
-    if (!handler.storedReply) return undefined;
+  ): Promise<{ found: unknown } | { failed: true }> {
+    if (!handler.storedReply) return { found: undefined };
     try {
-      return await handler.storedReply(commandId, signal);
+      return { found: await handler.storedReply(commandId, signal) };
     } catch (error) {
-      // As without the lookup: the command goes to the dead letters, whence it can be redriven.
       log.warn({ err: describe(error), commandId }, "cannot read the command's recorded reply");
-      return undefined;
+      return { failed: true };
     }
   }
 
@@ -448,8 +454,21 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     let reply: unknown;
     if (attempt > policy.maxAttempts) {
       // The last attempt may have applied the command and died before publishing its reply: the
-      // instance then gets that reply rather than command.failed for an effect that happened.
-      reply = await storedReplyOf(handler, cmd.commandId, signal);
+      // instance then gets that reply rather than command.failed for an effect that happened. On
+      // STORED_REPLY_DELIVERIES deliveries past the last attempt only: a reply that can never be
+      // published must not go round for ever.
+      const stored =
+        attempt <= policy.maxAttempts + STORED_REPLY_DELIVERIES
+          ? await storedReplyOf(handler, cmd.commandId, signal)
+          : { found: undefined };
+      if ("failed" in stored) {
+        // Not knowing is no reason to tell the instance the command failed: a stop hands it back;
+        // otherwise the next delivery asks again (past the last of them it is dead-lettered).
+        if (abort.signal.aborted) await handBack(msg, handedBack);
+        else settle(msg, "nak", backoffDelay(attempt, policy));
+        return;
+      }
+      reply = stored.found;
       if (reply === undefined) {
         await deadLetterMessage(msg, "MAX_DELIVERIES", spareDeliveryReason(attempt, handedBack), target);
         return;

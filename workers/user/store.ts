@@ -215,12 +215,14 @@ export function createUserStore(sql: Sql): UserStore {
     },
 
     async storedReply(commandId, signal) {
+      // Under the command's lock (user_command_reply): a twin still applying it (an abandoned
+      // handler, a dead worker's backend finishing) is waited for, not missed.
       const [row] = await queryUntilAborted(
-        sql<{ reply: VerifyReply | ReserveReply | ReleaseReply }[]>`
-          select reply from processed_commands where command_id = ${commandId}`,
+        sql<{ reply: VerifyReply | ReserveReply | ReleaseReply | null }[]>`
+          select user_command_reply(${commandId}) as reply`,
         signal,
       );
-      return row?.reply;
+      return row?.reply ?? undefined;
     },
 
     releaseCredit(commandId, { userId, reservationId }, signal) {

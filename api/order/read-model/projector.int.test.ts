@@ -319,12 +319,18 @@ describe("order read model projector", () => {
     );
     expect(await dump(sql)).toEqual(before);
 
-    // A projector restarted from scratch (checkpoint reset) converges on the same rows.
+    // A projector restarted from scratch (checkpoint reset) converges on the same rows. It may
+    // record the stream's first message time, which the first one did not know when it started on
+    // an empty stream: bookkeeping of the checkpoint, not the read model's rows.
     await projector.stop();
     await sql`update projection_checkpoints set position = 0 where name = 'orders'`;
     projector = await startOrderProjector({ nc, sql, ns, maxBatch: 7, logger });
     await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(last);
-    expect(await dump(sql)).toEqual(before);
+    const withoutFirstTs = (snapshot: unknown) => {
+      const { checkpoints, ...rows } = snapshot as { checkpoints: Array<Record<string, unknown>> };
+      return { ...rows, checkpoints: checkpoints.map(({ stream_first_ts: _firstTs, ...rest }) => rest) };
+    };
+    expect(withoutFirstTs(await dump(sql))).toEqual(withoutFirstTs(before));
   });
 
   it("a rebuild equals the incrementally built read model, row for row", async () => {
