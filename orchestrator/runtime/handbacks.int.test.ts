@@ -124,6 +124,8 @@ describe("a message handed back by stopping orchestrators", () => {
       const stopped = old.stop();
       append.release();
       await stopped;
+      // The refused message, waiting for the slot, went back unstarted.
+      expect(old.stats.handedBack).toBe(1);
       running.splice(running.indexOf(old), 1);
     }
     expect(refusals).toBe(maxDeliveries - 1);

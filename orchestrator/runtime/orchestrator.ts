@@ -99,6 +99,8 @@ export interface OrchestratorStats {
   deadLettered: number;
   /** Transient failures that were retried later (nak). */
   retried: number;
+  /** Messages taken but not started that a stop handed back (not counted as attempts). */
+  handedBack: number;
 }
 
 /** A running orchestrator. */
@@ -347,6 +349,7 @@ class OrchestratorLoop {
     ignored: 0,
     deadLettered: 0,
     retried: 0,
+    handedBack: 0,
   };
   readonly #options: OrchestratorOptions;
   readonly #topo: Topology;
@@ -443,6 +446,7 @@ class OrchestratorLoop {
    * together; drain() waits for them.
    */
   #handBack(msg: JsMsg): void {
+    this.stats.handedBack++;
     const work = this.#handbacks
       .record(msg, undefined, AbortSignal.timeout(STOP_LEDGER_WRITE_MS))
       .then(() => nakQuietly(msg));

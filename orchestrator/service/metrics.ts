@@ -27,6 +27,7 @@ export function registerOrchestratorMetrics(
       ignored: "messages that changed nothing (stale timers, unhandled events)",
       deadLettered: "inbox messages sent to the dead-letter stream",
       retried: "transient failures retried later",
+      handedBack: "messages taken but not started that a stop handed back (not counted as attempts)",
     },
     up: "1 while the orchestrator loop runs and its NATS connection is up",
     isUp: () => running() !== undefined && (connected?.() ?? true),
