@@ -201,7 +201,8 @@ describe("the gateway with the real user service, NATS and Postgres", () => {
       Number(
         (
           await readModelSql<{ n: string }[]>`
-            select count(*) as n from pg_stat_activity where application_name = 'jetsaga-api-projector'`
+            select count(*) as n from pg_stat_activity
+            where application_name = 'jetsaga-api-projector' and datname = current_database()`
         )[0]?.n,
       );
     await expect.poll(projectors, { timeout: 10_000 }).toBeGreaterThanOrEqual(2);

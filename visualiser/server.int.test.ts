@@ -826,7 +826,15 @@ describe("visualiser HTTP API", () => {
         VISUALISER_PORT: "0",
         ...setting,
       });
-      expect(await service.exited).toBe(1);
+      // Bounded: a visualiser that started after all would otherwise hold the test until its timeout.
+      const exited = await Promise.race([
+        service.exited,
+        new Promise<string>((resolve) =>
+          setTimeout(() => resolve("still running after 15 s"), 15_000).unref(),
+        ),
+      ]);
+      await service.kill();
+      expect(exited).toBe(1);
       const fatal = service.lines.filter(
         (line) => line.includes('"level":"fatal"') || /"level":60/.test(line),
       );

@@ -90,8 +90,9 @@ describe("run.sh start with another start running on the same data dir", () => {
       const { status, output } = await run(
         "sh",
         ["deploy/local/run.sh", "start"],
-        { JETSAGA_DATA_DIR: dir, NATS_PORT: "0", PGPORT: "0" },
-        60_000,
+        // Local servers (the lock guards those): servers of the caller's environment would skip it.
+        { JETSAGA_DATA_DIR: dir, NATS_PORT: "0", PGPORT: "0", NATS_URL: "", DATABASE_URL: "" },
+        20_000,
       );
       expect(status, output).toBe(1);
       expect(output).toContain(`another npm start is running with the data dir ${dir}`);

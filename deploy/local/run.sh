@@ -25,6 +25,20 @@ case "$MODE" in
   *) die "usage: run.sh test [vitest args…] | run.sh start" ;;
 esac
 
+if [ "$MODE" = start ] && [ -z "${NATS_URL:-}" ]; then
+  # One local nats-server per data dir: a second npm start here would take the first's server for
+  # a leftover and stop it. The lock is this shell's (fd 9, closed for the servers and services
+  # started below), so it goes with it however it ends, and a leftover server does not hold it.
+  # Taken before the dependency steps: a second start must not run `npm ci` under a running one.
+  mkdir -p "$DATA"
+  if command -v flock >/dev/null 2>&1; then
+    exec 9>"$DATA/start.lock"
+    flock -n 9 || die "another npm start is running with the data dir $DATA: stop it first, or give this one its servers (NATS_URL, DATABASE_URL) or another JETSAGA_DATA_DIR"
+  else
+    say "warning: flock not found (util-linux): a second npm start on $DATA would stop this one's nats-server"
+  fi
+fi
+
 # --- dependencies ---------------------------------------------------------------------------------
 # npm writes node_modules/.package-lock.json on every install: older than package-lock.json means
 # the lock changed since (a pull, a branch switch).
@@ -116,16 +130,6 @@ trap 'exit 143' TERM
 trap 'exit 129' HUP
 
 if [ -z "${NATS_URL:-}" ]; then
-  # One local nats-server per data dir: a second npm start here would take the first's server for
-  # a leftover and stop it. The lock is this shell's (fd 9, closed for every child below), so it
-  # goes with it however it ends, and a leftover server does not hold it.
-  mkdir -p "$DATA"
-  if command -v flock >/dev/null 2>&1; then
-    exec 9>"$DATA/start.lock"
-    flock -n 9 || die "another npm start is running with the data dir $DATA: stop it first, or give this one its servers (NATS_URL, DATABASE_URL) or another JETSAGA_DATA_DIR"
-  else
-    say "warning: flock not found (util-linux): a second npm start on $DATA would stop this one's nats-server"
-  fi
   NATS_PID_FILE="$DATA/nats-server.pid"
   # A nats-server left over from a killed run still holds the store: stop it first.
   if [ -f "$NATS_PID_FILE" ]; then

@@ -116,7 +116,13 @@ describe("a message handed back by stopping orchestrators", () => {
       const append = watched.hold();
       holds.push(append.release);
       await client.start("counter", `slot-${stop}`, { expected: 1 });
-      await append.reached;
+      // Bounded: should nats.js stop sending JetStream publishes through nc.request, say so.
+      await Promise.race([
+        append.reached,
+        new Promise<never>((_, reject) =>
+          setTimeout(() => reject(new Error("the history append was not intercepted")), 10_000).unref(),
+        ),
+      ]);
       const before = await delivered();
       await expect.poll(delivered, { timeout: 10_000 }).toBe(before + 1);
       ledgerReads.push(watched.ledgerReads.length);

@@ -73,14 +73,19 @@ describe("a service whose NATS connection closes for good", () => {
 
     // Something to trace: the orchestrator takes a start (its spans wait for the next batch).
     const nc = await connect({ servers: nats.url, user: "jetsaga", pass: "first-pass" });
-    const client = await createWorkflowClient({ nc, ns: env.JETSAGA_NS });
-    await client.start("order", "o-traced", {
-      orderId: "o-traced",
-      userId: "u-1",
-      items: [{ sku: "sku-1", quantity: 1, unitPriceCents: 100 }],
-    });
-    await expect.poll(async () => (await client.getState("order", "o-traced"))?.revision).toBe(1);
-    await nc.close();
+    try {
+      const client = await createWorkflowClient({ nc, ns: env.JETSAGA_NS });
+      await client.start("order", "o-traced", {
+        orderId: "o-traced",
+        userId: "u-1",
+        items: [{ sku: "sku-1", quantity: 1, unitPriceCents: 100 }],
+      });
+      await expect
+        .poll(async () => (await client.getState("order", "o-traced"))?.revision, { timeout: 10_000 })
+        .toBe(1);
+    } finally {
+      await nc.close();
+    }
     expect(sink.requests()).toBe(0);
 
     // The services' password is no longer the server's: their connections are closed and refused.

@@ -627,7 +627,8 @@ describe("createWorker (real nats-server)", () => {
     const recorded = new Map<string, { type: string }>();
     const asked: string[] = [];
     const { topo, inbox } = await setup("storedreply", {
-      ackWaitMs: 300,
+      // Long enough that a stalled host brings no third delivery (and a second lookup).
+      ackWaitMs: 1_000,
       retry: { ...fast, maxAttempts: 1 },
       commands: {
         "acct.charge": {
@@ -754,10 +755,11 @@ describe("createWorker (real nats-server)", () => {
     const released = new Promise<void>((resolve) => {
       release = resolve;
     });
-    // One slot, ack_wait 300 ms: attempt 1 is signalled after 900 ms and given up on 300 ms later.
+    // One slot, ack_wait 1 s: attempt 1 is signalled after 3 s and given up on 1 s later (long
+    // enough that a stalled host does not bring a third delivery, and a second reply, meanwhile).
     const { topo, inbox, worker } = await setup("late", {
       concurrency: 1,
-      ackWaitMs: 300,
+      ackWaitMs: 1_000,
       logger,
       commands: charge(async (_input, ctx) => {
         if (ctx.attempt > 1) return { type: "acct.charged" };

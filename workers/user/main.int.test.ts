@@ -60,17 +60,20 @@ describe("workers/user/main.ts stop", () => {
         const [row] = await sql<{ n: string }[]>`
           select count(*) as n from pg_stat_activity
           where application_name = 'jetsaga-user' and wait_event_type = 'Lock'
-            and query ilike '%auth_rate_limits%'`;
+            and datname = current_database() and query ilike '%auth_rate_limits%'`;
         return Number(row?.n) === 1;
       });
       process.kill(proc.pid, "SIGTERM");
       // The worker is stopped although the pruner's pass is still stuck (so is the shutdown).
       const stopped = await proc.waitForLine(/"msg":"worker stopped"/, 15_000);
       expect(JSON.parse(stopped)).toMatchObject({ service: "user" });
-    } finally {
       lock.release();
       await lock.ended;
+      expect(await proc.exited).toBe(0);
+    } finally {
+      // On a failure above, neither the lock nor the process may outlive the test.
+      lock.release();
+      await proc.kill();
     }
-    expect(await proc.exited).toBe(0);
   });
 });
