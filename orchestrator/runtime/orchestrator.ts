@@ -368,10 +368,11 @@ class OrchestratorLoop {
   readonly #store: HistoryStore;
   readonly #definitions: WorkflowRegistry;
   readonly #handbacks: HandbackLedger;
-  /** Hand-backs of a stop still being recorded (their naks follow): drain() waits for them. */
-  readonly #handingBack = new Set<Promise<void>>();
-  /** Refusals of messages that name no instance (outside every chain): drain() waits for them. */
-  readonly #refusing = new Set<Promise<void>>();
+  /**
+   * Work on messages outside every instance's chain (refusals of messages that name no instance,
+   * hand-backs of a stop whose naks follow their ledger writes): drain() waits for it too.
+   */
+  readonly #unchained = new Set<Promise<void>>();
   /**
    * Latest state and its stream sequence of running instances. Only what the next decision needs
    * (not the entry's event and effects), and ended instances are dropped: they accept nothing more.
@@ -447,11 +448,17 @@ class OrchestratorLoop {
    */
   #handBack(msg: JsMsg): void {
     this.stats.handedBack++;
-    const work = this.#handbacks
-      .record(msg, undefined, AbortSignal.timeout(STOP_LEDGER_WRITE_MS))
-      .then(() => nakQuietly(msg));
-    this.#handingBack.add(work);
-    void work.finally(() => this.#handingBack.delete(work));
+    this.#track(
+      this.#handbacks
+        .record(msg, undefined, AbortSignal.timeout(STOP_LEDGER_WRITE_MS))
+        .then(() => nakQuietly(msg)),
+    );
+  }
+
+  /** Keeps `work` (done outside every instance's chain) in {@link #unchained} until it settles. */
+  #track(work: Promise<void>): void {
+    this.#unchained.add(work);
+    void work.finally(() => this.#unchained.delete(work));
   }
 
   /**
@@ -470,12 +477,9 @@ class OrchestratorLoop {
     while (this.#chains.size > 0 && Date.now() < deadline) {
       await Promise.race([...this.#chains.values(), sleep(50)]);
     }
-    if (this.#refusing.size > 0) {
-      await settledWithin(Promise.all(this.#refusing), Math.max(0, deadline - Date.now()));
-    }
-    // Hand-backs still being recorded: their naks follow (each write is bounded).
-    if (this.#handingBack.size > 0) {
-      await settledWithin(Promise.all(this.#handingBack), Math.max(0, deadline - Date.now()));
+    // Refusals and hand-backs still under way (each hand-back's ledger write is bounded).
+    if (this.#unchained.size > 0) {
+      await settledWithin(Promise.all(this.#unchained), Math.max(0, deadline - Date.now()));
     }
     // A repair still making streams, or a re-arm, would otherwise outlive stop() and the connection.
     if (this.#repairing) await settledWithin(this.#repairing, Math.max(0, deadline - Date.now()));
@@ -487,13 +491,11 @@ class OrchestratorLoop {
     if (!parsed.ok) {
       this.#inFlight++;
       // Not in an instance's chain (it has none): tracked so that drain() waits for it too.
-      const refusing = this.#refuse(msg, parsed.code, parsed.reason)
-        .catch((error: unknown) => this.#log.warn({ err: String(error) }, "refusing a message failed"))
-        .finally(() => {
-          this.#refusing.delete(refusing);
-          this.#release();
-        });
-      this.#refusing.add(refusing);
+      this.#track(
+        this.#refuse(msg, parsed.code, parsed.reason)
+          .catch((error: unknown) => this.#log.warn({ err: String(error) }, "refusing a message failed"))
+          .finally(() => this.#release()),
+      );
       return;
     }
     const key = `${parsed.message.workflow}.${parsed.message.instanceId}`;
