@@ -187,15 +187,19 @@ class Client implements WorkflowClient {
     // event is refused here only when no version takes it.
     const versions = this.#definitions.versions(workflow);
     if (versions.length > 0) {
-      const declaring = versions.filter((definition) => Object.hasOwn(definition.events, event.type));
-      if (declaring.length === 0) {
+      const results = versions.flatMap((definition) => {
+        const schema = Object.hasOwn(definition.events, event.type)
+          ? definition.events[event.type]
+          : undefined;
+        return schema ? [schema.safeParse(event)] : [];
+      });
+      if (results.length === 0) {
         throw new JetsagaError("UNKNOWN_EVENT", `workflow ${workflow} does not accept "${event.type}"`, {
           context: { workflow, type: event.type },
         });
       }
-      const results = declaring.map((definition) => definition.events[event.type]?.safeParse(event));
-      const failed = results.find((result) => result && !result.success);
-      if (!results.some((result) => result?.success) && failed && !failed.success) {
+      const failed = results.find((result) => !result.success);
+      if (failed && !results.some((result) => result.success)) {
         throw new JetsagaError(
           "SCHEMA_VIOLATION",
           `invalid event: ${failed.error.issues[0]?.message ?? "?"}`,
