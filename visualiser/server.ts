@@ -114,6 +114,11 @@ export interface HistoryPage {
 
 const WORKFLOW_NAME = /^[a-z][a-z0-9-]{0,63}$/;
 const REVISION_TEXT = /^\d{1,15}$/;
+
+/** `text` as a revision number, NaN unless it is plain digits (Number() alone takes "", " 5", "1e3", "0x10"). */
+function revisionNumber(text: string): number {
+  return REVISION_TEXT.test(text) ? Number(text) : Number.NaN;
+}
 const STATIC_NAME = /^[A-Za-z0-9_-]+\.(html|js|css|svg|ico|png)$/;
 const CONTENT_TYPES: Record<string, string> = {
   ".html": "text/html; charset=utf-8",
@@ -138,7 +143,6 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
   // Each workflow's latest version names it; instances are drawn on their own version's chart.
   const registry = workflowRegistry(options.workflows);
   const latest = registry.latestVersions;
-  const definitions = new Map(latest.map((w) => [w.name, w]));
   // An allowlist of file names (no paths): nothing outside publicDir can be asked for.
   const statics = new Set((await readdir(options.publicDir)).filter((name) => STATIC_NAME.test(name)));
   const streams = new Set<AbortController>();
@@ -223,8 +227,7 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
     const afterText = request.headers.get("last-event-id") ?? new URL(request.url).searchParams.get("after");
     let after: number | undefined;
     if (afterText !== null && afterText !== "") {
-      // As /history's: Number() alone would take " 5", "1e3" and "0x10".
-      after = REVISION_TEXT.test(afterText) ? Number(afterText) : Number.NaN;
+      after = revisionNumber(afterText);
       if (!Number.isSafeInteger(after)) {
         return problem(400, "INVALID_ARGUMENT", "after must be a non-negative integer revision");
       }
@@ -373,7 +376,7 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
         return problem(400, "INVALID_ARGUMENT", "instance id must match ^[A-Za-z0-9_-]{1,128}$");
       }
       if (action === "history" || action === "live") {
-        if (!definitions.has(workflow)) return problem(404, "NOT_FOUND", `unknown workflow ${workflow}`);
+        if (!registry.latest(workflow)) return problem(404, "NOT_FOUND", `unknown workflow ${workflow}`);
         return action === "history" ? history(request, workflow, id) : live(request, workflow, id);
       }
       // No definition check: a start refused for an unknown workflow leaves only its dead letter.
@@ -536,8 +539,7 @@ function historyQuery(params: URLSearchParams): HistoryQuery | string {
     const values = params.getAll(name);
     if (values.length === 0) return undefined;
     const text = values[0] ?? "";
-    // Number() alone would take "", " 5", "1e3" and "0x10".
-    const value = REVISION_TEXT.test(text) ? Number(text) : Number.NaN;
+    const value = revisionNumber(text);
     if (values.length === 1 && value >= min && value <= max) return value;
     refusals.push(`${name} must be ${rule}`);
     return undefined;
