@@ -17,23 +17,31 @@ import { createWorkflowClient, type WorkflowClient } from "./client.ts";
 import { type RunningOrchestrator, startOrchestrator } from "./orchestrator.ts";
 import { topology } from "./topology.ts";
 
+let nc: NatsConnection;
+/** The orchestrators a test started and did not stop itself. */
+const running: RunningOrchestrator[] = [];
+
+beforeAll(async () => {
+  nc = await connectNats({ servers: natsUrl() });
+});
+
+afterAll(async () => {
+  await Promise.all(running.map((orchestrator) => orchestrator.stop()));
+  await nc?.close();
+});
+
 describe("a message for a workflow this process does not know", () => {
   const ns = uniqueNamespace("skew");
-  let nc: NatsConnection;
   let client: WorkflowClient;
-  const running: RunningOrchestrator[] = [];
 
   beforeAll(async () => {
-    nc = await connectNats({ servers: natsUrl() });
     // Without the definitions: the client cannot check what it sends, as a client of a newer
     // version would.
     client = await createWorkflowClient({ nc, ns });
   });
 
   afterAll(async () => {
-    await Promise.all(running.map((orchestrator) => orchestrator.stop()));
     await client?.close();
-    await nc?.close();
   });
 
   it("goes back to the server and runs on a process of the version that knows it", async () => {
@@ -101,19 +109,14 @@ describe("a workflow whose chart changed between versions", () => {
   // Version 2 renamed the states and added one: version 1's instances cannot run on it.
   const v1 = steps(1, ["one", "two"]);
   const v2 = steps(2, ["first", "second", "third"]);
-  let nc: NatsConnection;
   let client: WorkflowClient;
-  const running: RunningOrchestrator[] = [];
 
   beforeAll(async () => {
-    nc = await connectNats({ servers: natsUrl() });
     client = await createWorkflowClient({ nc, ns });
   });
 
   afterAll(async () => {
-    await Promise.all(running.map((orchestrator) => orchestrator.stop()));
     await client?.close();
-    await nc?.close();
   });
 
   const stateOf = async (id: string) => {
