@@ -77,6 +77,44 @@ describe("poison messages on the inbox", () => {
     expect(orchestrator.stats.deadLettered).toBe(7);
     await client.close();
   });
+
+  it("refuses a timer firing its schedule did not produce, and still takes the schedule's", async () => {
+    const js = jetstream(nc);
+    const client = await createWorkflowClient({ nc, ns });
+    await client.start("reminder", "later", { delayMs: 3_600_000 });
+    await expect
+      .poll(async () => Object.keys((await client.getState("reminder", "later"))?.timers ?? {}))
+      .toHaveLength(1);
+    const state = await client.getState("reminder", "later");
+    const [key = "", pending = { token: "" }] = Object.entries(state?.timers ?? {})[0] ?? [];
+    // Everything a firing carries is right (key, token, the message id the schedule uses): only
+    // the publisher is not the schedule.
+    const id = `timer.reminder.later.${key}.${pending.token}`;
+    const forged = {
+      id,
+      workflow: "reminder",
+      instanceId: "later",
+      event: { type: `timer.${key}` },
+      timer: { key, token: pending.token },
+      at: 1,
+    };
+    await js.publish(topo.inboxSubject("reminder", "later"), JSON.stringify(forged));
+
+    await expect
+      .poll(async () =>
+        (await readDeadLetters(js, topo)).find((letter) =>
+          letter.reason.includes("must come from its schedule"),
+        ),
+      )
+      .toMatchObject({ code: "SCHEMA_VIOLATION" });
+    const after = await client.getState("reminder", "later");
+    expect(after?.status).toBe("running");
+    expect(after?.timers[key]?.token).toBe(pending.token);
+    // A firing the server's schedule produced is taken.
+    await client.start("reminder", "soon", { delayMs: 20 });
+    expect((await client.awaitCompletion("reminder", "soon")).status).toBe("completed");
+    await client.close();
+  });
 });
 
 /** A chart that copies its input into its context: its start entry can outgrow the server's max payload. */

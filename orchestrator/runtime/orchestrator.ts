@@ -162,6 +162,9 @@ const UNRECOVERABLE_MAX_DELIVERIES = 3;
 const STOP_LEDGER_WRITE_MS = 1_500;
 /** Least time between two attempts to make missing streams again, ms. */
 const TOPOLOGY_REPAIR_INTERVAL_MS = 2_000;
+/** Header nats-server sets on a message a schedule produced: the schedule's subject. */
+const SCHEDULER_HEADER = "Nats-Scheduler";
+
 /** Pause before scheduling the pending timers again after that failed, ms. */
 const TIMER_REARM_RETRY_MS = 5_000;
 /** JetStream API error: the message is larger than the stream's `max_msg_size`. */
@@ -547,6 +550,24 @@ class OrchestratorLoop {
     const message = result.data;
     if (msg.subject !== this.#topo.inboxSubject(message.workflow, message.instanceId)) {
       return { ok: false, code: "SCHEMA_VIOLATION", reason: "subject does not match workflow and instance" };
+    }
+    if (message.timer) {
+      // nats-server refuses a client's publish that carries Nats-Scheduler and sets it on the
+      // messages its schedules produce: so a firing is taken only from the timer's own schedule,
+      // never from whoever else may publish to the inbox (the token is guessable).
+      const schedule = this.#topo.timerSubject(
+        message.workflow,
+        message.instanceId,
+        message.timer.key,
+        message.timer.token,
+      );
+      if (msg.headers?.get(SCHEDULER_HEADER) !== schedule) {
+        return {
+          ok: false,
+          code: "SCHEMA_VIOLATION",
+          reason: `a timer firing must come from its schedule ${schedule} (${SCHEDULER_HEADER} header)`,
+        };
+      }
     }
     if (!this.#definitions.latest(message.workflow))
       return { ok: false, code: "UNKNOWN_TYPE", reason: `unknown workflow ${message.workflow}` };

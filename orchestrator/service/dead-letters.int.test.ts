@@ -108,6 +108,40 @@ describe("dead-letter commands", () => {
     expect(await stored()).toEqual([]);
   });
 
+  it("redrives a timer firing dead-lettered while its workflow was not deployed: the instance takes it", async () => {
+    const deploy = async (workflows: Parameters<typeof startOrchestrator>[0]["workflows"]) => {
+      await orchestrator?.stop();
+      orchestrator = await startOrchestrator({
+        nc,
+        ns,
+        workflows,
+        maxMessageBytes: 2048,
+        versionSkew: { maxDeliveries: 1 },
+      });
+    };
+    await deploy([counterWorkflow, reminderWorkflow]);
+    await client.start("reminder", "rem-1", { delayMs: 3_000 });
+    await expect
+      .poll(async () => Object.keys((await client.getState("reminder", "rem-1"))?.timers ?? {}))
+      .toHaveLength(1);
+    // When the timer fires, the deployment does not know the workflow.
+    await deploy([counterWorkflow]);
+    await expect.poll(async () => (await stored()).length, { timeout: 10_000 }).toBe(1);
+    const [letter] = await stored();
+    expect(letter?.letter).toMatchObject({
+      code: "UNKNOWN_TYPE",
+      subject: topo.inboxSubject("reminder", "rem-1"),
+    });
+    expect(await client.getState("reminder", "rem-1")).toMatchObject({ status: "running" });
+
+    await deploy([counterWorkflow, reminderWorkflow]);
+    expect(await run(["redrive", String(letter?.seq)], captured())).toEqual({ ok: true });
+    expect(await client.awaitCompletion("reminder", "rem-1", { timeoutMs: 10_000 })).toMatchObject({
+      status: "completed",
+    });
+    expect(await stored()).toEqual([]);
+  });
+
   it("keeps a too-large message whole when it fits the letter, refuses to redrive a letter that kept only part, and drops it", async () => {
     const subject = topo.inboxSubject("reminder", "big-1");
     const big = JSON.stringify({

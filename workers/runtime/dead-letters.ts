@@ -8,7 +8,7 @@ import { headers as natsHeaders } from "@nats-io/transport-node";
 import { isJetsagaError, JetsagaError } from "../../orchestrator/engine/errors.ts";
 import { decodePayload } from "../../orchestrator/runtime/dead-letters.ts";
 import type { Topology } from "../../orchestrator/runtime/topology.ts";
-import { commandMessage, type DeadLetter, deadLetter } from "../../schemas/envelope.ts";
+import { commandMessage, type DeadLetter, deadLetter, inboxMessage } from "../../schemas/envelope.ts";
 
 export { encodePayload, headersRecord } from "../../orchestrator/runtime/dead-letters.ts";
 
@@ -269,12 +269,22 @@ export async function redriveDeadLetter(
     if (key.toLowerCase().startsWith("nats-")) continue;
     for (const value of values) headers.append(key, value);
   }
-  const ack = await js.publish(letter.subject, payload, {
-    // Unique per letter even if the dead-letter stream was made again and its sequences restarted.
-    msgID: `redrive.${letter.stream}.${letter.sequence}.${seq}`,
-    headers,
-    expect: { streamName: letter.stream },
-  });
+  // The orchestrator takes a timer firing only from the timer's schedule (a client cannot set the
+  // Nats-Scheduler header it checks), so a firing goes back as a schedule due now.
+  const firing = letter.stream === topo.streams.inbox ? timerFiring(payload) : undefined;
+  const ack = await js.publish(
+    firing
+      ? topo.timerSubject(firing.workflow, firing.instanceId, firing.timer.key, firing.timer.token)
+      : letter.subject,
+    payload,
+    {
+      // Unique per letter even if the dead-letter stream was made again and its sequences restarted.
+      msgID: `redrive.${letter.stream}.${letter.sequence}.${seq}`,
+      headers,
+      expect: { streamName: letter.stream },
+      ...(firing ? { schedule: { specification: new Date(), target: letter.subject } } : {}),
+    },
+  );
   const sent = {
     seq,
     subject: letter.subject,
@@ -312,6 +322,16 @@ function redrivePrefix(topo: Topology, stream: string, source: string): string |
   if (stream === topo.streams.commands) return topo.commandSubject(`${source}.`);
   if (stream === topo.streams.events) return topo.eventSubject("", "").slice(0, -1);
   return undefined;
+}
+
+/** Which instance's timer, and which arming of it, when `payload` is a timer firing. */
+function timerFiring(
+  payload: Uint8Array,
+): { workflow: string; instanceId: string; timer: { key: string; token: string } } | undefined {
+  const message = inboxMessage.safeParse(safeJson(payload));
+  if (!message.success || !message.data.timer) return undefined;
+  const { workflow, instanceId, timer } = message.data;
+  return { workflow, instanceId, timer };
 }
 
 function sameBytes(a: Uint8Array, b: Uint8Array): boolean {
