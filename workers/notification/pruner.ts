@@ -24,25 +24,21 @@ import {
   checkedRetentionMs,
   DAY_MS,
   DEFAULT_RETENTION_DAYS,
+  DEFAULT_RETENTION_MS,
   MIN_RETENTION_DAYS,
+  MIN_RETENTION_MS,
   type RetentionFloor,
   type RunningPruner,
   startPruneLoop,
 } from "../runtime/pruner.ts";
 
-/** Default retention of delivered and failed notifications, days. */
-export { DEFAULT_RETENTION_DAYS, MIN_RETENTION_DAYS };
-
-/** Default retention of delivered and failed notifications, ms: 14 days. */
-export const DEFAULT_RETENTION_MS = DEFAULT_RETENTION_DAYS * DAY_MS;
+/** Default and shortest retention of delivered and failed notifications (the shared pruner's). */
+export { DEFAULT_RETENTION_DAYS, DEFAULT_RETENTION_MS, MIN_RETENTION_DAYS, MIN_RETENTION_MS };
 
 /** How long the events stream keeps a domain event, ms (its default `max_age`). */
 export const EVENTS_MAX_AGE_MS = 7 * DAY_MS;
 
-/** Shortest retention accepted, ms (see the module comment). */
-export const MIN_RETENTION_MS = MIN_RETENTION_DAYS * DAY_MS;
-
-/** Why notifications are kept at least 8 days: `retentionDaysSetting`'s warning. */
+/** Why notifications are kept at least 8 days: the retention's floor, in its warning and errors. */
 export const NOTIFICATION_RETENTION_FLOOR: RetentionFloor = {
   outlive: "the events stream keeps events (7 days)",
   kept: `notifications are kept ${MIN_RETENTION_DAYS} days, or a replayed event would be notified again`,
@@ -73,10 +69,7 @@ export type NotificationPruner = RunningPruner<NotificationPruneResult>;
  */
 export function startNotificationPruner(options: NotificationPrunerOptions): NotificationPruner {
   const { logger } = options;
-  const retentionMs = checkedRetentionMs(options, DEFAULT_RETENTION_MS, {
-    ms: MIN_RETENTION_MS,
-    why: `${MIN_RETENTION_DAYS} days, delivered rows must outlive their events in the stream, or a replay notifies again`,
-  });
+  const retentionMs = checkedRetentionMs(options, NOTIFICATION_RETENTION_FLOOR);
   const { sql } = options;
   return startPruneLoop({
     sql,

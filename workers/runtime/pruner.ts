@@ -20,6 +20,10 @@ export const DEFAULT_RETENTION_DAYS = 14;
 export const MIN_RETENTION_DAYS = 8;
 /** Longest `JETSAGA_RETENTION_DAYS` accepted. */
 export const MAX_RETENTION_DAYS = 3650;
+/** Default retention of a pruner, ms: {@link DEFAULT_RETENTION_DAYS}. */
+export const DEFAULT_RETENTION_MS = DEFAULT_RETENTION_DAYS * DAY_MS;
+/** Shortest retention a pruner accepts, ms: {@link MIN_RETENTION_DAYS}. */
+export const MIN_RETENTION_MS = MIN_RETENTION_DAYS * DAY_MS;
 
 /** Why a service keeps its rows at least {@link MIN_RETENTION_DAYS}, for the warning. */
 export interface RetentionFloor {
@@ -62,12 +66,12 @@ export interface PrunerLogger {
 
 /**
  * The options every service's pruner takes (`workers/user/pruner.ts`, `workers/notification/pruner.ts`
- * extend them). What `retentionMs` defaults to, and how short it may be, is the service's.
+ * extend them).
  */
 export interface BasePrunerOptions {
   /** A pool on the service's database. */
   sql: Sql;
-  /** Rows older than this are deleted, ms. */
+  /** Rows older than this are deleted, ms. Default {@link DEFAULT_RETENTION_MS}, at least {@link MIN_RETENTION_MS}. */
   retentionMs?: number;
   /** Time between passes, ms. Default 1 hour; the first pass runs at start. */
   intervalMs?: number;
@@ -77,19 +81,19 @@ export interface BasePrunerOptions {
 }
 
 /**
- * The retention of a pruner's `options`, `fallbackMs` when not given. Throws a RangeError when it is
- * not a safe integer of at least `min.ms` (default 1), with `min.why` (why shorter is refused) in
- * the message.
+ * The retention of a pruner's `options`, {@link DEFAULT_RETENTION_MS} when not given. Throws a
+ * RangeError, saying why with the service's `floor`, when it is not a safe integer of at least
+ * {@link MIN_RETENTION_MS}.
  */
 export function checkedRetentionMs(
   options: Pick<BasePrunerOptions, "retentionMs">,
-  fallbackMs: number,
-  min: { ms: number; why: string } = { ms: 1, why: "" },
+  floor: RetentionFloor,
 ): number {
-  const retentionMs = options.retentionMs ?? fallbackMs;
-  if (!Number.isSafeInteger(retentionMs) || retentionMs < min.ms) {
-    const floor = min.ms <= 1 ? "a positive integer" : `an integer of at least ${min.ms}`;
-    throw new RangeError(`retentionMs must be ${floor}${min.why ? `: ${min.why}` : ""}`);
+  const retentionMs = options.retentionMs ?? DEFAULT_RETENTION_MS;
+  if (!Number.isSafeInteger(retentionMs) || retentionMs < MIN_RETENTION_MS) {
+    throw new RangeError(
+      `retentionMs must be an integer of at least ${MIN_RETENTION_MS} (${MIN_RETENTION_DAYS} days), longer than ${floor.outlive}: ${floor.kept}`,
+    );
   }
   return retentionMs;
 }

@@ -1,23 +1,27 @@
 import { describe, expect, it } from "vitest";
-import { checkedRetentionMs, retentionDaysSetting } from "./pruner.ts";
+import {
+  checkedRetentionMs,
+  DEFAULT_RETENTION_MS,
+  MIN_RETENTION_MS,
+  retentionDaysSetting,
+} from "./pruner.ts";
 
 describe("checkedRetentionMs", () => {
-  it("takes the given retention, else the service's default", () => {
-    expect(checkedRetentionMs({ retentionMs: 5 }, 10)).toBe(5);
-    expect(checkedRetentionMs({}, 10)).toBe(10);
+  const floor = { outlive: "the stream (7 days)", kept: "rows are kept 8 days" };
+
+  it("takes the given retention, else the shared default", () => {
+    expect(checkedRetentionMs({ retentionMs: MIN_RETENTION_MS }, floor)).toBe(MIN_RETENTION_MS);
+    expect(checkedRetentionMs({}, floor)).toBe(DEFAULT_RETENTION_MS);
   });
 
-  it("refuses what is not a positive integer, or shorter than the service's floor, saying why", () => {
-    for (const retentionMs of [0, -1, 1.5, Number.NaN, 2 ** 53]) {
-      expect(() => checkedRetentionMs({ retentionMs }, 10)).toThrow(
-        new RangeError("retentionMs must be a positive integer"),
+  it("refuses what is not an integer of at least 8 days, saying why with the service's floor", () => {
+    for (const retentionMs of [0, -1, 1.5, Number.NaN, 2 ** 53, MIN_RETENTION_MS - 1]) {
+      expect(() => checkedRetentionMs({ retentionMs }, floor)).toThrow(
+        new RangeError(
+          "retentionMs must be an integer of at least 691200000 (8 days), longer than the stream (7 days): rows are kept 8 days",
+        ),
       );
     }
-    const floor = { ms: 100, why: "rows must outlive their events" };
-    expect(checkedRetentionMs({ retentionMs: 100 }, 200, floor)).toBe(100);
-    expect(() => checkedRetentionMs({ retentionMs: 99 }, 200, floor)).toThrow(
-      new RangeError("retentionMs must be an integer of at least 100: rows must outlive their events"),
-    );
   });
 });
 

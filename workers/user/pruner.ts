@@ -15,31 +15,22 @@ import { IDLE_BUCKET_MS } from "../../api/user/rate-limit.ts";
 import {
   type BasePrunerOptions,
   checkedRetentionMs,
-  DAY_MS,
-  DEFAULT_RETENTION_DAYS,
+  DEFAULT_RETENTION_MS,
   MIN_RETENTION_DAYS,
+  MIN_RETENTION_MS,
   type RetentionFloor,
   type RunningPruner,
   startPruneLoop,
 } from "../runtime/pruner.ts";
 
-/** Default age after which processed commands and published outbox rows are deleted: 14 days. */
-export const DEFAULT_RETENTION_MS = DEFAULT_RETENTION_DAYS * DAY_MS;
-/**
- * Shortest retention accepted, ms: 8 days. Dead letters are kept 7 days and can be redriven; a
- * command redriven after its reply (or its release marker) was pruned would be applied again.
- */
-export const MIN_RETENTION_MS = MIN_RETENTION_DAYS * DAY_MS;
-const MIN_RETENTION_WHY =
-  "command replies and release markers must outlive the dead letters (7 days) a command can be redriven from";
-
-/** Why command replies are kept at least 8 days: `retentionDaysSetting`'s warning. */
+/** Why command replies are kept at least 8 days: the retention's floor, in its warning and errors. */
 export const USER_RETENTION_FLOOR: RetentionFloor = {
   outlive: "dead letters are kept (7 days)",
-  kept: `command replies are kept ${MIN_RETENTION_DAYS} days, or a command redriven after its reply was pruned would be applied again`,
+  kept: `command replies and release markers are kept ${MIN_RETENTION_DAYS} days, or a command redriven after its reply was pruned would be applied again`,
 };
 
 export type { PrunerLogger } from "../runtime/pruner.ts";
+export { DEFAULT_RETENTION_MS, MIN_RETENTION_MS };
 
 /**
  * Options of {@link startPruner}: `retentionMs` defaults to {@link DEFAULT_RETENTION_MS} and must be
@@ -70,10 +61,7 @@ export type Pruner = RunningPruner<PruneResult>;
 /** Starts pruning: one pass at once, then every `intervalMs`. A failed pass is logged and retried at the next. */
 export function startPruner(options: PrunerOptions): Pruner {
   const { logger } = options;
-  const retentionMs = checkedRetentionMs(options, DEFAULT_RETENTION_MS, {
-    ms: MIN_RETENTION_MS,
-    why: MIN_RETENTION_WHY,
-  });
+  const retentionMs = checkedRetentionMs(options, USER_RETENTION_FLOOR);
   const cutoff = (): Date => new Date(Date.now() - retentionMs);
   return startPruneLoop({
     sql: options.sql,
