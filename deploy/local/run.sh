@@ -151,7 +151,7 @@ if [ -z "${NATS_URL:-}" ]; then
   fi
   want=${NATS_PORT:-4222}
   port=$(pick_port "$want")
-  [ "$port" = "$want" ] || say "port $want is busy; nats-server uses $port"
+  [ "$port" = "$want" ] || [ "$want" = 0 ] || say "port $want is busy; nats-server uses $port"
   mkdir -p "$DATA/nats"
   : >"$DATA/nats-server.log"
   # setsid: a Ctrl-C in the terminal must not reach the server before the services have stopped.
@@ -182,10 +182,11 @@ if [ -z "${DATABASE_URL:-}" ]; then
   port=$(pick_port "$want")
   # A start that fails or is interrupted stops what it started itself; once it has printed, the
   # cleanup above stops the server only if this run started it.
-  PG_OUT=$(sh deploy/local/postgres.sh start "$PGDATA_DIR" "$port" jetsaga 9>&-)
+  # PGPORT set to the port chosen: initdb reads it too, and refuses 0 ("any free port").
+  PG_OUT=$(PGPORT=$port sh deploy/local/postgres.sh start "$PGDATA_DIR" "$port" jetsaga 9>&-)
   port=${PG_OUT%% *}
   case "$PG_OUT" in
-    *" started") [ "$port" = "$want" ] || say "Postgres uses port $port (PGPORT $want was busy)" ;;
+    *" started") [ "$port" = "$want" ] || [ "$want" = 0 ] || say "Postgres uses port $port (PGPORT $want was busy)" ;;
     *) say "that Postgres is not this run's (another npm start's?): used, and left running at exit" ;;
   esac
   DATABASE_URL="postgres://postgres@127.0.0.1:$port/jetsaga"

@@ -25,8 +25,11 @@ import { localServices, type ServiceSpec } from "./services.ts";
 const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..", "..");
 /** Grace period between SIGTERM and SIGKILL on shutdown, in milliseconds. */
 const STOP_GRACE_MS = 10_000;
-/** The summary waits this long (ms) so that services have printed their URLs. */
-const SUMMARY_DELAY_MS = 1_500;
+/**
+ * The summary is printed once every service has said where it serves (its `JETSAGA_<X>_URL` line,
+ * printed when it is ready), or after this long (ms) with the services still starting named.
+ */
+const SUMMARY_TIMEOUT_MS = 60_000;
 const URL_LINE = /\b(JETSAGA_[A-Z0-9_]+_URL)\s*[=:]\s*(\S+)/;
 
 interface Running {
@@ -99,6 +102,7 @@ function pipeLines(stream: NodeJS.ReadableStream | null, prefix: string, service
     if (m?.[1] && m[2] && urls.get(m[1])?.value !== m[2]) {
       urls.set(m[1], { value: m[2], service });
       if (summaryPrinted) say(`${m[1]}=${m[2]} (${service})`);
+      else if (!stopping && starting().length === 0) printSummary();
     }
   });
 }
@@ -152,17 +156,32 @@ function startService(spec: ServiceSpec, width: number): void {
   });
 }
 
+/** Services running that have not yet said where they serve. */
+function starting(): Running[] {
+  const announced = new Set([...urls.values()].map((url) => url.service));
+  return running.filter((r) => r.alive && !announced.has(r.spec.name));
+}
+
 function printSummary(): void {
   summaryPrinted = true;
+  const notYet = new Set(starting());
   const rows: Array<[string, string]> = [
     ["NATS", withoutPassword(process.env.NATS_URL ?? "(NATS_URL not set)")],
     ["Postgres", withoutPassword(process.env.DATABASE_URL ?? "(DATABASE_URL not set)")],
-    ...running.map((r): [string, string] => [r.spec.name, r.alive ? `pid ${r.pid}` : "exited"]),
+    ...running.map((r): [string, string] => [
+      r.spec.name,
+      r.alive ? `pid ${r.pid}${notYet.has(r) ? ", still starting" : ""}` : "exited",
+    ]),
     ...[...urls].map(([k, v]): [string, string] => [k, `${v.value} (${v.service})`]),
   ];
   const width = Math.max(...rows.map(([k]) => k.length));
   say("running — Ctrl-C stops everything");
   for (const [k, v] of rows) process.stdout.write(`  ${k.padEnd(width)}  ${v}\n`);
+  if (notYet.size > 0) {
+    say(
+      `still starting: ${[...notYet].map((r) => r.spec.name).join(", ")} (their URLs follow when they serve)`,
+    );
+  }
 }
 
 async function main(): Promise<void> {
@@ -205,8 +224,8 @@ async function main(): Promise<void> {
     setInterval(() => {}, 1 << 30);
   }
   setTimeout(() => {
-    if (!stopping) printSummary();
-  }, SUMMARY_DELAY_MS);
+    if (!stopping && !summaryPrinted) printSummary();
+  }, SUMMARY_TIMEOUT_MS).unref();
 }
 
 await main();
