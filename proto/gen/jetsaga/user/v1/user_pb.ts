@@ -38,14 +38,16 @@ export type User = Message<"jetsaga.user.v1.User"> & {
   email: string;
 
   /**
-   * Total credit the user may have reserved by open orders, in cents.
+   * Total credit the user's orders may hold at once, in cents. An order holds its total from its
+   * placement on; only a cancelled order gives it back (a shipped order keeps it).
    *
    * @generated from field: int64 credit_limit_cents = 3;
    */
   creditLimitCents: bigint;
 
   /**
-   * Credit not reserved by pending or confirmed orders right now, in cents; at most credit_limit_cents.
+   * credit_limit_cents less what the user's pending, confirmed and shipped orders hold right now,
+   * in cents.
    *
    * @generated from field: int64 available_credit_cents = 4;
    */
