@@ -26,12 +26,19 @@
  *   otherwise clients write it themselves and get a fresh budget per made-up address.
  * - `NATS_URL` (default nats://127.0.0.1:4222), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`.
  *
- * Bad configuration or an unreachable server: one clear log line, exit status 1.
+ * Bad configuration or an unreachable server: one clear log line, exit status 1. SIGINT/SIGTERM
+ * stop it gracefully; during start-up they close what has started and exit 0.
  */
 import { randomBytes } from "node:crypto";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { MIN_SECRET_BYTES } from "../common/auth-token.ts";
-import { exitOnStartFailure, exitWhenConnectionCloses, onShutdown, readConfig } from "../common/config.ts";
+import {
+  exitOnStartFailure,
+  exitWhenConnectionCloses,
+  handleStopSignals,
+  onShutdown,
+  readConfig,
+} from "../common/config.ts";
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
@@ -143,6 +150,9 @@ async function stop(): Promise<void> {
 
 /** Starts the gateway; bad configuration or an unreachable server exits with status 1. */
 async function main(): Promise<void> {
+  // First: a stop signal while Postgres or NATS does not answer ends start-up, closing what it
+  // opened, not only a started process.
+  handleStopSignals(logger, "api", stop);
   try {
     const config = readConfig();
     const api = readApiConfig(process.env);

@@ -139,7 +139,9 @@ function replicas(value: string | undefined): number | undefined {
 /**
  * Ends a process whose start-up failed: one fatal line "<what> cannot start: <message>" with the
  * error's code, no stack (these are configuration and environment problems, not bugs), then
- * `stop` for what was started so far, then exit status 1.
+ * `stop` for what was started so far, then exit status 1. When a stop signal came during start-up
+ * ({@link handleStopSignals}), that stop is already ending the process and closing what it opened,
+ * which is what made the start-up step fail: nothing is logged and this never resolves.
  */
 export async function exitOnStartFailure(
   logger: Logger,
@@ -147,6 +149,7 @@ export async function exitOnStartFailure(
   error: unknown,
   stop: () => Promise<void>,
 ): Promise<never> {
+  if (stopSignal !== undefined) return new Promise<never>(() => {});
   stopping = true;
   const code = (error as { code?: unknown }).code;
   logger.fatal({ code }, `${what} cannot start: ${error instanceof Error ? error.message : String(error)}`);
@@ -193,35 +196,108 @@ export function exitWhenConnectionCloses(nc: NatsConnection, logger: Logger, wha
   });
 }
 
+/** The signals that stop a service. */
+const STOP_SIGNALS = ["SIGINT", "SIGTERM"] as const;
+/** What the first stop signal does: stop what start-up opened, or (once started) the graceful stop. */
+let onStopSignal: ((signal: NodeJS.Signals) => void) | undefined;
+/** The first stop signal received, once one was. */
+let stopSignal: NodeJS.Signals | undefined;
+/** The logger of the latest handler, for the line of a second signal. */
+let signalLogger: Logger | undefined;
+let listening = false;
+
 /**
- * Runs `stop` once on SIGINT/SIGTERM, then exits: 0, or 1 if stopping failed or did not finish
- * within `timeoutMs` (a drain waiting on a server that went away, a handler that never returns:
- * the process must still end, and say so, rather than hang until the supervisor kills it). A second
- * signal ends the process at once (Node's default, as the listeners are `once`).
+ * Listens for SIGINT/SIGTERM for the rest of the process's life. Not `once`: Node as PID 1 (a
+ * container without an init) would ignore a second signal once its listener is gone, since the
+ * kernel drops signals that PID 1 has no handler for, so a second signal ends the process here.
  */
-export function onShutdown(stop: () => Promise<void>, options: { timeoutMs: number; logger?: Logger }): void {
-  let called = false;
+function listenForStopSignals(): void {
+  if (listening) return;
+  listening = true;
+  for (const signal of STOP_SIGNALS) process.on(signal, () => receiveStopSignal(signal));
+}
+
+function receiveStopSignal(signal: NodeJS.Signals): void {
+  if (stopSignal !== undefined || stopping) {
+    // A second signal, or one while the process already ends on a failure: at once.
+    const message = `${signal} while stopping: exiting at once`;
+    if (signalLogger) signalLogger.warn({ signal }, message);
+    else console.error(message);
+    process.exit(1);
+  }
+  stopSignal = signal;
+  stopping = true;
+  onStopSignal?.(signal);
+}
+
+/**
+ * The timeout of a stop requested before {@link readConfig} has run (or when it refused the
+ * settings): JETSAGA_SHUTDOWN_TIMEOUT_SECONDS when valid, else its default.
+ */
+function startupStopTimeoutMs(env: Record<string, string | undefined>): number {
+  try {
+    return (
+      integerSetting(env, "JETSAGA_SHUTDOWN_TIMEOUT_SECONDS", { min: 1, max: 3_600, fallback: 25 }) * 1_000
+    );
+  } catch {
+    return 25_000;
+  }
+}
+
+/**
+ * Runs `stop`, exports the buffered spans, then exits: 0, or 1 with an error line if stopping failed
+ * or did not finish within `timeoutMs` (a drain waiting on a server that went away, a handler that
+ * never returns: the process must still end, and say so, rather than hang until it is killed).
+ */
+function stopThenExit(stop: () => Promise<void>, timeoutMs: number, logger: Logger | undefined): void {
   const fail = (message: string, error?: unknown): void => {
-    if (options.logger) options.logger.error(error === undefined ? {} : { err: error }, message);
+    if (logger) logger.error(error === undefined ? {} : { err: error }, message);
     else console.error(message, error ?? "");
     process.exit(1);
   };
-  const handler = (): void => {
-    if (called) return;
-    called = true;
-    stopping = true;
-    // Not unref'd: it is what ends the process if something else keeps the event loop alive.
-    setTimeout(
-      () => fail(`graceful stop did not finish within ${options.timeoutMs / 1_000} s; exiting`),
-      options.timeoutMs,
+  // Not unref'd: it is what ends the process if something else keeps the event loop alive.
+  setTimeout(() => fail(`graceful stop did not finish within ${timeoutMs / 1_000} s; exiting`), timeoutMs);
+  stop()
+    .then(flushTraces)
+    .then(
+      () => process.exit(0),
+      (error: unknown) => fail("graceful stop failed; exiting", error),
     );
-    stop()
-      .then(flushTraces)
-      .then(
-        () => process.exit(0),
-        (error: unknown) => fail("graceful stop failed; exiting", error),
-      );
+}
+
+/**
+ * Handles SIGINT/SIGTERM from the start of a service's start-up, before anything that can wait (a
+ * server that does not answer, a migration waiting on a lock): a signal then logs one line
+ * "<what>: <signal> during start-up; stopping", runs `stopStarted` for what start-up has opened so
+ * far and exits 0 (1 when that fails or takes longer than JETSAGA_SHUTDOWN_TIMEOUT_SECONDS), instead
+ * of waiting for start-up to end, or, as PID 1 in a container, ignoring the signal until SIGKILL.
+ * The start-up step in progress is abandoned ({@link exitOnStartFailure} stays quiet when it then
+ * fails). Call {@link onShutdown} once started: from then on a signal runs the graceful stop.
+ */
+export function handleStopSignals(
+  logger: Logger,
+  what: string,
+  stopStarted: () => Promise<void>,
+  env: Record<string, string | undefined> = process.env,
+): void {
+  const timeoutMs = startupStopTimeoutMs(env);
+  signalLogger = logger;
+  onStopSignal = (signal) => {
+    logger.info({ signal }, `${what}: ${signal} during start-up; stopping`);
+    stopThenExit(stopStarted, timeoutMs, logger);
   };
-  process.once("SIGINT", handler);
-  process.once("SIGTERM", handler);
+  listenForStopSignals();
+}
+
+/**
+ * Runs `stop` once on SIGINT/SIGTERM, then exits: 0, or 1 if stopping failed or did not finish
+ * within `timeoutMs`. A second signal ends the process at once with status 1. Replaces the
+ * start-up handling of {@link handleStopSignals}; when a signal already came during start-up, that
+ * stop goes on and this does nothing.
+ */
+export function onShutdown(stop: () => Promise<void>, options: { timeoutMs: number; logger?: Logger }): void {
+  if (options.logger) signalLogger = options.logger;
+  if (stopSignal !== undefined) return;
+  onStopSignal = () => stopThenExit(stop, options.timeoutMs, options.logger);
+  listenForStopSignals();
 }

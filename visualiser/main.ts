@@ -16,6 +16,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import {
   exitOnStartFailure,
   exitWhenConnectionCloses,
+  handleStopSignals,
   integerSetting,
   onShutdown,
   readConfig,
@@ -41,6 +42,8 @@ async function stopStarted(): Promise<void> {
 }
 
 async function main(): Promise<void> {
+  // First: a stop signal while a server does not answer ends start-up, not only a started process.
+  handleStopSignals(log, "visualiser", stopStarted);
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);
   // Empty is unset (8090), not `Number("")`, 0: any free port.

@@ -3,6 +3,7 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import {
   exitOnStartFailure,
   exitWhenConnectionCloses,
+  handleStopSignals,
   integerSetting,
   onShutdown,
   readConfig,
@@ -29,6 +30,8 @@ async function stopStarted(): Promise<void> {
 }
 
 async function main(): Promise<void> {
+  // First: a stop signal while a server does not answer ends start-up, not only a started process.
+  handleStopSignals(log, "orchestrator", stopStarted);
   const env = process.env;
   const config = readConfig();
   const workflows = await loadWorkflows(process.env.JETSAGA_WORKFLOW_MODULES);

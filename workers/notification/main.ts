@@ -11,13 +11,15 @@
  * the 7-day events stream, see `pruner.ts`, but the user service shares the variable and accepts
  * those values, and one service refusing to start stops them all under `npm start`). Applies the
  * service's migrations, starts the pruner and the worker, logs `notification worker ready` and prints
- * `JETSAGA_NOTIFICATION_PROBES_URL=<url>` (stdout). SIGINT/SIGTERM stop it gracefully. Start-up
- * failures are logged as one line with their code and exit with status 1.
+ * `JETSAGA_NOTIFICATION_PROBES_URL=<url>` (stdout). SIGINT/SIGTERM stop it gracefully, also during
+ * start-up (what has started is closed, exit 0). Start-up failures are logged as one line with
+ * their code and exit with status 1.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import {
   exitOnStartFailure,
   exitWhenConnectionCloses,
+  handleStopSignals,
   integerSetting,
   onShutdown,
   readConfig,
@@ -60,6 +62,9 @@ async function stop(): Promise<void> {
 
 /** Starts the notification worker; bad configuration or an unreachable server exits with status 1. */
 async function main(): Promise<void> {
+  // First: a stop signal while Postgres or NATS does not answer (or a migration waits on a lock)
+  // ends start-up, closing what it opened, not only a started process.
+  handleStopSignals(logger, "notification worker", stop);
   const env = process.env;
   try {
     // Inside the try: a malformed setting is reported as one line like the other start-up errors.

@@ -23,7 +23,7 @@
  * (the worker takes no more commands while the others finish), then NATS and the pool, so no call
  * or command is cut by a closing pool. Start-up failures (missing or malformed settings, a server
  * unreachable or too old, the port taken) are logged as one line with their code and exit with
- * status 1.
+ * status 1. A signal during start-up closes what has started and exits 0.
  */
 import type { NatsConnection } from "@nats-io/transport-node";
 import { postgresReadiness, type RpcServer, startRpcServer } from "../../api/rpc/index.ts";
@@ -33,6 +33,7 @@ import { createUserService } from "../../api/user/service.ts";
 import {
   exitOnStartFailure,
   exitWhenConnectionCloses,
+  handleStopSignals,
   onShutdown,
   readConfig,
   streamTopology,
@@ -76,6 +77,9 @@ async function stop(): Promise<void> {
 
 /** Starts the user service; bad configuration or an unreachable server exits with status 1. */
 async function main(): Promise<void> {
+  // First: a stop signal while Postgres or NATS does not answer (or a migration waits on a lock)
+  // ends start-up, closing what it opened, not only a started process.
+  handleStopSignals(logger, "user service", stop);
   try {
     // Inside the try: a malformed setting is reported as one line like the other start-up errors.
     const config = readConfig();
