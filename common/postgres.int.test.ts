@@ -1,11 +1,20 @@
 /**
  * queryUntilAborted against a real Postgres, reached through a TCP relay the test can stall (the
- * host gone with its sockets half-open: nothing answers) and close (new connections refused).
+ * host gone with its sockets half-open: nothing answers) and close (new connections refused); and
+ * migrate with one role per service in one database.
  */
+import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
-import { createTestDatabase, type TestDatabase } from "../test/support/context.ts";
+import {
+  createTestDatabase,
+  pgAdminUrl,
+  type TestDatabase,
+  uniqueNamespace,
+} from "../test/support/context.ts";
 import { startTcpRelay } from "../test/support/tcp-relay.ts";
-import { connectPostgres, queryUntilAborted, type Sql } from "./postgres.ts";
+import { connectPostgres, migrate, queryUntilAborted, type Sql } from "./postgres.ts";
 
 describe("queryUntilAborted", () => {
   let db: TestDatabase;
@@ -66,5 +75,84 @@ describe("queryUntilAborted", () => {
       relay.destroy();
       await viaRelay.end({ timeout: 0 }).catch(() => {});
     }
+  });
+});
+
+/**
+ * One database, one role per service (docs/DEPLOYMENT.md, "Secrets"). `schema_migrations` is
+ * unqualified: in a shared `public` schema the first service's role owns it and the next is refused;
+ * a schema per role, named after it, gives each its own under the default search_path.
+ */
+describe("migrate with a role per service", () => {
+  let db: TestDatabase;
+  let admin: Sql;
+  let dir: string;
+  const roles = [uniqueNamespace("rolea"), uniqueNamespace("roleb")];
+  const opened: Sql[] = [];
+
+  /** The database as `role` (the test cluster trusts local connections). */
+  const as = async (role: string): Promise<Sql> => {
+    const url = new URL(db.url);
+    url.username = role;
+    const sql = await connectPostgres(url.toString(), { max: 1 });
+    opened.push(sql);
+    return sql;
+  };
+
+  beforeAll(async () => {
+    db = await createTestDatabase("pgroles");
+    admin = await connectPostgres(db.url, { max: 1 });
+    for (const role of roles) await admin.unsafe(`create role ${role} login`);
+    dir = await mkdtemp(join(tmpdir(), "jetsaga-migrations-"));
+    await writeFile(join(dir, "001_things.sql"), "create table things (id integer primary key);");
+  });
+
+  afterAll(async () => {
+    for (const sql of opened) await sql.end({ timeout: 5 });
+    await admin?.end({ timeout: 5 });
+    await db?.drop();
+    // Roles are the cluster's: dropped once the database holding their objects is gone.
+    const cluster = await connectPostgres(pgAdminUrl(), { max: 1 });
+    for (const role of roles) await cluster.unsafe(`drop role if exists ${role}`);
+    await cluster.end({ timeout: 5 });
+    if (dir) await rm(dir, { recursive: true, force: true });
+  });
+
+  it("refuses the second role the first one's schema_migrations in public, naming the fix", async () => {
+    const [a, b] = roles as [string, string];
+    await admin.unsafe(`grant create on schema public to ${a}, ${b}`);
+    try {
+      expect((await migrate(await as(a), { name: "a", dir })).version).toBe(1);
+      const refused = migrate(await as(b), { name: "b", dir });
+      await expect(refused).rejects.toMatchObject({ code: "42501" });
+      await expect(refused).rejects.toThrow(
+        `cannot record the b migrations in schema_migrations as role ${b}: permission denied for table schema_migrations. ` +
+          `Give each service's role a schema of its own, which the default search_path ("$user", public) ` +
+          `then uses: create schema ${b} authorization ${b}`,
+      );
+    } finally {
+      await admin.unsafe(`drop table if exists public.things, public.schema_migrations`);
+      await admin.unsafe(`revoke create on schema public from ${a}, ${b}`);
+    }
+  });
+
+  it("keeps each role's migrations apart in a schema of its own (the documented set-up)", async () => {
+    for (const role of roles) await admin.unsafe(`create schema ${role} authorization ${role}`);
+    for (const role of roles) {
+      const sql = await as(role);
+      expect(await migrate(sql, { name: "svc", dir })).toEqual({
+        applied: [{ version: 1, name: "things" }],
+        version: 1,
+      });
+    }
+    const tables = await admin<{ schema: string; table: string }[]>`
+      select table_schema as schema, table_name as "table" from information_schema.tables
+      where table_name in ('schema_migrations', 'things') order by 1, 2`;
+    expect(tables).toEqual(
+      [...roles].sort().flatMap((schema) => [
+        { schema, table: "schema_migrations" },
+        { schema, table: "things" },
+      ]),
+    );
   });
 });

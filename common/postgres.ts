@@ -136,6 +136,8 @@ const MIGRATION_FILE = /^(\d{3,})_([A-Za-z0-9_-]+)\.sql$/;
 const SERVICE_NAME = /^[a-z][a-z0-9_-]{0,62}$/;
 /** One lock for every service's migrations: also serializes the `create table schema_migrations`. */
 const MIGRATION_LOCK = "jetsaga.schema_migrations";
+/** Postgres's `insufficient_privilege`. */
+const INSUFFICIENT_PRIVILEGE = "42501";
 
 /**
  * Applies the numbered SQL files of `dir` that are not applied yet, lowest version first, each in
@@ -147,8 +149,10 @@ const MIGRATION_LOCK = "jetsaga.schema_migrations";
  *
  * @throws JetsagaError `INVALID_ARGUMENT` for a bad service name or two files with one version,
  *   `INVALID_DEFINITION` when an applied version now has another file name (a migration was
- *   renamed or replaced after it ran), and the Postgres error of a failing file (that file's
- *   transaction is rolled back; earlier files stay applied).
+ *   renamed or replaced after it ran), the Postgres error of a failing file (that file's
+ *   transaction is rolled back; earlier files stay applied), and an Error with code `42501` naming
+ *   the role and the fix when the role may not create or read `schema_migrations` (it is
+ *   unqualified: roles of several services need a schema each, see docs/DEPLOYMENT.md "Secrets").
  */
 export async function migrate(sql: Sql, opts: MigrateOptions): Promise<MigrateResult> {
   if (!SERVICE_NAME.test(opts.name)) {
@@ -161,35 +165,78 @@ export async function migrate(sql: Sql, opts: MigrateOptions): Promise<MigrateRe
   const applied: Migration[] = [];
   for (const file of files) {
     const text = await readFile(join(dir, file.file), "utf8");
-    const ran = await sql.begin(async (tx) => {
-      await tx`select pg_advisory_xact_lock(hashtext(${MIGRATION_LOCK}))`;
-      await tx`
-        create table if not exists schema_migrations (
-          service text not null,
-          version integer not null,
-          name text not null,
-          applied_at timestamptz not null default now(),
-          primary key (service, version)
-        )`;
-      const [row] = await tx<{ name: string }[]>`
-        select name from schema_migrations where service = ${opts.name} and version = ${file.version}`;
-      if (row) {
-        if (row.name !== file.name) {
-          throw new JetsagaError(
-            "INVALID_DEFINITION",
-            `migration ${opts.name} ${file.version} was applied as "${row.name}" but the file is now "${file.name}"`,
-            { context: { service: opts.name, version: file.version } },
-          );
+    const ran = await sql
+      .begin(async (tx) => {
+        await tx`select pg_advisory_xact_lock(hashtext(${MIGRATION_LOCK}))`;
+        const [row] = await bookkeeping(async () => {
+          await tx`
+          create table if not exists schema_migrations (
+            service text not null,
+            version integer not null,
+            name text not null,
+            applied_at timestamptz not null default now(),
+            primary key (service, version)
+          )`;
+          return await tx<{ name: string }[]>`
+          select name from schema_migrations where service = ${opts.name} and version = ${file.version}`;
+        });
+        if (row) {
+          if (row.name !== file.name) {
+            throw new JetsagaError(
+              "INVALID_DEFINITION",
+              `migration ${opts.name} ${file.version} was applied as "${row.name}" but the file is now "${file.name}"`,
+              { context: { service: opts.name, version: file.version } },
+            );
+          }
+          return false;
         }
-        return false;
-      }
-      await tx.unsafe(text).simple();
-      await tx`insert into schema_migrations (service, version, name) values (${opts.name}, ${file.version}, ${file.name})`;
-      return true;
-    });
+        await tx.unsafe(text).simple();
+        await tx`insert into schema_migrations (service, version, name) values (${opts.name}, ${file.version}, ${file.name})`;
+        return true;
+      })
+      .catch((error: unknown) => explainDenied(sql, opts.name, error));
     if (ran) applied.push({ version: file.version, name: file.name });
   }
   return { applied, version: files.at(-1)?.version ?? 0 };
+}
+
+/** A permission error of the `schema_migrations` bookkeeping, explained once the transaction is over. */
+class BookkeepingDenied extends Error {}
+
+/** Runs the `schema_migrations` bookkeeping of `migrate`, marking a permission error there. */
+async function bookkeeping<T>(run: () => Promise<T>): Promise<T> {
+  try {
+    return await run();
+  } catch (error) {
+    if ((error as { code?: unknown }).code !== INSUFFICIENT_PRIVILEGE) throw error;
+    throw new BookkeepingDenied("schema_migrations refused", { cause: error });
+  }
+}
+
+/**
+ * Rethrows `error`, saying what to do when it is a permission error of the `schema_migrations`
+ * bookkeeping (after the transaction, so the role can be asked on a free connection). The table
+ * name is unqualified, so it lands in the first existing schema of the role's `search_path`: with
+ * one role per service sharing the `public` schema, the first service to start owns the table and
+ * the others are refused it (and since PostgreSQL 15 only the database owner may create in `public`
+ * unless granted). A schema per role, named after it, separates them under the default
+ * `search_path` (`"$user", public`): docs/DEPLOYMENT.md, "Secrets".
+ */
+async function explainDenied(sql: Sql, service: string, error: unknown): Promise<never> {
+  if (!(error instanceof BookkeepingDenied)) throw error;
+  const cause = error.cause;
+  const [me] = await sql<{ role: string }[]>`select current_user as role`.catch(() => []);
+  const role = me?.role ?? "<role>";
+  const reason = cause instanceof Error ? cause.message : String(cause);
+  throw Object.assign(
+    new Error(
+      `cannot record the ${service} migrations in schema_migrations as role ${role}: ${reason}. ` +
+        `Give each service's role a schema of its own, which the default search_path ("$user", public) ` +
+        `then uses: create schema ${role} authorization ${role} (docs/DEPLOYMENT.md, "Secrets")`,
+      { cause },
+    ),
+    { code: INSUFFICIENT_PRIVILEGE },
+  );
 }
 
 async function migrationFiles(dir: string): Promise<Array<Migration & { file: string }>> {
