@@ -22,6 +22,9 @@ import { PodDisruptionBudget } from "kubernetes-models/policy/v1";
 import { ConfigMap, type IContainer, Namespace, Secret, Service, ServiceAccount } from "kubernetes-models/v1";
 import { describe, expect, it } from "vitest";
 import { parseAllDocuments } from "yaml";
+import { MIN_SECRET_BYTES } from "../common/auth-token.ts";
+import { OrderService } from "../proto/gen/jetsaga/order/v1/order_pb.ts";
+import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { SERVICE_ENV, SERVICE_V8_FLAGS } from "./local/service-process.ts";
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -70,13 +73,16 @@ function isOptional(entry: string, name: string): boolean {
   return name in (OPTIONAL_ENV["*"] ?? {}) || name in (OPTIONAL_ENV[entry] ?? {});
 }
 /**
- * Variables read by the runtime, or by the tracing preload (`--import=/app/common/tracing-sdk.ts`
+ * Variables read by Node itself, or by the tracing preload (`--import=/app/common/tracing-sdk.ts`
  * in NODE_OPTIONS) and the OpenTelemetry exporter it starts, rather than by the service's own code.
  * Named one by one: a misspelt OTEL_ variable is ignored by the SDK as silently as any other.
- * A test below checks each is still read by tracing-sdk.ts or the installed OTLP exporter.
+ * A test below checks each is still read by tracing-sdk.ts or the installed OTLP exporter (Node's
+ * own NODE_ variables aside).
  */
 const RUNTIME_ENV: ReadonlySet<string> = new Set([
   "NODE_OPTIONS",
+  // Node itself, at start-up: a private CA for sslmode=verify-full (docs/DEPLOYMENT.md, "Secrets").
+  "NODE_EXTRA_CA_CERTS",
   // common/tracing-sdk.ts
   "JETSAGA_TRACING",
   "OTEL_SDK_DISABLED",
@@ -115,6 +121,12 @@ const LISTENERS: Readonly<Record<string, { port: string; host: string; defaultPo
 const ALL_INTERFACES = new Set(["0.0.0.0", "::", "[::]"]);
 /** Upper bound on any container's memory limit, in MiB (the user service's scrypt needs the most). */
 const MAX_MEMORY_LIMIT_MIB = 512;
+/**
+ * Room a container's memory limit leaves beside V8's heap limit, in MiB: code, stacks, buffers and
+ * the native heap (~60 MiB of a service's RSS is outside the JS heap). With less, a process whose
+ * live data grows is OOM-killed by the kubelet before V8's own heap-out-of-memory error says why.
+ */
+const OFF_HEAP_MIB = 64;
 const MIN_NATS: readonly [number, number] = [2, 12];
 
 type Doc = Record<string, unknown>;
@@ -167,6 +179,41 @@ function mebibytes(quantity: string | number | undefined): number {
     G: 1e9 / 2 ** 20,
   };
   return Number(match[1]) * (match[2] ? (factor[match[2]] ?? Number.NaN) : 1 / 2 ** 20);
+}
+
+/**
+ * V8's heap limit, in MiB, under the flags of `nodeOptions`: the old space plus the young
+ * generation, 3 semi-spaces (two and the new large-object space). NaN without both flags: V8 then
+ * sizes the heap for the host's memory, not the container's.
+ */
+function v8HeapCapMib(nodeOptions: string | undefined): number {
+  const flag = (name: string): number => {
+    const match = new RegExp(`(?:^|\\s)--${name}=(\\d+)(?=\\s|$)`).exec(nodeOptions ?? "");
+    return match ? Number(match[1]) : Number.NaN;
+  };
+  return flag("max-old-space-size") + 3 * flag("max-semi-space-size");
+}
+
+/**
+ * Deployments whose containers' memory limits do not hold V8's heap limit (from the NODE_OPTIONS
+ * the container starts with) plus {@link OFF_HEAP_MIB}.
+ */
+function heapProblems(objects: readonly K8sObject[], imageEnv: ReadonlyMap<string, string>): string[] {
+  const problems: string[] = [];
+  for (const { o, d } of deployments(objects)) {
+    for (const c of d.spec?.template.spec?.containers ?? []) {
+      const options = containerEnv(c, objects, imageEnv).get("NODE_OPTIONS")?.value;
+      const cap = v8HeapCapMib(options);
+      const limit = mebibytes(c.resources?.limits?.memory);
+      if (!(limit >= cap + OFF_HEAP_MIB)) {
+        problems.push(
+          `${o.name}: memory limit ${String(c.resources?.limits?.memory)} is below V8's heap limit ${cap} MiB ` +
+            `(NODE_OPTIONS ${JSON.stringify(options)}) + ${OFF_HEAP_MIB} MiB outside the heap`,
+        );
+      }
+    }
+  }
+  return problems;
 }
 
 function versionAtLeast(tag: string, [major, minor]: readonly [number, number]): boolean {
@@ -1011,6 +1058,35 @@ describe("Kubernetes manifests", () => {
     }
   });
 
+  it("gives each container a memory limit above V8's heap limit plus room outside the heap", () => {
+    expect(v8HeapCapMib(SERVICE_V8_FLAGS)).toBe(256 + 3 * 8);
+    expect(heapProblems(objects, imageEnv)).toEqual([]);
+  });
+
+  it("catches a memory limit below the heap limit, and a container without heap flags", () => {
+    const small = withContainer(objects, "orchestrator", (c) => {
+      c.resources = {
+        ...docOf(c.resources),
+        limits: { ...docOf(docOf(c.resources).limits), memory: "320Mi" },
+      };
+    });
+    expect(heapProblems(small, imageEnv)).toEqual([
+      `orchestrator: memory limit 320Mi is below V8's heap limit 280 MiB (NODE_OPTIONS "${SERVICE_V8_FLAGS}") + 64 MiB outside the heap`,
+    ]);
+    const unsized = withContainer(objects, "api", (c) => {
+      c.env = [...listOf(c.env), { name: "NODE_OPTIONS", value: "--enable-source-maps" }];
+    });
+    expect(heapProblems(unsized, imageEnv)).toEqual([
+      `api: memory limit 448Mi is below V8's heap limit NaN MiB (NODE_OPTIONS "--enable-source-maps") + 64 MiB outside the heap`,
+    ]);
+  });
+
+  it("ships a placeholder token secret the services refuse (shorter than the minimum)", () => {
+    const placeholder = String(secrets.get("jetsaga-secrets")?.["token-secret"] ?? "");
+    expect(placeholder).not.toBe("");
+    expect(Buffer.byteLength(placeholder)).toBeLessThan(MIN_SECRET_BYTES);
+  });
+
   it("lets each service stop within its grace period; RPC services keep taking connections a moment first", () => {
     for (const { o, d } of deployments(objects)) {
       const pod = d.spec?.template.spec;
@@ -1064,6 +1140,25 @@ describe("Kubernetes manifests", () => {
   it("leaves the image's service environment (MALLOC_ARENA_MAX) as it is", () => {
     for (const name of Object.keys(SERVICE_ENV)) {
       expect(configMaps.get("jetsaga-config")?.[name], name).toBeUndefined();
+    }
+  });
+
+  it("routes only the gateway's public RPC services in docs/DEPLOYMENT.md's HTTPRoute, to the api Service", () => {
+    // /metrics, /readyz, health and reflection share the port: the example must not route them.
+    const doc = readFileSync(join(ROOT, "docs/DEPLOYMENT.md"), "utf8");
+    const routes = [...doc.matchAll(/```yaml\n([\s\S]*?)```/g)]
+      .flatMap((m) => parseAllDocuments(m[1] ?? "").map((d) => docOf(d.toJS())))
+      .filter((d) => d.kind === "HTTPRoute");
+    expect(routes.length).toBe(1);
+    const rules = listOf(docOf(routes[0]?.spec).rules).map(docOf);
+    const paths = rules.flatMap((r) => listOf(r.matches).map((m) => docOf(docOf(m).path)));
+    expect(paths.map((p) => p.type)).toEqual(["PathPrefix", "PathPrefix"]);
+    expect(paths.map((p) => p.value)).toEqual([`/${OrderService.typeName}/`, `/${UserService.typeName}/`]);
+    const api = objects.find((o) => o.kind === "Service" && o.name === "api");
+    const apiPorts = listOf(docOf(api?.doc.spec).ports).map((p) => docOf(p).port);
+    for (const ref of rules.flatMap((r) => listOf(r.backendRefs).map(docOf))) {
+      expect(ref.name).toBe("api");
+      expect(apiPorts).toContain(ref.port);
     }
   });
 
@@ -1177,6 +1272,32 @@ describe("docker compose", () => {
       .map((l) => /^([A-Z][A-Z0-9_]*)=/.exec(l.trim())?.[1])
       .filter((k): k is string => k !== undefined);
   }
+
+  it("ships a placeholder token secret the services refuse (shorter than the minimum)", () => {
+    const example = readFileSync(
+      join(COMPOSE, `${String(docOf(topSecrets.token_env).file)}.example`),
+      "utf8",
+    );
+    const values = example
+      .split("\n")
+      .map((l) => /^JETSAGA_TOKEN_SECRET=(.*)$/.exec(l.trim())?.[1])
+      .filter((v): v is string => v !== undefined);
+    expect(values.length).toBe(1);
+    // A value that passed would be a publicly known HMAC key, used as is by whoever copies the file.
+    expect(Buffer.byteLength(values[0] ?? "")).toBeLessThan(MIN_SECRET_BYTES);
+    expect(values[0]).not.toBe("");
+  });
+
+  it("checks Postgres's health over TCP, which listens only once the first-boot initialisation is done", () => {
+    // pg_isready without -h asks the Unix socket, which the image's entrypoint opens for its
+    // temporary init server too: the check could pass before the database and role exist.
+    const test = listOf(docOf(docOf(services.postgres).healthcheck).test).map(String);
+    expect(test.slice(0, 2)).toEqual(["CMD", "pg_isready"]);
+    const host = test[test.indexOf("-h") + 1];
+    expect(test.includes("-h") && host !== undefined && !host.startsWith("/"), JSON.stringify(test)).toBe(
+      true,
+    );
+  });
 
   it("publishes no port of the user service: only the gateway may call it", () => {
     expect(docOf(services.user).ports).toBeUndefined();
@@ -1344,7 +1465,7 @@ describe("variables the checks above take as known", () => {
           `\`OTEL_EXPORTER_OTLP_\${signalIdentifier}_${name.slice("OTEL_EXPORTER_OTLP_TRACES_".length)}\``,
         ));
     const unread = [...RUNTIME_ENV].filter(
-      (name) => name !== "NODE_OPTIONS" && !preload.has(name) && !exporterReads(name),
+      (name) => !name.startsWith("NODE_") && !preload.has(name) && !exporterReads(name),
     );
     expect(unread).toEqual([]);
     // And every variable the preload reads is known, so a manifest may set it.
