@@ -308,7 +308,8 @@ export const CHECKPOINT_CHANNEL = "jetsaga_projection";
  * inserts are data-modifying CTEs (all or nothing, like a transaction) and the checkpoint
  * announcement is delivered at its commit. Idempotent: an order row changes only for a newer
  * revision, item and status rows are inserted once, and the checkpoint never moves back (and is
- * announced only when it moved). Rows travel as JSON parameters, so a batch of any size is one
+ * announced only when it moved). A batch read from another incarnation of the stream than the
+ * checkpoint's writes nothing. Rows travel as JSON parameters, so a batch of any size is one
  * round trip: on this kind of machine each statement's socket write and wake-up of the Postgres
  * backend cost more than the SQL itself. Run it on the pool (its own implicit transaction) or
  * inside a caller's transaction.
@@ -322,6 +323,17 @@ export async function applyBatch(
   const firstTs = checkpoint.streamFirstTs ?? null;
   await sql`
     with
+    -- The checkpoint belongs to another incarnation of the stream: a projector still following the
+    -- old one (another replica, not yet aware) writes after a rebuild from the new one. Its orders
+    -- are gone from the stream, and the revision guard cannot keep them out (revisions restart at
+    -- 1 there). Told as the projector tells it (stream-identity.ts): another creation time, and no
+    -- first message time showing the same stream (nats-server#8449, when a replica adopted the new
+    -- creation time before this one). Read after the statement's locks are taken, so after the
+    -- commit of a rebuild that held them.
+    other_stream as (
+      select from projection_checkpoints
+      where name = ${checkpoint.name} and stream_created <> ${stream}
+        and (stream_first_ts is null or ${firstTs}::text is null or stream_first_ts <> ${firstTs})),
     upserted_orders as (
       insert into orders (order_id, user_id, status, saga_state, total_cents, cancel_reason, tracking_id,
                           created_at, updated_at, revision, history_seq)
@@ -330,6 +342,7 @@ export async function applyBatch(
       from json_to_recordset(${rowsJson(rows.orders)}::text::json) as r(
         order_id text, user_id text, status text, saga_state text, total_cents bigint, cancel_reason text,
         tracking_id text, created_at timestamptz, updated_at timestamptz, revision integer, history_seq bigint)
+      where not exists (select from other_stream)
       -- Rows locked in one order by every projector (replicas, a rebuild): no deadlock between them.
       order by order_id
       on conflict (order_id) do update set
@@ -342,6 +355,7 @@ export async function applyBatch(
       select order_id, line_no, sku, quantity, unit_price_cents
       from json_to_recordset(${rowsJson(rows.items)}::text::json) as r(
         order_id text, line_no integer, sku text, quantity integer, unit_price_cents bigint)
+      where not exists (select from other_stream)
       on conflict do nothing),
     inserted_statuses as (
       insert into order_status_history (order_id, revision, status, saga_state, event_type, at, history_seq)
@@ -349,6 +363,7 @@ export async function applyBatch(
       from json_to_recordset(${rowsJson(rows.statuses)}::text::json) as r(
         order_id text, revision integer, status text, saga_state text, event_type text, at timestamptz,
         history_seq bigint)
+      where not exists (select from other_stream)
       on conflict do nothing),
     moved_checkpoint as (
       insert into projection_checkpoints (name, position, stream_created, stream_first_ts)
@@ -358,7 +373,8 @@ export async function applyBatch(
         stream_first_ts = coalesce(excluded.stream_first_ts, projection_checkpoints.stream_first_ts)
       where projection_checkpoints.position < excluded.position
         -- A projector still following an older incarnation of the stream must not move the
-        -- checkpoint of the new one (its rows are guarded by revision, its position is not).
+        -- checkpoint of the new one (nor write its rows, see other_stream). The same stream under
+        -- another creation time included: its creation time would replace the one adopted.
         and (projection_checkpoints.stream_created is null or excluded.stream_created is null
              or projection_checkpoints.stream_created = excluded.stream_created)
       returning 1)

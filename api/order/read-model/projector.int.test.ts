@@ -12,6 +12,7 @@ import {
   commandHandler,
   createWorker,
   createWorkflowClient,
+  ensureTopology,
   type HistoryEntry,
   JetsagaError,
   type RunningOrchestrator,
@@ -620,6 +621,36 @@ describe("order read model projector", () => {
     expect(warned[0]).toEqual({ msg: "projection consumer failed: making it again", consuming: false });
   });
 
+  it("releases its LISTEN connection when its consumer cannot be made at start", async () => {
+    let unlistened = 0;
+    const listening = new Proxy(sql, {
+      get(target, prop, receiver) {
+        if (prop !== "listen") return Reflect.get(target, prop, receiver);
+        const listen: Sql["listen"] = async (channel, onNotify, onListen) => {
+          const meta = await target.listen(channel, onNotify, onListen);
+          const unlisten = meta.unlisten.bind(meta);
+          return Object.assign(meta, {
+            unlisten: () => {
+              unlistened++;
+              return unlisten();
+            },
+          });
+        };
+        return listen;
+      },
+    });
+    const proto = await orderedConsumerPrototype(nc, client.topology.streams.history);
+    vi.spyOn(proto, "consume").mockRejectedValueOnce(new Error("consumer refused by the test"));
+    try {
+      await expect(startOrderProjector({ nc, sql: listening, ns, name: "orders-unstarted" })).rejects.toThrow(
+        "consumer refused by the test",
+      );
+    } finally {
+      vi.restoreAllMocks();
+    }
+    expect(unlistened).toBe(1);
+  });
+
   it("keeps the read model when the server reports another creation time for the same stream", async () => {
     const history = client.topology.streams.history;
     const jsm = await jetstream(nc).jetstreamManager();
@@ -755,6 +786,72 @@ describe("order read model projector", () => {
       expect(adopted?.stream_created).toBe(after.created);
     } finally {
       await second.stop();
+    }
+  });
+
+  // Last too: it makes the history stream again once more.
+  it("writes no rows of a replica still on the old stream over the read model rebuilt from the new one", async () => {
+    await startAndAwaitConfirmed("o-before-remade");
+    const jsm = await jetstream(nc).jetstreamManager();
+    const history = client.topology.streams.history;
+    const before = await jsm.streams.info(history);
+    await expect.poll(() => projector.position(), { timeout: 20_000 }).toBe(before.state.last_seq);
+    // Replica A, whose statements can be held before they reach Postgres; `projector` is B.
+    let hold = false;
+    let release: () => void = () => {};
+    const gate = new Promise<void>((resolve) => {
+      release = resolve;
+    });
+    const held: Promise<unknown>[] = [];
+    const holding = new Proxy(sql, {
+      apply(target, thisArg, args: unknown[]) {
+        const [strings] = args;
+        if (!hold || !Array.isArray(strings) || !strings.join("").includes("moved_checkpoint")) {
+          return Reflect.apply(target, thisArg, args);
+        }
+        const applied = gate.then(() => Reflect.apply(target, thisArg, args) as Promise<unknown>);
+        held.push(applied.catch(() => {}));
+        return applied;
+      },
+    });
+    const replica = await startOrderProjector({ nc, sql: holding, ns, maxBatch: 50, streamCheckMs: 100 });
+    try {
+      await expect.poll(() => replica.position(), { timeout: 20_000 }).toBe(before.state.last_seq);
+      // A's batch of the old stream's next order is held; B writes it.
+      hold = true;
+      await startAndAwaitConfirmed("o-old-held");
+      await expect.poll(() => held.length, { timeout: 10_000 }).toBeGreaterThan(0);
+
+      const rebuildsBefore = projector.stats.rebuilds;
+      await jsm.streams.delete(history);
+      // Made again here: the orchestrator repairs its topology at most every few seconds.
+      await ensureTopology(jsm, client.topology);
+      // B rebuilds from it.
+      await startAndAwaitConfirmed("o-new-stream-again");
+      await expect.poll(() => projector.stats.rebuilds, { timeout: 10_000 }).toBe(rebuildsBefore + 1);
+      // A noticed too: its resync waits for the batch held.
+      await expect.poll(() => replica.consuming, { timeout: 10_000 }).toBe(false);
+
+      release();
+      await Promise.all(held);
+      const after = await jsm.streams.info(history);
+      // Resynced (consuming again only once its batches are written), on B's checkpoint.
+      await expect
+        .poll(() => replica.consuming && replica.position() === after.state.last_seq, { timeout: 20_000 })
+        .toBe(true);
+      expect(replica.stats.rebuilds).toBe(0);
+      expect(await sql`select order_id from orders order by order_id`).toEqual([
+        { order_id: "o-new-stream-again" },
+      ]);
+      expect(await sql`select distinct order_id from order_status_history`).toEqual([
+        { order_id: "o-new-stream-again" },
+      ]);
+      const [checkpoint] =
+        await sql`select position, stream_created from projection_checkpoints where name = 'orders'`;
+      expect(checkpoint).toEqual({ position: String(after.state.last_seq), stream_created: after.created });
+    } finally {
+      release();
+      await replica.stop();
     }
   });
 });

@@ -195,7 +195,13 @@ class Projector implements OrderProjector {
       this.#advance(notice.position);
     });
     this.#unlisten = () => listener.unlisten();
-    await this.#consumeFrom(this.#position + 1);
+    try {
+      await this.#consumeFrom(this.#position + 1);
+    } catch (error) {
+      // No projector is returned to stop: its LISTEN connection would stay open for good.
+      await listener.unlisten().catch(() => {});
+      throw error;
+    }
     this.#streamWatch = watchStream(
       jsm,
       stream,
