@@ -259,15 +259,20 @@ describe("HistoryFollower.watch", () => {
       await own.close();
     }
   });
-  // nats-server#8449: a server may report another creation time for the same stream. The first
-  // message tells that it is the same one, and the follower must resume after its last entry all
-  // the same (not from the entries appended from then on, as for a stream made again).
+  // nats-server#8449, #8470: a server may report another creation time for the same stream. The
+  // first message tells that it is the same one, and the follower must resume after its last entry
+  // all the same (not from the entries appended from then on, as for a stream made again).
   it.each([
-    ["", false],
-    [" (the server reporting another creation time for the same stream meanwhile)", true],
+    ["", false, false],
+    [" (the server reporting another creation time for the same stream meanwhile)", true, false],
+    [
+      " (started on the empty stream, the server reporting another creation time for it once it holds entries)",
+      true,
+      true,
+    ],
   ])(
     "makes its consumer again after the last entry it saw when nats.js ends it; waits and watches carry on%s",
-    async (_, createdShifts) => {
+    async (_, createdShifts, startsEmpty) => {
       const ownTopo = topology(uniqueNamespace("follower-resume"));
       const stream = ownTopo.streams.history;
       const jsm = await jetstreamManager(nc);
@@ -275,20 +280,32 @@ describe("HistoryFollower.watch", () => {
       const appendTo = (instanceId: string, revision: number): Promise<number> =>
         appendEntry(nc, ownTopo, instanceId, revision);
       // The follower learns the stream's first message time from a check that shows the created it
-      // started with: one entry before it starts.
-      await appendTo("z", 1);
+      // started with: one entry before it starts, or (empty) one after.
+      if (!startsEmpty) await appendTo("z", 1);
       await endNextConsumerWhenMissing(nc, stream);
       const logger = recordingLogger();
       let shifted = false;
-      const followerNc = rewritingStreamInfo(nc, stream, (info) =>
-        shifted ? { ...info, created: "2001-01-01T00:00:00Z" } : undefined,
-      );
+      let shiftOnceNotEmpty = false;
+      /** Replies that reported the other creation time. */
+      let shiftedReplies = 0;
+      const followerNc = rewritingStreamInfo(nc, stream, (info) => {
+        if (shifted) {
+          shiftedReplies++;
+          return { ...info, created: "2001-01-01T00:00:00Z" };
+        }
+        // This reply, the first to show an entry, goes as it is: the stream's first message time
+        // under the created the follower started with; those after it report the other one.
+        const { state } = info as { state?: { messages?: number } };
+        if (shiftOnceNotEmpty && (state?.messages ?? 0) > 0) shifted = true;
+        return undefined;
+      });
       const own = await HistoryFollower.start(followerNc, ownTopo, WORKFLOW, {
         restartBackoff: { initialDelayMs: 20, maxDelayMs: 200 },
         streamCheckMs: 50,
         logger,
       });
-      shifted = createdShifts;
+      if (startsEmpty) shiftOnceNotEmpty = createdShifts;
+      else shifted = createdShifts;
       try {
         // Every entry of "a" the follower hands out, for as long as the test runs.
         const seenOfA: number[] = [];
@@ -301,6 +318,9 @@ describe("HistoryFollower.watch", () => {
         const heard = own.expect("a", (entry) => entry.revision === 1, 10_000);
         const a1 = await appendTo("a", 1);
         expect(await heard.done).toMatchObject({ seq: a1 });
+        // A check reported the other creation time: the one before it, which showed the first
+        // entry, is over (checks never overlap).
+        if (startsEmpty) await expect.poll(() => shiftedReplies, { timeout: 10_000 }).toBeGreaterThan(0);
         const b1 = await appendTo("b", 1);
         const watch = own.watch("b")[Symbol.asyncIterator]();
         expect(await watch.next()).toMatchObject({ done: false, value: { seq: b1 } });

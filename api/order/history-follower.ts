@@ -181,6 +181,7 @@ export class HistoryFollower {
       () => {
         // NATS away: the next check tries again.
       },
+      (same) => follower.#learnFirstTs(same),
     );
     return follower;
   }
@@ -209,6 +210,17 @@ export class HistoryFollower {
     if (!sameIncarnation(this.#stream, identity, this.#lastSeq)) return false;
     this.#stream = { created: identity.created, firstTs: this.#stream.firstTs ?? identity.firstTs };
     return true;
+  }
+
+  /**
+   * A check showed the stream under the `created` the follower knows: when it was empty at start,
+   * its first message time is taken from there. Without it, a consumer made again after the server
+   * reported another `created` for the same stream (nats-server#8470) would take it for a stream
+   * made again (see {@link #resume}) and hand out the whole history once more.
+   */
+  #learnFirstTs(identity: StreamIdentity): void {
+    if (identity.created !== this.#stream.created || this.#stream.firstTs !== undefined) return;
+    this.#stream = { created: identity.created, firstTs: identity.firstTs };
   }
 
   /**

@@ -144,7 +144,10 @@ export function watchStream(
  * `known` names), again at the next check when it failed. Calls never overlap: a check waits for
  * the previous `onChange` to settle. A stream that is missing is waited for; a failed check (NATS
  * away) is tried again next time. A changed `created` of the incarnation it has seen (same first
- * message, see {@link sameIncarnation}) is taken as the stream's new `created`, without a call.
+ * message, see {@link sameIncarnation}) is taken as the stream's new `created`, without a call to
+ * `onChange`. `onSame` gets each identity that shows the incarnation seen: a caller that recorded
+ * it while the stream was empty learns its first message time there, which it needs to tell the
+ * same stream once the server reports another `created` for it.
  */
 export function watchStreamIdentity(
   jsm: JetStreamManager,
@@ -153,6 +156,7 @@ export function watchStreamIdentity(
   intervalMs: number,
   onChange: (identity: StreamIdentity) => Promise<void>,
   onError: (error: unknown) => void,
+  onSame?: (identity: StreamIdentity) => void,
 ): StreamIdentityWatch {
   // The first message time is learnt from the replies that show `known`: those are its stream.
   let current: StreamMark = { created: known };
@@ -172,6 +176,7 @@ export function watchStreamIdentity(
       }
       current = { created: identity.created, firstTs: current.firstTs ?? identity.firstTs };
       seen = Math.max(seen, identity.lastSeq);
+      onSame?.(identity);
     },
     onError,
   );
