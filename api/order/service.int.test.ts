@@ -169,6 +169,8 @@ describe("OrderService", () => {
   let users: Client<typeof UserService>;
   /** Users whose user.verify is held back (their orders stay PENDING until released). */
   const held = new Set<string>();
+  /** Users whose user.releaseCredit is held back (their orders stay being cancelled until released). */
+  const releasesHeld = new Set<string>();
 
   async function signUp(label: string): Promise<{ userId: string; token: string }> {
     const email = `${label}-${randomUUID()}@example.com`;
@@ -206,11 +208,11 @@ describe("OrderService", () => {
         }),
         "user.releaseCredit": commandHandler({
           input: releaseCreditInput,
-          handle: async (input) => ({
-            type: "credit.released",
-            reservationId: input.reservationId,
-            amountCents: 0,
-          }),
+          async handle(input, ctx) {
+            while (releasesHeld.has(input.userId) && !ctx.signal.aborted)
+              await new Promise((r) => setTimeout(r, 20));
+            return { type: "credit.released", reservationId: input.reservationId, amountCents: 0 };
+          },
         }),
       },
     });
@@ -239,6 +241,7 @@ describe("OrderService", () => {
 
   afterAll(async () => {
     held.clear();
+    releasesHeld.clear();
     await gateway?.close();
     await fake.server?.close();
     await workflows?.close();
@@ -1009,7 +1012,47 @@ describe("OrderService", () => {
         : latest.call(this, instanceId, options);
     });
     try {
-      expect(await codeOf(orders.shipOrder({ orderId }, auth(token)))).toBe(Code.FailedPrecondition);
+      await expect(orders.shipOrder({ orderId }, auth(token))).rejects.toMatchObject({
+        code: Code.FailedPrecondition,
+        rawMessage: "cannot ship an order that is cancelled",
+      });
+    } finally {
+      vi.restoreAllMocks();
+    }
+  });
+
+  it("refuses to ship a confirmed order that is being cancelled, saying so (not that it is confirmed)", async () => {
+    const { token, userId } = await signUp("shipcancelling");
+    const request = {
+      idempotencyKey: randomUUID(),
+      items: [item()],
+      waitForStatuses: [OrderStatus.CONFIRMED],
+    };
+    const orderId = (await orders.placeOrder(request, auth(token))).order?.orderId ?? "";
+    releasesHeld.add(userId);
+    try {
+      const cancelling = await orders.cancelOrder({ orderId, reason: "changed my mind" }, auth(token));
+      // Its credit not released yet: shown CONFIRMED.
+      expect(cancelling.order?.status).toBe(OrderStatus.CONFIRMED);
+      await expect(orders.shipOrder({ orderId }, auth(token))).rejects.toMatchObject({
+        code: Code.FailedPrecondition,
+        rawMessage: "cannot ship an order that is being cancelled",
+      });
+    } finally {
+      releasesHeld.delete(userId);
+    }
+    const final = await workflows.awaitCompletion("order", orderId, { timeoutMs: 20_000 });
+    expect(final.output).toMatchObject({ outcome: "cancelled", reason: "changed my mind" });
+  });
+
+  it("closes its workflow client when it cannot start following order histories", async () => {
+    const close = vi.spyOn(Object.getPrototypeOf(workflows) as WorkflowClient, "close");
+    vi.spyOn(HistoryFollower, "start").mockRejectedValueOnce(new Error("no follower (test)"));
+    try {
+      await expect(
+        createOrderService({ nc, sql, ns, readModel: gateway.projector, users: gateway.users }),
+      ).rejects.toThrow("no follower (test)");
+      expect(close).toHaveBeenCalledTimes(1);
     } finally {
       vi.restoreAllMocks();
     }

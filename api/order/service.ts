@@ -229,7 +229,11 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     client.topology,
     saga.name,
     options.logger ? { logger: options.logger } : {},
-  );
+  ).catch(async (error: unknown) => {
+    // No handle is returned to close the client by; the start's failure is the one to report.
+    await client.close().catch(() => {});
+    throw error;
+  });
   const commandTimeoutMs = options.commandTimeoutMs ?? 5000;
   const maxReadWaitMs = options.maxReadWaitMs ?? 5000;
   const maxOutcomeWaitMs = options.maxOutcomeWaitMs ?? 30_000;
@@ -761,7 +765,9 @@ function isCancelling(state: InstanceState): boolean {
 
 function refused(kind: "cancel" | "ship", state: InstanceState): ConnectError {
   const status = orderStatusOf(state);
-  return new ConnectError(`cannot ${kind} an order that is ${status.toLowerCase()}`, Code.FailedPrecondition);
+  // Compensation shows the status before it (see orderStatusOf), which is not why it is refused.
+  const what = status !== "CANCELLED" && isCancelling(state) ? "being cancelled" : status.toLowerCase();
+  return new ConnectError(`cannot ${kind} an order that is ${what}`, Code.FailedPrecondition);
 }
 
 /** An Order message from a saga state (commands and WatchOrder, which read the history). */

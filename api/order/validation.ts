@@ -7,7 +7,6 @@
  */
 import { createHash } from "node:crypto";
 import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { timestampDate } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { type OrderItem, OrderStatus } from "../../proto/gen/jetsaga/order/v1/order_pb.ts";
 import type { OrderStatusName } from "./read-model/index.ts";
@@ -150,7 +149,12 @@ export function checkStatuses(values: readonly OrderStatus[], field = "statuses"
   return [...names].sort();
 }
 
-/** Checks an optional timestamp filter. */
+/**
+ * Checks an optional timestamp filter; the bound comes back rounded up to a whole millisecond.
+ * Orders are stored to the millisecond, so an order at `t` ms is at or after a bound (`>=`), or
+ * before it (`<`), exactly when `t` compares so with the bound rounded up. Rounded to the nearest,
+ * created_before X.0004 s left out an order placed at X.000 s, and created_after X.0004 s let it in.
+ */
 export function checkTimestamp(value: Timestamp | undefined, field: string): Date | undefined {
   if (value === undefined) return undefined;
   // Year 1..9999, as google.protobuf.Timestamp defines its valid range.
@@ -161,8 +165,13 @@ export function checkTimestamp(value: Timestamp | undefined, field: string): Dat
     value.nanos > 999_999_999
   )
     throw invalid(field, "is not a valid timestamp");
-  return timestampDate(value);
+  const ms = Number(value.seconds) * 1000 + Math.ceil(value.nanos / 1_000_000);
+  // Past the last millisecond of year 9999 Postgres refuses the bound (no order is placed so late).
+  return new Date(Math.min(ms, MAX_TIMESTAMP_MS));
 }
+
+/** The last millisecond of year 9999. */
+const MAX_TIMESTAMP_MS = 253_402_300_799_999;
 
 /**
  * Checks `page_size`: 0 means the default; a larger one than MAX_PAGE_SIZE is served as that (the
