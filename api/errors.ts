@@ -4,6 +4,7 @@
  * client sees. Unknown errors never leak their message: it may hold internals (SQL, subjects).
  */
 import { Code, ConnectError } from "@connectrpc/connect";
+import type { TokenError } from "../common/auth-token.ts";
 import { isDatabaseUnavailable } from "../common/postgres.ts";
 import { isJetsagaError, type JetsagaErrorCode } from "../orchestrator/index.ts";
 
@@ -24,6 +25,15 @@ const codeOf: Readonly<Record<JetsagaErrorCode, Code>> = {
   DATA_FORMAT_OUTDATED: Code.Internal,
   INTERNAL: Code.Internal,
 };
+
+/**
+ * UNAUTHENTICATED for a bearer token that was refused, the same from every service: missing, or
+ * invalid or expired. Which check failed (signature, expiry, format) stays server-side.
+ */
+export function unauthenticated(error: TokenError | undefined): ConnectError {
+  const message = error?.code === "MISSING" ? "missing bearer token" : "invalid or expired bearer token";
+  return new ConnectError(message, Code.Unauthenticated);
+}
 
 /** The Connect code for a jetsaga error code. */
 export function connectCodeOf(code: JetsagaErrorCode): Code {

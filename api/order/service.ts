@@ -40,7 +40,7 @@ import {
   type WatchOrderResponse,
   WatchOrderResponseSchema,
 } from "../../proto/gen/jetsaga/order/v1/order_pb.ts";
-import { toConnectError } from "../errors.ts";
+import { toConnectError, unauthenticated } from "../errors.ts";
 import {
   type EntryWait,
   HistoryFollower,
@@ -105,10 +105,7 @@ export function createAuthInterceptor(secret: string, clock: () => number = Date
     try {
       userId = verifyToken(secret, bearerToken(header), clock()).userId;
     } catch (error) {
-      if (error instanceof TokenError) {
-        const message = error.code === "MISSING" ? "missing bearer token" : "invalid or expired bearer token";
-        throw new ConnectError(message, Code.Unauthenticated);
-      }
+      if (error instanceof TokenError) throw unauthenticated(error);
       throw error;
     }
     // A signed token with an id that could not name a user here is a bug upstream, not a caller.

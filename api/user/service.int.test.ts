@@ -585,10 +585,13 @@ describe("UserService", () => {
 
       const missing = await codeOf(client.getUser({ userId: alice }));
       expect(missing.code).toBe(Code.Unauthenticated);
+      // Worded as the order API words it; which check failed stays server-side.
+      expect(missing.message).toBe("missing bearer token");
       const forged = issueToken("another-secret-that-is-long-enough-0123456789", alice, TTL, clock).token;
-      expect((await codeOf(client.getUser({ userId: alice }, bearer(forged)))).code).toBe(
-        Code.Unauthenticated,
-      );
+      expect(await codeOf(client.getUser({ userId: alice }, bearer(forged)))).toMatchObject({
+        code: Code.Unauthenticated,
+        message: "invalid or expired bearer token",
+      });
       const [prefix, , signature] = token.split(".");
       const claims = Buffer.from(JSON.stringify({ sub: bob, exp: Math.floor(clock / 1000) + TTL })).toString(
         "base64url",

@@ -20,6 +20,7 @@ import { domainEventMessage, subjectToken } from "../../schemas/envelope.ts";
 import { userCreatedEvent } from "../../schemas/user.ts";
 import { isUserStoreError } from "../../workers/user/errors.ts";
 import { createUserStore, type OutboxMessage, type User } from "../../workers/user/store.ts";
+import { unauthenticated } from "../errors.ts";
 import { addressBucket, CLIENT_ADDRESS_HEADER, checkClientAddress } from "./client-address.ts";
 import {
   createPasswordHasher,
@@ -200,8 +201,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
     try {
       return verifyToken(options.tokenSecret, bearerToken(authorization), now()).userId;
     } catch (error) {
-      const reason = error instanceof TokenError ? error.message : "invalid token";
-      throw new ConnectError(`a valid bearer token is required: ${reason}`, Code.Unauthenticated);
+      throw unauthenticated(error instanceof TokenError ? error : undefined);
     }
   };
 
