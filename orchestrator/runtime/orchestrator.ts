@@ -552,9 +552,9 @@ class OrchestratorLoop {
       return { ok: false, code: "SCHEMA_VIOLATION", reason: "subject does not match workflow and instance" };
     }
     if (message.timer) {
-      // nats-server refuses a client's publish that carries Nats-Scheduler and sets it on the
-      // messages its schedules produce: so a firing is taken only from the timer's own schedule,
-      // never from whoever else may publish to the inbox (the token is guessable).
+      // nats-server sets Nats-Scheduler on the messages its schedules produce and refuses a client's
+      // publish carrying it alone: a plain forged firing (the token is guessable) is refused. Not
+      // proof of origin: with Nats-Schedule-Next: purge a client may set it (DEPLOYMENT, known gaps).
       const schedule = this.#topo.timerSubject(
         message.workflow,
         message.instanceId,
