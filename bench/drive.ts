@@ -4,10 +4,18 @@
  * and memory of every process involved. Used in-process by the smoke test and from a child
  * process (bench/load.ts) by `npm run bench`, so that the load generator's own CPU is its own.
  */
-import { DiscardPolicy, jetstream, jetstreamManager, RetentionPolicy, StorageType } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { connectNats } from "../common/nats.ts";
-import { createWorkflowClient, type HistoryEntry } from "../orchestrator/index.ts";
+import {
+  createWorkflowClient,
+  decide,
+  type HistoryEntry,
+  type InstanceState,
+  type WorkflowMessage,
+} from "../orchestrator/index.ts";
+import { HistoryStore } from "../orchestrator/runtime/history-store.ts";
+import { streamConfigs, topology } from "../orchestrator/runtime/topology.ts";
 import { cpuDelta, cpuSnapshot, peakRssMiB, resetPeakRss } from "./procfs.ts";
 import { type LatencySummary, summarize } from "./stats.ts";
 import { threeStepSaga } from "./three-step-workflow.ts";
@@ -39,12 +47,23 @@ export interface LoadReport {
   writesPerItem: Record<string, number>;
   /** Average cores busy per process during the window (1 = one core fully used). */
   coresBusy: Record<string, number>;
-  /** Peak RSS during the window per named process, MiB (`client`: over the generator's life). */
+  /** Peak RSS during the window per named process and `client`, MiB. */
   peakRssMiB: Record<string, number>;
   /** The first failure's message, when there were errors. */
   firstError?: string;
   /** Engine only: per-step latency from a sample of histories (`at` of each entry), ms. */
   steps?: StepLatencies;
+  /**
+   * Engine only: how much the orchestrators' counters (`conflicts`, `ignored`, `appended`…, summed
+   * over the processes) grew during the window; absent in results from before it was measured.
+   */
+  counters?: Record<string, number>;
+  /**
+   * Floor only: `history-append` when each write was the engine's history append (its stream
+   * configuration, subjects, headers and entries); absent in results from before, when the floor
+   * published with a msg id to a plain subject per saga of a stream without republish.
+   */
+  floorWrites?: "history-append";
 }
 
 /**
@@ -85,10 +104,49 @@ export function levelWarmup(options: { concurrency: number; warmup?: number }): 
   return options.warmup ?? Math.max(20, options.concurrency * 2);
 }
 
+/** The input every bench saga starts with. */
+const BENCH_INPUT = { userId: "bench-user", amount: 1 };
+
 /** Options of {@link driveSagas}. */
 export interface SagaLoadOptions extends LoadOptions {
   /** How many completed sagas' histories to read for per-step latency. Default 200. */
   historySample?: number;
+  /** The orchestrators' probe URLs: their counters are read before and after the window. Default none. */
+  counterUrls?: readonly string[];
+}
+
+/**
+ * The orchestrators' counters from their /metrics (`jetsaga_orchestrator_<name>_total`, camel-cased:
+ * `processed`, `appended`, `conflicts`, `ignored`, `deadLettered`…) and their V8 heap in use
+ * (`heapUsedBytes`), each summed over the processes.
+ */
+export async function orchestratorCounters(urls: readonly string[]): Promise<Record<string, number>> {
+  const total: Record<string, number> = {};
+  for (const url of urls) {
+    const text = await (await fetch(`${url}/metrics`)).text();
+    for (const match of text.matchAll(/^jetsaga_orchestrator_(\w+)_total(?:\{[^}]*\})? (\d+(?:\.\d+)?)$/gm)) {
+      const key = (match[1] ?? "").replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
+      total[key] = (total[key] ?? 0) + Number(match[2]);
+    }
+    const heap = /^nodejs_heap_size_used_bytes(?:\{[^}]*\})? (\d+)$/m.exec(text);
+    total.heapUsedBytes = (total.heapUsedBytes ?? 0) + Number(heap?.[1] ?? Number.NaN);
+  }
+  return total;
+}
+
+/**
+ * How much each counter grew from `before` to `after` (a counter missing before started at 0).
+ * `heapUsedBytes` is a level, not a counter, and is left out.
+ */
+export function counterGrowth(
+  before: Record<string, number>,
+  after: Record<string, number>,
+): Record<string, number> {
+  const growth: Record<string, number> = {};
+  for (const [name, value] of Object.entries(after)) {
+    if (name !== "heapUsedBytes") growth[name] = value - (before[name] ?? 0);
+  }
+  return growth;
 }
 
 /** Runs `count` items with `concurrency` lanes; returns per-item latency and the failures. */
@@ -127,14 +185,30 @@ export async function measured<T>(
   run: () => Promise<T>,
   trees: Record<string, number> = {},
 ): Promise<{ result: T; cpu: ReturnType<typeof cpuDelta>; peak: Record<string, number> }> {
-  for (const pid of Object.values(pids)) resetPeakRss(pid);
+  // The load generator's own peak too: resourceUsage().maxRSS covers its whole life (the warm-up,
+  // earlier levels in the smoke's shared process), which the window's figure must not.
+  const rssPids = { ...pids, client: process.pid };
+  for (const pid of Object.values(rssPids)) resetPeakRss(pid);
   const before = cpuSnapshot(pids, trees);
   const result = await run();
   const after = cpuSnapshot(pids, trees);
   const peak: Record<string, number> = {};
-  for (const [name, pid] of Object.entries(pids)) peak[name] = peakRssMiB(pid);
-  peak.client = process.resourceUsage().maxRSS / 1024;
+  for (const [name, pid] of Object.entries(rssPids)) peak[name] = peakRssMiB(pid);
   return { result, cpu: cpuDelta(before, after), peak };
+}
+
+/**
+ * Adds a level's own warm-up failures to its report: failures are failures, warm-up or not; the
+ * figures count them rather than the run stopping.
+ */
+export function addWarmupErrors(
+  out: LoadReport,
+  warm: { errors: number; firstError?: unknown },
+  notCompleted: string,
+): void {
+  if (warm.errors === 0) return;
+  out.errors += warm.errors;
+  out.firstError ??= `warm-up: ${warm.firstError instanceof Error ? warm.firstError.message : warm.firstError === undefined ? notCompleted : String(warm.firstError)}`;
 }
 
 /** Builds a {@link LoadReport} from a measured window. */
@@ -187,7 +261,7 @@ export async function driveSagas(options: SagaLoadOptions): Promise<LoadReport> 
   try {
     const client = await createWorkflowClient({ nc, ns: options.ns, workflows: [threeStepSaga] });
     const timeoutMs = options.timeoutMs ?? 60_000;
-    const input = { userId: "bench-user", amount: 1 };
+    const input = BENCH_INPUT;
     const startedAt = new Float64Array(options.count);
     const doneAt = new Float64Array(options.count);
     const saga = async (id: string, index = -1): Promise<boolean> => {
@@ -199,15 +273,15 @@ export async function driveSagas(options: SagaLoadOptions): Promise<LoadReport> 
     };
     const warmup = levelWarmup(options);
     const warm = await lanes(warmup, options.concurrency, (i) => saga(`${options.idPrefix}w${i}`));
+    const counterUrls = options.counterUrls ?? [];
+    const countersBefore = counterUrls.length ? await orchestratorCounters(counterUrls) : undefined;
     const { result, cpu, peak } = await measured(options.pids, () =>
       lanes(options.count, options.concurrency, (i) => saga(`${options.idPrefix}m${i}`, i)),
     );
+    const countersAfter = countersBefore ? await orchestratorCounters(counterUrls) : undefined;
     const out = report("engine", options, result, cpu, peak);
-    // Warm-up failures are failures too: the figures count them, they do not abort the run.
-    if (warm.errors > 0) {
-      out.errors += warm.errors;
-      out.firstError ??= `warm-up: ${warm.firstError instanceof Error ? warm.firstError.message : "saga did not complete"}`;
-    }
+    if (countersBefore && countersAfter) out.counters = counterGrowth(countersBefore, countersAfter);
+    addWarmupErrors(out, warm, "saga did not complete");
     out.steps = await sampleSteps(options, (i) => client.getHistory("bench", `${options.idPrefix}m${i}`), {
       startedAt,
       doneAt,
@@ -256,24 +330,54 @@ async function sampleSteps(
   };
 }
 
-/** Name of the floor's stream for namespace `ns`. */
-export function floorStream(ns: string): string {
-  return `${ns.toUpperCase()}_FLOOR`;
+/** Instance id in the floor's entry templates, replaced by each saga's own (no other field contains it). */
+const TEMPLATE_ID = "floortemplateid";
+
+/**
+ * The history entries one bench saga appends (bench/three-step-workflow.ts: started, verified,
+ * reserved), as JSON with {@link TEMPLATE_ID} for the instance id. Decided once by the engine's own
+ * `decide` with the causation ids the engine gives them (`start.…`, `reply.<command id>`), so the
+ * floor writes entries of the engine's shape and size without running the chart per saga.
+ */
+export function benchSagaEntryTemplates(): string[] {
+  const now = Date.now();
+  const templates: string[] = [];
+  let state: InstanceState | undefined;
+  let message: WorkflowMessage = { kind: "start", instanceId: TEMPLATE_ID, input: BENCH_INPUT };
+  let causationId = `start.${threeStepSaga.name}.${TEMPLATE_ID}`;
+  for (const reply of ["bench.verified", "bench.reserved", undefined]) {
+    const decision = decide(threeStepSaga, state, message, { now, causationId });
+    if (decision.outcome !== "accepted") {
+      throw new Error(`floor: the bench saga's ${message.kind} was ${decision.outcome}, not accepted`);
+    }
+    const entry: HistoryEntry = {
+      revision: decision.state.revision,
+      causationId,
+      event: decision.event,
+      state: decision.state,
+      effects: decision.effects,
+      at: now,
+    };
+    templates.push(JSON.stringify(entry));
+    state = decision.state;
+    const dispatched = decision.effects.find((effect) => effect.type === "dispatch");
+    if (reply === undefined || dispatched === undefined) break;
+    message = { kind: "event", event: { type: reply, commandId: dispatched.commandId } };
+    causationId = `reply.${dispatched.commandId}`;
+  }
+  return templates;
 }
 
-/** Creates the floor's stream: configured like the engine's history stream (file, direct get, dedupe). */
+/**
+ * Creates the floor's stream: the engine's history stream for namespace `ns`, built by the same
+ * function the orchestrator uses (topology.ts, default settings as the benchmark's orchestrators
+ * run), republish of ended entries included. `ns` must be the floor's own: nothing else writes it.
+ */
 async function ensureFloorStream(nc: NatsConnection, ns: string): Promise<void> {
   const jsm = await jetstreamManager(nc);
-  const config = {
-    name: floorStream(ns),
-    subjects: [`${ns}.floor.>`],
-    storage: StorageType.File,
-    retention: RetentionPolicy.Limits,
-    discard: DiscardPolicy.New,
-    num_replicas: 1,
-    allow_direct: true,
-    duplicate_window: 120_000_000_000,
-  };
+  const topo = topology(ns);
+  const config = streamConfigs(topo).find((c) => c.name === topo.streams.history);
+  if (!config) throw new Error(`floor: no history stream configuration for namespace ${ns}`);
   try {
     await jsm.streams.add(config);
   } catch (error) {
@@ -282,35 +386,34 @@ async function ensureFloorStream(nc: NatsConnection, ns: string): Promise<void> 
 }
 
 /**
- * The JetStream floor: per "saga", 3 sequential publishes to a subject of its own, each with
- * `expect.lastSubjectSequence` and a `msgID` — exactly the history appends a saga makes, without
- * the engine, the worker and the commands. `concurrency` sagas at once.
+ * The JetStream floor: per "saga", the 3 history appends a bench saga makes, one after another,
+ * through the engine's own `HistoryStore.append` (subject `<ns>.history.bench.<id>.running`, the
+ * last one `.ended`; expected last sequence over `<ns>.history.bench.<id>.*`, 0 first; no msg id)
+ * into the engine's history stream — without the engine, the worker, the inbox and the commands.
+ * `concurrency` sagas at once.
  */
 export async function driveFloor(options: LoadOptions): Promise<LoadReport> {
   const nc = await connectNats({ servers: options.natsUrl, name: "jetsaga-bench-floor" });
   try {
     await ensureFloorStream(nc, options.ns);
-    const js = jetstream(nc);
-    // About the size of a bench saga's history entry (~520 bytes), so the server does the same I/O.
-    const payload = new TextEncoder().encode(JSON.stringify({ pad: "x".repeat(510) }));
+    const store = new HistoryStore(jetstream(nc), await jetstreamManager(nc), topology(options.ns));
+    const templates = benchSagaEntryTemplates();
     const saga = async (id: string): Promise<boolean> => {
-      const subject = `${options.ns}.floor.${id}`;
       let seq = 0;
-      for (let revision = 1; revision <= 3; revision++) {
-        const ack = await js.publish(subject, payload, {
-          msgID: `${id}.${revision}`,
-          expect: { lastSubjectSequence: seq },
-        });
-        seq = ack.seq;
+      for (const template of templates) {
+        const entry = JSON.parse(template.replaceAll(TEMPLATE_ID, id)) as HistoryEntry;
+        seq = (await store.append(entry, seq)).seq;
       }
       return true;
     };
     const warmup = levelWarmup(options);
-    await lanes(warmup, options.concurrency, (i) => saga(`${options.idPrefix}w${i}`));
+    const warm = await lanes(warmup, options.concurrency, (i) => saga(`${options.idPrefix}w${i}`));
     const { result, cpu, peak } = await measured(options.pids, () =>
       lanes(options.count, options.concurrency, (i) => saga(`${options.idPrefix}m${i}`)),
     );
-    return report("floor", options, result, cpu, peak);
+    const out: LoadReport = { ...report("floor", options, result, cpu, peak), floorWrites: "history-append" };
+    addWarmupErrors(out, warm, "appends did not complete");
+    return out;
   } finally {
     await nc.close();
   }

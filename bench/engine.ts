@@ -11,7 +11,14 @@ import type { NatsConnection } from "@nats-io/transport-node";
 import { connectNats } from "../common/nats.ts";
 import { createWorkflowClient, topology } from "../orchestrator/index.ts";
 import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
-import { driveFloor, driveSagas, type LoadOptions, type LoadReport, type SagaLoadOptions } from "./drive.ts";
+import {
+  driveFloor,
+  driveSagas,
+  type LoadOptions,
+  type LoadReport,
+  orchestratorCounters,
+  type SagaLoadOptions,
+} from "./drive.ts";
 import type { OrderLoadOptions } from "./full-path.ts";
 import { peakRssMiB, resetPeakRss, rssMiB } from "./procfs.ts";
 import { SIGNAL_WORKFLOW, signalWorkflow } from "./signal-workflow.ts";
@@ -43,6 +50,8 @@ export interface EngineProcesses {
   /** Pids by name: `orchestrator` (or `orchestrator1`, `orchestrator2`…), `worker`. */
   readonly pids: Record<string, number>;
   readonly orchestrators: readonly ServiceProcess[];
+  /** The orchestrators' probe URLs (their /metrics), in the order of `orchestrators`. */
+  readonly probeUrls: readonly string[];
   /**
    * Sum of the orchestrators' counters (`processed`, `appended`, `conflicts`, `deadLettered`…)
    * and of their `heapUsedBytes` (V8 heap in use), from their /metrics.
@@ -110,21 +119,8 @@ export async function startEngine(options: EngineOptions): Promise<EngineProcess
         return pids();
       },
       orchestrators,
-      async counters() {
-        const total: Record<string, number> = {};
-        for (const url of probeUrls) {
-          const text = await (await fetch(`${url}/metrics`)).text();
-          for (const match of text.matchAll(
-            /^jetsaga_orchestrator_(\w+)_total(?:\{[^}]*\})? (\d+(?:\.\d+)?)$/gm,
-          )) {
-            const key = (match[1] ?? "").replace(/_([a-z])/g, (_, c: string) => c.toUpperCase());
-            total[key] = (total[key] ?? 0) + Number(match[2]);
-          }
-          const heap = /^nodejs_heap_size_used_bytes(?:\{[^}]*\})? (\d+)$/m.exec(text);
-          total.heapUsedBytes = (total.heapUsedBytes ?? 0) + Number(heap?.[1] ?? Number.NaN);
-        }
-        return total;
-      },
+      probeUrls,
+      counters: () => orchestratorCounters(probeUrls),
       async restartOrchestrator(index) {
         const old = orchestrators[index];
         if (!old) throw new Error(`no orchestrator ${index}`);
@@ -221,7 +217,10 @@ export interface EngineResult {
   /** Sagas run by the process warm-up before the levels (they count in anything the run exported). */
   warmupSagas: number;
   levels: LoadReport[];
-  /** The orchestrators' counters after the run (conflicts, retries and dead letters show here). */
+  /**
+   * The orchestrators' counters after the run, warm-ups included (conflicts, retries and dead
+   * letters show here); each level's report has their growth in its measured window.
+   */
   counters: Record<string, number>;
 }
 
@@ -246,6 +245,8 @@ export async function measureEngine(
         pids,
         ...(historySample !== undefined ? { historySample } : {}),
         ...(options.timeoutMs !== undefined ? { timeoutMs: options.timeoutMs } : {}),
+        // The counters' growth in the measured window (conflicts, ignored messages) goes in its report.
+        ...(warmup ? {} : { counterUrls: [...engine.probeUrls] }),
       };
       return options.inProcess ? driveSagas(request) : runLoadProcess({ ...request, mode: "engine" });
     };

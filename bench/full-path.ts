@@ -14,7 +14,15 @@ import { OrderService, OrderStatus } from "../proto/gen/jetsaga/order/v1/order_p
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { type ServiceProcess, spawnService } from "../test/support/processes.ts";
 import { startPostgres } from "../test/support/servers.ts";
-import { type LoadOptions, type LoadReport, lanes, levelWarmup, measured, report } from "./drive.ts";
+import {
+  addWarmupErrors,
+  type LoadOptions,
+  type LoadReport,
+  lanes,
+  levelWarmup,
+  measured,
+  report,
+} from "./drive.ts";
 import {
   type Level,
   levelLoad,
@@ -142,7 +150,7 @@ export async function driveOrders(
     return got.order?.status === OrderStatus.CONFIRMED;
   };
   const warmup = levelWarmup(options);
-  await lanes(warmup, options.concurrency, (i) => order(`${options.idPrefix}w${i}`));
+  const warm = await lanes(warmup, options.concurrency, (i) => order(`${options.idPrefix}w${i}`));
   reads.length = 0;
   const { result, cpu, peak } = await measured(
     options.pids,
@@ -150,10 +158,9 @@ export async function driveOrders(
     options.trees ?? {},
   );
   reads.sort((a, b) => a - b);
-  return {
-    ...report("full", options, result, cpu, peak),
-    readsPerOrder: reads[Math.floor(reads.length / 2)] ?? 0,
-  };
+  const out = report("full", options, result, cpu, peak);
+  addWarmupErrors(out, warm, "order not confirmed");
+  return { ...out, readsPerOrder: reads[Math.floor(reads.length / 2)] ?? 0 };
 }
 
 /** Options of {@link measureFullPath}. */

@@ -26,8 +26,15 @@ export interface SeriesResult {
   /**
    * Floor and engine at 1 and 64 in flight on a nats-server with Go's default scheduler (`rows[0]`,
    * one thread per core) and on one started with `GOMAXPROCS=<setting>` (`rows[1]`).
+   * `freshServers`: both were fresh servers of their own in each run, the first one alternating
+   * between runs; absent in results from before, when the default one was the series' server
+   * (holding the earlier parts' streams) and was always measured first.
    */
-  gomaxprocs?: { setting: string; rows: Array<{ floor: LoadReport[]; engine: LoadReport[] }> };
+  gomaxprocs?: {
+    setting: string;
+    rows: Array<{ floor: LoadReport[]; engine: LoadReport[] }>;
+    freshServers?: boolean;
+  };
   recovery?: RecoveryPoint[];
   idle?: IdleResult;
   fullPath?: FullPathResult;
@@ -117,7 +124,7 @@ export function renderMarkdown(results: BenchResults): string {
     `On the machine: the benchmark's own nats-server, orchestrator process(es), bench worker and load generator, each a separate process on the same ${m.cores} cores` +
       `${results.series.some((s) => s.fullPath && !("skipped" in s.fullPath)) ? " (plus Postgres, the user service and the API gateway for the full path)" : ""}; ` +
       `load average at start ${m.loadAverageAtStart.join(" / ")}. ` +
-      'Other processes (other sessions\' builds and tests) were not stopped: the "other" column is the CPU they used during each measured window, in cores.',
+      "Other processes (other sessions' builds and tests) were not stopped: the \"other\" column is the CPU they used during each measured window, in cores (values below 0, as the machine's times are sampled per clock tick, shown as 0).",
   );
   const warm = results.options.processWarmup;
   if (warm && results.series.some((s) => s.engine || s.scale || s.fullPath)) {
@@ -170,7 +177,7 @@ export function renderMarkdown(results: BenchResults): string {
             perProc(level.cpuMsPerItem),
             perProc(level.writesPerItem, 2),
             perProc(level.peakRssMiB),
-            fmt(level.coresBusy.other, 2),
+            fmtOther(level.coresBusy.other),
             level.errors,
           ]),
         );
@@ -212,9 +219,12 @@ export function renderMarkdown(results: BenchResults): string {
 
   const floorRows = series.filter((s) => s.floor);
   if (floorRows.length) {
+    const engineAppends = floorRows.every((s) => s.floor?.every((f) => f.floorWrites === "history-append"));
     out.push(
       "",
-      "**JetStream floor** (per saga 3 sequential publishes with expected last subject sequence and msgID, nats.js, one client process):",
+      engineAppends
+        ? "**JetStream floor** (per saga the 3 history appends of a bench saga, one after another, through the engine's `HistoryStore.append` into a stream configured by the engine's own code: expected last sequence over the instance's subjects, no msgID; one client process):"
+        : "**JetStream floor** (per saga 3 sequential publishes with expected last subject sequence and msgID, nats.js, one client process):",
       "",
     );
     out.push(
@@ -243,7 +253,7 @@ export function renderMarkdown(results: BenchResults): string {
             fmt(f.latencyMs.p99),
             `${fmt(f.cpuMsPerItem.nats, 2)} / ${fmt(f.cpuMsPerItem.client, 2)}`,
             `${fmt(f.writesPerItem.nats, 2)} / ${fmt(f.writesPerItem.client, 2)}`,
-            fmt(f.coresBusy.other, 2),
+            fmtOther(f.coresBusy.other),
             f.errors,
           ]),
         );
@@ -253,7 +263,11 @@ export function renderMarkdown(results: BenchResults): string {
 
   const scaleRows = series.filter((s) => s.scale?.length);
   if (scaleRows.length) {
-    out.push("", "**Scale** (64 in flight, orchestrator processes sharing the inbox consumer):", "");
+    out.push(
+      "",
+      "**Scale** (64 in flight, orchestrator processes sharing the inbox consumer; conflicts and ignored messages during the measured window):",
+      "",
+    );
     out.push(
       ...header([
         "store",
@@ -282,8 +296,8 @@ export function renderMarkdown(results: BenchResults): string {
             fmt(level.latencyMs.p50),
             fmt(level.latencyMs.p99),
             fmt(orchCpu, 2),
-            fmt(r.counters.conflicts ?? Number.NaN),
-            fmt(r.counters.ignored ?? Number.NaN),
+            windowCount(level, r, "conflicts"),
+            windowCount(level, r, "ignored"),
             level.errors,
           ]),
         );
@@ -322,7 +336,7 @@ export function renderMarkdown(results: BenchResults): string {
   if (gomaxprocsRows.length) {
     out.push(
       "",
-      `**nats-server's Go scheduler** (nats-server with Go's default GOMAXPROCS, one thread per core, and with \`GOMAXPROCS=${gomaxprocsRows[0]?.gomaxprocs?.setting}\`; both measured back to back in each run):`,
+      `**nats-server's Go scheduler** (nats-server with Go's default GOMAXPROCS, one thread per core, and with \`GOMAXPROCS=${gomaxprocsRows[0]?.gomaxprocs?.setting}\`; ${gomaxprocsRows.every((s) => s.gomaxprocs?.freshServers) ? "each a fresh server, measured back to back in each run, which one first alternating between runs" : "both measured back to back in each run, the default first, on the series' server"}):`,
       "",
     );
     out.push(
@@ -358,7 +372,7 @@ export function renderMarkdown(results: BenchResults): string {
               fmt(level.latencyMs.p99),
               perProc(level.cpuMsPerItem),
               fmt(floor?.cpuMsPerItem.nats, 2),
-              fmt(level.coresBusy.other, 2),
+              fmtOther(level.coresBusy.other),
               level.errors + (floor?.errors ?? 0),
             ]),
           );
@@ -451,7 +465,7 @@ export function renderMarkdown(results: BenchResults): string {
           fmt(level.latencyMs.max),
           f.processNames.map((p) => fmt(level.cpuMsPerItem[p], 2)).join(" / "),
           rssNames.map((p) => fmt(level.peakRssMiB[p])).join(" / "),
-          fmt(level.coresBusy.other, 2),
+          fmtOther(level.coresBusy.other),
           level.errors,
         ]),
       );
@@ -486,9 +500,25 @@ export function renderMarkdown(results: BenchResults): string {
   return out.join("\n");
 }
 
-/** CPU ms per item over every process measured. */
-function cpuPerItem(r: LoadReport): number {
-  return Object.values(r.cpuMsPerItem).reduce((sum, ms) => sum + ms, 0);
+/** CPU ms per item over every process measured; `other` (processes not ours) is not one of them. */
+export function cpuPerItem(r: Pick<LoadReport, "cpuMsPerItem">): number {
+  return Object.entries(r.cpuMsPerItem)
+    .filter(([name]) => name !== "other")
+    .reduce((sum, [, ms]) => sum + ms, 0);
+}
+
+/** An "other (cores)" cell: values below 0 (the machine's times are sampled per clock tick) show as 0. */
+function fmtOther(cores: number | undefined): string {
+  return fmt(cores === undefined ? undefined : Math.max(0, cores), 2);
+}
+
+/**
+ * A counter's growth during a level's measured window. Results from before it was measured have
+ * only the orchestrators' lifetime counters (warm-ups included), shown as such.
+ */
+function windowCount(level: LoadReport, run: EngineResult, counter: string): string {
+  if (level.counters) return fmt(level.counters[counter] ?? 0);
+  return `${fmt(run.counters[counter] ?? Number.NaN)} (whole run)`;
 }
 
 /** Start and end markers of the generated part of docs/BENCHMARKS.md. */

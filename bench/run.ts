@@ -343,11 +343,17 @@ async function runSeries(
       }
       if (parts.has("gomaxprocs")) {
         // Both servers back to back in each run: the host's speed drifts more between runs than
-        // this setting moves the figures.
-        const pair: Array<{ floor: LoadReport[]; engine: LoadReport[] }> = [];
-        for (const env of [undefined, { GOMAXPROCS: NATS_GOMAXPROCS }]) {
-          const measured = await attempt("gomaxprocs", async () => {
-            const server = env ? await startNatsServer({ args: natsArgs, env }) : nats;
+        // this setting moves the figures. Each a fresh server with the series' settings (the
+        // series' own holds the earlier parts' streams), and which goes first alternates between
+        // runs, so neither has an emptier store than the other or always the same place in the run.
+        const settings = [{}, { GOMAXPROCS: NATS_GOMAXPROCS }];
+        const pair: Array<{ floor: LoadReport[]; engine: LoadReport[] } | undefined> = [];
+        for (const index of run % 2 === 1 ? [0, 1] : [1, 0]) {
+          pair[index] = await attempt("gomaxprocs", async () => {
+            progress(
+              `gomaxprocs: fresh nats-server, GOMAXPROCS ${index === 0 ? "default" : NATS_GOMAXPROCS}`,
+            );
+            const server = await startNatsServer({ args: natsArgs, env: settings[index] ?? {} });
             try {
               const on = { ...base, natsUrl: server.url, natsPid: server.pid };
               const floor = await measureFloor({ ...on, ns: freshNs("g"), levels: at1And64(FLOOR_LEVELS) });
@@ -358,12 +364,12 @@ async function runSeries(
               });
               return { floor, engine: engine.levels };
             } finally {
-              if (server !== nats) await server.stop();
+              await server.stop();
             }
           });
-          if (measured) pair.push(measured);
         }
-        if (pair.length === 2) gomaxprocsRuns.push(pair);
+        const [goDefault, goSet] = pair;
+        if (goDefault && goSet) gomaxprocsRuns.push([goDefault, goSet]);
       }
       if (parts.has("full")) {
         push(
@@ -416,6 +422,7 @@ async function runSeries(
     if (gomaxprocsRuns.length) {
       series.gomaxprocs = {
         setting: NATS_GOMAXPROCS,
+        freshServers: true,
         rows: [0, 1].map((i) => ({
           floor: medianLevels(gomaxprocsRuns.map((pair) => pair[i]?.floor ?? [])),
           engine: medianLevels(gomaxprocsRuns.map((pair) => pair[i]?.engine ?? [])),

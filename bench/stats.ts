@@ -39,10 +39,23 @@ export function median(values: readonly number[]): number {
   return sorted.length % 2 ? (sorted[mid] ?? Number.NaN) : ((sorted[mid - 1] ?? 0) + (sorted[mid] ?? 0)) / 2;
 }
 
+/** Largest of the finite values; NaN when none. */
+export function maximum(values: readonly number[]): number {
+  const finite = values.filter(Number.isFinite);
+  return finite.length ? Math.max(...finite) : Number.NaN;
+}
+
+/**
+ * Leaves that are each run's maximum, combined as the maximum over runs (a median of maxima would
+ * hide the worst run): latency `max`, and every leaf under `peakRssMiB`.
+ */
+const MAXIMA = { leaves: new Set(["max"]), under: new Set(["peakRssMiB"]) };
+
 /**
  * Combines several runs of the same measurement into one: every numeric leaf becomes the median
  * of that leaf across runs, except leaves named `errors`, which take the maximum (a single failed
- * saga in any run must show); other leaves are taken from the first run. Objects share shape.
+ * saga in any run must show), and the per-run maxima ({@link MAXIMA}), which take the maximum too;
+ * other leaves are taken from the first run. Objects share shape.
  */
 export function medianOf<T>(runs: readonly T[]): T {
   const first = runs[0];
@@ -50,15 +63,17 @@ export function medianOf<T>(runs: readonly T[]): T {
   return combine(first, runs as readonly unknown[]) as T;
 }
 
-function combine(shape: unknown, values: readonly unknown[], key = ""): unknown {
+function combine(shape: unknown, values: readonly unknown[], key = "", ofMaxima = false): unknown {
   if (typeof shape === "number" && key === "errors") {
     return Math.max(...values.map((v) => (typeof v === "number" ? v : 0)));
   }
   if (typeof shape === "number") {
-    return median(values.map((v) => (typeof v === "number" ? v : Number.NaN)));
+    const numbers = values.map((v) => (typeof v === "number" ? v : Number.NaN));
+    return ofMaxima || MAXIMA.leaves.has(key) ? maximum(numbers) : median(numbers);
   }
   if (Array.isArray(shape)) return shape;
   if (shape !== null && typeof shape === "object") {
+    const maxima = ofMaxima || MAXIMA.under.has(key);
     const out: Record<string, unknown> = {};
     for (const key of Object.keys(shape)) {
       out[key] = combine(
@@ -67,6 +82,7 @@ function combine(shape: unknown, values: readonly unknown[], key = ""): unknown 
           v !== null && typeof v === "object" ? (v as Record<string, unknown>)[key] : undefined,
         ),
         key,
+        maxima,
       );
     }
     return out;
