@@ -1,6 +1,6 @@
 /** Poison messages on the orchestrator's inbox are dead-lettered with a reason; work carries on. */
 import { jetstream } from "@nats-io/jetstream";
-import type { NatsConnection } from "@nats-io/transport-node";
+import { headers, type NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { setup } from "xstate";
 import { z } from "zod";
@@ -75,6 +75,41 @@ describe("poison messages on the inbox", () => {
     expect(letters[3]?.reason).toMatch(/delayMs/);
     expect(letters[5]?.encoding).toBe("base64");
     expect(orchestrator.stats.deadLettered).toBe(7);
+    await client.close();
+  });
+
+  it("takes a firing forged with the scheduler headers only at its timer's due time", async () => {
+    const client = await createWorkflowClient({ nc, ns });
+    await client.start("reminder", "early", { delayMs: 4_000 });
+    await expect
+      .poll(async () => Object.entries((await client.getState("reminder", "early"))?.timers ?? {}))
+      .toHaveLength(1);
+    const state = await client.getState("reminder", "early");
+    const [key = "", pending = { token: "" }] = Object.entries(state?.timers ?? {})[0] ?? [];
+    const schedule = topo.timerSubject("reminder", "early", key, pending.token);
+    // nats-server takes Nats-Scheduler from a client with Nats-Schedule-Next: purge (and purges
+    // the schedule it names): the header alone does not prove the schedule produced the firing.
+    const h = headers();
+    h.set("Nats-Scheduler", schedule);
+    h.set("Nats-Schedule-Next", "purge");
+    const retried = orchestrator.stats.retried;
+    const forged = {
+      id: `timer.reminder.early.${key}.${pending.token}`,
+      workflow: "reminder",
+      instanceId: "early",
+      event: { type: `timer.${key}` },
+      timer: { key, token: pending.token },
+      at: 1,
+    };
+    await jetstream(nc).publish(topo.inboxSubject("reminder", "early"), JSON.stringify(forged), {
+      headers: h,
+    });
+    await expect.poll(() => orchestrator.stats.retried).toBeGreaterThan(retried);
+    expect(await client.getState("reminder", "early")).toMatchObject({ status: "running" });
+    // Its schedule purged, the firing kept back is what fires the timer, at its time.
+    expect((await client.awaitCompletion("reminder", "early", { timeoutMs: 15_000 })).status).toBe(
+      "completed",
+    );
     await client.close();
   });
 

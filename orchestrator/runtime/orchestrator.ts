@@ -162,6 +162,8 @@ const UNRECOVERABLE_MAX_DELIVERIES = 3;
 const STOP_LEDGER_WRITE_MS = 1_500;
 /** Least time between two attempts to make missing streams again, ms. */
 const TOPOLOGY_REPAIR_INTERVAL_MS = 2_000;
+/** How much earlier than its due time a timer firing is taken (clocks of hosts differ), ms. */
+const TIMER_EARLY_TOLERANCE_MS = 1_000;
 /** Header nats-server sets on a message a schedule produced: the schedule's subject. */
 const SCHEDULER_HEADER = "Nats-Scheduler";
 
@@ -608,6 +610,14 @@ class OrchestratorLoop {
       const current: CachedState | undefined =
         cached ?? (stored && { state: stored.entry.state, seq: stored.seq });
       const now = this.#clock();
+      const armed = message.timer && current?.state.timers[message.timer.key];
+      if (armed && armed.token === message.timer?.token && armed.dueAt - now > TIMER_EARLY_TOLERANCE_MS) {
+        // A firing before its time was not produced by the schedule at its time (DEPLOYMENT, known
+        // gaps): offered again when due, not dropped, since its publish may have purged the schedule.
+        this.stats.retried++;
+        msg.nak(armed.dueAt - now);
+        return;
+      }
       const decision: Decision = this.#decide(message, current?.state, input, now);
       switch (decision.outcome) {
         case "accepted": {
