@@ -14,7 +14,34 @@ import {
   readDeadLetters,
   startOrchestrator,
   topology,
+  type WorkflowClient,
 } from "../index.ts";
+
+/** Starts a reminder of `delayMs` and returns its pending timer's key and token, once armed. */
+async function armedReminder(client: WorkflowClient, instanceId: string, delayMs: number) {
+  await client.start("reminder", instanceId, { delayMs });
+  await expect
+    .poll(async () => Object.keys((await client.getState("reminder", instanceId))?.timers ?? {}))
+    .toHaveLength(1);
+  const state = await client.getState("reminder", instanceId);
+  const [key = "", pending = { token: "" }] = Object.entries(state?.timers ?? {})[0] ?? [];
+  return { key, token: pending.token };
+}
+
+/**
+ * A firing of that timer as its schedule publishes it: right in everything it carries (key, token,
+ * the message id the schedule uses), only its publisher is not the schedule.
+ */
+function forgedFiring(instanceId: string, key: string, token: string) {
+  return {
+    id: `timer.reminder.${instanceId}.${key}.${token}`,
+    workflow: "reminder",
+    instanceId,
+    event: { type: `timer.${key}` },
+    timer: { key, token },
+    at: 1,
+  };
+}
 
 describe("poison messages on the inbox", () => {
   let nc: NatsConnection;
@@ -80,27 +107,15 @@ describe("poison messages on the inbox", () => {
 
   it("takes a firing forged with the scheduler headers only at its timer's due time", async () => {
     const client = await createWorkflowClient({ nc, ns });
-    await client.start("reminder", "early", { delayMs: 4_000 });
-    await expect
-      .poll(async () => Object.entries((await client.getState("reminder", "early"))?.timers ?? {}))
-      .toHaveLength(1);
-    const state = await client.getState("reminder", "early");
-    const [key = "", pending = { token: "" }] = Object.entries(state?.timers ?? {})[0] ?? [];
-    const schedule = topo.timerSubject("reminder", "early", key, pending.token);
+    const { key, token } = await armedReminder(client, "early", 4_000);
+    const schedule = topo.timerSubject("reminder", "early", key, token);
     // nats-server takes Nats-Scheduler from a client with Nats-Schedule-Next: purge (and purges
     // the schedule it names): the header alone does not prove the schedule produced the firing.
     const h = headers();
     h.set("Nats-Scheduler", schedule);
     h.set("Nats-Schedule-Next", "purge");
     const retried = orchestrator.stats.retried;
-    const forged = {
-      id: `timer.reminder.early.${key}.${pending.token}`,
-      workflow: "reminder",
-      instanceId: "early",
-      event: { type: `timer.${key}` },
-      timer: { key, token: pending.token },
-      at: 1,
-    };
+    const forged = forgedFiring("early", key, token);
     await jetstream(nc).publish(topo.inboxSubject("reminder", "early"), JSON.stringify(forged), {
       headers: h,
     });
@@ -116,23 +131,9 @@ describe("poison messages on the inbox", () => {
   it("refuses a timer firing its schedule did not produce, and still takes the schedule's", async () => {
     const js = jetstream(nc);
     const client = await createWorkflowClient({ nc, ns });
-    await client.start("reminder", "later", { delayMs: 3_600_000 });
-    await expect
-      .poll(async () => Object.keys((await client.getState("reminder", "later"))?.timers ?? {}))
-      .toHaveLength(1);
-    const state = await client.getState("reminder", "later");
-    const [key = "", pending = { token: "" }] = Object.entries(state?.timers ?? {})[0] ?? [];
-    // Everything a firing carries is right (key, token, the message id the schedule uses): only
-    // the publisher is not the schedule.
-    const id = `timer.reminder.later.${key}.${pending.token}`;
-    const forged = {
-      id,
-      workflow: "reminder",
-      instanceId: "later",
-      event: { type: `timer.${key}` },
-      timer: { key, token: pending.token },
-      at: 1,
-    };
+    const { key, token } = await armedReminder(client, "later", 3_600_000);
+    // Only the publisher is not the schedule (no Nats-Scheduler header).
+    const forged = forgedFiring("later", key, token);
     await js.publish(topo.inboxSubject("reminder", "later"), JSON.stringify(forged));
 
     await expect
@@ -144,7 +145,7 @@ describe("poison messages on the inbox", () => {
       .toMatchObject({ code: "SCHEMA_VIOLATION" });
     const after = await client.getState("reminder", "later");
     expect(after?.status).toBe("running");
-    expect(after?.timers[key]?.token).toBe(pending.token);
+    expect(after?.timers[key]?.token).toBe(token);
     // A firing the server's schedule produced is taken.
     await client.start("reminder", "soon", { delayMs: 20 });
     expect((await client.awaitCompletion("reminder", "soon")).status).toBe("completed");

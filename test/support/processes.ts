@@ -130,3 +130,13 @@ export async function orchestratorMetric(orchestrator: ServiceProcess, name: str
   const line = text.split("\n").find((l) => l.startsWith(`${name}{`) || l.startsWith(`${name} `));
   return Number(line?.split(" ").at(-1) ?? Number.NaN);
 }
+
+/** Whether process `pid` exists (signal 0 only checks). */
+export function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch {
+    return false;
+  }
+}
