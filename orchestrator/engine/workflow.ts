@@ -65,7 +65,11 @@ export interface WorkflowConfig<TMachine extends AnyStateMachine, TInput extends
   publishes?: Record<string, AnySchema>;
   /** Schema of the output; checked when the instance completes. */
   output?: AnySchema;
-  /** Signals: the subset of `events` that clients may send (others come from workers and timers). */
+  /**
+   * Signals: the subset of `events` that clients may send (others come from workers and timers).
+   * When given, a WorkflowClient with the definitions refuses any other event, so it cannot
+   * forge a worker's reply; when left out, clients may send every event.
+   */
   signals?: readonly string[];
 }
 

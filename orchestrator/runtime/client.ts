@@ -183,32 +183,7 @@ class Client implements WorkflowClient {
     options: { idempotencyKey?: string } = {},
   ): Promise<Sent> {
     assertId(instanceId);
-    // The instance may run on any registered version (the orchestrator decides with its own): the
-    // event is refused here only when no version takes it.
-    const versions = this.#definitions.versions(workflow);
-    if (versions.length > 0) {
-      const results = versions.flatMap((definition) => {
-        const schema = Object.hasOwn(definition.events, event.type)
-          ? definition.events[event.type]
-          : undefined;
-        return schema ? [schema.safeParse(event)] : [];
-      });
-      if (results.length === 0) {
-        throw new JetsagaError("UNKNOWN_EVENT", `workflow ${workflow} does not accept "${event.type}"`, {
-          context: { workflow, type: event.type },
-        });
-      }
-      const failed = results.find((result) => !result.success);
-      if (failed && !results.some((result) => result.success)) {
-        throw new JetsagaError(
-          "SCHEMA_VIOLATION",
-          `invalid event: ${failed.error.issues[0]?.message ?? "?"}`,
-          {
-            context: { workflow, type: event.type, field: failed.error.issues[0]?.path.join(".") },
-          },
-        );
-      }
-    }
+    await this.#checkSignal(workflow, instanceId, event);
     const key = options.idempotencyKey ?? crypto.randomUUID();
     // The stream de-duplicates by message id across every instance: the key is scoped to this
     // one there, or another instance's signal with the same key would be dropped as a duplicate.
@@ -216,6 +191,59 @@ class Client implements WorkflowClient {
       { id: `signal.${key}`, workflow, instanceId, event, at: Date.now() },
       `signal.${workflow}.${instanceId}.${key}`,
     );
+  }
+
+  /**
+   * Refuses, before anything is sent, an event the instance's version would refuse. The instance
+   * may run on any registered version (the orchestrator decides with that one): when every version
+   * judges the event alike, that judgement stands without a read; when they differ, the instance's
+   * state says which version judges, chosen as the orchestrator chooses. An instance not started
+   * yet, or of a version newer than this client's, is judged by all of them: the event goes when
+   * any version takes it.
+   */
+  async #checkSignal(workflow: string, instanceId: string, event: WorkflowEvent): Promise<void> {
+    const versions = this.#definitions.versions(workflow);
+    if (versions.length === 0) return;
+    const verdicts = versions.map((definition) => {
+      // A version that names its signals takes no other event from clients: the rest are its
+      // workers' replies, which a client must not be able to forge.
+      const sendable = definition.signals.size === 0 || definition.signals.has(event.type);
+      const schema =
+        sendable && Object.hasOwn(definition.events, event.type) ? definition.events[event.type] : undefined;
+      return schema ? schema.safeParse(event) : undefined;
+    });
+    let judged = verdicts;
+    let version: number | undefined;
+    if (new Set(verdicts.map((verdict) => verdict?.success)).size > 1) {
+      const state = await this.getState(workflow, instanceId);
+      const runs = state && this.#definitions.forInstance(workflow, state.definitionVersion);
+      const own = typeof runs === "object" ? versions.indexOf(runs) : -1;
+      if (own >= 0) {
+        judged = [verdicts[own]];
+        version = versions[own]?.version;
+      }
+    }
+    const results = judged.filter((verdict) => verdict !== undefined);
+    if (results.length === 0) {
+      const which = version === undefined ? "" : ` (instance ${instanceId} runs version ${version})`;
+      throw new JetsagaError(
+        "UNKNOWN_EVENT",
+        `workflow ${workflow} takes no signal "${event.type}"${which}`,
+        {
+          context: { workflow, type: event.type, ...(version === undefined ? {} : { version }) },
+        },
+      );
+    }
+    const failed = results.find((result) => !result.success);
+    if (failed && !results.some((result) => result.success)) {
+      throw new JetsagaError(
+        "SCHEMA_VIOLATION",
+        `invalid event: ${failed.error?.issues[0]?.message ?? "?"}`,
+        {
+          context: { workflow, type: event.type, field: failed.error?.issues[0]?.path.join(".") },
+        },
+      );
+    }
   }
 
   async #send(message: InboxMessage, msgID: string = message.id): Promise<Sent> {

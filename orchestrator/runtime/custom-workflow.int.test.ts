@@ -240,6 +240,10 @@ describe("a workflow defined only in a test", () => {
     await expect(client.signal("approval", "doc-1", { type: "nope" })).rejects.toMatchObject({
       code: "UNKNOWN_EVENT",
     });
+    // A worker's reply is an event of the workflow but not one of its signals: a client cannot forge it.
+    await expect(
+      client.signal("approval", "doc-1", { type: "review.scored", score: 1, commandId: "c" }),
+    ).rejects.toMatchObject({ code: "UNKNOWN_EVENT", message: expect.stringContaining("no signal") });
     const jsm = await jetstreamManager(nc);
     const history = await jsm.direct.getMessage(client.topology.streams.history, {
       last_by_subj: client.topology.instanceHistoryFilter("approval", "doc-5"),

@@ -5,7 +5,7 @@
  */
 import { jetstream } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { setup } from "xstate";
 import { z } from "zod";
 import { connectNats } from "../../common/nats.ts";
@@ -104,6 +104,20 @@ function steps(version: number, names: readonly string[]) {
   });
 }
 
+/** Version 3 of workflow "steps": it takes `next` instead of `go`. */
+const stepsV3 = defineWorkflow({
+  name: "steps",
+  version: 3,
+  input: z.object({}),
+  events: { next: z.object({ type: z.literal("next") }) },
+  signals: ["next"],
+  machine: setup({}).createMachine({
+    id: "steps",
+    initial: "a",
+    states: { a: { on: { next: "b" } }, b: {} },
+  }),
+});
+
 describe("a workflow whose chart changed between versions", () => {
   const ns = uniqueNamespace("versions");
   // Version 2 renamed the states and added one: version 1's instances cannot run on it.
@@ -168,20 +182,8 @@ describe("a workflow whose chart changed between versions", () => {
   });
 
   it("lets a client send an event that only an older registered version declares", async () => {
-    // Version 3 takes `next` instead of `go`; instances of version 1 still take `go`.
-    const v3 = defineWorkflow({
-      name: "steps",
-      version: 3,
-      input: z.object({}),
-      events: { next: z.object({ type: z.literal("next") }) },
-      signals: ["next"],
-      machine: setup({}).createMachine({
-        id: "steps",
-        initial: "a",
-        states: { a: { on: { next: "b" } }, b: {} },
-      }),
-    });
-    const versioned = await createWorkflowClient({ nc, ns, workflows: [v1, v3] });
+    // Instances of version 1 still take `go`.
+    const versioned = await createWorkflowClient({ nc, ns, workflows: [v1, stepsV3] });
     try {
       // old-1 has ended: the orchestrator ignores it; the client must only let it through.
       await expect(versioned.signal("steps", "old-1", { type: "go" })).resolves.toMatchObject({
@@ -193,5 +195,59 @@ describe("a workflow whose chart changed between versions", () => {
     } finally {
       await versioned.close();
     }
+  });
+});
+
+describe("an event the instance's own version does not declare", () => {
+  const ns = uniqueNamespace("own-version");
+  const v1 = steps(1, ["one", "two"]);
+  const v3 = stepsV3;
+  let bare: WorkflowClient;
+  let versioned: WorkflowClient;
+  let orchestrator: RunningOrchestrator;
+
+  beforeAll(async () => {
+    bare = await createWorkflowClient({ nc, ns });
+    versioned = await createWorkflowClient({ nc, ns, workflows: [v1, v3] });
+    const before = await startOrchestrator({ nc, ns, workflows: [v1] });
+    await bare.start("steps", "old", {});
+    await vi.waitFor(async () => expect((await bare.getState("steps", "old"))?.value).toBe("one"));
+    await before.stop();
+    orchestrator = await startOrchestrator({ nc, ns, workflows: [v1, v3], versionSkew: { retryMs: 50 } });
+    running.push(orchestrator);
+    await bare.start("steps", "new", {});
+    await vi.waitFor(async () => expect((await bare.getState("steps", "new"))?.definitionVersion).toBe(3));
+  });
+
+  afterAll(async () => {
+    await bare?.close();
+    await versioned?.close();
+  });
+
+  it("is refused by the client, which judges by the instance's version when versions differ", async () => {
+    await expect(versioned.signal("steps", "old", { type: "next" })).rejects.toMatchObject({
+      code: "UNKNOWN_EVENT",
+      context: { version: 1 },
+    });
+    await expect(versioned.signal("steps", "new", { type: "go" })).rejects.toMatchObject({
+      code: "UNKNOWN_EVENT",
+      context: { version: 3 },
+    });
+    // Each version's own event goes through and is taken.
+    await versioned.signal("steps", "old", { type: "go" });
+    await versioned.signal("steps", "new", { type: "next" });
+    await expect.poll(async () => (await bare.getState("steps", "old"))?.value).toBe("two");
+    await expect.poll(async () => (await bare.getState("steps", "new"))?.value).toBe("b");
+  });
+
+  it("is dead-lettered at once by an orchestrator that registers that version", async () => {
+    await bare.start("steps", "late", {});
+    await expect.poll(async () => (await bare.getState("steps", "late"))?.value).toBe("a");
+    const retried = orchestrator.stats.retried;
+    await bare.signal("steps", "late", { type: "go" });
+    await expect.poll(() => orchestrator.stats.deadLettered, { timeout: 10_000 }).toBe(1);
+    expect(orchestrator.stats.retried).toBe(retried);
+    const [letter] = await readStoredDeadLetters(jetstream(nc), topology(ns));
+    expect(letter?.letter).toMatchObject({ code: "UNKNOWN_EVENT", deliveries: 1 });
   });
 });
