@@ -17,7 +17,9 @@
  *   {@link VisualiserOptions.deadLetters}); `{ deadLetters: [], complete: true }` when not wired.
  * - `/api/instances/:workflow/:id/live` — Server-Sent Events: one `entry` event per history entry
  *   after `?after=<revision>` (or the `Last-Event-ID` header on reconnect; without either, the latest
- *   entry first), then `end` once the instance is completed or failed.
+ *   entry first), then `end` once the instance is completed or failed. Entries come in order without
+ *   gaps: one that cannot be read yet closes the stream without `end`, to be resumed from the last
+ *   revision received.
  *
  * Live streams and dead-letter scans are capped (see {@link VisualiserOptions.maxLiveStreams} and
  * {@link VisualiserOptions.maxDeadLetterScans}): past the cap the answer is 503 with `retry-after`.
@@ -265,35 +267,51 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
           write(`id: ${entry.revision}\nevent: entry\ndata: ${JSON.stringify(entry)}\n\n`);
         // retry: how long EventSource waits before reconnecting (it then sends Last-Event-ID).
         write("retry: 2000\n: connected\n\n");
-        const keepAlive = setInterval(() => write(": keep-alive\n\n"), keepAliveMs);
+        // Not while the client leaves what was queued untaken: a stalled one would pile them up too.
+        const keepAlive = setInterval(() => {
+          if ((controller.desiredSize ?? 1) > 0) write(": keep-alive\n\n");
+        }, keepAliveMs);
         const pump = async (): Promise<void> => {
-          let last = after ?? 0;
-          let first = true;
+          // The last revision sent, or the page already has; undefined until the first entry
+          // when the page asked for none (watch then starts at the latest one).
+          let last = after;
           for await (const entry of client.watch(workflow, id, { signal: abort.signal })) {
             if (abort.signal.aborted) break;
             // watch starts at the latest entry: entries appended between the page's history read
-            // and this stream would be skipped, so fill the gap once, a chunk at a time, each
-            // read only once the client has taken the one before (a long gap is not held at once).
-            if (first && after !== undefined && entry.revision > after + 1) {
+            // and this stream would be skipped, so fill the gap, a chunk at a time, each read
+            // only once the client has taken the one before (a long gap is not held at once).
+            // Only in order: after a hole the page would drop what it missed as already shown.
+            if (last !== undefined && entry.revision > last + 1) {
               while (last + 1 < entry.revision && !abort.signal.aborted) {
                 const chunk = await client.getHistoryRange(workflow, id, {
                   fromRevision: last + 1,
                   toRevision: Math.min(entry.revision - 1, last + LIVE_CATCH_UP_CHUNK),
                 });
-                const before = last;
+                const before: number = last;
                 for (const missed of chunk) {
-                  if (missed.revision > last && missed.revision < entry.revision) {
-                    send(missed);
-                    last = missed.revision;
-                  }
+                  if (missed.revision <= last) continue;
+                  if (missed.revision > last + 1) break;
+                  send(missed);
+                  last = missed.revision;
                 }
-                // Not there (a replica behind the one watch read from): the rest is not either.
                 if (last === before) break;
                 await taken();
               }
+              if (abort.signal.aborted) break;
+              if (last + 1 < entry.revision) {
+                // Not readable yet (a replica behind the one watch read from). Sending the entry
+                // would hide the gap for good, and a retry now would likely read the same replica:
+                // close without `end`, so the page (or EventSource) reconnects after a backoff
+                // from the last revision it got, and that stream fills the gap. No doubles either:
+                // the page drops entries not newer than its last.
+                options.logger?.warn(
+                  { workflow, id, from: last + 1, to: entry.revision - 1 },
+                  "live stream gap not readable yet: closing for the client to resume",
+                );
+                return;
+              }
             }
-            first = false;
-            if (entry.revision > last) {
+            if (last === undefined || entry.revision > last) {
               send(entry);
               last = entry.revision;
             }
@@ -302,6 +320,10 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
               write("event: end\ndata: {}\n\n");
               break;
             }
+            // Backpressure: the next entry is pulled from watch only once the client took this
+            // one, so a client that stops reading holds one entry here, not every later one. No
+            // wait while it keeps up: its pending read takes each entry as it is queued.
+            await taken();
           }
         };
         pump()
