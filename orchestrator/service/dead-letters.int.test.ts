@@ -142,6 +142,42 @@ describe("dead-letter commands", () => {
     expect(await stored()).toEqual([]);
   });
 
+  it("refuses to redrive a timer firing stored under another instance's inbox subject", async () => {
+    await client.start("reminder", "rem-2", { delayMs: 3_600_000 });
+    await expect
+      .poll(async () => Object.keys((await client.getState("reminder", "rem-2"))?.timers ?? {}))
+      .toHaveLength(1);
+    const state = await client.getState("reminder", "rem-2");
+    const [key = "", { token } = { token: "" }] = Object.entries(state?.timers ?? {})[0] ?? [];
+    const schedule = topo.timerSubject("reminder", "rem-2", key, token);
+    const scheduled = await jsm.streams.getMessage(topo.streams.inbox, { last_by_subj: schedule });
+    const firing = {
+      id: `timer.reminder.rem-2.${key}.${token}`,
+      workflow: "reminder",
+      instanceId: "rem-2",
+      event: { type: `timer.${key}` },
+      timer: { key, token },
+      at: 1,
+    };
+    const seq = await forge(
+      {
+        stream: topo.streams.inbox,
+        subject: topo.inboxSubject("reminder", "rem-other"),
+        data: JSON.stringify(firing),
+      },
+      topo.streams.inbox,
+    );
+    const output = captured();
+    const redriven = await run(["redrive", String(seq)], output);
+    await run(["drop", String(seq)], captured());
+    expect(redriven).toEqual({ ok: false });
+    expect(output.errLines[0]).toContain("is a timer firing of reminder/rem-2 stored under subject");
+    // rem-2's own schedule is still the one its arming made.
+    expect((await jsm.streams.getMessage(topo.streams.inbox, { last_by_subj: schedule }))?.seq).toBe(
+      scheduled?.seq,
+    );
+  });
+
   it("keeps a too-large message whole when it fits the letter, refuses to redrive a letter that kept only part, and drops it", async () => {
     const subject = topo.inboxSubject("reminder", "big-1");
     const big = JSON.stringify({

@@ -272,6 +272,14 @@ export async function redriveDeadLetter(
   // The orchestrator takes a timer firing only from the timer's schedule (a client cannot set the
   // Nats-Scheduler header it checks), so a firing goes back as a schedule due now.
   const firing = letter.stream === topo.streams.inbox ? timerFiring(payload) : undefined;
+  // The schedule is named after the instance the payload names: a letter whose subject is another
+  // instance's inbox would replace that instance's pending schedule with a firing the orchestrator
+  // then refuses (subject and payload differ), and the timer would never fire.
+  if (firing && letter.subject !== topo.inboxSubject(firing.workflow, firing.instanceId)) {
+    throw refuse(
+      `is a timer firing of ${firing.workflow}/${firing.instanceId} stored under subject ${letter.subject}: the orchestrator refuses a message whose subject does not match its payload, so it is not sent again`,
+    );
+  }
   const ack = await js.publish(
     firing
       ? topo.timerSubject(firing.workflow, firing.instanceId, firing.timer.key, firing.timer.token)
