@@ -62,6 +62,26 @@ describe("Postgres rate limiter", () => {
     expect((await raced).filter((decision) => decision.allowed)).toHaveLength(5);
   });
 
+  it("refund gives back one token of the bucket, never more than it holds", async () => {
+    const at = Date.UTC(2026, 0, 1);
+    const limiter = createPostgresRateLimiter(sql, { attempts: 2, perMs: 60_000, now: () => at });
+    const key = "refund@example.com";
+    expect((await limiter.take(key)).allowed).toBe(true);
+    expect((await limiter.take(key)).allowed).toBe(true);
+    expect((await limiter.take(key)).allowed).toBe(false);
+    await limiter.refund(key);
+    expect((await limiter.take(key)).allowed).toBe(true);
+    expect((await limiter.take(key)).allowed).toBe(false);
+    for (let i = 0; i < 5; i++) await limiter.refund(key);
+    expect((await limiter.take(key)).allowed).toBe(true);
+    expect((await limiter.take(key)).allowed).toBe(true);
+    expect((await limiter.take(key)).allowed).toBe(false);
+    // A key without a row is a full bucket already: a refund makes none.
+    await limiter.refund("never-taken@example.com");
+    const rows = await sql`select 1 from auth_rate_limits where key = 'never-taken@example.com'`;
+    expect(rows).toHaveLength(0);
+  });
+
   it("refuses a non-positive budget, and a window longer than the hour after which idle buckets are pruned", () => {
     expect(() => createPostgresRateLimiter(sql, { attempts: 0 })).toThrow(RangeError);
     expect(() => createPostgresRateLimiter(sql, { perMs: IDLE_BUCKET_MS + 1 })).toThrow(RangeError);

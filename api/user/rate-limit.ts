@@ -35,6 +35,11 @@ export interface RateDecision {
 export interface SharedRateLimiter {
   /** Spends one token of `key`'s bucket if there is one. */
   take(key: string): Promise<RateDecision>;
+  /**
+   * Gives back one token an allowed {@link take} of `key` spent, for an attempt that did not happen
+   * after all (the hasher refused it). Never fills the bucket above `attempts`.
+   */
+  refund(key: string): Promise<void>;
 }
 
 /**
@@ -79,6 +84,12 @@ export function createPostgresRateLimiter(sql: Sql, options: RateLimiterOptions 
       const available = Number(row?.available ?? 0);
       if (available >= 1) return { allowed: true, retryAfterMs: 0 };
       return { allowed: false, retryAfterMs: Math.ceil((1 - available) / ratePerMs) };
+    },
+    async refund(key) {
+      // `updated_at` stays: the refill since then is added on the next take as it would have been
+      // without the refunded one. A pruned row is already a full bucket, so no row is made for it.
+      await sql`
+        update auth_rate_limits set tokens = least(${attempts}::float8, tokens + 1) where key = ${key}`;
     },
   };
 }

@@ -6,7 +6,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { toJsonString } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type ServiceImpl } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
@@ -315,7 +315,7 @@ describe("UserService", () => {
       const before = await counts();
       const results = await Promise.allSettled([
         client.createUser({ email, password: PASSWORD, creditLimitCents: 1n }),
-        client.createUser({ email, password: PASSWORD, creditLimitCents: 1n }),
+        client.createUser({ email, password: "another password", creditLimitCents: 1n }),
       ]);
       expect(results.filter((r) => r.status === "fulfilled")).toHaveLength(1);
       const rejected = results.find((r) => r.status === "rejected");
@@ -323,6 +323,93 @@ describe("UserService", () => {
         Code.AlreadyExists,
       );
       expect(await counts()).toEqual({ users: before.users + 1, outbox: before.outbox + 1 });
+      // The same request twice at once (a retry overtaking its first try): one user, both told of it.
+      const same = { email: freshEmail(), password: PASSWORD, creditLimitCents: 1n };
+      const [a, b] = await Promise.all([client.createUser(same), client.createUser(same)]);
+      expect(b.user).toEqual(a.user);
+      expect(await counts()).toEqual({ users: before.users + 2, outbox: before.outbox + 2 });
+    });
+
+    it("answers a repeated CreateUser with the user it created; another password or credit limit gets ALREADY_EXISTS; each check spends a sign-in attempt", async () => {
+      const client = connect();
+      const email = freshEmail();
+      const request = { email, password: PASSWORD, creditLimitCents: 5_000n };
+      const first = await client.createUser(request);
+      const before = await counts();
+      // The retry of a client that never saw the first answer (lost, or past its deadline).
+      const again = await client.createUser({ ...request, email: ` ${email.toUpperCase()}` });
+      expect(again.user).toEqual(first.user);
+      const taken = { code: Code.AlreadyExists, message: "a user with this email exists" };
+      expect(await codeOf(client.createUser({ ...request, password: "another password" }))).toEqual(taken);
+      expect(await codeOf(client.createUser({ ...request, creditLimitCents: 5_001n }))).toEqual(taken);
+      expect(await counts()).toEqual(before);
+      // Three password checks of the email's 5 a minute, the budget Authenticate spends: guessing
+      // through CreateUser gets no more tries than through Authenticate.
+      expect((await codeOf(client.authenticate({ email, password: "wrong password" }))).code).toBe(
+        Code.Unauthenticated,
+      );
+      expect((await client.authenticate({ email, password: PASSWORD })).userId).toBe(first.user?.userId);
+      expect(await codeOf(client.createUser(request))).toEqual({
+        code: Code.ResourceExhausted,
+        message: "too many sign-in attempts for this email; retry in 12 s",
+      });
+      expect((await codeOf(client.authenticate({ email, password: PASSWORD }))).code).toBe(
+        Code.ResourceExhausted,
+      );
+      clock += 12_000;
+      expect((await client.createUser(request)).user).toEqual(first.user);
+      expect(await counts()).toEqual(before);
+    });
+
+    it("writes no user (nor outbox row) for a caller that gave up while its password was hashed", async () => {
+      const real = createPasswordHasher({ cost: TEST_COST });
+      // The hash finishes only once the caller's deadline has passed, as for a call that got a
+      // slot just before it: scrypt, once started, cannot be stopped.
+      const hasher: PasswordHasher = {
+        cost: TEST_COST,
+        hash: (password, signal) =>
+          new Promise((resolve, reject) => {
+            signal?.addEventListener("abort", () => real.hash(password).then(resolve, reject), {
+              once: true,
+            });
+          }),
+        verify: (password, stored, signal) => real.verify(password, stored, signal),
+      };
+      const impl = createUserService({ sql, ns, tokenSecret: SECRET, hasher, now: () => clock });
+      const handled: Array<Promise<unknown>> = [];
+      const tracked: ServiceImpl<typeof UserService> = {
+        ...impl,
+        createUser: (req, ctx) => {
+          const answer = Promise.resolve(impl.createUser(req, ctx));
+          handled.push(answer.catch(() => undefined));
+          return answer;
+        },
+      };
+      const late = await startRpcServer({
+        closeGraceMs: 200,
+        routes: (router) => router.service(UserService, tracked),
+      });
+      try {
+        const client = createClient(
+          UserService,
+          createConnectTransport({ baseUrl: late.url, httpVersion: "1.1" }),
+        );
+        const request = { email: freshEmail(), password: PASSWORD, creditLimitCents: 1n };
+        const before = await counts();
+        expect((await codeOf(client.createUser(request, { timeoutMs: 300 }))).code).toBe(
+          Code.DeadlineExceeded,
+        );
+        // The handler has run to its end: anything it was going to write is written.
+        expect(handled).toHaveLength(1);
+        await Promise.all(handled);
+        expect(await counts()).toEqual(before);
+        // So the retry creates the user, rather than hearing the email is taken.
+        const retried = await connect().createUser(request);
+        expect(retried.user?.email).toBe(request.email);
+        expect(await counts()).toEqual({ users: before.users + 1, outbox: before.outbox + 1 });
+      } finally {
+        await late.close();
+      }
     });
 
     it("writes the user row and its outbox row in one transaction: a failing outbox insert leaves no user", async () => {
@@ -533,6 +620,75 @@ describe("UserService", () => {
         userId,
       );
       expect(await attempt("192.0.2.9")).toBe(Code.ResourceExhausted);
+    });
+
+    it("gives back the budgets of a call the hasher refused as busy (no password checked); checked attempts still count", async () => {
+      const real = createPasswordHasher({ cost: TEST_COST });
+      let busy = true;
+      const unlessBusy = <T>(work: () => Promise<T>): Promise<T> =>
+        busy ? Promise.reject(new PasswordHasherBusyError("too many password hashes in progress")) : work();
+      const hasher: PasswordHasher = {
+        cost: TEST_COST,
+        hash: (password, signal) => unlessBusy(() => real.hash(password, signal)),
+        verify: (password, stored, signal) => unlessBusy(() => real.verify(password, stored, signal)),
+      };
+      // Small budgets, so the busy calls below outnumber each of them.
+      const impl = createUserService({
+        sql,
+        ns,
+        tokenSecret: SECRET,
+        hasher,
+        now: () => clock,
+        authEmailRateLimit: { attempts: 6, perMs: 60_000 },
+        addressRateLimit: { attempts: 10, perMs: 60_000 },
+      });
+      const loaded = await startRpcServer({
+        closeGraceMs: 200,
+        routes: (router) => router.service(UserService, impl),
+      });
+      try {
+        const client = createClient(
+          UserService,
+          createConnectTransport({ baseUrl: loaded.url, httpVersion: "1.1" }),
+        );
+        const address = "192.0.2.77";
+        const busyAnswer = {
+          code: Code.ResourceExhausted,
+          message: "too many requests in progress; retry later",
+        };
+        const repeat = { email, password: PASSWORD, creditLimitCents: 0n };
+        for (let i = 0; i < 8; i++) {
+          expect(await codeOf(client.authenticate({ email, password: PASSWORD }, from(address)))).toEqual(
+            busyAnswer,
+          );
+          expect(await codeOf(client.authenticate({ email, password: PASSWORD }))).toEqual(busyAnswer);
+          expect(
+            await codeOf(client.authenticate({ email: freshEmail(), password: PASSWORD }, from(address))),
+          ).toEqual(busyAnswer);
+          expect(await codeOf(client.createUser(repeat, from(address)))).toEqual(busyAnswer);
+          expect(
+            await codeOf(client.createUser({ email: freshEmail(), password: PASSWORD }, from(address))),
+          ).toEqual(busyAnswer);
+        }
+        busy = false;
+        expect((await client.authenticate({ email, password: PASSWORD }, from(address))).userId).toBe(userId);
+        expect((await client.authenticate({ email, password: PASSWORD })).userId).toBe(userId);
+        expect((await client.createUser(repeat, from(address))).user?.userId).toBe(userId);
+        const signUp = await client.createUser({ email: freshEmail(), password: PASSWORD }, from(address));
+        expect(signUp.user?.userId).toBeTruthy();
+        // Checked passwords were charged: 2 of the address's 5 for this email are spent, 3 remain.
+        for (let i = 0; i < 3; i++) {
+          expect((await codeOf(client.authenticate({ email, password: "wrong" }, from(address)))).code).toBe(
+            Code.Unauthenticated,
+          );
+        }
+        expect(await codeOf(client.authenticate({ email, password: PASSWORD }, from(address)))).toEqual({
+          code: Code.ResourceExhausted,
+          message: "too many sign-in attempts for this email; retry in 12 s",
+        });
+      } finally {
+        await loaded.close();
+      }
     });
 
     it("counts an IPv6 address as its /48 and an IPv4-mapped one as the IPv4 address", async () => {

@@ -72,6 +72,9 @@ export const DEFAULT_ADDRESS_RATE_LIMIT: Readonly<Required<Omit<RateLimiterOptio
   perMs: 60_000,
 });
 
+/** CreateUser's ALREADY_EXISTS message. */
+const EMAIL_TAKEN_MESSAGE = "a user with this email exists";
+
 /** The one message for a wrong email and a wrong password, so callers cannot tell them apart. */
 export const AUTH_FAILED_MESSAGE = "wrong email or password";
 
@@ -129,8 +132,12 @@ export interface UserServiceOptions {
  * Creates the UserService handlers. Register with `router.service(UserService, impl)`.
  *
  * - CreateUser: INVALID_ARGUMENT naming the field (email, password, credit_limit_cents),
- *   ALREADY_EXISTS for a taken email, RESOURCE_EXHAUSTED when too many hashes are queued. Writes
- *   the user and its `user.created` outbox row in one transaction.
+ *   RESOURCE_EXHAUSTED when too many hashes are queued. Writes the user and its `user.created`
+ *   outbox row in one transaction, never after the caller gave up (deadline, cancel). For a taken
+ *   email: the existing user, as a create answers, when the request repeats the one that created
+ *   it (same password, checked against the stored hash, and same credit limit), so a retry after
+ *   an answer that got lost succeeds; ALREADY_EXISTS otherwise. That check is a password check: it
+ *   spends Authenticate's sign-in budgets for the email (RESOURCE_EXHAUSTED when spent).
  * - GetUser: needs `authorization: Bearer <token>` issued to the requested user (the gateway
  *   forwards the caller's header): UNAUTHENTICATED when missing, forged or expired;
  *   INVALID_ARGUMENT for an id that is not one subject token; NOT_FOUND when unknown or another
@@ -150,6 +157,8 @@ export interface UserServiceOptions {
  * - CreateUser and Authenticate calls that carry an address first spend that address's budget of
  *   password calls, whatever the email (`addressRateLimit`, 60 a minute): RESOURCE_EXHAUSTED when
  *   it is spent, before anything is hashed or stored.
+ * - A call the hasher refuses because too many hashes are queued checked no password: the budget
+ *   tokens it took are given back before it is answered RESOURCE_EXHAUSTED.
  * - Postgres unreachable: UNAVAILABLE; anything unexpected: INTERNAL with a generic message (the
  *   cause is logged without query parameters).
  *
@@ -166,7 +175,7 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
   const store = createUserStore(options.sql);
   const hasher =
     options.hasher ?? createPasswordHasher(options.scryptCost ? { cost: options.scryptCost } : {});
-  const spendSignInBudget = signInBudget(
+  const signInBudget = signInBudgets(
     createPostgresRateLimiter(options.sql, { ...options.authRateLimit, now }),
     createPostgresRateLimiter(options.sql, {
       ...DEFAULT_AUTH_EMAIL_RATE_LIMIT,
@@ -179,22 +188,57 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
     ...options.addressRateLimit,
     now,
   });
-  /** Spends the caller's address's budget of password calls; RESOURCE_EXHAUSTED when it is spent. */
-  const spendAddressBudget = async (address: string | undefined): Promise<void> => {
-    if (address === undefined) return;
+  /**
+   * Spends the caller's address's budget of password calls; RESOURCE_EXHAUSTED when it is spent.
+   * Returns the token taken, if any, for {@link refundIfBusy}.
+   */
+  const spendAddressBudget = async (address: string | undefined): Promise<Charge[]> => {
+    if (address === undefined) return [];
     // Its own key prefix: `pwd-addr:` can be read as none of the sign-in budgets' keys. Per IPv6
     // /64, not /48: this budget is not per email, so a /48 key would let one customer of a
     // provider spend it for up to 65,536 others.
-    const decision = await perAddress.take(`pwd-addr:${addressBucket(address, { ipv6PrefixBits: 64 })}`);
+    const key = `pwd-addr:${addressBucket(address, { ipv6PrefixBits: 64 })}`;
+    const decision = await perAddress.take(key);
     if (!decision.allowed) {
       throw new ConnectError(
         `too many sign-ups and sign-ins from this address; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,
         Code.ResourceExhausted,
       );
     }
+    return [{ budget: "password calls per address", refund: () => perAddress.refund(key) }];
   };
   const createdSubject = topology(options.ns).eventSubject("user", "user.created");
   const log = options.logger;
+  /**
+   * Runs one hasher call that `charges` paid for. Refused as busy, it checked no password, so the
+   * tokens go back before the caller hears RESOURCE_EXHAUSTED: otherwise a user retrying while
+   * the service is loaded would lock themselves out of their account without ever being wrong.
+   * Any other outcome (a password checked, a caller that gave up) keeps them spent: refunding
+   * after a check would let guesses go uncounted. Refunding before the answer lets an immediate
+   * retry find them.
+   */
+  const refundIfBusy = async <T>(charges: readonly Charge[], work: () => Promise<T>): Promise<T> => {
+    try {
+      return await work();
+    } catch (error) {
+      if (error instanceof PasswordHasherBusyError) await refund(charges, log);
+      throw error;
+    }
+  };
+  /**
+   * Spends the sign-in budgets of `email` for one password check (Authenticate's, or CreateUser's
+   * for a taken email); RESOURCE_EXHAUSTED when one is spent.
+   */
+  const spendSignInBudget = async (email: string, address: string | undefined): Promise<Charge[]> => {
+    const { decision, charges } = await signInBudget(email, address);
+    if (!decision.allowed) {
+      throw new ConnectError(
+        `too many sign-in attempts for this email; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,
+        Code.ResourceExhausted,
+      );
+    }
+    return charges;
+  };
   const edge = <T>(work: () => Promise<T>, signal: AbortSignal): Promise<T> => mapErrors(work, signal, log);
   /** The user id of a valid bearer token in `authorization`; UNAUTHENTICATED otherwise. */
   const requireCaller = (authorization: string | null): string => {
@@ -231,11 +275,39 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         if (credit < 0n || credit > USER_LIMITS.creditLimitMaxCents) {
           throw invalid("credit_limit_cents", `must be between 0 and ${USER_LIMITS.creditLimitMaxCents}`);
         }
-        await spendAddressBudget(checkClientAddress(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER)));
+        const address = checkClientAddress(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER));
+        const addressCharges = await spendAddressBudget(address);
+        /**
+         * The answer for a taken email. The proto has no idempotency key, so a client whose earlier
+         * try committed after it gave up retries with the same request: that retry gets the user
+         * as a create would have; anyone else (another password or credit limit) ALREADY_EXISTS.
+         * Returning the account to whoever knows its password is what Authenticate followed by
+         * GetUser gives, so the check spends the same sign-in budgets as Authenticate, keyed the
+         * same way: guesses through either call come out of one budget.
+         */
+        const retriedOrTaken = async (taken: User, charges: readonly Charge[]) => {
+          const spent = [...charges, ...(await spendSignInBudget(email, address))];
+          const samePassword = await refundIfBusy(spent, () =>
+            hasher.verify(password, taken.passwordHash, ctx.signal),
+          );
+          // Compared only after the hash, so how long the answer takes tells nothing of the stored
+          // credit limit.
+          if (samePassword && BigInt(taken.creditLimitCents) === credit) {
+            log?.info({ userId: taken.userId }, "user creation repeated; answered with the existing user");
+            return { user: toApiUser(taken) };
+          }
+          throw new ConnectError(EMAIL_TAKEN_MESSAGE, Code.AlreadyExists);
+        };
+        // Looked up first, so a repeated request costs one hash (the check), not two.
+        const existing = await store.findByEmail(email);
+        if (existing) return await retriedOrTaken(existing, addressCharges);
         // With the call's signal, a caller that gave up (deadline, cancel) leaves the hashing queue.
-        const passwordHash = await hasher.hash(password, ctx.signal);
+        const passwordHash = await refundIfBusy(addressCharges, () => hasher.hash(password, ctx.signal));
         // 96 random bits: a collision is not expected, but a retry costs nothing if one happens.
         for (let attempt = 1; ; attempt++) {
+          // scrypt cannot be interrupted, so it may outlast the caller's deadline: a user written
+          // after the caller gave up is one it was told was not created.
+          ctx.signal.throwIfAborted();
           try {
             const user = await store.createUser(
               { userId: newUserId(), email, passwordHash, creditLimitCents: Number(credit) },
@@ -244,7 +316,13 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
             log?.info({ userId: user.userId }, "user created");
             return { user: toApiUser(user) };
           } catch (error) {
-            if (!(isUserStoreError(error) && error.code === "USER_EXISTS" && attempt < 3)) throw error;
+            if (isUserStoreError(error, "EMAIL_TAKEN")) {
+              // Committed since the lookup, most likely by this caller's own earlier try still
+              // running. This call's hash is done, so its address token stays spent.
+              const taken = await store.findByEmail(email);
+              if (taken) return await retriedOrTaken(taken, []);
+            }
+            if (!(isUserStoreError(error, "USER_EXISTS") && attempt < 3)) throw error;
           }
         }
       }, ctx.signal),
@@ -268,22 +346,16 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
         // No minimum length here: the policy may change, and a short guess is simply wrong.
         const password = checkPassword(req.password, 1);
         const address = checkClientAddress(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER));
-        await spendAddressBudget(address);
-        const decision = await spendSignInBudget(email, address);
-        if (!decision.allowed) {
-          throw new ConnectError(
-            `too many sign-in attempts for this email; retry in ${Math.ceil(decision.retryAfterMs / 1000)} s`,
-            Code.ResourceExhausted,
-          );
-        }
+        const addressCharges = await spendAddressBudget(address);
+        const spent = [...addressCharges, ...(await spendSignInBudget(email, address))];
         const user = await store.findByEmail(email);
         if (!user) {
           // Spend the same work as a real check, so response time does not reveal unknown emails.
-          await hasher.hash(password, ctx.signal);
+          await refundIfBusy(spent, () => hasher.hash(password, ctx.signal));
           log?.info({}, "authentication failed");
           throw new ConnectError(AUTH_FAILED_MESSAGE, Code.Unauthenticated);
         }
-        if (!(await hasher.verify(password, user.passwordHash, ctx.signal))) {
+        if (!(await refundIfBusy(spent, () => hasher.verify(password, user.passwordHash, ctx.signal)))) {
           log?.info({ userId: user.userId }, "authentication failed");
           throw new ConnectError(AUTH_FAILED_MESSAGE, Code.Unauthenticated);
         }
@@ -300,18 +372,56 @@ export function createUserService(options: UserServiceOptions): ServiceImpl<type
  * (an address never contains `|`, see client-address.ts) and `email-all:<email>` (the email's
  * budget across addresses, with another size and rate than the `email:` bucket, so not the same row).
  */
-function signInBudget(
+function signInBudgets(
   perCaller: SharedRateLimiter,
   perEmail: SharedRateLimiter,
-): (email: string, address: string | undefined) => Promise<RateDecision> {
+): (email: string, address: string | undefined) => Promise<{ decision: RateDecision; charges: Charge[] }> {
+  const take = async (limiter: SharedRateLimiter, key: string, budget: string, charges: Charge[]) => {
+    const decision = await limiter.take(key);
+    if (decision.allowed) charges.push({ budget, refund: () => limiter.refund(key) });
+    return decision;
+  };
   return async (email, address) => {
-    if (address === undefined) return perCaller.take(`email:${email}`);
-    const own = await perCaller.take(`addr:${addressBucket(address)}|${email}`);
+    const charges: Charge[] = [];
+    if (address === undefined) {
+      return {
+        decision: await take(perCaller, `email:${email}`, "sign-ins per email, no address", charges),
+        charges,
+      };
+    }
+    const own = await take(
+      perCaller,
+      `addr:${addressBucket(address)}|${email}`,
+      "sign-ins per address and email",
+      charges,
+    );
     // Refused here, the attempt stops before the shared budget: an address past its own limit
     // cannot go on emptying the budget the user's other addresses need.
-    if (!own.allowed) return own;
-    return perEmail.take(`email-all:${email}`);
+    if (!own.allowed) return { decision: own, charges };
+    const all = await take(perEmail, `email-all:${email}`, "sign-ins per email across addresses", charges);
+    return { decision: all, charges };
   };
+}
+
+/** A token a call took from one of its budgets. */
+interface Charge {
+  /** Which budget, for the log (never the key: it holds the email). */
+  budget: string;
+  refund(): Promise<void>;
+}
+
+/**
+ * Gives `charges` back. A refund that fails is logged and skipped: the caller still gets its busy
+ * answer, and that token only comes back with the bucket's refill, as before refunds existed.
+ */
+async function refund(charges: readonly Charge[], log: UserServiceLogger | undefined): Promise<void> {
+  const results = await Promise.allSettled(charges.map((charge) => charge.refund()));
+  results.forEach((result, i) => {
+    if (result.status === "rejected") {
+      const err = result.reason instanceof Error ? result.reason.message : String(result.reason);
+      log?.warn({ budget: charges[i]?.budget, err }, "refunding a budget token failed");
+    }
+  });
 }
 
 /** A fresh user id: `u` + 24 hex digits, one NATS subject token. */
@@ -409,8 +519,7 @@ async function mapErrors<T>(
       throw new ConnectError("too many requests in progress; retry later", Code.ResourceExhausted);
     }
     if (isUserStoreError(error)) {
-      if (error.code === "EMAIL_TAKEN")
-        throw new ConnectError("a user with this email exists", Code.AlreadyExists);
+      if (error.code === "EMAIL_TAKEN") throw new ConnectError(EMAIL_TAKEN_MESSAGE, Code.AlreadyExists);
       if (error.code === "INVALID_ARGUMENT") throw new ConnectError(error.message, Code.InvalidArgument);
     }
     const pgCode = (error as { code?: unknown } | undefined)?.code;

@@ -239,9 +239,15 @@ export const AuthenticateResponseSchema: GenMessage<AuthenticateResponse> = /*@_
  */
 export const UserService: GenService<{
   /**
-   * CreateUser registers a new account. Fails with ALREADY_EXISTS when the email is taken,
-   * INVALID_ARGUMENT when the email, password or credit limit is not acceptable, and
-   * RESOURCE_EXHAUSTED when too many password hashes are in progress (retry later).
+   * CreateUser registers a new account. Fails with INVALID_ARGUMENT when the email, password or
+   * credit limit is not acceptable, and RESOURCE_EXHAUSTED when too many password hashes are in
+   * progress (retry later). A call whose deadline passes, or that is cancelled, before its account
+   * is written creates nothing; one that ends while it is written may have created it. Repeating a
+   * request is safe either way: when the email is taken by an account with the same password and
+   * credit limit, the call returns that account as stored now, as a create would; when the
+   * password or credit limit differs, it fails with ALREADY_EXISTS. For a taken email the password
+   * is checked as Authenticate checks it, spending the same attempts: RESOURCE_EXHAUSTED when too
+   * many were made for the email.
    *
    * @generated from rpc jetsaga.user.v1.UserService.CreateUser
    */
@@ -268,7 +274,7 @@ export const UserService: GenService<{
    * when too many attempts were made for the email (5 per minute by default) or too many password
    * hashes are in progress, and with INVALID_ARGUMENT when the email is not an address (the
    * CreateUser rules) or the password is empty, longer than 1024 characters or holds NUL; such a
-   * call spends no attempt.
+   * call, and one refused because too many password hashes are in progress, spends no attempt.
    *
    * @generated from rpc jetsaga.user.v1.UserService.Authenticate
    */
