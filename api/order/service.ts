@@ -219,6 +219,8 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
   const client: WorkflowClient = await createWorkflowClient({
     nc: options.nc,
     workflows: [saga],
+    // Outcomes come from the history follower: the client need not keep what it started.
+    awaitsCompletions: false,
     ...(options.ns ? { ns: options.ns } : {}),
   });
   const follower = await HistoryFollower.start(

@@ -96,4 +96,21 @@ describe("awaitCompletion of an instance this client started", () => {
       code: "TIMEOUT",
     });
   });
+
+  it("keeps nothing it starts when it does not await completions, and still awaits by reading", async () => {
+    const following = await createWorkflowClient({ nc: other, ns, awaitsCompletions: false });
+    try {
+      expect((await following.start("job", "followed", {})).duplicate).toBe(false);
+      const state = { workflow: "job", instanceId: "followed", status: "completed", revision: 2 };
+      nc.publish(topo.completionSubject("job", "followed"), JSON.stringify({ state }));
+      await nc.flush();
+      await other.flush();
+      // The announced end was not kept: with no history to read the wait runs to its deadline.
+      await expect(following.awaitCompletion("job", "followed", { timeoutMs: 1_500 })).rejects.toMatchObject({
+        code: "TIMEOUT",
+      });
+    } finally {
+      await following.close();
+    }
+  });
 });

@@ -24,6 +24,13 @@ export interface WorkflowClientOptions {
   ns?: string;
   /** Definitions known to this client: their inputs and signals are validated before sending. */
   workflows?: readonly AnyWorkflowDefinition[];
+  /**
+   * Whether start() prepares for awaitCompletion of what it starts (default true): it listens for
+   * the workflow's ends and keeps up to 100,000 started and 10,000 (16 MiB of) ended instances,
+   * so that awaitCompletion needs no state read. False for a client that follows its instances
+   * another way (the order API follows the histories): awaitCompletion still works, with one read.
+   */
+  awaitsCompletions?: boolean;
 }
 
 /** Where a command to an instance landed: the inbox stream sequence (a position to wait for). */
@@ -99,7 +106,7 @@ export async function createWorkflowClient(options: WorkflowClientOptions): Prom
   const topo = topology(options.ns);
   const js = jetstream(options.nc);
   const jsm = await jetstreamManager(options.nc);
-  return new Client(options.nc, topo, js, jsm, options.workflows ?? []);
+  return new Client(options.nc, topo, js, jsm, options.workflows ?? [], options.awaitsCompletions ?? true);
 }
 
 type Waiter = { resolve: (state: InstanceState) => void };
@@ -120,8 +127,9 @@ class Client implements WorkflowClient {
    * instance (a caller's retry) must not unmark the one that started it.
    */
   readonly #startedHere = new LruCache<string, number>(100_000);
-  /** Ends announced for such instances before anyone awaited them. */
-  readonly #endedHere = new LruCache<string, InstanceState>(10_000);
+  /** Ends announced for such instances before anyone awaited them, weighed by their bytes. */
+  readonly #endedHere = new LruCache<string, InstanceState>(10_000, 16 * 1024 * 1024);
+  readonly #awaitsCompletions: boolean;
 
   constructor(
     nc: NatsConnection,
@@ -129,7 +137,9 @@ class Client implements WorkflowClient {
     js: JetStreamClient,
     jsm: JetStreamManager,
     workflows: readonly AnyWorkflowDefinition[],
+    awaitsCompletions: boolean,
   ) {
+    this.#awaitsCompletions = awaitsCompletions;
     this.#nc = nc;
     this.topology = topo;
     this.#js = js;
@@ -152,6 +162,14 @@ class Client implements WorkflowClient {
         );
       }
     }
+    const message: InboxMessage = {
+      id: `start.${workflow}.${instanceId}`,
+      workflow,
+      instanceId,
+      start: { input },
+      at: Date.now(),
+    };
+    if (!this.#awaitsCompletions) return this.#send(message);
     // Listening for ends before the start exists means the end of this instance cannot be missed,
     // so awaitCompletion can skip its first state read (one request per instance saved).
     await this.#ensureCompletionSubscription(workflow);
@@ -161,13 +179,7 @@ class Client implements WorkflowClient {
     const key = `${workflow}.${instanceId}`;
     this.#startedHere.set(key, (this.#startedHere.get(key) ?? 0) + 1);
     try {
-      const sent = await this.#send({
-        id: `start.${workflow}.${instanceId}`,
-        workflow,
-        instanceId,
-        start: { input },
-        at: Date.now(),
-      });
+      const sent = await this.#send(message);
       if (sent.duplicate) this.#forgetStart(key);
       return sent;
     } catch (error) {
@@ -394,7 +406,7 @@ class Client implements WorkflowClient {
               return;
             }
             // Ended before anyone waited: kept, so a later awaitCompletion needs no read.
-            if (!waiters) this.#endedHere.set(key, state as InstanceState);
+            if (!waiters) this.#endedHere.set(key, state as InstanceState, msg.data.length);
             else for (const waiter of [...waiters]) waiter.resolve(state as InstanceState);
           } catch {
             // Not JSON: not ours. The state is re-read with backoff anyway.
