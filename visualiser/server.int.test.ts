@@ -17,8 +17,6 @@ import {
   createWorkflowClient,
   defineWorkflow,
   type HistoryEntry,
-  type InstanceState,
-  type InstanceStatus,
   instanceDeadLetters,
   type RunningOrchestrator,
   startOrchestrator,
@@ -28,6 +26,7 @@ import { orderSaga } from "../orchestrator/workflows/index.ts";
 import { counterWorkflow } from "../test/fixtures/workflows.ts";
 import { natsUrl, uniqueNamespace } from "../test/support/context.ts";
 import { type Runtime, spawnService } from "../test/support/processes.ts";
+import { sseReader } from "../test/support/sse.ts";
 import { createChartLayouts } from "./layout.ts";
 import {
   createVisualiserHandler,
@@ -42,61 +41,6 @@ import {
 
 const publicDir = join(dirname(fileURLToPath(import.meta.url)), "public");
 const workflows = [orderSaga, counterWorkflow];
-
-/** A parsed Server-Sent Event. */
-interface SseEvent {
-  id?: string;
-  event: string;
-  data: string;
-}
-
-/** Reads SSE events from a fetch response, one at a time. */
-function sseReader(response: Response): { next(timeoutMs?: number): Promise<SseEvent | undefined> } {
-  const reader = response.body!.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "";
-  const parse = (block: string): SseEvent | undefined => {
-    const event: SseEvent = { event: "message", data: "" };
-    let hasData = false;
-    for (const line of block.split("\n")) {
-      if (line.startsWith(":") || line === "") continue;
-      const [field = "", ...rest] = line.split(":");
-      const value = rest.join(":").replace(/^ /, "");
-      if (field === "id") event.id = value;
-      if (field === "event") event.event = value;
-      if (field === "data") {
-        event.data += (hasData ? "\n" : "") + value;
-        hasData = true;
-      }
-    }
-    return hasData ? event : undefined;
-  };
-  return {
-    async next(timeoutMs = 10_000) {
-      const deadline = Date.now() + timeoutMs;
-      for (;;) {
-        const cut = buffer.indexOf("\n\n");
-        if (cut >= 0) {
-          const block = buffer.slice(0, cut);
-          buffer = buffer.slice(cut + 2);
-          const event = parse(block);
-          if (event) return event;
-          continue;
-        }
-        const left = deadline - Date.now();
-        if (left <= 0) throw new Error(`no SSE event within ${timeoutMs} ms`);
-        let timer: ReturnType<typeof setTimeout> | undefined;
-        const chunk = await Promise.race([
-          reader.read(),
-          new Promise<never>((_, reject) => {
-            timer = setTimeout(() => reject(new Error(`no SSE event within ${timeoutMs} ms`)), left);
-          }),
-        ]).finally(() => clearTimeout(timer));
-        if (chunk.done) return undefined;
-        buffer += chunk.value;
-      }
-    },
-  };
-}
 
 /**
  * Writes `text` on a fresh connection to `url` and resolves with all the server wrote until it
@@ -845,138 +789,5 @@ describe("visualiser HTTP API", () => {
       // A start-up failure is a setting or the environment, not a bug: no stack trace.
       expect(service.lines.join("\n")).not.toMatch(/\n\s+at /);
     }
-  });
-});
-
-/**
- * The live stream against a fake client, whose watch and history reads the test controls: what a
- * real NATS cannot be made to do on cue (a replica behind, a client that stops reading).
- */
-describe("visualiser live stream", () => {
-  const entryAt = (revision: number, status: InstanceStatus = "running"): HistoryEntry => {
-    const state: InstanceState = {
-      workflow: "counter",
-      definitionVersion: 1,
-      instanceId: "f-1",
-      revision,
-      status,
-      value: status === "running" ? "counting" : "done",
-      context: {},
-      timers: {},
-      recent: [],
-      startedAt: 0,
-      updatedAt: 0,
-    };
-    return { revision, causationId: `m-${revision}`, event: { type: "bump" }, state, effects: [], at: 0 };
-  };
-  /** Yields `entries` as a watch would, then waits, as a watch does, until `signal` aborts. */
-  async function* watchOf(
-    entries: readonly HistoryEntry[],
-    signal: AbortSignal | undefined,
-    pulled: () => void,
-  ): AsyncGenerator<HistoryEntry> {
-    for (const entry of entries) {
-      pulled();
-      yield entry;
-    }
-    await new Promise<void>((resolve) => {
-      if (signal?.aborted) resolve();
-      signal?.addEventListener("abort", () => resolve(), { once: true });
-    });
-  }
-  const live = (handler: VisualiserHandler, query: string, init?: RequestInit): Promise<Response> =>
-    handler(new Request(`http://visualiser.local/api/instances/counter/f-1/live${query}`, init));
-
-  it("takes the next entry from watch only once the client took the last: a stalled client holds one, not all", async () => {
-    const total = 200;
-    const entries = Array.from({ length: total }, (_, i) =>
-      entryAt(i + 1, i + 1 === total ? "completed" : "running"),
-    );
-    let pulled = 0;
-    const handler = await createVisualiserHandler({
-      client: {
-        getState: async () => entries.at(-1)?.state,
-        getHistoryRange: async () => [],
-        watch: (_workflow, _id, options) =>
-          watchOf(entries, options?.signal, () => {
-            pulled++;
-          }),
-      },
-      workflows,
-      layouts: createChartLayouts(),
-      publicDir,
-    });
-    const response = await live(handler, "");
-    expect(response.status).toBe(200);
-    // A client that reads nothing yet. The fake answers at once, so a stream that does not wait
-    // for its client takes every entry within these turns of the event loop.
-    for (let turn = 0; turn < 20; turn++) await new Promise<void>((resolve) => setImmediate(resolve));
-    expect(pulled).toBeLessThanOrEqual(2);
-    // Reading again, it gets every entry once, in order, then `end`.
-    const events = sseReader(response);
-    for (let revision = 1; revision <= total; revision++) {
-      expect((await events.next())?.id).toBe(String(revision));
-    }
-    expect((await events.next())?.event).toBe("end");
-    expect(await events.next()).toBeUndefined();
-    expect(pulled).toBe(total);
-    await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
-  });
-
-  it("never sends an entry past a gap it could not read: it closes without `end`, and the reconnect fills it", async () => {
-    // watch starts at revision 10; the page has up to 5; the replica read has only some of 6–9.
-    let readable = new Set<number>();
-    const ranges: Array<[number, number]> = [];
-    const handler = await createVisualiserHandler({
-      client: {
-        getState: async () => entryAt(10).state,
-        getHistoryRange: async (_workflow, _id, { fromRevision, toRevision }) => {
-          ranges.push([fromRevision, toRevision]);
-          const found: HistoryEntry[] = [];
-          for (let revision = fromRevision; revision <= toRevision; revision++) {
-            if (readable.has(revision)) found.push(entryAt(revision));
-          }
-          return found;
-        },
-        watch: (_workflow, _id, options) => watchOf([entryAt(10)], options?.signal, () => {}),
-      },
-      workflows,
-      layouts: createChartLayouts(),
-      publicDir,
-    });
-    /** What a stream sent until it closed, or until it sent revision 10 (and then stays open). */
-    const ids = async (query: string): Promise<Array<string | undefined>> => {
-      const gone = new AbortController();
-      const events = sseReader(await live(handler, query, { signal: gone.signal }));
-      const seen: Array<string | undefined> = [];
-      for (let event = await events.next(); event; event = await events.next()) {
-        seen.push(event.event === "entry" ? event.id : event.event);
-        if (event.id === "10") break;
-      }
-      gone.abort();
-      return seen;
-    };
-
-    // Nothing of the gap readable: no entry at all, and no `end` (the page would stop following).
-    expect(await ids("?after=5")).toEqual([]);
-    // A hole in the middle: what comes before it, in order, and nothing after it.
-    readable = new Set([6, 7, 9]);
-    expect(await ids("?after=5")).toEqual(["6", "7"]);
-    expect(handler.openStreams()).toBe(0);
-
-    // The page reconnects from the last revision it got; by then the replica has caught up.
-    readable = new Set([6, 7, 8, 9]);
-    const events = sseReader(await live(handler, "?after=5", { headers: { "last-event-id": "7" } }));
-    expect((await events.next())?.id).toBe("8");
-    expect((await events.next())?.id).toBe("9");
-    expect((await events.next())?.id).toBe("10");
-    expect(ranges).toEqual([
-      [6, 9],
-      [6, 9],
-      [8, 9],
-      [8, 9],
-    ]);
-    handler.close();
-    await expect.poll(() => handler.openStreams(), { timeout: 5_000 }).toBe(0);
   });
 });
