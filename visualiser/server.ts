@@ -169,7 +169,7 @@ export async function createVisualiserHandler(options: VisualiserOptions): Promi
       latest.map(async (w) => ({
         name: w.name,
         version: w.version,
-        signals: [...w.signals],
+        signals: [...(w.signals ?? [])],
         chart: await layouts.get(w),
         versions: (
           await Promise.all(

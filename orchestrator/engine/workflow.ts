@@ -67,8 +67,8 @@ export interface WorkflowConfig<TMachine extends AnyStateMachine, TInput extends
   output?: AnySchema;
   /**
    * Signals: the subset of `events` that clients may send (others come from workers and timers).
-   * When given, a WorkflowClient with the definitions refuses any other event, so it cannot
-   * forge a worker's reply; when left out, clients may send every event.
+   * When given (even empty), a WorkflowClient with the definitions refuses any other event, so it
+   * cannot forge a worker's reply; when left out, clients may send every event.
    */
   signals?: readonly string[];
 }
@@ -86,7 +86,8 @@ export interface WorkflowDefinition<
   readonly commands: Readonly<Record<string, AnySchema>>;
   readonly publishes: Readonly<Record<string, AnySchema>>;
   readonly output: AnySchema | undefined;
-  readonly signals: ReadonlySet<string>;
+  /** The events clients may send; undefined when the definition names none (clients may send any). */
+  readonly signals: ReadonlySet<string> | undefined;
 }
 
 /** Any workflow definition, whatever its machine and input types. */
@@ -155,7 +156,8 @@ export function defineWorkflow<TMachine extends AnyStateMachine, TInput extends 
     commands: Object.freeze({ ...(config.commands ?? {}) }),
     publishes: Object.freeze({ ...(config.publishes ?? {}) }),
     output: config.output,
-    signals: new Set(config.signals ?? []),
+    // An empty list is kept: it says clients may send no event at all, unlike a missing one.
+    signals: config.signals ? new Set(config.signals) : undefined,
   });
 }
 

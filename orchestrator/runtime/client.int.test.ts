@@ -2,12 +2,13 @@
  * The workflow client's completion wait, against a real nats-server: an instance's end that reaches
  * the client before its own start() has been acknowledged is kept for awaitCompletion.
  */
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection, RequestOptions } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
 import { connectNats } from "../../common/nats.ts";
 import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
-import { createWorkflowClient, type WorkflowClient } from "../index.ts";
+import { createWorkflowClient, type InstanceState, type WorkflowClient } from "../index.ts";
+import { HistoryStore } from "./history-store.ts";
 import { ensureTopology, topology } from "./topology.ts";
 
 describe("awaitCompletion of an instance this client started", () => {
@@ -108,6 +109,35 @@ describe("awaitCompletion of an instance this client started", () => {
       // The announced end was not kept: with no history to read the wait runs to its deadline.
       await expect(following.awaitCompletion("job", "followed", { timeoutMs: 1_500 })).rejects.toMatchObject({
         code: "TIMEOUT",
+      });
+      // Once the history holds the end, the wait reads it.
+      const ended: InstanceState = {
+        workflow: "job",
+        definitionVersion: 1,
+        instanceId: "followed",
+        revision: 1,
+        status: "completed",
+        value: "done",
+        context: {},
+        timers: {},
+        recent: [],
+        startedAt: 1,
+        updatedAt: 1,
+      };
+      await new HistoryStore(jetstream(other), await jetstreamManager(other), topo).append(
+        {
+          revision: 1,
+          causationId: "start.job.followed",
+          event: { type: "start" },
+          state: ended,
+          effects: [],
+          at: 1,
+        },
+        0,
+      );
+      expect(await following.awaitCompletion("job", "followed", { timeoutMs: 5_000 })).toMatchObject({
+        instanceId: "followed",
+        status: "completed",
       });
     } finally {
       await following.close();

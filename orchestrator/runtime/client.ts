@@ -219,7 +219,7 @@ class Client implements WorkflowClient {
     const verdicts = versions.map((definition) => {
       // A version that names its signals takes no other event from clients: the rest are its
       // workers' replies, which a client must not be able to forge.
-      const sendable = definition.signals.size === 0 || definition.signals.has(event.type);
+      const sendable = definition.signals === undefined || definition.signals.has(event.type);
       const schema =
         sendable && Object.hasOwn(definition.events, event.type) ? definition.events[event.type] : undefined;
       return schema ? schema.safeParse(event) : undefined;

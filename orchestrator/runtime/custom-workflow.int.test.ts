@@ -25,7 +25,7 @@ import {
   type WorkflowClient,
 } from "../index.ts";
 
-const approval = defineWorkflow({
+const approvalConfig = {
   name: "approval",
   version: 1,
   input: z.object({
@@ -101,7 +101,8 @@ const approval = defineWorkflow({
       failed: { type: "final" },
     },
   }),
-});
+};
+const approval = defineWorkflow(approvalConfig);
 
 /** A timer in a state whose id makes xstate's delayed event type longer than an inbox event type may be. */
 const longStateName = `waiting${"Patiently".repeat(24)}`;
@@ -244,6 +245,16 @@ describe("a workflow defined only in a test", () => {
     await expect(
       client.signal("approval", "doc-1", { type: "review.scored", score: 1, commandId: "c" }),
     ).rejects.toMatchObject({ code: "UNKNOWN_EVENT", message: expect.stringContaining("no signal") });
+    // An empty list of signals says clients may send none, unlike a list left out.
+    const workerDriven = defineWorkflow({ ...approvalConfig, name: "approval-silent", signals: [] });
+    const guarded = await createWorkflowClient({ nc, ns, workflows: [workerDriven] });
+    try {
+      await expect(
+        guarded.signal("approval-silent", "doc-1", { type: "approval.signoff", by: "eve" }),
+      ).rejects.toMatchObject({ code: "UNKNOWN_EVENT" });
+    } finally {
+      await guarded.close();
+    }
     const jsm = await jetstreamManager(nc);
     const history = await jsm.direct.getMessage(client.topology.streams.history, {
       last_by_subj: client.topology.instanceHistoryFilter("approval", "doc-5"),

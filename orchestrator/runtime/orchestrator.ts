@@ -147,7 +147,9 @@ const MAYBE_VERSION_SKEW: ReadonlySet<string> = new Set([
   "UNKNOWN_TYPE",
   // An instance of a workflow version newer than this process's (its state was made by one).
   "UNKNOWN_WORKFLOW",
-  // Only from a process without the instance's own version: one with it refuses for good.
+  // Also from a process with the instance's own version: a compatible change may add an event
+  // to a version without a new number, and an instance of a version no longer registered runs on
+  // the latest, which may declare it.
   "UNKNOWN_EVENT",
   "INVALID_DEFINITION",
 ]);
@@ -725,16 +727,7 @@ class OrchestratorLoop {
             this.#cache.delete(key);
             continue;
           }
-          await this.#refuse(msg, decision.code, decision.reason, {
-            // Every process that registers the instance's own version refuses its unknown event
-            // alike (a version's chart does not change): no process of the rollout would take it.
-            final:
-              decision.code === "UNKNOWN_EVENT" &&
-              current !== undefined &&
-              this.#definitions
-                .versions(message.workflow)
-                .some((definition) => definition.version === current.state.definitionVersion),
-          });
+          await this.#refuse(msg, decision.code, decision.reason);
           return;
       }
     }
@@ -784,12 +777,12 @@ class OrchestratorLoop {
   }
 
   /**
-   * Dead-letters a refused message, or first hands it back a few times (see MAYBE_VERSION_SKEW)
-   * unless `final`: `maxDeliveries` attempts, not counting the deliveries that stops caused (see #attempt).
+   * Dead-letters a refused message, or first hands it back a few times (see MAYBE_VERSION_SKEW):
+   * `maxDeliveries` attempts, not counting the deliveries that stops caused (see #attempt).
    */
-  async #refuse(msg: JsMsg, code: string, reason: string, { final = false } = {}): Promise<void> {
+  async #refuse(msg: JsMsg, code: string, reason: string): Promise<void> {
     const { maxDeliveries = 8, retryMs = 2_000 } = this.#options.versionSkew ?? {};
-    if (MAYBE_VERSION_SKEW.has(code) && !final) {
+    if (MAYBE_VERSION_SKEW.has(code)) {
       const tried = await this.#attempt(msg);
       if (tried < maxDeliveries) {
         this.stats.retried++;
