@@ -24,28 +24,30 @@ describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) 
 
   beforeAll(async () => {
     db = await createTestDatabase(`sys${runtime}`);
-    const userPort = await freePort();
-    userServiceUrl = `http://127.0.0.1:${userPort}`;
     const env = {
       NATS_URL: natsUrl(),
       DATABASE_URL: db.url,
       JETSAGA_NS: uniqueNamespace(`sys${runtime}`),
       JETSAGA_TOKEN_SECRET: "system-test-secret-of-at-least-32-bytes!",
       PROBE_PORT: "0",
-      USER_GRPC_PORT: String(userPort),
-      USER_SERVICE_URL: `http://127.0.0.1:${userPort}`,
+      // Any free port, taken by the user service itself: a port probed here could be taken by a
+      // parallel test before the service binds it. The API learns the URL once it is printed.
+      USER_GRPC_PORT: "0",
       API_PORT: "0",
       VISUALISER_PORT: "0",
       LOG_LEVEL: "warn",
     };
-    const start = (entry: string, ready: RegExp) => spawnService(entry, env, ready, runtime);
+    const start = (entry: string, ready: RegExp, extra: Record<string, string> = {}) =>
+      spawnService(entry, { ...env, ...extra }, ready, runtime);
     processes.push(await start("orchestrator/service/main.ts", /JETSAGA_ORCHESTRATOR_PROBES_URL=/));
-    processes.push(await start("workers/user/main.ts", /JETSAGA_USER_SERVICE_URL=/));
+    const user = await start("workers/user/main.ts", /JETSAGA_USER_SERVICE_URL=/);
+    processes.push(user);
+    userServiceUrl = (await user.waitForLine(/JETSAGA_USER_SERVICE_URL=/)).split("=")[1] ?? "";
     const notification = await start("workers/notification/main.ts", /JETSAGA_NOTIFICATION_PROBES_URL=/);
     processes.push(notification);
     notificationProbesUrl =
       (await notification.waitForLine(/JETSAGA_NOTIFICATION_PROBES_URL=/)).split("=")[1] ?? "";
-    const api = await start("api/main.ts", /JETSAGA_API_URL=/);
+    const api = await start("api/main.ts", /JETSAGA_API_URL=/, { USER_SERVICE_URL: userServiceUrl });
     processes.push(api);
     const visualiser = await start("visualiser/main.ts", /JETSAGA_VISUALISER_URL=/);
     processes.push(visualiser);
