@@ -3,7 +3,9 @@
  * host gone with its sockets half-open: nothing answers) and close (new connections refused); and
  * migrate with one role per service in one database.
  */
+import diagnostics from "node:diagnostics_channel";
 import { mkdtemp, rm, writeFile } from "node:fs/promises";
+import type { Socket } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { afterAll, beforeAll, describe, expect, it } from "vitest";
@@ -56,7 +58,18 @@ describe("queryUntilAborted", () => {
     };
     process.on("unhandledRejection", onUnhandled);
     const relay = await startTcpRelay(new URL(db.url), 5432);
+    const relayPort = Number(new URL(relay.url).port);
+    // The cancel's own connection, seen refused: watched on the socket, whose error listener
+    // handles no promise (a `.catch` on the cancel's would hide the very rejection looked for).
+    let cancelRefused = false;
+    const onSocket = (message: unknown): void => {
+      const { socket } = message as { socket: Socket };
+      socket.once("error", (error: NodeJS.ErrnoException & { port?: number }) => {
+        if (error.code === "ECONNREFUSED" && error.port === relayPort) cancelRefused = true;
+      });
+    };
     const viaRelay = await connectPostgres(relay.url, { max: 1 });
+    diagnostics.subscribe("net.client.socket", onSocket);
     try {
       relay.stallAndRefuse();
       const controller = new AbortController();
@@ -67,10 +80,13 @@ describe("queryUntilAborted", () => {
       controller.abort(new Error("deadline"));
       // At the signal, not when (if ever) the query or the cancel ends.
       await expect(running).rejects.toThrow("deadline");
-      // The cancel's own connection is refused meanwhile; its failure must go nowhere.
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      // The cancel's own connection is refused meanwhile; its failure must go nowhere. Node reports
+      // an unhandled rejection before the event loop's next turn, so once the poll has seen the
+      // refusal, a rejection of the cancel left unhandled would already be in `unhandled`.
+      await expect.poll(() => cancelRefused, { timeout: 10_000 }).toBe(true);
       expect(unhandled).toEqual([]);
     } finally {
+      diagnostics.unsubscribe("net.client.socket", onSocket);
       process.off("unhandledRejection", onUnhandled);
       relay.destroy();
       await viaRelay.end({ timeout: 0 }).catch(() => {});

@@ -101,82 +101,89 @@ const noting = defineWorkflow({
   }),
 });
 
+/** The inbox's duplicate window in the tests below, ms. */
+const DUPLICATE_WINDOW_MS = 1_000;
+
 describe("a start repeated after the duplicate window", () => {
   let nc: NatsConnection;
-  let orchestrator: RunningOrchestrator;
-  let client: WorkflowClient;
+  const closers: Array<() => Promise<unknown>> = [];
 
   beforeAll(async () => {
-    const ns = uniqueNamespace("latedup");
     nc = await connectNats({ servers: natsUrl() });
-    orchestrator = await startOrchestrator({
+  });
+
+  afterAll(async () => {
+    for (const close of closers.reverse()) await close().catch(() => undefined);
+    await nc?.close();
+  });
+
+  /** An orchestrator and a client of their own, on a namespace of their own: each test starts clean. */
+  const fixture = async (prefix: string) => {
+    const ns = uniqueNamespace(prefix);
+    const orchestrator = await startOrchestrator({
       nc,
       ns,
       workflows: [noting],
       // One second: the repeat below is a new stream message, not dropped by JetStream.
-      topology: { duplicateWindowNs: 1_000_000_000 },
+      topology: { duplicateWindowNs: DUPLICATE_WINDOW_MS * 1_000_000 },
     });
-    client = await createWorkflowClient({ nc, ns, workflows: [noting] });
-  });
-
-  afterAll(async () => {
-    await client?.close();
-    await orchestrator?.stop();
-    await nc?.close();
-  });
-
-  it("is recognised as applied, and the commands of an entry that is not the latest are not sent again", async () => {
+    closers.push(() => orchestrator.stop());
+    const client = await createWorkflowClient({ nc, ns, workflows: [noting] });
+    closers.push(() => client.close());
     const jsm = await jetstreamManager(nc);
     const commands = async () => (await jsm.streams.info(client.topology.streams.commands)).state.messages;
+    return { orchestrator, client, jsm, commands };
+  };
+
+  /**
+   * Publishes the client's start of `id` again, with its message id (so the same causation), once
+   * the duplicate window has passed. A sleep cannot tell that it outlasted the window: the publish
+   * says whether JetStream dropped it as a duplicate, and then the test would check nothing.
+   */
+  const repeatStartAfterWindow = async (client: WorkflowClient, id: string): Promise<void> => {
+    await new Promise((resolve) => setTimeout(resolve, DUPLICATE_WINDOW_MS + 500));
+    const ack = await jetstream(nc).publish(
+      client.topology.inboxSubject("noting", id),
+      JSON.stringify({
+        id: `start.noting.${id}`,
+        workflow: "noting",
+        instanceId: id,
+        start: { input: {} },
+        at: 1,
+      }),
+      { msgID: `start.noting.${id}` },
+    );
+    expect(ack.duplicate).toBe(false);
+  };
+
+  it("is recognised as applied, and the commands of an entry that is not the latest are not sent again", async () => {
+    const { orchestrator, client, commands } = await fixture("latedup");
     await client.start("noting", "n1", {});
     await expect.poll(commands, { timeout: 10_000 }).toBe(1);
     // The instance moves on: its start is no longer the latest entry (whose effects a repeat may
     // still owe, and would replay).
     await client.signal("noting", "n1", { type: "next" });
     await expect.poll(async () => (await client.getState("noting", "n1"))?.revision).toBe(2);
-    await new Promise((resolve) => setTimeout(resolve, 1_500));
 
     // The client's retry: the same inbox message id (so the same causation), past the window.
-    await jetstream(nc).publish(
-      client.topology.inboxSubject("noting", "n1"),
-      JSON.stringify({
-        id: "start.noting.n1",
-        workflow: "noting",
-        instanceId: "n1",
-        start: { input: {} },
-        at: 1,
-      }),
-      { msgID: "start.noting.n1" },
-    );
+    await repeatStartAfterWindow(client, "n1");
     await expect.poll(() => orchestrator.stats.processed, { timeout: 10_000 }).toBe(3);
     expect(orchestrator.stats.duplicates).toBe(1);
     expect(await commands()).toBe(1);
     expect((await client.getState("noting", "n1"))?.revision).toBe(2);
   });
+
   it("replays the latest entry's commands for a repeat, which may be all that carries them out", async () => {
-    const jsm = await jetstreamManager(nc);
-    const { streams } = client.topology;
-    const commands = async () => (await jsm.streams.info(streams.commands)).state.messages;
-    await jsm.streams.purge(streams.commands); // the test before left one
+    const { orchestrator, client, jsm, commands } = await fixture("latereplay");
     await client.start("noting", "n2", {});
     await expect.poll(commands, { timeout: 10_000 }).toBe(1);
     // As if the process died between the append and the command (and its inbox message came back
     // as a first delivery, from a consumer made again): the command is gone.
-    await jsm.streams.purge(streams.commands);
-    await new Promise((resolve) => setTimeout(resolve, 1_500));
-    const processed = orchestrator.stats.processed;
-    await jetstream(nc).publish(
-      client.topology.inboxSubject("noting", "n2"),
-      JSON.stringify({
-        id: "start.noting.n2",
-        workflow: "noting",
-        instanceId: "n2",
-        start: { input: {} },
-        at: 1,
-      }),
-      { msgID: "start.noting.n2" },
-    );
-    await expect.poll(() => orchestrator.stats.processed, { timeout: 10_000 }).toBe(processed + 1);
+    await jsm.streams.purge(client.topology.streams.commands);
+    expect(await commands()).toBe(0);
+    await repeatStartAfterWindow(client, "n2");
+    await expect.poll(() => orchestrator.stats.processed, { timeout: 10_000 }).toBe(2);
+    expect(orchestrator.stats.duplicates).toBe(1);
     expect(await commands()).toBe(1);
   });
 });

@@ -45,6 +45,14 @@ describe("pending timers when the inbox stream was made again", () => {
     await expect.poll(async () => (await client.getState("reminder", id))?.revision).toBe(1);
     return { client, orchestrator };
   };
+  /**
+   * Still waiting on its timer now that the inbox (and the schedule in it) is gone: a timer that
+   * fired before the deletion (a slow start, the delay passed) would let the reminder complete
+   * without any re-arm, and the test below would prove nothing.
+   */
+  const stillWaiting = async (client: WorkflowClient, id: string): Promise<void> => {
+    expect(await client.getState("reminder", id)).toMatchObject({ revision: 1, status: "running" });
+  };
   const timerFires = async (client: WorkflowClient, id: string): Promise<void> => {
     const final = await client.awaitCompletion("reminder", id, { timeoutMs: 30_000 });
     expect(final.status).toBe("completed");
@@ -55,6 +63,9 @@ describe("pending timers when the inbox stream was made again", () => {
     await orchestrator.stop();
     const jsm = await jetstreamManager(nc);
     await jsm.streams.delete(client.topology.streams.inbox);
+    // With no orchestrator running, a firing stored before the deletion went with the stream: only
+    // an append before the stop would show here.
+    await stillWaiting(client, "r1");
     // A worker or the client makes the streams again, not the orchestrator.
     await ensureTopology(jsm, topology(client.topology.ns));
     await orchestratorFor(client.topology.ns);
@@ -67,6 +78,7 @@ describe("pending timers when the inbox stream was made again", () => {
     closers.push(() => other.close());
     const jsm = await jetstreamManager(other);
     await jsm.streams.delete(client.topology.streams.inbox);
+    await stillWaiting(client, "r2");
     await ensureTopology(jsm, topology(client.topology.ns));
     await timerFires(client, "r2");
   });

@@ -47,10 +47,16 @@ describe("watchStreamIdentity", () => {
     const jsm = await jetstreamManager(nc);
     await ensureTopology(jsm, topo, { storage: "memory" });
     const now = await streamIdentity(jsm, topo.streams.history);
+    /** Stream info replies so far; checks never overlap, so n replies mean n - 1 checks done. */
+    let replies = 0;
+    const counted = reportingCreated(jsm, () => {
+      replies++;
+      return undefined;
+    });
     const calls: string[] = [];
     // Known: another incarnation than the stream's, as after the stream was made again.
     const watch = watchStreamIdentity(
-      jsm,
+      counted,
       topo.streams.history,
       "an older incarnation",
       20,
@@ -62,8 +68,10 @@ describe("watchStreamIdentity", () => {
     );
     try {
       await expect.poll(() => calls.length).toBe(2);
-      // Handled: later checks see no change.
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      // Handled: later checks see no change. Two more checks done first, each of which would have
+      // called again.
+      const after = replies;
+      await expect.poll(() => replies, { timeout: 10_000 }).toBeGreaterThanOrEqual(after + 3);
       expect(calls).toEqual([now?.created, now?.created]);
     } finally {
       await watch.stop();
@@ -113,7 +121,9 @@ describe("watchStreamIdentity", () => {
       await append();
       await expect.poll(() => calls.length).toBe(1);
       expect(calls[0]?.created).toBe((await real.streams.info(history)).created);
-      await new Promise((resolve) => setTimeout(resolve, 200));
+      // Handled: two more checks done, each of which would have called again.
+      const settled = replies;
+      await expect.poll(() => replies, { timeout: 10_000 }).toBeGreaterThanOrEqual(settled + 3);
       expect(calls).toHaveLength(1);
     } finally {
       await watch.stop();
