@@ -56,7 +56,19 @@ describe("Postgres rate limiter", () => {
       (tx) => tx`insert into auth_rate_limits (key, tokens, updated_at) values (${key}, 5, ${new Date(at)})`,
     );
     const raced = Promise.all(Array.from({ length: 8 }, () => limiter.take(key)));
-    await new Promise((resolve) => setTimeout(resolve, 300));
+    // Released once all 8 wait on it in Postgres (this test's database only: other files' run
+    // beside it), not before: one that came later would find the row committed, with no race.
+    await expect
+      .poll(
+        async () => {
+          const [row] = await sql<{ n: number }[]>`
+            select count(*)::int as n from pg_stat_activity
+            where datname = current_database() and wait_event_type = 'Lock'`;
+          return row?.n;
+        },
+        { timeout: 30_000, interval: 20 },
+      )
+      .toBe(8);
     other.release();
     await other.ended;
     expect((await raced).filter((decision) => decision.allowed)).toHaveLength(5);

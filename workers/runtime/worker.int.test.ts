@@ -1,6 +1,6 @@
 import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
 import { z } from "zod";
 import { openHandbackLedger } from "../../orchestrator/runtime/handbacks.ts";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/runtime/topology.ts";
@@ -19,6 +19,25 @@ import {
   type WorkerLogger,
   type WorkerOptions,
 } from "./index.ts";
+
+/**
+ * The worker's pause between restarts of its consume loop is a constant (1 to 5 s), and stop()
+ * waits up to 10 s for its loops: a stop that waited the pause out would look like one that cut
+ * it, but for a wall-clock bound. A test sets `nextMs` and the next sleep of node:timers/promises
+ * (the worker's) lasts that long instead; every other call is Node's own.
+ */
+const stretchedSleep = vi.hoisted(() => ({ nextMs: undefined as number | undefined, applied: 0 }));
+vi.mock("node:timers/promises", async (importOriginal) => {
+  const real = await importOriginal<typeof import("node:timers/promises")>();
+  const setTimeout = (<T>(ms?: number, value?: T, options?: import("node:timers").TimerOptions) => {
+    const stretched = stretchedSleep.nextMs;
+    if (stretched === undefined) return real.setTimeout(ms, value, options);
+    stretchedSleep.nextMs = undefined;
+    stretchedSleep.applied++;
+    return real.setTimeout(stretched, value, options);
+  }) as typeof real.setTimeout;
+  return { ...real, setTimeout };
+});
 
 let nc: NatsConnection;
 let js: JetStreamClient;
@@ -483,20 +502,28 @@ describe("createWorker (real nats-server)", () => {
   it("keeps a handler slower than ack_wait to itself: it runs once, not once per ack_wait", async () => {
     const calls: number[] = [];
     const { topo, inbox, worker } = await setup("slow", {
-      ackWaitMs: 300,
-      // Kept alive for up to maxAttempts × ackWait = 3 s: longer than the handler takes.
+      // A second: the keep-alive (every third of it) must not lose to a stall of a busy host.
+      ackWaitMs: 1_000,
+      // Kept alive for up to maxAttempts × ackWait = 10 s: longer than the handler takes.
       retry: { ...fast, maxAttempts: 10 },
       commands: charge(async (_input, ctx) => {
         calls.push(ctx.attempt);
-        await new Promise((resolve) => setTimeout(resolve, 1_200));
+        // Three and a half ack_waits.
+        await sleep(3_500);
         return { type: "acct.charged" };
       }),
     });
     const cmd = command();
     await send(topo, cmd);
-    await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
-    // Long enough for a redelivery that ack_wait would have caused to show up.
-    await new Promise((resolve) => setTimeout(resolve, 500));
+    await inbox.next((m) => m.id === `reply.${cmd.commandId}`, 15_000);
+    // Once the ack is in, nothing of the command is left to redeliver; every delivery so far
+    // counts in the consumer's sequence: one, the first. (A redelivery meanwhile would show here
+    // even before its handler ran.)
+    const info = await waitFor(async () => {
+      const consumer = await jsm.consumers.info(topo.streams.commands, "acct-commands");
+      return consumer.num_ack_pending === 0 && consumer.num_pending === 0 ? consumer : undefined;
+    }, "the command acked");
+    expect(info.delivered.consumer_seq).toBe(1);
     expect(calls).toEqual([1]);
     expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0 });
   });
@@ -626,9 +653,16 @@ describe("createWorker (real nats-server)", () => {
     // command.failed for a charge that happened.
     const recorded = new Map<string, { type: string }>();
     const asked: string[] = [];
+    const late: Array<Record<string, unknown>> = [];
     const { topo, inbox } = await setup("storedreply", {
       // Long enough that a stalled host brings no third delivery (and a second lookup).
       ackWaitMs: 1_000,
+      logger: {
+        ...quiet,
+        info: (obj, msg) => {
+          if (msg.startsWith("late outcome")) late.push(obj);
+        },
+      },
       retry: { ...fast, maxAttempts: 1 },
       commands: {
         "acct.charge": {
@@ -650,7 +684,11 @@ describe("createWorker (real nats-server)", () => {
     const reply = await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
     expect(reply.event).toMatchObject({ type: "acct.charged", commandId: cmd.commandId });
     expect(asked).toEqual([cmd.commandId]);
-    await sleep(300);
+    // The hung attempt ends after 3 s, given up on: its ack is skipped, the last thing the worker
+    // does with this command. It publishes on our connection, so once a flush has made the round
+    // trip, all it published before has reached the inbox recorder.
+    await waitFor(() => late.find((l) => l.skipped === "ack"), "the late outcome of the hung attempt");
+    await nc.flush();
     expect(inbox.received.filter((m) => m.event?.type === "command.failed")).toEqual([]);
     expect(await readDeadLetters(js, topo, { source: "acct" })).toEqual([]);
   });
@@ -681,25 +719,42 @@ describe("createWorker (real nats-server)", () => {
     expect(asked).toEqual([1, 2]);
   });
 
-  /** A handler that hangs, ignoring its signal, on the first attempt at the accounts in `hangs`. */
+  /**
+   * A handler that hangs, ignoring its signal, on the first attempt at the accounts in `hangs`.
+   * `signalled(account)` resolves once that hung run's signal has fired.
+   */
   function hangingOnFirstAttempt(hangs: readonly string[]) {
     const releases = new Map<string, () => void>();
+    const signals = new Map(
+      hangs.map((account) => {
+        let fired: () => void = () => {};
+        const promise = new Promise<void>((resolve) => {
+          fired = resolve;
+        });
+        return [account, { promise, fired }] as const;
+      }),
+    );
     const commands = charge(async (input, ctx) => {
       if (ctx.attempt === 1 && hangs.includes(input.account)) {
+        ctx.signal.addEventListener("abort", () => signals.get(input.account)?.fired(), { once: true });
         await new Promise<void>((resolve) => releases.set(input.account, resolve));
       }
       return { type: "acct.charged" };
     });
     const release = (account: string) => releases.get(account)?.();
-    return { commands, release, releaseAll: () => hangs.forEach(release) };
+    const signalled = (account: string) => signals.get(account)?.promise ?? Promise.resolve();
+    return { commands, release, releaseAll: () => hangs.forEach(release), signalled };
   }
+
+  /** ack_wait of {@link setupHanging}. */
+  const HANGING_ACK_WAIT_MS = 300;
 
   /** One slot, ack_wait 300 ms: signalled after maxAttempts × ack_wait = 900 ms, given up 300 ms later. */
   async function setupHanging(label: string, hangs: readonly string[]) {
     const hanging = hangingOnFirstAttempt(hangs);
     const started = await setup(label, {
       concurrency: 1,
-      ackWaitMs: 300,
+      ackWaitMs: HANGING_ACK_WAIT_MS,
       retry: { ...fast, maxAttempts: 3 },
       commands: hanging.commands,
     });
@@ -732,7 +787,11 @@ describe("createWorker (real nats-server)", () => {
       for (const cmd of [first, second, last]) await send(topo, cmd);
       // hang1 is given up on (1.2 s); hang2 then takes the slot and, past the cap, keeps it.
       await expect.poll(() => worker.stats.abandoned, { timeout: 5_000 }).toBe(1);
-      await new Promise((resolve) => setTimeout(resolve, 2_000));
+      // hang2's signal fires at maxAttempts × ack_wait; the worker gives it up one ack_wait later,
+      // on a timer it sets as it fires the signal. Ours, as long and set after it, fires after it:
+      // by then the worker has decided (a freed slot would count in `abandoned`).
+      await hanging.signalled("hang2");
+      await sleep(HANGING_ACK_WAIT_MS);
       expect(inbox.received.some((m) => m.id === `reply.${last.commandId}`)).toBe(false);
       expect(worker.stats.abandoned).toBe(1);
       // Once the handler holding the slot returns, the rest is handled.
@@ -935,30 +994,34 @@ describe("createWorker (real nats-server)", () => {
   it("stop() ends a pause between restarts of its consume loop at once", async () => {
     // Set once started: the logger, made before the worker, stops it.
     const started: { worker?: RunningWorker } = {};
-    let failures = 0;
-    // What came first: stop() resolving, or 1 s into the pause after the third failure in a row
-    // (1 s doubled twice, jittered down to half at most: 2 to 4 s).
-    let first: string | undefined;
+    let armed = false;
+    let stopped: () => void = () => {};
+    const stopReturned = new Promise<void>((resolve) => {
+      stopped = resolve;
+    });
+    stretchedSleep.applied = 0;
     const onError = (_context: Record<string, unknown>, message: string) => {
-      if (!/consume loop failed/.test(message) || ++failures !== 3) return;
-      // The pause starts right after the failure is logged.
-      setImmediate(() => {
-        void Promise.race([
-          (started.worker?.stop() ?? Promise.resolve()).then(() => "stopped"),
-          sleep(1_000).then(() => "still pausing"),
-        ]).then((outcome) => {
-          first = outcome;
-        });
-      });
+      if (!/consume loop failed/.test(message) || armed) return;
+      armed = true;
+      // The pause starts right after the failure is logged, in the same turn: this one lasts an
+      // hour, so only stop() cutting it lets the consume loop end.
+      stretchedSleep.nextMs = 3_600_000;
+      setImmediate(() => void started.worker?.stop().then(stopped));
     };
+    const warnings: string[] = [];
     const { topo, worker } = await setup("pausestop", {
-      logger: { info() {}, warn() {}, error: onError },
+      logger: { info() {}, warn: (_context, message) => warnings.push(message), error: onError },
       commands: charge(async () => ({ type: "acct.charged" })),
     });
     started.worker = worker;
     // Every restart fails to make the consumer again until the stream is back (never, here).
     await jsm.streams.delete(topo.streams.commands);
-    expect(await waitFor(() => first, "a stop during the third pause", 15_000)).toBe("stopped");
+    await stopReturned;
+    // The stop came during the hour-long pause (no other sleep took the stretch)...
+    expect(stretchedSleep.applied).toBe(1);
+    // ...and returned once its loops had ended, not after giving up on them (it waits 10 s at
+    // most, then says so).
+    expect(warnings.filter((w) => /still running at stop/.test(w))).toEqual([]);
   });
 
   it("delivers domain events to event handlers and dead-letters bad payloads (no command.failed)", async () => {
