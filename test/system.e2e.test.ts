@@ -11,7 +11,6 @@ import { OrderService, OrderStatus } from "../proto/gen/jetsaga/order/v1/order_p
 import { UserService } from "../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { createTestDatabase, natsUrl, type TestDatabase, uniqueNamespace } from "./support/context.ts";
 import { type Runtime, type ServiceProcess, spawnService } from "./support/processes.ts";
-import { freePort } from "./support/servers.ts";
 
 describe.each<Runtime>(["node", "deno"])("the whole system under %s", (runtime) => {
   let db: TestDatabase;
