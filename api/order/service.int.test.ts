@@ -12,7 +12,7 @@ import { type Client, Code, ConnectError, createClient, type Interceptor } from 
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
-import { jetstreamManager } from "@nats-io/jetstream";
+import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
 import { issueToken } from "../../common/auth-token.ts";
@@ -52,6 +52,7 @@ import { type Gateway, startGateway } from "../gateway.ts";
 import { type RpcServer, startRpcServer } from "../rpc/index.ts";
 import { HistoryFollower, type SequencedEntry } from "./history-follower.ts";
 import { createOrderService, type OrderServiceHandle, type OrderServiceOptions } from "./service.ts";
+import { deriveOrderId } from "./validation.ts";
 
 const SECRET = "test-secret-that-is-at-least-32-bytes-long";
 const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
@@ -1056,6 +1057,43 @@ describe("OrderService", () => {
     } finally {
       vi.restoreAllMocks();
     }
+  });
+
+  it("answers a PlaceOrder repeated after JetStream's duplicate window from the history, for a caller it knows", async () => {
+    const { token, userId } = await signUp("late");
+    // The caller is known to exist now: PlaceOrder sends the start without reading the history.
+    await orders.placeOrder({ idempotencyKey: randomUUID(), items: [item()] }, auth(token));
+    // An order placed long ago with this key: its start is no longer in JetStream's duplicate
+    // window, played here by a start sent under another message id.
+    const key = randomUUID();
+    const orderId = deriveOrderId(userId, key);
+    const items = [item("late", 2, 300n)];
+    const start = {
+      id: `start.order.${orderId}`,
+      workflow: "order",
+      instanceId: orderId,
+      // The input PlaceOrder sends for these items (CheckedItem: prices as numbers).
+      start: { input: { orderId, userId, items: [{ sku: "late", quantity: 2, unitPriceCents: 300 }] } },
+      at: Date.now(),
+    };
+    await jetstream(nc).publish(workflows.topology.inboxSubject("order", orderId), JSON.stringify(start), {
+      msgID: `long-ago.${orderId}`,
+    });
+    await expect
+      .poll(async () => (await workflows.getState("order", orderId))?.value, { timeout: 10_000 })
+      .toBe("confirmed");
+
+    // The repeat is not a duplicate to JetStream, and the saga ignores a second start: the answer
+    // comes from the history, the order as it is now.
+    const again = await orders.placeOrder(
+      { idempotencyKey: key, items, waitForStatuses: [OrderStatus.CONFIRMED] },
+      auth(token),
+    );
+    expect(again.order).toMatchObject({ orderId, status: OrderStatus.CONFIRMED, totalCents: 600n });
+    const plain = await orders.placeOrder({ idempotencyKey: key, items }, auth(token));
+    expect(plain.order).toMatchObject({ orderId, status: OrderStatus.PENDING, version: 1n });
+    const history = await workflows.getHistory("order", orderId);
+    expect(history.filter((e) => e.event.type === "xstate.init")).toHaveLength(1);
   });
 
   it("answers a retried PlaceOrder wait with the order's current state, not an older one its follower delivers late", async () => {

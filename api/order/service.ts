@@ -202,6 +202,12 @@ const saga: AnyWorkflowDefinition = orderSaga;
 
 /** Users PlaceOrder remembers as existing; beyond this the least recently seen are asked again. */
 const MAX_KNOWN_USERS = 10_000;
+/**
+ * How long a PlaceOrder sent straight to the saga waits for its first entry before it reads the
+ * history, ms: a start JetStream did not recognise as a repeat (one after its 2-minute duplicate
+ * window) may be for an order placed long ago, whose first entry no follower delivers again.
+ */
+const FIRST_ENTRY_READ_AFTER_MS = 1_000;
 
 function notFound(): ConnectError {
   return new ConnectError("order not found", Code.NotFound);
@@ -263,9 +269,14 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
    * answers spares a gRPC hop to the user service on almost every order; a NOT_FOUND or a failure
    * is never remembered, so a new account or a recovered user service is seen at once.
    */
-  async function ensureUserExists(caller: Caller, signal: AbortSignal): Promise<void> {
+  /** True while the caller's account is known to exist (see {@link ensureUserExists}). */
+  function isKnownUser(caller: Caller): boolean {
     const knownUntil = knownUsers.get(caller.userId);
-    if (knownUntil !== undefined && knownUntil > performance.now()) return;
+    return knownUntil !== undefined && knownUntil > performance.now();
+  }
+
+  async function ensureUserExists(caller: Caller, signal: AbortSignal): Promise<void> {
+    if (isKnownUser(caller)) return;
     try {
       await users.idempotent(
         (call) =>
@@ -521,6 +532,8 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     items: CheckedItem[],
   ): Promise<{ answer: { order: Order; position: string }; duplicate: boolean }> {
     const wait = expectWithin(ctx, commandTimeoutMs, orderId, (entry) => entry.revision === 1);
+    let readBefore = false;
+    let lateRead: ReturnType<typeof setTimeout> | undefined;
     try {
       const sent = await client.start("order", orderId, {
         orderId,
@@ -532,6 +545,20 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       // sent); a duplicate's may have been appended before, so it is read.
       // From the leader: a lagging replica may not have it yet, and nothing else would offer it.
       if (sent.duplicate) wait.offer(await follower.first(orderId, { fromLeader: true }));
+      else {
+        // Not a repeat as far as JetStream knows, which it only knows for 2 minutes: if the entry
+        // is slow to come, the order may be one placed before (the saga ignores a second start).
+        lateRead = setTimeout(() => {
+          follower.first(orderId, { fromLeader: true }).then(
+            (first) => {
+              readBefore = first !== undefined;
+              wait.offer(first);
+            },
+            // Unread, the wait goes on until its bound: the entry may still come.
+            () => {},
+          );
+        }, FIRST_ENTRY_READ_AFTER_MS);
+      }
       const found = await wait.done;
       if (!found) {
         throw notYet(
@@ -540,8 +567,10 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
           ctx.signal,
         );
       }
-      return { answer: placed(found, items), duplicate: sent.duplicate };
+      // Read rather than delivered: the order may have moved on since, as after a duplicate.
+      return { answer: placed(found, items), duplicate: sent.duplicate || readBefore };
     } finally {
+      clearTimeout(lateRead);
       wait.cancel();
     }
   }
@@ -566,11 +595,15 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       }
 
       async function placeAndWait(): Promise<{ order: Order; position: string }> {
-        // A retry of a placement that got through: answer from the history, no user call needed.
-        const existing = await follower.first(orderId);
-        if (existing) {
-          const first = placed(existing, items);
-          return outcome ? await awaitOutcome(ctx, orderId, outcome, items, true) : first;
+        if (!isKnownUser(caller)) {
+          // A retry of a placement that got through: answer from the history, no user call
+          // needed. For a caller known to exist (nearly every call) the start goes out without
+          // this read: JetStream or, after its window, startOrder recognises a retry.
+          const existing = await follower.first(orderId);
+          if (existing) {
+            const first = placed(existing, items);
+            return outcome ? await awaitOutcome(ctx, orderId, outcome, items, true) : first;
+          }
         }
         await ensureUserExists(caller, ctx.signal);
         const { answer, duplicate } = await startOrder(ctx, orderId, caller, items);
