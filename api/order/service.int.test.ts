@@ -1084,14 +1084,29 @@ describe("OrderService", () => {
       .toBe("confirmed");
 
     // The repeat is not a duplicate to JetStream, and the saga ignores a second start: the answer
-    // comes from the history, the order as it is now.
+    // comes from the history, the order as it is now. The caller being known, the repeat sends its
+    // start without reading the history first (seen on the order's inbox subject).
+    const starts: string[] = [];
+    const inbox = nc.subscribe(workflows.topology.inboxSubject("order", orderId), {
+      callback: (_error, msg) => {
+        if ((msg.json() as { start?: unknown }).start !== undefined) starts.push(msg.subject);
+      },
+    });
+    await nc.flush();
+    // With a deadline shorter than the usual pause before that read: answered all the same.
     const again = await orders.placeOrder(
       { idempotencyKey: key, items, waitForStatuses: [OrderStatus.CONFIRMED] },
-      auth(token),
+      { ...auth(token), timeoutMs: 800 },
     );
     expect(again.order).toMatchObject({ orderId, status: OrderStatus.CONFIRMED, totalCents: 600n });
     const plain = await orders.placeOrder({ idempotencyKey: key, items }, auth(token));
     expect(plain.order).toMatchObject({ orderId, status: OrderStatus.PENDING, version: 1n });
+    // Other items under the key are another request, past the window too.
+    expect(
+      await codeOf(orders.placeOrder({ idempotencyKey: key, items: [item("other", 1, 1n)] }, auth(token))),
+    ).toBe(Code.AlreadyExists);
+    inbox.unsubscribe();
+    expect(starts.length).toBeGreaterThanOrEqual(1);
     const history = await workflows.getHistory("order", orderId);
     expect(history.filter((e) => e.event.type === "xstate.init")).toHaveLength(1);
   });

@@ -208,6 +208,11 @@ const MAX_KNOWN_USERS = 10_000;
  * window) may be for an order placed long ago, whose first entry no follower delivers again.
  */
 const FIRST_ENTRY_READ_AFTER_MS = 1_000;
+/**
+ * How much older than a PlaceOrder's own start a first entry must be to be taken for another's
+ * (a follower replaying history delivers it), ms: well past any clock difference between hosts.
+ */
+const FOREIGN_START_AGE_MS = 60_000;
 
 function notFound(): ConnectError {
   return new ConnectError("order not found", Code.NotFound);
@@ -262,6 +267,12 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     throw notFound();
   }
 
+  /** True while the caller's account is known to exist (see {@link ensureUserExists}). */
+  function isKnownUser(caller: Caller): boolean {
+    const knownUntil = knownUsers.get(caller.userId);
+    return knownUntil !== undefined && knownUntil > performance.now();
+  }
+
   /**
    * Fails with FAILED_PRECONDITION when the caller's account no longer exists. Only a cheap early
    * answer: the saga verifies the user authoritatively (user.verify), so a user deleted within the
@@ -269,11 +280,6 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
    * answers spares a gRPC hop to the user service on almost every order; a NOT_FOUND or a failure
    * is never remembered, so a new account or a recovered user service is seen at once.
    */
-  /** True while the caller's account is known to exist (see {@link ensureUserExists}). */
-  function isKnownUser(caller: Caller): boolean {
-    const knownUntil = knownUsers.get(caller.userId);
-    return knownUntil !== undefined && knownUntil > performance.now();
-  }
 
   async function ensureUserExists(caller: Caller, signal: AbortSignal): Promise<void> {
     if (isKnownUser(caller)) return;
@@ -523,7 +529,8 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
 
   /**
    * Starts the order's saga and answers with its first entry (the placement); `duplicate` when the
-   * start had been sent before (a concurrent retry).
+   * order may have moved on since that entry: the start had been sent before (a concurrent retry),
+   * or the entry was read, or is older than this call (a repeat after JetStream's duplicate window).
    */
   async function startOrder(
     ctx: HandlerContext,
@@ -534,6 +541,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
     const wait = expectWithin(ctx, commandTimeoutMs, orderId, (entry) => entry.revision === 1);
     let readBefore = false;
     let lateRead: ReturnType<typeof setTimeout> | undefined;
+    const sentAt = Date.now();
     try {
       const sent = await client.start("order", orderId, {
         orderId,
@@ -548,16 +556,20 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       else {
         // Not a repeat as far as JetStream knows, which it only knows for 2 minutes: if the entry
         // is slow to come, the order may be one placed before (the saga ignores a second start).
-        lateRead = setTimeout(() => {
-          follower.first(orderId, { fromLeader: true }).then(
-            (first) => {
-              readBefore = first !== undefined;
-              wait.offer(first);
-            },
-            // Unread, the wait goes on until its bound: the entry may still come.
-            () => {},
-          );
-        }, FIRST_ENTRY_READ_AFTER_MS);
+        lateRead = setTimeout(
+          () => {
+            follower.first(orderId, { fromLeader: true }).then(
+              (first) => {
+                readBefore = first !== undefined;
+                wait.offer(first);
+              },
+              // Unread, the wait goes on until its bound: the entry may still come.
+              () => {},
+            );
+            // Within a short deadline too: the repeat must be answered before the call ends.
+          },
+          Math.min(FIRST_ENTRY_READ_AFTER_MS, callBound(ctx, commandTimeoutMs) / 2),
+        );
       }
       const found = await wait.done;
       if (!found) {
@@ -567,8 +579,11 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
           ctx.signal,
         );
       }
-      // Read rather than delivered: the order may have moved on since, as after a duplicate.
-      return { answer: placed(found, items), duplicate: sent.duplicate || readBefore };
+      // Read rather than delivered, or delivered by a follower replaying old entries (one
+      // appended well before this call's start is not this call's): the order may have moved on
+      // since, as after a duplicate.
+      const old = found.entry.at < sentAt - FOREIGN_START_AGE_MS;
+      return { answer: placed(found, items), duplicate: sent.duplicate || readBefore || old };
     } finally {
       clearTimeout(lateRead);
       wait.cancel();
