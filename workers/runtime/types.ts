@@ -1,5 +1,6 @@
 import type { NatsConnection } from "@nats-io/transport-node";
 import type { z } from "zod";
+import type { BackoffPolicy } from "../../common/backoff.ts";
 import type { TopologyOptions } from "../../orchestrator/runtime/topology.ts";
 import type { InstanceAddress } from "../../schemas/envelope.ts";
 
@@ -109,6 +110,12 @@ export interface WorkerOptions {
    * asked again (a stalled server, a consumer leader that moved). Default 30_000 (nats.js's own).
    */
   pullExpiresMs?: number;
+  /**
+   * Pause before a consume loop that ended on its own (its consumer or stream gone, the server
+   * away) is made again: `initialDelayMs`, doubling while it keeps failing, up to `maxDelayMs`,
+   * less up to half of it at random so replicas do not come back in step. Default 1 s to 5 s.
+   */
+  restartBackoff?: BackoffPolicy;
   logger?: WorkerLogger;
 }
 

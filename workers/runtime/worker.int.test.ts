@@ -1,6 +1,6 @@
 import { type JetStreamClient, type JetStreamManager, jetstream, jetstreamManager } from "@nats-io/jetstream";
 import { connect, type NatsConnection } from "@nats-io/transport-node";
-import { afterAll, afterEach, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
 import { z } from "zod";
 import { openHandbackLedger } from "../../orchestrator/runtime/handbacks.ts";
 import { ensureTopology, type Topology, topology } from "../../orchestrator/runtime/topology.ts";
@@ -19,25 +19,6 @@ import {
   type WorkerLogger,
   type WorkerOptions,
 } from "./index.ts";
-
-/**
- * The worker's pause between restarts of its consume loop is a constant (1 to 5 s), and stop()
- * waits up to 10 s for its loops: a stop that waited the pause out would look like one that cut
- * it, but for a wall-clock bound. A test sets `nextMs` and the next sleep of node:timers/promises
- * (the worker's) lasts that long instead; every other call is Node's own.
- */
-const stretchedSleep = vi.hoisted(() => ({ nextMs: undefined as number | undefined, applied: 0 }));
-vi.mock("node:timers/promises", async (importOriginal) => {
-  const real = await importOriginal<typeof import("node:timers/promises")>();
-  const setTimeout = (<T>(ms?: number, value?: T, options?: import("node:timers").TimerOptions) => {
-    const stretched = stretchedSleep.nextMs;
-    if (stretched === undefined) return real.setTimeout(ms, value, options);
-    stretchedSleep.nextMs = undefined;
-    stretchedSleep.applied++;
-    return real.setTimeout(stretched, value, options);
-  }) as typeof real.setTimeout;
-  return { ...real, setTimeout };
-});
 
 let nc: NatsConnection;
 let js: JetStreamClient;
@@ -992,35 +973,31 @@ describe("createWorker (real nats-server)", () => {
   });
 
   it("stop() ends a pause between restarts of its consume loop at once", async () => {
-    // Set once started: the logger, made before the worker, stops it.
-    const started: { worker?: RunningWorker } = {};
-    let armed = false;
     let stopped: () => void = () => {};
     const stopReturned = new Promise<void>((resolve) => {
       stopped = resolve;
     });
-    stretchedSleep.applied = 0;
+    const warnings: string[] = [];
+    // Set once started: the logger, made before the worker, stops it.
+    const started: { worker?: RunningWorker } = {};
+    let failures = 0;
     const onError = (_context: Record<string, unknown>, message: string) => {
-      if (!/consume loop failed/.test(message) || armed) return;
-      armed = true;
-      // The pause starts right after the failure is logged, in the same turn: this one lasts an
-      // hour, so only stop() cutting it lets the consume loop end.
-      stretchedSleep.nextMs = 3_600_000;
+      if (!/consume loop failed/.test(message) || failures++ > 0) return;
+      // The pause starts right after the failure is logged; it lasts an hour, so only stop()
+      // cutting it lets the consume loop end.
       setImmediate(() => void started.worker?.stop().then(stopped));
     };
-    const warnings: string[] = [];
     const { topo, worker } = await setup("pausestop", {
       logger: { info() {}, warn: (_context, message) => warnings.push(message), error: onError },
       commands: charge(async () => ({ type: "acct.charged" })),
+      restartBackoff: { initialDelayMs: 3_600_000, maxDelayMs: 3_600_000 },
     });
     started.worker = worker;
     // Every restart fails to make the consumer again until the stream is back (never, here).
     await jsm.streams.delete(topo.streams.commands);
     await stopReturned;
-    // The stop came during the hour-long pause (no other sleep took the stretch)...
-    expect(stretchedSleep.applied).toBe(1);
-    // ...and returned once its loops had ended, not after giving up on them (it waits 10 s at
-    // most, then says so).
+    // The stop came during the hour-long pause, and returned once its loops had ended, not after
+    // giving up on them (it waits 10 s at most, then says so).
     expect(warnings.filter((w) => /still running at stop/.test(w))).toEqual([]);
   });
 

@@ -12,7 +12,7 @@ import {
 import type { Status } from "@nats-io/nats-core";
 import { SpanKind } from "@opentelemetry/api";
 import type { z } from "zod";
-import { backoffDelay } from "../../common/backoff.ts";
+import { type BackoffPolicy, backoffDelay } from "../../common/backoff.ts";
 import { extractTraceContext, traceHeadersIfActive, withSpan } from "../../common/tracing.ts";
 import { JetsagaError } from "../../orchestrator/engine/errors.ts";
 import {
@@ -77,8 +77,8 @@ const IO_RETRY_DELAY_MS = 1_000;
 /** nats.js refuses pull requests that expire sooner, ms. */
 const MIN_PULL_EXPIRES_MS = 1_000;
 /** Pause before consuming again after the consume loop failed, ms; doubles while it keeps failing. */
-const RESTART_DELAY_MS = 1_000;
-const MAX_RESTART_DELAY_MS = 5_000;
+/** Default {@link WorkerOptions.restartBackoff}. */
+const RESTART_BACKOFF: BackoffPolicy = { initialDelayMs: 1_000, maxDelayMs: 5_000 };
 /** Hand-backs of a message after which a reply that cannot be published costs attempts again. */
 const MAX_REPLY_HANDBACKS = 3;
 /** Publishes of a reply whose handler succeeded, before the message is nak'd after all. */
@@ -860,7 +860,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       // consumer cannot be made (its stream is gone).
       if (stopping) break;
       // Jittered: replicas that lost their consumers together must not come back in step.
-      const pause = Math.min(MAX_RESTART_DELAY_MS, RESTART_DELAY_MS * 2 ** Math.min(failing++, 3));
+      const restart = options.restartBackoff ?? RESTART_BACKOFF;
+      const pause = Math.min(restart.maxDelayMs, restart.initialDelayMs * 2 ** Math.min(failing++, 3));
       // Cut short by stop(): it would otherwise wait out the pause (and keep the process up).
       await sleep(pause * (0.5 + Math.random() / 2), undefined, { signal: stopRequested.signal }).catch(
         () => {},
