@@ -162,7 +162,7 @@ export async function exitOnStartFailure(
 const EXIT_FLUSH_MS = 2_000;
 
 /**
- * Exports the spans still buffered (the batch processor sends every 5 s), waiting at most `ms`:
+ * Exports the spans still buffered (the batch processor sends every second), waiting at most `ms`:
  * the spans of what led to a fatal exit are the ones worth having, but an unreachable collector
  * must not keep a failing process alive.
  */

@@ -53,3 +53,25 @@ describe("workers/notification/main.ts JETSAGA_RETENTION_DAYS", () => {
     expect(proc.lines.join("\n")).toContain("JETSAGA_RETENTION_DAYS must be a whole number from 1 to 3650");
   });
 });
+
+describe("workers/notification/main.ts LOG_LEVEL", () => {
+  it("refuses a level the logger does not know with one fatal line naming it, and takes an empty one as unset", async () => {
+    const refused = await spawnService("workers/notification/main.ts", { ...env("14"), LOG_LEVEL: "loud" });
+    expect(await refused.exited).toBe(1);
+    const output = refused.lines.join("\n");
+    const fatal = refused.lines.filter((line) => line.includes('"level":60'));
+    expect(fatal).toHaveLength(1);
+    expect((JSON.parse(fatal[0] ?? "{}") as { msg?: string }).msg).toBe(
+      'notification cannot start: LOG_LEVEL must be one of trace, debug, info, warn, error, fatal, silent, got "loud"',
+    );
+    // One line, no stack trace.
+    expect(output).not.toMatch(/\n\s+at /);
+    const unset = await spawnService(
+      "workers/notification/main.ts",
+      { ...env("14"), LOG_LEVEL: "" },
+      /notification worker ready/,
+    );
+    await unset.kill("SIGTERM");
+    expect(await unset.exited).toBe(0);
+  });
+});
