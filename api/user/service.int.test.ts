@@ -6,7 +6,7 @@
  */
 import { fileURLToPath } from "node:url";
 import { toJsonString } from "@bufbuild/protobuf";
-import { Code, ConnectError, createClient, type ServiceImpl } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, createClient, type ServiceImpl } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
@@ -105,6 +105,24 @@ async function codeOf(call: Promise<unknown>): Promise<{ code: Code; message: st
     return { code: e.code, message: e.rawMessage };
   }
   throw new Error("call succeeded, expected an error");
+}
+
+/** Serves `impl` on a server of its own for `body`, with a Connect client of it; closed after. */
+async function withUserService(
+  impl: ServiceImpl<typeof UserService>,
+  body: (client: Client<typeof UserService>) => Promise<void>,
+): Promise<void> {
+  const server = await startRpcServer({
+    closeGraceMs: 200,
+    routes: (router) => router.service(UserService, impl),
+  });
+  try {
+    await body(
+      createClient(UserService, createConnectTransport({ baseUrl: server.url, httpVersion: "1.1" })),
+    );
+  } finally {
+    await server.close();
+  }
 }
 
 describe("UserService", () => {
@@ -385,15 +403,7 @@ describe("UserService", () => {
           return answer;
         },
       };
-      const late = await startRpcServer({
-        closeGraceMs: 200,
-        routes: (router) => router.service(UserService, tracked),
-      });
-      try {
-        const client = createClient(
-          UserService,
-          createConnectTransport({ baseUrl: late.url, httpVersion: "1.1" }),
-        );
+      await withUserService(tracked, async (client) => {
         const request = { email: freshEmail(), password: PASSWORD, creditLimitCents: 1n };
         const before = await counts();
         expect((await codeOf(client.createUser(request, { timeoutMs: 300 }))).code).toBe(
@@ -407,9 +417,7 @@ describe("UserService", () => {
         const retried = await connect().createUser(request);
         expect(retried.user?.email).toBe(request.email);
         expect(await counts()).toEqual({ users: before.users + 1, outbox: before.outbox + 1 });
-      } finally {
-        await late.close();
-      }
+      });
     });
 
     it("writes the user row and its outbox row in one transaction: a failing outbox insert leaves no user", async () => {
@@ -642,15 +650,7 @@ describe("UserService", () => {
         authEmailRateLimit: { attempts: 6, perMs: 60_000 },
         addressRateLimit: { attempts: 10, perMs: 60_000 },
       });
-      const loaded = await startRpcServer({
-        closeGraceMs: 200,
-        routes: (router) => router.service(UserService, impl),
-      });
-      try {
-        const client = createClient(
-          UserService,
-          createConnectTransport({ baseUrl: loaded.url, httpVersion: "1.1" }),
-        );
+      await withUserService(impl, async (client) => {
         const address = "192.0.2.77";
         const busyAnswer = {
           code: Code.ResourceExhausted,
@@ -686,9 +686,7 @@ describe("UserService", () => {
           code: Code.ResourceExhausted,
           message: "too many sign-in attempts for this email; retry in 12 s",
         });
-      } finally {
-        await loaded.close();
-      }
+      });
     });
 
     it("counts an IPv6 address as its /48 and an IPv4-mapped one as the IPv4 address", async () => {
@@ -1107,15 +1105,7 @@ describe("UserService", () => {
         error: (_obj, msg) => logged.push(msg),
       };
       const impl = createUserService({ sql, ns, tokenSecret: SECRET, hasher, logger, now: () => clock });
-      const slow = await startRpcServer({
-        closeGraceMs: 200,
-        routes: (router) => router.service(UserService, impl),
-      });
-      try {
-        const client = createClient(
-          UserService,
-          createConnectTransport({ baseUrl: slow.url, httpVersion: "1.1" }),
-        );
+      await withUserService(impl, async (client) => {
         const email = freshEmail();
         expect(
           (await codeOf(client.authenticate({ email, password: PASSWORD }, { timeoutMs: 300 }))).code,
@@ -1132,9 +1122,7 @@ describe("UserService", () => {
         expect(signals).toHaveLength(3);
         await expect.poll(() => signals.map((signal) => signal?.aborted)).toEqual([true, true, true]);
         expect(logged).toEqual([]);
-      } finally {
-        await slow.close();
-      }
+      });
     });
   });
 });

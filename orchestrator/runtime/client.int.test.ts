@@ -18,6 +18,17 @@ describe("awaitCompletion of an instance this client started", () => {
   let other: NatsConnection;
   let client: WorkflowClient;
 
+  /**
+   * Announces on `from` that job `instanceId` completed, as the history stream's republish does,
+   * and returns once `to` has it: `to`'s PONG comes after the end the server forwarded to it.
+   */
+  async function announceEnd(from: NatsConnection, to: NatsConnection, instanceId: string): Promise<void> {
+    const state = { workflow: "job", instanceId, status: "completed", revision: 2 };
+    from.publish(topo.completionSubject("job", instanceId), JSON.stringify({ state }));
+    await from.flush();
+    await to.flush();
+  }
+
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
     other = await connectNats({ servers: natsUrl() });
@@ -32,11 +43,7 @@ describe("awaitCompletion of an instance this client started", () => {
           return async (subject: string, data?: Uint8Array | string, options?: RequestOptions) => {
             const reply = await target.request(subject, data, options);
             if (subject === topo.inboxSubject("job", "early")) {
-              const state = { workflow: "job", instanceId: "early", status: "completed", revision: 2 };
-              other.publish(topo.completionSubject("job", "early"), JSON.stringify({ state }));
-              await other.flush();
-              // nc's PONG comes after the end the server already forwarded to nc.
-              await target.flush();
+              await announceEnd(other, target, "early");
             }
             return reply;
           };
@@ -67,10 +74,7 @@ describe("awaitCompletion of an instance this client started", () => {
     expect(sent.map((s) => s.duplicate).sort()).toEqual([false, true]);
     // The duplicate's answer must not unmark the instance the other call started: its end,
     // announced before anyone awaits it, is kept (there is no history to read instead).
-    const state = { workflow: "job", instanceId: "twice", status: "completed", revision: 2 };
-    other.publish(topo.completionSubject("job", "twice"), JSON.stringify({ state }));
-    await other.flush();
-    await nc.flush();
+    await announceEnd(other, nc, "twice");
     const final = await client.awaitCompletion("job", "twice", { timeoutMs: 3_000 });
     expect(final).toMatchObject({ instanceId: "twice", status: "completed" });
   });
@@ -87,10 +91,7 @@ describe("awaitCompletion of an instance this client started", () => {
       client.start("job", "elsewhere", {}),
     ]);
     expect(sent.map((s) => s.duplicate)).toEqual([true, true]);
-    const state = { workflow: "job", instanceId: "elsewhere", status: "completed", revision: 2 };
-    other.publish(topo.completionSubject("job", "elsewhere"), JSON.stringify({ state }));
-    await other.flush();
-    await nc.flush();
+    await announceEnd(other, nc, "elsewhere");
     // Not started here as far as the client knows: the announced end was not kept, and with no
     // history to read the wait runs to its deadline.
     await expect(client.awaitCompletion("job", "elsewhere", { timeoutMs: 1_500 })).rejects.toMatchObject({
@@ -102,10 +103,7 @@ describe("awaitCompletion of an instance this client started", () => {
     const following = await createWorkflowClient({ nc: other, ns, awaitsCompletions: false });
     try {
       expect((await following.start("job", "followed", {})).duplicate).toBe(false);
-      const state = { workflow: "job", instanceId: "followed", status: "completed", revision: 2 };
-      nc.publish(topo.completionSubject("job", "followed"), JSON.stringify({ state }));
-      await nc.flush();
-      await other.flush();
+      await announceEnd(nc, other, "followed");
       // The announced end was not kept: with no history to read the wait runs to its deadline.
       await expect(following.awaitCompletion("job", "followed", { timeoutMs: 1_500 })).rejects.toMatchObject({
         code: "TIMEOUT",
