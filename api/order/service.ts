@@ -280,7 +280,6 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
    * answers spares a gRPC hop to the user service on almost every order; a NOT_FOUND or a failure
    * is never remembered, so a new account or a recovered user service is seen at once.
    */
-
   async function ensureUserExists(caller: Caller, signal: AbortSignal): Promise<void> {
     if (isKnownUser(caller)) return;
     try {
@@ -556,6 +555,7 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
       else {
         // Not a repeat as far as JetStream knows, which it only knows for 2 minutes: if the entry
         // is slow to come, the order may be one placed before (the saga ignores a second start).
+        // Read within a short deadline too: the repeat must be answered before the call ends.
         lateRead = setTimeout(
           () => {
             follower.first(orderId, { fromLeader: true }).then(
@@ -566,7 +566,6 @@ export async function createOrderService(options: OrderServiceOptions): Promise<
               // Unread, the wait goes on until its bound: the entry may still come.
               () => {},
             );
-            // Within a short deadline too: the repeat must be answered before the call ends.
           },
           Math.min(FIRST_ENTRY_READ_AFTER_MS, callBound(ctx, commandTimeoutMs) / 2),
         );

@@ -76,8 +76,7 @@ const END_REQUEST_MS = 2_000;
 const IO_RETRY_DELAY_MS = 1_000;
 /** nats.js refuses pull requests that expire sooner, ms. */
 const MIN_PULL_EXPIRES_MS = 1_000;
-/** Pause before consuming again after the consume loop failed, ms; doubles while it keeps failing. */
-/** Default {@link WorkerOptions.restartBackoff}. */
+/** Default {@link WorkerOptions.restartBackoff}: the pause before consuming again after the loop failed. */
 const RESTART_BACKOFF: BackoffPolicy = { initialDelayMs: 1_000, maxDelayMs: 5_000 };
 /** Hand-backs of a message after which a reply that cannot be published costs attempts again. */
 const MAX_REPLY_HANDBACKS = 3;
