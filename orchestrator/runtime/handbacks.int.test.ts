@@ -1,9 +1,9 @@
 /**
  * The orchestrator and the hand-back ledger (handbacks.ts) against a real nats-server: a message
  * that a stopping orchestrator hands back unstarted is recorded, and the delivery that causes does
- * not count against its budget. The scenario is a rolling update: a message only a newer version
- * knows (version skew) is refused by each old process, and each old process's stop catches it
- * again. A first delivery reads no ledger.
+ * not count against its budget. The scenario is a rolling update: a message retried with a budget
+ * (one only a newer version knows, version skew; one for an instance not started) is tried by each
+ * old process, and each old process's stop catches it again. A first delivery reads no ledger.
  */
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
@@ -14,7 +14,7 @@ import { natsUrl, uniqueNamespace } from "../../test/support/context.ts";
 import { readStoredDeadLetters } from "../../workers/runtime/dead-letters.ts";
 import { createWorkflowClient, type WorkflowClient } from "./client.ts";
 import { handbackBucket } from "./handbacks.ts";
-import { type RunningOrchestrator, startOrchestrator } from "./orchestrator.ts";
+import { type OrchestratorOptions, type RunningOrchestrator, startOrchestrator } from "./orchestrator.ts";
 import { topology } from "./topology.ts";
 
 /**
@@ -62,10 +62,8 @@ async function watchedConnection(ns: string) {
 }
 
 describe("a message handed back by stopping orchestrators", () => {
-  const ns = uniqueNamespace("handback");
-  const topo = topology(ns);
   let nc: NatsConnection;
-  let client: WorkflowClient;
+  const clients: WorkflowClient[] = [];
   const running: RunningOrchestrator[] = [];
   const connections: NatsConnection[] = [];
   /** Appends still held (a failed test's): released before stopping. */
@@ -73,27 +71,48 @@ describe("a message handed back by stopping orchestrators", () => {
 
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
-    // Without the definitions: a client of a newer version.
-    client = await createWorkflowClient({ nc, ns });
   });
 
   afterAll(async () => {
     for (const release of holds) release();
     await Promise.all(running.map((orchestrator) => orchestrator.stop()));
     await Promise.all(connections.map((c) => c.close()));
-    await client?.close();
+    await Promise.all(clients.map((client) => client.close()));
     await nc?.close();
   });
 
-  it("keeps its whole version-skew budget, and a first delivery reads no ledger", async () => {
-    const maxDeliveries = 4;
+  /**
+   * A namespace per test: the last process of one, still running, would take the next one's
+   * message (and its dead letter would be read as the next one's).
+   */
+  async function namespace(label: string) {
+    const ns = uniqueNamespace(label);
+    // Without the definitions: a client of a newer version, which checks nothing before sending.
+    const client = await createWorkflowClient({ nc, ns });
+    clients.push(client);
+    return { ns, topo: topology(ns), client };
+  }
+
+  /**
+   * The rolling update: each of `maxDeliveries - 1` old processes (with `budget`) makes one attempt
+   * at the message `send` sends (the first process sends it) and hands it back for later, then
+   * stops while it holds the message's next delivery: the hand-back is one more delivery, not an
+   * attempt. Returns the attempts made, and each process's ledger reads before its stop.
+   */
+  async function handBackAtEachStop(scenario: {
+    ns: string;
+    client: WorkflowClient;
+    maxDeliveries: number;
+    budget: Pick<OrchestratorOptions, "versionSkew" | "notStarted">;
+    send: () => Promise<unknown>;
+  }): Promise<{ attempts: number; ledgerReads: number[] }> {
+    const { ns, client, maxDeliveries, budget, send } = scenario;
+    const topo = topology(ns);
     const jsm = await jetstreamManager(nc);
     const delivered = async () =>
       (await jsm.consumers.info(topo.streams.inbox, "orchestrator")).delivered.consumer_seq;
-    let refusals = 0;
+    let attempts = 0;
     const ledgerReads: number[] = [];
-    // Each old process refuses the message once (an attempt), then stops while it holds the
-    // message's next delivery: the hand-back is one more delivery, not an attempt.
     for (let stop = 1; stop < maxDeliveries; stop++) {
       const watched = await watchedConnection(ns);
       connections.push(watched.nc);
@@ -102,17 +121,18 @@ describe("a message handed back by stopping orchestrators", () => {
         ns,
         workflows: [counterWorkflow],
         concurrency: 1,
-        versionSkew: { maxDeliveries, retryMs: 500 },
+        ...budget,
       });
       running.push(old);
-      if (stop === 1) await client.start("newer", "n-1", {});
+      if (stop === 1) await send();
       await expect.poll(() => old.stats.retried + old.stats.deadLettered, { timeout: 10_000 }).toBe(1);
-      // With the stops' deliveries counted, the third process dead-letters it on its attempt 3.
+      // Were the stops' deliveries counted, a process before the last would dead-letter it here
+      // (the third, on its attempt 3 of 4).
       expect(old.stats.deadLettered).toBe(0);
-      refusals += old.stats.retried;
+      attempts += old.stats.retried;
 
-      // A message of a workflow it knows takes the only slot (its append is held) while the refused
-      // one's pause runs; once back, the refused one waits for the slot.
+      // A message of a workflow it knows takes the only slot (its append is held) while the retried
+      // one's pause runs; once back, the retried one waits for the slot.
       const append = watched.hold();
       holds.push(append.release);
       await client.start("counter", `slot-${stop}`, { expected: 1 });
@@ -130,26 +150,63 @@ describe("a message handed back by stopping orchestrators", () => {
       const stopped = old.stop();
       append.release();
       await stopped;
-      // The refused message, waiting for the slot, went back unstarted.
+      // The retried message, waiting for the slot, went back unstarted.
       expect(old.stats.handedBack).toBe(1);
       running.splice(running.indexOf(old), 1);
     }
-    expect(refusals).toBe(maxDeliveries - 1);
+    return { attempts, ledgerReads };
+  }
+
+  it("keeps its whole version-skew budget, and a first delivery reads no ledger", async () => {
+    const maxDeliveries = 4;
+    const { ns, topo, client } = await namespace("handback");
+    const budget = { versionSkew: { maxDeliveries, retryMs: 500 } };
+    const { attempts, ledgerReads } = await handBackAtEachStop({
+      ns,
+      client,
+      maxDeliveries,
+      budget,
+      send: () => client.start("newer", "n-1", {}),
+    });
+    expect(attempts).toBe(maxDeliveries - 1);
     // Until the stop: a first delivery reads no ledger (the refused message's first, the slot
     // holder's); a redelivery refused reads it once.
     expect(ledgerReads).toEqual([0, 1, 1]);
 
     // Its last attempt, on the seventh delivery: dead-lettered (no process of the newer version came).
-    const last = await startOrchestrator({
-      nc,
-      ns,
-      workflows: [counterWorkflow],
-      versionSkew: { maxDeliveries, retryMs: 500 },
-    });
+    const last = await startOrchestrator({ nc, ns, workflows: [counterWorkflow], ...budget });
     running.push(last);
     await expect.poll(() => last.stats.deadLettered, { timeout: 10_000 }).toBe(1);
     expect(last.stats.retried).toBe(0);
     const [letter] = await readStoredDeadLetters(jetstream(nc), topo);
     expect(letter?.letter).toMatchObject({ code: "UNKNOWN_TYPE", deliveries: 2 * maxDeliveries - 1 });
+  });
+
+  it("keeps its whole not-started budget when its instance never starts", async () => {
+    const maxDeliveries = 4;
+    const { ns, topo, client } = await namespace("notstarted");
+    const budget = { notStarted: { maxDeliveries, retryMs: 500 } };
+    const { attempts, ledgerReads } = await handBackAtEachStop({
+      ns,
+      client,
+      maxDeliveries,
+      budget,
+      // A signal that overtook a start which never comes.
+      send: () => client.signal("counter", "never-started", { type: "bump", by: 1 }),
+    });
+    expect(attempts).toBe(maxDeliveries - 1);
+    expect(ledgerReads).toEqual([0, 1, 1]);
+
+    // Its last attempt, on the seventh delivery: dead-lettered, the instance still has no history.
+    const last = await startOrchestrator({ nc, ns, workflows: [counterWorkflow], ...budget });
+    running.push(last);
+    await expect.poll(() => last.stats.deadLettered, { timeout: 10_000 }).toBe(1);
+    expect(last.stats.retried).toBe(0);
+    const letters = await readStoredDeadLetters(jetstream(nc), topo);
+    expect(letters).toHaveLength(1);
+    expect(letters[0]?.letter).toMatchObject({
+      code: "INSTANCE_NOT_FOUND",
+      deliveries: 2 * maxDeliveries - 1,
+    });
   });
 });

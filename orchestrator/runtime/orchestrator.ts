@@ -76,6 +76,14 @@ export interface OrchestratorOptions {
    * update. Default 8 deliveries, 2 s (about a minute in all); 1 dead-letters at once.
    */
   versionSkew?: { maxDeliveries?: number; retryMs?: number };
+  /**
+   * Deliveries of a message for an instance that has no history yet (a signal that overtook its
+   * start, or one whose start was lost) before it is dead-lettered as `INSTANCE_NOT_FOUND`;
+   * between them it is handed back for `retryMs` × deliveries so far, for the start to arrive.
+   * Deliveries a stopping orchestrator caused do not count. Default 20 deliveries, 250 ms (about
+   * 50 s in all); 1 dead-letters at once. Integers, `maxDeliveries` at least 1, `retryMs` at least 0.
+   */
+  notStarted?: { maxDeliveries?: number; retryMs?: number };
   /** Clock, epoch ms. Default `Date.now`. */
   clock?: () => number;
   logger?: OrchestratorLogger;
@@ -133,10 +141,13 @@ interface CachedEntry {
 const noopLogger: OrchestratorLogger = { info() {}, warn() {}, error() {} };
 /** How long stop() waits for the consume loop to end, and then for messages in progress, ms. */
 const STOP_TIMEOUT_MS = 10_000;
-/** How long an instance's not-yet-started message waits before it is tried again, ms. */
-const NOT_STARTED_RETRY_MS = 250;
-/** Deliveries after which a message for an instance that never started is dead-lettered. */
-const NOT_STARTED_MAX_DELIVERIES = 20;
+/** A delivery budget with its options' defaults filled in. */
+interface RetryBudget {
+  maxDeliveries: number;
+  retryMs: number;
+}
+/** Default of {@link OrchestratorOptions.notStarted}. */
+const NOT_STARTED: RetryBudget = { maxDeliveries: 20, retryMs: 250 };
 /**
  * Refusals a newer version of the workflows may not make: during a rolling update, processes with
  * the old definitions share the consumer with new ones and get messages only the new know (a new
@@ -211,6 +222,7 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
       context: { ackWaitMs },
     });
   }
+  const notStarted = retryBudget("notStarted", options.notStarted, NOT_STARTED);
   const topo = topology(options.ns);
   const js = jetstream(options.nc);
   const jsm = await jetstreamManager(options.nc);
@@ -243,7 +255,7 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   await ensureConsumer();
   const log = options.logger ?? noopLogger;
   const handbacks = await openLedger(options, topo, log);
-  const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency, handbacks);
+  const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency, handbacks, notStarted);
   // In the background: the inbox is consumed meanwhile (a re-arm reads every instance's latest entry).
   loop.armTimers();
   let stopping = false;
@@ -314,6 +326,34 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
 }
 
 /**
+ * `given` with `defaults` for what it leaves out. Refused when not integers, or `maxDeliveries`
+ * below 1 (NaN or 0 would silently dead-letter on the first attempt) or `retryMs` below 0 (not a
+ * pause: nats.js sends the server a negative delay).
+ */
+function retryBudget(
+  option: string,
+  given: { maxDeliveries?: number; retryMs?: number } | undefined,
+  defaults: RetryBudget,
+): RetryBudget {
+  const budget: RetryBudget = {
+    maxDeliveries: given?.maxDeliveries ?? defaults.maxDeliveries,
+    retryMs: given?.retryMs ?? defaults.retryMs,
+  };
+  const fail = (message: string): never => {
+    throw new JetsagaError("INVALID_ARGUMENT", `${option}.${message}`, {
+      context: { maxDeliveries: budget.maxDeliveries, retryMs: budget.retryMs },
+    });
+  };
+  if (!Number.isSafeInteger(budget.maxDeliveries) || budget.maxDeliveries < 1) {
+    fail(`maxDeliveries must be a positive integer, got ${budget.maxDeliveries}`);
+  }
+  if (!Number.isSafeInteger(budget.retryMs) || budget.retryMs < 0) {
+    fail(`retryMs must be a non-negative integer, got ${budget.retryMs}`);
+  }
+  return budget;
+}
+
+/**
  * The hand-back ledger (handbacks.ts), shared with the workers: what a stop handed back is not
  * counted against a message's delivery budgets. One that cannot be opened counts no hand-backs,
  * as before it existed: the orchestrator runs without it rather than not at all.
@@ -376,6 +416,8 @@ class OrchestratorLoop {
   readonly #store: HistoryStore;
   readonly #definitions: WorkflowRegistry;
   readonly #handbacks: HandbackLedger;
+  /** The budget of a message whose instance has not started ({@link OrchestratorOptions.notStarted}). */
+  readonly #notStarted: RetryBudget;
   /**
    * Work on messages outside every instance's chain (refusals of messages that name no instance,
    * hand-backs of a stop whose naks follow their ledger writes): drain() waits for it too.
@@ -402,9 +444,11 @@ class OrchestratorLoop {
     jsm: JetStreamManager,
     concurrency: number,
     handbacks: HandbackLedger,
+    notStarted: RetryBudget,
   ) {
     this.#options = options;
     this.#handbacks = handbacks;
+    this.#notStarted = notStarted;
     this.#topo = topo;
     this.#js = js;
     this.#jsm = jsm;
@@ -712,11 +756,11 @@ class OrchestratorLoop {
         case "rejected":
           if (decision.code === "INSTANCE_NOT_FOUND") {
             const tried = await this.#attempt(msg);
-            if (tried < NOT_STARTED_MAX_DELIVERIES) {
+            if (tried < this.#notStarted.maxDeliveries) {
               // The start may still be on its way (or held by another process): look again shortly.
               this.#cache.delete(key);
               this.stats.retried++;
-              msg.nak(NOT_STARTED_RETRY_MS * tried);
+              msg.nak(this.#notStarted.retryMs * tried);
               return;
             }
           }
