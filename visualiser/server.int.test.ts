@@ -118,6 +118,26 @@ describe("visualiser HTTP API", () => {
     }
     throw new Error(`counter/${id} did not reach revision ${revision}`);
   };
+  /**
+   * Starts counter `id` with one entry more than the default page after the start (the start and
+   * DEFAULT_HISTORY_LIMIT + 1 bumps, never its last), and resolves with its latest revision once
+   * the history has it.
+   */
+  const startLongCounter = async (id: string): Promise<number> => {
+    const bumps = DEFAULT_HISTORY_LIMIT + 1;
+    await client.start("counter", id, { expected: bumps + 1 });
+    await waitForRevision(id, 1);
+    for (let i = 0; i < bumps; i += 50) {
+      await Promise.all(
+        Array.from({ length: Math.min(50, bumps - i) }, () =>
+          client.signal("counter", id, { type: "bump", by: 1 }),
+        ),
+      );
+    }
+    const latest = bumps + 1;
+    await waitForRevision(id, latest);
+    return latest;
+  };
 
   beforeAll(async () => {
     nc = await connectNats({ servers: natsUrl() });
@@ -240,19 +260,7 @@ describe("visualiser HTTP API", () => {
   });
 
   it("pages a history: the latest entries by default, earlier ones with before, later ones with after", async () => {
-    // 1 + DEFAULT_HISTORY_LIMIT + 1 entries: one more than the default page after the start.
-    const bumps = DEFAULT_HISTORY_LIMIT + 1;
-    await client.start("counter", "c-long", { expected: bumps + 1 });
-    await waitForRevision("c-long", 1);
-    for (let i = 0; i < bumps; i += 50) {
-      await Promise.all(
-        Array.from({ length: Math.min(50, bumps - i) }, () =>
-          client.signal("counter", "c-long", { type: "bump", by: 1 }),
-        ),
-      );
-    }
-    const latest = bumps + 1;
-    await waitForRevision("c-long", latest);
+    const latest = await startLongCounter("c-long");
     const page = async (query: string): Promise<HistoryPage> => {
       const response = await get(`/api/instances/counter/c-long/history${query}`);
       expect(response.status, query).toBe(200);
@@ -306,9 +314,8 @@ describe("visualiser HTTP API", () => {
   });
 
   it("reads only the page, and a live stream's gap in chunks: never the whole history", async () => {
-    // c-long: the history of the test above, one entry longer than the default page.
-    const latest = DEFAULT_HISTORY_LIMIT + 2;
-    await waitForRevision("c-long", latest);
+    // One entry longer than the default page, so the default page is a part of the history.
+    const latest = await startLongCounter("c-long-reads");
     const wholeReads: string[] = [];
     const ranges: Array<[number, number]> = [];
     const recording: Pick<WorkflowClient, "getHistory" | "getHistoryRange" | "getState" | "watch"> = {
@@ -330,7 +337,7 @@ describe("visualiser HTTP API", () => {
       publicDir,
     });
     const at = (path: string): Promise<Response> =>
-      paging(new Request(`http://visualiser.local/api/instances/counter/c-long/${path}`));
+      paging(new Request(`http://visualiser.local/api/instances/counter/c-long-reads/${path}`));
     const page = async (query: string): Promise<HistoryPage> =>
       (await (await at(`history${query}`)).json()) as HistoryPage;
 

@@ -14,7 +14,7 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { jetstream, jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
-import { afterAll, beforeAll, describe, expect, it, vi } from "vitest";
+import { afterAll, beforeAll, describe, expect, it, onTestFinished, vi } from "vitest";
 import { issueToken } from "../../common/auth-token.ts";
 import { connectNats } from "../../common/nats.ts";
 import { connectPostgres, type Sql } from "../../common/postgres.ts";
@@ -62,16 +62,26 @@ const protoDir = fileURLToPath(new URL("../../proto", import.meta.url));
 
 interface FakeUsers {
   server: RpcServer;
-  port: number;
   getUserCalls: number;
+  /**
+   * While true, every call is answered UNAVAILABLE before it is served: the service is down, but
+   * stays bound. Closing it and listening again on its port would race the OS and other processes
+   * for that port.
+   */
+  down: boolean;
 }
 
 const accounts = new Map<string, { userId: string; password: string }>();
 
-async function startFakeUserService(port = 0): Promise<RpcServer> {
+async function startFakeUserService(): Promise<RpcServer> {
   return startRpcServer({
-    port,
     closeGraceMs: 200,
+    interceptors: [
+      (next) => async (req) => {
+        if (fake.down) throw new ConnectError("user service down", Code.Unavailable);
+        return next(req);
+      },
+    ],
     routes(router) {
       router.service(UserService, {
         createUser(req) {
@@ -104,7 +114,7 @@ async function startFakeUserService(port = 0): Promise<RpcServer> {
   });
 }
 
-const fake: FakeUsers = { server: undefined as unknown as RpcServer, port: 0, getUserCalls: 0 };
+const fake: FakeUsers = { server: undefined as unknown as RpcServer, getUserCalls: 0, down: false };
 
 // ---------------------------------------------------------------------------------------------
 // @grpc/grpc-js clients from the .proto sources.
@@ -219,7 +229,6 @@ describe("OrderService", () => {
     });
     workflows = await createWorkflowClient({ nc, ns, workflows: [orderSaga] });
     fake.server = await startFakeUserService();
-    fake.port = fake.server.port;
     gateway = await startGateway({
       nc,
       sql,
@@ -1372,7 +1381,11 @@ describe("OrderService", () => {
 
   it("fails fast with UNAVAILABLE while the user service is down, and recovers when it returns", async () => {
     const { token } = await signUp("outage");
-    await fake.server.close();
+    fake.down = true;
+    // Back for the tests after this one also when an assertion below fails.
+    onTestFinished(() => {
+      fake.down = false;
+    });
     const key = (i: number) => `outage-${i}`;
     for (let i = 0; i < 4; i++) {
       expect(await codeOf(orders.placeOrder({ idempotencyKey: key(i), items: [item()] }, auth(token)))).toBe(
@@ -1385,7 +1398,7 @@ describe("OrderService", () => {
     const order0 = (await orders.listOrders({}, auth(token))).orders;
     expect(order0).toEqual([]);
 
-    fake.server = await startFakeUserService(fake.port);
+    fake.down = false;
     let placed: PlaceOrderResponse | undefined;
     await expect
       .poll(
