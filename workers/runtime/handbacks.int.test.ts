@@ -54,8 +54,6 @@ async function waitFor<T>(
   }
 }
 
-const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
-
 describe("hand-back ledger bucket settings (real nats-server)", () => {
   let nc: NatsConnection;
   let jsm: JetStreamManager;
@@ -269,7 +267,9 @@ describe("a worker stopping while its NATS server does not answer", () => {
           : undefined,
       "three commands held",
     );
-    await sleep(300);
+    // The server has sent them; the worker must also have taken them into its own queue, or the
+    // stop below finds nothing to hand back: three handlers running, three commands waiting.
+    await waitFor(() => (worker.stats.held === 6 ? true : undefined), "six messages held by the worker");
 
     await nats.kill("SIGSTOP");
     const stopping = worker.stop();
@@ -278,6 +278,7 @@ describe("a worker stopping while its NATS server does not answer", () => {
     release();
     await stopping;
     expect(handled).toHaveLength(3);
+    expect(worker.stats.held).toBe(0);
     // Every message was settled before stop() returned: it did not give up on its consume loop,
     // stuck in ledger writes one after the other, each waiting out its request timeouts.
     expect(log.messages()).not.toContain(

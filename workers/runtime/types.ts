@@ -119,7 +119,7 @@ export interface WorkerOptions {
   logger?: WorkerLogger;
 }
 
-/** Counters a running worker keeps (for metrics and tests). */
+/** Counters a running worker keeps, and what it holds now (for metrics and tests). */
 export interface WorkerStats {
   handled: number;
   retried: number;
@@ -129,6 +129,11 @@ export interface WorkerStats {
    * ack_wait after they started), they had their slot freed. They may still finish.
    */
   abandoned: number;
+  /**
+   * Not a counter: the messages taken from the consumers and not yet settled, running in a slot or
+   * waiting for one. It goes back down as they are acked, nak'd or handed back.
+   */
+  held: number;
 }
 
 /** A started worker. */

@@ -175,7 +175,8 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
     consumers.push({ kind: "event", stream: topo.streams.events, name, config });
   }
 
-  const stats: WorkerStats = { handled: 0, retried: 0, deadLettered: 0, abandoned: 0 };
+  /** `held` also paces the pull requests: they ask only for the slots it leaves free (see pull()). */
+  const stats: WorkerStats = { handled: 0, retried: 0, deadLettered: 0, abandoned: 0, held: 0 };
   /** Abandoned handlers still running (see processMessage). */
   let abandonedRunning = 0;
   const keepAliveMs = Math.max(1, Math.floor(ackWaitMs / 3));
@@ -187,8 +188,6 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
   /** Fires when stop() is called (`abort` fires once it gave up waiting for the handlers). */
   const stopRequested = new AbortController();
   const slots = semaphore(concurrency);
-  /** Messages received and not yet done with: running, or waiting for a slot. */
-  let held = 0;
   /** Pull requests are renewed once this many more messages can be asked for (see pull()). */
   const refillAt = Math.max(1, Math.ceil(concurrency / 4));
   const inFlight = new Set<Promise<void>>();
@@ -708,7 +707,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
       handingBack.push(handBack(msg, undefined));
       return;
     }
-    held++;
+    stats.held++;
     const task = (async () => {
       if (!slots.tryAcquire()) {
         const keepAlive = setInterval(() => progress(msg), keepAliveMs);
@@ -732,7 +731,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
         slots.release();
       }
     })().finally(() => {
-      held--;
+      stats.held--;
       inFlight.delete(task);
       wake();
     });
@@ -799,7 +798,7 @@ export async function createWorker(options: WorkerOptions): Promise<RunningWorke
 
     try {
       while (!stopping && !failure && !nc.isClosed()) {
-        const want = concurrency - held - requested;
+        const want = concurrency - stats.held - requested;
         if (want <= 0 || (requested > 0 && want < refillAt)) {
           await changed();
           continue;
