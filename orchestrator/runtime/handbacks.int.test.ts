@@ -209,4 +209,55 @@ describe("a message handed back by stopping orchestrators", () => {
       deliveries: 2 * maxDeliveries - 1,
     });
   });
+
+  it("hands back at once, at a stop, a message waiting behind another of its instance", async () => {
+    const { ns, client } = await namespace("queued");
+    const watched = await watchedConnection(ns);
+    connections.push(watched.nc);
+    // Two slots: the signal is taken, and waits in its instance's chain rather than for a slot.
+    const first = await startOrchestrator({
+      nc: watched.nc,
+      ns,
+      workflows: [counterWorkflow],
+      concurrency: 2,
+    });
+    running.push(first);
+    const append = watched.hold();
+    holds.push(append.release);
+    await client.start("counter", "q-1", { expected: 2 });
+    await append.reached;
+    await client.signal("counter", "q-1", { type: "bump", by: 5 });
+    await expect.poll(() => first.stats.held, { timeout: 10_000 }).toBe(2);
+
+    const stopped = first.stop();
+    append.release();
+    await stopped;
+    // The start was decided and appended; the signal went back undecided, for the next process.
+    expect(first.stats.handedBack).toBe(1);
+    expect(first.stats.appended).toBe(1);
+    expect(first.stats.held).toBe(0);
+    running.splice(running.indexOf(first), 1);
+
+    const next = await startOrchestrator({ nc, ns, workflows: [counterWorkflow] });
+    running.push(next);
+    await client.signal("counter", "q-1", { type: "bump", by: 1 });
+    const done = await client.awaitCompletion("counter", "q-1", { timeoutMs: 10_000 });
+    expect(done).toMatchObject({ status: "completed", output: { seen: 2, total: 6 } });
+  });
+
+  it("refuses delivery budgets that are not whole numbers in range, at start", async () => {
+    const ns = uniqueNamespace("budgets");
+    for (const budget of [
+      { versionSkew: { maxDeliveries: 0 } },
+      { versionSkew: { retryMs: Number.NaN } },
+      { notStarted: { maxDeliveries: 1.5 } },
+      { notStarted: { retryMs: -1 } },
+    ]) {
+      const started = startOrchestrator({ nc, ns, workflows: [counterWorkflow], ...budget });
+      await expect(started, JSON.stringify(budget)).rejects.toMatchObject({
+        code: "INVALID_ARGUMENT",
+        message: expect.stringContaining(Object.keys(budget)[0] ?? "?"),
+      });
+    }
+  });
 });

@@ -73,7 +73,8 @@ export interface OrchestratorOptions {
    * Deliveries of a message naming a workflow, event or state this process does not know (or
    * whose chart throws) before it is dead-lettered; between them it is handed back for
    * `retryMs` × deliveries so far, for a process of a newer version to take during a rolling
-   * update. Default 8 deliveries, 2 s (about a minute in all); 1 dead-letters at once.
+   * update. Default 8 deliveries, 2 s (about a minute in all); 1 dead-letters at once. Integers,
+   * `maxDeliveries` at least 1, `retryMs` at least 0 (else refused at start, `INVALID_ARGUMENT`).
    */
   versionSkew?: { maxDeliveries?: number; retryMs?: number };
   /**
@@ -81,7 +82,7 @@ export interface OrchestratorOptions {
    * start, or one whose start was lost) before it is dead-lettered as `INSTANCE_NOT_FOUND`;
    * between them it is handed back for `retryMs` × deliveries so far, for the start to arrive.
    * Deliveries a stopping orchestrator caused do not count. Default 20 deliveries, 250 ms (about
-   * 50 s in all); 1 dead-letters at once. Integers, `maxDeliveries` at least 1, `retryMs` at least 0.
+   * 50 s in all); 1 dead-letters at once. Checked as `versionSkew` is.
    */
   notStarted?: { maxDeliveries?: number; retryMs?: number };
   /** Clock, epoch ms. Default `Date.now`. */
@@ -109,6 +110,11 @@ export interface OrchestratorStats {
   retried: number;
   /** Messages taken but not started that a stop handed back (not counted as attempts). */
   handedBack: number;
+  /**
+   * Not a counter: the inbox messages taken and not yet settled, being decided or waiting behind
+   * another message of their instance. It goes back down as they are acked, nak'd or handed back.
+   */
+  held: number;
 }
 
 /** A running orchestrator. */
@@ -116,6 +122,7 @@ export interface RunningOrchestrator {
   readonly stats: Readonly<OrchestratorStats>;
   /** The in-memory state cache now: instances held, and their size as stored (bytes). */
   readonly cache: { readonly entries: number; readonly bytes: number };
+
   readonly topology: Topology;
   /** Stops consuming, waits (bounded) for messages in progress, and returns. */
   stop(): Promise<void>;
@@ -148,6 +155,13 @@ interface RetryBudget {
 }
 /** Default of {@link OrchestratorOptions.notStarted}. */
 const NOT_STARTED: RetryBudget = { maxDeliveries: 20, retryMs: 250 };
+/** Default of {@link OrchestratorOptions.versionSkew}. */
+const VERSION_SKEW: RetryBudget = { maxDeliveries: 8, retryMs: 2_000 };
+/** The delivery budgets of an orchestrator, its options' defaults filled in and checked. */
+interface RetryBudgets {
+  notStarted: RetryBudget;
+  versionSkew: RetryBudget;
+}
 /**
  * Refusals a newer version of the workflows may not make: during a rolling update, processes with
  * the old definitions share the consumer with new ones and get messages only the new know (a new
@@ -222,7 +236,10 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
       context: { ackWaitMs },
     });
   }
-  const notStarted = retryBudget("notStarted", options.notStarted, NOT_STARTED);
+  const budgets: RetryBudgets = {
+    notStarted: retryBudget("notStarted", options.notStarted, NOT_STARTED),
+    versionSkew: retryBudget("versionSkew", options.versionSkew, VERSION_SKEW),
+  };
   const topo = topology(options.ns);
   const js = jetstream(options.nc);
   const jsm = await jetstreamManager(options.nc);
@@ -255,7 +272,7 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
   await ensureConsumer();
   const log = options.logger ?? noopLogger;
   const handbacks = await openLedger(options, topo, log);
-  const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency, handbacks, notStarted);
+  const loop = new OrchestratorLoop(options, topo, js, jsm, concurrency, handbacks, budgets);
   // In the background: the inbox is consumed meanwhile (a re-arm reads every instance's latest entry).
   loop.armTimers();
   let stopping = false;
@@ -312,6 +329,7 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
     get cache() {
       return loop.cacheUsage();
     },
+
     topology: topo,
     async stop() {
       stopping = true;
@@ -398,6 +416,7 @@ class OrchestratorLoop {
     deadLettered: 0,
     retried: 0,
     handedBack: 0,
+    held: 0,
   };
   readonly #options: OrchestratorOptions;
   readonly #topo: Topology;
@@ -416,8 +435,8 @@ class OrchestratorLoop {
   readonly #store: HistoryStore;
   readonly #definitions: WorkflowRegistry;
   readonly #handbacks: HandbackLedger;
-  /** The budget of a message whose instance has not started ({@link OrchestratorOptions.notStarted}). */
-  readonly #notStarted: RetryBudget;
+  /** {@link OrchestratorOptions.notStarted} and {@link OrchestratorOptions.versionSkew}. */
+  readonly #budgets: RetryBudgets;
   /**
    * Work on messages outside every instance's chain (refusals of messages that name no instance,
    * hand-backs of a stop whose naks follow their ledger writes): drain() waits for it too.
@@ -433,7 +452,6 @@ class OrchestratorLoop {
   readonly #log: OrchestratorLogger;
   readonly #clock: () => number;
   readonly #maxMessageBytes: number;
-  #inFlight = 0;
   #stopping = false;
   #slotFreed: (() => void) | undefined;
 
@@ -444,11 +462,11 @@ class OrchestratorLoop {
     jsm: JetStreamManager,
     concurrency: number,
     handbacks: HandbackLedger,
-    notStarted: RetryBudget,
+    budgets: RetryBudgets,
   ) {
     this.#options = options;
     this.#handbacks = handbacks;
-    this.#notStarted = notStarted;
+    this.#budgets = budgets;
     this.#topo = topo;
     this.#js = js;
     this.#jsm = jsm;
@@ -474,7 +492,7 @@ class OrchestratorLoop {
 
   async run(messages: ConsumerMessages): Promise<void> {
     for await (const msg of messages) {
-      while (this.#inFlight >= this.#concurrency && !this.#stopping) {
+      while (this.stats.held >= this.#concurrency && !this.#stopping) {
         await new Promise<void>((resolve) => {
           this.#slotFreed = resolve;
         });
@@ -541,7 +559,7 @@ class OrchestratorLoop {
   #accept(msg: JsMsg): void {
     const parsed = this.#parse(msg);
     if (!parsed.ok) {
-      this.#inFlight++;
+      this.stats.held++;
       // Not in an instance's chain (it has none): tracked so that drain() waits for it too.
       this.#track(
         this.#refuse(msg, parsed.code, parsed.reason)
@@ -551,12 +569,21 @@ class OrchestratorLoop {
       return;
     }
     const key = `${parsed.message.workflow}.${parsed.message.instanceId}`;
-    this.#inFlight++;
+    this.stats.held++;
     // Messages of one instance run one after another, in the order the consumer delivered them.
     const previous = this.#chains.get(key) ?? Promise.resolve();
+    let handedBack = false;
     const next = previous
-      .then(() =>
-        withSpan(
+      .then(() => {
+        if (this.#stopping) {
+          // It waited behind another message of its instance until stop() came: it goes back
+          // unstarted, as those still waiting for a slot do, instead of being decided in the drain,
+          // whose deadline could cut it off and leave it to ack_wait.
+          handedBack = true;
+          this.#handBack(msg);
+          return;
+        }
+        return withSpan(
           `jetsaga.inbox ${parsed.message.workflow}`,
           {
             "messaging.system": "nats",
@@ -566,19 +593,20 @@ class OrchestratorLoop {
           },
           () => this.#handle(msg, parsed.message, key),
           { kind: SpanKind.CONSUMER, parent: extractTraceContext(msg.headers) },
-        ),
-      )
+        );
+      })
       .catch((error: unknown) => this.#retryLater(msg, error))
       .finally(() => {
-        this.#release();
+        this.#release(!handedBack);
         if (this.#chains.get(key) === next) this.#chains.delete(key);
       });
     this.#chains.set(key, next);
   }
 
-  #release(): void {
-    this.#inFlight--;
-    this.stats.processed++;
+  /** `finished`: the message was settled here (not handed back unstarted). */
+  #release(finished = true): void {
+    this.stats.held--;
+    if (finished) this.stats.processed++;
     const wake = this.#slotFreed;
     this.#slotFreed = undefined;
     wake?.();
@@ -756,11 +784,11 @@ class OrchestratorLoop {
         case "rejected":
           if (decision.code === "INSTANCE_NOT_FOUND") {
             const tried = await this.#attempt(msg);
-            if (tried < this.#notStarted.maxDeliveries) {
+            if (tried < this.#budgets.notStarted.maxDeliveries) {
               // The start may still be on its way (or held by another process): look again shortly.
               this.#cache.delete(key);
               this.stats.retried++;
-              msg.nak(this.#notStarted.retryMs * tried);
+              msg.nak(this.#budgets.notStarted.retryMs * tried);
               return;
             }
           }
@@ -825,7 +853,7 @@ class OrchestratorLoop {
    * `maxDeliveries` attempts, not counting the deliveries that stops caused (see #attempt).
    */
   async #refuse(msg: JsMsg, code: string, reason: string): Promise<void> {
-    const { maxDeliveries = 8, retryMs = 2_000 } = this.#options.versionSkew ?? {};
+    const { maxDeliveries, retryMs } = this.#budgets.versionSkew;
     if (MAYBE_VERSION_SKEW.has(code)) {
       const tried = await this.#attempt(msg);
       if (tried < maxDeliveries) {

@@ -50,6 +50,8 @@ describe("a durable timer across restarts", () => {
     if (!first) throw new Error("no orchestrator");
     await expect.poll(() => orchestratorMetric(first, "jetsaga_orchestrator_state_cache_entries")).toBe(1);
     expect(await orchestratorMetric(first, "jetsaga_orchestrator_state_cache_bytes")).toBeGreaterThan(0);
+    // The start is settled: the orchestrator holds no inbox message.
+    await expect.poll(() => orchestratorMetric(first, "jetsaga_orchestrator_messages_held")).toBe(0);
     // A start for a workflow this deployment lacks is dead-lettered, and /metrics counts it waiting.
     await client.start("not-deployed", "x1", {});
     await expect.poll(() => orchestratorMetric(first, "jetsaga_dead_letters"), { timeout: 10_000 }).toBe(1);

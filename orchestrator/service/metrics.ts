@@ -4,7 +4,8 @@ import type { OrchestratorStats, RunningOrchestrator } from "../runtime/orchestr
 
 /**
  * Registers the orchestrator's counters (`jetsaga_orchestrator_*_total`), `jetsaga_orchestrator_up`,
- * the state cache's gauges (`jetsaga_orchestrator_state_cache_entries`, `…_bytes`) and, given
+ * the state cache's gauges (`jetsaga_orchestrator_state_cache_entries`, `…_bytes`), the messages it
+ * holds (`jetsaga_orchestrator_messages_held`) and, given
  * `deadLetters`, `jetsaga_dead_letters{source}`: the dead letters waiting in the stream, read on
  * each scrape (the `_total` counters count what one process sent; this is what is left to handle,
  * whoever sent it, and falls when letters are redriven or dropped). Given `connected`, `up` is 1
@@ -17,7 +18,7 @@ export function registerOrchestratorMetrics(
   connected?: () => boolean,
 ): void {
   const stats = () => running()?.stats;
-  registerStatsMetrics<keyof OrchestratorStats>(registry, {
+  registerStatsMetrics<Exclude<keyof OrchestratorStats, "held">>(registry, {
     prefix: "jetsaga_orchestrator",
     counters: {
       processed: "inbox messages finished (acked or dead-lettered)",
@@ -46,6 +47,15 @@ export function registerOrchestratorMetrics(
       },
     });
   }
+  // A gauge, not one of the counters above: it goes down as messages are settled.
+  new Gauge({
+    name: "jetsaga_orchestrator_messages_held",
+    help: "inbox messages taken and not yet settled: being decided, or waiting behind another of their instance",
+    registers: [registry],
+    collect() {
+      this.set(stats()?.held ?? 0);
+    },
+  });
   if (deadLetters) {
     // Sources seen before read 0 once their letters are gone, rather than vanishing.
     const seen = new Set<string>();
