@@ -349,13 +349,41 @@ describe("OrderService", () => {
   }
 
   it("refuses a table of bad inputs with the right code, leaving no trace", async () => {
-    const { token } = await signUp("bad");
+    const { userId, token } = await signUp("bad");
     const a = auth(token);
-    const before = await traces();
-    expect(before).toEqual({ history: 0, inbox: 0, rows: "0" });
-    const okId = `o${"0".repeat(32)}`;
-    const place = (idempotencyKey: string, items = [item()]) =>
-      orders.placeOrder({ idempotencyKey, items }, a);
+    // A well-formed id of an order nobody places: this test's own, so any trace of it is this test's.
+    const okId = deriveOrderId(userId, "never placed");
+    const keys = new Set<string>();
+    const place = (idempotencyKey: string, items = [item()]) => {
+      keys.add(idempotencyKey);
+      return orders.placeOrder({ idempotencyKey, items }, a);
+    };
+    // Other tests' sagas may still be moving (timers, compensations) while this one runs, so the
+    // streams' sequences say nothing here. What this test could leave is a message about its user
+    // or its orders on any subject of the namespace (the inbox is a work queue: read back later,
+    // its messages may be gone), or a read-model row of them.
+    const published: { subject: string; data: string }[] = [];
+    const everything = nc.subscribe(`${ns}.>`, {
+      callback: (_error, msg) => {
+        published.push({ subject: msg.subject, data: msg.string() });
+      },
+    });
+    onTestFinished(() => everything.unsubscribe());
+    await nc.flush();
+    const ours = () => [userId, okId, ...[...keys].map((key) => deriveOrderId(userId, key))];
+    const tracesOfOurs = async () => {
+      const ids = ours();
+      // The calls publish over this connection and wait for JetStream's ack: past a flush, all
+      // they published has been delivered here too.
+      await nc.flush();
+      const messages = published
+        .filter((m) => ids.some((id) => m.subject.includes(id) || m.data.includes(id)))
+        .map((m) => m.subject);
+      const rows = await sql<{ order_id: string }[]>`
+        select order_id from orders where user_id = ${userId} or order_id in ${sql(ids)}`;
+      return { messages, rows: rows.map((r) => r.order_id) };
+    };
+    expect(await tracesOfOurs()).toEqual({ messages: [], rows: [] });
     const cases: Array<[string, () => Promise<unknown>, Code]> = [
       ["empty key", () => place(""), Code.InvalidArgument],
       ["oversized key", () => place("k".repeat(129)), Code.InvalidArgument],
@@ -482,10 +510,18 @@ describe("OrderService", () => {
       });
     }
 
-    expect(await traces()).toEqual(before);
-    // The control: a good request does leave a trace, so the comparison above can see one.
+    expect(await tracesOfOurs()).toEqual({ messages: [], rows: [] });
+    // The control: a good request does leave traces of each kind, so the check above can see them.
+    const good = deriveOrderId(userId, "good-key");
     await place("good-key");
-    expect(await traces()).not.toEqual(before);
+    const { topology } = workflows;
+    expect((await tracesOfOurs()).messages).toEqual(
+      expect.arrayContaining([
+        topology.inboxSubject("order", good),
+        topology.historySubject("order", good, "running"),
+      ]),
+    );
+    await expect.poll(async () => (await tracesOfOurs()).rows, { timeout: 10_000 }).toEqual([good]);
   });
 
   it("creates a user, authenticates, places an order and watches it reach CONFIRMED over native gRPC (@grpc/grpc-js)", async () => {

@@ -4,6 +4,9 @@
  * can be made to hang until their caller gives up, the proxy on its own port, and a Connect client.
  * No NATS or Postgres: the breakers and the cancellation path are all that is under test here.
  */
+import * as http2 from "node:http2";
+import type { AddressInfo, Server, Socket } from "node:net";
+import * as net from "node:net";
 import { create } from "@bufbuild/protobuf";
 import { type Client, Code, ConnectError, createClient, type HandlerContext } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
@@ -66,8 +69,131 @@ async function startFakeUserService(): Promise<RpcServer> {
   });
 }
 
+/**
+ * A stand-in for a user service whose connections or streams fail: `reached` counts the attempts
+ * that got to it (connections for a plain TCP server, HTTP/2 streams otherwise).
+ */
+interface FailingServer {
+  readonly url: string;
+  readonly reached: number;
+  close(): Promise<void>;
+}
+
+/** How a {@link FailingServer} fails each call, and the code connect-node reports it with. */
+const failures = {
+  "resets each TCP connection it accepts (ECONNRESET)": { stream: undefined, lost: Code.Aborted },
+  "resets the TCP connection once a call's HTTP/2 stream arrives (ECONNRESET)": {
+    stream: (s: http2.ServerHttp2Stream) => s.session?.socket.resetAndDestroy(),
+    lost: Code.Aborted,
+  },
+  "resets each call's HTTP/2 stream with CANCEL": {
+    stream: (s: http2.ServerHttp2Stream) => s.close(http2.constants.NGHTTP2_CANCEL),
+    lost: Code.Canceled,
+  },
+  "refuses each call's HTTP/2 stream (REFUSED_STREAM)": {
+    stream: (s: http2.ServerHttp2Stream) => s.close(http2.constants.NGHTTP2_REFUSED_STREAM),
+    lost: Code.Internal,
+  },
+} as const;
+
+async function listen(server: Server): Promise<string> {
+  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
+  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+}
+
+/** Closes `server` once the sockets it accepted are gone (an HTTP/2 server waits for its sessions). */
+function closeServer(server: Server, sockets: Set<Socket>): Promise<void> {
+  for (const socket of sockets) socket.destroy();
+  return new Promise((resolve) => server.close(() => resolve()));
+}
+
+async function startFailingServer(kind: keyof typeof failures): Promise<FailingServer> {
+  const onStream = failures[kind].stream;
+  const sockets = new Set<Socket>();
+  let reached = 0;
+  let server: Server;
+  if (onStream) {
+    const h2 = http2.createServer();
+    h2.on("stream", (stream) => {
+      reached++;
+      // The server's end of a reset stream errors too: that is the point here, not a failure.
+      stream.on("error", () => {});
+      onStream(stream);
+    });
+    server = h2 as unknown as Server;
+  } else {
+    server = net.createServer((socket) => {
+      reached++;
+      socket.resetAndDestroy();
+    });
+  }
+  server.on("connection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+  });
+  const url = await listen(server);
+  return {
+    url,
+    get reached() {
+      return reached;
+    },
+    close: () => closeServer(server, sockets),
+  };
+}
+
+/**
+ * An HTTP/2 server that holds each call's stream open without answering, until {@link reset}
+ * closes the held ones with RST_STREAM CANCEL: what the client then sees (CANCELED) is the same as
+ * when its caller cancels, so only who ended the call tells the two apart.
+ */
+async function startHoldingServer() {
+  const h2 = http2.createServer();
+  const server = h2 as unknown as Server;
+  const sockets = new Set<Socket>();
+  const held = new Set<http2.ServerHttp2Stream>();
+  /** RST_STREAM codes of the streams the client ended. */
+  const endedByClient: number[] = [];
+  let resetting = false;
+  h2.on("stream", (stream) => {
+    held.add(stream);
+    stream.on("error", () => {});
+    stream.on("close", () => {
+      held.delete(stream);
+      if (!resetting) endedByClient.push(stream.rstCode);
+    });
+  });
+  server.on("connection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+  });
+  const url = await listen(server);
+  return {
+    url,
+    /** Streams open right now. */
+    get held() {
+      return held.size;
+    },
+    endedByClient,
+    reset() {
+      resetting = true;
+      for (const stream of held) stream.close(http2.constants.NGHTTP2_CANCEL);
+      resetting = false;
+    },
+    close: () => closeServer(server, sockets),
+  };
+}
+
+/** The error a call failed with (undefined if it did not), as a value: calls can then run together. */
+function failure(call: Promise<unknown>): Promise<ConnectError | undefined> {
+  return call.then(
+    () => undefined,
+    (e: unknown) => ConnectError.from(e),
+  );
+}
+
 describe("resilient user client behind the gateway's UserService proxy", () => {
   const proxies: RpcServer[] = [];
+  const failing: { close(): Promise<void> }[] = [];
 
   /**
    * A fresh client (fresh breakers) of the fake user service (or of `options.baseUrl`), the proxy
@@ -105,6 +231,7 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
   });
   afterEach(async () => {
     await Promise.all(proxies.splice(0).map((p) => p.close()));
+    await Promise.all(failing.splice(0).map((f) => f.close()));
   });
   afterAll(async () => {
     await upstream.server?.close();
@@ -226,5 +353,89 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     // times out, and the breaker opens again on that.
     expect(upstream.cancelled).not.toContain(`authenticate ${SLOW}trial@example.com`);
     await expect.poll(() => users.passwordCallsOpen, { timeout: 3_000 }).toBe(true);
+  });
+
+  it.each(Object.keys(failures) as (keyof typeof failures)[])(
+    "counts a user service that %s as failing: the breakers open and callers get UNAVAILABLE",
+    async (kind) => {
+      const server = await startFailingServer(kind);
+      failing.push(server);
+      const { users, client } = await startProxy({ baseUrl: server.url, failureThreshold: 2 });
+      const unavailable = (message: string) => ({ code: Code.Unavailable, rawMessage: message });
+
+      // GetUser is tried twice (one retry): both attempts count, which is the threshold.
+      expect(await failure(client.getUser({ userId: "u-1" }))).toMatchObject(
+        unavailable("user service unavailable"),
+      );
+      expect(users.open).toBe(true);
+      const reached = server.reached;
+      expect(reached).toBeGreaterThanOrEqual(2);
+      expect(await failure(client.getUser({ userId: "u-1" }))).toMatchObject(
+        unavailable("user service unavailable (circuit open)"),
+      );
+      expect(server.reached).toBe(reached);
+
+      // The password calls' breaker counts its own: one failure, not open yet. The transport's
+      // error stays the cause, for the gateway's logs.
+      const direct = await failure(
+        users.once((call) => users.client.createUser({ email: "new@example.com", password: "g" }, call)),
+      );
+      expect(direct).toMatchObject(unavailable("user service unavailable"));
+      expect(direct?.cause).toBeInstanceOf(ConnectError);
+      expect(ConnectError.from(direct?.cause).code).toBe(failures[kind].lost);
+      expect(users.passwordCallsOpen).toBe(false);
+      expect(await failure(client.authenticate({ email: "new@example.com", password: "g" }))).toMatchObject(
+        unavailable("user service unavailable"),
+      );
+      expect(users.passwordCallsOpen).toBe(true);
+      const reachedByPasswordCalls = server.reached;
+      expect(await failure(client.createUser({ email: "new@example.com", password: "g" }))).toMatchObject(
+        unavailable("user service unavailable (circuit open)"),
+      );
+      expect(server.reached).toBe(reachedByPasswordCalls);
+    },
+  );
+
+  it("tells the caller's cancel (CANCELED, counts for no breaker) from the user service dropping the call (UNAVAILABLE, counts)", async () => {
+    const server = await startHoldingServer();
+    failing.push(server);
+    const { users, client } = await startProxy({ baseUrl: server.url, failureThreshold: 2, retries: 0 });
+    const read = (signal?: AbortSignal) =>
+      users.idempotent((call) => users.client.getUser({ userId: "u-1" }, call), signal);
+    const signIn = (signal?: AbortSignal) =>
+      users.once(
+        (call) => users.client.authenticate({ email: "known@example.com", password: "g" }, call),
+        signal,
+      );
+    const viaProxy = {
+      read: (signal: AbortSignal) => client.getUser({ userId: "u-1" }, { signal }),
+      signIn: (signal: AbortSignal) =>
+        client.authenticate({ email: "known@example.com", password: "g" }, { signal }),
+    };
+
+    // Three cancels on each breaker, past its threshold of two, each while the call is upstream.
+    const calls = [read, read, viaProxy.read, signIn, signIn, viaProxy.signIn];
+    for (const start of calls) {
+      const cancel = new AbortController();
+      const call = failure(start(cancel.signal));
+      await expect.poll(() => server.held).toBe(1);
+      cancel.abort();
+      expect((await call)?.code).toBe(Code.Canceled);
+      await expect.poll(() => server.held).toBe(0);
+    }
+    // Each cancel reached the user service as one (RST_STREAM CANCEL), and opened no breaker.
+    expect(server.endedByClient).toEqual(Array(calls.length).fill(http2.constants.NGHTTP2_CANCEL));
+    expect(users.open).toBe(false);
+    expect(users.passwordCallsOpen).toBe(false);
+
+    // The same CANCEL, sent by the user service while the caller still waits, is an outage.
+    for (const start of [read, read, signIn, signIn]) {
+      const call = failure(start(new AbortController().signal));
+      await expect.poll(() => server.held).toBe(1);
+      server.reset();
+      expect(await call).toMatchObject({ code: Code.Unavailable, rawMessage: "user service unavailable" });
+    }
+    expect(users.open).toBe(true);
+    expect(users.passwordCallsOpen).toBe(true);
   });
 });

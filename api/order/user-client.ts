@@ -93,6 +93,47 @@ function isTransient(error: unknown): boolean {
 }
 
 /**
+ * Codes connect-node gives a lost connection or stream: a reset socket (`ECONNRESET`) is ABORTED,
+ * a dropped HTTP/2 stream or session (RST_STREAM CANCEL) is CANCELED. The user service answers
+ * neither of them itself, except CANCELED when the gateway cancelled the call, which the caller's
+ * signal tells apart.
+ */
+const LOST = new Set([Code.Aborted, Code.Canceled]);
+
+/**
+ * Node.js error codes of a connection or HTTP/2 stream that failed (errno codes, `ERR_HTTP2_…`):
+ * connect-node reports a stream the server reset with INTERNAL_ERROR or REFUSED_STREAM as INTERNAL
+ * whose cause is `ERR_HTTP2_STREAM_ERROR`. An INTERNAL the service answered carries no such cause.
+ */
+const NODE_TRANSPORT_CODE = /^(E[A-Z]+|ERR_HTTP2_\w+)$/;
+
+/**
+ * Whether `error`, thrown by a call whose signal did not fire, is the transport failing rather
+ * than the service answering.
+ */
+function isTransportFailure(error: unknown): error is ConnectError {
+  if (!(error instanceof ConnectError)) return false;
+  if (LOST.has(error.code)) return true;
+  if (error.code !== Code.Internal) return false;
+  const seen = new Set<unknown>();
+  for (let cause: unknown = error.cause; cause instanceof Error && !seen.has(cause); cause = cause.cause) {
+    seen.add(cause);
+    const code: unknown = (cause as { code?: unknown }).code;
+    if (typeof code === "string" && NODE_TRANSPORT_CODE.test(code)) return true;
+  }
+  return false;
+}
+
+/**
+ * A call that failed on its connection or stream (see {@link isTransportFailure}): counts against
+ * the breaker, is retried where calls are, and reaches callers as UNAVAILABLE. `cause` is the
+ * transport's error.
+ */
+class TransportFailed extends Error {
+  override readonly name = "TransportFailed";
+}
+
+/**
  * A call that failed after its caller's signal fired. The failure (CANCELED, or DEADLINE_EXCEEDED
  * for the caller's own deadline) says nothing about the service: a public client sending tiny
  * deadlines must not open a breaker, and nobody waits for a retry.
@@ -150,9 +191,12 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
             try {
               return await fn({ signal, timeoutMs: deadlineMs });
             } catch (error) {
-              throw !detached && callerSignal?.aborted
-                ? new CallerGaveUp("the caller gave up", { cause: error })
-                : error;
+              // Only the caller's signal reaches the attempt's (a detached trial gets none), so a
+              // signal that did not fire means the call ended for reasons of its own.
+              if (signal.aborted) throw new CallerGaveUp("the caller gave up", { cause: error });
+              if (isTransportFailure(error))
+                throw new TransportFailed("user service connection failed", { cause: error });
+              throw error;
             }
           },
           detached ? undefined : callerSignal,
@@ -210,5 +254,6 @@ function asUnavailable(error: unknown): unknown {
       error,
     );
   if (error instanceof ConnectError && !TRANSIENT.has(error.code)) return error;
-  return new ConnectError("user service unavailable", Code.Unavailable, undefined, undefined, error);
+  const cause = error instanceof TransportFailed ? error.cause : error;
+  return new ConnectError("user service unavailable", Code.Unavailable, undefined, undefined, cause);
 }
