@@ -153,13 +153,14 @@ async function startHoldingServer() {
   const held = new Set<http2.ServerHttp2Stream>();
   /** RST_STREAM codes of the streams the client ended. */
   const endedByClient: number[] = [];
-  let resetting = false;
+  /** Streams {@link reset} closed: their `close` comes later, and is not the client's. */
+  const resetByServer = new WeakSet<http2.ServerHttp2Stream>();
   h2.on("stream", (stream) => {
     held.add(stream);
     stream.on("error", () => {});
     stream.on("close", () => {
       held.delete(stream);
-      if (!resetting) endedByClient.push(stream.rstCode);
+      if (!resetByServer.has(stream)) endedByClient.push(stream.rstCode);
     });
   });
   server.on("connection", (socket: Socket) => {
@@ -175,9 +176,10 @@ async function startHoldingServer() {
     },
     endedByClient,
     reset() {
-      resetting = true;
-      for (const stream of held) stream.close(http2.constants.NGHTTP2_CANCEL);
-      resetting = false;
+      for (const stream of held) {
+        resetByServer.add(stream);
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+      }
     },
     close: () => closeServer(server, sockets),
   };
@@ -437,5 +439,81 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     }
     expect(users.open).toBe(true);
     expect(users.passwordCallsOpen).toBe(true);
+    // Those were the service's resets, not the client's.
+    await expect.poll(() => server.held).toBe(0);
+    expect(server.endedByClient).toHaveLength(calls.length);
+  });
+
+  it("takes a stream reset for the request's own fault (ENHANCE_YOUR_CALM) as the service's answer: INTERNAL, counted by no breaker", async () => {
+    // What Node's HTTP/2 server does with headers over its limit: a client sending such a request
+    // must not open the breaker for everyone.
+    const h2 = http2.createServer();
+    const server = h2 as unknown as Server;
+    const sockets = new Set<Socket>();
+    let reached = 0;
+    h2.on("stream", (stream) => {
+      reached++;
+      stream.on("error", () => {});
+      stream.close(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
+    });
+    server.on("connection", (socket: Socket) => {
+      sockets.add(socket);
+      socket.on("close", () => sockets.delete(socket));
+    });
+    const url = await listen(server);
+    failing.push({ close: () => closeServer(server, sockets) });
+    const { users } = await startProxy({ baseUrl: url, failureThreshold: 2, retries: 0 });
+
+    for (let call = 1; call <= 4; call++) {
+      const error = await failure(
+        users.idempotent((options) => users.client.getUser({ userId: "u-1" }, options)),
+      );
+      expect(error?.code).toBe(Code.Internal);
+    }
+    expect(reached).toBe(4);
+    expect(users.open).toBe(false);
+  });
+
+  it("a retry that is a half-open breaker's trial runs without its caller's signal: the caller's cancel neither cancels it nor closes the breaker", async () => {
+    // The first call's stream is refused (the breaker, threshold 1, opens); every later one is held.
+    const h2 = http2.createServer();
+    const server = h2 as unknown as Server;
+    const sockets = new Set<Socket>();
+    const held = new Set<http2.ServerHttp2Stream>();
+    let streams = 0;
+    h2.on("stream", (stream) => {
+      stream.on("error", () => {});
+      if (++streams === 1) return stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      held.add(stream);
+      stream.on("close", () => held.delete(stream));
+    });
+    server.on("connection", (socket: Socket) => {
+      sockets.add(socket);
+      socket.on("close", () => sockets.delete(socket));
+    });
+    const url = await listen(server);
+    failing.push({ close: () => closeServer(server, sockets) });
+    // The retry comes after the breaker's open time: it is the half-open trial.
+    const { users } = await startProxy({
+      baseUrl: url,
+      failureThreshold: 1,
+      retries: 1,
+      initialBackoffMs: 1,
+      halfOpenAfterMs: 1,
+    });
+
+    const cancel = new AbortController();
+    const call = failure(
+      users.idempotent((options) => users.client.getUser({ userId: "u-1" }, options), cancel.signal),
+    );
+    await expect.poll(() => held.size).toBe(1);
+    cancel.abort();
+    expect((await call)?.code).toBe(Code.Canceled);
+    // The trial runs on upstream; when it fails, the breaker opens again (it did not close on the
+    // caller's cancel, which says nothing about the service).
+    expect(held.size).toBe(1);
+    for (const stream of held) stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+    await expect.poll(() => users.open).toBe(true);
+    expect(streams).toBe(2);
   });
 });

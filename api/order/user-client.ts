@@ -25,7 +25,6 @@ import {
   handleWhen,
   type IPolicy,
   retry,
-  wrap,
 } from "cockatiel";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
 import { createTracingClientInterceptor } from "../rpc/tracing-interceptor.ts";
@@ -96,30 +95,50 @@ function isTransient(error: unknown): boolean {
  * Codes connect-node gives a lost connection or stream: a reset socket (`ECONNRESET`) is ABORTED,
  * a dropped HTTP/2 stream or session (RST_STREAM CANCEL) is CANCELED. The user service answers
  * neither of them itself, except CANCELED when the gateway cancelled the call, which the caller's
- * signal tells apart.
+ * signal tells apart. (connect-node also gives ABORTED for a body written after the server ended
+ * the call; the gateway forwards at most what the service accepts, so that is not reached.)
  */
 const LOST = new Set([Code.Aborted, Code.Canceled]);
 
-/**
- * Node.js error codes of a connection or HTTP/2 stream that failed (errno codes, `ERR_HTTP2_…`):
- * connect-node reports a stream the server reset with INTERNAL_ERROR or REFUSED_STREAM as INTERNAL
- * whose cause is `ERR_HTTP2_STREAM_ERROR`. An INTERNAL the service answered carries no such cause.
- */
-const NODE_TRANSPORT_CODE = /^(E[A-Z]+|ERR_HTTP2_\w+)$/;
+/** Node.js errors of a connection or HTTP/2 session that failed, whatever the request. */
+const NODE_CONNECTION_FAILED = new Set([
+  "ERR_HTTP2_SESSION_ERROR",
+  "ERR_HTTP2_GOAWAY_SESSION",
+  "ERR_HTTP2_INVALID_SESSION",
+  "ERR_HTTP2_STREAM_CANCEL",
+]);
 
 /**
- * Whether `error`, thrown by a call whose signal did not fire, is the transport failing rather
- * than the service answering.
+ * Stream resets that say the service could not take the call (REFUSED_STREAM: it is shutting
+ * down or over its stream limit; INTERNAL_ERROR: it failed), not that the request was refused:
+ * a reset for the request's own fault (ENHANCE_YOUR_CALM for headers over the service's limit,
+ * PROTOCOL_ERROR, …) must not let one client open the breaker for everyone.
  */
-function isTransportFailure(error: unknown): error is ConnectError {
+const SERVICE_STREAM_RESET = /NGHTTP2_(REFUSED_STREAM|INTERNAL_ERROR)\b/;
+
+/** Whether `cause`, a Node.js error under connect's, is a failed connection or stream. */
+function isNodeTransportError(cause: Error): boolean {
+  const code: unknown = (cause as { code?: unknown }).code;
+  if (typeof code !== "string") return false;
+  // errno codes: ECONNRESET, EPIPE, ECONNREFUSED, ETIMEDOUT, …
+  if (/^E[A-Z]+$/.test(code)) return true;
+  if (NODE_CONNECTION_FAILED.has(code)) return true;
+  return code === "ERR_HTTP2_STREAM_ERROR" && SERVICE_STREAM_RESET.test(cause.message);
+}
+
+/**
+ * Whether `error`, thrown by a call its caller did not cancel, is the transport failing rather
+ * than the service answering. connect-node reports a stream the server reset as INTERNAL with the
+ * Node.js error as its cause; an INTERNAL the service answered has no such cause.
+ */
+function isTransportFailure(error: unknown): boolean {
   if (!(error instanceof ConnectError)) return false;
   if (LOST.has(error.code)) return true;
   if (error.code !== Code.Internal) return false;
   const seen = new Set<unknown>();
   for (let cause: unknown = error.cause; cause instanceof Error && !seen.has(cause); cause = cause.cause) {
     seen.add(cause);
-    const code: unknown = (cause as { code?: unknown }).code;
-    if (typeof code === "string" && NODE_TRANSPORT_CODE.test(code)) return true;
+    if (isNodeTransportError(cause)) return true;
   }
   return false;
 }
@@ -170,54 +189,63 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
     backoff: new ExponentialBackoff({ initialDelay: options.initialBackoffMs ?? 50, maxDelay: 1000 }),
   });
   const hashingTimeoutMs = options.hashingTimeoutMs ?? 15_000;
-  const run = async <T>(
-    policy: IPolicy,
+  /**
+   * One attempt through `guard`. A breaker that is not closed must decide on its trial call's real
+   * outcome. A caller who gives up then gets CANCELED at once, but the call runs on to its own
+   * deadline: counting the cancel either way would let any public client keep the breaker open
+   * (cancel every trial) or close it on no evidence (the breaker counts an error it does not
+   * handle as a success). Decided per attempt: a retry of a call that began with the breaker
+   * closed may be the trial of a breaker opened meanwhile.
+   */
+  const attempt = <T>(
     guard: CircuitBreakerPolicy,
     fn: (o: CallOptions) => Promise<T>,
     deadlineMs: number,
     callerSignal: AbortSignal | undefined,
   ): Promise<T> => {
-    // A breaker that is not closed must decide on its trial call's real outcome. A caller who
-    // gives up then gets CANCELED at once, but the call runs on to its own deadline: counting the
-    // cancel either way would let any public client keep the breaker open (cancel every trial) or
-    // close it on no evidence (the breaker counts an error it does not handle as a success).
     const detached = callerSignal !== undefined && guard.state !== CircuitState.Closed;
-    const execution = (async () => {
-      try {
-        // Closed, the policies hand the caller's signal to every attempt, so the call upstream is
-        // cancelled with it instead of running on (and hashing) for nobody.
-        return await policy.execute(
-          async ({ signal }) => {
-            try {
-              return await fn({ signal, timeoutMs: deadlineMs });
-            } catch (error) {
-              // Only the caller's signal reaches the attempt's (a detached trial gets none), so a
-              // signal that did not fire means the call ended for reasons of its own.
-              if (signal.aborted) throw new CallerGaveUp("the caller gave up", { cause: error });
-              if (isTransportFailure(error))
-                throw new TransportFailed("user service connection failed", { cause: error });
-              throw error;
-            }
-          },
-          detached ? undefined : callerSignal,
-        );
-      } catch (error) {
-        if (error instanceof CallerGaveUp) throw ConnectError.from(error.cause, Code.Canceled);
-        throw asUnavailable(error);
-      }
-    })();
-    if (!detached || !callerSignal) return execution;
+    // Closed, the caller's signal goes to the call, so the call upstream is cancelled with it
+    // instead of running on (and hashing) for nobody.
+    const call = guard.execute(
+      async ({ signal }) => {
+        try {
+          return await fn({ signal, timeoutMs: deadlineMs });
+        } catch (error) {
+          if (!detached && callerSignal?.aborted)
+            throw new CallerGaveUp("the caller gave up", { cause: error });
+          if (isTransportFailure(error))
+            throw new TransportFailed("user service connection failed", { cause: error });
+          throw error;
+        }
+      },
+      detached ? undefined : callerSignal,
+    );
+    if (!detached || !callerSignal) return call;
     // Nobody else waits for a detached trial: its outcome is the breaker's.
-    execution.catch(() => {});
-    return untilAborted(execution, callerSignal);
+    call.catch(() => {});
+    return untilAborted(call, callerSignal);
   };
-  const withRetry = wrap(retrying, breaker);
+  const run = async <T>(
+    retrying: IPolicy | undefined,
+    guard: CircuitBreakerPolicy,
+    fn: (o: CallOptions) => Promise<T>,
+    deadlineMs: number,
+    callerSignal: AbortSignal | undefined,
+  ): Promise<T> => {
+    try {
+      const once = () => attempt(guard, fn, deadlineMs, callerSignal);
+      return await (retrying ? retrying.execute(once, callerSignal) : once());
+    } catch (error) {
+      if (error instanceof CallerGaveUp) throw ConnectError.from(error.cause, Code.Canceled);
+      throw asUnavailable(error);
+    }
+  };
   const isOpen = (b: typeof breaker): boolean =>
     b.state === CircuitState.Open || b.state === CircuitState.Isolated;
   return {
     client,
-    idempotent: (fn, signal) => run(withRetry, breaker, fn, timeoutMs, signal),
-    once: (fn, signal) => run(passwordBreaker, passwordBreaker, fn, hashingTimeoutMs, signal),
+    idempotent: (fn, signal) => run(retrying, breaker, fn, timeoutMs, signal),
+    once: (fn, signal) => run(undefined, passwordBreaker, fn, hashingTimeoutMs, signal),
     get open() {
       return isOpen(breaker);
     },
