@@ -92,7 +92,7 @@ export interface OrchestratorOptions {
   onEntry?: (entry: HistoryEntry) => void;
 }
 
-/** Counters of a running orchestrator. */
+/** Counters of a running orchestrator, and what it holds now (for metrics and tests). */
 export interface OrchestratorStats {
   /** Inbox messages finished (acked or dead-lettered). */
   processed: number;
@@ -122,7 +122,6 @@ export interface RunningOrchestrator {
   readonly stats: Readonly<OrchestratorStats>;
   /** The in-memory state cache now: instances held, and their size as stored (bytes). */
   readonly cache: { readonly entries: number; readonly bytes: number };
-
   readonly topology: Topology;
   /** Stops consuming, waits (bounded) for messages in progress, and returns. */
   stop(): Promise<void>;
@@ -329,7 +328,6 @@ export async function startOrchestrator(options: OrchestratorOptions): Promise<R
     get cache() {
       return loop.cacheUsage();
     },
-
     topology: topo,
     async stop() {
       stopping = true;
@@ -516,12 +514,13 @@ class OrchestratorLoop {
    * delivery, as before the ledger) and not awaited here: what the consumer buffered goes back
    * together; drain() waits for them.
    */
-  #handBack(msg: JsMsg): void {
+  #handBack(msg: JsMsg, onSettled?: () => void): void {
     this.stats.handedBack++;
     this.#track(
       this.#handbacks
         .record(msg, undefined, AbortSignal.timeout(STOP_LEDGER_WRITE_MS))
-        .then(() => nakQuietly(msg)),
+        .then(() => nakQuietly(msg))
+        .finally(onSettled),
     );
   }
 
@@ -547,9 +546,14 @@ class OrchestratorLoop {
     while (this.#chains.size > 0 && Date.now() < deadline) {
       await Promise.race([...this.#chains.values(), sleep(50)]);
     }
-    // Refusals and hand-backs still under way (each hand-back's ledger write is bounded).
+    // Refusals and hand-backs still under way. Each hand-back's ledger write is bounded, and gets
+    // its time even when the chains used the deadline up: a message queued behind a slow one is
+    // handed back once that one ends, and an un-nak'd hand-back would wait out ack_wait.
     if (this.#unchained.size > 0) {
-      await settledWithin(Promise.all(this.#unchained), Math.max(0, deadline - Date.now()));
+      await settledWithin(
+        Promise.all(this.#unchained),
+        Math.max(STOP_LEDGER_WRITE_MS + 100, deadline - Date.now()),
+      );
     }
     // A repair still making streams, or a re-arm, would otherwise outlive stop() and the connection.
     if (this.#repairing) await settledWithin(this.#repairing, Math.max(0, deadline - Date.now()));
@@ -580,7 +584,8 @@ class OrchestratorLoop {
           // unstarted, as those still waiting for a slot do, instead of being decided in the drain,
           // whose deadline could cut it off and leave it to ack_wait.
           handedBack = true;
-          this.#handBack(msg);
+          // Held until nak'd, as the worker's are.
+          this.#handBack(msg, () => this.#release(false));
           return;
         }
         return withSpan(
@@ -597,7 +602,7 @@ class OrchestratorLoop {
       })
       .catch((error: unknown) => this.#retryLater(msg, error))
       .finally(() => {
-        this.#release(!handedBack);
+        if (!handedBack) this.#release();
         if (this.#chains.get(key) === next) this.#chains.delete(key);
       });
     this.#chains.set(key, next);
@@ -792,9 +797,10 @@ class OrchestratorLoop {
               return;
             }
           }
-          if (!fresh && decision.code !== "INSTANCE_NOT_FOUND") {
+          if (!fresh) {
             // As for "ignored": a refusal made on a stale state (a guard or a command's input that
-            // reads the context) may not stand on the leader's latest.
+            // reads the context; a replica that has not yet got the start) may not stand on the
+            // leader's latest.
             fresh = true;
             this.#cache.delete(key);
             continue;
