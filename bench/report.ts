@@ -60,7 +60,11 @@ export interface BenchResults {
     runs: number;
     quick: boolean;
     idle: number;
-    sync: boolean;
+    /**
+     * The store settings measured: `both`, `default` or `always` (`sync_interval: always`); runs
+     * before the choice existed hold true (a second series) or false.
+     */
+    sync: "both" | "default" | "always" | boolean;
     /** Unmeasured load each set of service processes got first (absent in runs before it existed). */
     processWarmup?: {
       engine: { concurrency: number; count: number };

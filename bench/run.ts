@@ -113,6 +113,11 @@ if (!SYNC_CHOICES.includes(sync)) {
 for (const part of parts) {
   if (!PARTS.includes(part)) usageError(`unknown part "${part}"; parts: ${PARTS.join(", ")}`);
 }
+/** Parts that compare processes, not store settings: measured in the default series only. */
+const DEFAULT_STORE_ONLY: readonly Part[] = ["tracing", "recovery", "idle"];
+if (sync === "always" && [...parts].every((part) => DEFAULT_STORE_ONLY.includes(part))) {
+  usageError(`--only ${[...parts].join(",")} is measured on the default store only: drop --sync always`);
+}
 
 const began = performance.now();
 const progress = (message: string): void => {
@@ -541,7 +546,7 @@ const results: BenchResults = {
     runs,
     quick,
     idle: idleInstances,
-    sync: sync !== "default",
+    sync,
     processWarmup: { engine: ENGINE_WARMUP, full: FULL_WARMUP },
   },
   durationS: (performance.now() - began) / 1000,
