@@ -33,11 +33,14 @@ const SLOW = "slow-";
 const upstream = {
   server: undefined as unknown as RpcServer,
   getUserCalls: 0,
+  /** Calls that got to it and hung, in order: `<method> <email or id>`. */
+  reached: [] as string[],
   /** Calls whose signal fired while they hung: `<method> <email or id>`. */
   cancelled: [] as string[],
 };
 
 function hang(ctx: HandlerContext, label: string): Promise<never> {
+  upstream.reached.push(label);
   return new Promise((_, reject) => {
     ctx.signal.addEventListener("abort", () => {
       upstream.cancelled.push(label);
@@ -138,6 +141,34 @@ async function startFailingServer(kind: keyof typeof failures): Promise<FailingS
       return reached;
     },
     close: () => closeServer(server, sockets),
+  };
+}
+
+/**
+ * An address that refuses connections (ECONNREFUSED), as a user service that is down does, for as
+ * long as it is held. Its port is the local end of a connection this process keeps open to a peer
+ * of its own: bound, so no server (of this process or another) can listen on it meanwhile, and not
+ * listening, so the kernel refuses each connection to it. A server closed to free its address
+ * would not do: another process may listen on the port before the test connects. (The port is
+ * left for connect() to choose: bound with bind() it would get SO_REUSEADDR from libuv, and a
+ * server could still listen on it explicitly.)
+ */
+async function holdRefusingAddress(): Promise<{ url: string; close(): Promise<void> }> {
+  const peer = net.createServer();
+  const sockets = new Set<Socket>();
+  peer.on("connection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+  });
+  await listen(peer);
+  const holder = net.connect({ host: "127.0.0.1", port: (peer.address() as AddressInfo).port });
+  await new Promise((resolve, reject) => holder.once("connect", resolve).once("error", reject));
+  return {
+    url: `http://127.0.0.1:${holder.localPort}`,
+    close: () => {
+      holder.destroy();
+      return closeServer(peer, sockets);
+    },
   };
 }
 
@@ -288,9 +319,11 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     // A cancel (no deadline) reaches the user service too.
     const cancel = new AbortController();
     const email = `${SLOW}cancel@example.com`;
-    const cancelled = client.authenticate({ email, password: "guess" }, { signal: cancel.signal });
-    setTimeout(() => cancel.abort(), 100);
-    expect(await codeOf(cancelled)).toBe(Code.Canceled);
+    const cancelled = codeOf(client.authenticate({ email, password: "guess" }, { signal: cancel.signal }));
+    // Cancelled once the call is upstream: a cancel before it got there would have nothing to reach.
+    await expect.poll(() => upstream.reached).toContain(`authenticate ${email}`);
+    cancel.abort();
+    expect(await cancelled).toBe(Code.Canceled);
     expected.push(`authenticate ${email}`);
     await expect.poll(() => upstream.cancelled, { timeout: 3000 }).toEqual(expect.arrayContaining(expected));
     // Three of each is past the threshold of two: none of them was the service's fault.
@@ -299,8 +332,9 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     expect((await client.getUser({ userId: "u-3" })).user?.userId).toBe("u-3");
   });
   it("answers UNAVAILABLE without the transport's error text (the user service's address), which stays the cause", async () => {
-    const gone = await startRpcServer({ routes: () => {} });
-    await gone.close();
+    // Nothing listens at the user service's address: connections to it are refused.
+    const gone = await holdRefusingAddress();
+    failing.push(gone);
     // A threshold no call here reaches: each should fail on the transport, not on an open breaker.
     const { users, client } = await startProxy({ baseUrl: gone.url, failureThreshold: 10 });
     // Settled into values at once: the calls run together, and one that fails while another is
@@ -335,7 +369,7 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
   });
 
   it("lets a half-open breaker's trial run to its end when its caller gives up, and decides on that", async () => {
-    const { users, client } = await startProxy({ hashingTimeoutMs: 200, halfOpenAfterMs: 300 });
+    const { users, client } = await startProxy({ hashingTimeoutMs: 500, halfOpenAfterMs: 300 });
     // Open the password calls' breaker: two timeouts in a row.
     for (let i = 0; i < 2; i++) {
       expect(
@@ -343,17 +377,47 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
       ).toBe(Code.Unavailable);
     }
     expect(users.passwordCallsOpen).toBe(true);
-    await new Promise((resolve) => setTimeout(resolve, 400));
     // The trial call: its caller gives up before the service answers. That says nothing of the
     // service, so the breaker must neither close nor open on it.
-    const trial = users.once(
-      (call) => users.client.authenticate({ email: `${SLOW}trial@example.com`, password: "g" }, call),
-      AbortSignal.timeout(50),
-    );
-    expect(await codeOf(trial)).toBe(Code.Canceled);
-    // The call upstream was not cancelled with its caller: it runs on to its own deadline (200 ms),
+    const email = `${SLOW}trial@example.com`;
+    const cancel = new AbortController();
+    /** How the call to the user service itself ended (set once the breaker runs it). */
+    let upstreamCall: Promise<Code | "ok"> | undefined;
+    const attempt = () => {
+      let ran!: () => void;
+      const running = new Promise<"run">((resolve) => {
+        ran = () => resolve("run");
+      });
+      const call = codeOf(
+        users.once((options) => {
+          ran();
+          const sent = users.client.authenticate({ email, password: "g" }, options);
+          upstreamCall = codeOf(sent);
+          return sent;
+        }, cancel.signal),
+      );
+      return { call, running };
+    };
+    // Until its open time is over, the breaker sheds each call (UNAVAILABLE) without running it;
+    // the first call it runs is the trial.
+    let trial: Promise<Code | "ok"> | undefined;
+    await expect
+      .poll(
+        () => {
+          const { call, running } = attempt();
+          trial = call;
+          return Promise.race([running, call]);
+        },
+        { timeout: 3_000 },
+      )
+      .toBe("run");
+    await expect.poll(() => upstream.reached).toContain(`authenticate ${email}`);
+    cancel.abort();
+    expect(await trial).toBe(Code.Canceled);
+    // The call upstream was not cancelled with its caller: it runs on to its own deadline (500 ms),
     // times out, and the breaker opens again on that.
-    expect(upstream.cancelled).not.toContain(`authenticate ${SLOW}trial@example.com`);
+    expect(upstream.cancelled).not.toContain(`authenticate ${email}`);
+    expect(await upstreamCall).toBe(Code.DeadlineExceeded);
     await expect.poll(() => users.passwordCallsOpen, { timeout: 3_000 }).toBe(true);
   });
 
