@@ -33,6 +33,9 @@ import { createUserService } from "./user/service.ts";
 
 const SECRET = "gateway-int-test-secret-that-is-long-enough-0123";
 const PASSWORD = "correct horse battery";
+/** The spawned gateway's sign-up cap and operator token (API_SIGNUP_MAX_CREDIT_CENTS, API_OPERATOR_TOKEN). */
+const SIGNUP_CAP = 100_000n;
+const OPERATOR_TOKEN = "gateway-int-test-operator-token-0123456789";
 
 /** A TCP proxy to `target` (host:port) whose connections the test can cut. */
 interface TcpProxy {
@@ -165,7 +168,11 @@ describe("the gateway with the real user service, NATS and Postgres", () => {
       const spawned = await spawnService("api/main.ts", gatewayEnv, ready, runtime);
       return [spawned, (await spawned.waitForLine(ready)).slice("JETSAGA_API_URL=".length)];
     };
-    [proxied, proxiedUrl] = await spawnGateway({ API_CLIENT_ADDRESS_HEADER: "X-Forwarded-For" });
+    [proxied, proxiedUrl] = await spawnGateway({
+      API_CLIENT_ADDRESS_HEADER: "X-Forwarded-For",
+      API_SIGNUP_MAX_CREDIT_CENTS: String(SIGNUP_CAP),
+      API_OPERATOR_TOKEN: OPERATOR_TOKEN,
+    });
     // The same entry under Deno, whose node:http2 must give the gateway the TCP peer too.
     [onDeno, onDenoUrl] = await spawnGateway({}, "deno");
   });
@@ -193,6 +200,33 @@ describe("the gateway with the real user service, NATS and Postgres", () => {
     await client(baseUrl, "2").createUser({ email, password: PASSWORD, creditLimitCents: 0n });
     return email;
   }
+
+  it("with API_SIGNUP_MAX_CREDIT_CENTS, refuses a public sign-up above the cap unless an operator's token comes with it", async () => {
+    const users = client(proxiedUrl, "2");
+    const signUp = (creditLimitCents: bigint, authorization?: string) => {
+      const email = `cap-${randomUUID()}@example.com`;
+      const options = authorization ? { headers: { authorization } } : {};
+      return { email, created: users.createUser({ email, password: PASSWORD, creditLimitCents }, options) };
+    };
+    const atCap = signUp(SIGNUP_CAP);
+    expect((await atCap.created).user?.creditLimitCents).toBe(SIGNUP_CAP);
+    for (const authorization of [undefined, "Bearer not-the-operator-token", `Basic ${OPERATOR_TOKEN}`]) {
+      const over = signUp(SIGNUP_CAP + 1n, authorization);
+      expect(await codeOf(over.created), String(authorization)).toBe(Code.PermissionDenied);
+      // Nothing was created: the email is still free (taken, a different limit is ALREADY_EXISTS).
+      const again = await users.createUser({ email: over.email, password: PASSWORD, creditLimitCents: 0n });
+      expect(again.user?.creditLimitCents).toBe(0n);
+    }
+    const byOperator = signUp(10n ** 9n, `Bearer ${OPERATOR_TOKEN}`);
+    expect((await byOperator.created).user?.creditLimitCents).toBe(10n ** 9n);
+    // Without the setting (the in-process gateway), the user service's own bound is the only one.
+    const uncapped = await client(gateway.url, "2").createUser({
+      email: `nocap-${randomUUID()}@example.com`,
+      password: PASSWORD,
+      creditLimitCents: 10n ** 9n,
+    });
+    expect(uncapped.user?.creditLimitCents).toBe(10n ** 9n);
+  });
 
   it("writes the read model on a connection of its own, apart from the API's reads", async () => {
     // The two gateways spawned as processes (Node and Deno): the projector's LISTEN connection

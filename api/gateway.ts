@@ -3,8 +3,10 @@
  * process): one port serving OrderService and a UserService proxy over gRPC, Connect and gRPC-Web,
  * plus /healthz, /readyz and /metrics, with the order read-model projector running alongside.
  */
+import { createHash, timingSafeEqual } from "node:crypto";
 import {
-  type ConnectError,
+  Code,
+  ConnectError,
   type ContextValues,
   createContextKey,
   createContextValues,
@@ -92,6 +94,22 @@ export interface GatewayOptions {
    * (the default): the TCP peer's address. See {@link clientAddressOf}.
    */
   clientAddressHeader?: string;
+  /**
+   * What a public CreateUser may ask for. Unset (the default): any credit limit the user service
+   * takes, as the reference shop's walkthrough does. See {@link SignupPolicy}.
+   */
+  signup?: SignupPolicy;
+}
+
+/**
+ * A cap on the credit limit a public CreateUser may give itself. Above it, only a call carrying
+ * `authorization: Bearer <operatorToken>` is forwarded; others get PERMISSION_DENIED and nothing is
+ * created. Without an operator token, accounts above the cap are made on the user service itself,
+ * which is not public.
+ */
+export interface SignupPolicy {
+  maxCreditLimitCents: bigint;
+  operatorToken?: string;
 }
 
 /** A running gateway. */
@@ -158,7 +176,20 @@ export function clientAddressValues(header?: string): (req: NodeServerRequest) =
  * The caller's signal goes upstream, so a call its client gave up on stops there too instead of
  * holding a place in the hashing queue.
  */
-export function createUserServiceProxy(users: ResilientUserClient): ServiceImpl<typeof UserService> {
+export function createUserServiceProxy(
+  users: ResilientUserClient,
+  signup?: SignupPolicy,
+): ServiceImpl<typeof UserService> {
+  const operatorDigest = signup?.operatorToken === undefined ? undefined : sha256(signup.operatorToken);
+  /** Compared as digests: equal lengths for timingSafeEqual, and no timing that tells the token's. */
+  const isOperator = (ctx: HandlerContext): boolean => {
+    const presented = /^Bearer (.+)$/.exec(ctx.requestHeader.get("authorization") ?? "")?.[1];
+    return (
+      operatorDigest !== undefined &&
+      presented !== undefined &&
+      timingSafeEqual(sha256(presented), operatorDigest)
+    );
+  };
   const forward = (ctx: HandlerContext): Record<string, string> => {
     const headers: Record<string, string> = {};
     const authorization = ctx.requestHeader.get("authorization");
@@ -168,8 +199,18 @@ export function createUserServiceProxy(users: ResilientUserClient): ServiceImpl<
     return headers;
   };
   return {
-    createUser: (req, ctx) =>
-      users.once((call) => users.client.createUser(req, { ...call, headers: forward(ctx) }), ctx.signal),
+    createUser: (req, ctx) => {
+      if (signup && req.creditLimitCents > signup.maxCreditLimitCents && !isOperator(ctx)) {
+        throw new ConnectError(
+          `credit_limit_cents above ${signup.maxCreditLimitCents} needs an operator's token`,
+          Code.PermissionDenied,
+        );
+      }
+      return users.once(
+        (call) => users.client.createUser(req, { ...call, headers: forward(ctx) }),
+        ctx.signal,
+      );
+    },
     getUser: (req, ctx) =>
       users.idempotent((call) => users.client.getUser(req, { ...call, headers: forward(ctx) }), ctx.signal),
     authenticate: (req, ctx) =>
@@ -244,7 +285,7 @@ export async function startGateway(options: GatewayOptions): Promise<Gateway> {
           onInternal,
           ...(options.clock ? { clock: options.clock } : {}),
         });
-        router.service(UserService, createUserServiceProxy(users), {
+        router.service(UserService, createUserServiceProxy(users, options.signup), {
           interceptors: [createErrorInterceptor(onInternal)],
         });
       },
@@ -369,4 +410,8 @@ function registerMetrics(
       this.set(users.passwordCallsOpen ? 1 : 0);
     },
   });
+}
+
+function sha256(text: string): Buffer {
+  return createHash("sha256").update(text).digest();
 }

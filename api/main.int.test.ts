@@ -44,4 +44,22 @@ describe("api/main.ts settings", () => {
       );
     },
   );
+
+  it.each(["abc", "-1", "1.5", "1e3", "1000000000001", "99999999999999"])(
+    "refuses API_SIGNUP_MAX_CREDIT_CENTS=%s",
+    async (value) => {
+      const output = await refusedOutput({ API_SIGNUP_MAX_CREDIT_CENTS: value });
+      expect(output).toContain("API_SIGNUP_MAX_CREDIT_CENTS must be a whole number of cents 0-1000000000000");
+      expect(output).toContain(`got \\"${value}\\"`);
+    },
+  );
+
+  it("refuses an operator token that is short, or that guards no cap", async () => {
+    expect(
+      await refusedOutput({ API_SIGNUP_MAX_CREDIT_CENTS: "100000", API_OPERATOR_TOKEN: "too-short" }),
+    ).toContain("API_OPERATOR_TOKEN must be at least 32 bytes");
+    expect(await refusedOutput({ API_OPERATOR_TOKEN: "o".repeat(40) })).toContain(
+      "API_OPERATOR_TOKEN is set without API_SIGNUP_MAX_CREDIT_CENTS",
+    );
+  });
 });

@@ -24,6 +24,10 @@
  *   sent to the user service, whose per-address sign-in budget keeps one address from locking a
  *   user out. Set it only when every request comes through a proxy that appends to the header:
  *   otherwise clients write it themselves and get a fresh budget per made-up address.
+ * - `API_SIGNUP_MAX_CREDIT_CENTS`: the highest credit limit a public CreateUser may ask for,
+ *   0-1000000000000 cents; above it, PERMISSION_DENIED unless the call carries
+ *   `authorization: Bearer <API_OPERATOR_TOKEN>`. Unset (default): no cap, as the walkthrough needs.
+ * - `API_OPERATOR_TOKEN`: that token (at least 32 bytes); only with `API_SIGNUP_MAX_CREDIT_CENTS`.
  * - `NATS_URL` (default nats://127.0.0.1:4222), `JETSAGA_NS` (default jetsaga), `LOG_LEVEL`.
  *
  * Bad configuration or an unreachable server: one clear log line, exit status 1. SIGINT/SIGTERM
@@ -42,7 +46,7 @@ import {
 import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
-import { type Gateway, HTTP_HEADER_NAME, startGateway } from "./gateway.ts";
+import { type Gateway, HTTP_HEADER_NAME, type SignupPolicy, startGateway } from "./gateway.ts";
 
 const logger = createLogger("api");
 
@@ -59,6 +63,34 @@ interface ApiConfig {
   streamResetLimit?: { burst: number; perSecond: number };
   maxStreamsPerConnection?: number;
   clientAddressHeader?: string;
+  signup?: SignupPolicy;
+}
+
+/** The user service's own bound on a credit limit (api/user/service.ts, USER_LIMITS). */
+const MAX_CREDIT_LIMIT_CENTS = 1_000_000_000_000n;
+/** Shortest operator token taken: a guessable one would hand out credit. */
+const MIN_OPERATOR_TOKEN_BYTES = 32;
+
+function readSignupPolicy(env: Record<string, string | undefined>): SignupPolicy | undefined {
+  const capText = env.API_SIGNUP_MAX_CREDIT_CENTS;
+  const operatorToken = env.API_OPERATOR_TOKEN || undefined;
+  if (!capText) {
+    if (operatorToken !== undefined) {
+      throw new ConfigError(
+        "API_OPERATOR_TOKEN is set without API_SIGNUP_MAX_CREDIT_CENTS: with no cap every sign-up may choose its credit limit, so the token would guard nothing",
+      );
+    }
+    return undefined;
+  }
+  if (!/^\d{1,13}$/.test(capText) || BigInt(capText) > MAX_CREDIT_LIMIT_CENTS) {
+    throw new ConfigError(
+      `API_SIGNUP_MAX_CREDIT_CENTS must be a whole number of cents 0-${MAX_CREDIT_LIMIT_CENTS}, got "${capText}"`,
+    );
+  }
+  if (operatorToken !== undefined && Buffer.byteLength(operatorToken) < MIN_OPERATOR_TOKEN_BYTES) {
+    throw new ConfigError(`API_OPERATOR_TOKEN must be at least ${MIN_OPERATOR_TOKEN_BYTES} bytes`);
+  }
+  return { maxCreditLimitCents: BigInt(capText), ...(operatorToken ? { operatorToken } : {}) };
 }
 
 function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
@@ -126,6 +158,7 @@ function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
       `API_CLIENT_ADDRESS_HEADER must be an HTTP header name such as x-forwarded-for, got "${env.API_CLIENT_ADDRESS_HEADER}"`,
     );
   }
+  const signup = readSignupPolicy(env);
   return {
     port,
     host: env.API_HOST || "127.0.0.1",
@@ -134,6 +167,7 @@ function readApiConfig(env: Record<string, string | undefined>): ApiConfig {
     ...(streamResetLimit ? { streamResetLimit } : {}),
     ...(maxStreamsPerConnection ? { maxStreamsPerConnection } : {}),
     ...(clientAddressHeader ? { clientAddressHeader } : {}),
+    ...(signup ? { signup } : {}),
   };
 }
 
@@ -186,6 +220,7 @@ async function main(): Promise<void> {
       ...(api.streamResetLimit ? { streamResetLimit: api.streamResetLimit } : {}),
       ...(api.maxStreamsPerConnection ? { maxStreamsPerConnection: api.maxStreamsPerConnection } : {}),
       ...(api.clientAddressHeader ? { clientAddressHeader: api.clientAddressHeader } : {}),
+      ...(api.signup ? { signup: api.signup } : {}),
       logger,
     });
     onShutdown(stop, { timeoutMs: config.shutdownTimeoutMs, logger });
@@ -197,6 +232,7 @@ async function main(): Promise<void> {
         ns: config.ns,
         userService: api.userServiceUrl,
         clientAddress: api.clientAddressHeader ?? "tcp peer",
+        signupMaxCreditCents: api.signup?.maxCreditLimitCents.toString() ?? "no cap",
       },
       "api ready",
     );

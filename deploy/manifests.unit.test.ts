@@ -54,6 +54,9 @@ const OPTIONAL_ENV: Readonly<Record<string, Readonly<Record<string, string>>>> =
     API_MAX_STREAMS_PER_CONNECTION: "unset = 256 calls open at once per HTTP/2 connection",
     API_CLIENT_ADDRESS_HEADER:
       "unset = the TCP peer is the client; set (e.g. x-forwarded-for) only behind a proxy that appends to it",
+    API_SIGNUP_MAX_CREDIT_CENTS:
+      "unset = a public sign-up chooses its own credit limit, as the walkthrough does; api.yaml has it commented out",
+    API_OPERATOR_TOKEN: "only with API_SIGNUP_MAX_CREDIT_CENTS (a Secret key, commented out in api.yaml)",
   },
   "orchestrator/service/main.ts": {
     DATABASE_URL: "readConfig() reads it for every service; the orchestrator keeps no database",
