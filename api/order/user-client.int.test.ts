@@ -7,7 +7,7 @@
 import * as http2 from "node:http2";
 import type { AddressInfo, Server, Socket } from "node:net";
 import * as net from "node:net";
-import { create } from "@bufbuild/protobuf";
+import { create, toBinary } from "@bufbuild/protobuf";
 import { type Client, Code, ConnectError, createClient, type HandlerContext } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, afterEach, beforeAll, describe, expect, it } from "vitest";
@@ -579,5 +579,70 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     for (const stream of held) stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
     await expect.poll(() => users.open).toBe(true);
     expect(streams).toBe(2);
+  });
+
+  it("a call waiting for a half-open trial's decision leaves with its caller, and does not run once the breaker closes", async () => {
+    // The first call's stream is refused (the breaker, threshold 1, opens); the second, the trial,
+    // is held until the test answers it; every later one is answered at once.
+    const h2 = http2.createServer();
+    const server = h2 as unknown as Server;
+    const sockets = new Set<Socket>();
+    const held: http2.ServerHttp2Stream[] = [];
+    let streams = 0;
+    const answer = (stream: http2.ServerHttp2Stream) => {
+      const message = toBinary(
+        GetUserResponseSchema,
+        create(GetUserResponseSchema, { user: { userId: "u-1", email: "u@example.com" } }),
+      );
+      const frame = Buffer.alloc(5 + message.length);
+      frame.writeUInt32BE(message.length, 1);
+      frame.set(message, 5);
+      stream.respond({ ":status": 200, "content-type": "application/grpc" }, { waitForTrailers: true });
+      stream.on("wantTrailers", () => stream.sendTrailers({ "grpc-status": "0" }));
+      stream.end(frame);
+    };
+    h2.on("stream", (stream) => {
+      stream.on("error", () => {});
+      streams++;
+      if (streams === 1) stream.close(http2.constants.NGHTTP2_REFUSED_STREAM);
+      else if (streams === 2) held.push(stream);
+      else answer(stream);
+    });
+    server.on("connection", (socket: Socket) => {
+      sockets.add(socket);
+      socket.on("close", () => sockets.delete(socket));
+    });
+    const url = await listen(server);
+    failing.push({ close: () => closeServer(server, sockets) });
+    const { users } = await startProxy({ baseUrl: url, failureThreshold: 1, retries: 0, halfOpenAfterMs: 1 });
+    const read = (signal?: AbortSignal) =>
+      users.idempotent((options) => users.client.getUser({ userId: "u-1" }, options), signal);
+
+    expect(await codeOf(read())).toBe(Code.Unavailable);
+    expect(users.open).toBe(true);
+    // Turned away while the breaker is open (at once, without I/O); the first call after its open
+    // time is the trial, held upstream.
+    let trial: Promise<ConnectError | undefined> | undefined;
+    while (!trial) {
+      const call = failure(read(new AbortController().signal));
+      const settled = await Promise.race([
+        call.then(() => true),
+        new Promise<false>((resolve) => setImmediate(() => resolve(false))),
+      ]);
+      if (settled) expect((await call)?.rawMessage).toContain("circuit open");
+      else trial = call;
+    }
+    await expect.poll(() => held.length).toBe(1);
+    // This one waits for the trial's decision; its caller gives up, and is answered at once.
+    const cancel = new AbortController();
+    const waiting = failure(read(cancel.signal));
+    cancel.abort();
+    expect((await waiting)?.code).toBe(Code.Canceled);
+    // The trial succeeds: the breaker closes, and the call given up on is not sent.
+    for (const stream of held) answer(stream);
+    expect(await trial).toBeUndefined();
+    expect(users.open).toBe(false);
+    expect(await codeOf(read())).toBe("ok");
+    expect(streams).toBe(3);
   });
 });

@@ -24,6 +24,7 @@ import {
   ExponentialBackoff,
   handleWhen,
   type IPolicy,
+  isTaskCancelledError,
   retry,
 } from "cockatiel";
 import { UserService } from "../../proto/gen/jetsaga/user/v1/user_pb.ts";
@@ -59,13 +60,17 @@ export interface ResilientUserClient {
   /**
    * Runs an idempotent call (reads) with retry + the reads' breaker: `fn` receives a signal and
    * the attempt deadline. `signal` is the caller's (e.g. the incoming call's `ctx.signal`): when it
-   * fires, the attempt is cancelled and not retried. Throws ConnectError: the service's own error
-   * (NOT_FOUND, …), UNAVAILABLE, or the caller's cancellation.
+   * fires, the attempt is cancelled and not retried, except a breaker's trial call, which runs on
+   * to its own deadline so the breaker decides on the service's answer (the caller gets CANCELED
+   * at once). Throws ConnectError: the service's own error (NOT_FOUND, …), UNAVAILABLE, or the
+   * caller's cancellation.
    */
   idempotent<T>(fn: (options: CallOptions) => Promise<T>, signal?: AbortSignal): Promise<T>;
   /**
    * Runs a call that hashes a password (CreateUser, Authenticate) through the password calls'
-   * breaker only: never retried (they are not idempotent). `signal` as for {@link idempotent}.
+   * breaker only: never retried (they are not idempotent). `signal` as for {@link idempotent}: a
+   * CreateUser that is a trial may create the account after its caller was told CANCELED; the
+   * caller's retry with the same email and password then gets that account.
    */
   once<T>(fn: (options: CallOptions) => Promise<T>, signal?: AbortSignal): Promise<T>;
   /** True while the reads' breaker is open (GetUser and PlaceOrder's user check fail fast). */
@@ -203,25 +208,37 @@ export function createResilientUserClient(options: ResilientUserClientOptions): 
     deadlineMs: number,
     callerSignal: AbortSignal | undefined,
   ): Promise<T> => {
-    const detached = callerSignal !== undefined && guard.state !== CircuitState.Closed;
-    // Closed, the caller's signal goes to the call, so the call upstream is cancelled with it
+    const state = guard.state;
+    // Open, this call may become the trial (once the open time is over); half-open, it waits for
+    // the trial's decision and then runs as a closed breaker's call would, or fails fast.
+    const detached = callerSignal !== undefined && state === CircuitState.Open;
+    // Otherwise the caller's signal goes to the call, so the call upstream is cancelled with it
     // instead of running on (and hashing) for nobody.
-    const call = guard.execute(
-      async ({ signal }) => {
-        try {
-          return await fn({ signal, timeoutMs: deadlineMs });
-        } catch (error) {
-          if (!detached && callerSignal?.aborted)
-            throw new CallerGaveUp("the caller gave up", { cause: error });
-          if (isTransportFailure(error))
-            throw new TransportFailed("user service connection failed", { cause: error });
-          throw error;
-        }
-      },
-      detached ? undefined : callerSignal,
-    );
-    if (!detached || !callerSignal) return call;
-    // Nobody else waits for a detached trial: its outcome is the breaker's.
+    const call = guard
+      .execute(
+        async ({ signal }) => {
+          try {
+            return await fn({ signal, timeoutMs: deadlineMs });
+          } catch (error) {
+            if (!detached && callerSignal?.aborted)
+              throw new CallerGaveUp("the caller gave up", { cause: error });
+            if (isTransportFailure(error))
+              throw new TransportFailed("user service connection failed", { cause: error });
+            throw error;
+          }
+        },
+        detached ? undefined : callerSignal,
+      )
+      .catch((error: unknown) => {
+        // Waited for a half-open trial's decision and was given up on meanwhile.
+        if (isTaskCancelledError(error) && callerSignal?.aborted)
+          throw new CallerGaveUp("the caller gave up", { cause: error });
+        throw error;
+      });
+    if (!callerSignal || state === CircuitState.Closed) return call;
+    // The caller leaves at once: a detached trial runs on (nobody else waits for it: its outcome
+    // is the breaker's), a call waiting for a trial's decision is dropped by its signal once the
+    // decision comes.
     call.catch(() => {});
     return untilAborted(call, callerSignal);
   };

@@ -130,6 +130,10 @@ async function main(): Promise<void> {
       host: userConfig.grpcHost,
       port: userConfig.grpcPort,
       readMaxBytes: READ_MAX_BYTES,
+      // Its one client is the gateway, which cancels upstream every call its own callers give up
+      // on, all on one HTTP/2 connection: Node's rapid-reset guard (1,000, then 33 a second) would
+      // let public clients cancelling calls close that connection and open the gateway's breakers.
+      streamResetLimit: { burst: 100_000, perSecond: 10_000 },
       interceptors: [createTracingInterceptor()],
       // Its Kubernetes readiness probe is the gRPC health check: NOT_SERVING while Postgres is away.
       readiness: postgresReadiness(sql),
