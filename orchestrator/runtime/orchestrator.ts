@@ -546,14 +546,13 @@ class OrchestratorLoop {
     while (this.#chains.size > 0 && Date.now() < deadline) {
       await Promise.race([...this.#chains.values(), sleep(50)]);
     }
-    // Refusals and hand-backs still under way. Each hand-back's ledger write is bounded, and gets
-    // its time even when the chains used the deadline up: a message queued behind a slow one is
-    // handed back once that one ends, and an un-nak'd hand-back would wait out ack_wait.
-    if (this.#unchained.size > 0) {
-      await settledWithin(
-        Promise.all(this.#unchained),
-        Math.max(STOP_LEDGER_WRITE_MS + 100, deadline - Date.now()),
-      );
+    // Refusals and hand-backs still under way, also those begun meanwhile (a chain that ended hands
+    // back what waited behind it). Each hand-back's ledger write is bounded, and gets its time even
+    // when the chains used the deadline up: an un-nak'd hand-back waits out ack_wait. Messages
+    // behind a chain still running now are left to ack_wait.
+    const handBacksDeadline = Math.max(deadline, Date.now() + STOP_LEDGER_WRITE_MS + 100);
+    while (this.#unchained.size > 0 && Date.now() < handBacksDeadline) {
+      await settledWithin(Promise.all(this.#unchained), handBacksDeadline - Date.now());
     }
     // A repair still making streams, or a re-arm, would otherwise outlive stop() and the connection.
     if (this.#repairing) await settledWithin(this.#repairing, Math.max(0, deadline - Date.now()));
