@@ -101,6 +101,8 @@ describe("the gateway with the real user service, NATS and Postgres", () => {
   const ns = uniqueNamespace("gwaddr");
   /** `x-jetsaga-client-address` of every Authenticate the user service got, by email (null: none). */
   const received = new Map<string, (string | null)[]>();
+  /** `authorization` of every CreateUser the user service got, by email (null: none). */
+  const createUserAuthorization = new Map<string, string | null>();
   /** `traceparent` of every GetUser the user service got, by user id (null: none). */
   const getUserTraceparents = new Map<string, string | null>();
 
@@ -131,6 +133,10 @@ describe("the gateway with the real user service, NATS and Postgres", () => {
             seen.push(ctx.requestHeader.get(CLIENT_ADDRESS_HEADER));
             received.set(req.email, seen);
             return impl.authenticate(req, ctx);
+          },
+          createUser(req, ctx) {
+            createUserAuthorization.set(req.email, ctx.requestHeader.get("authorization"));
+            return impl.createUser(req, ctx);
           },
           getUser(req, ctx) {
             getUserTraceparents.set(req.userId, ctx.requestHeader.get("traceparent"));
@@ -219,6 +225,8 @@ describe("the gateway with the real user service, NATS and Postgres", () => {
     }
     const byOperator = signUp(10n ** 9n, `Bearer ${OPERATOR_TOKEN}`);
     expect((await byOperator.created).user?.creditLimitCents).toBe(10n ** 9n);
+    // The operator's token stays at the gateway.
+    expect(createUserAuthorization.get(byOperator.email)).toBeNull();
     // Without the setting (the in-process gateway), the user service's own bound is the only one.
     const uncapped = await client(gateway.url, "2").createUser({
       email: `nocap-${randomUUID()}@example.com`,

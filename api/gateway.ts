@@ -17,6 +17,7 @@ import {
 import { jetstreamManager } from "@nats-io/jetstream";
 import type { NatsConnection } from "@nats-io/transport-node";
 import { Gauge, type Registry } from "prom-client";
+import { bearerToken } from "../common/auth-token.ts";
 import { migrate, type Sql } from "../common/postgres.ts";
 import { createMetricsRegistry, sendMetrics } from "../common/probes.ts";
 import { assertCurrentHistoryFormat, JetsagaError, streamExists, topology } from "../orchestrator/index.ts";
@@ -183,16 +184,17 @@ export function createUserServiceProxy(
   const operatorDigest = signup?.operatorToken === undefined ? undefined : sha256(signup.operatorToken);
   /** Compared as digests: equal lengths for timingSafeEqual, and no timing that tells the token's. */
   const isOperator = (ctx: HandlerContext): boolean => {
-    const presented = /^Bearer (.+)$/.exec(ctx.requestHeader.get("authorization") ?? "")?.[1];
+    const presented = bearerToken(ctx.requestHeader.get("authorization"));
     return (
       operatorDigest !== undefined &&
       presented !== undefined &&
       timingSafeEqual(sha256(presented), operatorDigest)
     );
   };
-  const forward = (ctx: HandlerContext): Record<string, string> => {
+  /** `authorization` only where the user service reads it: an operator's token stays here. */
+  const forward = (ctx: HandlerContext, withAuthorization = true): Record<string, string> => {
     const headers: Record<string, string> = {};
-    const authorization = ctx.requestHeader.get("authorization");
+    const authorization = withAuthorization ? ctx.requestHeader.get("authorization") : null;
     if (authorization) headers.authorization = authorization;
     const address = ctx.values.get(clientAddressKey);
     if (address) headers[CLIENT_ADDRESS_HEADER] = address;
@@ -207,7 +209,7 @@ export function createUserServiceProxy(
         );
       }
       return users.once(
-        (call) => users.client.createUser(req, { ...call, headers: forward(ctx) }),
+        (call) => users.client.createUser(req, { ...call, headers: forward(ctx, false) }),
         ctx.signal,
       );
     },

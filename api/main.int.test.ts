@@ -61,5 +61,8 @@ describe("api/main.ts settings", () => {
     expect(await refusedOutput({ API_OPERATOR_TOKEN: "o".repeat(40) })).toContain(
       "API_OPERATOR_TOKEN is set without API_SIGNUP_MAX_CREDIT_CENTS",
     );
+    expect(
+      await refusedOutput({ API_SIGNUP_MAX_CREDIT_CENTS: "0", API_OPERATOR_TOKEN: `${"o".repeat(40)}\n` }),
+    ).toContain("API_OPERATOR_TOKEN may hold only letters, digits and -._~+/");
   });
 });

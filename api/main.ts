@@ -90,6 +90,13 @@ function readSignupPolicy(env: Record<string, string | undefined>): SignupPolicy
   if (operatorToken !== undefined && Buffer.byteLength(operatorToken) < MIN_OPERATOR_TOKEN_BYTES) {
     throw new ConfigError(`API_OPERATOR_TOKEN must be at least ${MIN_OPERATOR_TOKEN_BYTES} bytes`);
   }
+  // What a client can send after `Bearer ` (RFC 6750's token68): a token with a space or a
+  // newline (a secret file's last line) would start fine and never match.
+  if (operatorToken !== undefined && !/^[A-Za-z0-9\-._~+/]+=*$/.test(operatorToken)) {
+    throw new ConfigError(
+      "API_OPERATOR_TOKEN may hold only letters, digits and -._~+/ (then =), as a bearer token does; e.g. openssl rand -base64 48",
+    );
+  }
   return { maxCreditLimitCents: BigInt(capText), ...(operatorToken ? { operatorToken } : {}) };
 }
 
