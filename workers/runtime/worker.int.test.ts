@@ -157,7 +157,11 @@ describe("createWorker (real nats-server)", () => {
       async () => ((await jsm.streams.info(topo.streams.commands)).state.messages === 0 ? true : undefined),
       "empty queue",
     );
-    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
+    // Polled: the reply or the empty queue can be seen before the worker's await on its
+    // publish resumes and counts the message.
+    await expect
+      .poll(() => ({ ...worker.stats }))
+      .toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
   });
 
   it("retries a failing handler with the same commandId until it succeeds", async () => {
@@ -175,7 +179,9 @@ describe("createWorker (real nats-server)", () => {
 
     await inbox.next((m) => m.id === `reply.${cmd.commandId}`);
     expect(attempts).toEqual([1, 2, 3].map((attempt) => ({ attempt, commandId: cmd.commandId })));
-    expect(worker.stats).toEqual({ handled: 1, retried: 2, deadLettered: 0, abandoned: 0, held: 0 });
+    await expect
+      .poll(() => ({ ...worker.stats }))
+      .toEqual({ handled: 1, retried: 2, deadLettered: 0, abandoned: 0, held: 0 });
     expect(await readDeadLetters(js, topo)).toEqual([]);
   });
 
@@ -209,7 +215,9 @@ describe("createWorker (real nats-server)", () => {
     expect(letter?.reason).toContain("down #3");
     expect(JSON.parse(letter?.data ?? "")).toEqual(cmd);
     expect(calls).toBe(3);
-    expect(worker.stats).toEqual({ handled: 0, retried: 2, deadLettered: 1, abandoned: 0, held: 0 });
+    await expect
+      .poll(() => ({ ...worker.stats }))
+      .toEqual({ handled: 0, retried: 2, deadLettered: 1, abandoned: 0, held: 0 });
     expect(inbox.received.filter((m) => m.id.startsWith("reply."))).toEqual([]);
   });
 
@@ -506,7 +514,9 @@ describe("createWorker (real nats-server)", () => {
     }, "the command acked");
     expect(info.delivered.consumer_seq).toBe(1);
     expect(calls).toEqual([1]);
-    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
+    await expect
+      .poll(() => ({ ...worker.stats }))
+      .toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
   });
 
   /**
@@ -570,7 +580,9 @@ describe("createWorker (real nats-server)", () => {
     // Each command was delivered once: nothing timed out waiting in the worker.
     const info = await jsm.consumers.info(topo.streams.commands, "acct-commands");
     expect(info.delivered.consumer_seq).toBe(2);
-    expect(worker.stats).toEqual({ handled: 2, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
+    await expect
+      .poll(() => ({ ...worker.stats }))
+      .toEqual({ handled: 2, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
     expect(await readDeadLetters(js, topo)).toEqual([]);
   });
 
@@ -885,7 +897,9 @@ describe("createWorker (real nats-server)", () => {
     });
     expect(stored?.json<InboxMessage>().id).toBe(`reply.${cmd.commandId}`);
     expect(calls).toEqual([1]);
-    expect(worker.stats).toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
+    await expect
+      .poll(() => ({ ...worker.stats }))
+      .toEqual({ handled: 1, retried: 0, deadLettered: 0, abandoned: 0, held: 0 });
     expect(await readDeadLetters(js, topo)).toEqual([]);
   });
 
