@@ -99,22 +99,38 @@ const failures = {
   },
 } as const;
 
-async function listen(server: Server): Promise<string> {
-  await new Promise<void>((resolve) => server.listen(0, "127.0.0.1", resolve));
-  return `http://127.0.0.1:${(server.address() as AddressInfo).port}`;
+/** A server listening on a free loopback port. */
+interface Listening {
+  readonly url: string;
+  readonly port: number;
+  /** Closes the server once the sockets it accepted are gone (an HTTP/2 server waits for its sessions). */
+  close(): Promise<void>;
 }
 
-/** Closes `server` once the sockets it accepted are gone (an HTTP/2 server waits for its sessions). */
-function closeServer(server: Server, sockets: Set<Socket>): Promise<void> {
-  for (const socket of sockets) socket.destroy();
-  return new Promise((resolve) => server.close(() => resolve()));
+/** Listens with `server` (a net or HTTP/2 server) on a free loopback port, keeping its sockets to close. */
+async function listen(server: Server | http2.Http2Server): Promise<Listening> {
+  const tcp = server as Server;
+  const sockets = new Set<Socket>();
+  tcp.on("connection", (socket: Socket) => {
+    sockets.add(socket);
+    socket.on("close", () => sockets.delete(socket));
+  });
+  await new Promise<void>((resolve) => tcp.listen(0, "127.0.0.1", resolve));
+  const port = (tcp.address() as AddressInfo).port;
+  return {
+    url: `http://127.0.0.1:${port}`,
+    port,
+    close() {
+      for (const socket of sockets) socket.destroy();
+      return new Promise((resolve) => tcp.close(() => resolve()));
+    },
+  };
 }
 
 async function startFailingServer(kind: keyof typeof failures): Promise<FailingServer> {
   const onStream = failures[kind].stream;
-  const sockets = new Set<Socket>();
   let reached = 0;
-  let server: Server;
+  let server: Server | http2.Http2Server;
   if (onStream) {
     const h2 = http2.createServer();
     h2.on("stream", (stream) => {
@@ -123,24 +139,20 @@ async function startFailingServer(kind: keyof typeof failures): Promise<FailingS
       stream.on("error", () => {});
       onStream(stream);
     });
-    server = h2 as unknown as Server;
+    server = h2;
   } else {
     server = net.createServer((socket) => {
       reached++;
       socket.resetAndDestroy();
     });
   }
-  server.on("connection", (socket: Socket) => {
-    sockets.add(socket);
-    socket.on("close", () => sockets.delete(socket));
-  });
-  const url = await listen(server);
+  const { url, close } = await listen(server);
   return {
     url,
     get reached() {
       return reached;
     },
-    close: () => closeServer(server, sockets),
+    close,
   };
 }
 
@@ -154,20 +166,14 @@ async function startFailingServer(kind: keyof typeof failures): Promise<FailingS
  * server could still listen on it explicitly.)
  */
 async function holdRefusingAddress(): Promise<{ url: string; close(): Promise<void> }> {
-  const peer = net.createServer();
-  const sockets = new Set<Socket>();
-  peer.on("connection", (socket: Socket) => {
-    sockets.add(socket);
-    socket.on("close", () => sockets.delete(socket));
-  });
-  await listen(peer);
-  const holder = net.connect({ host: "127.0.0.1", port: (peer.address() as AddressInfo).port });
+  const peer = await listen(net.createServer());
+  const holder = net.connect({ host: "127.0.0.1", port: peer.port });
   await new Promise((resolve, reject) => holder.once("connect", resolve).once("error", reject));
   return {
     url: `http://127.0.0.1:${holder.localPort}`,
     close: () => {
       holder.destroy();
-      return closeServer(peer, sockets);
+      return peer.close();
     },
   };
 }
@@ -179,8 +185,6 @@ async function holdRefusingAddress(): Promise<{ url: string; close(): Promise<vo
  */
 async function startHoldingServer() {
   const h2 = http2.createServer();
-  const server = h2 as unknown as Server;
-  const sockets = new Set<Socket>();
   const held = new Set<http2.ServerHttp2Stream>();
   /** RST_STREAM codes of the streams the client ended. */
   const endedByClient: number[] = [];
@@ -194,11 +198,7 @@ async function startHoldingServer() {
       if (!resetByServer.has(stream)) endedByClient.push(stream.rstCode);
     });
   });
-  server.on("connection", (socket: Socket) => {
-    sockets.add(socket);
-    socket.on("close", () => sockets.delete(socket));
-  });
-  const url = await listen(server);
+  const { url, close } = await listen(h2);
   return {
     url,
     /** Streams open right now. */
@@ -212,7 +212,7 @@ async function startHoldingServer() {
         stream.close(http2.constants.NGHTTP2_CANCEL);
       }
     },
-    close: () => closeServer(server, sockets),
+    close,
   };
 }
 
@@ -512,20 +512,15 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     // What Node's HTTP/2 server does with headers over its limit: a client sending such a request
     // must not open the breaker for everyone.
     const h2 = http2.createServer();
-    const server = h2 as unknown as Server;
-    const sockets = new Set<Socket>();
     let reached = 0;
     h2.on("stream", (stream) => {
       reached++;
       stream.on("error", () => {});
       stream.close(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
     });
-    server.on("connection", (socket: Socket) => {
-      sockets.add(socket);
-      socket.on("close", () => sockets.delete(socket));
-    });
-    const url = await listen(server);
-    failing.push({ close: () => closeServer(server, sockets) });
+    const server = await listen(h2);
+    failing.push(server);
+    const { url } = server;
     const { users } = await startProxy({ baseUrl: url, failureThreshold: 2, retries: 0 });
 
     for (let call = 1; call <= 4; call++) {
@@ -541,8 +536,6 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
   it("a retry that is a half-open breaker's trial runs without its caller's signal: the caller's cancel neither cancels it nor closes the breaker", async () => {
     // The first call's stream is refused (the breaker, threshold 1, opens); every later one is held.
     const h2 = http2.createServer();
-    const server = h2 as unknown as Server;
-    const sockets = new Set<Socket>();
     const held = new Set<http2.ServerHttp2Stream>();
     let streams = 0;
     h2.on("stream", (stream) => {
@@ -551,12 +544,9 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
       held.add(stream);
       stream.on("close", () => held.delete(stream));
     });
-    server.on("connection", (socket: Socket) => {
-      sockets.add(socket);
-      socket.on("close", () => sockets.delete(socket));
-    });
-    const url = await listen(server);
-    failing.push({ close: () => closeServer(server, sockets) });
+    const server = await listen(h2);
+    failing.push(server);
+    const { url } = server;
     // The retry comes after the breaker's open time: it is the half-open trial.
     const { users } = await startProxy({
       baseUrl: url,
@@ -585,8 +575,6 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
     // The first call's stream is refused (the breaker, threshold 1, opens); the second, the trial,
     // is held until the test answers it; every later one is answered at once.
     const h2 = http2.createServer();
-    const server = h2 as unknown as Server;
-    const sockets = new Set<Socket>();
     const held: http2.ServerHttp2Stream[] = [];
     let streams = 0;
     const answer = (stream: http2.ServerHttp2Stream) => {
@@ -608,12 +596,9 @@ describe("resilient user client behind the gateway's UserService proxy", () => {
       else if (streams === 2) held.push(stream);
       else answer(stream);
     });
-    server.on("connection", (socket: Socket) => {
-      sockets.add(socket);
-      socket.on("close", () => sockets.delete(socket));
-    });
-    const url = await listen(server);
-    failing.push({ close: () => closeServer(server, sockets) });
+    const server = await listen(h2);
+    failing.push(server);
+    const { url } = server;
     const { users } = await startProxy({ baseUrl: url, failureThreshold: 1, retries: 0, halfOpenAfterMs: 1 });
     const read = (signal?: AbortSignal) =>
       users.idempotent((options) => users.client.getUser({ userId: "u-1" }, options), signal);
