@@ -90,7 +90,7 @@ describe("a message handed back by stopping orchestrators", () => {
     // Without the definitions: a client of a newer version, which checks nothing before sending.
     const client = await createWorkflowClient({ nc, ns });
     clients.push(client);
-    return { ns, topo: topology(ns), client };
+    return { ns, client };
   }
 
   /**
@@ -157,9 +157,24 @@ describe("a message handed back by stopping orchestrators", () => {
     return { attempts, ledgerReads };
   }
 
+  /**
+   * The message's last attempt, by a process with `budget` started after the rolling update's
+   * stops: it dead-letters the message at once, retrying nothing. Returns the namespace's letters.
+   */
+  async function deadLetteredOnLastAttempt(
+    ns: string,
+    budget: Pick<OrchestratorOptions, "versionSkew" | "notStarted">,
+  ) {
+    const last = await startOrchestrator({ nc, ns, workflows: [counterWorkflow], ...budget });
+    running.push(last);
+    await expect.poll(() => last.stats.deadLettered, { timeout: 10_000 }).toBe(1);
+    expect(last.stats.retried).toBe(0);
+    return readStoredDeadLetters(jetstream(nc), topology(ns));
+  }
+
   it("keeps its whole version-skew budget, and a first delivery reads no ledger", async () => {
     const maxDeliveries = 4;
-    const { ns, topo, client } = await namespace("handback");
+    const { ns, client } = await namespace("handback");
     const budget = { versionSkew: { maxDeliveries, retryMs: 500 } };
     const { attempts, ledgerReads } = await handBackAtEachStop({
       ns,
@@ -174,17 +189,13 @@ describe("a message handed back by stopping orchestrators", () => {
     expect(ledgerReads).toEqual([0, 1, 1]);
 
     // Its last attempt, on the seventh delivery: dead-lettered (no process of the newer version came).
-    const last = await startOrchestrator({ nc, ns, workflows: [counterWorkflow], ...budget });
-    running.push(last);
-    await expect.poll(() => last.stats.deadLettered, { timeout: 10_000 }).toBe(1);
-    expect(last.stats.retried).toBe(0);
-    const [letter] = await readStoredDeadLetters(jetstream(nc), topo);
+    const [letter] = await deadLetteredOnLastAttempt(ns, budget);
     expect(letter?.letter).toMatchObject({ code: "UNKNOWN_TYPE", deliveries: 2 * maxDeliveries - 1 });
   });
 
   it("keeps its whole not-started budget when its instance never starts", async () => {
     const maxDeliveries = 4;
-    const { ns, topo, client } = await namespace("notstarted");
+    const { ns, client } = await namespace("notstarted");
     const budget = { notStarted: { maxDeliveries, retryMs: 500 } };
     const { attempts, ledgerReads } = await handBackAtEachStop({
       ns,
@@ -198,11 +209,7 @@ describe("a message handed back by stopping orchestrators", () => {
     expect(ledgerReads).toEqual([0, 1, 1]);
 
     // Its last attempt, on the seventh delivery: dead-lettered, the instance still has no history.
-    const last = await startOrchestrator({ nc, ns, workflows: [counterWorkflow], ...budget });
-    running.push(last);
-    await expect.poll(() => last.stats.deadLettered, { timeout: 10_000 }).toBe(1);
-    expect(last.stats.retried).toBe(0);
-    const letters = await readStoredDeadLetters(jetstream(nc), topo);
+    const letters = await deadLetteredOnLastAttempt(ns, budget);
     expect(letters).toHaveLength(1);
     expect(letters[0]?.letter).toMatchObject({
       code: "INSTANCE_NOT_FOUND",
