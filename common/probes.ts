@@ -91,28 +91,33 @@ export async function startProbeServer(
 }
 
 /** Options of {@link registerStatsMetrics}. */
-export interface StatsMetricsOptions<K extends string> {
+export interface StatsMetricsOptions<K extends string, G extends string = never> {
   /** Metric name prefix, e.g. `jetsaga_orchestrator`. */
   prefix: string;
   /** Help text of each counter, by stats key (`deadLettered` → `<prefix>_dead_lettered_total`). */
   counters: Record<K, string>;
+  /**
+   * Stats that are not counters but values now, which go down too (e.g. messages held), by stats
+   * key: the gauge's name after the prefix (`<prefix>_<name>`) and its help text.
+   */
+  gauges?: Record<G, { name: string; help: string }>;
   /** Help text of the `<prefix>_up` gauge (1 while `stats()` returns something, see `isUp`). */
   up: string;
   /** Value of the `<prefix>_up` gauge, when more than `stats()` returning something decides it. */
   isUp?: () => boolean;
   /** Labels on every series (e.g. `{ worker: "notification" }`). */
   labels?: Record<string, string>;
-  /** The running component's counters, or undefined while it is not running. */
-  stats: () => Readonly<Record<K, number>> | undefined;
+  /** The running component's counters and gauges, or undefined while it is not running (gauges read 0). */
+  stats: () => Readonly<Record<K | G, number>> | undefined;
 }
 
 /**
- * Registers counters read from a component's own stats when Prometheus scrapes, so the hot path
- * pays nothing for metrics.
+ * Registers counters (and gauges) read from a component's own stats when Prometheus scrapes, so
+ * the hot path pays nothing for metrics.
  */
-export function registerStatsMetrics<K extends string>(
+export function registerStatsMetrics<K extends string, G extends string = never>(
   registry: Registry,
-  options: StatsMetricsOptions<K>,
+  options: StatsMetricsOptions<K, G>,
 ): void {
   const labels = options.labels ?? {};
   const labelNames = Object.keys(labels);
@@ -125,6 +130,19 @@ export function registerStatsMetrics<K extends string>(
       collect() {
         this.reset();
         this.inc(labels, options.stats()?.[key] ?? 0);
+      },
+    });
+  }
+  for (const [key, gauge] of Object.entries(options.gauges ?? {}) as Array<
+    [G, { name: string; help: string }]
+  >) {
+    new Gauge({
+      name: `${options.prefix}_${gauge.name}`,
+      help: gauge.help,
+      labelNames,
+      registers: [registry],
+      collect() {
+        this.set(labels, options.stats()?.[key] ?? 0);
       },
     });
   }

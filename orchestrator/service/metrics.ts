@@ -18,7 +18,7 @@ export function registerOrchestratorMetrics(
   connected?: () => boolean,
 ): void {
   const stats = () => running()?.stats;
-  registerStatsMetrics<Exclude<keyof OrchestratorStats, "held">>(registry, {
+  registerStatsMetrics<Exclude<keyof OrchestratorStats, "held">, "held">(registry, {
     prefix: "jetsaga_orchestrator",
     counters: {
       processed: "inbox messages finished (acked or dead-lettered)",
@@ -29,6 +29,12 @@ export function registerOrchestratorMetrics(
       deadLettered: "inbox messages sent to the dead-letter stream",
       retried: "transient failures retried later",
       handedBack: "messages taken but not started that a stop handed back (not counted as attempts)",
+    },
+    gauges: {
+      held: {
+        name: "messages_held",
+        help: "inbox messages taken and not yet settled: being decided, or waiting behind another of their instance",
+      },
     },
     up: "1 while the orchestrator loop runs and its NATS connection is up",
     isUp: () => running() !== undefined && (connected?.() ?? true),
@@ -47,15 +53,6 @@ export function registerOrchestratorMetrics(
       },
     });
   }
-  // A gauge, not one of the counters above: it goes down as messages are settled.
-  new Gauge({
-    name: "jetsaga_orchestrator_messages_held",
-    help: "inbox messages taken and not yet settled: being decided, or waiting behind another of their instance",
-    registers: [registry],
-    collect() {
-      this.set(stats()?.held ?? 0);
-    },
-  });
   if (deadLetters) {
     // Sources seen before read 0 once their letters are gone, rather than vanishing.
     const seen = new Set<string>();

@@ -1,4 +1,4 @@
-import { Gauge, type Registry } from "prom-client";
+import type { Registry } from "prom-client";
 import { registerStatsMetrics } from "../../common/probes.ts";
 import type { WorkerStats } from "./types.ts";
 
@@ -11,8 +11,7 @@ export function registerWorkerMetrics(
   service: string,
   stats: () => Readonly<WorkerStats> | undefined,
 ): void {
-  const labels = { worker: service };
-  registerStatsMetrics<Exclude<keyof WorkerStats, "held">>(registry, {
+  registerStatsMetrics<Exclude<keyof WorkerStats, "held">, "held">(registry, {
     prefix: "jetsaga_worker",
     counters: {
       handled: "messages handled and acknowledged",
@@ -20,18 +19,14 @@ export function registerWorkerMetrics(
       deadLettered: "messages sent to the dead-letter stream",
       abandoned: "handlers that ignored their signal and had their slot freed while still running",
     },
-    up: "1 while the worker consumes",
-    labels,
-    stats,
-  });
-  // A gauge, not one of the counters above: it goes down as messages are settled.
-  new Gauge({
-    name: "jetsaga_worker_messages_held",
-    help: "messages taken from the consumers and not yet settled: running in a slot or waiting for one",
-    labelNames: ["worker"],
-    registers: [registry],
-    collect() {
-      this.set(labels, stats()?.held ?? 0);
+    gauges: {
+      held: {
+        name: "messages_held",
+        help: "messages taken from the consumers and not yet settled: running in a slot or waiting for one",
+      },
     },
+    up: "1 while the worker consumes",
+    labels: { worker: service },
+    stats,
   });
 }
