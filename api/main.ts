@@ -47,6 +47,7 @@ import { createLogger } from "../common/logger.ts";
 import { connectNatsFromConfig, describeServers } from "../common/nats.ts";
 import { connectPostgres, describeUrl, type Sql } from "../common/postgres.ts";
 import { type Gateway, HTTP_HEADER_NAME, type SignupPolicy, startGateway } from "./gateway.ts";
+import { USER_LIMITS } from "./user/limits.ts";
 
 const logger = createLogger("api");
 
@@ -66,8 +67,8 @@ interface ApiConfig {
   signup?: SignupPolicy;
 }
 
-/** The user service's own bound on a credit limit (api/user/service.ts, USER_LIMITS). */
-const MAX_CREDIT_LIMIT_CENTS = 1_000_000_000_000n;
+/** The user service's own bound on a credit limit: a higher cap would change nothing. */
+const MAX_CREDIT_LIMIT_CENTS = USER_LIMITS.creditLimitMaxCents;
 /** Shortest operator token taken: a guessable one would hand out credit. */
 const MIN_OPERATOR_TOKEN_BYTES = 32;
 

@@ -22,6 +22,7 @@ import { isUserStoreError } from "../../workers/user/errors.ts";
 import { createUserStore, type OutboxMessage, type User } from "../../workers/user/store.ts";
 import { unauthenticated } from "../errors.ts";
 import { addressBucket, CLIENT_ADDRESS_HEADER, checkClientAddress } from "./client-address.ts";
+import { USER_LIMITS } from "./limits.ts";
 import {
   createPasswordHasher,
   type PasswordHasher,
@@ -35,17 +36,7 @@ import {
   type SharedRateLimiter,
 } from "./rate-limit.ts";
 
-/** Input limits enforced by the service (exported for docs and tests). */
-export const USER_LIMITS = Object.freeze({
-  /** Longest email after trimming, UTF-8 bytes (RFC 5321 path limit minus the brackets). */
-  emailMaxBytes: 254,
-  /** Shortest password accepted by CreateUser, Unicode code points. */
-  passwordMinChars: 8,
-  /** Longest password, Unicode code points (bounds the work of one hash). */
-  passwordMaxChars: 1024,
-  /** Largest credit limit, cents (10^12 = 10 billion in the currency's major unit). */
-  creditLimitMaxCents: 1_000_000_000_000n,
-});
+export { USER_LIMITS };
 
 /** Default lifetime of issued tokens, seconds. */
 export const DEFAULT_TOKEN_TTL_SECONDS = 3600;
